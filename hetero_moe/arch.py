@@ -1,0 +1,114 @@
+"""The supported architectures: how to read their config, build them on the meta device, name
+their checkpoint tensors and lay out their rotary embeddings. One table, no per-model branches."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+import transformers
+
+from hetero_moe.ops.rope import ComplexRope, HalfRope, InterleavedRope, Rope
+
+
+class ModelError(ValueError):
+    """A model directory or config that cannot be used."""
+
+
+def _half(config: PretrainedConfig, out: Any) -> Rope:
+    return HalfRope(*out)
+
+
+def _deepseek_v3(config: PretrainedConfig, out: Any) -> Rope:
+    return InterleavedRope(*out) if config.rope_interleave else HalfRope(*out)
+
+
+def _complex(config: PretrainedConfig, out: Any) -> Rope:
+    return ComplexRope(out)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str  # config.architectures[0]
+    model_type: str
+    rope: Callable[[PretrainedConfig, Any], Rope]  # rotary module output -> Rope
+    renames: tuple[tuple[str, str], ...] = ()  # checkpoint key regex -> our key, applied in order
+    has_mtp: bool = False  # DeepSeek-V3's multi-token-prediction layers follow the decoder layers
+
+    def module_key(self, checkpoint_key: str) -> str:
+        for pattern, repl in self.renames:
+            checkpoint_key = re.sub(pattern, repl, checkpoint_key)
+        return checkpoint_key
+
+    def is_mtp(self, key: str, config: PretrainedConfig) -> bool:
+        """Keys of the MTP module (layers past `num_hidden_layers`), which decoding does not use."""
+        if not self.has_mtp or not getattr(config, "num_nextn_predict_layers", 0):
+            return False
+        m = re.match(r"model\.layers\.(\d+)\.", key)
+        return m is not None and int(m.group(1)) >= config.num_hidden_layers
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.name: a
+    for a in (
+        Architecture("DeepseekV3ForCausalLM", "deepseek_v3", _deepseek_v3, has_mtp=True),
+        Architecture("DeepseekV2ForCausalLM", "deepseek_v2", _complex),
+        Architecture("Qwen3MoeForCausalLM", "qwen3_moe", _half),
+        Architecture(
+            "MixtralForCausalLM",
+            "mixtral",
+            _half,
+            renames=(
+                (r"\.block_sparse_moe\.", ".mlp."),
+                (r"(\.experts\.\d+)\.w1\.", r"\1.gate_proj."),
+                (r"(\.experts\.\d+)\.w3\.", r"\1.up_proj."),
+                (r"(\.experts\.\d+)\.w2\.", r"\1.down_proj."),
+            ),
+        ),
+    )
+}
+
+
+def load_config(model_dir: str | Path) -> tuple[PretrainedConfig, Architecture]:
+    """Read `config.json` with transformers' own config class for its model type (never remote code)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ModelError(f"{model_dir}: no config.json (is this a model directory?)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path}: not valid JSON: {e}") from e
+    names = data.get("architectures") or []
+    arch = ARCHITECTURES.get(names[0]) if len(names) == 1 else None
+    if arch is None:
+        raise ModelError(
+            f"{path}: unsupported architecture {names or data.get('model_type')!r}; "
+            f"supported: {', '.join(ARCHITECTURES)}"
+        )
+    if data.get("model_type") != arch.model_type:
+        raise ModelError(f"{path}: model_type {data.get('model_type')!r} does not match {arch.name}")
+    return CONFIG_MAPPING[arch.model_type].from_dict(data), arch
+
+
+def build_meta_model(config: PretrainedConfig, arch: Architecture, dtype: torch.dtype) -> nn.Module:
+    """The transformers model on the meta device: structure and shapes, no memory."""
+    cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[arch.model_type])
+    with torch.device("meta"):
+        return cls._from_config(config, dtype=dtype)
+
+
+def config_dtype(config: PretrainedConfig) -> torch.dtype:
+    """The checkpoint's own dtype, or bfloat16 where it is FP8 or unset."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16

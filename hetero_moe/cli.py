@@ -1,0 +1,228 @@
+"""The `hetero-moe` command: `rules check`, `generate`, `chat`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+from collections import defaultdict
+from importlib import resources
+from pathlib import Path
+
+from hetero_moe.arch import ModelError
+from hetero_moe.engine.engine import ContextLengthError
+from hetero_moe.engine.sampler import SamplingParams
+from hetero_moe.inject.injector import InjectError, PlacedModel, collapse_layers
+from hetero_moe.inject.rules import RulesError
+from hetero_moe.loader.checkpoint import CheckpointError
+
+# Mistakes in what the user gave us: reported in one line, exit code 2.
+USER_ERRORS = (RulesError, InjectError, ModelError, CheckpointError, ContextLengthError, ValueError, OSError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hetero-moe", description="MoE inference: routed experts on the CPU.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress and details to stderr")
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    rules = sub.add_parser("rules", help="placement rules").add_subparsers(required=True, metavar="ACTION")
+    check = rules.add_parser("check", help="show each module's op and device and the bytes per device; loads no weight")
+    check.add_argument("--model", required=True,
+                       help="model directory (config.json is enough), or a built-in preset: " + ", ".join(_presets()))
+    check.add_argument("--rules", required=True, help="rules file, or the name of a built-in one")
+    check.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    check.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    check.set_defaults(func=_rules_check)
+
+    for name, helptext in (("generate", "complete a raw prompt"), ("chat", "chat in the terminal")):
+        g = sub.add_parser(name, help=helptext)
+        g.add_argument("--model", help="model directory (default: the built-in demo model, random weights)")
+        g.add_argument("--rules", default="cpu-only.yaml", help="rules file or built-in name (default cpu-only.yaml)")
+        g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+        g.add_argument("--max-tokens", type=int, default=256 if name == "generate" else 512)
+        g.add_argument("--temperature", type=float, default=1.0 if name == "generate" else 0.7)
+        g.add_argument("--top-p", type=float, default=1.0)
+        g.add_argument("--top-k", type=int, default=0)
+        g.add_argument("--seed", type=int)
+        g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+        g.add_argument("--max-context", type=int, help="tokens of context (default: the model's)")
+        if name == "generate":
+            g.add_argument("--prompt", required=True, help="the text to complete (no chat template)")
+            g.add_argument("--json", action="store_true",
+                           help='print {"prompt_token_ids", "token_ids", "text"} as the only stdout')
+            g.set_defaults(func=_generate)
+        else:
+            g.add_argument("--system", help="system prompt")
+            g.set_defaults(func=_chat)
+    return p
+
+
+def _presets() -> list[str]:
+    root = resources.files("hetero_moe.configs")
+    return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
+
+
+def _model_dir(value: str) -> Path:
+    path = Path(value).expanduser()
+    if not path.exists() and value in _presets():
+        return Path(str(resources.files("hetero_moe.configs") / value))
+    return path
+
+
+def _rules_check(args: argparse.Namespace) -> int:
+    from hetero_moe.llm import place
+
+    placed = place(_model_dir(args.model), args.rules, args.dtype)
+    if args.json:
+        print(json.dumps(_check_report(placed)))
+        return 0
+    rows: dict[tuple[str, str, str], list[str]] = defaultdict(list)
+    for name, p in placed.placements.items():
+        if p.op is None and not _owns_tensors(placed, name):
+            continue
+        rows[(re.sub(r"\.layers\.\d+", ".layers.N", name), p.op or "-", str(p.device))].append(name)
+    lines = [(collapse_layers(names), op, dev) for (_, op, dev), names in rows.items()]
+    width = max(len(n) for n, _, _ in lines)
+    print(f"{'module':<{width}}  {'op':<10}  device")
+    for name, op, dev in lines:
+        print(f"{name:<{width}}  {op:<10}  {dev}")
+    print("\nweights per device:")
+    for dev, nbytes in placed.bytes_per_device().items():
+        print(f"  {dev:<8} {_gb(nbytes)}")
+    for w in placed.warnings:
+        print(f"warning: {w}")
+    return 0
+
+
+def _check_report(placed: PlacedModel) -> dict:
+    return {
+        "model": placed.arch.name,
+        "dtype": str(placed.dtype).removeprefix("torch."),
+        "devices": placed.bytes_per_device(),
+        "modules": [
+            {"name": p.name, "class": p.hf_class, "op": p.op, "device": str(p.device)}
+            for p in placed.placements.values()
+        ],
+        "warnings": placed.warnings,
+    }
+
+
+def _owns_tensors(placed: PlacedModel, name: str) -> bool:
+    module = placed.model.get_submodule(name)
+    return any(True for _ in module.parameters(recurse=False))
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:,.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:,.2f} MB"
+
+
+def _load(args: argparse.Namespace):
+    from hetero_moe.llm import LLM
+
+    if args.model is None:
+        print("using the built-in demo model (tiny, random weights: its text is gibberish)", file=sys.stderr)
+    bar = _ProgressBar()
+    llm = LLM(args.model, rules=args.rules, dtype=args.dtype, max_context=args.max_context, progress=bar)
+    bar.close()
+    return llm
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "stop": tuple(args.stop),
+    }
+
+
+def _generate(args: argparse.Namespace) -> int:
+    llm = _load(args)
+    if args.json:
+        c = llm.generate(args.prompt, **_sampling(args))
+        print(json.dumps({"prompt_token_ids": c.prompt_token_ids, "token_ids": c.token_ids, "text": c.text,
+                          "finish_reason": c.finish_reason}))
+        return 0
+    for step in llm.stream(args.prompt, **_sampling(args)):
+        print(step.text, end="", flush=True)
+    print()
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    llm = _load(args)
+    base = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(base)
+    print("chat: type a message; /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            messages = list(base)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        parts = []
+        try:
+            for step in llm.engine.stream(llm.chat_ids(messages), SamplingParams(**_sampling(args))):
+                parts.append(step.text)
+                print(step.text, end="", flush=True)
+        except ContextLengthError as e:
+            print(f"\nerror: {e}; /reset to start over", file=sys.stderr)
+            messages.pop()
+            continue
+        print()
+        messages.append({"role": "assistant", "content": "".join(parts)})
+
+
+class _ProgressBar:
+    """Weight loading progress on stderr: bytes done of total, redrawn at most 10 times a second."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+        self.shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self.last < 0.1:
+            return
+        self.last = now
+        width = 30
+        filled = width * done // max(total, 1)
+        sys.stderr.write(f"\rloading weights [{'#' * filled}{'.' * (width - filled)}] "
+                         f"{_gb(done)} / {_gb(total)}")
+        sys.stderr.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""KV caches, the model runner, sampling and the generation loop."""

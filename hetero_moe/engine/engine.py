@@ -1,0 +1,93 @@
+"""Generation for one sequence: prefill the prompt, then decode token by token until EOS, a stop
+string, `max_tokens` or the end of the context."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from hetero_moe.engine.runner import ModelRunner
+from hetero_moe.engine.sampler import Sampler, SamplingParams
+from hetero_moe.engine.text import Detokenizer, StopChecker
+
+
+class ContextLengthError(ValueError):
+    """A prompt that does not fit the context."""
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    token_id: int | None  # None only on a final step that emits held-back text
+    text: str  # new text, safe to show (never part of a stop string)
+    finish_reason: str | None = None  # "stop" or "length" on the last step
+
+
+@dataclass(frozen=True)
+class Completion:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+
+
+class Engine:
+    def __init__(
+        self, runner: ModelRunner, tokenizer: PreTrainedTokenizerBase, eos_ids: frozenset[int], max_context: int
+    ) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.max_context = max_context
+
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise ContextLengthError("the prompt is empty")
+        if len(prompt_ids) >= self.max_context:
+            raise ContextLengthError(
+                f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_context}, "
+                "with room for at least one new token"
+            )
+        bad = [t for t in prompt_ids if not 0 <= t < self.runner.vocab_size]
+        if bad:
+            raise ContextLengthError(f"token id {bad[0]} is outside the vocabulary of {self.runner.vocab_size}")
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[StepOutput]:
+        self.check_prompt(prompt_ids)
+        capacity = min(len(prompt_ids) + params.max_tokens, self.max_context)
+        cache = self.runner.new_cache(capacity)
+        sampler = Sampler(params)
+        detok = Detokenizer(self.tokenizer, prompt_ids)
+        stops = StopChecker(params.stop)
+        text, emitted, generated = "", 0, 0
+        logits = self.runner.forward(torch.tensor(prompt_ids), cache)
+        while True:
+            token = sampler(logits)
+            generated += 1
+            if token in self.eos_ids and not params.ignore_eos:
+                yield StepOutput(token, detok.full_text()[emitted:], "stop")
+                return
+            delta = detok.add(token)
+            text += delta
+            hit = stops.find(text, len(text) - len(delta)) if delta and stops.stops else None
+            if hit is not None:
+                yield StepOutput(token, text[emitted:hit] if hit > emitted else "", "stop")
+                return
+            if generated >= params.max_tokens or len(prompt_ids) + generated >= self.max_context:
+                yield StepOutput(token, detok.full_text()[emitted:], "length")
+                return
+            safe = stops.safe_end(text)
+            yield StepOutput(token, text[emitted:safe])
+            emitted = max(emitted, safe)
+            logits = self.runner.forward(torch.tensor([token]), cache)
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+        tokens, parts, reason = [], [], "length"
+        for step in self.stream(prompt_ids, params):
+            if step.token_id is not None:
+                tokens.append(step.token_id)
+            parts.append(step.text)
+            reason = step.finish_reason or reason
+        return Completion(list(prompt_ids), tokens, "".join(parts), reason)

@@ -1,0 +1,1 @@
+"""Placement rules and the injector that applies them."""

@@ -1,0 +1,141 @@
+"""Stream a checkpoint's tensors, one at a time, into the ops and modules of a placed model.
+
+Every check that can be made from the headers is made before the first weight is read: names
+(after the architecture's renames), shapes, dtypes, FP8 scales. Missing and unexpected tensors are
+errors; only the MTP layer of DeepSeek-V3 is skipped, explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hetero_moe.inject.injector import PlacedModel
+from hetero_moe.loader.checkpoint import Checkpoint, CheckpointError, TensorInfo
+from hetero_moe.loader.fp8 import dequantize_blocks, scale_shape
+from hetero_moe.ops.base import Op, assign_direct
+
+log = logging.getLogger(__name__)
+
+SCALE_SUFFIX = "_scale_inv"
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+@dataclass(frozen=True)
+class _Item:
+    info: TensorInfo
+    owner: nn.Module
+    rel: str
+    device: torch.device
+    scale: TensorInfo | None  # the FP8 block scale, if the tensor is FP8
+
+
+def load_weights(placed: PlacedModel, checkpoint: Checkpoint, progress: Progress | None = None) -> None:
+    items, skipped = _plan(placed, checkpoint)
+    if skipped:
+        log.info("skipping %d tensors of the MTP layer (not used for decoding)", skipped)
+    block = _block_size(placed) if any(i.scale for i in items) else (0, 0)
+    total = sum(i.info.nbytes for i in items)
+    done = 0
+    by_key = {i.info.key: i for i in items}
+    for info, tensor in checkpoint.read([i.info.key for i in items]):
+        item = by_key[info.key]
+        if item.scale is not None:
+            tensor = dequantize_blocks(tensor, checkpoint.read_one(item.scale.key), block)
+        if isinstance(item.owner, Op):
+            item.owner.load_weight(item.rel, tensor)
+        else:
+            assign_direct(item.owner, item.rel, tensor, item.device)
+        done += info.nbytes
+        if progress is not None:
+            progress(done, total)
+    _tie_embeddings(placed, checkpoint)
+    for module in reversed(list(placed.model.modules())):
+        if isinstance(module, Op):
+            module.finalize()
+
+
+def _plan(placed: PlacedModel, checkpoint: Checkpoint) -> tuple[list[_Item], int]:
+    expected = placed.owned_keys()
+    if _tied(placed, checkpoint):
+        expected.pop("lm_head.weight")
+    config, arch = placed.config, placed.arch
+    items: list[_Item] = []
+    unexpected: list[TensorInfo] = []
+    skipped = 0
+    for key, info in checkpoint.tensors.items():
+        if key.endswith(SCALE_SUFFIX):
+            if key[: -len(SCALE_SUFFIX)] not in checkpoint.tensors:
+                unexpected.append(info)
+            continue
+        if arch.is_mtp(key, config):
+            skipped += 1
+            continue
+        target = expected.pop(arch.module_key(key), None)
+        if target is None:
+            unexpected.append(info)
+            continue
+        owner_name, owner, rel, shape = target
+        if info.shape != shape:
+            raise CheckpointError(
+                f"{info.file}: tensor {key} has shape {list(info.shape)}, the model expects {list(shape)}"
+            )
+        scale = checkpoint.tensors.get(key + SCALE_SUFFIX)
+        if info.dtype == torch.float8_e4m3fn:
+            if scale is None:
+                raise CheckpointError(f"{info.file}: FP8 tensor {key} has no {key + SCALE_SUFFIX}")
+        elif info.dtype not in FLOATS:
+            raise CheckpointError(f"{info.file}: tensor {key} has dtype {info.dtype}; expected a float type")
+        elif scale is not None:
+            raise CheckpointError(f"{scale.file}: {scale.key} scales {key}, which is {info.dtype}, not FP8")
+        items.append(_Item(info, owner, rel, placed.placements[owner_name].device, scale))
+    if unexpected:
+        listed = "; ".join(f"{i.key} in {i.file.name}" for i in unexpected[:5])
+        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise CheckpointError(
+            f"{checkpoint.directory}: {len(unexpected)} unexpected tensor(s) for {arch.name}: {listed}{more}"
+        )
+    if expected:
+        missing = list(expected)
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(
+            f"{checkpoint.directory}: {len(missing)} tensor(s) missing from the checkpoint: "
+            f"{', '.join(missing[:5])}{more}"
+        )
+    if any(i.scale for i in items):
+        block = _block_size(placed)
+        for i in items:
+            if i.scale is not None and i.scale.shape != scale_shape(i.info.shape, block):
+                raise CheckpointError(
+                    f"{i.scale.file}: {i.scale.key} has shape {list(i.scale.shape)}; weight "
+                    f"{list(i.info.shape)} with block {list(block)} needs {list(scale_shape(i.info.shape, block))}"
+                )
+    return items, skipped
+
+
+def _block_size(placed: PlacedModel) -> tuple[int, int]:
+    qc = getattr(placed.config, "quantization_config", None) or {}
+    block = qc.get("weight_block_size") if isinstance(qc, dict) else getattr(qc, "weight_block_size", None)
+    if not block or len(block) != 2:
+        raise CheckpointError(
+            "the checkpoint holds FP8 weights with block scales, but config.json has no "
+            "quantization_config.weight_block_size"
+        )
+    return int(block[0]), int(block[1])
+
+
+def _tied(placed: PlacedModel, checkpoint: Checkpoint) -> bool:
+    return bool(getattr(placed.config, "tie_word_embeddings", False)) and "lm_head.weight" not in checkpoint.tensors
+
+
+def _tie_embeddings(placed: PlacedModel, checkpoint: Checkpoint) -> None:
+    if not _tied(placed, checkpoint):
+        return
+    model = placed.model
+    device = placed.placements["lm_head"].device
+    model.lm_head.weight = nn.Parameter(model.model.embed_tokens.weight.to(device), requires_grad=False)

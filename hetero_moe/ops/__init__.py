@@ -1,0 +1,1 @@
+"""The modules that rules place (ops) and their registry."""

@@ -1,0 +1,166 @@
+"""Attention ops with a KV cache: multi-head latent attention (DeepSeek-V2/V3) and grouped-query
+attention (Qwen3-MoE, Mixtral).
+
+Tokens of one sequence arrive flattened as `[T, H]`; `start` is the position of the first of them,
+so `cache[:start]` holds the earlier tokens. The math mirrors transformers' own modules step by step
+so float32 results match them token for token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Self
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hetero_moe.ops.base import BuildContext, Op
+from hetero_moe.ops.rope import Rope
+
+
+@dataclass
+class MLACache:
+    latent: torch.Tensor  # [capacity, kv_lora_rank], after kv_a_layernorm
+    k_pe: torch.Tensor  # [capacity, qk_rope_head_dim], rotated
+
+
+@dataclass
+class GQACache:
+    k: torch.Tensor  # [1, kv_heads, capacity, head_dim], rotated
+    v: torch.Tensor  # [1, kv_heads, capacity, head_dim]
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float, window: int | None = None
+) -> torch.Tensor:
+    """Causal attention of `q [1, h, T, d]` (positions start..start+T-1) over `k, v [1, kv_h, L, d]`,
+    each kv head shared by `h // kv_h` query heads."""
+    t, length = q.shape[2], k.shape[2]
+    if window is None or length <= window:
+        gqa = k.shape[1] != q.shape[1]
+        if t == 1:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+        if start == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    q_pos = torch.arange(start, start + t, device=q.device)[:, None]
+    k_pos = torch.arange(length, device=q.device)[None, :]
+    mask = k_pos <= q_pos  # [T, L]
+    if window is not None:
+        mask &= q_pos - k_pos < window
+    return F.scaled_dot_product_attention(q, _repeat(k, q), _repeat(v, q), attn_mask=mask, scale=scale)
+
+
+def _repeat(kv: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """`[1, kv_h, L, d]` to `[1, h, L, d]`, each kv head repeated for its group of query heads."""
+    groups = q.shape[1] // kv.shape[1]
+    if groups == 1:
+        return kv
+    _, h, length, d = kv.shape
+    return kv[:, :, None].expand(1, h, groups, length, d).reshape(1, h * groups, length, d)
+
+
+class MLAAttention(Op):
+    """DeepSeek multi-head latent attention. The cache holds only the normalised latent and the rotated
+    rope key per token; keys and values are re-expanded through `kv_b_proj` each step."""
+
+    def __init__(self, hf: nn.Module, ctx: BuildContext) -> None:
+        super().__init__(ctx.device)
+        self.num_heads = hf.num_heads
+        self.q_lora_rank = hf.q_lora_rank
+        self.kv_lora_rank = hf.kv_lora_rank
+        self.nope_dim = hf.qk_nope_head_dim
+        self.rope_dim = hf.qk_rope_head_dim
+        self.v_dim = hf.v_head_dim
+        self.scaling = hf.scaling
+        if self.q_lora_rank is None:
+            self.q_proj = hf.q_proj
+        else:
+            self.q_a_proj = hf.q_a_proj
+            self.q_a_layernorm = hf.q_a_layernorm
+            self.q_b_proj = hf.q_b_proj
+        self.kv_a_proj_with_mqa = hf.kv_a_proj_with_mqa
+        self.kv_a_layernorm = hf.kv_a_layernorm
+        self.kv_b_proj = hf.kv_b_proj
+        self.o_proj = hf.o_proj
+
+    @classmethod
+    def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Self:
+        return cls(hf, ctx)
+
+    def new_cache(self, capacity: int, dtype: torch.dtype) -> MLACache:
+        return MLACache(
+            latent=torch.empty(capacity, self.kv_lora_rank, dtype=dtype, device=self.device),
+            k_pe=torch.empty(capacity, self.rope_dim, dtype=dtype, device=self.device),
+        )
+
+    def forward(self, x: torch.Tensor, rope: Rope, cache: MLACache, start: int) -> torch.Tensor:
+        t = x.shape[0]
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(1, t, self.num_heads, self.nope_dim + self.rope_dim).transpose(1, 2)  # [1, h, T, qk]
+        q_nope, q_pe = torch.split(q, [self.nope_dim, self.rope_dim], dim=-1)
+
+        kv_nope, k_pe = torch.split(self.kv_a_proj_with_mqa(x), [self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv_nope = self.kv_a_layernorm(kv_nope)  # [T, r]
+        q_pe = rope.apply(q_pe)
+        k_pe = rope.apply(k_pe.view(1, 1, t, self.rope_dim))
+
+        end = start + t
+        cache.latent[start:end] = kv_nope
+        cache.k_pe[start:end] = k_pe[0, 0]
+        latent = cache.latent[:end].view(1, 1, end, self.kv_lora_rank)
+
+        kv = self.kv_b_proj(latent).view(1, end, -1, self.nope_dim + self.v_dim).transpose(1, 2)
+        k_nope, v = torch.split(kv, [self.nope_dim, self.v_dim], dim=-1)  # [1, h, L, *]
+        k = kv.new_empty(*kv.shape[:-1], self.nope_dim + self.rope_dim)
+        k[..., : self.nope_dim].copy_(k_nope)
+        k[..., self.nope_dim :].copy_(cache.k_pe[:end].view(1, 1, end, self.rope_dim))
+        q = torch.cat((q_nope, q_pe), dim=-1)
+
+        out = attend(q, k, v, start, self.scaling)  # [1, h, T, v]
+        return self.o_proj(out.transpose(1, 2).reshape(t, -1))
+
+
+class GQAAttention(Op):
+    """Grouped-query attention with rotary embeddings and, for Qwen3-MoE, per-head q/k RMSNorm."""
+
+    def __init__(self, hf: nn.Module, ctx: BuildContext) -> None:
+        super().__init__(ctx.device)
+        config = ctx.config
+        self.head_dim = hf.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.scaling = hf.scaling
+        self.window = getattr(hf, "sliding_window", None) or getattr(config, "sliding_window", None)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = hf.q_proj, hf.k_proj, hf.v_proj, hf.o_proj
+        self.q_norm = getattr(hf, "q_norm", None)
+        self.k_norm = getattr(hf, "k_norm", None)
+
+    @classmethod
+    def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Self:
+        return cls(hf, ctx)
+
+    def new_cache(self, capacity: int, dtype: torch.dtype) -> GQACache:
+        shape = (1, self.num_kv_heads, capacity, self.head_dim)
+        return GQACache(
+            k=torch.empty(shape, dtype=dtype, device=self.device),
+            v=torch.empty(shape, dtype=dtype, device=self.device),
+        )
+
+    def forward(self, x: torch.Tensor, rope: Rope, cache: GQACache, start: int) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(1, t, -1, self.head_dim)
+        k = self.k_proj(x).view(1, t, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope.apply(q.transpose(1, 2)), rope.apply(k.transpose(1, 2))  # [1, h, T, d]
+        v = self.v_proj(x).view(1, t, -1, self.head_dim).transpose(1, 2)
+
+        end = start + t
+        cache.k[:, :, start:end] = k
+        cache.v[:, :, start:end] = v
+        out = attend(q, cache.k[:, :, :end], cache.v[:, :, :end], start, self.scaling, self.window)
+        return self.o_proj(out.transpose(1, 2).reshape(t, -1))

@@ -1,0 +1,97 @@
+"""What every op shares: the build context, kwargs parsing, and how an op owns checkpoint tensors.
+
+An op is an `nn.Module` that replaces a transformers module at load time. It is built on the meta
+device from the module it replaces (adopting that module's children where their math is already
+right), receives its weights tensor by tensor from the loader, and is finalized once all are in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Self
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    config: PretrainedConfig
+    dtype: torch.dtype  # compute dtype of activations and unquantized weights
+    device: torch.device  # where the op's weights live and it runs
+
+
+@dataclass(frozen=True)
+class NoKwargs:
+    """The kwargs of an op that takes none."""
+
+
+def parse_kwargs(kwargs_type: type, raw: Mapping[str, Any]) -> Any:
+    """Build an op's frozen kwargs dataclass from YAML data, naming unknown keys and the accepted ones."""
+    fields = {f.name for f in dataclasses.fields(kwargs_type)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        accepted = ", ".join(sorted(fields)) or "none"
+        raise ValueError(f"unknown kwarg(s) {unknown}; accepted: {accepted}")
+    return kwargs_type(**raw)
+
+
+class Op(nn.Module):
+    """Base class of the modules that rules place. Subclasses implement `from_hf` and `forward`."""
+
+    # True for ops whose children may live on other devices (the MoE block); any other op keeps its
+    # parts on its own device.
+    container: ClassVar[bool] = False
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+
+    @classmethod
+    def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Self:
+        raise NotImplementedError
+
+    def checkpoint_keys(self) -> dict[str, torch.Size]:
+        """Checkpoint keys this module itself owns (relative to its name) and their shapes."""
+        return {name: t.shape for name, t in direct_tensors(self)}
+
+    def load_weight(self, key: str, tensor: torch.Tensor) -> None:
+        assign_direct(self, key, tensor, self.device)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for _, t in direct_tensors(self))
+
+    def finalize(self) -> None:
+        """Called once every weight is loaded, children first."""
+
+
+def direct_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """A module's own parameters and persistent buffers, not its children's."""
+    yield from module.named_parameters(recurse=False)
+    for name, buf in module.named_buffers(recurse=False):
+        if name not in module._non_persistent_buffers_set:
+            yield name, buf
+
+
+def assign_direct(module: nn.Module, key: str, tensor: torch.Tensor, device: torch.device) -> None:
+    """Replace a module's own (meta) parameter or buffer `key` by `tensor`, cast to its dtype."""
+    if key in module._parameters:
+        old = module._parameters[key]
+        module._parameters[key] = nn.Parameter(tensor.to(device=device, dtype=old.dtype), requires_grad=False)
+    elif key in module._buffers:
+        module._buffers[key] = tensor.to(device=device, dtype=module._buffers[key].dtype)
+    else:
+        raise KeyError(key)
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where a loaded module runs: an op's own device, else that of its first tensor."""
+    if isinstance(module, Op):
+        return module.device
+    tensor = next(iter(module.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(module.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")

@@ -1,0 +1,65 @@
+"""Routed experts in plain torch, in our own layout: the reference every faster experts op is
+checked against, and the op for any device when speed does not matter.
+
+Checkpoints keep experts one by one (`E.gate_proj.weight [I, H]`, `E.up_proj.weight [I, H]`,
+`E.down_proj.weight [H, I]`); this op stacks them as `w13 [E, 2I, H]` (gate rows, then up rows)
+and `w2 [E, H, I]`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Self
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hetero_moe.ops.base import BuildContext, Op
+
+_PROJ = {"gate_proj": 0, "up_proj": 1, "down_proj": 2}
+
+
+class TorchExperts(Op):
+    def __init__(self, hf: nn.Module, ctx: BuildContext) -> None:
+        super().__init__(ctx.device)
+        e, two_i, h = hf.gate_up_proj.shape
+        self.num_experts, self.inter, self.hidden = e, two_i // 2, h
+        self.act_fn = hf.act_fn
+        meta = {"dtype": ctx.dtype, "device": "meta"}
+        self.w13 = nn.Parameter(torch.empty(e, two_i, h, **meta), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(e, h, self.inter, **meta), requires_grad=False)
+
+    @classmethod
+    def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Self:
+        return cls(hf, ctx)
+
+    def checkpoint_keys(self) -> dict[str, torch.Size]:
+        i, h = self.inter, self.hidden
+        shapes = {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+        return {
+            f"{e}.{proj}.weight": torch.Size(shape)
+            for e in range(self.num_experts)
+            for proj, shape in shapes.items()
+        }
+
+    def load_weight(self, key: str, tensor: torch.Tensor) -> None:
+        expert, proj, _ = key.split(".")
+        if self.w13.is_meta:
+            self.w13 = nn.Parameter(torch.empty_like(self.w13, device=self.device), requires_grad=False)
+            self.w2 = nn.Parameter(torch.empty_like(self.w2, device=self.device), requires_grad=False)
+        e, i = int(expert), self.inter
+        part = _PROJ[proj]
+        target = self.w2[e] if part == 2 else self.w13[e, part * i : (part + 1) * i]
+        target.copy_(tensor)
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """`x [T, H]`, `index [T, k]`, `weights [T, k]` -> `sum_j weights[t, j] * expert_{index[t, j]}(x[t])`."""
+        t, k = index.shape
+        flat = index.reshape(-1)  # [T*k], pair p is token p // k
+        out = x.new_empty(t * k, self.hidden)
+        for e in torch.unique(flat).tolist():
+            pairs = (flat == e).nonzero().squeeze(-1)
+            gate, up = F.linear(x[pairs // k], self.w13[e]).chunk(2, dim=-1)
+            out[pairs] = F.linear(self.act_fn(gate) * up, self.w2[e])
+        weighted = out * weights.reshape(-1, 1)  # promotes to float32 with float32 router weights
+        return weighted.view(t, k, self.hidden).sum(dim=1).to(x.dtype)

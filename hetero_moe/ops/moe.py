@@ -1,0 +1,136 @@
+"""The MoE block and the routers, each exactly as its architecture defines it.
+
+The block is a container: its router, routed experts and shared experts are its children, each
+placed by its own rule, and the block moves activations between their devices.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Self
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hetero_moe.ops.base import BuildContext, Op, module_device
+
+
+class MoEBlock(Op):
+    """router → routed experts (+ shared experts), combined on the block's own device."""
+
+    container = True
+
+    def __init__(self, hf: nn.Module, ctx: BuildContext) -> None:
+        super().__init__(ctx.device)
+        self.gate = hf.gate
+        self.experts = hf.experts
+        self.shared_experts = getattr(hf, "shared_experts", None)
+
+    @classmethod
+    def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Self:
+        return cls(hf, ctx)
+
+    def finalize(self) -> None:
+        self.experts_device = self.experts.device
+        if self.shared_experts is not None:
+            self.shared_device = module_device(self.shared_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H]
+        weights, index = self.gate(x.to(self.gate.device))  # [T, k] each
+        dev = self.experts_device
+        out = self.experts(x.to(dev), index.to(dev), weights.to(dev)).to(self.device)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x.to(self.shared_device)).to(self.device)
+        return out
+
+
+class Router(Op):
+    """Base of the routers: `forward(x [T, H]) -> (weights [T, k], expert index [T, k])`."""
+
+    def __init__(self, hf: nn.Module, ctx: BuildContext) -> None:
+        super().__init__(ctx.device)
+        self.top_k = hf.top_k
+        self.num_experts = hf.weight.shape[0]
+        self.weight = nn.Parameter(torch.empty(hf.weight.shape, dtype=ctx.dtype, device="meta"), requires_grad=False)
+
+    @classmethod
+    def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Self:
+        return cls(hf, ctx)
+
+
+class DeepseekV3Router(Router):
+    """Sigmoid scores; group-limited top-k on scores plus the fp32 correction bias (group score = sum
+    of its top 2); weights are the unbiased scores, renormalised, times `routed_scaling_factor`."""
+
+    def __init__(self, hf: nn.Module, ctx: BuildContext) -> None:
+        super().__init__(hf, ctx)
+        self.num_group, self.topk_group = hf.num_group, hf.topk_group
+        self.norm_topk_prob = hf.norm_topk_prob
+        self.scaling = hf.routed_scaling_factor
+        self.register_buffer("e_score_correction_bias", torch.empty(self.num_experts, device="meta"))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [T, E]
+        choice = scores + self.e_score_correction_bias
+        per_group = self.num_experts // self.num_group
+        group_scores = choice.view(-1, self.num_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, self.num_group, per_group).reshape(-1, self.num_experts)
+        choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+        index = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, index)
+        if self.norm_topk_prob:
+            weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
+        return weights * self.scaling, index
+
+
+class DeepseekV2Router(Router):
+    """Softmax scores; `greedy` or `group_limited_greedy` (group score = its max) top-k; weights times
+    `routed_scaling_factor`, not renormalised (as transformers' DeepseekV2TopkRouter)."""
+
+    def __init__(self, hf: nn.Module, ctx: BuildContext) -> None:
+        super().__init__(hf, ctx)
+        if hf.topk_method not in ("greedy", "group_limited_greedy"):
+            raise ValueError(f"DeepSeek-V2 topk_method {hf.topk_method!r} is not supported")
+        self.topk_method = hf.topk_method
+        self.num_group, self.topk_group = hf.num_group, hf.topk_group
+        self.scaling = hf.routed_scaling_factor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1, dtype=torch.float32)  # [T, E]
+        if self.topk_method == "group_limited_greedy":
+            per_group = self.num_experts // self.num_group
+            group_scores = scores.view(-1, self.num_group, per_group).max(dim=-1).values
+            group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+            score_mask = group_mask.unsqueeze(-1).expand(-1, self.num_group, per_group).reshape(-1, self.num_experts)
+            scores = scores.masked_fill(~score_mask.bool(), 0.0)
+        weights, index = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
+        return weights * self.scaling, index
+
+
+class QwenRouter(Router):
+    """Softmax (in float32) over logits in the activation dtype, top-k, optionally renormalised; the
+    weights return in the activation dtype (Qwen3-MoE)."""
+
+    def __init__(self, hf: nn.Module, ctx: BuildContext) -> None:
+        super().__init__(hf, ctx)
+        self.norm_topk_prob = hf.norm_topk_prob
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.weight)  # [T, E]
+        weights, index = torch.topk(F.softmax(logits, dtype=torch.float, dim=-1), self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights /= weights.sum(dim=-1, keepdim=True)
+        return weights.to(logits.dtype), index
+
+
+class MixtralRouter(Router):
+    """Softmax of the logits in float32, top-k, always renormalised; weights stay float32."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.weight)  # [T, E]
+        weights, index = torch.topk(F.softmax(logits.float(), dim=-1), self.top_k, dim=-1)
+        weights /= weights.sum(dim=-1, keepdim=True)
+        return weights, index

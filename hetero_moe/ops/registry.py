@@ -1,0 +1,95 @@
+"""The op registry: the only way a rules file reaches code.
+
+An op name maps to one implementation per transformers class it can replace, so one rules file
+(`op: attention`) serves every architecture while each module still gets exactly its own math.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from hetero_moe.ops.attention import GQAAttention, MLAAttention
+from hetero_moe.ops.base import BuildContext, NoKwargs, Op, parse_kwargs
+from hetero_moe.ops.experts import TorchExperts
+from hetero_moe.ops.mlp import GatedMLP
+from hetero_moe.ops.moe import DeepseekV2Router, DeepseekV3Router, MixtralRouter, MoEBlock, QwenRouter
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    summary: str
+    impls: Mapping[str, type[Op]]  # transformers class name -> our op class
+    kwargs_type: type = field(default=NoKwargs)
+
+    def parse_kwargs(self, raw: Mapping[str, Any]) -> Any:
+        return parse_kwargs(self.kwargs_type, raw)
+
+    def build(self, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Op:
+        impl = self.impls.get(type(hf).__name__)
+        if impl is None:
+            raise TypeError(
+                f"op {self.name!r} cannot replace a {type(hf).__name__}; it replaces: {', '.join(sorted(self.impls))}"
+            )
+        return impl.from_hf(hf, ctx, kwargs)
+
+
+OPS: Mapping[str, OpSpec] = {
+    spec.name: spec
+    for spec in (
+        OpSpec(
+            "attention",
+            "attention with a KV cache: latent attention for DeepSeek, grouped-query for Qwen3-MoE/Mixtral",
+            {
+                "DeepseekV3Attention": MLAAttention,
+                "DeepseekV2Attention": MLAAttention,
+                "Qwen3MoeAttention": GQAAttention,
+                "MixtralAttention": GQAAttention,
+            },
+        ),
+        OpSpec(
+            "moe",
+            "MoE block: router, routed experts and shared experts, each on its own device",
+            {
+                "DeepseekV3MoE": MoEBlock,
+                "DeepseekV2Moe": MoEBlock,
+                "Qwen3MoeSparseMoeBlock": MoEBlock,
+                "MixtralSparseMoeBlock": MoEBlock,
+            },
+        ),
+        OpSpec(
+            "router",
+            "top-k router, exactly as each architecture defines it",
+            {
+                "DeepseekV3TopkRouter": DeepseekV3Router,
+                "DeepseekV2TopkRouter": DeepseekV2Router,
+                "Qwen3MoeTopKRouter": QwenRouter,
+                "MixtralTopKRouter": MixtralRouter,
+            },
+        ),
+        OpSpec(
+            "experts",
+            "routed experts in plain torch (reference speed), stacked in our layout",
+            {
+                "DeepseekV3Experts": TorchExperts,
+                "DeepseekV2Experts": TorchExperts,
+                "Qwen3MoeExperts": TorchExperts,
+                "MixtralExperts": TorchExperts,
+            },
+        ),
+        OpSpec(
+            "mlp",
+            "gated MLP: dense layers and shared experts",
+            {"DeepseekV3MLP": GatedMLP, "DeepseekV2MLP": GatedMLP, "Qwen3MoeMLP": GatedMLP},
+        ),
+    )
+}
+
+# Classes the model runner calls with our calling convention: rules must replace them.
+MUST_REPLACE: Mapping[str, str] = {
+    cls: spec.name for spec in OPS.values() if spec.name in ("attention", "moe", "router", "experts") for cls in spec.impls
+}

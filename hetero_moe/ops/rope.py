@@ -1,0 +1,55 @@
+"""Rotary position embeddings in the three layouts the supported models use.
+
+Each is built once per forward from the model's rotary module output and applied to `[1, h, T, d]`
+query or key tensors; the arithmetic follows transformers' functions exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+class Rope(Protocol):
+    def apply(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class HalfRope:
+    """Llama layout: the first and second halves of the head dim form the rotated pairs."""
+
+    cos: torch.Tensor  # [1, T, d]
+    sin: torch.Tensor  # [1, T, d]
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.cos.unsqueeze(1), self.sin.unsqueeze(1)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return (x * cos) + (rotated * sin)
+
+
+@dataclass(frozen=True)
+class InterleavedRope:
+    """DeepSeek-V3 layout: adjacent pairs (x0, x1), (x2, x3), ... share one frequency."""
+
+    cos: torch.Tensor  # [1, T, d], cat(freqs, freqs)
+    sin: torch.Tensor
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        half = self.cos.shape[-1] // 2
+        cos, sin = self.cos[..., :half].unsqueeze(1), self.sin[..., :half].unsqueeze(1)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+@dataclass(frozen=True)
+class ComplexRope:
+    """DeepSeek-V2 layout: adjacent pairs rotated as complex numbers, in float32."""
+
+    freqs_cis: torch.Tensor  # [1, T, d / 2], complex
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(xc * self.freqs_cis.unsqueeze(1)).flatten(3).type_as(x)
