@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-import transformers
 
 from hetero_moe.ops.rope import ComplexRope, HalfRope, InterleavedRope, Rope
 

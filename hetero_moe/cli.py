@@ -26,8 +26,11 @@ USER_ERRORS = (RulesError, InjectError, ModelError, CheckpointError, ContextLeng
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         return args.func(args)
     except USER_ERRORS as e:
@@ -44,8 +47,11 @@ def _parser() -> argparse.ArgumentParser:
 
     rules = sub.add_parser("rules", help="placement rules").add_subparsers(required=True, metavar="ACTION")
     check = rules.add_parser("check", help="show each module's op and device and the bytes per device; loads no weight")
-    check.add_argument("--model", required=True,
-                       help="model directory (config.json is enough), or a built-in preset: " + ", ".join(_presets()))
+    check.add_argument(
+        "--model",
+        required=True,
+        help="model directory (config.json is enough), or a built-in preset: " + ", ".join(_presets()),
+    )
     check.add_argument("--rules", required=True, help="rules file, or the name of a built-in one")
     check.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     check.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -65,8 +71,9 @@ def _parser() -> argparse.ArgumentParser:
         g.add_argument("--max-context", type=int, help="tokens of context (default: the model's)")
         if name == "generate":
             g.add_argument("--prompt", required=True, help="the text to complete (no chat template)")
-            g.add_argument("--json", action="store_true",
-                           help='print {"prompt_token_ids", "token_ids", "text"} as the only stdout')
+            g.add_argument(
+                "--json", action="store_true", help='print {"prompt_token_ids", "token_ids", "text"} as the only stdout'
+            )
             g.set_defaults(func=_generate)
         else:
             g.add_argument("--system", help="system prompt")
@@ -144,31 +151,41 @@ def _load(args: argparse.Namespace):
     return llm
 
 
-def _sampling(args: argparse.Namespace) -> dict:
-    return {
-        "max_tokens": args.max_tokens,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-        "seed": args.seed,
-        "stop": tuple(args.stop),
-    }
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
 
 
 def _generate(args: argparse.Namespace) -> int:
+    params = _sampling(args)
     llm = _load(args)
     if args.json:
-        c = llm.generate(args.prompt, **_sampling(args))
-        print(json.dumps({"prompt_token_ids": c.prompt_token_ids, "token_ids": c.token_ids, "text": c.text,
-                          "finish_reason": c.finish_reason}))
+        c = llm.generate(args.prompt, params)
+        print(
+            json.dumps(
+                {
+                    "prompt_token_ids": c.prompt_token_ids,
+                    "token_ids": c.token_ids,
+                    "text": c.text,
+                    "finish_reason": c.finish_reason,
+                }
+            )
+        )
         return 0
-    for step in llm.stream(args.prompt, **_sampling(args)):
+    for step in llm.stream(args.prompt, params):
         print(step.text, end="", flush=True)
     print()
     return 0
 
 
 def _chat(args: argparse.Namespace) -> int:
+    params = _sampling(args)
     llm = _load(args)
     base = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(base)
@@ -189,7 +206,7 @@ def _chat(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": line})
         parts = []
         try:
-            for step in llm.engine.stream(llm.chat_ids(messages), SamplingParams(**_sampling(args))):
+            for step in llm.engine.stream(llm.chat_ids(messages), params):
                 parts.append(step.text)
                 print(step.text, end="", flush=True)
         except ContextLengthError as e:
@@ -214,8 +231,7 @@ class _ProgressBar:
         self.last = now
         width = 30
         filled = width * done // max(total, 1)
-        sys.stderr.write(f"\rloading weights [{'#' * filled}{'.' * (width - filled)}] "
-                         f"{_gb(done)} / {_gb(total)}")
+        sys.stderr.write(f"\rloading weights [{'#' * filled}{'.' * (width - filled)}] {_gb(done)} / {_gb(total)}")
         sys.stderr.flush()
         self.shown = True
 

@@ -15,7 +15,7 @@ from hetero_moe.arch import build_meta_model, config_dtype, load_config
 from hetero_moe.engine.engine import Completion, Engine, StepOutput
 from hetero_moe.engine.runner import ModelRunner
 from hetero_moe.engine.sampler import SamplingParams
-from hetero_moe.inject.injector import PlacedModel, inject
+from hetero_moe.inject.injector import InjectError, PlacedModel, inject
 from hetero_moe.inject.rules import load_rules
 from hetero_moe.loader.checkpoint import Checkpoint
 from hetero_moe.loader.load import Progress, load_weights
@@ -76,7 +76,7 @@ class LLM:
         self.placed = place(self.model_dir, rules, dtype)
         for device in self.placed.devices():
             if device.type == "cuda" and not torch.cuda.is_available():
-                raise RuntimeError(
+                raise InjectError(
                     f"the rules place modules on {device}, but torch sees no CUDA device; "
                     "use rules for the CPU (cpu-only.yaml)"
                 )
@@ -103,23 +103,21 @@ class LLM:
         enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
         return list(enc["input_ids"])
 
-    def generate(self, prompt: str | Sequence[int], **sampling) -> Completion:
-        """Complete a raw prompt (text, tokenized as the model's tokenizer does, or token ids)."""
-        return self.engine.generate(self.encode(prompt), SamplingParams(**_stop_tuple(sampling)))
+    def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None, **sampling) -> Completion:
+        """Complete a raw prompt (text, tokenized as the model's tokenizer does, or token ids).
+        Sampling is given as `params` or as its fields (`max_tokens=..., temperature=..., stop=...`)."""
+        return self.engine.generate(self.encode(prompt), params or sampling_params(**sampling))
 
-    def stream(self, prompt: str | Sequence[int], **sampling) -> Iterator[StepOutput]:
-        return self.engine.stream(self.encode(prompt), SamplingParams(**_stop_tuple(sampling)))
+    def stream(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None, **sampling
+    ) -> Iterator[StepOutput]:
+        return self.engine.stream(self.encode(prompt), params or sampling_params(**sampling))
 
-    def chat(self, messages: list[dict[str, str]], **sampling) -> Completion:
-        return self.engine.generate(self.chat_ids(messages), SamplingParams(**_stop_tuple(sampling)))
+    def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None, **sampling) -> Completion:
+        return self.engine.generate(self.chat_ids(messages), params or sampling_params(**sampling))
 
 
-def _stop_tuple(sampling: dict) -> dict:
-    stop = sampling.get("stop")
-    if isinstance(stop, str):
-        sampling = {**sampling, "stop": (stop,)}
-    elif stop is None and "stop" in sampling:
-        sampling = {**sampling, "stop": ()}
-    elif stop is not None:
-        sampling = {**sampling, "stop": tuple(stop)}
-    return sampling
+def sampling_params(stop: str | Sequence[str] | None = None, **fields) -> SamplingParams:
+    """SamplingParams from keyword fields, `stop` given as one string, a list or None."""
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    return SamplingParams(stop=stops, **fields)

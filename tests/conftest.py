@@ -26,8 +26,16 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Tiny]:
     """`tiny(arch, fp8=False, shards=1, dtype=torch.bfloat16, seed=0, **config_overrides)`."""
     built: dict[tuple, Tiny] = {}
 
-    def make(arch: str, *, fp8: bool = False, shards: int = 1, dtype: torch.dtype = torch.bfloat16,
-             seed: int = 0, block_size: tuple[int, int] = (128, 128), **overrides) -> Tiny:
+    def make(
+        arch: str,
+        *,
+        fp8: bool = False,
+        shards: int = 1,
+        dtype: torch.dtype = torch.bfloat16,
+        seed: int = 0,
+        block_size: tuple[int, int] = (128, 128),
+        **overrides,
+    ) -> Tiny:
         key = (arch, fp8, shards, dtype, seed, block_size, tuple(sorted(overrides.items())))
         if key not in built:
             model = synth.random_model(synth.tiny_config(arch, **overrides), seed=seed)
@@ -52,8 +60,14 @@ def hf_greedy() -> Callable[[PreTrainedModel, list[int], int], list[int]]:
 
     def run(model: PreTrainedModel, prompt: list[int], n: int) -> list[int]:
         ids = torch.tensor([prompt])
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                             eos_token_id=None, pad_token_id=model.config.pad_token_id)
-        return out[0, len(prompt):].tolist()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=model.config.pad_token_id,
+        )
+        return out[0, len(prompt) :].tolist()
 
     return run

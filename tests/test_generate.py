@@ -103,8 +103,9 @@ def test_stop_string_truncates_text(tiny) -> None:
     c = llm.generate("The experts", max_tokens=30, temperature=0, ignore_eos=True, stop=[stop])
     assert c.finish_reason == "stop"
     assert c.text == free.text[: free.text.index(stop)]
-    streamed = "".join(s.text for s in llm.stream("The experts", max_tokens=30, temperature=0, ignore_eos=True,
-                                                   stop=stop))
+    streamed = "".join(
+        s.text for s in llm.stream("The experts", max_tokens=30, temperature=0, ignore_eos=True, stop=stop)
+    )
     assert streamed == c.text
 
 
@@ -128,8 +129,11 @@ def test_chat_uses_the_template(tiny) -> None:
     llm = LLM(tiny("DeepseekV3ForCausalLM").path, dtype="float32")
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     ids = llm.chat_ids(messages)
-    assert ids == list(llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                           return_dict=True)["input_ids"])
+    assert ids == list(
+        llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
+    )
     assert llm.chat(messages, max_tokens=3, temperature=0).prompt_token_ids == ids
 
 

@@ -22,7 +22,9 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not (isinstance(self.temperature, int | float) and 0 <= self.temperature and math.isfinite(self.temperature)):
+        if not (
+            isinstance(self.temperature, int | float) and self.temperature >= 0 and math.isfinite(self.temperature)
+        ):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not (isinstance(self.top_p, int | float) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")

@@ -18,7 +18,7 @@ from transformers import PretrainedConfig
 from hetero_moe.arch import Architecture
 from hetero_moe.inject.rules import Rule, Rules
 from hetero_moe.ops.base import BuildContext, Op, direct_tensors
-from hetero_moe.ops.registry import MUST_REPLACE, OPS
+from hetero_moe.ops.registry import MUST_REPLACE
 
 
 class InjectError(ValueError):
@@ -49,9 +49,9 @@ class PlacedModel:
         """Every checkpoint key the placed model expects -> (owner name, owner, key within it, shape)."""
         keys = {}
         for name, module in self.model.named_modules():
-            own = module.checkpoint_keys() if isinstance(module, Op) else {
-                k: t.shape for k, t in direct_tensors(module)
-            }
+            own = (
+                module.checkpoint_keys() if isinstance(module, Op) else {k: t.shape for k, t in direct_tensors(module)}
+            )
             for rel, shape in own.items():
                 keys[f"{name}.{rel}" if name else rel] = (name, module, rel, shape)
         return keys
@@ -59,8 +59,10 @@ class PlacedModel:
     def bytes_per_device(self) -> dict[str, int]:
         totals: dict[str, int] = defaultdict(int)
         for name, module in self.model.named_modules():
-            nbytes = module.nbytes() if isinstance(module, Op) else sum(
-                t.numel() * t.element_size() for _, t in direct_tensors(module)
+            nbytes = (
+                module.nbytes()
+                if isinstance(module, Op)
+                else sum(t.numel() * t.element_size() for _, t in direct_tensors(module))
             )
             if nbytes:
                 totals[str(self.placements[name].device)] += nbytes

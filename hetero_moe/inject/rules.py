@@ -84,9 +84,7 @@ def resolve_rules_path(name_or_path: str | Path) -> Path:
             builtin = resources.files("hetero_moe.rules") / candidate
             if builtin.is_file():
                 return Path(str(builtin))
-    raise RulesError(
-        f"rules file {str(name_or_path)!r} not found; built-in rules: {', '.join(builtin_rules())}"
-    )
+    raise RulesError(f"rules file {str(name_or_path)!r} not found; built-in rules: {', '.join(builtin_rules())}")
 
 
 def load_rules(name_or_path: str | Path) -> Rules:

@@ -37,9 +37,7 @@ class TorchExperts(Op):
         i, h = self.inter, self.hidden
         shapes = {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
         return {
-            f"{e}.{proj}.weight": torch.Size(shape)
-            for e in range(self.num_experts)
-            for proj, shape in shapes.items()
+            f"{e}.{proj}.weight": torch.Size(shape) for e in range(self.num_experts) for proj, shape in shapes.items()
         }
 
     def load_weight(self, key: str, tensor: torch.Tensor) -> None:

@@ -91,5 +91,8 @@ OPS: Mapping[str, OpSpec] = {
 
 # Classes the model runner calls with our calling convention: rules must replace them.
 MUST_REPLACE: Mapping[str, str] = {
-    cls: spec.name for spec in OPS.values() if spec.name in ("attention", "moe", "router", "experts") for cls in spec.impls
+    cls: spec.name
+    for spec in OPS.values()
+    if spec.name in ("attention", "moe", "router", "experts")
+    for cls in spec.impls
 }

@@ -1,0 +1,599 @@
+"""Synthetic checkpoints in the real on-disk layout.
+
+No model weights can be downloaded, so tests, the built-in demo model and benchmarks use tiny (or
+real-size) models built from transformers' own config classes with deterministic random weights, and
+write them the way the real releases are laid out: per-expert safetensors keys (Mixtral's legacy
+``block_sparse_moe.experts.E.w1`` names), optional shards with an index, FP8 e4m3 weights with
+block-wise ``weight_scale_inv`` (the DeepSeek-V3 release format), a ``config.json`` and an offline
+byte-level BPE tokenizer with a DeepSeek-V3 style chat template.
+
+``write_checkpoint`` also returns the transformers-layout state dict a correct loader must produce
+from the files (after bf16 rounding or FP8 dequantization), so a reference transformers model loaded
+with it is the oracle for our own loader and model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM")
+
+BOS_TOKEN = "<｜begin▁of▁sentence｜>"
+EOS_TOKEN = "<｜end▁of▁sentence｜>"
+PAD_TOKEN = "<｜pad｜>"
+USER_TOKEN = "<｜User｜>"
+ASSISTANT_TOKEN = "<｜Assistant｜>"
+# Trained first, in this order, so they get ids 0..4 (bos 0, eos 1, pad 2 as in the tiny configs).
+SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, USER_TOKEN, ASSISTANT_TOKEN)
+
+# DeepSeek-V3's template, reduced to what we serve: bos, system prompts, then alternating turns.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}{{ message['content'] }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' %}{{ '<｜Assistant｜>' + message['content'] + eos_token }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<｜Assistant｜>' }}{%- endif %}"
+)
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn value
+
+# Random init. Linear weights use std = gain / sqrt(fan_in) (0.18 at width 72), so activations keep
+# unit scale at any width. The real configs' 0.02 gives near-uniform logits in a 72-wide model (top-2
+# gaps of a few 1e-3; greedy decoding falls into one repeated token). Gain 1 still gives runs of one
+# repeated token for some prompts; gain 1.5 gives varied greedy continuations with top-2 gaps of a few
+# tenths. Larger gains make greedy output more sensitive: rounding the gain-1.5 weights to bf16
+# changes the greedy continuation after 18 of 32 tokens on average (11-29 by architecture and seed).
+_LINEAR_GAIN = 1.5
+_EMBED_STD = 1.0
+_NORM_STD = 0.1  # RMSNorm weights are 1 + N(0, _NORM_STD)
+_VECTOR_STD = 0.1  # biases and persistent buffers (e_score_correction_bias), large enough to matter
+
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+_YARN_BASE = {
+    "rope_type": "yarn",
+    "factor": 40,
+    "original_max_position_embeddings": 64,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "rope_theta": 10000.0,
+}
+# YaRN configs are self-consistent: max_position_embeddings = factor * original (as 163840 = 40 * 4096).
+_YARN_MAX_POSITIONS = 40 * 64
+
+_COMMON: dict[str, Any] = {
+    "num_hidden_layers": 3,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "pad_token_id": 2,
+    "tie_word_embeddings": False,
+    "dtype": "bfloat16",
+    "hidden_act": "silu",
+}
+
+# Tiny but awkward shapes: nothing a multiple of 128, q/k/v head dims all different, GQA, a dense layer
+# before the MoE layers, grouped routing, shared experts. One row per architecture.
+_TINY: dict[str, tuple[type[transformers.PreTrainedConfig], dict[str, Any]]] = {
+    "DeepseekV3ForCausalLM": (
+        transformers.DeepseekV3Config,
+        {
+            "vocab_size": 419,
+            "hidden_size": 72,
+            "intermediate_size": 120,
+            "moe_intermediate_size": 40,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 3,
+            "n_group": 4,
+            "topk_group": 2,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 1,
+            "q_lora_rank": 48,
+            "kv_lora_rank": 24,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 12,
+            "routed_scaling_factor": 2.5,
+            "norm_topk_prob": True,
+            "scoring_func": "sigmoid",
+            "topk_method": "noaux_tc",
+            "rms_norm_eps": 1e-6,
+            "max_position_embeddings": _YARN_MAX_POSITIONS,
+            "rope_parameters": {**_YARN_BASE, "mscale": 1.0, "mscale_all_dim": 1.0},
+        },
+    ),
+    "DeepseekV2ForCausalLM": (
+        transformers.DeepseekV2Config,
+        {
+            "vocab_size": 389,
+            "hidden_size": 76,
+            "intermediate_size": 104,
+            "moe_intermediate_size": 36,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "n_routed_experts": 10,
+            "num_experts_per_tok": 3,
+            "n_group": 1,
+            "topk_group": 1,
+            "topk_method": "greedy",
+            "scoring_func": "softmax",
+            "n_shared_experts": 2,
+            "first_k_dense_replace": 1,
+            "q_lora_rank": None,
+            "kv_lora_rank": 20,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 12,
+            "routed_scaling_factor": 1.0,
+            "norm_topk_prob": False,
+            "rms_norm_eps": 1e-6,
+            "max_position_embeddings": _YARN_MAX_POSITIONS,
+            "rope_parameters": {**_YARN_BASE, "mscale": 0.707, "mscale_all_dim": 0.707},
+        },
+    ),
+    "Qwen3MoeForCausalLM": (
+        transformers.Qwen3MoeConfig,
+        {
+            "vocab_size": 457,
+            "hidden_size": 72,
+            "intermediate_size": 112,
+            "moe_intermediate_size": 44,
+            "num_attention_heads": 6,
+            "num_key_value_heads": 2,
+            "head_dim": 16,  # 6 * 16 = 96 != hidden, as in the real model (32 * 128 vs 2048)
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "norm_topk_prob": True,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [0],
+            "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 576,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+        },
+    ),
+    "MixtralForCausalLM": (
+        transformers.MixtralConfig,
+        {
+            "vocab_size": 331,
+            "hidden_size": 72,
+            "intermediate_size": 40,  # Mixtral's experts use intermediate_size
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "num_local_experts": 6,
+            "num_experts_per_tok": 2,
+            "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 576,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+        },
+    ),
+}
+
+
+def tiny_config(arch: str, **overrides: Any) -> transformers.PreTrainedConfig:
+    """A tiny config of ``arch`` (one of ``SUPPORTED``); ``overrides`` are extra config kwargs."""
+    if arch not in _TINY:
+        raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED)}")
+    config_cls, shape = _TINY[arch]
+    kwargs = {**_COMMON, **copy.deepcopy(shape), "architectures": [arch], **overrides}
+    return config_cls(**kwargs)
+
+
+def random_model(config: transformers.PreTrainedConfig, seed: int = 0) -> transformers.PreTrainedModel:
+    """The transformers model for ``config.architectures[0]``, float32 on the CPU, in eval mode, with
+    deterministic random weights and persistent buffers (a function of ``config`` and ``seed`` only).
+
+    The caller's config is not modified and the global RNG state is left as it was.
+    """
+    arch = _architecture(config)
+    model_cls = getattr(transformers, arch)
+    config = copy.deepcopy(config)  # _from_config writes dtype and attn implementation into it
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    _randomize(model, torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+def _architecture(config: transformers.PreTrainedConfig) -> str:
+    archs = getattr(config, "architectures", None) or []
+    if not archs or archs[0] not in SUPPORTED:
+        raise ValueError(f"config.architectures={archs!r}: expected one of {', '.join(SUPPORTED)}")
+    return archs[0]
+
+
+@torch.no_grad()
+def _randomize(model: nn.Module, generator: torch.Generator) -> None:
+    """Overwrite every parameter and persistent buffer, in state-dict order."""
+    norm_weights = {f"{name}.weight" for name, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")}
+    embeddings = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:  # tied weights: initialise once
+            continue
+        seen.add(tensor.data_ptr())
+        noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
+        if name in norm_weights:
+            value = 1.0 + _NORM_STD * noise
+        elif name in embeddings:
+            value = _EMBED_STD * noise
+        elif tensor.dim() >= 2:
+            # [out, in] or fused experts [E, out, in]: fan-in is the last dim
+            value = _LINEAR_GAIN / math.sqrt(tensor.shape[-1]) * noise
+        else:
+            value = _VECTOR_STD * noise
+        tensor.copy_(value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoint writing
+
+
+@dataclass(frozen=True)
+class WrittenCheckpoint:
+    """A checkpoint directory and the values a correct loader must produce from it.
+
+    ``state_dict`` is in the transformers layout (fused experts), float32, holding what is on disk
+    upcast (bf16 rounding included) or, for FP8 weights, the block-wise dequantized values.
+    """
+
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class _ExpertNaming:
+    """How one MoE block's routed experts are named on disk."""
+
+    block: str  # module holding router and experts under model.layers.N
+    gate: str
+    up: str
+    down: str
+
+
+_HF_NAMING = _ExpertNaming(block="mlp", gate="gate_proj", up="up_proj", down="down_proj")
+# The original Mixtral release: block_sparse_moe.gate / block_sparse_moe.experts.E.{w1,w3,w2}.
+_MIXTRAL_LEGACY_NAMING = _ExpertNaming(block="block_sparse_moe", gate="w1", up="w3", down="w2")
+
+_MLP_KEY = re.compile(r"^(model\.layers\.\d+)\.mlp\.(.+)$")
+
+
+@dataclass(frozen=True)
+class _DiskTensor:
+    name: str
+    value: torch.Tensor  # float32 source value
+    quantizable: bool  # a Linear weight inside the decoder layers (FP8 in the V3 release)
+    keep_fp32: bool  # persistent buffers such as e_score_correction_bias stay float32 on disk
+
+
+def write_checkpoint(
+    model: transformers.PreTrainedModel,
+    out_dir: str | Path,
+    *,
+    shards: int = 1,
+    fp8: bool = False,
+    block_size: tuple[int, int] = (128, 128),
+    legacy_mixtral_names: bool = True,
+    dtype: torch.dtype = torch.bfloat16,
+    tokenizer: bool = True,
+) -> WrittenCheckpoint:
+    """Write ``model`` to ``out_dir`` in the real release layout and return the expected state dict.
+
+    Writes ``config.json`` (with the FP8 ``quantization_config`` when ``fp8``), the weights as
+    ``model.safetensors`` or ``shards`` files plus ``model.safetensors.index.json``, and, when
+    ``tokenizer``, a tokenizer (``build_tokenizer``). Stale ``model*.safetensors`` files and index in
+    ``out_dir`` are removed first. The output bytes are a function of the arguments only.
+    """
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {list(_DTYPE_NAMES)}, got {dtype}")
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
+    if len(block_size) != 2 or min(block_size) < 1:
+        raise ValueError(f"block_size must be two positive ints, got {block_size}")
+    arch = _architecture(model.config)
+    naming = _MIXTRAL_LEGACY_NAMING if arch == "MixtralForCausalLM" and legacy_mixtral_names else _HF_NAMING
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    disk_tensors = list(_disk_tensors(model, naming))
+    # Groups of tensors that go to the same file: a weight and its scale are never split.
+    groups: list[dict[str, torch.Tensor]] = []
+    loaded: dict[str, torch.Tensor] = {}  # disk name -> what a loader must produce, float32
+    for t in disk_tensors:
+        if fp8 and t.quantizable:
+            q, scale_inv = _quantize_fp8_blockwise(t.value, block_size)
+            groups.append({t.name: q, f"{t.name}_scale_inv": scale_inv})
+            loaded[t.name] = dequantize_fp8_reference(q, scale_inv, block_size)
+        else:
+            stored = t.value.to(torch.float32 if t.keep_fp32 else dtype).contiguous()
+            groups.append({t.name: stored})
+            loaded[t.name] = stored.to(torch.float32, copy=True)  # never aliases the model
+
+    _write_weights(out, groups, shards)
+    _write_config(model.config, out, dtype=dtype, fp8_block=block_size if fp8 else None)
+    if tokenizer:
+        build_tokenizer(out, vocab_size=model.config.vocab_size)
+    state_dict = _assemble_state_dict(model, naming, loaded)
+    logger.debug("wrote %s: %d tensors in %d file(s), fp8=%s", out, len(disk_tensors), shards, fp8)
+    return WrittenCheckpoint(path=out, state_dict=state_dict)
+
+
+def _disk_name(key: str, naming: _ExpertNaming) -> str:
+    """transformers key -> on-disk key, for everything but the fused experts."""
+    match = _MLP_KEY.match(key)
+    if match is None:
+        return key
+    return f"{match[1]}.{naming.block}.{match[2]}"
+
+
+def _layer_prefix(key: str) -> str:
+    """'model.layers.N.mlp.experts.down_proj' -> 'model.layers.N'."""
+    match = _MLP_KEY.match(key)
+    if match is None:
+        raise ValueError(f"routed experts outside model.layers.N.mlp: {key}")
+    return match[1]
+
+
+def _expert_names(layer: str, naming: _ExpertNaming, expert: int) -> tuple[str, str, str]:
+    prefix = f"{layer}.{naming.block}.experts.{expert}"
+    return (
+        f"{prefix}.{naming.gate}.weight",
+        f"{prefix}.{naming.up}.weight",
+        f"{prefix}.{naming.down}.weight",
+    )
+
+
+def _disk_tensors(model: nn.Module, naming: _ExpertNaming) -> Iterator[_DiskTensor]:
+    """The tensors of the release layout, in state-dict order, fused experts split per expert."""
+    linear_weights = {
+        f"{name}.weight"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and name.startswith("model.layers.")
+    }
+    buffers = {name for name, _ in model.named_buffers()}
+    state = model.state_dict()  # persistent tensors only: rotary inv_freq is not in it
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    for key, value in state.items():
+        value = value.detach().to(torch.float32)
+        if tied and key == "lm_head.weight":
+            continue  # tied releases store only the embedding
+        if key.endswith(".experts.gate_up_proj"):
+            # [E, 2I, H]: gate rows first, then up
+            layer = _layer_prefix(key)
+            inter = value.shape[1] // 2
+            down = state[key.removesuffix("gate_up_proj") + "down_proj"].detach().to(torch.float32)  # [E, H, I]
+            for e in range(value.shape[0]):
+                gate_name, up_name, down_name = _expert_names(layer, naming, e)
+                yield _DiskTensor(gate_name, value[e, :inter].contiguous(), quantizable=True, keep_fp32=False)
+                yield _DiskTensor(up_name, value[e, inter:].contiguous(), quantizable=True, keep_fp32=False)
+                yield _DiskTensor(down_name, down[e].contiguous(), quantizable=True, keep_fp32=False)
+        elif key.endswith(".experts.down_proj"):
+            continue  # written with gate_up_proj, expert by expert
+        else:
+            yield _DiskTensor(
+                _disk_name(key, naming),
+                value.contiguous(),
+                quantizable=key in linear_weights and value.dim() == 2,
+                keep_fp32=key in buffers,
+            )
+
+
+def _assemble_state_dict(
+    model: nn.Module, naming: _ExpertNaming, loaded: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Back from disk names to the transformers layout, fusing experts again."""
+    state = model.state_dict()
+    result: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            layer = _layer_prefix(key)
+            per_expert = [_expert_names(layer, naming, e) for e in range(value.shape[0])]
+            if key.endswith("gate_up_proj"):
+                # [E, 2I, H]
+                result[key] = torch.stack([torch.cat([loaded[g], loaded[u]]) for g, u, _ in per_expert])
+            else:
+                # [E, H, I]
+                result[key] = torch.stack([loaded[d] for _, _, d in per_expert])
+        elif key == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False):
+            result[key] = loaded["model.embed_tokens.weight"]
+        else:
+            result[key] = loaded[_disk_name(key, naming)]
+    return result
+
+
+def _quantize_fp8_blockwise(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] float32 -> (q [out, in] float8_e4m3fn, scale_inv [ceil(out/b0), ceil(in/b1)] float32).
+
+    One scale per block, edge blocks ragged; ``w ~= q * scale_inv`` block by block.
+    """
+    b0, b1 = block
+    rows, cols = w.shape
+    nb0, nb1 = -(-rows // b0), -(-cols // b1)
+    # Zero-pad to whole blocks; padding never raises a block's amax.
+    padded = torch.zeros(nb0 * b0, nb1 * b1, dtype=torch.float32)
+    padded[:rows, :cols] = w
+    blocks = padded.view(nb0, b0, nb1, b1)
+    amax = blocks.abs().amax(dim=(1, 3))  # [nb0, nb1]
+    scale_inv = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    scaled = blocks / scale_inv[:, None, :, None]
+    q = scaled.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(nb0 * b0, nb1 * b1)
+    return q[:rows, :cols].contiguous(), scale_inv.contiguous()
+
+
+def dequantize_fp8_reference(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Plain block-by-block FP8 dequantization, the test oracle: [out, in] float32 = q * scale_inv.
+
+    Deliberately a simple loop, independent of the project's fast dequantizer.
+    """
+    b0, b1 = block
+    rows, cols = q.shape
+    expected_scale_shape = (-(-rows // b0), -(-cols // b1))
+    if tuple(scale_inv.shape) != expected_scale_shape:
+        raise ValueError(f"scale_inv shape {tuple(scale_inv.shape)} != {expected_scale_shape} for {q.shape}")
+    out = torch.empty(rows, cols, dtype=torch.float32)
+    for i in range(expected_scale_shape[0]):
+        for j in range(expected_scale_shape[1]):
+            r0, c0 = i * b0, j * b1
+            r1, c1 = min(r0 + b0, rows), min(c0 + b1, cols)
+            out[r0:r1, c0:c1] = q[r0:r1, c0:c1].to(torch.float32) * scale_inv[i, j].item()
+    return out
+
+
+def _shard_of_groups(sizes: list[int], shards: int) -> list[int]:
+    """Contiguous split of groups into ``shards`` non-empty files of about equal bytes."""
+    if len(sizes) < shards:
+        raise ValueError(f"cannot split {len(sizes)} tensors into {shards} shards")
+    total = sum(sizes)
+    result: list[int] = []
+    start = 0
+    for i, size in enumerate(sizes):
+        wanted = min(shards - 1, start * shards // max(total, 1))
+        needed = shards - (len(sizes) - i)  # leave at least one group for every later shard
+        previous = result[-1] if result else 0
+        result.append(min(max(previous, wanted, needed), previous + 1))
+        start += size
+    return result
+
+
+def _write_weights(out: Path, groups: list[dict[str, torch.Tensor]], shards: int) -> None:
+    for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+        if stale.exists():
+            stale.unlink()
+    metadata = {"format": "pt"}
+    if shards == 1:
+        tensors = {name: t for group in groups for name, t in group.items()}
+        save_file(tensors, str(out / "model.safetensors"), metadata=metadata)
+        return
+    sizes = [sum(t.numel() * t.element_size() for t in g.values()) for g in groups]
+    placement = _shard_of_groups(sizes, shards)
+    files = [f"model-{k + 1:05d}-of-{shards:05d}.safetensors" for k in range(shards)]
+    weight_map: dict[str, str] = {}
+    for k, file in enumerate(files):
+        tensors = {name: t for g, shard in zip(groups, placement, strict=True) if shard == k for name, t in g.items()}
+        save_file(tensors, str(out / file), metadata=metadata)
+        weight_map.update(dict.fromkeys(tensors, file))
+    index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_config(
+    config: transformers.PreTrainedConfig, out: Path, *, dtype: torch.dtype, fp8_block: tuple[int, int] | None
+) -> None:
+    data = config.to_diff_dict()  # what save_pretrained writes: every model key, no generic noise
+    data["dtype"] = _DTYPE_NAMES[dtype]  # the model object is float32; the files are not
+    data.pop("quantization_config", None)
+    if fp8_block is not None:
+        data["quantization_config"] = {
+            "activation_scheme": "dynamic",
+            "fmt": "e4m3",
+            "quant_method": "fp8",
+            "weight_block_size": list(fp8_block),
+        }
+    (out / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer
+
+# Training text: prose, code and numbers, enough distinct pairs for several hundred merges.
+_CORPUS = """\
+The quick brown fox jumps over the lazy dog. A mixture of experts routes every token to a few of its
+experts; the router scores each expert, keeps the best ones and weighs their outputs. Most weights of
+such a model are experts, so a server can keep them in the large memory of the CPU and run attention,
+the router and the shared experts on the GPU, where the memory is fast but small.
+
+Once upon a time, in a small village by the sea, there lived an old fisherman and his wife. Every
+morning he went out in his little boat, and every evening he came back with fish for the market.
+"What did you catch today?" she asked. "Nothing but a golden fish," he said, "and I let it go."
+
+Decoding is bound by memory bandwidth: each new token reads the selected experts' bytes once. With
+eight experts of 2048 by 7168 weights in each of 58 layers, that is about 20.4 billion parameters per
+token, or 11.5 GB at four and a half bits per weight. At 102 GB/s that gives at most 8.9 tokens per second.
+
+def softmax(x: list[float]) -> list[float]:
+    m = max(x)
+    e = [math.exp(v - m) for v in x]
+    s = sum(e)
+    return [v / s for v in e]
+
+class Router:
+    def __init__(self, num_experts: int, top_k: int) -> None:
+        self.num_experts = num_experts
+        self.top_k = top_k
+
+    def route(self, scores: list[float]) -> list[int]:
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])
+        return order[: self.top_k]
+
+for (int i = 0; i < n; ++i) { sum += a[i] * b[i]; }
+if __name__ == "__main__":
+    print(softmax([1.0, 2.0, 3.0]))
+
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 32 64 128 256 512 1024 2048 4096 8192 16384.
+3.14159 2.71828 1.41421 0.5772 1e-6 -42 +7 100% $19.99 2024-05-17 12:34:56 v5.23.0 #1 @home
+Questions and answers: What is the capital of France? Paris. How many legs does a spider have? Eight.
+Why is the sky blue? Because air scatters blue light more than red light. Who wrote Hamlet? Shakespeare.
+Unicode: café, naïve, déjà vu, Zürich, 東京, 北京, Ελληνικά, русский, emoji 🙂 and symbols → ≤ ≥ ±.
+"""
+
+
+def build_tokenizer(out_dir: str | Path, vocab_size: int) -> transformers.PreTrainedTokenizerFast:
+    """Train a deterministic byte-level BPE tokenizer offline and save it to ``out_dir``.
+
+    ``len(tokenizer) <= vocab_size``; ids 0, 1, 2 are bos, eos and pad; plain encoding prepends bos;
+    the chat template is DeepSeek-V3 style (``<｜User｜>`` / ``<｜Assistant｜>`` turns).
+    """
+    minimum = len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL_TOKENS)
+    if vocab_size < minimum:
+        raise ValueError(f"a byte-level tokenizer needs vocab_size >= {minimum}, got {vocab_size}")
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_CORPUS.splitlines(keepends=True), trainer=trainer)
+    # DeepSeek's tokenizers prepend bos through the post-processor.
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN}:0 $A:0",
+        pair=f"{BOS_TOKEN}:0 $A:0 {BOS_TOKEN}:1 $B:1",
+        special_tokens=[(BOS_TOKEN, SPECIAL_TOKENS.index(BOS_TOKEN))],
+    )
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        extra_special_tokens=[USER_TOKEN, ASSISTANT_TOKEN],
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
+    if len(tokenizer) > vocab_size:
+        raise RuntimeError(f"tokenizer has {len(tokenizer)} tokens, more than vocab_size={vocab_size}")
+    tokenizer.save_pretrained(str(out_dir))
+    return tokenizer

@@ -1,0 +1,166 @@
+"""The `hetero-moe` command end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hetero_moe.cli import main
+from hetero_moe.llm import LLM
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "hetero_moe.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ},
+    )
+
+
+def test_rules_check_json_on_the_real_deepseek_v3_config(capsys) -> None:
+    assert main(["rules", "check", "--model", "deepseek-v3", "--rules", "deepseek-v3.yaml", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["devices"]) == {"cpu", "cuda:0"}
+    assert report["devices"]["cpu"] > 1.3e12 and report["devices"]["cuda:0"] > 3e10  # bf16 bytes
+    assert report["warnings"] == []
+    by_name = {m["name"]: m for m in report["modules"]}
+    assert by_name["model.layers.60.mlp.experts"] == {
+        "name": "model.layers.60.mlp.experts",
+        "class": "DeepseekV3Experts",
+        "op": "experts",
+        "device": "cpu",
+    }
+    assert by_name["model.layers.0.self_attn"]["op"] == "attention"
+    assert by_name["lm_head"]["device"] == "cuda:0" and by_name["lm_head"]["op"] is None
+
+
+def test_rules_check_text(capsys, tiny) -> None:
+    assert main(["rules", "check", "--model", str(tiny("MixtralForCausalLM").path), "--rules", "cpu-only.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.{0..2}.mlp.experts" in out and "experts" in out
+    assert "weights per device:" in out
+    assert "warning: " in out and "matches no module of this MixtralForCausalLM" in out
+
+
+def test_generate_json_is_the_only_stdout(tiny) -> None:
+    path = tiny("DeepseekV2ForCausalLM").path
+    r = run(
+        "generate",
+        "--model",
+        str(path),
+        "--prompt",
+        "The quick brown fox",
+        "--max-tokens",
+        "7",
+        "--temperature",
+        "0",
+        "--dtype",
+        "float32",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) >= {"prompt_token_ids", "token_ids", "text"}
+    expected = LLM(path, dtype="float32").generate("The quick brown fox", max_tokens=7, temperature=0)
+    assert out["prompt_token_ids"] == expected.prompt_token_ids
+    assert out["token_ids"] == expected.token_ids and out["text"] == expected.text
+
+
+def test_generate_streams_text(capsys, tiny) -> None:
+    path = str(tiny("Qwen3MoeForCausalLM").path)
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                path,
+                "--prompt",
+                "hello",
+                "--max-tokens",
+                "5",
+                "--temperature",
+                "0",
+                "--dtype",
+                "float32",
+            ]
+        )
+        == 0
+    )
+    expected = LLM(path, dtype="float32").generate("hello", max_tokens=5, temperature=0)
+    assert capsys.readouterr().out == expected.text + "\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rules", "nope.yaml"], "rules file 'nope.yaml' not found"),
+        (["--model", "/no/such/dir"], "no config.json"),
+        (["--max-tokens", "0"], "max_tokens must be a positive integer"),
+        (["--top-p", "2"], "top_p must be in (0, 1]"),
+    ],
+)
+def test_errors_are_one_line_and_exit_2(capsys, tiny, args: list[str], message: str) -> None:
+    base = ["generate", "--model", str(tiny("Qwen3MoeForCausalLM").path), "--prompt", "x", "--dtype", "float32"]
+    assert main(base + args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err  # before loading a weight
+
+
+def test_bad_rules_file_names_rule_and_line(capsys, tiny, tmp_path) -> None:
+    rules = tmp_path / "bad.yaml"
+    rules.write_text("- match: {name: '^$'}\n  replace: {device: cpu}\n- match: {name: x}\n  replace: {op: expertz}\n")
+    assert main(["rules", "check", "--model", str(tiny("Qwen3MoeForCausalLM").path), "--rules", str(rules)]) == 2
+    err = capsys.readouterr().err
+    assert f"{rules}: rule 1 (line 3): unknown op 'expertz'; known ops: attention, experts, mlp, moe, router" in err
+
+
+def test_gpu_rules_without_a_gpu_is_a_clear_error(capsys, tiny) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert (
+        main(["generate", "--model", str(tiny("MixtralForCausalLM").path), "--rules", "mixtral.yaml", "--prompt", "x"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "torch sees no CUDA device" in err
+
+
+def test_chat_in_the_terminal(tiny) -> None:
+    path = str(tiny("DeepseekV3ForCausalLM").path)
+    r = run(
+        "chat",
+        "--model",
+        path,
+        "--max-tokens",
+        "4",
+        "--temperature",
+        "0",
+        "--dtype",
+        "float32",
+        stdin="hello\n/reset\nagain\n/exit\n",
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("> ") == 4  # hello, /reset, again, /exit
+    assert len(r.stdout.splitlines()) == 3  # two replies, then the last prompt
+
+
+def test_demo_model_is_the_default(tmp_path) -> None:
+    env_cache = tmp_path / "cache"
+    os.environ["HETERO_MOE_CACHE"] = str(env_cache)
+    r = run("generate", "--prompt", "Hello", "--max-tokens", "4", "--temperature", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "built-in demo model" in r.stderr and "random weights" in r.stderr
+    first = json.loads(r.stdout)
+    assert len(first["token_ids"]) == 4
+    assert (env_cache / "demo-v1" / "config.json").is_file()
+    again = run("generate", "--prompt", "Hello", "--max-tokens", "4", "--temperature", "0", "--json")
+    assert json.loads(again.stdout) == first  # built once, deterministic
