@@ -57,18 +57,33 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     check.set_defaults(func=_rules_check)
 
-    for name, helptext in (("generate", "complete a raw prompt"), ("chat", "chat in the terminal")):
+    for name, helptext in (
+        ("generate", "complete a raw prompt"),
+        ("chat", "chat in the terminal"),
+        ("serve", "serve the OpenAI API over HTTP"),
+    ):
         g = sub.add_parser(name, help=helptext)
         g.add_argument("--model", help="model directory (default: the built-in demo model, random weights)")
         g.add_argument("--rules", default="cpu-only.yaml", help="rules file or built-in name (default cpu-only.yaml)")
         g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+        g.add_argument("--max-context", type=int, help="tokens of context (default: the model's)")
+        if name == "serve":
+            g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this box only)")
+            g.add_argument("--port", type=int, default=8000)
+            g.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every /v1 route")
+            g.add_argument("--served-model-name", help="the model id clients send (default: the directory's name)")
+            g.add_argument("--max-queue", type=int, default=64, help="requests that may wait (default 64)")
+            g.add_argument(
+                "--reasoning-parser", choices=["deepseek-r1"], help="send <think>...</think> as reasoning_content"
+            )
+            g.set_defaults(func=_serve)
+            continue
         g.add_argument("--max-tokens", type=int, default=256 if name == "generate" else 512)
         g.add_argument("--temperature", type=float, default=1.0 if name == "generate" else 0.7)
         g.add_argument("--top-p", type=float, default=1.0)
         g.add_argument("--top-k", type=int, default=0)
         g.add_argument("--seed", type=int)
         g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-        g.add_argument("--max-context", type=int, help="tokens of context (default: the model's)")
         if name == "generate":
             g.add_argument("--prompt", required=True, help="the text to complete (no chat template)")
             g.add_argument(
@@ -215,6 +230,21 @@ def _chat(args: argparse.Namespace) -> int:
             continue
         print()
         messages.append({"role": "assistant", "content": "".join(parts)})
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from hetero_moe.server.app import ServerConfig, create_app
+
+    name = args.served_model_name or (Path(args.model).resolve().name if args.model else "hetero-moe-demo")
+    config = ServerConfig(
+        served_model_name=name, api_key=args.api_key, max_queue=args.max_queue, reasoning_parser=args.reasoning_parser
+    )
+    app = create_app(_load(args), config)
+    print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (OpenAI API; Ctrl-C stops)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    return 0
 
 
 class _ProgressBar:

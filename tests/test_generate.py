@@ -152,3 +152,14 @@ def test_prompt_too_long_and_bad_ids_are_clear_errors(tiny) -> None:
     assert len(c.token_ids) == 16 - 11 and c.finish_reason == "length"
     with pytest.raises(ValueError, match="max_tokens"):
         SamplingParams(max_tokens=0)
+
+
+def test_logprobs_are_the_models_distribution(tiny) -> None:
+    llm = LLM(tiny("Qwen3MoeForCausalLM").path, dtype="float32")
+    steps = list(llm.stream(PROMPT, max_tokens=3, temperature=0, ignore_eos=True, logprobs=4))
+    cache = llm.runner.new_cache(len(PROMPT))
+    first = torch.log_softmax(llm.runner.forward(torch.tensor(PROMPT), cache), dim=-1)
+    assert steps[0].logprob == pytest.approx(float(first.max()), abs=1e-5)
+    assert [t for t, _ in steps[0].top_logprobs] == torch.topk(first, 4).indices.tolist()
+    assert steps[0].top_logprobs[0][0] == steps[0].token_id  # greedy picks the most likely
+    assert all(s.logprob is None for s in llm.stream(PROMPT, max_tokens=2, temperature=0))

@@ -11,13 +11,13 @@ from hetero_moe.engine.text import Detokenizer, StopChecker
 
 
 def draws(params: SamplingParams, logits: torch.Tensor, n: int = 2000) -> torch.Tensor:
-    sampler = Sampler(params)
+    sampler = Sampler(params, logits.shape[0])
     return torch.bincount(torch.tensor([sampler(logits) for _ in range(n)]), minlength=logits.shape[0])
 
 
 def test_greedy_is_argmax() -> None:
     logits = torch.tensor([0.1, 3.0, -1.0, 2.9])
-    assert Sampler(SamplingParams(temperature=0))(logits) == 1
+    assert Sampler(SamplingParams(temperature=0), 4)(logits) == 1
 
 
 def test_top_k_keeps_only_the_k_best() -> None:
@@ -44,12 +44,22 @@ def test_temperature_matches_softmax() -> None:
 
 def test_seed_reproducible() -> None:
     logits = torch.randn(100, generator=torch.Generator().manual_seed(0))
-    a = [Sampler(SamplingParams(seed=5))(logits) for _ in range(3)]
+    a = [Sampler(SamplingParams(seed=5), 100)(logits) for _ in range(3)]
     assert len(set(a)) == 1
-    s = Sampler(SamplingParams(seed=5))
+    s = Sampler(SamplingParams(seed=5), 100)
     seq = [s(logits) for _ in range(20)]
-    s2 = Sampler(SamplingParams(seed=5))
+    s2 = Sampler(SamplingParams(seed=5), 100)
     assert seq == [s2(logits) for _ in range(20)]
+
+
+def test_penalties_follow_openai() -> None:
+    logits = torch.tensor([2.0, 1.9, 0.0])
+    s = Sampler(SamplingParams(temperature=0, frequency_penalty=0.11), 3)
+    assert [s(logits) for _ in range(4)] == [0, 1, 0, 1]  # 1.89 < 1.9, then 1.79 < 1.89, ...
+    s = Sampler(SamplingParams(temperature=0, presence_penalty=0.2), 3)
+    assert [s(logits) for _ in range(3)] == [0, 1, 0]  # both penalised once: 1.8 vs 1.7
+    s = Sampler(SamplingParams(temperature=0, presence_penalty=-1.0), 3)
+    assert [s(logits) for _ in range(3)] == [0, 0, 0]  # a negative penalty favours repeats
 
 
 @pytest.mark.parametrize(

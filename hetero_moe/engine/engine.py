@@ -20,9 +20,11 @@ class ContextLengthError(ValueError):
 
 @dataclass(frozen=True)
 class StepOutput:
-    token_id: int | None  # None only on a final step that emits held-back text
+    token_id: int
     text: str  # new text, safe to show (never part of a stop string)
     finish_reason: str | None = None  # "stop" or "length" on the last step
+    logprob: float | None = None  # of token_id, when SamplingParams.logprobs is set
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # the most likely tokens, best first
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class Engine:
         self.check_prompt(prompt_ids)
         capacity = min(len(prompt_ids) + params.max_tokens, self.max_context)
         cache = self.runner.new_cache(capacity)
-        sampler = Sampler(params)
+        sampler = Sampler(params, self.runner.vocab_size)
         detok = Detokenizer(self.tokenizer, prompt_ids)
         stops = StopChecker(params.stop)
         text, emitted, generated = "", 0, 0
@@ -66,28 +68,35 @@ class Engine:
         while True:
             token = sampler(logits)
             generated += 1
+            lp = _logprobs(logits, token, params.logprobs) if params.logprobs is not None else {}
             if token in self.eos_ids and not params.ignore_eos:
-                yield StepOutput(token, detok.full_text()[emitted:], "stop")
+                yield StepOutput(token, detok.full_text()[emitted:], "stop", **lp)
                 return
             delta = detok.add(token)
             text += delta
             hit = stops.find(text, len(text) - len(delta)) if delta and stops.stops else None
             if hit is not None:
-                yield StepOutput(token, text[emitted:hit] if hit > emitted else "", "stop")
+                yield StepOutput(token, text[emitted:hit] if hit > emitted else "", "stop", **lp)
                 return
             if generated >= params.max_tokens or len(prompt_ids) + generated >= self.max_context:
-                yield StepOutput(token, detok.full_text()[emitted:], "length")
+                yield StepOutput(token, detok.full_text()[emitted:], "length", **lp)
                 return
             safe = stops.safe_end(text)
-            yield StepOutput(token, text[emitted:safe])
+            yield StepOutput(token, text[emitted:safe], **lp)
             emitted = max(emitted, safe)
             logits = self.runner.forward(torch.tensor([token]), cache)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
         tokens, parts, reason = [], [], "length"
         for step in self.stream(prompt_ids, params):
-            if step.token_id is not None:
-                tokens.append(step.token_id)
+            tokens.append(step.token_id)
             parts.append(step.text)
             reason = step.finish_reason or reason
         return Completion(list(prompt_ids), tokens, "".join(parts), reason)
+
+
+def _logprobs(logits: torch.Tensor, token: int, top: int) -> dict:
+    """The model's log-probability of `token` and of its `top` most likely tokens (before sampling)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = torch.topk(lp, top) if top else (lp[:0], lp[:0].long())
+    return {"logprob": float(lp[token]), "top_logprobs": tuple(zip(ids.tolist(), values.tolist(), strict=True))}

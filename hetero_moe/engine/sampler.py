@@ -18,6 +18,9 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per earlier occurrence
+    logprobs: int | None = None  # report the chosen token's log-probability and this many alternatives
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -34,6 +37,12 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError("stop must be a sequence of non-empty strings")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and -2 <= value <= 2):
+                raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20):
+            raise ValueError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
         object.__setattr__(self, "stop", tuple(self.stop))
 
     @property
@@ -42,16 +51,30 @@ class SamplingParams:
 
 
 class Sampler:
-    def __init__(self, params: SamplingParams) -> None:
+    """Chooses each next token of one sequence; remembers the chosen ones for the penalties."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int) -> None:
         self.params = params
         self.generator = torch.Generator()
         if params.seed is None:
             self.generator.seed()
         else:
             self.generator.manual_seed(params.seed)
+        self.penalized = bool(params.presence_penalty or params.frequency_penalty)
+        self.counts = torch.zeros(vocab_size) if self.penalized else None  # [V] times each token was chosen
 
     def __call__(self, logits: torch.Tensor) -> int:
         """`logits [V]` float32 -> the next token id."""
+        if self.penalized:
+            logits = logits.detach().to("cpu", torch.float32)
+            logits = logits - self.params.frequency_penalty * self.counts
+            logits = logits - self.params.presence_penalty * (self.counts > 0).float()
+        token = self._choose(logits)
+        if self.penalized:
+            self.counts[token] += 1
+        return token
+
+    def _choose(self, logits: torch.Tensor) -> int:
         p = self.params
         if p.greedy:
             return int(torch.argmax(logits))

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: schemas, the engine worker, the FastAPI app."""

@@ -1,0 +1,76 @@
+"""Server metrics in the Prometheus text format, kept without a client library."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = defaultdict(int)
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.ttft_counts = [0] * len(TTFT_BUCKETS)
+        self.ttft_sum = 0.0
+        self.ttft_count = 0
+        self.decode_tps = 0.0  # of the last finished request
+        self.queued = 0
+        self.running = 0
+        self.cancelled = 0
+
+    def request(self, endpoint: str, status: int) -> None:
+        with self._lock:
+            self.requests[(endpoint, status)] += 1
+
+    def first_token(self, seconds: float) -> None:
+        with self._lock:
+            self.ttft_sum += seconds
+            self.ttft_count += 1
+            for i, bound in enumerate(TTFT_BUCKETS):
+                if seconds <= bound:
+                    self.ttft_counts[i] += 1
+
+    def finished(self, prompt_tokens: int, new_tokens: int, decode_seconds: float) -> None:
+        with self._lock:
+            self.prompt_tokens += prompt_tokens
+            self.generation_tokens += new_tokens
+            if new_tokens > 1 and decode_seconds > 0:
+                self.decode_tps = (new_tokens - 1) / decode_seconds
+
+    def add(self, name: str, delta: int) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + delta)
+
+    def render(self) -> str:
+        with self._lock:
+            lines = [
+                "# HELP hetero_moe_requests_total Requests answered, by endpoint and HTTP status.",
+                "# TYPE hetero_moe_requests_total counter",
+            ]
+            for (endpoint, status), n in sorted(self.requests.items()):
+                lines.append(f'hetero_moe_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}')
+            lines += _metric("prompt_tokens_total", "counter", "Prompt tokens processed.", self.prompt_tokens)
+            lines += _metric("generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens)
+            lines += [
+                "# HELP hetero_moe_time_to_first_token_seconds Time from arrival to the first token.",
+                "# TYPE hetero_moe_time_to_first_token_seconds histogram",
+            ]
+            for bound, n in zip(TTFT_BUCKETS, self.ttft_counts, strict=True):
+                lines.append(f'hetero_moe_time_to_first_token_seconds_bucket{{le="{bound}"}} {n}')
+            lines.append(f'hetero_moe_time_to_first_token_seconds_bucket{{le="+Inf"}} {self.ttft_count}')
+            lines.append(f"hetero_moe_time_to_first_token_seconds_sum {self.ttft_sum}")
+            lines.append(f"hetero_moe_time_to_first_token_seconds_count {self.ttft_count}")
+            lines += _metric("decode_tokens_per_second", "gauge", "Decode speed of the last request.", self.decode_tps)
+            lines += _metric("queue_size", "gauge", "Requests waiting for the engine.", self.queued)
+            lines += _metric("running_requests", "gauge", "Requests being generated.", self.running)
+            lines += _metric("cancelled_total", "counter", "Requests cancelled by a disconnect.", self.cancelled)
+        return "\n".join(lines) + "\n"
+
+
+def _metric(name: str, kind: str, help_text: str, value: float) -> list[str]:
+    full = f"hetero_moe_{name}"
+    return [f"# HELP {full} {help_text}", f"# TYPE {full} {kind}", f"{full} {value}"]
