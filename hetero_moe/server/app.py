@@ -166,7 +166,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         prompt_ids = llm.encode(body.prompt)
-        job = submit(prompt_ids, body, body.max_tokens, body.logprobs, request)
+        job = submit(prompt_ids, body, body.max_tokens or 16, body.logprobs, request)
         rid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
             return stream_response(request, completion_chunks(job, body, rid))
@@ -183,13 +183,13 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         try:
             params = SamplingParams(
                 max_tokens=min(max_tokens or room, room),
-                temperature=body.temperature,
-                top_p=body.top_p,
-                top_k=max(body.top_k, 0),
+                temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=body.top_p or 1.0,
+                top_k=max(body.top_k or 0, 0),
                 seed=body.seed,
                 stop=body.stop_strings(),
-                presence_penalty=body.presence_penalty,
-                frequency_penalty=body.frequency_penalty,
+                presence_penalty=body.presence_penalty or 0.0,
+                frequency_penalty=body.frequency_penalty or 0.0,
                 logprobs=logprobs,
             )
         except ValueError as e:

@@ -38,23 +38,24 @@ class ChatMessage(BaseModel):
 class _Sampling(BaseModel):
     model_config = IGNORE
     model: str
+    # Clients send null for "not set": every optional field takes None and means the default.
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=-1)  # 0 or -1: off
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)  # 0 or -1: off
     seed: int | None = None
     stop: str | list[str] | None = None
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    n: int = 1
-    stream: bool = False
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    n: int | None = None
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 
     @field_validator("n")
     @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
+    def _one_choice(cls, n: int | None) -> int | None:
+        if n not in (None, 1):
             raise ValueError("only n=1 is supported")
         return n
 
@@ -77,20 +78,20 @@ class _Sampling(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    max_tokens: int | None = Field(None, ge=1)  # None: 16, OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool = False
+    echo: bool | None = False
     suffix: str | None = None
 
     @field_validator("echo")
     @classmethod
-    def _no_echo(cls, echo: bool) -> bool:
+    def _no_echo(cls, echo: bool | None) -> bool | None:
         if echo:
             raise ValueError("echo is not supported")
         return echo
