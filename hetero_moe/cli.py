@@ -57,6 +57,18 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     check.set_defaults(func=_rules_check)
 
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(required=True, metavar="WHAT")
+    ex = bench.add_parser("experts", help="CPU experts at a real layer shape against the measured DRAM bandwidth")
+    ex.add_argument("--arch", required=True, choices=["deepseek-v3", "deepseek-v2-lite", "qwen3-30b-a3b"])
+    ex.add_argument("--quant", default="int4", choices=["int4", "fp8", "bf16"])
+    ex.add_argument("--tokens", default="1,8,64,512", help="comma-separated token counts per call")
+    ex.add_argument("--threads", type=int, help="threads (default: the physical cores)")
+    ex.add_argument("--experts", type=int, help="experts held in memory (default: the model's)")
+    ex.add_argument("--iters", type=int, default=20)
+    ex.add_argument("--no-baselines", action="store_true", help="skip the torch baselines")
+    ex.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ex.set_defaults(func=_bench_experts)
+
     for name, helptext in (
         ("generate", "complete a raw prompt"),
         ("chat", "chat in the terminal"),
@@ -67,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         g.add_argument("--rules", default="cpu-only.yaml", help="rules file or built-in name (default cpu-only.yaml)")
         g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
         g.add_argument("--max-context", type=int, help="tokens of context (default: the model's)")
+        g.add_argument("--cpu-threads", type=int, help="threads for the CPU experts (default: the physical cores)")
         if name == "serve":
             g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this box only)")
             g.add_argument("--port", type=int, default=8000)
@@ -161,7 +174,14 @@ def _load(args: argparse.Namespace):
     if args.model is None:
         print("using the built-in demo model (tiny, random weights: its text is gibberish)", file=sys.stderr)
     bar = _ProgressBar()
-    llm = LLM(args.model, rules=args.rules, dtype=args.dtype, max_context=args.max_context, progress=bar)
+    llm = LLM(
+        args.model,
+        rules=args.rules,
+        dtype=args.dtype,
+        max_context=args.max_context,
+        progress=bar,
+        cpu_threads=args.cpu_threads,
+    )
     bar.close()
     return llm
 
@@ -244,6 +264,44 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(_load(args), config)
     print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (OpenAI API; Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    return 0
+
+
+def _bench_experts(args: argparse.Namespace) -> int:
+    from hetero_moe.bench import bench_experts
+    from hetero_moe.settings import physical_cores
+
+    try:
+        tokens = [int(t) for t in args.tokens.split(",")]
+    except ValueError:
+        raise ValueError(f"--tokens takes comma-separated integers, got {args.tokens!r}") from None
+    if any(t < 1 for t in tokens) or (args.threads is not None and args.threads < 1):
+        raise ValueError("token counts and --threads must be positive")
+    report = bench_experts(
+        args.arch, args.quant, tokens, args.threads or physical_cores(), args.experts, args.iters, not args.no_baselines
+    )
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    dram = report["dram_read_gbps"]
+    print(
+        f"{args.arch} {args.quant}, {report['threads']} threads, {report['experts_in_memory']} experts in memory; "
+        f"DRAM read {dram['best']:.1f} GB/s (numba {dram['numba']:.1f}, torch {dram['torch']:.1f})"
+    )
+    print(f"{'kernel':<20} {'tokens':>6} {'ms/layer':>9} {'GB/s':>7} {'of DRAM':>8}")
+    for r in report["results"]:
+        print(
+            f"{'hetero-moe ' + r['quant']:<20} {r['tokens']:>6} {r['seconds_per_layer'] * 1e3:>9.3f} "
+            f"{r['weight_gbps']:>7.1f} {r['ratio']:>8.0%}"
+        )
+    for b in report.get("baselines", []):
+        if "unavailable" in b:
+            print(f"{b['name']:<20} unavailable: {b['unavailable']}")
+            continue
+        print(
+            f"{b['name']:<20} {b['tokens']:>6} {b['seconds_per_layer'] * 1e3:>9.3f} {b['weight_gbps']:>7.1f} "
+            f"{b['ratio']:>8.0%}"
+        )
     return 0
 
 

@@ -19,6 +19,7 @@ from hetero_moe.inject.injector import InjectError, PlacedModel, inject
 from hetero_moe.inject.rules import load_rules
 from hetero_moe.loader.checkpoint import Checkpoint
 from hetero_moe.loader.load import Progress, load_weights
+from hetero_moe.settings import physical_cores
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +35,13 @@ def resolve_dtype(name: str, config) -> torch.dtype:
     return getattr(torch, name)
 
 
-def place(model_dir: str | Path, rules: str | Path, dtype: str = "auto") -> PlacedModel:
+def place(model_dir: str | Path, rules: str | Path, dtype: str = "auto", cpu_threads: int | None = None) -> PlacedModel:
     """Build the model on the meta device and apply the rules; no weight is read."""
     config, arch = load_config(model_dir)
     torch_dtype = resolve_dtype(dtype, config)
     rule_set = load_rules(rules)
-    placed = inject(build_meta_model(config, arch, torch_dtype), rule_set, config, arch, torch_dtype)
+    threads = cpu_threads or physical_cores()
+    placed = inject(build_meta_model(config, arch, torch_dtype), rule_set, config, arch, torch_dtype, threads)
     for warning in placed.warnings:
         log.warning("%s", warning)
     return placed
@@ -67,13 +69,16 @@ class LLM:
         dtype: DType = "auto",
         max_context: int | None = None,
         progress: Progress | None = None,
+        cpu_threads: int | None = None,
     ) -> None:
         if model is None:
             from hetero_moe.demo import demo_model_dir
 
             model = demo_model_dir()
         self.model_dir = Path(model)
-        self.placed = place(self.model_dir, rules, dtype)
+        if cpu_threads is not None and cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be at least 1, got {cpu_threads}")
+        self.placed = place(self.model_dir, rules, dtype, cpu_threads)
         for device in self.placed.devices():
             if device.type == "cuda" and not torch.cuda.is_available():
                 raise InjectError(

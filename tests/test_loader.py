@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hetero_moe.kernels.quant import dequantize_fp8_blocks
 from safetensors.torch import load_file, save_file
 
 from hetero_moe.arch import ModelError
 from hetero_moe.llm import place
 from hetero_moe.loader.checkpoint import Checkpoint, CheckpointError
-from hetero_moe.loader.fp8 import dequantize_blocks
 from hetero_moe.loader.load import load_weights
 
 
@@ -70,9 +70,9 @@ def test_dequantize_blocks_against_a_loop(out_dim: int, in_dim: int, block: tupl
         for j in range(scale.shape[1]):
             rows, cols = slice(i * block[0], (i + 1) * block[0]), slice(j * block[1], (j + 1) * block[1])
             ref[rows, cols] = w[rows, cols].float() * scale[i, j]
-    assert torch.equal(dequantize_blocks(w, scale, block), ref)
+    assert torch.equal(dequantize_fp8_blocks(w, scale, block), ref)
     with pytest.raises(ValueError, match="does not fit"):
-        dequantize_blocks(w, scale[:, :-1] if scale.shape[1] > 1 else scale[:0], block)
+        dequantize_fp8_blocks(w, scale[:, :-1] if scale.shape[1] > 1 else scale[:0], block)
 
 
 def test_mtp_layer_is_skipped_explicitly(tiny, tmp_path) -> None:
@@ -128,7 +128,7 @@ def test_non_float_tensor(tiny, tmp_path) -> None:
         load(rewrite(t.path, tmp_path / "c", tensors))
 
 
-def test_fp8_without_scale_and_bad_scale_shape(tiny, tmp_path) -> None:
+def test_fp8_without_scale_and_bad_fp8_scale_shape(tiny, tmp_path) -> None:
     t = tiny("DeepseekV3ForCausalLM", fp8=True, block_size=(32, 32))
     tensors = tensors_of(t.path)
     key = "model.layers.0.self_attn.o_proj.weight"

@@ -173,14 +173,31 @@ def test_logprobs(client) -> None:
 
 
 def test_nulls_mean_defaults(url) -> None:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None},
-                                         {"role": "user", "content": "y"}],
-            "max_tokens": 3, "temperature": None, "top_p": None, "top_k": None, "n": None, "stop": None, "seed": None,
-            "presence_penalty": None, "frequency_penalty": None, "stream": None, "logprobs": None, "user": None}
+    body = {
+        "model": MODEL,
+        "messages": [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": None},
+            {"role": "user", "content": "y"},
+        ],
+        "max_tokens": 3,
+        "temperature": None,
+        "top_p": None,
+        "top_k": None,
+        "n": None,
+        "stop": None,
+        "seed": None,
+        "presence_penalty": None,
+        "frequency_penalty": None,
+        "stream": None,
+        "logprobs": None,
+        "user": None,
+    }
     r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
-    r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": None, "echo": None},
-                   timeout=60)
+    r = httpx.post(
+        f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": None, "echo": None}, timeout=60
+    )
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 16
 
 

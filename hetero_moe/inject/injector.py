@@ -77,7 +77,12 @@ def _device(spec: str) -> torch.device:
 
 
 def inject(
-    model: nn.Module, rules: Rules, config: PretrainedConfig, arch: Architecture, dtype: torch.dtype
+    model: nn.Module,
+    rules: Rules,
+    config: PretrainedConfig,
+    arch: Architecture,
+    dtype: torch.dtype,
+    cpu_threads: int = 1,
 ) -> PlacedModel:
     placements: dict[str, Placement] = {}
     used: set[int] = set()
@@ -95,7 +100,7 @@ def inject(
             if spec is not None:
                 if parent is None:
                     raise InjectError(f"{rule.where}: the root model cannot be replaced, only placed")
-                ctx = BuildContext(config=config, dtype=dtype, device=device)
+                ctx = BuildContext(config=config, dtype=dtype, device=device, cpu_threads=cpu_threads)
                 try:
                     module = spec.build(module, ctx, rule.replace.kwargs)
                 except (TypeError, ValueError) as e:

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from hetero_moe.inject.injector import PlacedModel
+from hetero_moe.kernels.quant import dequantize_fp8_blocks, fp8_scale_shape
 from hetero_moe.loader.checkpoint import Checkpoint, CheckpointError, TensorInfo
-from hetero_moe.loader.fp8 import dequantize_blocks, scale_shape
 from hetero_moe.ops.base import Op, assign_direct
 
 log = logging.getLogger(__name__)
@@ -45,11 +45,13 @@ def load_weights(placed: PlacedModel, checkpoint: Checkpoint, progress: Progress
     by_key = {i.info.key: i for i in items}
     for info, tensor in checkpoint.read([i.info.key for i in items]):
         item = by_key[info.key]
-        if item.scale is not None:
-            tensor = dequantize_blocks(tensor, checkpoint.read_one(item.scale.key), block)
-        if isinstance(item.owner, Op):
+        if isinstance(item.owner, Op) and item.scale is not None:
+            item.owner.load_fp8(item.rel, tensor, checkpoint.read_one(item.scale.key), block)
+        elif isinstance(item.owner, Op):
             item.owner.load_weight(item.rel, tensor)
         else:
+            if item.scale is not None:
+                tensor = dequantize_fp8_blocks(tensor, checkpoint.read_one(item.scale.key), block)
             assign_direct(item.owner, item.rel, tensor, item.device)
         done += info.nbytes
         if progress is not None:
@@ -110,10 +112,10 @@ def _plan(placed: PlacedModel, checkpoint: Checkpoint) -> tuple[list[_Item], int
     if any(i.scale for i in items):
         block = _block_size(placed)
         for i in items:
-            if i.scale is not None and i.scale.shape != scale_shape(i.info.shape, block):
+            if i.scale is not None and i.scale.shape != fp8_scale_shape(i.info.shape, block):
                 raise CheckpointError(
                     f"{i.scale.file}: {i.scale.key} has shape {list(i.scale.shape)}; weight "
-                    f"{list(i.info.shape)} with block {list(block)} needs {list(scale_shape(i.info.shape, block))}"
+                    f"{list(i.info.shape)} with block {list(block)} needs {list(fp8_scale_shape(i.info.shape, block))}"
                 )
     return items, skipped
 

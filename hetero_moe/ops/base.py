@@ -16,12 +16,15 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from hetero_moe.kernels.quant import dequantize_fp8_blocks
+
 
 @dataclass(frozen=True)
 class BuildContext:
     config: PretrainedConfig
     dtype: torch.dtype  # compute dtype of activations and unquantized weights
     device: torch.device  # where the op's weights live and it runs
+    cpu_threads: int = 1  # threads for CPU kernels
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,10 @@ class Op(nn.Module):
 
     def load_weight(self, key: str, tensor: torch.Tensor) -> None:
         assign_direct(self, key, tensor, self.device)
+
+    def load_fp8(self, key: str, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> None:
+        """An FP8 checkpoint tensor with its block scales; ops that keep FP8 override this."""
+        self.load_weight(key, dequantize_fp8_blocks(weight, scale_inv, block))
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for _, t in direct_tensors(self))

@@ -14,6 +14,7 @@ from torch import nn
 
 from hetero_moe.ops.attention import GQAAttention, MLAAttention
 from hetero_moe.ops.base import BuildContext, NoKwargs, Op, parse_kwargs
+from hetero_moe.ops.cpu_experts import CPUExperts, CPUExpertsKwargs
 from hetero_moe.ops.experts import TorchExperts
 from hetero_moe.ops.mlp import GatedMLP
 from hetero_moe.ops.moe import DeepseekV2Router, DeepseekV3Router, MixtralRouter, MoEBlock, QwenRouter
@@ -80,6 +81,17 @@ OPS: Mapping[str, OpSpec] = {
                 "Qwen3MoeExperts": TorchExperts,
                 "MixtralExperts": TorchExperts,
             },
+        ),
+        OpSpec(
+            "cpu_experts",
+            "routed experts on the CPU, quantized (quant: int4 | fp8 | bf16), Numba kernels",
+            {
+                "DeepseekV3Experts": CPUExperts,
+                "DeepseekV2Experts": CPUExperts,
+                "Qwen3MoeExperts": CPUExperts,
+                "MixtralExperts": CPUExperts,
+            },
+            CPUExpertsKwargs,
         ),
         OpSpec(
             "mlp",

@@ -1,0 +1,248 @@
+"""`hetero-moe bench experts`: the CPU experts at a real model's layer shape against the box's own
+DRAM read bandwidth, measured in the same run, and against torch's CPU kernels on the same routing.
+
+Weights are random bytes in each format's real layout (no quantization pass), and every timed call
+routes to freshly drawn experts, so weights come from DRAM rather than cache.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from importlib import resources
+from types import SimpleNamespace
+
+import numba
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numba import njit, prange
+
+from hetero_moe.ops.base import BuildContext
+from hetero_moe.ops.cpu_experts import CPUExperts, CPUExpertsKwargs
+
+PRESETS = {"deepseek-v3": "deepseek-v3", "deepseek-v2-lite": "deepseek-v2-lite", "qwen3-30b-a3b": "qwen3-30b-a3b"}
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    inter: int
+    experts: int
+    top_k: int
+    moe_layers: int
+
+
+def preset_shape(arch: str) -> Shape:
+    path = resources.files("hetero_moe.configs") / PRESETS[arch] / "config.json"
+    c = json.loads(path.read_text())
+    experts = c.get("n_routed_experts") or c.get("num_experts") or c["num_local_experts"]
+    dense = c.get("first_k_dense_replace", 0)
+    return Shape(
+        c["hidden_size"], c["moe_intermediate_size"], experts, c["num_experts_per_tok"], c["num_hidden_layers"] - dense
+    )
+
+
+@njit(parallel=True, nogil=True, fastmath=True, cache=True)
+def _read_sum(a):
+    """STREAM-style read: every thread sums its share of `a`."""
+    total = 0.0
+    for i in prange(a.shape[0]):
+        total += a[i]
+    return total
+
+
+def dram_read_gbps(gigabytes: float = 2.0, repeat: int = 5) -> dict[str, float]:
+    """Read bandwidth of this box: a parallel Numba sum and torch's sum over an array far larger than cache."""
+    a = np.random.default_rng(0).random(int(gigabytes * 1e9 / 4), dtype=np.float32)
+    t = torch.from_numpy(a)
+    _read_sum(a[:1024])
+    out = {
+        "numba": a.nbytes / _median(lambda: _read_sum(a), repeat) / 1e9,
+        "torch": a.nbytes / _median(lambda: t.sum(), repeat) / 1e9,
+    }
+    out["best"] = max(out["numba"], out["torch"])
+    return out
+
+
+def _median(fn: Callable[[], object], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def random_experts(shape: Shape, quant: str, threads: int, experts: int, group_size: int = 64) -> CPUExperts:
+    """A CPUExperts op at `shape` filled with random bytes in its format's layout."""
+    hf = SimpleNamespace(gate_up_proj=torch.empty(experts, 2 * shape.inter, shape.hidden, device="meta"))
+    ctx = BuildContext(config=None, dtype=torch.bfloat16, device=torch.device("cpu"), cpu_threads=threads)
+    op = CPUExperts(hf, ctx, CPUExpertsKwargs(quant=quant, group_size=group_size, torch_min_tokens=1 << 30))
+    fmt = op.format
+    fmt.allocate()
+    op.allocated = True
+    rng = np.random.default_rng(1)
+    if quant == "int4":
+        for a in (fmt.w13, fmt.w2):
+            a[...] = rng.integers(0, 256, a.shape, dtype=np.uint8)
+        for s in (fmt.s13, fmt.s2):  # bf16 bits of scales around 0.01
+            s[...] = (
+                torch.full(s.shape, 0.01)
+                .mul_(torch.rand(s.shape) + 0.5)
+                .to(torch.bfloat16)
+                .view(torch.int16)
+                .numpy()
+                .view(np.uint16)
+            )
+    elif quant == "fp8":
+        fmt.block = (128, 128)
+        from hetero_moe.kernels.quant import fp8_scale_shape
+
+        fmt.s13 = rng.random((experts, 2, *fp8_scale_shape((shape.inter, shape.hidden), (128, 128))), np.float32)
+        fmt.s2 = rng.random((experts, *fp8_scale_shape((shape.hidden, shape.inter), (128, 128))), np.float32)
+        for a in (fmt.w13, fmt.w2):
+            a[...] = rng.integers(0, 256, a.shape, dtype=np.uint8) & 0xF7  # no NaN codes (0x7F, 0xFF)
+    else:
+        for a in (fmt.w13, fmt.w2):
+            a[...] = (torch.randn(a.shape) * 0.02).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    op.forward(torch.zeros(1, shape.hidden), torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, 1))  # compile
+    return op
+
+
+def _routing(tokens: int, shape: Shape, experts: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    index = np.stack([rng.choice(experts, size=shape.top_k, replace=False) for _ in range(tokens)])
+    return torch.from_numpy(index).long(), torch.rand(tokens, shape.top_k)
+
+
+@dataclass(frozen=True)
+class Result:
+    tokens: int
+    quant: str
+    seconds_per_layer: float
+    weight_gbps: float
+    dram_read_gbps: float
+    ratio: float
+    distinct_experts: float
+    weight_bytes: float
+
+
+def bench_experts(
+    arch: str,
+    quant: str,
+    tokens: list[int],
+    threads: int,
+    experts: int | None = None,
+    iters: int = 20,
+    baselines: bool = True,
+) -> dict:
+    torch.set_num_threads(threads)
+    shape = preset_shape(arch)
+    n_experts = experts or shape.experts
+    dram = dram_read_gbps()
+    op = random_experts(shape, quant, threads, n_experts)
+    per_expert = op.format.nbytes() / n_experts
+    rng = np.random.default_rng(2)
+    results = []
+    for t in tokens:
+        calls = [_routing(t, shape, n_experts, rng) for _ in range(iters)]
+        x = torch.randn(t, shape.hidden) * 0.1
+        op.forward(x, *calls[0])
+        times, distinct = [], []
+        for index, weights in calls[1:]:
+            start = time.perf_counter()
+            op.forward(x, index, weights)
+            times.append(time.perf_counter() - start)
+            distinct.append(len(torch.unique(index)))
+        sec = statistics.median(times)
+        nbytes = statistics.mean(distinct) * per_expert
+        gbps = nbytes / sec / 1e9
+        results.append(
+            Result(t, quant, sec, gbps, dram["best"], gbps / dram["best"], statistics.mean(distinct), nbytes)
+        )
+    out = {
+        "arch": arch,
+        "shape": asdict(shape),
+        "experts_in_memory": n_experts,
+        "threads": threads,
+        "dram_read_gbps": dram,
+        "results": [asdict(r) for r in results],
+    }
+    if baselines:
+        out["baselines"] = torch_baselines(shape, tokens, threads, iters, dram["best"])
+    return out
+
+
+def torch_baselines(shape: Shape, tokens: list[int], threads: int, iters: int, dram: float) -> list[dict]:
+    """bf16 `F.linear` per selected expert, and torch's INT4 CPU kernel where this torch has one, on a pool
+    of experts large enough (>= 2 GB) that weights come from DRAM."""
+    per_expert_bf16 = 3 * shape.hidden * shape.inter * 2
+    pool = max(2 * shape.top_k, min(shape.experts, int(2e9 // per_expert_bf16) + 1))
+    bf16 = [
+        [
+            (torch.randn(*s) * 0.02).to(torch.bfloat16)
+            for s in ((shape.inter, shape.hidden),) * 2 + ((shape.hidden, shape.inter),)
+        ]
+        for _ in range(pool)
+    ]
+    int4 = _int4_pool(shape, pool)
+    rng = np.random.default_rng(3)
+    out = []
+    for name, bytes_per_expert, run in (
+        ("torch_bf16_linear", per_expert_bf16, lambda x, e: _bf16_expert(x, bf16[e])),
+        (
+            "torch_int4pack_mm",
+            3 * shape.hidden * shape.inter // 2,
+            (lambda x, e: _int4_expert(x, int4[e])) if int4 else None,
+        ),
+    ):
+        if run is None:
+            out.append({"name": name, "unavailable": "this torch has no _weight_int4pack_mm_for_cpu"})
+            continue
+        for t in tokens:
+            x = torch.randn(t, shape.hidden).to(torch.bfloat16)
+            times, distinct = [], []
+            for _ in range(iters):
+                index, _ = _routing(t, shape, pool, rng)
+                chosen = torch.unique(index).tolist()
+                start = time.perf_counter()
+                for e in chosen:
+                    rows = (index == e).any(dim=1)
+                    run(x[rows], e)
+                times.append(time.perf_counter() - start)
+                distinct.append(len(chosen))
+            sec = statistics.median(times[1:])
+            gbps = statistics.mean(distinct) * bytes_per_expert / sec / 1e9
+            out.append({"name": name, "tokens": t, "seconds_per_layer": sec, "weight_gbps": gbps, "ratio": gbps / dram})
+    return out
+
+
+def _bf16_expert(x: torch.Tensor, w: list[torch.Tensor]) -> torch.Tensor:
+    return F.linear(F.silu(F.linear(x, w[0])) * F.linear(x, w[1]), w[2])
+
+
+def _int4_pool(shape: Shape, pool: int) -> list | None:
+    convert = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
+    if convert is None or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return None
+    g = 64
+    experts = []
+    for _ in range(pool):
+        mats = []
+        for n, k in ((shape.inter, shape.hidden),) * 2 + ((shape.hidden, shape.inter),):
+            packed = convert(torch.randint(0, 16, (n, k), dtype=torch.int32), 1)
+            sz = (torch.rand(-(-k // g), n, 2) * 0.01).to(torch.bfloat16)
+            mats.append((packed, sz))
+        experts.append(mats)
+    return experts
+
+
+def _int4_expert(x: torch.Tensor, mats: list) -> torch.Tensor:
+    mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+    gate = mm(x, mats[0][0], 64, mats[0][1])
+    up = mm(x, mats[1][0], 64, mats[1][1])
+    return mm(F.silu(gate) * up, mats[2][0], 64, mats[2][1])

@@ -1,0 +1,349 @@
+"""Routed experts on the CPU, quantized, run by the Numba kernels in `kernels/numba/`.
+
+The format (`quant: int4 | fp8 | bf16`) is a type chosen once at construction; it owns the weight
+arrays, converts checkpoint tensors into them at load and launches its kernels. Per call the
+(token, expert) pairs are grouped by expert so each selected expert's weights are streamed from
+memory once; experts that receive many tokens (prefill) are dequantized and multiplied by torch
+instead, above a crossover measured at load.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Self
+
+import numba
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hetero_moe.kernels.numba import bf16 as bf16_kernels
+from hetero_moe.kernels.numba import fp8 as fp8_kernels
+from hetero_moe.kernels.numba import int4 as int4_kernels
+from hetero_moe.kernels.quant import (
+    dequantize_fp8_blocks,
+    dequantize_int4,
+    fp8_scale_shape,
+    padded,
+    quantize_fp8_blocks,
+    quantize_int4,
+)
+from hetero_moe.ops.base import BuildContext, Op
+
+log = logging.getLogger(__name__)
+
+_PROJ = {"gate_proj": 0, "up_proj": 1, "down_proj": 2}
+SCALE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class CPUExpertsKwargs:
+    quant: str = "int4"  # int4 | fp8 | bf16
+    group_size: int = 64  # int4: 32, 64 or 128 along the input dimension
+    scale_dtype: str = "bf16"  # int4 scales: bf16 or fp16
+    fp8_block: int = 128  # fp8 from a non-FP8 checkpoint: square block size
+    torch_min_tokens: int = 0  # tokens per expert from which torch's matmul is used; 0 = measure at load
+
+    def __post_init__(self) -> None:
+        if self.quant not in FORMATS:
+            raise ValueError(f"quant must be one of {', '.join(FORMATS)}, got {self.quant!r}")
+        if self.group_size not in (32, 64, 128):
+            raise ValueError(f"group_size must be 32, 64 or 128, got {self.group_size!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be bf16 or fp16, got {self.scale_dtype!r}")
+        if not isinstance(self.fp8_block, int) or self.fp8_block < 1:
+            raise ValueError(f"fp8_block must be a positive integer, got {self.fp8_block!r}")
+        if not isinstance(self.torch_min_tokens, int) or self.torch_min_tokens < 0:
+            raise ValueError(f"torch_min_tokens must be an integer >= 0, got {self.torch_min_tokens!r}")
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """The (token, expert) pairs of one call, grouped by expert."""
+
+    token: np.ndarray  # [P] int64, token of each pair
+    weight: torch.Tensor  # [P] routing weight
+    seg: np.ndarray  # [U + 1] int64: pairs seg[u]..seg[u+1] go to expert expert[u]
+    expert: np.ndarray  # [U] int64
+
+
+class Int4Format:
+    """Group-wise symmetric INT4, scales in bf16 or fp16 (layout in `kernels/numba/int4.py`)."""
+
+    def __init__(self, e: int, inter: int, hidden: int, kw: CPUExpertsKwargs) -> None:
+        self.g, self.sdtype = kw.group_size, SCALE_DTYPES[kw.scale_dtype]
+        self.kind = int4_kernels.SCALE_BF16 if kw.scale_dtype == "bf16" else int4_kernels.SCALE_FP16
+        self.fp16 = int4_kernels.fp16_table() if kw.scale_dtype == "fp16" else np.zeros(1, np.float32)
+        self.e, self.inter, self.hidden = e, inter, hidden
+        self.hp, self.ip = padded(hidden, self.g), padded(inter, self.g)
+
+    def nbytes(self) -> int:
+        per_expert = 2 * self.inter * (self.hp // 2 + 2 * self.hp // self.g)
+        per_expert += self.hidden * (self.ip // 2 + 2 * self.ip // self.g)
+        return self.e * per_expert
+
+    def allocate(self) -> None:
+        self.w13 = np.empty((self.e, 2 * self.inter, self.hp // 2), np.uint8)
+        self.s13 = np.empty((self.e, 2 * self.inter, self.hp // self.g), np.uint16)
+        self.w2 = np.empty((self.e, self.hidden, self.ip // 2), np.uint8)
+        self.s2 = np.empty((self.e, self.hidden, self.ip // self.g), np.uint16)
+
+    def store(self, expert: int, proj: int, w: torch.Tensor) -> None:
+        packed, scales = quantize_int4(w, self.g, self.sdtype)
+        bits = scales.view(torch.int16).numpy().view(np.uint16)
+        if proj == 2:
+            self.w2[expert], self.s2[expert] = packed.numpy(), bits
+        else:
+            rows = slice(proj * self.inter, (proj + 1) * self.inter)
+            self.w13[expert, rows], self.s13[expert, rows] = packed.numpy(), bits
+
+    def store_fp8(self, expert: int, proj: int, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> None:
+        self.store(expert, proj, dequantize_fp8_blocks(w, scale, block))
+
+    def dequantize(self, expert: int, proj: int) -> torch.Tensor:
+        if proj == 2:
+            packed, bits, in_dim = self.w2[expert], self.s2[expert], self.inter
+        else:
+            rows = slice(proj * self.inter, (proj + 1) * self.inter)
+            packed, bits, in_dim = self.w13[expert, rows], self.s13[expert, rows], self.hidden
+        scales = torch.from_numpy(bits.view(np.int16)).view(self.sdtype)
+        return dequantize_int4(torch.from_numpy(packed), scales, self.g, in_dim)
+
+    def run(self, x: np.ndarray, pairs: Pairs, rows: int) -> np.ndarray:
+        t, g = x.shape[0], self.g
+        xp = np.zeros((t, self.hp), np.float32)
+        xp[:, : self.hidden] = x
+        xsum = xp.reshape(t, -1, g).sum(axis=2)
+        h = np.zeros((len(pairs.token), self.ip), np.float32)
+        int4_kernels.gate_up(
+            xp,
+            xsum,
+            pairs.token,
+            pairs.seg,
+            pairs.expert,
+            self.w13,
+            self.s13,
+            g,
+            self.kind,
+            self.fp16,
+            rows,
+            h[:, : self.inter],
+        )
+        hsum = h.reshape(len(h), -1, g).sum(axis=2)
+        y = np.empty((len(pairs.token), self.hidden), np.float32)
+        int4_kernels.down(h, hsum, pairs.seg, pairs.expert, self.w2, self.s2, g, self.kind, self.fp16, rows, y)
+        return y
+
+
+class FP8Format:
+    """e4m3 weights with float32 block scales, kept as the DeepSeek checkpoint has them."""
+
+    def __init__(self, e: int, inter: int, hidden: int, kw: CPUExpertsKwargs) -> None:
+        self.e, self.inter, self.hidden = e, inter, hidden
+        self.block: tuple[int, int] | None = None  # fixed by the first tensor stored
+        self.default_block = (kw.fp8_block, kw.fp8_block)
+
+    def nbytes(self) -> int:
+        b0, b1 = self.block or self.default_block
+        scales = 2 * np.prod(fp8_scale_shape((self.inter, self.hidden), (b0, b1)))
+        scales += np.prod(fp8_scale_shape((self.hidden, self.inter), (b0, b1)))
+        return int(self.e * (3 * self.inter * self.hidden + 4 * scales))
+
+    def allocate(self) -> None:
+        self.w13 = np.empty((self.e, 2, self.inter, self.hidden), np.uint8)
+        self.w2 = np.empty((self.e, self.hidden, self.inter), np.uint8)
+        self.s13 = self.s2 = None
+
+    def store(self, expert: int, proj: int, w: torch.Tensor) -> None:
+        q, scale = quantize_fp8_blocks(w, self.block or self.default_block)
+        self.store_fp8(expert, proj, q, scale, self.block or self.default_block)
+
+    def store_fp8(self, expert: int, proj: int, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> None:
+        if self.block is None:
+            self.block = block
+            self.s13 = np.empty((self.e, 2, *fp8_scale_shape((self.inter, self.hidden), block)), np.float32)
+            self.s2 = np.empty((self.e, *fp8_scale_shape((self.hidden, self.inter), block)), np.float32)
+        if block != self.block:  # mixed blocks in one checkpoint: requantize to the first
+            w, scale = quantize_fp8_blocks(dequantize_fp8_blocks(w, scale, block), self.block)
+        bits = w.view(torch.uint8).numpy()
+        if proj == 2:
+            self.w2[expert], self.s2[expert] = bits, scale.float().numpy()
+        else:
+            self.w13[expert, proj], self.s13[expert, proj] = bits, scale.float().numpy()
+
+    def dequantize(self, expert: int, proj: int) -> torch.Tensor:
+        bits, scale = (
+            (self.w2[expert], self.s2[expert]) if proj == 2 else (self.w13[expert, proj], self.s13[expert, proj])
+        )
+        w = torch.from_numpy(np.ascontiguousarray(bits)).view(torch.float8_e4m3fn)
+        return dequantize_fp8_blocks(w, torch.from_numpy(np.ascontiguousarray(scale)), self.block)
+
+    def run(self, x: np.ndarray, pairs: Pairs, rows: int) -> np.ndarray:
+        b0, b1 = self.block
+        h = np.empty((len(pairs.token), self.inter), np.float32)
+        fp8_kernels.gate_up(x, pairs.token, pairs.seg, pairs.expert, self.w13, self.s13, b0, b1, rows, h)
+        y = np.empty((len(pairs.token), self.hidden), np.float32)
+        fp8_kernels.down(h, pairs.seg, pairs.expert, self.w2, self.s2, b0, b1, rows, y)
+        return y
+
+
+class BF16Format:
+    """bf16 weights, widened to float32 in the kernel."""
+
+    def __init__(self, e: int, inter: int, hidden: int, kw: CPUExpertsKwargs) -> None:
+        self.e, self.inter, self.hidden = e, inter, hidden
+
+    def nbytes(self) -> int:
+        return self.e * 3 * self.inter * self.hidden * 2
+
+    def allocate(self) -> None:
+        self.w13 = np.empty((self.e, 2 * self.inter, self.hidden), np.uint16)
+        self.w2 = np.empty((self.e, self.hidden, self.inter), np.uint16)
+
+    def store(self, expert: int, proj: int, w: torch.Tensor) -> None:
+        bits = w.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        if proj == 2:
+            self.w2[expert] = bits
+        else:
+            self.w13[expert, proj * self.inter : (proj + 1) * self.inter] = bits
+
+    def store_fp8(self, expert: int, proj: int, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> None:
+        self.store(expert, proj, dequantize_fp8_blocks(w, scale, block))
+
+    def dequantize(self, expert: int, proj: int) -> torch.Tensor:
+        bits = self.w2[expert] if proj == 2 else self.w13[expert, proj * self.inter : (proj + 1) * self.inter]
+        return torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(torch.bfloat16).float()
+
+    def run(self, x: np.ndarray, pairs: Pairs, rows: int) -> np.ndarray:
+        h = np.empty((len(pairs.token), self.inter), np.float32)
+        bf16_kernels.gate_up(x, pairs.token, pairs.seg, pairs.expert, self.w13, rows, h)
+        y = np.empty((len(pairs.token), self.hidden), np.float32)
+        bf16_kernels.down(h, pairs.seg, pairs.expert, self.w2, rows, y)
+        return y
+
+
+FORMATS = {"int4": Int4Format, "fp8": FP8Format, "bf16": BF16Format}
+ROWS_PER_TASK = 8
+
+
+def group_pairs(index: torch.Tensor, weights: torch.Tensor) -> Pairs:
+    """`index [T, k]`, `weights [T, k]` -> pairs sorted by expert."""
+    k = index.shape[1]
+    flat = index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    seg = torch.zeros(len(counts) + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=seg[1:])
+    return Pairs((order // k).numpy(), weights.reshape(-1)[order], seg.numpy(), experts.to(torch.int64).numpy())
+
+
+class CPUExperts(Op):
+    kwargs_type = CPUExpertsKwargs
+
+    def __init__(self, hf: nn.Module, ctx: BuildContext, kwargs: CPUExpertsKwargs) -> None:
+        super().__init__(ctx.device)
+        if ctx.device.type != "cpu":
+            raise ValueError(f"cpu_experts runs on the CPU; the rule places it on {ctx.device}")
+        e, two_i, h = hf.gate_up_proj.shape
+        self.num_experts, self.inter, self.hidden = e, two_i // 2, h
+        self.kwargs = kwargs
+        self.format = FORMATS[kwargs.quant](e, self.inter, h, kwargs)
+        self.threads = ctx.cpu_threads
+        self.torch_min_tokens = kwargs.torch_min_tokens
+        self.allocated = False
+
+    @classmethod
+    def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Self:
+        return cls(hf, ctx, kwargs)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, hidden={self.hidden}, inter={self.inter}, quant={self.kwargs.quant}"
+
+    def checkpoint_keys(self) -> dict[str, torch.Size]:
+        i, h = self.inter, self.hidden
+        shapes = {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+        return {f"{e}.{p}.weight": torch.Size(s) for e in range(self.num_experts) for p, s in shapes.items()}
+
+    def nbytes(self) -> int:
+        return self.format.nbytes()
+
+    def _target(self, key: str) -> tuple[int, int]:
+        if not self.allocated:
+            self.format.allocate()
+            self.allocated = True
+        expert, proj, _ = key.split(".")
+        return int(expert), _PROJ[proj]
+
+    def load_weight(self, key: str, tensor: torch.Tensor) -> None:
+        self.format.store(*self._target(key), tensor)
+
+    def load_fp8(self, key: str, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> None:
+        self.format.store_fp8(*self._target(key), weight, scale_inv, block)
+
+    def finalize(self) -> None:
+        """Compile (or load the cached compilation of) the kernels and measure the torch crossover."""
+        numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
+        x = torch.zeros(1, self.hidden)
+        self.forward(x, torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, 1))
+        if self.torch_min_tokens == 0:
+            self.torch_min_tokens = self._measure_crossover()
+
+    def _measure_crossover(self) -> int:
+        """Smallest tokens-per-expert count at which dequantize + torch matmul beats our kernel."""
+        for n in (4, 16, 64, 256):
+            x = torch.randn(n, self.hidden) * 0.1
+            pairs = group_pairs(torch.zeros(n, 1, dtype=torch.int64), torch.ones(n, 1))
+            ours = _best_time(lambda x=x, pairs=pairs: self.format.run(x.numpy(), pairs, ROWS_PER_TASK))
+            theirs = _best_time(lambda x=x: self._torch_expert(0, x))
+            if theirs < ours:
+                log.info("cpu_experts: torch matmul from %d tokens per expert", n)
+                return n
+        return 1 << 30
+
+    def _torch_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate = F.linear(x, self.format.dequantize(e, 0).to(x.dtype))
+        up = F.linear(x, self.format.dequantize(e, 1).to(x.dtype))
+        return F.linear(F.silu(gate) * up, self.format.dequantize(e, 2).to(x.dtype))
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """`x [T, H]`, `index [T, k]`, `weights [T, k]` -> `sum_j weights[t, j] * expert_{index[t, j]}(x[t])`."""
+        xf = x.detach().float().contiguous()
+        pairs = group_pairs(index.cpu(), weights.cpu())
+        counts = np.diff(pairs.seg)
+        big = counts >= self.torch_min_tokens
+        y = torch.empty(len(pairs.token), self.hidden)
+        if not big.all():
+            small = pairs if not big.any() else _subset(pairs, ~big)
+            y_small = torch.from_numpy(self.format.run(xf.numpy(), small, ROWS_PER_TASK))
+            y[_positions(pairs, ~big)] = y_small
+        for u in np.flatnonzero(big):
+            rows = slice(pairs.seg[u], pairs.seg[u + 1])
+            y[rows] = self._torch_expert(int(pairs.expert[u]), xf[torch.from_numpy(pairs.token[rows])])
+        out = torch.zeros_like(xf)
+        out.index_add_(0, torch.from_numpy(pairs.token), y * pairs.weight.float().unsqueeze(1))
+        return out.to(x.dtype)
+
+
+def _positions(pairs: Pairs, mask: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate([np.arange(pairs.seg[u], pairs.seg[u + 1]) for u in np.flatnonzero(mask)]))
+
+
+def _subset(pairs: Pairs, mask: np.ndarray) -> Pairs:
+    """The pairs of the experts in `mask`, regrouped."""
+    pos = _positions(pairs, mask).numpy()
+    counts = np.diff(pairs.seg)[mask]
+    seg = np.zeros(len(counts) + 1, np.int64)
+    np.cumsum(counts, out=seg[1:])
+    return Pairs(pairs.token[pos], pairs.weight[torch.from_numpy(pos)], seg, pairs.expert[mask])
+
+
+def _best_time(fn, repeat: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
