@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import itertools
+from importlib import resources
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -150,8 +152,6 @@ def test_whole_model_with_int4_experts(tiny, arch: str) -> None:
 
 
 def test_fp8_row_decode_is_exact_for_every_code() -> None:
-    import numpy as np
-
     from hetero_moe.kernels.numba.fp8 import decode_row
 
     codes = np.array([c for c in range(256) if c & 0x7F != 0x7F], np.uint8)  # every finite e4m3 value
@@ -159,3 +159,40 @@ def test_fp8_row_decode_is_exact_for_every_code() -> None:
     decode_row(codes, bits, bits.view(np.float32))
     expected = torch.from_numpy(codes).view(torch.float8_e4m3fn).float().numpy()
     assert np.array_equal(bits.view(np.float32), expected)
+
+
+def test_int4_weights_are_cached_and_memory_mapped(tiny, monkeypatch, caplog) -> None:
+    from hetero_moe.ops import cpu_experts
+
+    t = tiny("Qwen3MoeForCausalLM", shards=2)
+    prompt = [0, 9, 8, 7]
+    first = LLM(t.path, rules="cpu-only-int4.yaml", dtype="float32")
+    experts = first.placed.model.model.layers[1].mlp.experts
+    assert not experts.restored and experts.cache[0].is_file()
+    expected = first.generate(prompt, max_tokens=6, temperature=0, ignore_eos=True).token_ids
+
+    def no_quantizing(*args, **kwargs):
+        raise AssertionError("quantized again although the cache is valid")
+
+    monkeypatch.setattr(cpu_experts, "quantize_int4", no_quantizing)
+    second = LLM(t.path, rules="cpu-only-int4.yaml", dtype="float32")
+    experts = second.placed.model.model.layers[1].mlp.experts
+    assert experts.restored and not experts.format.w13.flags.writeable  # memory-mapped, read-only
+    assert second.generate(prompt, max_tokens=6, temperature=0, ignore_eos=True).token_ids == expected
+    monkeypatch.undo()
+
+    # corrupt: a truncated cache file is detected and rebuilt
+    path = experts.cache[0]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    third = LLM(t.path, rules="cpu-only-int4.yaml", dtype="float32")
+    assert not third.placed.model.model.layers[1].mlp.experts.restored
+    assert third.generate(prompt, max_tokens=6, temperature=0, ignore_eos=True).token_ids == expected
+
+    # stale: other quant settings (a different key) rebuild
+    rules = t.path.parent / "g32.yaml"
+    text = (resources.files("hetero_moe.rules") / "cpu-only-int4.yaml").read_text()
+    rules.write_text(text.replace("group_size: 64", "group_size: 32"))
+    fourth = LLM(t.path, rules=str(rules), dtype="float32")
+    assert not fourth.placed.model.model.layers[1].mlp.experts.restored
+    fifth = LLM(t.path, rules=str(rules), dtype="float32")
+    assert fifth.placed.model.model.layers[1].mlp.experts.restored

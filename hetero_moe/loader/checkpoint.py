@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -28,7 +29,11 @@ DTYPES = {
     "I64": torch.int64,
     "I32": torch.int32,
     "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "U16": torch.uint16,
+    "I16": torch.int16,
 }
+NUMPY_DTYPES = {torch.uint8: np.uint8, torch.uint16: np.uint16, torch.int16: np.int16, torch.float32: np.float32}
 
 
 class CheckpointError(ValueError):
@@ -42,6 +47,7 @@ class TensorInfo:
     dtype: torch.dtype
     shape: torch.Size
     nbytes: int
+    offset: int  # of the tensor's first byte in the file
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,17 @@ class Checkpoint:
             return f.get_tensor(key)
 
 
+def read_header(path: Path) -> list[TensorInfo]:
+    """Every tensor of one safetensors file, checked against the file's size; reads no data."""
+    return _read_header(path)
+
+
+def memory_map(info: TensorInfo) -> np.ndarray:
+    """A read-only numpy view of one tensor, straight from the page cache (uint8/uint16/float32...)."""
+    dtype = NUMPY_DTYPES[info.dtype]
+    return np.memmap(info.file, dtype=dtype, mode="r", offset=info.offset, shape=tuple(info.shape))
+
+
 def _read_header(path: Path) -> list[TensorInfo]:
     size = path.stat().st_size
     with path.open("rb") as f:
@@ -128,6 +145,6 @@ def _read_header(path: Path) -> list[TensorInfo]:
         expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if end - begin != expected:
             raise CheckpointError(f"{path}: tensor {key} holds {end - begin} bytes, its shape needs {expected}")
-        infos.append(TensorInfo(key, path, dtype, shape, end - begin))
+        infos.append(TensorInfo(key, path, dtype, shape, end - begin, 8 + header_len + begin))
     infos.sort(key=lambda i: header[i.key]["data_offsets"][0])
     return infos

@@ -29,6 +29,7 @@ Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 @dataclass(frozen=True)
 class _Item:
     info: TensorInfo
+    owner_name: str
     owner: nn.Module
     rel: str
     device: torch.device
@@ -39,6 +40,7 @@ def load_weights(placed: PlacedModel, checkpoint: Checkpoint, progress: Progress
     items, skipped = _plan(placed, checkpoint)
     if skipped:
         log.info("skipping %d tensors of the MTP layer (not used for decoding)", skipped)
+    items = _restore_cached(items)
     block = _block_size(placed) if any(i.scale for i in items) else (0, 0)
     total = sum(i.info.nbytes for i in items)
     done = 0
@@ -60,6 +62,22 @@ def load_weights(placed: PlacedModel, checkpoint: Checkpoint, progress: Progress
     for module in reversed(list(placed.model.modules())):
         if isinstance(module, Op):
             module.finalize()
+
+
+def _restore_cached(items: list[_Item]) -> list[_Item]:
+    """Let ops that keep a cache of their converted weights take them from it; drop their items."""
+    by_owner: dict[str, list[_Item]] = {}
+    for item in items:
+        if isinstance(item.owner, Op):
+            by_owner.setdefault(item.owner_name, []).append(item)
+    restored = set()
+    for name, owned in by_owner.items():
+        sources = [i.info for i in owned] + [i.scale for i in owned if i.scale is not None]
+        if owned[0].owner.restore(name, sources):
+            restored.add(name)
+    if restored:
+        log.info("%d ops took their converted weights from the cache", len(restored))
+    return [i for i in items if i.owner_name not in restored]
 
 
 def _plan(placed: PlacedModel, checkpoint: Checkpoint) -> tuple[list[_Item], int]:
@@ -95,7 +113,7 @@ def _plan(placed: PlacedModel, checkpoint: Checkpoint) -> tuple[list[_Item], int
             raise CheckpointError(f"{info.file}: tensor {key} has dtype {info.dtype}; expected a float type")
         elif scale is not None:
             raise CheckpointError(f"{scale.file}: {scale.key} scales {key}, which is {info.dtype}, not FP8")
-        items.append(_Item(info, owner, rel, placed.placements[owner_name].device, scale))
+        items.append(_Item(info, owner_name, owner, rel, placed.placements[owner_name].device, scale))
     if unexpected:
         listed = "; ".join(f"{i.key} in {i.file.name}" for i in unexpected[:5])
         more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""

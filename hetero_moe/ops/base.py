@@ -71,6 +71,11 @@ class Op(nn.Module):
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for _, t in direct_tensors(self))
 
+    def restore(self, name: str, sources: list) -> bool:
+        """Before loading: take the weights from a cache of this op's own instead of `sources` (the
+        checkpoint's TensorInfo of every key it owns); True when it did, and the loader skips them."""
+        return False
+
     def finalize(self) -> None:
         """Called once every weight is loaded, children first."""
 

@@ -9,9 +9,11 @@ instead, above a crossover measured at load.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Self
 
 import numba
@@ -31,7 +33,9 @@ from hetero_moe.kernels.quant import (
     quantize_fp8_blocks,
     quantize_int4,
 )
+from hetero_moe.loader import converted
 from hetero_moe.ops.base import BuildContext, Op
+from hetero_moe.settings import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +113,24 @@ class Int4Format:
         else:
             rows = slice(proj * self.inter, (proj + 1) * self.inter)
             packed, bits, in_dim = self.w13[expert, rows], self.s13[expert, rows], self.hidden
-        scales = torch.from_numpy(bits.view(np.int16)).view(self.sdtype)
-        return dequantize_int4(torch.from_numpy(packed), scales, self.g, in_dim)
+        # copies: the cached arrays are read-only memory maps
+        scales = torch.from_numpy(bits.view(np.int16).copy()).view(self.sdtype)
+        return dequantize_int4(torch.from_numpy(packed.copy()), scales, self.g, in_dim)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"w13": self.w13, "s13": self.s13, "w2": self.w2, "s2": self.s2}
+
+    def set_arrays(self, arrays: dict[str, np.ndarray]) -> bool:
+        expected = {
+            "w13": (self.e, 2 * self.inter, self.hp // 2),
+            "s13": (self.e, 2 * self.inter, self.hp // self.g),
+            "w2": (self.e, self.hidden, self.ip // 2),
+            "s2": (self.e, self.hidden, self.ip // self.g),
+        }
+        if set(arrays) != set(expected) or any(arrays[k].shape != s for k, s in expected.items()):
+            return False
+        self.w13, self.s13, self.w2, self.s2 = (np.asarray(arrays[k]) for k in ("w13", "s13", "w2", "s2"))
+        return True
 
     def run(self, x: np.ndarray, pairs: Pairs, rows: int) -> np.ndarray:
         t, g = x.shape[0], self.g
@@ -254,6 +274,8 @@ class CPUExperts(Op):
         self.threads = ctx.cpu_threads
         self.torch_min_tokens = kwargs.torch_min_tokens
         self.allocated = False
+        self.cache: tuple[Path, str] | None = None  # (file, key) of the converted-weights cache
+        self.restored = False
 
     @classmethod
     def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Self:
@@ -283,8 +305,25 @@ class CPUExperts(Op):
     def load_fp8(self, key: str, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> None:
         self.format.store_fp8(*self._target(key), weight, scale_inv, block)
 
+    def restore(self, name: str, sources: list) -> bool:
+        """INT4 weights are quantized at load: cache them, keyed by the sources and the settings."""
+        if not isinstance(self.format, Int4Format):
+            return False
+        settings = {**asdict(self.kwargs), "shape": [self.num_experts, self.inter, self.hidden]}
+        folder = hashlib.sha256(str(sources[0].file.parent.resolve()).encode()).hexdigest()[:16]
+        path = cache_dir() / "converted" / folder / f"{name}.{self.kwargs.quant}.safetensors"
+        self.cache = (path, converted.cache_key(sources, settings))
+        arrays = converted.load(*self.cache)
+        if arrays is None or not self.format.set_arrays(arrays):
+            return False
+        self.allocated = self.restored = True
+        return True
+
     def finalize(self) -> None:
-        """Compile (or load the cached compilation of) the kernels and measure the torch crossover."""
+        """Save converted weights to the cache; compile (or load the cached compilation of) the kernels;
+        measure the torch crossover."""
+        if self.cache is not None and not self.restored:
+            converted.save(*self.cache, self.format.arrays())
         numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
         x = torch.zeros(1, self.hidden)
         self.forward(x, torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, 1))

@@ -1,0 +1,70 @@
+"""A disk cache of weights converted at load (INT4 experts): written once, memory-mapped after.
+
+Each cached op is one safetensors file whose metadata holds the key it was built from (the source
+files' names, sizes and modification times, the tensor names, the quant settings). A file whose key
+differs is stale; one that cannot be read whole is corrupt; either is rebuilt. Files are written
+under a temporary name and renamed, so a crash never leaves a half-written cache behind the real name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from hetero_moe.loader.checkpoint import CheckpointError, TensorInfo, memory_map, read_header
+
+log = logging.getLogger(__name__)
+
+VERSION = 1  # bump when a cached layout changes
+
+
+def cache_key(sources: Iterable[TensorInfo], settings: Mapping[str, object]) -> str:
+    """A digest of what the conversion depends on: the source tensors' files and names, and settings."""
+    files = {}
+    keys = []
+    for info in sources:
+        keys.append(info.key)
+        if info.file not in files:
+            stat = info.file.stat()
+            files[info.file] = [info.file.name, stat.st_size, stat.st_mtime_ns]
+    blob = json.dumps(
+        {"version": VERSION, "files": sorted(files.values()), "keys": sorted(keys), "settings": dict(settings)},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load(path: Path, key: str) -> dict[str, np.ndarray] | None:
+    """The cached arrays, memory-mapped, or None when the file is missing, stale or corrupt."""
+    if not path.is_file():
+        return None
+    try:
+        infos = read_header(path)
+        with path.open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            meta = json.loads(f.read(header_len)).get("__metadata__", {})
+    except (CheckpointError, OSError, ValueError) as e:
+        log.warning("converted-weights cache %s is corrupt (%s); rebuilding it", path, e)
+        return None
+    if meta.get("key") != key:
+        log.info("converted-weights cache %s is stale; rebuilding it", path)
+        return None
+    return {info.key: memory_map(info) for info in infos}
+
+
+def save(path: Path, key: str, arrays: Mapping[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata={"key": key})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
