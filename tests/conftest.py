@@ -36,7 +36,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Tiny]:
         block_size: tuple[int, int] = (128, 128),
         **overrides,
     ) -> Tiny:
-        key = (arch, fp8, shards, dtype, seed, block_size, tuple(sorted(overrides.items())))
+        key = (arch, fp8, shards, dtype, seed, block_size, repr(sorted(overrides.items())))
         if key not in built:
             model = synth.random_model(synth.tiny_config(arch, **overrides), seed=seed)
             out = tmp_path_factory.mktemp(arch)

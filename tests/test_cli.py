@@ -118,7 +118,10 @@ def test_bad_rules_file_names_rule_and_line(capsys, tiny, tmp_path) -> None:
     rules.write_text("- match: {name: '^$'}\n  replace: {device: cpu}\n- match: {name: x}\n  replace: {op: expertz}\n")
     assert main(["rules", "check", "--model", str(tiny("Qwen3MoeForCausalLM").path), "--rules", str(rules)]) == 2
     err = capsys.readouterr().err
-    assert f"{rules}: rule 1 (line 3): unknown op 'expertz'; known ops: attention, cpu_experts, experts, mlp, moe, router" in err
+    assert (
+        f"{rules}: rule 1 (line 3): unknown op 'expertz'; known ops: attention, cpu_experts, experts, mlp, moe, router"
+        in err
+    )
 
 
 def test_gpu_rules_without_a_gpu_is_a_clear_error(capsys, tiny) -> None:

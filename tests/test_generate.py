@@ -163,3 +163,35 @@ def test_logprobs_are_the_models_distribution(tiny) -> None:
     assert [t for t, _ in steps[0].top_logprobs] == torch.topk(first, 4).indices.tolist()
     assert steps[0].top_logprobs[0][0] == steps[0].token_id  # greedy picks the most likely
     assert all(s.logprob is None for s in llm.stream(PROMPT, max_tokens=2, temperature=0))
+
+
+@pytest.mark.parametrize(
+    ("arch", "overrides"),
+    [
+        ("Qwen3MoeForCausalLM", {"tie_word_embeddings": True}),
+        ("Qwen3MoeForCausalLM", {"decoder_sparse_step": 2, "mlp_only_layers": [], "attention_bias": True}),
+        (
+            "DeepseekV2ForCausalLM",
+            {"topk_method": "group_limited_greedy", "n_group": 5, "topk_group": 2, "q_lora_rank": 24},
+        ),
+        (
+            "DeepseekV3ForCausalLM",
+            {"rope_interleave": False, "q_lora_rank": None, "n_group": 1, "topk_group": 1, "norm_topk_prob": False},
+        ),
+        (
+            "DeepseekV3ForCausalLM",
+            {
+                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+                "first_k_dense_replace": 0,
+                "n_shared_experts": 2,
+            },
+        ),
+    ],
+    ids=["qwen3-tied", "qwen3-sparse-step-2", "v2-group-limited", "v3-no-interleave", "v3-default-rope"],
+)
+def test_config_variants_match_transformers(tiny, hf_greedy, arch: str, overrides: dict) -> None:
+    t = tiny(arch, **overrides)
+    llm = LLM(t.path, dtype="float32")
+    assert llm.generate(PROMPT, max_tokens=24, temperature=0, ignore_eos=True).token_ids == hf_greedy(
+        t.reference, PROMPT, 24
+    )

@@ -24,7 +24,7 @@ from hetero_moe.engine.sampler import SamplingParams
 from hetero_moe.llm import LLM
 from hetero_moe.server.metrics import Metrics
 from hetero_moe.server.reasoning import REASONING_PARSERS
-from hetero_moe.server.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
+from hetero_moe.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from hetero_moe.server.worker import EngineWorker, Job, QueueFullError
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         return await completion_response(job, rid, request)
 
     def submit(
-        prompt_ids: list[int], body: _Sampling, max_tokens: int | None, logprobs: int | None, request: Request
+        prompt_ids: list[int], body: SamplingFields, max_tokens: int | None, logprobs: int | None, request: Request
     ) -> Job:
         try:
             llm.engine.check_prompt(prompt_ids)

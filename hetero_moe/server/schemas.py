@@ -35,7 +35,7 @@ class ChatMessage(BaseModel):
         return "".join(part.text or "" for part in self.content)
 
 
-class _Sampling(BaseModel):
+class SamplingFields(BaseModel):
     model_config = IGNORE
     model: str
     # Clients send null for "not set": every optional field takes None and means the default.
@@ -75,14 +75,14 @@ class _Sampling(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(None, ge=1)  # None: 16, OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=5)

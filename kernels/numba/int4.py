@@ -53,6 +53,27 @@ def dot_row(wrow, scales, x, xsum, half: int) -> float:
     return total - np.float32(8.0) * offset
 
 
+@njit(inline="always", fastmath=True, cache=True)
+def decode_row(wrow, scales, half: int, values) -> None:
+    """A packed row -> float32 weights `values [Ip]`, for experts that several tokens share: decoded
+    once, then one plain dot per token."""
+    for k in range(scales.shape[0]):
+        s = scales[k]
+        for j in range(half):
+            b = np.float32(wrow[k * half + j])
+            hi = np.floor(b * np.float32(0.0625))
+            values[2 * k * half + j] = s * (b - np.float32(16.0) * hi - np.float32(8.0))
+            values[2 * k * half + half + j] = s * (hi - np.float32(8.0))
+
+
+@njit(inline="always", fastmath=True, cache=True)
+def dot(values, x) -> float:
+    acc = np.float32(0.0)
+    for i in range(values.shape[0]):
+        acc += values[i] * x[i]
+    return acc
+
+
 @njit(parallel=True, nogil=True, fastmath=True, cache=True)
 def gate_up(x, xsum, pair_token, seg, seg_expert, w13, s13, g, kind, fp16, rows_per_task, h):
     """`h[p] = silu(x[t] W_gate[e]^T) * (x[t] W_up[e]^T)` for every pair p = (token t, expert e).
@@ -69,13 +90,22 @@ def gate_up(x, xsum, pair_token, seg, seg_expert, w13, s13, g, kind, fp16, rows_
         gbits = np.empty(s13.shape[2], np.uint32)
         ubits = np.empty(s13.shape[2], np.uint32)
         gscale, uscale = gbits.view(np.float32), ubits.view(np.float32)
+        shared = seg[u + 1] - seg[u] > 1
+        gate_w = np.empty(x.shape[1] if shared else 0, np.float32)
+        up_w = np.empty(x.shape[1] if shared else 0, np.float32)
         for r in range(c * rows_per_task, min((c + 1) * rows_per_task, inter)):
             decode_scales(s13[e, r], kind, fp16, gbits, gscale)
             decode_scales(s13[e, inter + r], kind, fp16, ubits, uscale)
+            if shared:
+                decode_row(w13[e, r], gscale, g // 2, gate_w)
+                decode_row(w13[e, inter + r], uscale, g // 2, up_w)
             for p in range(seg[u], seg[u + 1]):
                 t = pair_token[p]
-                gate = dot_row(w13[e, r], gscale, x[t], xsum[t], g // 2)
-                up = dot_row(w13[e, inter + r], uscale, x[t], xsum[t], g // 2)
+                if shared:
+                    gate, up = dot(gate_w, x[t]), dot(up_w, x[t])
+                else:
+                    gate = dot_row(w13[e, r], gscale, x[t], xsum[t], g // 2)
+                    up = dot_row(w13[e, inter + r], uscale, x[t], xsum[t], g // 2)
                 h[p, r] = gate / (1.0 + math.exp(-gate)) * up
 
 
@@ -90,7 +120,11 @@ def down(h, hsum, seg, seg_expert, w2, s2, g, kind, fp16, rows_per_task, y):
         e = seg_expert[u]
         bits = np.empty(s2.shape[2], np.uint32)
         scales = bits.view(np.float32)
+        shared = seg[u + 1] - seg[u] > 1
+        weights = np.empty(h.shape[1] if shared else 0, np.float32)
         for r in range(c * rows_per_task, min((c + 1) * rows_per_task, hidden)):
             decode_scales(s2[e, r], kind, fp16, bits, scales)
+            if shared:
+                decode_row(w2[e, r], scales, g // 2, weights)
             for p in range(seg[u], seg[u + 1]):
-                y[p, r] = dot_row(w2[e, r], scales, h[p], hsum[p], g // 2)
+                y[p, r] = dot(weights, h[p]) if shared else dot_row(w2[e, r], scales, h[p], hsum[p], g // 2)
