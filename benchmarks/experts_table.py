@@ -7,7 +7,18 @@ import sys
 
 
 def main(paths: list[str]) -> None:
-    print("| shape | quant | tokens | ms / layer | weight GB/s | DRAM read GB/s | share of DRAM | torch bf16 | torch int4 |")
+    columns = [
+        "shape",
+        "quant",
+        "tokens",
+        "ms / layer",
+        "weight GB/s",
+        "DRAM read GB/s",
+        "share of DRAM",
+        "torch bf16",
+        "torch int4",
+    ]
+    print("| " + " | ".join(columns) + " |")
     print("|---|---|---|---|---|---|---|---|---|")
     for path in paths:
         with open(path) as f:

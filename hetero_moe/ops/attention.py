@@ -9,7 +9,6 @@ so float32 results match them token for token.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
@@ -84,10 +83,6 @@ class MLAAttention(Op):
         self.kv_b_proj = hf.kv_b_proj
         self.o_proj = hf.o_proj
 
-    @classmethod
-    def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Self:
-        return cls(hf, ctx)
-
     def new_cache(self, capacity: int, dtype: torch.dtype) -> MLACache:
         return MLACache(
             latent=torch.empty(capacity, self.kv_lora_rank, dtype=dtype, device=self.device),
@@ -138,10 +133,6 @@ class GQAAttention(Op):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = hf.q_proj, hf.k_proj, hf.v_proj, hf.o_proj
         self.q_norm = getattr(hf, "q_norm", None)
         self.k_norm = getattr(hf, "k_norm", None)
-
-    @classmethod
-    def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Self:
-        return cls(hf, ctx)
 
     def new_cache(self, capacity: int, dtype: torch.dtype) -> GQACache:
         shape = (1, self.num_kv_heads, capacity, self.head_dim)

@@ -55,7 +55,8 @@ class Op(nn.Module):
 
     @classmethod
     def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Self:
-        raise NotImplementedError
+        """Build from the transformers module `hf` it replaces; ops that take kwargs override this."""
+        return cls(hf, ctx)
 
     def checkpoint_keys(self) -> dict[str, torch.Size]:
         """Checkpoint keys this module itself owns (relative to its name) and their shapes."""

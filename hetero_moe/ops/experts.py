@@ -8,8 +8,6 @@ and `w2 [E, H, I]`.
 
 from __future__ import annotations
 
-from typing import Any, Self
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,10 +26,6 @@ class TorchExperts(Op):
         meta = {"dtype": ctx.dtype, "device": "meta"}
         self.w13 = nn.Parameter(torch.empty(e, two_i, h, **meta), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(e, h, self.inter, **meta), requires_grad=False)
-
-    @classmethod
-    def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Self:
-        return cls(hf, ctx)
 
     def checkpoint_keys(self) -> dict[str, torch.Size]:
         i, h = self.inter, self.hidden

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any, Self
-
 import torch
 from torch import nn
 
@@ -15,10 +13,6 @@ class GatedMLP(Op):
         super().__init__(ctx.device)
         self.gate_proj, self.up_proj, self.down_proj = hf.gate_proj, hf.up_proj, hf.down_proj
         self.act_fn = hf.act_fn
-
-    @classmethod
-    def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Self:
-        return cls(hf, ctx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))

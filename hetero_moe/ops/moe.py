@@ -6,8 +6,6 @@ placed by its own rule, and the block moves activations between their devices.
 
 from __future__ import annotations
 
-from typing import Any, Self
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,10 +23,6 @@ class MoEBlock(Op):
         self.gate = hf.gate
         self.experts = hf.experts
         self.shared_experts = getattr(hf, "shared_experts", None)
-
-    @classmethod
-    def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Self:
-        return cls(hf, ctx)
 
     def finalize(self) -> None:
         self.experts_device = self.experts.device
@@ -52,10 +46,6 @@ class Router(Op):
         self.top_k = hf.top_k
         self.num_experts = hf.weight.shape[0]
         self.weight = nn.Parameter(torch.empty(hf.weight.shape, dtype=ctx.dtype, device="meta"), requires_grad=False)
-
-    @classmethod
-    def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Self:
-        return cls(hf, ctx)
 
 
 class DeepseekV3Router(Router):

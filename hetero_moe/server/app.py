@@ -216,6 +216,9 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
 
         return EventSourceResponse(events(), ping=15)
 
+    def envelope(rid: str, kind: str) -> dict:
+        return {"id": rid, "object": kind, "created": int(time.time()), "model": config.served_model_name}
+
     def usage(job: Job, n: int) -> dict:
         p = len(job.prompt_ids)
         return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
@@ -240,12 +243,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         return reasoning, content
 
     async def chat_chunks(job: Job, body: ChatCompletionRequest, rid: str, parser) -> AsyncIterator[dict]:
-        base = {
-            "id": rid,
-            "object": "chat.completion.chunk",
-            "created": int(time.time()),
-            "model": config.served_model_name,
-        }
+        base = envelope(rid, "chat.completion.chunk")
         extra = {"usage": None} if body.include_usage else {}
         yield {
             **base,
@@ -282,10 +280,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         lp = {"content": [chat_logprob(s) for s in steps]} if steps and steps[0].logprob is not None else None
         metrics.request(request.url.path, 200)
         return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": config.served_model_name,
+            **envelope(rid, "chat.completion"),
             "choices": [{"index": 0, "message": message, "logprobs": lp, "finish_reason": steps[-1].finish_reason}],
             "usage": usage(job, len(steps)),
         }
@@ -304,7 +299,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         }
 
     async def completion_chunks(job: Job, body: CompletionRequest, rid: str) -> AsyncIterator[dict]:
-        base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": config.served_model_name}
+        base = envelope(rid, "text_completion")
         extra = {"usage": None} if body.include_usage else {}
         n, offset = 0, 0
         async for step in job.steps():
@@ -324,10 +319,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         lp = completion_logprobs(steps) if steps[0].logprob is not None else None
         metrics.request(request.url.path, 200)
         return {
-            "id": rid,
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": config.served_model_name,
+            **envelope(rid, "text_completion"),
             "choices": [
                 {
                     "index": 0,

@@ -3,9 +3,8 @@ multiplied with every token routed to the expert."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
+from hetero_moe.kernels.numba.common import dot, silu_mul
 from numba import njit, prange
 
 
@@ -14,14 +13,6 @@ def decode_row(wrow, bits) -> None:
     """bf16 bits `wrow [I]` -> float32, written through the uint32 scratch `bits`."""
     for i in range(wrow.shape[0]):
         bits[i] = np.uint32(wrow[i]) << np.uint32(16)
-
-
-@njit(inline="always", fastmath=True, cache=True)
-def dot(values, x) -> float:
-    acc = np.float32(0.0)
-    for i in range(values.shape[0]):
-        acc += values[i] * x[i]
-    return acc
 
 
 @njit(parallel=True, nogil=True, fastmath=True, cache=True)
@@ -43,7 +34,7 @@ def gate_up(x, pair_token, seg, seg_expert, w13, rows_per_task, h):
                 t = pair_token[p]
                 gate = dot(values, x[t])
                 up = dot(up_values, x[t])
-                h[p, r] = gate / (1.0 + math.exp(-gate)) * up
+                h[p, r] = silu_mul(gate, up)
 
 
 @njit(parallel=True, nogil=True, fastmath=True, cache=True)

@@ -11,9 +11,8 @@ fixed up as `2 * (v - 2^-7)`. Exact for every finite e4m3 value (a test checks a
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
+from hetero_moe.kernels.numba.common import silu_mul
 from numba import njit, prange
 
 TWO_M7 = np.float32(2.0**-7)
@@ -71,7 +70,7 @@ def gate_up(x, pair_token, seg, seg_expert, w13, s13, b0, b1, rows_per_task, h):
                 t = pair_token[p]
                 gate = dot_row(gate_w, s13[e, 0, r // b0], x[t], b1)
                 up = dot_row(up_w, s13[e, 1, r // b0], x[t], b1)
-                h[p, r] = gate / (1.0 + math.exp(-gate)) * up
+                h[p, r] = silu_mul(gate, up)
 
 
 @njit(parallel=True, nogil=True, fastmath=True, cache=True)

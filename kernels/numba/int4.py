@@ -11,9 +11,8 @@ the group's sum of `x`.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
+from hetero_moe.kernels.numba.common import dot, silu_mul
 from numba import njit, prange
 
 SCALE_BF16 = 0
@@ -66,14 +65,6 @@ def decode_row(wrow, scales, half: int, values) -> None:
             values[2 * k * half + half + j] = s * (hi - np.float32(8.0))
 
 
-@njit(inline="always", fastmath=True, cache=True)
-def dot(values, x) -> float:
-    acc = np.float32(0.0)
-    for i in range(values.shape[0]):
-        acc += values[i] * x[i]
-    return acc
-
-
 @njit(parallel=True, nogil=True, fastmath=True, cache=True)
 def gate_up(x, xsum, pair_token, seg, seg_expert, w13, s13, g, kind, fp16, rows_per_task, h):
     """`h[p] = silu(x[t] W_gate[e]^T) * (x[t] W_up[e]^T)` for every pair p = (token t, expert e).
@@ -106,7 +97,7 @@ def gate_up(x, xsum, pair_token, seg, seg_expert, w13, s13, g, kind, fp16, rows_
                 else:
                     gate = dot_row(w13[e, r], gscale, x[t], xsum[t], g // 2)
                     up = dot_row(w13[e, inter + r], uscale, x[t], xsum[t], g // 2)
-                h[p, r] = gate / (1.0 + math.exp(-gate)) * up
+                h[p, r] = silu_mul(gate, up)
 
 
 @njit(parallel=True, nogil=True, fastmath=True, cache=True)
