@@ -41,10 +41,7 @@ def place(model_dir: str | Path, rules: str | Path, dtype: str = "auto", cpu_thr
     torch_dtype = resolve_dtype(dtype, config)
     rule_set = load_rules(rules)
     threads = cpu_threads or physical_cores()
-    placed = inject(build_meta_model(config, arch, torch_dtype), rule_set, config, arch, torch_dtype, threads)
-    for warning in placed.warnings:
-        log.warning("%s", warning)
-    return placed
+    return inject(build_meta_model(config, arch, torch_dtype), rule_set, config, arch, torch_dtype, threads)
 
 
 def eos_token_ids(model_dir: Path, config, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
@@ -79,20 +76,22 @@ class LLM:
         if cpu_threads is not None and cpu_threads < 1:
             raise ValueError(f"cpu_threads must be at least 1, got {cpu_threads}")
         self.placed = place(self.model_dir, rules, dtype, cpu_threads)
+        for warning in self.placed.warnings:
+            log.warning("%s", warning)
         for device in self.placed.devices():
             if device.type == "cuda" and not torch.cuda.is_available():
                 raise InjectError(
                     f"the rules place modules on {device}, but torch sees no CUDA device; "
                     "use rules for the CPU (cpu-only.yaml)"
                 )
-        checkpoint = Checkpoint.open(self.model_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        load_weights(self.placed, checkpoint, progress)
-        self.runner = ModelRunner(self.placed)
         config = self.placed.config
         limit = config.max_position_embeddings
         if max_context is not None and not 0 < max_context <= limit:
             raise ValueError(f"max_context must be in 1..{limit} for this model, got {max_context}")
+        checkpoint = Checkpoint.open(self.model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        load_weights(self.placed, checkpoint, progress)
+        self.runner = ModelRunner(self.placed)
         self.engine = Engine(
             self.runner, self.tokenizer, eos_token_ids(self.model_dir, config, self.tokenizer), max_context or limit
         )

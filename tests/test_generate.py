@@ -195,3 +195,34 @@ def test_config_variants_match_transformers(tiny, hf_greedy, arch: str, override
     assert llm.generate(PROMPT, max_tokens=24, temperature=0, ignore_eos=True).token_ids == hf_greedy(
         t.reference, PROMPT, 24
     )
+
+
+@pytest.mark.parametrize("arch", ["DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM"])
+def test_absorbed_latent_attention_equals_the_expanded_form(tiny, tmp_path, arch: str) -> None:
+    from importlib import resources
+
+    rules = tmp_path / "absorb.yaml"
+    text = (resources.files("hetero_moe.rules") / "cpu-only.yaml").read_text()
+    rules.write_text(text.replace("replace: {op: attention}", "replace: {op: attention, kwargs: {absorb: true}}"))
+    t = tiny(arch)
+    exact, absorbed = LLM(t.path, dtype="float32"), LLM(t.path, rules=str(rules), dtype="float32")
+    assert absorbed.placed.model.model.layers[0].self_attn.absorb
+    seq = exact.generate(PROMPT, max_tokens=30, temperature=0, ignore_eos=True).token_ids
+    ids = PROMPT + seq
+    caches = [m.runner.new_cache(len(ids)) for m in (exact, absorbed)]
+    for chunk in (ids[:7], ids[7:11], *[[tok] for tok in ids[11:]]):  # prefill, chunked prefill, decode
+        a, b = (m.runner.forward(torch.tensor(chunk), c) for m, c in zip((exact, absorbed), caches, strict=True))
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    assert absorbed.generate(PROMPT, max_tokens=30, temperature=0, ignore_eos=True).token_ids == seq
+
+
+def test_absorb_is_for_latent_attention_only(tiny, tmp_path) -> None:
+    from importlib import resources
+
+    from hetero_moe.inject.injector import InjectError
+
+    rules = tmp_path / "absorb.yaml"
+    text = (resources.files("hetero_moe.rules") / "cpu-only.yaml").read_text()
+    rules.write_text(text.replace("replace: {op: attention}", "replace: {op: attention, kwargs: {absorb: true}}"))
+    with pytest.raises(InjectError, match="absorb applies to latent attention"):
+        LLM(tiny("Qwen3MoeForCausalLM").path, rules=str(rules), dtype="float32")

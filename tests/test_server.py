@@ -60,6 +60,9 @@ def client(url) -> openai.OpenAI:
 
 def test_models(client) -> None:
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
 
 
 def test_chat_non_streamed_equals_the_engine(client, llm) -> None:

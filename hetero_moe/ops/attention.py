@@ -9,6 +9,7 @@ so float32 results match them token for token.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
@@ -59,12 +60,29 @@ def _repeat(kv: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return kv[:, :, None].expand(1, h, groups, length, d).reshape(1, h * groups, length, d)
 
 
+@dataclass(frozen=True)
+class AttentionKwargs:
+    # Latent attention only: fold kv_b_proj into the query and the output, so the cached latent is
+    # never expanded per head (the way to decode long contexts); off by default because its float
+    # rounding differs from transformers' expanded form.
+    absorb: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.absorb, bool):
+            raise ValueError(f"absorb must be true or false, got {self.absorb!r}")
+
+
 class MLAAttention(Op):
     """DeepSeek multi-head latent attention. The cache holds only the normalised latent and the rotated
-    rope key per token; keys and values are re-expanded through `kv_b_proj` each step."""
+    rope key per token. Keys and values are either re-expanded through `kv_b_proj` each step, exactly
+    as transformers does, or (`absorb`) never expanded: `kv_b_proj` is split per head into W_UK
+    `[h, nope, r]` and W_UV `[h, v, r]`; the query's nope part becomes `q W_UK` in latent space, the
+    attention is one multi-query attention over `[latent, k_pe]` with the latent as value, and W_UV
+    maps its output back per head."""
 
-    def __init__(self, hf: nn.Module, ctx: BuildContext) -> None:
+    def __init__(self, hf: nn.Module, ctx: BuildContext, kwargs: AttentionKwargs | None = None) -> None:
         super().__init__(ctx.device)
+        self.absorb = bool(kwargs and kwargs.absorb)
         self.num_heads = hf.num_heads
         self.q_lora_rank = hf.q_lora_rank
         self.kv_lora_rank = hf.kv_lora_rank
@@ -82,6 +100,16 @@ class MLAAttention(Op):
         self.kv_a_layernorm = hf.kv_a_layernorm
         self.kv_b_proj = hf.kv_b_proj
         self.o_proj = hf.o_proj
+
+    @classmethod
+    def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Self:
+        return cls(hf, ctx, kwargs)
+
+    def finalize(self) -> None:
+        if self.absorb:
+            w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+            self.w_uk = w[:, : self.nope_dim].contiguous()  # [h, nope, r]
+            self.w_uv = w[:, self.nope_dim :].contiguous()  # [h, v, r]
 
     def new_cache(self, capacity: int, dtype: torch.dtype) -> MLACache:
         return MLACache(
@@ -106,6 +134,8 @@ class MLAAttention(Op):
         end = start + t
         cache.latent[start:end] = kv_nope
         cache.k_pe[start:end] = k_pe[0, 0]
+        if self.absorb:
+            return self._absorbed(q_nope, q_pe, cache, start, end)
         latent = cache.latent[:end].view(1, 1, end, self.kv_lora_rank)
 
         kv = self.kv_b_proj(latent).view(1, end, -1, self.nope_dim + self.v_dim).transpose(1, 2)
@@ -118,12 +148,23 @@ class MLAAttention(Op):
         out = attend(q, k, v, start, self.scaling)  # [1, h, T, v]
         return self.o_proj(out.transpose(1, 2).reshape(t, -1))
 
+    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: MLACache, start: int, end: int):
+        t = q_nope.shape[2]
+        q_latent = torch.einsum("htn,hnr->htr", q_nope[0], self.w_uk)[None]  # [1, h, T, r]
+        q = torch.cat((q_latent, q_pe), dim=-1)  # [1, h, T, r + rope]
+        k = torch.cat((cache.latent[:end], cache.k_pe[:end]), dim=-1).view(1, 1, end, -1)  # one kv head
+        out = attend(q, k, cache.latent[:end].view(1, 1, end, self.kv_lora_rank), start, self.scaling)
+        out = torch.einsum("htr,hvr->thv", out[0], self.w_uv)  # [T, h, v]
+        return self.o_proj(out.reshape(t, -1))
+
 
 class GQAAttention(Op):
     """Grouped-query attention with rotary embeddings and, for Qwen3-MoE, per-head q/k RMSNorm."""
 
-    def __init__(self, hf: nn.Module, ctx: BuildContext) -> None:
+    def __init__(self, hf: nn.Module, ctx: BuildContext, kwargs: AttentionKwargs | None = None) -> None:
         super().__init__(ctx.device)
+        if kwargs is not None and kwargs.absorb:
+            raise ValueError("absorb applies to latent attention (DeepSeek) only")
         config = ctx.config
         self.head_dim = hf.head_dim
         self.num_heads = config.num_attention_heads
@@ -133,6 +174,10 @@ class GQAAttention(Op):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = hf.q_proj, hf.k_proj, hf.v_proj, hf.o_proj
         self.q_norm = getattr(hf, "q_norm", None)
         self.k_norm = getattr(hf, "k_norm", None)
+
+    @classmethod
+    def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Self:
+        return cls(hf, ctx, kwargs)
 
     def new_cache(self, capacity: int, dtype: torch.dtype) -> GQACache:
         shape = (1, self.num_kv_heads, capacity, self.head_dim)

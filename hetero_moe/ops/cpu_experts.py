@@ -261,8 +261,6 @@ def group_pairs(index: torch.Tensor, weights: torch.Tensor) -> Pairs:
 
 
 class CPUExperts(Op):
-    kwargs_type = CPUExpertsKwargs
-
     def __init__(self, hf: nn.Module, ctx: BuildContext, kwargs: CPUExpertsKwargs) -> None:
         super().__init__(ctx.device)
         if ctx.device.type != "cpu":

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from hetero_moe.ops.attention import GQAAttention, MLAAttention
+from hetero_moe.ops.attention import AttentionKwargs, GQAAttention, MLAAttention
 from hetero_moe.ops.base import BuildContext, NoKwargs, Op, parse_kwargs
 from hetero_moe.ops.cpu_experts import CPUExperts, CPUExpertsKwargs
 from hetero_moe.ops.experts import TorchExperts
@@ -51,6 +51,7 @@ OPS: Mapping[str, OpSpec] = {
                 "Qwen3MoeAttention": GQAAttention,
                 "MixtralAttention": GQAAttention,
             },
+            AttentionKwargs,
         ),
         OpSpec(
             "moe",

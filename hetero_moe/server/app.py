@@ -75,7 +75,6 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
 
     app = FastAPI(title="hetero-moe", lifespan=lifespan)
     app.state.metrics, app.state.worker = metrics, worker
-    created = int(time.time())
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
@@ -129,16 +128,22 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
+    card = {
+        "id": config.served_model_name,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": "hetero-moe",
+        "max_model_len": llm.engine.max_context,
+    }
+
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models() -> dict:
-        card = {
-            "id": config.served_model_name,
-            "object": "model",
-            "created": created,
-            "owned_by": "hetero-moe",
-            "max_model_len": llm.engine.max_context,
-        }
         return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorized)])
+    async def model(model_id: str) -> dict:
+        check_model(model_id)
+        return card
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
