@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU through Triton's interpreter; it must be chosen before anything
+    # (transformers included) imports triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from transformers import PreTrainedModel
 
 from hetero_moe import synth

@@ -246,6 +246,8 @@ class BF16Format:
 
 
 FORMATS = {"int4": Int4Format, "fp8": FP8Format, "bf16": BF16Format}
+# Measured crossovers per (kwargs, shape, threads) in this process: a memo of measurements, filled at load.
+_CROSSOVERS: dict[tuple, int] = {}
 ROWS_PER_TASK = 8
 
 
@@ -326,7 +328,10 @@ class CPUExperts(Op):
         x = torch.zeros(1, self.hidden)
         self.forward(x, torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, 1))
         if self.torch_min_tokens == 0:
-            self.torch_min_tokens = self._measure_crossover()
+            key = (self.kwargs, self.num_experts, self.inter, self.hidden, self.threads)
+            if key not in _CROSSOVERS:  # every MoE layer of a model has the same shape: measure once
+                _CROSSOVERS[key] = self._measure_crossover()
+            self.torch_min_tokens = _CROSSOVERS[key]
 
     def _measure_crossover(self) -> int:
         """Smallest tokens-per-expert count at which dequantize + torch matmul beats our kernel."""
