@@ -87,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
             g.add_argument("--served-model-name", help="the model id clients send (default: the directory's name)")
             g.add_argument("--max-queue", type=int, default=64, help="requests that may wait (default 64)")
             g.add_argument(
+                "--allow-origin",
+                action="append",
+                default=[],
+                help="let browser apps from this origin call the API (CORS; repeatable, '*' for any)",
+            )
+            g.add_argument(
                 "--reasoning-parser", choices=["deepseek-r1"], help="send <think>...</think> as reasoning_content"
             )
             g.set_defaults(func=_serve)
@@ -259,7 +265,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     name = args.served_model_name or (Path(args.model).resolve().name if args.model else "hetero-moe-demo")
     config = ServerConfig(
-        served_model_name=name, api_key=args.api_key, max_queue=args.max_queue, reasoning_parser=args.reasoning_parser
+        served_model_name=name,
+        api_key=args.api_key,
+        max_queue=args.max_queue,
+        reasoning_parser=args.reasoning_parser,
+        allow_origins=tuple(args.allow_origin),
     )
     app = create_app(_load(args), config)
     print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (OpenAI API; Ctrl-C stops)", flush=True)

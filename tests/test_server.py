@@ -315,6 +315,14 @@ def test_api_key(llm) -> None:
         assert httpx.get(f"{u}/health", timeout=10).status_code == 200  # not a /v1 route
 
 
+def test_cors_only_when_asked(url, llm) -> None:
+    headers = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"}
+    assert "access-control-allow-origin" not in httpx.options(f"{url}/v1/chat/completions", headers=headers).headers
+    with serving(llm, allow_origins=("http://localhost:3000",)) as u:
+        r = httpx.options(f"{u}/v1/chat/completions", headers=headers, timeout=10)
+        assert r.headers["access-control-allow-origin"] == "http://localhost:3000"
+
+
 @pytest.fixture
 def endless(llm):
     """The model never emits EOS, so a request runs until max_tokens: a long, busy engine."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -36,6 +37,7 @@ class ServerConfig:
     api_key: str | None = None
     max_queue: int = 64
     reasoning_parser: str | None = None
+    allow_origins: tuple[str, ...] = ()  # browser front ends served from other origins (CORS)
 
     def __post_init__(self) -> None:
         if self.max_queue < 1:
@@ -74,6 +76,13 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         worker.stop()
 
     app = FastAPI(title="hetero-moe", lifespan=lifespan)
+    if config.allow_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.allow_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     app.state.metrics, app.state.worker = metrics, worker
 
     @app.exception_handler(APIError)
