@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from hetero_moe.cli import main
+from hetero_moe.demo import DEMO_VERSION
 from hetero_moe.llm import LLM
 
 
@@ -164,6 +165,6 @@ def test_demo_model_is_the_default(tmp_path) -> None:
     assert "built-in demo model" in r.stderr and "random weights" in r.stderr
     first = json.loads(r.stdout)
     assert len(first["token_ids"]) == 4
-    assert (env_cache / "demo-v1" / "config.json").is_file()
+    assert (env_cache / f"demo-v{DEMO_VERSION}" / "config.json").is_file()
     again = run("generate", "--prompt", "Hello", "--max-tokens", "4", "--temperature", "0", "--json")
     assert json.loads(again.stdout) == first  # built once, deterministic
