@@ -226,3 +226,15 @@ def test_absorb_is_for_latent_attention_only(tiny, tmp_path) -> None:
     rules.write_text(text.replace("replace: {op: attention}", "replace: {op: attention, kwargs: {absorb: true}}"))
     with pytest.raises(InjectError, match="absorb applies to latent attention"):
         LLM(tiny("Qwen3MoeForCausalLM").path, rules=str(rules), dtype="float32")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_checkpoints_written_by_transformers_itself(tmp_path, hf_greedy, arch: str) -> None:
+    """`save_pretrained` output (its own key names, float32, its own sharding) loads and matches."""
+    from hetero_moe import synth
+
+    model = synth.random_model(synth.tiny_config(arch), seed=3)
+    model.save_pretrained(tmp_path, max_shard_size="200KB")
+    synth.build_tokenizer(tmp_path, model.config.vocab_size)
+    llm = LLM(tmp_path, dtype="float32")
+    assert llm.generate(PROMPT, max_tokens=20, temperature=0, ignore_eos=True).token_ids == hf_greedy(model, PROMPT, 20)
