@@ -25,6 +25,7 @@ from torch import nn
 from hetero_moe.kernels.numba import bf16 as bf16_kernels
 from hetero_moe.kernels.numba import fp8 as fp8_kernels
 from hetero_moe.kernels.numba import int4 as int4_kernels
+from hetero_moe.kernels.numba.common import combine, group_by_expert
 from hetero_moe.kernels.quant import (
     dequantize_fp8_blocks,
     dequantize_int4,
@@ -69,7 +70,7 @@ class Pairs:
     """The (token, expert) pairs of one call, grouped by expert."""
 
     token: np.ndarray  # [P] int64, token of each pair
-    weight: torch.Tensor  # [P] routing weight
+    slot: np.ndarray  # [P] int64, its position in the token's top-k
     seg: np.ndarray  # [U + 1] int64: pairs seg[u]..seg[u+1] go to expert expert[u]
     expert: np.ndarray  # [U] int64
 
@@ -251,15 +252,9 @@ _CROSSOVERS: dict[tuple, int] = {}
 ROWS_PER_TASK = 8
 
 
-def group_pairs(index: torch.Tensor, weights: torch.Tensor) -> Pairs:
-    """`index [T, k]`, `weights [T, k]` -> pairs sorted by expert."""
-    k = index.shape[1]
-    flat = index.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
-    seg = torch.zeros(len(counts) + 1, dtype=torch.int64)
-    torch.cumsum(counts, 0, out=seg[1:])
-    return Pairs((order // k).numpy(), weights.reshape(-1)[order], seg.numpy(), experts.to(torch.int64).numpy())
+def group_pairs(index: np.ndarray, num_experts: int) -> Pairs:
+    """`index [T, k]` -> pairs sorted by expert."""
+    return Pairs(*group_by_expert(index, num_experts))
 
 
 class CPUExperts(Op):
@@ -337,7 +332,7 @@ class CPUExperts(Op):
         """Smallest tokens-per-expert count at which dequantize + torch matmul beats our kernel."""
         for n in (4, 16, 64, 256):
             x = torch.randn(n, self.hidden) * 0.1
-            pairs = group_pairs(torch.zeros(n, 1, dtype=torch.int64), torch.ones(n, 1))
+            pairs = group_pairs(np.zeros((n, 1), np.int64), self.num_experts)
             ours = _best_time(lambda x=x, pairs=pairs: self.format.run(x.numpy(), pairs, ROWS_PER_TASK))
             theirs = _best_time(lambda x=x: self._torch_expert(0, x))
             if theirs < ours:
@@ -352,34 +347,35 @@ class CPUExperts(Op):
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """`x [T, H]`, `index [T, k]`, `weights [T, k]` -> `sum_j weights[t, j] * expert_{index[t, j]}(x[t])`."""
-        xf = x.detach().float().contiguous()
-        pairs = group_pairs(index.cpu(), weights.cpu())
-        counts = np.diff(pairs.seg)
-        big = counts >= self.torch_min_tokens
-        y = torch.empty(len(pairs.token), self.hidden)
-        if not big.all():
-            small = pairs if not big.any() else _subset(pairs, ~big)
-            y_small = torch.from_numpy(self.format.run(xf.numpy(), small, ROWS_PER_TASK))
-            y[_positions(pairs, ~big)] = y_small
-        for u in np.flatnonzero(big):
-            rows = slice(pairs.seg[u], pairs.seg[u + 1])
-            y[rows] = self._torch_expert(int(pairs.expert[u]), xf[torch.from_numpy(pairs.token[rows])])
-        out = torch.zeros_like(xf)
-        out.index_add_(0, torch.from_numpy(pairs.token), y * pairs.weight.float().unsqueeze(1))
-        return out.to(x.dtype)
+        xf = x.detach().float().contiguous().numpy()
+        pairs = group_pairs(np.ascontiguousarray(index.numpy(), np.int64), self.num_experts)
+        big = np.diff(pairs.seg) >= self.torch_min_tokens
+        if not big.any():
+            y = self.format.run(xf, pairs, ROWS_PER_TASK)
+        else:
+            y = np.empty((len(pairs.token), self.hidden), np.float32)
+            if not big.all():
+                y[_positions(pairs, ~big)] = self.format.run(xf, _subset(pairs, ~big), ROWS_PER_TASK)
+            for u in np.flatnonzero(big):
+                rows = slice(pairs.seg[u], pairs.seg[u + 1])
+                tokens = torch.from_numpy(xf[pairs.token[rows]])
+                y[rows] = self._torch_expert(int(pairs.expert[u]), tokens).numpy()
+        out = np.empty_like(xf)
+        combine(y, pairs.token, pairs.slot, np.ascontiguousarray(weights.float().numpy()), out)
+        return torch.from_numpy(out).to(x.dtype)
 
 
-def _positions(pairs: Pairs, mask: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.concatenate([np.arange(pairs.seg[u], pairs.seg[u + 1]) for u in np.flatnonzero(mask)]))
+def _positions(pairs: Pairs, mask: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.arange(pairs.seg[u], pairs.seg[u + 1]) for u in np.flatnonzero(mask)])
 
 
 def _subset(pairs: Pairs, mask: np.ndarray) -> Pairs:
     """The pairs of the experts in `mask`, regrouped."""
-    pos = _positions(pairs, mask).numpy()
+    pos = _positions(pairs, mask)
     counts = np.diff(pairs.seg)[mask]
     seg = np.zeros(len(counts) + 1, np.int64)
     np.cumsum(counts, out=seg[1:])
-    return Pairs(pairs.token[pos], pairs.weight[torch.from_numpy(pos)], seg, pairs.expert[mask])
+    return Pairs(pairs.token[pos], pairs.slot[pos], seg, pairs.expert[mask])
 
 
 def _best_time(fn, repeat: int = 3) -> float:
