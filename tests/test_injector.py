@@ -124,3 +124,15 @@ def test_collapse_layers() -> None:
     names = [f"model.layers.{i}.mlp" for i in (0, 1, 2, 5, 7, 8)]
     assert collapse_layers(names) == "model.layers.{0..2,5,7..8}.mlp"
     assert collapse_layers(["lm_head"]) == "lm_head"
+
+
+def test_rules_check_counts_int4_expert_bytes(tmp_path) -> None:
+    text = (resources.files("hetero_moe.rules") / "deepseek-v3.yaml").read_text()
+    rules = tmp_path / "v3-int4.yaml"
+    rules.write_text(
+        text.replace("{op: experts, device: cpu}", "{op: cpu_experts, device: cpu, kwargs: {quant: int4}}")
+    )
+    devices = place(V3, rules).bytes_per_device()
+    # per expert, group 64, bf16 scales: 2 x 2048 rows of 7168/2 bytes + 7168/64 scales; 7168 rows of 1024 + 32
+    per_expert = 2 * 2048 * (7168 // 2 + 2 * 7168 // 64) + 7168 * (2048 // 2 + 2 * 2048 // 64)
+    assert devices["cpu"] == 58 * 256 * per_expert  # 347 GB, 4.25 bits per weight
