@@ -196,3 +196,9 @@ def test_int4_weights_are_cached_and_memory_mapped(tiny, monkeypatch, caplog) ->
     assert not fourth.placed.model.model.layers[1].mlp.experts.restored
     fifth = LLM(t.path, rules=str(rules), dtype="float32")
     assert fifth.placed.model.model.layers[1].mlp.experts.restored
+
+
+def test_out_of_range_expert_index_is_an_error() -> None:
+    op, _ = make_experts(4, 40, 72, seed=3, quant="int4", torch_min_tokens=1 << 30)
+    with pytest.raises(ValueError, match="expert index out of range"):
+        op(torch.randn(2, 72), torch.tensor([[0, 4], [1, 2]]), torch.rand(2, 2))

@@ -30,6 +30,8 @@ def group_by_expert(index, num_experts: int):
     counts = np.zeros(num_experts + 1, np.int64)
     for i in range(t):
         for j in range(k):
+            if index[i, j] < 0 or index[i, j] >= num_experts:
+                raise ValueError("expert index out of range")
             counts[index[i, j] + 1] += 1
     starts = np.cumsum(counts)  # starts[e] = first pair of expert e
     fill = starts[:-1].copy()
