@@ -98,11 +98,6 @@ class Checkpoint:
                 for key in file_keys:
                     yield self.tensors[key], f.get_tensor(key)
 
-    def read_one(self, key: str) -> torch.Tensor:
-        info = self.tensors[key]
-        with safe_open(str(info.file), framework="pt") as f:
-            return f.get_tensor(key)
-
 
 def read_header(path: Path) -> list[TensorInfo]:
     """Every tensor of one safetensors file, checked against the file's size; reads no data."""

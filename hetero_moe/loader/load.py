@@ -45,15 +45,17 @@ def load_weights(placed: PlacedModel, checkpoint: Checkpoint, progress: Progress
     total = sum(i.info.nbytes for i in items)
     done = 0
     by_key = {i.info.key: i for i in items}
+    # FP8 block scales are small (1/16384 of their weights): read them all first, one pass per file
+    scales = {info.key: t for info, t in checkpoint.read([i.scale.key for i in items if i.scale is not None])}
     for info, tensor in checkpoint.read([i.info.key for i in items]):
         item = by_key[info.key]
         if isinstance(item.owner, Op) and item.scale is not None:
-            item.owner.load_fp8(item.rel, tensor, checkpoint.read_one(item.scale.key), block)
+            item.owner.load_fp8(item.rel, tensor, scales.pop(item.scale.key), block)
         elif isinstance(item.owner, Op):
             item.owner.load_weight(item.rel, tensor)
         else:
             if item.scale is not None:
-                tensor = dequantize_fp8_blocks(tensor, checkpoint.read_one(item.scale.key), block)
+                tensor = dequantize_fp8_blocks(tensor, scales.pop(item.scale.key), block)
             assign_direct(item.owner, item.rel, tensor, item.device)
         done += info.nbytes
         if progress is not None:

@@ -36,11 +36,11 @@ from hetero_moe.kernels.quant import (
 )
 from hetero_moe.loader import converted
 from hetero_moe.ops.base import BuildContext, Op
+from hetero_moe.ops.experts import expert_checkpoint_keys, parse_expert_key
 from hetero_moe.settings import cache_dir
 
 log = logging.getLogger(__name__)
 
-_PROJ = {"gate_proj": 0, "up_proj": 1, "down_proj": 2}
 SCALE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -280,9 +280,7 @@ class CPUExperts(Op):
         return f"experts={self.num_experts}, hidden={self.hidden}, inter={self.inter}, quant={self.kwargs.quant}"
 
     def checkpoint_keys(self) -> dict[str, torch.Size]:
-        i, h = self.inter, self.hidden
-        shapes = {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
-        return {f"{e}.{p}.weight": torch.Size(s) for e in range(self.num_experts) for p, s in shapes.items()}
+        return expert_checkpoint_keys(self.num_experts, self.inter, self.hidden)
 
     def nbytes(self) -> int:
         return self.format.nbytes()
@@ -291,8 +289,7 @@ class CPUExperts(Op):
         if not self.allocated:
             self.format.allocate()
             self.allocated = True
-        expert, proj, _ = key.split(".")
-        return int(expert), _PROJ[proj]
+        return parse_expert_key(key)
 
     def load_weight(self, key: str, tensor: torch.Tensor) -> None:
         self.format.store(*self._target(key), tensor)

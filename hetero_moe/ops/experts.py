@@ -17,6 +17,18 @@ from hetero_moe.ops.base import BuildContext, Op
 _PROJ = {"gate_proj": 0, "up_proj": 1, "down_proj": 2}
 
 
+def expert_checkpoint_keys(num_experts: int, inter: int, hidden: int) -> dict[str, torch.Size]:
+    """The per-expert checkpoint keys of one layer's routed experts and their shapes."""
+    shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    return {f"{e}.{proj}.weight": torch.Size(s) for e in range(num_experts) for proj, s in shapes.items()}
+
+
+def parse_expert_key(key: str) -> tuple[int, int]:
+    """`"E.gate_proj.weight"` -> (expert E, projection 0 gate / 1 up / 2 down)."""
+    expert, proj, _ = key.split(".")
+    return int(expert), _PROJ[proj]
+
+
 class TorchExperts(Op):
     def __init__(self, hf: nn.Module, ctx: BuildContext) -> None:
         super().__init__(ctx.device)
@@ -28,19 +40,13 @@ class TorchExperts(Op):
         self.w2 = nn.Parameter(torch.empty(e, h, self.inter, **meta), requires_grad=False)
 
     def checkpoint_keys(self) -> dict[str, torch.Size]:
-        i, h = self.inter, self.hidden
-        shapes = {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
-        return {
-            f"{e}.{proj}.weight": torch.Size(shape) for e in range(self.num_experts) for proj, shape in shapes.items()
-        }
+        return expert_checkpoint_keys(self.num_experts, self.inter, self.hidden)
 
     def load_weight(self, key: str, tensor: torch.Tensor) -> None:
-        expert, proj, _ = key.split(".")
         if self.w13.is_meta:
             self.w13 = nn.Parameter(torch.empty_like(self.w13, device=self.device), requires_grad=False)
             self.w2 = nn.Parameter(torch.empty_like(self.w2, device=self.device), requires_grad=False)
-        e, i = int(expert), self.inter
-        part = _PROJ[proj]
+        (e, part), i = parse_expert_key(key), self.inter
         target = self.w2[e] if part == 2 else self.w13[e, part * i : (part + 1) * i]
         target.copy_(tensor)
 

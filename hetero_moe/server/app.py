@@ -166,7 +166,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             raise APIError(400, str(e), param="messages") from e
         max_tokens = body.max_completion_tokens or body.max_tokens
         top = (body.top_logprobs or 0) if body.logprobs else None
-        job = submit(prompt_ids, body, max_tokens, top, request)
+        job = submit(prompt_ids, body, max_tokens, top)
         parser = None
         if config.reasoning_parser is not None:
             tail = llm.tokenizer.decode(prompt_ids[-16:], skip_special_tokens=False)  # the prompt's end
@@ -180,15 +180,13 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         prompt_ids = llm.encode(body.prompt)
-        job = submit(prompt_ids, body, body.max_tokens or 16, body.logprobs, request)
+        job = submit(prompt_ids, body, body.max_tokens or 16, body.logprobs)
         rid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
             return stream_response(request, completion_chunks(job, body, rid))
         return await completion_response(job, rid, request)
 
-    def submit(
-        prompt_ids: list[int], body: SamplingFields, max_tokens: int | None, logprobs: int | None, request: Request
-    ) -> Job:
+    def submit(prompt_ids: list[int], body: SamplingFields, max_tokens: int | None, logprobs: int | None) -> Job:
         try:
             llm.engine.check_prompt(prompt_ids)
         except ContextLengthError as e:
@@ -213,7 +211,6 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             worker.submit(job)
         except QueueFullError as e:
             raise APIError(429, str(e), type_="rate_limit_error", code="queue_full") from e
-        request.state.job = job
         return job
 
     def stream_response(request: Request, chunks: AsyncIterator[dict]) -> EventSourceResponse:
