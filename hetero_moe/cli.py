@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--rules", required=True, help="rules file, or the name of a built-in one")
     check.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    check.add_argument("--max-context", type=int, help="also count the KV cache of one sequence of this many tokens")
     check.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     check.set_defaults(func=_rules_check)
 
@@ -131,8 +132,11 @@ def _rules_check(args: argparse.Namespace) -> int:
     from hetero_moe.llm import place
 
     placed = place(_model_dir(args.model), args.rules, args.dtype)
+    if args.max_context is not None and args.max_context < 1:
+        raise ValueError(f"--max-context must be at least 1, got {args.max_context}")
+    cache = placed.kv_cache_bytes(args.max_context) if args.max_context else {}
     if args.json:
-        print(json.dumps(_check_report(placed)))
+        print(json.dumps({**_check_report(placed), **({"kv_cache": cache} if args.max_context else {})}))
         return 0
     rows: dict[tuple[str, str, str], list[str]] = defaultdict(list)
     for name, p in placed.placements.items():
@@ -147,6 +151,11 @@ def _rules_check(args: argparse.Namespace) -> int:
     print("\nweights per device:")
     for dev, nbytes in placed.bytes_per_device().items():
         print(f"  {dev:<8} {_gb(nbytes)}")
+    if cache:
+        weights = placed.bytes_per_device()
+        print(f"\nKV cache for {args.max_context} tokens, and the total with the weights:")
+        for dev, nbytes in cache.items():
+            print(f"  {dev:<8} {_gb(nbytes)}  (total {_gb(nbytes + weights.get(dev, 0))})")
     for w in placed.warnings:
         print(f"warning: {w}")
     return 0

@@ -26,3 +26,8 @@ def physical_cores() -> int:
         except OSError:
             cores.add(str(cpu))
     return max(1, len(cores))
+
+
+def triton_interpreted() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter (`TRITON_INTERPRET=1`, tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

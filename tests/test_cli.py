@@ -26,19 +26,32 @@ def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
 
 
 def test_rules_check_json_on_the_real_deepseek_v3_config(capsys) -> None:
-    assert main(["rules", "check", "--model", "deepseek-v3", "--rules", "deepseek-v3.yaml", "--json"]) == 0
+    argv = [
+        "rules",
+        "check",
+        "--model",
+        "deepseek-v3",
+        "--rules",
+        "deepseek-v3.yaml",
+        "--json",
+        "--max-context",
+        "8192",
+    ]
+    assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report["devices"]) == {"cpu", "cuda:0"}
-    assert report["devices"]["cpu"] > 1.3e12 and report["devices"]["cuda:0"] > 3e10  # bf16 bytes
+    assert 3.4e11 < report["devices"]["cpu"] < 3.5e11 and 1.8e10 < report["devices"]["cuda:0"] < 2.2e10
+    assert report["kv_cache"] == {"cuda:0": 61 * 8192 * 576 * 2}  # the latent and rope key, bf16
     assert report["warnings"] == []
     by_name = {m["name"]: m for m in report["modules"]}
     assert by_name["model.layers.60.mlp.experts"] == {
         "name": "model.layers.60.mlp.experts",
         "class": "DeepseekV3Experts",
-        "op": "experts",
+        "op": "cpu_experts",
         "device": "cpu",
     }
     assert by_name["model.layers.0.self_attn"]["op"] == "attention"
+    assert by_name["model.layers.0.self_attn.o_proj"]["op"] == "linear"
     assert by_name["lm_head"]["device"] == "cuda:0" and by_name["lm_head"]["op"] is None
 
 
@@ -119,10 +132,8 @@ def test_bad_rules_file_names_rule_and_line(capsys, tiny, tmp_path) -> None:
     rules.write_text("- match: {name: '^$'}\n  replace: {device: cpu}\n- match: {name: x}\n  replace: {op: expertz}\n")
     assert main(["rules", "check", "--model", str(tiny("Qwen3MoeForCausalLM").path), "--rules", str(rules)]) == 2
     err = capsys.readouterr().err
-    assert (
-        f"{rules}: rule 1 (line 3): unknown op 'expertz'; known ops: attention, cpu_experts, experts, mlp, moe, router"
-        in err
-    )
+    known = "attention, cpu_experts, experts, linear, mlp, moe, router"
+    assert f"{rules}: rule 1 (line 3): unknown op 'expertz'; known ops: {known}" in err
 
 
 def test_gpu_rules_without_a_gpu_is_a_clear_error(capsys, tiny) -> None:

@@ -100,7 +100,7 @@ def test_root_cannot_be_replaced() -> None:
 
 
 def test_rules_check_bytes_on_the_real_deepseek_v3_config() -> None:
-    placed = place(V3, "deepseek-v3.yaml")  # 671 B parameters on the meta device
+    placed = place(V3, "gpu-exact.yaml")  # 671 B parameters on the meta device
     devices = placed.bytes_per_device()
     assert set(devices) == {"cpu", "cuda:0"}
     # bf16: the routed experts are 58 layers x 256 experts x 3 x 7168 x 2048 parameters
@@ -112,11 +112,17 @@ def test_rules_check_bytes_on_the_real_deepseek_v3_config() -> None:
 
 @pytest.mark.parametrize(
     ("model_dir", "rules"),
-    [(V2_LITE, "deepseek-v2-lite.yaml"), (QWEN3, "qwen3-moe.yaml"), (V3, "cpu-only.yaml"), (QWEN3, "cpu-only.yaml")],
+    [
+        (V2_LITE, "deepseek-v2-lite.yaml"),
+        (QWEN3, "qwen3-moe.yaml"),
+        (V3, "cpu-only.yaml"),
+        (QWEN3, "cpu-only.yaml"),
+        (V2_LITE, "gpu-exact.yaml"),
+    ],
 )
 def test_shipped_rules_fit_the_real_configs(model_dir: Path, rules: str) -> None:
     placed = place(model_dir, rules)
-    experts = [p for p in placed.placements.values() if p.op == "experts"]
+    experts = [p for p in placed.placements.values() if p.op in ("experts", "cpu_experts")]
     assert experts and all(p.device.type == "cpu" for p in experts)
 
 
@@ -126,13 +132,17 @@ def test_collapse_layers() -> None:
     assert collapse_layers(["lm_head"]) == "lm_head"
 
 
-def test_rules_check_counts_int4_expert_bytes(tmp_path) -> None:
-    text = (resources.files("hetero_moe.rules") / "deepseek-v3.yaml").read_text()
-    rules = tmp_path / "v3-int4.yaml"
-    rules.write_text(
-        text.replace("{op: experts, device: cpu}", "{op: cpu_experts, device: cpu, kwargs: {quant: int4}}")
-    )
-    devices = place(V3, rules).bytes_per_device()
+def test_shipped_deepseek_v3_rules_hold_int4_experts_and_fit_their_cards() -> None:
+    fp8, int4 = place(V3, "deepseek-v3.yaml"), place(V3, "deepseek-v3-int4-gpu.yaml")
     # per expert, group 64, bf16 scales: 2 x 2048 rows of 7168/2 bytes + 7168/64 scales; 7168 rows of 1024 + 32
     per_expert = 2 * 2048 * (7168 // 2 + 2 * 7168 // 64) + 7168 * (2048 // 2 + 2 * 2048 // 64)
-    assert devices["cpu"] == 58 * 256 * per_expert  # 347 GB, 4.25 bits per weight
+    assert fp8.bytes_per_device()["cpu"] == 58 * 256 * per_expert  # 347 GB, 4.25 bits per weight
+    assert fp8.warnings == [] and int4.warnings == []
+    # FP8 GPU linears: about 15 B non-expert parameters at one byte, plus bf16 embeddings, lm_head, kv_b_proj
+    assert 18e9 < fp8.bytes_per_device()["cuda:0"] < 22e9
+    # the 16 GB card: weights plus one 8K-token latent cache (61 layers x 8192 x 576 bf16) within 12 GB
+    cache = int4.kv_cache_bytes(8192)
+    assert cache == {"cuda:0": 61 * 8192 * 576 * 2}
+    assert int4.bytes_per_device()["cuda:0"] + cache["cuda:0"] <= 12e9
+    assert int4.placements["model.embed_tokens"].device.type == "cpu"
+    assert int4.placements["lm_head"].op == "linear"

@@ -16,7 +16,15 @@ def check(text: str, *fragments: str) -> None:
 
 def test_builtin_rules_parse() -> None:
     names = builtin_rules()
-    for expected in ("cpu-only.yaml", "deepseek-v3.yaml", "deepseek-v2-lite.yaml", "qwen3-moe.yaml", "mixtral.yaml"):
+    for expected in (
+        "cpu-only.yaml",
+        "gpu-exact.yaml",
+        "deepseek-v3.yaml",
+        "deepseek-v3-int4-gpu.yaml",
+        "deepseek-v2-lite.yaml",
+        "qwen3-moe.yaml",
+        "mixtral.yaml",
+    ):
         assert expected in names
     for name in names:
         assert load_rules(name).rules

@@ -14,6 +14,7 @@ from torch import nn
 
 from hetero_moe.inject.injector import PlacedModel
 from hetero_moe.ops.base import module_device
+from hetero_moe.ops.moe import HostStaging, MoEBlock
 from hetero_moe.ops.rope import Rope
 
 
@@ -48,7 +49,12 @@ class ModelRunner:
         ]
         self.head_device = module_device(self.lm_head)
         self.norm_device = module_device(self.norm)
-        self.vocab_size = self.lm_head.weight.shape[0]
+        self.vocab_size = self.lm_head.out_features
+        # MoE blocks on a GPU with their routed experts on the CPU overlap the two, through one staging area
+        overlapped = [m for m in placed.model.modules() if isinstance(m, MoEBlock) and m.overlaps()]
+        self.staging = HostStaging(overlapped[0].device) if overlapped else None
+        for block in overlapped:
+            block.bind(self.staging)
 
     def new_cache(self, capacity: int) -> SequenceCache:
         return SequenceCache([layer.self_attn.new_cache(capacity, self.dtype) for layer in self.layers], capacity)

@@ -68,6 +68,14 @@ class PlacedModel:
                 totals[str(self.placements[name].device)] += nbytes
         return dict(sorted(totals.items()))
 
+    def kv_cache_bytes(self, capacity: int) -> dict[str, int]:
+        """Bytes of one sequence's KV cache for `capacity` tokens, per device."""
+        totals: dict[str, int] = defaultdict(int)
+        for layer in self.model.model.layers:
+            attn = layer.self_attn
+            totals[str(attn.device)] += attn.cache_bytes(capacity, self.dtype)
+        return dict(sorted(totals.items()))
+
     def devices(self) -> set[torch.device]:
         return {p.device for p in self.placements.values()}
 

@@ -8,6 +8,7 @@ so float32 results match them token for token.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -74,15 +75,17 @@ class AttentionKwargs:
 
 class MLAAttention(Op):
     """DeepSeek multi-head latent attention. The cache holds only the normalised latent and the rotated
-    rope key per token. Keys and values are either re-expanded through `kv_b_proj` each step, exactly
-    as transformers does, or (`absorb`) never expanded: `kv_b_proj` is split per head into W_UK
-    `[h, nope, r]` and W_UV `[h, v, r]`; the query's nope part becomes `q W_UK` in latent space, the
-    attention is one multi-query attention over `[latent, k_pe]` with the latent as value, and W_UV
-    maps its output back per head."""
+    rope key per token. Keys and values are re-expanded through `kv_b_proj`, exactly as transformers
+    does; with `absorb`, decode (one token) never expands them: `kv_b_proj` is split per head into W_UK
+    `[h, nope, r]` and W_UV `[h, v, r]`, the query's nope part becomes `q W_UK` in latent space, the
+    attention is one multi-query attention over `[latent, k_pe]` with the latent as value (a Triton
+    kernel on a GPU), and W_UV maps its output back per head. Prefill keeps the expanded form, which
+    costs fewer operations when the queries are as many as the keys."""
 
     def __init__(self, hf: nn.Module, ctx: BuildContext, kwargs: AttentionKwargs | None = None) -> None:
         super().__init__(ctx.device)
         self.absorb = bool(kwargs and kwargs.absorb)
+        self.dtype = ctx.dtype
         self.num_heads = hf.num_heads
         self.q_lora_rank = hf.q_lora_rank
         self.kv_lora_rank = hf.kv_lora_rank
@@ -100,6 +103,8 @@ class MLAAttention(Op):
         self.kv_a_layernorm = hf.kv_a_layernorm
         self.kv_b_proj = hf.kv_b_proj
         self.o_proj = hf.o_proj
+        cuda_kernel = ctx.device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        self._latent_attend = self._latent_attend_triton if cuda_kernel else self._latent_attend_sdpa
 
     @classmethod
     def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Self:
@@ -107,9 +112,14 @@ class MLAAttention(Op):
 
     def finalize(self) -> None:
         if self.absorb:
-            w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-            self.w_uk = w[:, : self.nope_dim].contiguous()  # [h, nope, r]
-            self.w_uv = w[:, self.nope_dim :].contiguous()  # [h, v, r]
+            # views of kv_b_proj's own weight when it is unquantized; a dequantized copy otherwise
+            w = self.kv_b_proj.weight.to(self.dtype)
+            w = w.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+            self.w_uk = w[:, : self.nope_dim]  # [h, nope, r]
+            self.w_uv = w[:, self.nope_dim :]  # [h, v, r]
+
+    def cache_bytes(self, capacity: int, dtype: torch.dtype) -> int:
+        return capacity * (self.kv_lora_rank + self.rope_dim) * dtype.itemsize
 
     def new_cache(self, capacity: int, dtype: torch.dtype) -> MLACache:
         return MLACache(
@@ -134,8 +144,8 @@ class MLAAttention(Op):
         end = start + t
         cache.latent[start:end] = kv_nope
         cache.k_pe[start:end] = k_pe[0, 0]
-        if self.absorb:
-            return self._absorbed(q_nope, q_pe, cache, start, end)
+        if self.absorb and t == 1:
+            return self._absorbed(q_nope[0, :, 0], q_pe[0, :, 0], cache, end)
         latent = cache.latent[:end].view(1, 1, end, self.kv_lora_rank)
 
         kv = self.kv_b_proj(latent).view(1, end, -1, self.nope_dim + self.v_dim).transpose(1, 2)
@@ -148,14 +158,27 @@ class MLAAttention(Op):
         out = attend(q, k, v, start, self.scaling)  # [1, h, T, v]
         return self.o_proj(out.transpose(1, 2).reshape(t, -1))
 
-    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: MLACache, start: int, end: int):
-        t = q_nope.shape[2]
-        q_latent = torch.einsum("htn,hnr->htr", q_nope[0], self.w_uk)[None]  # [1, h, T, r]
-        q = torch.cat((q_latent, q_pe), dim=-1)  # [1, h, T, r + rope]
+    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: MLACache, end: int) -> torch.Tensor:
+        """One decode token: `q_nope [h, nope]`, `q_pe [h, rope]` over the cache's first `end` rows."""
+        q_latent = torch.einsum("hn,hnr->hr", q_nope, self.w_uk)  # [h, r]
+        out = self._latent_attend(q_latent, q_pe.contiguous(), cache, end)  # [h, r]
+        out = torch.einsum("hr,hvr->hv", out, self.w_uv)  # [h, v]
+        return self.o_proj(out.reshape(1, -1))
+
+    def _latent_attend_sdpa(self, q_latent: torch.Tensor, q_pe: torch.Tensor, cache: MLACache, end: int):
+        q = torch.cat((q_latent, q_pe), dim=-1)[None, :, None]  # [1, h, 1, r + rope]
         k = torch.cat((cache.latent[:end], cache.k_pe[:end]), dim=-1).view(1, 1, end, -1)  # one kv head
-        out = attend(q, k, cache.latent[:end].view(1, 1, end, self.kv_lora_rank), start, self.scaling)
-        out = torch.einsum("htr,hvr->thv", out[0], self.w_uv)  # [T, h, v]
-        return self.o_proj(out.reshape(t, -1))
+        out = attend(q, k, cache.latent[:end].view(1, 1, end, self.kv_lora_rank), end - 1, self.scaling)
+        return out[0, :, 0]
+
+    def _latent_attend_triton(self, q_latent: torch.Tensor, q_pe: torch.Tensor, cache: MLACache, end: int):
+        from hetero_moe.kernels.triton.mla_decode import choose_splits, mla_decode
+
+        row_start = torch.zeros(1, dtype=torch.int32, device=self.device)
+        row_len = torch.full((1,), end, dtype=torch.int32, device=self.device)
+        splits = choose_splits(1, self.num_heads, end)  # from the host's `end`: no device sync
+        out = mla_decode(q_latent[None], q_pe[None], cache.latent, cache.k_pe, row_start, row_len, self.scaling, splits)
+        return out[0]
 
 
 class GQAAttention(Op):
@@ -178,6 +201,9 @@ class GQAAttention(Op):
     @classmethod
     def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Self:
         return cls(hf, ctx, kwargs)
+
+    def cache_bytes(self, capacity: int, dtype: torch.dtype) -> int:
+        return 2 * self.num_kv_heads * capacity * self.head_dim * dtype.itemsize
 
     def new_cache(self, capacity: int, dtype: torch.dtype) -> GQACache:
         shape = (1, self.num_kv_heads, capacity, self.head_dim)

@@ -1,16 +1,71 @@
 """The MoE block and the routers, each exactly as its architecture defines it.
 
 The block is a container: its router, routed experts and shared experts are its children, each
-placed by its own rule, and the block moves activations between their devices.
+placed by its own rule, and the block moves activations between their devices. When the block runs
+on a GPU and its routed experts on the CPU, the experts run in a worker thread on pinned copies of
+their inputs while the GPU computes the shared experts (`HostStaging`).
 """
 
 from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hetero_moe.ops.base import BuildContext, Op, module_device
+
+
+@dataclass
+class OverlapStats:
+    """Seconds spent, summed over MoE layers, since the last `reset`: in the CPU experts (worker thread)
+    and waiting for them (the calling thread, after its GPU work was queued)."""
+
+    experts_s: float = 0.0
+    wait_s: float = 0.0
+    calls: int = 0
+
+    def reset(self) -> None:
+        self.experts_s = self.wait_s = 0.0
+        self.calls = 0
+
+
+class HostStaging:
+    """Pinned host buffers for the routed experts' inputs and outputs, and the one worker thread that
+    runs the CPU experts; shared by all MoE blocks of a model, which run one after another.
+
+    Buffer reuse is safe without extra synchronisation: the worker waits for an event recorded after
+    the copies into the input buffers, and that event follows, on the same stream, the previous
+    layer's copy out of the output buffer."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device  # the GPU the blocks run on
+        self.pin = device.type == "cuda"
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="cpu-experts")
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.stats = OverlapStats()
+
+    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A host tensor of `shape`, backed by a grow-only (pinned, on a GPU box) buffer."""
+        n = 1
+        for d in shape:
+            n *= d
+        buf = self.buffers.get(name)
+        if buf is None or buf.dtype != dtype or buf.numel() < n:
+            buf = torch.empty(max(n, 1), dtype=dtype, pin_memory=self.pin)
+            self.buffers[name] = buf
+        return buf[:n].view(shape)
+
+    def to_host(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        host = self.buffer(name, tuple(t.shape), t.dtype)
+        host.copy_(t, non_blocking=True)
+        return host
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
 
 
 class MoEBlock(Op):
@@ -24,17 +79,60 @@ class MoEBlock(Op):
         self.experts = hf.experts
         self.shared_experts = getattr(hf, "shared_experts", None)
 
+        self.staging: HostStaging | None = None
+        self._forward = self._sequential
+
     def finalize(self) -> None:
         self.experts_device = self.experts.device
         if self.shared_experts is not None:
             self.shared_device = module_device(self.shared_experts)
 
+    def overlaps(self) -> bool:
+        """Whether the routed experts run on the host while this block's device does the rest."""
+        return self.experts_device.type == "cpu" and self.device.type != "cpu"
+
+    def bind(self, staging: HostStaging) -> None:
+        """Run the routed experts through `staging`'s pinned buffers and worker thread from now on."""
+        self.staging = staging
+        self._forward = self._overlapped
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H]
+        return self._forward(x)
+
+    def _sequential(self, x: torch.Tensor) -> torch.Tensor:
         weights, index = self.gate(x.to(self.gate.device))  # [T, k] each
         dev = self.experts_device
         out = self.experts(x.to(dev), index.to(dev), weights.to(dev)).to(self.device)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x.to(self.shared_device)).to(self.device)
+        return out
+
+    def _overlapped(self, x: torch.Tensor) -> torch.Tensor:
+        st = self.staging
+        weights, index = self.gate(x.to(self.gate.device))  # [T, k] each
+        hx, hi, hw = st.to_host("x", x), st.to_host("index", index), st.to_host("weights", weights)
+        ready = torch.cuda.Event() if st.pin else None
+        if ready is not None:
+            ready.record()
+        job = st.executor.submit(self._host_experts, ready, hx, hi, hw)
+        shared = None if self.shared_experts is None else self.shared_experts(x.to(self.shared_device))
+        start = time.perf_counter()
+        y = job.result()  # [T, H] in the pinned output buffer
+        st.stats.wait_s += time.perf_counter() - start
+        out = y.to(self.device, non_blocking=True)
+        return out if shared is None else out + shared.to(self.device)
+
+    def _host_experts(self, ready, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Worker thread: wait for the inputs' copies, run the experts into the pinned output buffer."""
+        if ready is not None:
+            ready.synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            y = self.experts(x, index, weights)
+            out = self.staging.buffer("y", tuple(y.shape), x.dtype)
+            out.copy_(y)
+        self.staging.stats.experts_s += time.perf_counter() - start
+        self.staging.stats.calls += 1
         return out
 
 

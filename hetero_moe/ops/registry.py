@@ -16,6 +16,7 @@ from hetero_moe.ops.attention import AttentionKwargs, GQAAttention, MLAAttention
 from hetero_moe.ops.base import BuildContext, NoKwargs, Op, parse_kwargs
 from hetero_moe.ops.cpu_experts import CPUExperts, CPUExpertsKwargs
 from hetero_moe.ops.experts import TorchExperts
+from hetero_moe.ops.linear import LinearKwargs, QuantLinear
 from hetero_moe.ops.mlp import GatedMLP
 from hetero_moe.ops.moe import DeepseekV2Router, DeepseekV3Router, MixtralRouter, MoEBlock, QwenRouter
 
@@ -98,6 +99,12 @@ OPS: Mapping[str, OpSpec] = {
             "mlp",
             "gated MLP: dense layers and shared experts",
             {"DeepseekV3MLP": GatedMLP, "DeepseekV2MLP": GatedMLP, "Qwen3MoeMLP": GatedMLP},
+        ),
+        OpSpec(
+            "linear",
+            "quantized linear on the GPU (quant: fp8 | int4), Triton kernels",
+            {"Linear": QuantLinear},
+            LinearKwargs,
         ),
     )
 }
