@@ -69,6 +69,18 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--no-baselines", action="store_true", help="skip the torch baselines")
     ex.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ex.set_defaults(func=_bench_experts)
+    dec = bench.add_parser(
+        "decode", help="decode tok/s of a synthetic checkpoint at a real shape against the DRAM roofline"
+    )
+    dec.add_argument("--arch", required=True, choices=["deepseek-v2-lite", "qwen3-30b-a3b", "deepseek-v3"])
+    dec.add_argument("--rules", help="rules file (default: the shipped GPU rules of the architecture)")
+    dec.add_argument("--layers", type=int, help="real-size layers to run (default: whole model; DeepSeek-V3: 4)")
+    dec.add_argument("--disk", choices=["fp8", "bf16"], help="checkpoint format (default: the release's)")
+    dec.add_argument("--steps", type=int, default=32, help="decode steps timed")
+    dec.add_argument("--threads", type=int, help="CPU threads (default: the physical cores)")
+    dec.add_argument("--checkpoint-dir", help="where synthetic checkpoints are kept (default: the cache directory)")
+    dec.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    dec.set_defaults(func=_bench_decode)
 
     for name, helptext in (
         ("generate", "complete a raw prompt"),
@@ -321,6 +333,25 @@ def _bench_experts(args: argparse.Namespace) -> int:
             f"{b['name']:<20} {b['tokens']:>6} {b['seconds_per_layer'] * 1e3:>9.3f} {b['weight_gbps']:>7.1f} "
             f"{b['ratio']:>8.0%}"
         )
+    return 0
+
+
+def _bench_decode(args: argparse.Namespace) -> int:
+    from hetero_moe import bench_decode
+    from hetero_moe.settings import physical_cores
+
+    rules, fp8, layers = bench_decode.ARCHS[args.arch]
+    bench = bench_decode.DecodeBench(
+        arch=args.arch,
+        rules=args.rules or rules,
+        layers=args.layers if args.layers is not None else layers,
+        fp8=fp8 if args.disk is None else args.disk == "fp8",
+        steps=args.steps,
+        threads=args.threads or physical_cores(),
+    )
+    root = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+    report = bench_decode.run(bench, bench_decode.checkpoint(bench, root))
+    print(json.dumps(report) if args.json else bench_decode.format_report(report))
     return 0
 
 

@@ -15,11 +15,12 @@ with it is the oracle for our own loader and model.
 from __future__ import annotations
 
 import copy
+import enum
 import json
 import logging
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,9 @@ CHAT_TEMPLATE = (
 )
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
+SCALE_SUFFIX = "_scale_inv"  # an FP8 weight's block scales are stored as f"{weight}{SCALE_SUFFIX}"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 
 # Random init. Linear weights use std = gain / sqrt(fan_in) (0.18 at width 72), so activations keep
 # unit scale at any width. The real configs' 0.02 gives near-uniform logits in a 72-wide model (top-2
@@ -223,22 +227,49 @@ def _architecture(config: transformers.PreTrainedConfig) -> str:
     return archs[0]
 
 
+class Role(enum.Enum):
+    """What a state-dict tensor is, which decides how synthetic weights initialise it."""
+
+    NORM = "norm"  # an RMSNorm weight: around 1
+    EMBEDDING = "embedding"
+    MATRIX = "matrix"  # [out, in] or fused experts [E, out, in]: std proportional to 1/sqrt(in)
+    VECTOR = "vector"  # biases and persistent buffers (e_score_correction_bias)
+
+
+def tensor_roles(model: nn.Module) -> dict[str, Role]:
+    """The role of every state-dict tensor of ``model``, from module types and shapes only (so a model
+    on the meta device works)."""
+    norm_weights = {f"{name}.weight" for name, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")}
+    embeddings = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    roles: dict[str, Role] = {}
+    for name, tensor in model.state_dict().items():
+        if name in norm_weights:
+            roles[name] = Role.NORM
+        elif name in embeddings:
+            roles[name] = Role.EMBEDDING
+        elif tensor.dim() >= 2:
+            roles[name] = Role.MATRIX
+        else:
+            roles[name] = Role.VECTOR
+    return roles
+
+
 @torch.no_grad()
 def _randomize(model: nn.Module, generator: torch.Generator) -> None:
     """Overwrite every parameter and persistent buffer, in state-dict order."""
-    norm_weights = {f"{name}.weight" for name, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")}
-    embeddings = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    roles = tensor_roles(model)
     seen: set[int] = set()
     for name, tensor in model.state_dict().items():
         if tensor.data_ptr() in seen:  # tied weights: initialise once
             continue
         seen.add(tensor.data_ptr())
         noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
-        if name in norm_weights:
+        role = roles[name]
+        if role is Role.NORM:
             value = 1.0 + _NORM_STD * noise
-        elif name in embeddings:
+        elif role is Role.EMBEDDING:
             value = _EMBED_STD * noise
-        elif tensor.dim() >= 2:
+        elif role is Role.MATRIX:
             # [out, in] or fused experts [E, out, in]: fan-in is the last dim
             value = _LINEAR_GAIN / math.sqrt(tensor.shape[-1]) * noise
         else:
@@ -263,7 +294,7 @@ class WrittenCheckpoint:
 
 
 @dataclass(frozen=True)
-class _ExpertNaming:
+class ExpertNaming:
     """How one MoE block's routed experts are named on disk."""
 
     block: str  # module holding router and experts under model.layers.N
@@ -272,19 +303,41 @@ class _ExpertNaming:
     down: str
 
 
-_HF_NAMING = _ExpertNaming(block="mlp", gate="gate_proj", up="up_proj", down="down_proj")
+_HF_NAMING = ExpertNaming(block="mlp", gate="gate_proj", up="up_proj", down="down_proj")
 # The original Mixtral release: block_sparse_moe.gate / block_sparse_moe.experts.E.{w1,w3,w2}.
-_MIXTRAL_LEGACY_NAMING = _ExpertNaming(block="block_sparse_moe", gate="w1", up="w3", down="w2")
+_MIXTRAL_LEGACY_NAMING = ExpertNaming(block="block_sparse_moe", gate="w1", up="w3", down="w2")
 
 _MLP_KEY = re.compile(r"^(model\.layers\.\d+)\.mlp\.(.+)$")
 
 
+def expert_naming(config: transformers.PreTrainedConfig, legacy_mixtral_names: bool = True) -> ExpertNaming:
+    """The on-disk naming of ``config``'s routed experts: the original Mixtral release's
+    ``block_sparse_moe.experts.E.w1`` names when ``legacy_mixtral_names``, else transformers' own."""
+    arch = _architecture(config)
+    return _MIXTRAL_LEGACY_NAMING if arch == "MixtralForCausalLM" and legacy_mixtral_names else _HF_NAMING
+
+
 @dataclass(frozen=True)
-class _DiskTensor:
-    name: str
-    value: torch.Tensor  # float32 source value
-    quantizable: bool  # a Linear weight inside the decoder layers (FP8 in the V3 release)
+class DiskEntry:
+    """One tensor of the release layout, described by the transformers model's shapes alone."""
+
+    name: str  # the key on disk
+    source: str  # the transformers state-dict key holding its values
+    expert: int | None  # routed experts: index into the fused source [E, ...]
+    rows: tuple[int, int] | None  # row range of the source expert (gate or up half of gate_up_proj)
+    shape: tuple[int, ...]  # on disk
+    role: Role
+    quantizable: bool  # a Linear weight inside the decoder layers: FP8 in the DeepSeek-V3 release
     keep_fp32: bool  # persistent buffers such as e_score_correction_bias stay float32 on disk
+
+    def take(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """This tensor's values, a view of the transformers state dict ``state``."""
+        value = state[self.source]
+        if self.expert is not None:
+            value = value[self.expert]
+        if self.rows is not None:
+            value = value[self.rows[0] : self.rows[1]]
+        return value
 
 
 def write_checkpoint(
@@ -311,35 +364,36 @@ def write_checkpoint(
         raise ValueError(f"shards must be >= 1, got {shards}")
     if len(block_size) != 2 or min(block_size) < 1:
         raise ValueError(f"block_size must be two positive ints, got {block_size}")
-    arch = _architecture(model.config)
-    naming = _MIXTRAL_LEGACY_NAMING if arch == "MixtralForCausalLM" and legacy_mixtral_names else _HF_NAMING
+    naming = expert_naming(model.config, legacy_mixtral_names)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    disk_tensors = list(_disk_tensors(model, naming))
+    entries = disk_layout(model, naming)
+    state = model.state_dict()
     # Groups of tensors that go to the same file: a weight and its scale are never split.
     groups: list[dict[str, torch.Tensor]] = []
     loaded: dict[str, torch.Tensor] = {}  # disk name -> what a loader must produce, float32
-    for t in disk_tensors:
-        if fp8 and t.quantizable:
-            q, scale_inv = _quantize_fp8_blockwise(t.value, block_size)
-            groups.append({t.name: q, f"{t.name}_scale_inv": scale_inv})
-            loaded[t.name] = dequantize_fp8_reference(q, scale_inv, block_size)
+    for entry in entries:
+        value = entry.take(state).detach().to(torch.float32).contiguous()
+        if fp8 and entry.quantizable:
+            q, scale_inv = _quantize_fp8_blockwise(value, block_size)
+            groups.append({entry.name: q, f"{entry.name}{SCALE_SUFFIX}": scale_inv})
+            loaded[entry.name] = dequantize_fp8_reference(q, scale_inv, block_size)
         else:
-            stored = t.value.to(torch.float32 if t.keep_fp32 else dtype).contiguous()
-            groups.append({t.name: stored})
-            loaded[t.name] = stored.to(torch.float32, copy=True)  # never aliases the model
+            stored = value.to(torch.float32 if entry.keep_fp32 else dtype).contiguous()
+            groups.append({entry.name: stored})
+            loaded[entry.name] = stored.to(torch.float32, copy=True)  # never aliases the model
 
     _write_weights(out, groups, shards)
-    _write_config(model.config, out, dtype=dtype, fp8_block=block_size if fp8 else None)
+    write_config(model.config, out, dtype=dtype, fp8_block=block_size if fp8 else None)
     if tokenizer:
         build_tokenizer(out, vocab_size=model.config.vocab_size)
     state_dict = _assemble_state_dict(model, naming, loaded)
-    logger.debug("wrote %s: %d tensors in %d file(s), fp8=%s", out, len(disk_tensors), shards, fp8)
+    logger.debug("wrote %s: %d tensors in %d file(s), fp8=%s", out, len(entries), shards, fp8)
     return WrittenCheckpoint(path=out, state_dict=state_dict)
 
 
-def _disk_name(key: str, naming: _ExpertNaming) -> str:
+def _disk_name(key: str, naming: ExpertNaming) -> str:
     """transformers key -> on-disk key, for everything but the fused experts."""
     match = _MLP_KEY.match(key)
     if match is None:
@@ -355,7 +409,7 @@ def _layer_prefix(key: str) -> str:
     return match[1]
 
 
-def _expert_names(layer: str, naming: _ExpertNaming, expert: int) -> tuple[str, str, str]:
+def _expert_names(layer: str, naming: ExpertNaming, expert: int) -> tuple[str, str, str]:
     prefix = f"{layer}.{naming.block}.experts.{expert}"
     return (
         f"{prefix}.{naming.gate}.weight",
@@ -364,43 +418,63 @@ def _expert_names(layer: str, naming: _ExpertNaming, expert: int) -> tuple[str, 
     )
 
 
-def _disk_tensors(model: nn.Module, naming: _ExpertNaming) -> Iterator[_DiskTensor]:
-    """The tensors of the release layout, in state-dict order, fused experts split per expert."""
+def disk_layout(model: nn.Module, naming: ExpertNaming) -> list[DiskEntry]:
+    """The tensors of the release layout, in state-dict order, fused experts split per expert.
+
+    Reads only module types and shapes, so ``model`` may live on the meta device. Tied releases store
+    only the embedding.
+    """
     linear_weights = {
         f"{name}.weight"
         for name, m in model.named_modules()
         if isinstance(m, nn.Linear) and name.startswith("model.layers.")
     }
     buffers = {name for name, _ in model.named_buffers()}
+    roles = tensor_roles(model)
     state = model.state_dict()  # persistent tensors only: rotary inv_freq is not in it
     tied = getattr(model.config, "tie_word_embeddings", False)
+    entries: list[DiskEntry] = []
     for key, value in state.items():
-        value = value.detach().to(torch.float32)
         if tied and key == "lm_head.weight":
-            continue  # tied releases store only the embedding
+            continue
         if key.endswith(".experts.gate_up_proj"):
             # [E, 2I, H]: gate rows first, then up
             layer = _layer_prefix(key)
-            inter = value.shape[1] // 2
-            down = state[key.removesuffix("gate_up_proj") + "down_proj"].detach().to(torch.float32)  # [E, H, I]
-            for e in range(value.shape[0]):
+            n_experts, two_inter, hidden = value.shape
+            inter = two_inter // 2
+            down_key = key.removesuffix("gate_up_proj") + "down_proj"
+            down_shape = tuple(state[down_key].shape[1:])  # [H, I]
+            for e in range(n_experts):
                 gate_name, up_name, down_name = _expert_names(layer, naming, e)
-                yield _DiskTensor(gate_name, value[e, :inter].contiguous(), quantizable=True, keep_fp32=False)
-                yield _DiskTensor(up_name, value[e, inter:].contiguous(), quantizable=True, keep_fp32=False)
-                yield _DiskTensor(down_name, down[e].contiguous(), quantizable=True, keep_fp32=False)
+                for name, rows in ((gate_name, (0, inter)), (up_name, (inter, two_inter))):
+                    entries.append(_expert_entry(name, key, e, rows, (inter, hidden)))
+                entries.append(_expert_entry(down_name, down_key, e, None, down_shape))
         elif key.endswith(".experts.down_proj"):
             continue  # written with gate_up_proj, expert by expert
         else:
-            yield _DiskTensor(
-                _disk_name(key, naming),
-                value.contiguous(),
-                quantizable=key in linear_weights and value.dim() == 2,
-                keep_fp32=key in buffers,
+            entries.append(
+                DiskEntry(
+                    _disk_name(key, naming),
+                    key,
+                    None,
+                    None,
+                    tuple(value.shape),
+                    roles[key],
+                    quantizable=key in linear_weights and value.dim() == 2,
+                    keep_fp32=key in buffers,
+                )
             )
+    return entries
+
+
+def _expert_entry(
+    name: str, source: str, expert: int, rows: tuple[int, int] | None, shape: tuple[int, ...]
+) -> DiskEntry:
+    return DiskEntry(name, source, expert, rows, shape, Role.MATRIX, quantizable=True, keep_fp32=False)
 
 
 def _assemble_state_dict(
-    model: nn.Module, naming: _ExpertNaming, loaded: dict[str, torch.Tensor]
+    model: nn.Module, naming: ExpertNaming, loaded: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """Back from disk names to the transformers layout, fusing experts again."""
     state = model.state_dict()
@@ -476,30 +550,47 @@ def _shard_of_groups(sizes: list[int], shards: int) -> list[int]:
     return result
 
 
-def _write_weights(out: Path, groups: list[dict[str, torch.Tensor]], shards: int) -> None:
-    for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+def remove_weights(out: Path) -> None:
+    """Delete the ``model*.safetensors`` files and the index in ``out``, left by an earlier write."""
+    for stale in [*out.glob("model*.safetensors"), out / INDEX_FILE]:
         if stale.exists():
             stale.unlink()
+
+
+def shard_file_name(k: int, shards: int) -> str:
+    """The release name of shard ``k`` (from 0) of ``shards``: ``model-00001-of-00003.safetensors``."""
+    return f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+
+
+def write_index(out: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """Write ``model.safetensors.index.json``: each tensor's file, and the tensors' total bytes."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_weights(out: Path, groups: list[dict[str, torch.Tensor]], shards: int) -> None:
+    remove_weights(out)
     metadata = {"format": "pt"}
     if shards == 1:
         tensors = {name: t for group in groups for name, t in group.items()}
-        save_file(tensors, str(out / "model.safetensors"), metadata=metadata)
+        save_file(tensors, str(out / SINGLE_FILE), metadata=metadata)
         return
     sizes = [sum(t.numel() * t.element_size() for t in g.values()) for g in groups]
     placement = _shard_of_groups(sizes, shards)
-    files = [f"model-{k + 1:05d}-of-{shards:05d}.safetensors" for k in range(shards)]
+    files = [shard_file_name(k, shards) for k in range(shards)]
     weight_map: dict[str, str] = {}
     for k, file in enumerate(files):
         tensors = {name: t for g, shard in zip(groups, placement, strict=True) if shard == k for name, t in g.items()}
         save_file(tensors, str(out / file), metadata=metadata)
         weight_map.update(dict.fromkeys(tensors, file))
-    index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    write_index(out, weight_map, sum(sizes))
 
 
-def _write_config(
+def write_config(
     config: transformers.PreTrainedConfig, out: Path, *, dtype: torch.dtype, fp8_block: tuple[int, int] | None
 ) -> None:
+    """Write ``config.json`` as ``save_pretrained`` would, declaring ``dtype`` as the checkpoint's and,
+    when ``fp8_block`` is given, the DeepSeek-V3 release's FP8 ``quantization_config`` with that block."""
     data = config.to_diff_dict()  # what save_pretrained writes: every model key, no generic noise
     data["dtype"] = _DTYPE_NAMES[dtype]  # the model object is float32; the files are not
     data.pop("quantization_config", None)

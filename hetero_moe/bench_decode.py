@@ -1,0 +1,242 @@
+"""`hetero-moe bench decode`: decode speed of a whole model at a real shape, against the DRAM roofline
+measured in the same run.
+
+The checkpoint is synthetic (random values, the real layout and dimensions, `synth_large`), written
+once into the cache directory. DeepSeek-V2-Lite and Qwen3-30B-A3B run whole; DeepSeek-V3 runs as K
+real-size layers and is extrapolated to its 61 layers from the measured per-layer times.
+
+Per decode step, the routed experts must stream `top_k x bytes per expert` from DRAM in every MoE
+layer; the roofline is the measured DRAM read bandwidth divided by those bytes.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hetero_moe.arch import load_config
+from hetero_moe.bench import dram_read_gbps
+from hetero_moe.llm import LLM
+from hetero_moe.ops.cpu_experts import CPUExperts
+from hetero_moe.ops.experts import TorchExperts
+from hetero_moe.ops.moe import MoEBlock
+from hetero_moe.settings import cache_dir
+
+ARCHS = {  # preset -> (shipped GPU rules, FP8 on disk as the release, default layers: None = whole)
+    "deepseek-v2-lite": ("deepseek-v2-lite.yaml", False, None),
+    "qwen3-30b-a3b": ("qwen3-moe.yaml", False, None),
+    "deepseek-v3": ("deepseek-v3.yaml", True, 4),
+}
+
+
+@dataclass(frozen=True)
+class DecodeBench:
+    arch: str
+    rules: str
+    layers: int | None  # None: the whole model
+    fp8: bool  # checkpoint on disk in FP8 (else bf16)
+    steps: int = 32
+    prompt_tokens: int = 16
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        if self.layers is not None and self.layers < 1:
+            raise ValueError(f"--layers must be at least 1, got {self.layers}")
+        if self.steps < 2 or self.prompt_tokens < 1 or self.threads < 1:
+            raise ValueError("steps must be at least 2, prompt tokens and threads at least 1")
+
+
+def checkpoint(bench: DecodeBench, root: Path | None = None) -> Path:
+    """The synthetic checkpoint for `bench`, written on first use (tens of GB at real size)."""
+    from hetero_moe.synth_large import write_large_checkpoint
+
+    name = f"{bench.arch}-{bench.layers or 'all'}-{'fp8' if bench.fp8 else 'bf16'}"
+    out = (root or cache_dir() / "bench") / name
+    done = out / ".complete"
+    if not done.exists():
+        config, _ = load_config(Path(str(resources.files("hetero_moe.configs") / bench.arch)))
+        write_large_checkpoint(config, out, fp8=bench.fp8, layers=bench.layers)
+        done.write_text("written by hetero-moe bench decode\n")
+    return out
+
+
+class _LayerTimer:
+    """Wall time of each decoder layer (from its input norm to the end of its MLP or MoE block, as the
+    runner calls them) and of each routed experts call, on forward hooks that wait for the GPU first;
+    used in a separate profiled pass only."""
+
+    def __init__(self, layers: list[nn.Module], experts: list[nn.Module], sync) -> None:
+        self.sync = sync
+        self.layer_s = [0.0] * len(layers)
+        self.experts_s = 0.0
+        self.handles = []
+        for i, layer in enumerate(layers):
+            self.handles.append(layer.input_layernorm.register_forward_pre_hook(self._start(("layer", i))))
+            self.handles.append(layer.mlp.register_forward_hook(self._stop(("layer", i))))
+        for e in experts:
+            self.handles.append(e.register_forward_pre_hook(self._start(("experts", 0))))
+            self.handles.append(e.register_forward_hook(self._stop(("experts", 0))))
+        self.started: dict[tuple, float] = {}
+
+    def _start(self, key):
+        def hook(module, args):
+            self.sync()
+            self.started[key] = time.perf_counter()
+
+        return hook
+
+    def _stop(self, key):
+        def hook(module, args, out):
+            self.sync()
+            seconds = time.perf_counter() - self.started.pop(key)
+            if key[0] == "layer":
+                self.layer_s[key[1]] += seconds
+            else:
+                self.experts_s += seconds
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def run(bench: DecodeBench, model_dir: Path) -> dict:
+    torch.set_num_threads(bench.threads)
+    dram = dram_read_gbps()
+    context = bench.prompt_tokens + 2 * bench.steps + 8
+    load_start = time.perf_counter()
+    llm = LLM(model_dir, rules=bench.rules, dtype="bfloat16", max_context=context, cpu_threads=bench.threads)
+    load_s = time.perf_counter() - load_start
+    runner = llm.runner
+    gpu = next((d for d in llm.placed.devices() if d.type == "cuda"), None)
+    sync = torch.cuda.synchronize if gpu is not None else (lambda: None)
+
+    blocks = [m for m in llm.placed.model.modules() if isinstance(m, MoEBlock)]
+    experts = [b.experts for b in blocks]
+    moe_layers = [i for i, layer in enumerate(runner.layers) if isinstance(layer.mlp, MoEBlock)]
+    dense_layers = [i for i in range(len(runner.layers)) if i not in moe_layers]
+    top_k = blocks[0].gate.top_k
+    per_expert = _bytes_per_expert(experts[0])
+
+    prompt = torch.arange(bench.prompt_tokens) % 200 + 3
+    # timed pass: greedy decode, one token per step, the host waiting for each token as a server does
+    cache = runner.new_cache(context)
+    logits = runner.forward(prompt, cache)
+    for _ in range(2):  # warm up: allocator, kernel caches
+        logits = runner.forward(logits.argmax()[None], cache)
+    if runner.staging is not None:
+        runner.staging.stats.reset()
+    times = []
+    for _ in range(bench.steps):
+        start = time.perf_counter()
+        logits = runner.forward(logits.argmax()[None], cache)
+        int(logits.argmax())
+        times.append(time.perf_counter() - start)
+    step_s = statistics.mean(times)
+    overlap = None
+    if runner.staging is not None:
+        st = runner.staging.stats
+        overlap = {"experts_s": st.experts_s / bench.steps, "wait_s": st.wait_s / bench.steps}
+
+    # profiled pass: per-layer wall times (the GPU is waited for at each boundary)
+    timer = _LayerTimer(runner.layers, experts, sync)
+    try:
+        start = time.perf_counter()
+        for _ in range(bench.steps):
+            logits = runner.forward(logits.argmax()[None], cache)
+            int(logits.argmax())
+        profiled_step_s = (time.perf_counter() - start) / bench.steps
+    finally:
+        timer.remove()
+    # per-layer times, scaled by what the hooks' synchronisations added to the whole step
+    scale = step_s / profiled_step_s
+    layer_s = [t / bench.steps * scale for t in timer.layer_s]
+    experts_s = timer.experts_s / bench.steps / len(moe_layers)
+    moe_s = statistics.mean(layer_s[i] for i in moe_layers)
+    dense_s = statistics.mean(layer_s[i] for i in dense_layers) if dense_layers else 0.0
+    outside_s = max(step_s - sum(layer_s), 0.0)  # embedding, final norm, lm_head, sampling, Python
+
+    full, _ = load_config(Path(str(resources.files("hetero_moe.configs") / bench.arch)))
+    full_moe, full_dense = _layer_counts(full)
+    full_step_s = outside_s + full_moe * moe_s + full_dense * dense_s
+    routed_bytes = full_moe * top_k * per_expert
+    roofline = dram["best"] * 1e9 / routed_bytes
+    tok_s = 1.0 / full_step_s
+    wait_per_layer = overlap["wait_s"] / len(moe_layers) if overlap else experts_s
+    return {
+        "arch": bench.arch,
+        "rules": bench.rules,
+        "checkpoint": str(model_dir),
+        "layers_run": len(runner.layers),
+        "moe_layers_run": len(moe_layers),
+        "layers_full": full_moe + full_dense,
+        "extrapolated": len(runner.layers) != full_moe + full_dense,
+        "threads": bench.threads,
+        "load_s": load_s,
+        "decode_step_ms_run": step_s * 1e3,
+        "decode_tok_s": tok_s,
+        "per_moe_layer_ms": {
+            "total": moe_s * 1e3,
+            "cpu_experts": experts_s * 1e3,
+            "waiting": wait_per_layer * 1e3,
+            "gpu_and_host": (moe_s - wait_per_layer) * 1e3,
+        },
+        "per_dense_layer_ms": dense_s * 1e3,
+        "outside_layers_ms": outside_s * 1e3,
+        "routed_bytes_per_token": routed_bytes,
+        "dram_read_gbps": dram,
+        "roofline_tok_s": roofline,
+        "share_of_roofline": tok_s / roofline,
+        "gpu_memory_gb": torch.cuda.max_memory_allocated(gpu) / 1e9 if gpu is not None else None,
+        "cpu_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+    }
+
+
+def _bytes_per_expert(experts: nn.Module) -> float:
+    if isinstance(experts, CPUExperts):
+        return experts.nbytes() / experts.num_experts
+    if isinstance(experts, TorchExperts):
+        return (experts.w13[0].nbytes + experts.w2[0].nbytes) * 1.0
+    raise TypeError(f"no byte count for routed experts of type {type(experts).__name__}")
+
+
+def _layer_counts(config) -> tuple[int, int]:
+    """(MoE layers, dense layers) of a full config, by each architecture's own rule."""
+    n = config.num_hidden_layers
+    if getattr(config, "first_k_dense_replace", None) is not None:  # DeepSeek
+        moe = n - config.first_k_dense_replace
+    elif hasattr(config, "decoder_sparse_step"):  # Qwen3-MoE
+        dense = set(config.mlp_only_layers or [])
+        moe = sum(1 for i in range(n) if i not in dense and (i + 1) % config.decoder_sparse_step == 0)
+    else:  # Mixtral: every layer
+        moe = n
+    return moe, n - moe
+
+
+def format_report(r: dict) -> str:
+    m = r["per_moe_layer_ms"]
+    lines = [
+        f"{r['arch']} on {r['rules']}: ran {r['layers_run']} layers ({r['moe_layers_run']} MoE), "
+        f"{r['threads']} CPU threads; DRAM read {r['dram_read_gbps']['best']:.1f} GB/s",
+        f"decode {r['decode_tok_s']:.2f} tok/s"
+        + (f" (extrapolated to {r['layers_full']} layers)" if r["extrapolated"] else ""),
+        f"roofline {r['roofline_tok_s']:.2f} tok/s ({r['routed_bytes_per_token'] / 1e9:.2f} GB routed per token): "
+        f"{r['share_of_roofline']:.0%}",
+        f"per MoE layer {m['total']:.3f} ms: CPU experts {m['cpu_experts']:.3f}, waiting {m['waiting']:.3f}, "
+        f"GPU and host {m['gpu_and_host']:.3f}; dense layer {r['per_dense_layer_ms']:.3f} ms; "
+        f"outside layers {r['outside_layers_ms']:.3f} ms",
+        "GPU memory "
+        + (f"{r['gpu_memory_gb']:.2f} GB" if r["gpu_memory_gb"] is not None else "none")
+        + f"; CPU peak RSS {r['cpu_peak_rss_gb']:.1f} GB; load {r['load_s']:.0f} s",
+    ]
+    return "\n".join(lines)

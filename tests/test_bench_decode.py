@@ -1,0 +1,56 @@
+"""`hetero-moe bench decode` end to end on a tiny checkpoint: the report is complete and consistent
+(the figures themselves are for the device box, never asserted on time)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hetero_moe import bench_decode
+from hetero_moe.cli import main
+from hetero_moe.synth import tiny_config
+from hetero_moe.synth_large import write_large_checkpoint
+
+
+@pytest.mark.parametrize("rules", ["cpu-only.yaml", "cpu-only-int4.yaml"])
+def test_decode_report_is_consistent(tmp_path, rules: str) -> None:
+    path = write_large_checkpoint(tiny_config("DeepseekV2ForCausalLM"), tmp_path / "m", fp8=False, layers=3)
+    bench = bench_decode.DecodeBench("deepseek-v2-lite", rules, layers=3, fp8=False, steps=3, prompt_tokens=5)
+    r = bench_decode.run(bench, path)
+    assert r["layers_run"] == 3 and r["moe_layers_run"] == 2 and r["layers_full"] == 27 and r["extrapolated"]
+    m = r["per_moe_layer_ms"]
+    assert m["total"] > 0 and m["cpu_experts"] > 0 and m["total"] >= m["gpu_and_host"] >= 0
+    assert r["per_dense_layer_ms"] > 0 and r["outside_layers_ms"] >= 0
+    # extrapolated from the per-layer times to the real 26 MoE and 1 dense layers
+    step_ms = r["outside_layers_ms"] + 26 * m["total"] + 1 * r["per_dense_layer_ms"]
+    assert r["decode_tok_s"] == pytest.approx(1e3 / step_ms, rel=1e-6)
+    assert r["roofline_tok_s"] == pytest.approx(r["dram_read_gbps"]["best"] * 1e9 / r["routed_bytes_per_token"])
+    assert r["share_of_roofline"] == pytest.approx(r["decode_tok_s"] / r["roofline_tok_s"])
+    config = tiny_config("DeepseekV2ForCausalLM")
+    per_expert = 3 * config.hidden_size * config.moe_intermediate_size * 2  # bf16 experts
+    if rules == "cpu-only.yaml":
+        assert r["routed_bytes_per_token"] == 26 * config.num_experts_per_tok * per_expert
+    else:  # INT4: over a quarter of bf16 (scales, and rows padded to the group at these tiny widths)
+        assert 0.25 < r["routed_bytes_per_token"] / (26 * config.num_experts_per_tok * per_expert) < 0.6
+    assert r["gpu_memory_gb"] is None and r["cpu_peak_rss_gb"] > 0
+
+
+def test_decode_cli_writes_its_checkpoint_once(tmp_path, capsys, monkeypatch) -> None:
+    written = []
+
+    def tiny_checkpoint(config, out, *, fp8, layers):
+        written.append(out)
+        return write_large_checkpoint(tiny_config("Qwen3MoeForCausalLM"), out, fp8=fp8, layers=layers)
+
+    monkeypatch.setattr("hetero_moe.synth_large.write_large_checkpoint", tiny_checkpoint)
+    argv = ["bench", "decode", "--arch", "qwen3-30b-a3b", "--rules", "cpu-only.yaml", "--layers", "2", "--steps", "2"]
+    argv += ["--checkpoint-dir", str(tmp_path), "--threads", "1"]
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["arch"] == "qwen3-30b-a3b" and report["layers_full"] == 48 and report["moe_layers_run"] == 1
+    assert main(argv) == 0
+    assert "tok/s" in capsys.readouterr().out
+    assert written == [tmp_path / "qwen3-30b-a3b-2-bf16"]  # the second run reuses it
+    assert main(["bench", "decode", "--arch", "deepseek-v3", "--layers", "0"]) == 2
+    assert "--layers must be at least 1" in capsys.readouterr().err
