@@ -11,6 +11,16 @@ import math
 import torch
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+INT4_GROUPS = (32, 64, 128)  # group sizes along the input dimension the kernels support
+INT4_SCALE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_int4_settings(group_size: object, scale_dtype: object) -> None:
+    """Validate user-given INT4 settings (rules kwargs) with messages that name the accepted values."""
+    if group_size not in INT4_GROUPS:
+        raise ValueError(f"group_size must be 32, 64 or 128, got {group_size!r}")
+    if scale_dtype not in INT4_SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be bf16 or fp16, got {scale_dtype!r}")
 
 
 def padded(n: int, multiple: int) -> int:

@@ -27,6 +27,8 @@ from hetero_moe.kernels.numba import fp8 as fp8_kernels
 from hetero_moe.kernels.numba import int4 as int4_kernels
 from hetero_moe.kernels.numba.common import combine, group_by_expert
 from hetero_moe.kernels.quant import (
+    INT4_SCALE_DTYPES,
+    check_int4_settings,
     dequantize_fp8_blocks,
     dequantize_int4,
     fp8_scale_shape,
@@ -41,8 +43,6 @@ from hetero_moe.settings import cache_dir
 
 log = logging.getLogger(__name__)
 
-SCALE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @dataclass(frozen=True)
 class CPUExpertsKwargs:
@@ -55,10 +55,7 @@ class CPUExpertsKwargs:
     def __post_init__(self) -> None:
         if self.quant not in FORMATS:
             raise ValueError(f"quant must be one of {', '.join(FORMATS)}, got {self.quant!r}")
-        if self.group_size not in (32, 64, 128):
-            raise ValueError(f"group_size must be 32, 64 or 128, got {self.group_size!r}")
-        if self.scale_dtype not in SCALE_DTYPES:
-            raise ValueError(f"scale_dtype must be bf16 or fp16, got {self.scale_dtype!r}")
+        check_int4_settings(self.group_size, self.scale_dtype)
         if not isinstance(self.fp8_block, int) or self.fp8_block < 1:
             raise ValueError(f"fp8_block must be a positive integer, got {self.fp8_block!r}")
         if not isinstance(self.torch_min_tokens, int) or self.torch_min_tokens < 0:
@@ -79,7 +76,7 @@ class Int4Format:
     """Group-wise symmetric INT4, scales in bf16 or fp16 (layout in `kernels/numba/int4.py`)."""
 
     def __init__(self, e: int, inter: int, hidden: int, kw: CPUExpertsKwargs) -> None:
-        self.g, self.sdtype = kw.group_size, SCALE_DTYPES[kw.scale_dtype]
+        self.g, self.sdtype = kw.group_size, INT4_SCALE_DTYPES[kw.scale_dtype]
         self.kind = int4_kernels.SCALE_BF16 if kw.scale_dtype == "bf16" else int4_kernels.SCALE_FP16
         self.fp16 = int4_kernels.fp16_table() if kw.scale_dtype == "fp16" else np.zeros(1, np.float32)
         self.e, self.inter, self.hidden = e, inter, hidden

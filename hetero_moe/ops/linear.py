@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from hetero_moe.kernels.quant import (
+    INT4_SCALE_DTYPES,
+    check_int4_settings,
     dequantize_fp8_blocks,
     dequantize_int4,
     fp8_scale_shape,
@@ -26,8 +28,6 @@ from hetero_moe.kernels.quant import (
 )
 from hetero_moe.ops.base import BuildContext, Op
 from hetero_moe.settings import triton_interpreted
-
-SCALE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -40,10 +40,7 @@ class LinearKwargs:
     def __post_init__(self) -> None:
         if self.quant not in FORMATS:
             raise ValueError(f"quant must be one of {', '.join(FORMATS)}, got {self.quant!r}")
-        if self.group_size not in (32, 64, 128):
-            raise ValueError(f"group_size must be 32, 64 or 128, got {self.group_size!r}")
-        if self.scale_dtype not in SCALE_DTYPES:
-            raise ValueError(f"scale_dtype must be bf16 or fp16, got {self.scale_dtype!r}")
+        check_int4_settings(self.group_size, self.scale_dtype)
         if not _kernel_block(self.block):
             raise ValueError(f"block must be a power of two from 16 to 256, got {self.block!r}")
 
@@ -89,7 +86,7 @@ class Int4Weight:
 
     def __init__(self, out_dim: int, in_dim: int, kw: LinearKwargs) -> None:
         self.shape = (out_dim, in_dim)
-        self.group, self.sdtype = kw.group_size, SCALE_DTYPES[kw.scale_dtype]
+        self.group, self.sdtype = kw.group_size, INT4_SCALE_DTYPES[kw.scale_dtype]
         kp = padded(in_dim, self.group)
         self.packed = torch.empty(out_dim, kp // 2, dtype=torch.uint8, device="meta")
         self.scales = torch.empty(out_dim, kp // self.group, dtype=self.sdtype, device="meta")
