@@ -8,6 +8,7 @@ their inputs while the GPU computes the shared experts (`HostStaging`).
 
 from __future__ import annotations
 
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,9 +51,7 @@ class HostStaging:
 
     def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A host tensor of `shape`, backed by a grow-only (pinned, on a GPU box) buffer."""
-        n = 1
-        for d in shape:
-            n *= d
+        n = math.prod(shape)
         buf = self.buffers.get(name)
         if buf is None or buf.dtype != dtype or buf.numel() < n:
             buf = torch.empty(max(n, 1), dtype=dtype, pin_memory=self.pin)
