@@ -81,6 +81,14 @@ def _parser() -> argparse.ArgumentParser:
     dec.add_argument("--checkpoint-dir", help="where synthetic checkpoints are kept (default: the cache directory)")
     dec.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     dec.set_defaults(func=_bench_decode)
+    srv = bench.add_parser("serve", help="concurrent streaming clients against a running server on this box")
+    srv.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)")
+    srv.add_argument("--concurrency", default="1,4,16,32", help="comma-separated client counts")
+    srv.add_argument("--prompt-tokens", type=int, default=128)
+    srv.add_argument("--max-tokens", type=int, default=64)
+    srv.add_argument("--api-key", help="the server's --api-key")
+    srv.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    srv.set_defaults(func=_bench_serve)
 
     for name, helptext in (
         ("generate", "complete a raw prompt"),
@@ -99,6 +107,15 @@ def _parser() -> argparse.ArgumentParser:
             g.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every /v1 route")
             g.add_argument("--served-model-name", help="the model id clients send (default: the directory's name)")
             g.add_argument("--max-queue", type=int, default=64, help="requests that may wait (default 64)")
+            g.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most (default 16)")
+            g.add_argument(
+                "--kv-cache-tokens",
+                type=int,
+                help="tokens the shared KV cache pool holds (default: the context, times --max-batch up to 64K)",
+            )
+            g.add_argument(
+                "--prefill-chunk", type=int, default=512, help="prompt tokens per step, interleaved with decodes"
+            )
             g.add_argument(
                 "--allow-origin",
                 action="append",
@@ -282,17 +299,29 @@ def _chat(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from hetero_moe.engine.scheduler import SchedulerConfig
     from hetero_moe.server.app import ServerConfig, create_app
 
     name = args.served_model_name or (Path(args.model).resolve().name if args.model else "hetero-moe-demo")
+    for flag in ("max_batch", "kv_cache_tokens", "prefill_chunk"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    llm = _load(args)
+    context = llm.engine.max_context
     config = ServerConfig(
         served_model_name=name,
         api_key=args.api_key,
         max_queue=args.max_queue,
         reasoning_parser=args.reasoning_parser,
         allow_origins=tuple(args.allow_origin),
+        batching=SchedulerConfig(
+            max_batch=args.max_batch,
+            kv_cache_tokens=args.kv_cache_tokens or max(context, min(args.max_batch * context, 65536)),
+            prefill_chunk=args.prefill_chunk,
+        ),
     )
-    app = create_app(_load(args), config)
+    app = create_app(llm, config)
     print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (OpenAI API; Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
     return 0
@@ -352,6 +381,20 @@ def _bench_decode(args: argparse.Namespace) -> int:
     root = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     report = bench_decode.run(bench, bench_decode.checkpoint(bench, root))
     print(json.dumps(report) if args.json else bench_decode.format_report(report))
+    return 0
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from hetero_moe import bench_serve
+
+    try:
+        levels = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        raise ValueError(f"--concurrency takes comma-separated integers, got {args.concurrency!r}") from None
+    if any(c < 1 for c in levels) or args.prompt_tokens < 1 or args.max_tokens < 2:
+        raise ValueError("client counts and --prompt-tokens must be positive, --max-tokens at least 2")
+    report = bench_serve.run(args.url, levels, args.prompt_tokens, args.max_tokens, args.api_key)
+    print(json.dumps(report) if args.json else bench_serve.format_report(report))
     return 0
 
 

@@ -174,7 +174,7 @@ def test_int4_weights_are_cached_and_memory_mapped(tiny, monkeypatch, caplog) ->
     def no_quantizing(*args, **kwargs):
         raise AssertionError("quantized again although the cache is valid")
 
-    monkeypatch.setattr(cpu_experts, "quantize_int4", no_quantizing)
+    monkeypatch.setattr(cpu_experts, "quantize_int4_fast", no_quantizing)
     second = LLM(t.path, rules="cpu-only-int4.yaml", dtype="float32")
     experts = second.placed.model.model.layers[1].mlp.experts
     assert experts.restored and not experts.format.w13.flags.writeable  # memory-mapped, read-only

@@ -118,3 +118,25 @@ def test_fp8_linear_error_against_the_dequantized_weight() -> None:
     out = fp8_linear(x.to("cuda", torch.bfloat16), w.cuda(), s.cuda(), (128, 128))
     ref = x.double() @ dequantize_fp8_blocks(w, s, (128, 128)).double().T
     assert rel(out, ref) < 0.05
+
+
+@pytest.mark.parametrize("rules", ["gpu-exact.yaml", "shipped"])
+@pytest.mark.parametrize("arch", list(SHIPPED))
+def test_batched_greedy_on_the_gpu_equals_alone(tiny, arch: str, rules: str) -> None:
+    """Continuous batching on the GPU rules (paged pool on the GPU, gathered rows, chunked prefill,
+    preemption): every request's tokens are those it gets alone."""
+    from hetero_moe.engine.sampler import SamplingParams
+    from hetero_moe.engine.scheduler import Request, Scheduler, SchedulerConfig
+
+    llm = LLM(tiny(arch).path, rules=SHIPPED[arch][0] if rules == "shipped" else rules, dtype="float32")
+    prompts = [PROMPT, list(range(3, 40)), [9, 8, 7], list(range(50, 120, 3)), [1, 1]]
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    alone = [llm.engine.generate(p, params).token_ids for p in prompts]
+    config = SchedulerConfig(max_batch=3, kv_cache_tokens=96, prefill_chunk=7, page_tokens=8)
+    scheduler = Scheduler(llm.engine, config)
+    outs: list[list[int]] = [[] for _ in prompts]
+    for i, p in enumerate(prompts):
+        scheduler.add(Request(p, params, lambda step, i=i: outs[i].append(step.token_id)))
+    while scheduler.has_work():
+        scheduler.step()
+    assert outs == alone and scheduler.preempted_total > 0 and scheduler.pool.used_pages == 0

@@ -15,6 +15,7 @@ import openai
 import pytest
 import uvicorn
 
+from hetero_moe.engine.scheduler import SchedulerConfig
 from hetero_moe.llm import LLM
 from hetero_moe.server.app import ServerConfig, create_app
 from hetero_moe.server.reasoning import DeepseekR1Parser
@@ -333,7 +334,7 @@ def endless(llm):
 
 
 def test_queue_full_and_disconnect_cancels(endless) -> None:
-    with serving(endless, max_queue=1) as u:
+    with serving(endless, max_queue=1, batching=SchedulerConfig(max_batch=1)) as u:
         long_body = {"model": MODEL, "prompt": "long", "max_tokens": 2000, "stream": True}
         with httpx.Client(timeout=60) as http:
             with http.stream("POST", f"{u}/v1/completions", json=long_body) as stream:
@@ -371,18 +372,20 @@ def test_non_streamed_disconnect_cancels(endless) -> None:
 
 def test_a_failing_request_does_not_take_the_server_down(llm, monkeypatch) -> None:
     with serving(llm) as u:
-        real = llm.engine.stream
+        real, bad = llm.runner.forward_batch, llm.encode("zz zz")
 
-        def broken(prompt_ids, params):
-            if params.max_tokens == 7:
+        def broken(ids, *args):
+            if ids[: len(bad)].tolist() == bad:
                 raise RuntimeError("boom")
-            return real(prompt_ids, params)
+            return real(ids, *args)
 
-        monkeypatch.setattr(llm.engine, "stream", broken)
-        r = httpx.post(f"{u}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 7}, timeout=60)
+        monkeypatch.setattr(llm.runner, "forward_batch", broken)
+        r = httpx.post(f"{u}/v1/completions", json={"model": MODEL, "prompt": "zz zz", "max_tokens": 7}, timeout=60)
         assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
         s = httpx.post(
-            f"{u}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 7, "stream": True}, timeout=60
+            f"{u}/v1/completions",
+            json={"model": MODEL, "prompt": "zz zz", "max_tokens": 7, "stream": True},
+            timeout=60,
         )
         assert "server_error" in s.text and s.text.rstrip().endswith("data: [DONE]")
         ok = httpx.post(f"{u}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 3}, timeout=60)

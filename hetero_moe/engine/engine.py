@@ -58,33 +58,15 @@ class Engine:
 
     def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[StepOutput]:
         self.check_prompt(prompt_ids)
-        capacity = min(len(prompt_ids) + params.max_tokens, self.max_context)
-        cache = self.runner.new_cache(capacity)
-        sampler = Sampler(params, self.runner.vocab_size)
-        detok = Detokenizer(self.tokenizer, prompt_ids)
-        stops = StopChecker(params.stop)
-        text, emitted, generated = "", 0, 0
+        decoding = Decoding(self, prompt_ids, params)
+        cache = self.runner.new_cache(decoding.limit)
         logits = self.runner.forward(torch.tensor(prompt_ids), cache)
         while True:
-            token = sampler(logits)
-            generated += 1
-            lp = _logprobs(logits, token, params.logprobs) if params.logprobs is not None else {}
-            if token in self.eos_ids and not params.ignore_eos:
-                yield StepOutput(token, detok.full_text()[emitted:], "stop", **lp)
+            step = decoding.step(logits)
+            yield step
+            if step.finish_reason is not None:
                 return
-            delta = detok.add(token)
-            text += delta
-            hit = stops.find(text, len(text) - len(delta)) if delta and stops.stops else None
-            if hit is not None:
-                yield StepOutput(token, text[emitted:hit] if hit > emitted else "", "stop", **lp)
-                return
-            if generated >= params.max_tokens or len(prompt_ids) + generated >= self.max_context:
-                yield StepOutput(token, detok.full_text()[emitted:], "length", **lp)
-                return
-            safe = stops.safe_end(text)
-            yield StepOutput(token, text[emitted:safe], **lp)
-            emitted = max(emitted, safe)
-            logits = self.runner.forward(torch.tensor([token]), cache)
+            logits = self.runner.forward(torch.tensor([step.token_id]), cache)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
         tokens, parts, reason = [], [], "length"
@@ -93,6 +75,40 @@ class Engine:
             parts.append(step.text)
             reason = step.finish_reason or reason
         return Completion(list(prompt_ids), tokens, "".join(parts), reason)
+
+
+class Decoding:
+    """What happens to each new token of one sequence: sampling, log-probabilities, incremental text,
+    stop strings, and the EOS, `max_tokens` and context limits."""
+
+    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.params = params
+        self.eos_ids = frozenset() if params.ignore_eos else engine.eos_ids
+        self.prompt_len = len(prompt_ids)
+        self.limit = min(len(prompt_ids) + params.max_tokens, engine.max_context)  # tokens in the cache at most
+        self.sampler = Sampler(params, engine.runner.vocab_size)
+        self.detok = Detokenizer(engine.tokenizer, prompt_ids)
+        self.stops = StopChecker(params.stop)
+        self.text, self.emitted, self.generated = "", 0, 0
+
+    def step(self, logits: torch.Tensor) -> StepOutput:
+        """Sample the next token from `logits [V]`; the step says its new text and whether it ends."""
+        token = self.sampler(logits)
+        self.generated += 1
+        lp = _logprobs(logits, token, self.params.logprobs) if self.params.logprobs is not None else {}
+        if token in self.eos_ids:
+            return StepOutput(token, self.detok.full_text()[self.emitted :], "stop", **lp)
+        delta = self.detok.add(token)
+        self.text += delta
+        hit = self.stops.find(self.text, len(self.text) - len(delta)) if delta and self.stops.stops else None
+        if hit is not None:
+            return StepOutput(token, self.text[self.emitted : hit] if hit > self.emitted else "", "stop", **lp)
+        if self.prompt_len + self.generated >= self.limit:
+            return StepOutput(token, self.detok.full_text()[self.emitted :], "length", **lp)
+        safe = self.stops.safe_end(self.text)
+        out = StepOutput(token, self.text[self.emitted : safe], **lp)
+        self.emitted = max(self.emitted, safe)
+        return out
 
 
 def _logprobs(logits: torch.Tensor, token: int, top: int) -> dict:

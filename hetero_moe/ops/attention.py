@@ -1,9 +1,11 @@
 """Attention ops with a KV cache: multi-head latent attention (DeepSeek-V2/V3) and grouped-query
 attention (Qwen3-MoE, Mixtral).
 
-Tokens of one sequence arrive flattened as `[T, H]`; `start` is the position of the first of them,
-so `cache[:start]` holds the earlier tokens. The math mirrors transformers' own modules step by step
-so float32 results match them token for token.
+Tokens of one or several sequences arrive flattened as `[N, H]`; each `SeqSlice` says which rows
+of them belong to one sequence, the position of its first token, and which rows of the cache buffers
+hold that sequence's tokens (a plain range for a sequence's own cache, page rows of a shared pool
+otherwise). Projections run on all N tokens at once, attention per sequence over its own cache. The
+math mirrors transformers' own modules step by step so float32 results match them token for token.
 """
 
 from __future__ import annotations
@@ -18,6 +20,29 @@ from torch import nn
 
 from hetero_moe.ops.base import BuildContext, Op
 from hetero_moe.ops.rope import Rope
+
+Rows = slice | torch.Tensor  # cache rows: a range (a view, no copy) or int64 indices (gathered)
+
+
+@dataclass(frozen=True)
+class SeqSlice:
+    """One sequence's share of a batch: tokens `begin .. begin + count - 1` of the flattened input, at
+    positions `start .. start + count - 1`; its cache rows for those new tokens, and for all of its
+    `start + count` tokens."""
+
+    begin: int
+    count: int
+    start: int
+    new_rows: Rows
+    all_rows: Rows
+
+    @property
+    def tokens(self) -> slice:
+        return slice(self.begin, self.begin + self.count)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.count
 
 
 @dataclass
@@ -127,57 +152,68 @@ class MLAAttention(Op):
             k_pe=torch.empty(capacity, self.rope_dim, dtype=dtype, device=self.device),
         )
 
-    def forward(self, x: torch.Tensor, rope: Rope, cache: MLACache, start: int) -> torch.Tensor:
-        t = x.shape[0]
+    def forward(self, x: torch.Tensor, rope: Rope, cache: MLACache, seqs: list[SeqSlice]) -> torch.Tensor:
+        n = x.shape[0]
         if self.q_lora_rank is None:
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(1, t, self.num_heads, self.nope_dim + self.rope_dim).transpose(1, 2)  # [1, h, T, qk]
+        q = q.view(1, n, self.num_heads, self.nope_dim + self.rope_dim).transpose(1, 2)  # [1, h, N, qk]
         q_nope, q_pe = torch.split(q, [self.nope_dim, self.rope_dim], dim=-1)
 
         kv_nope, k_pe = torch.split(self.kv_a_proj_with_mqa(x), [self.kv_lora_rank, self.rope_dim], dim=-1)
-        kv_nope = self.kv_a_layernorm(kv_nope)  # [T, r]
+        kv_nope = self.kv_a_layernorm(kv_nope)  # [N, r]
         q_pe = rope.apply(q_pe)
-        k_pe = rope.apply(k_pe.view(1, 1, t, self.rope_dim))
+        k_pe = rope.apply(k_pe.view(1, 1, n, self.rope_dim))[0, 0]  # [N, rope]
+        outs = []
+        for s in seqs:
+            cache.latent[s.new_rows] = kv_nope[s.tokens]
+            cache.k_pe[s.new_rows] = k_pe[s.tokens]
+            latent, pe = cache.latent[s.all_rows], cache.k_pe[s.all_rows]  # [L, r], [L, rope]
+            qn, qp = q_nope[:, :, s.tokens], q_pe[:, :, s.tokens]
+            if self.absorb and s.count == 1:
+                outs.append(self._absorbed(qn[0, :, 0], qp[0, :, 0], latent, pe))
+            else:
+                outs.append(self._expanded(qn, qp, latent, pe, s.start))
+        return self.o_proj(outs[0] if len(outs) == 1 else torch.cat(outs))
 
-        end = start + t
-        cache.latent[start:end] = kv_nope
-        cache.k_pe[start:end] = k_pe[0, 0]
-        if self.absorb and t == 1:
-            return self._absorbed(q_nope[0, :, 0], q_pe[0, :, 0], cache, end)
-        latent = cache.latent[:end].view(1, 1, end, self.kv_lora_rank)
-
-        kv = self.kv_b_proj(latent).view(1, end, -1, self.nope_dim + self.v_dim).transpose(1, 2)
+    def _expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, pe: torch.Tensor, start: int):
+        """`q_nope [1, h, T, nope]`, `q_pe [1, h, T, rope]` over the cached `latent [L, r]`, `pe [L, rope]`
+        re-expanded through kv_b_proj -> `[T, h * v]`."""
+        t, end = q_nope.shape[2], latent.shape[0]
+        kv = self.kv_b_proj(latent.view(1, 1, end, self.kv_lora_rank))
+        kv = kv.view(1, end, -1, self.nope_dim + self.v_dim).transpose(1, 2)
         k_nope, v = torch.split(kv, [self.nope_dim, self.v_dim], dim=-1)  # [1, h, L, *]
         k = kv.new_empty(*kv.shape[:-1], self.nope_dim + self.rope_dim)
         k[..., : self.nope_dim].copy_(k_nope)
-        k[..., self.nope_dim :].copy_(cache.k_pe[:end].view(1, 1, end, self.rope_dim))
+        k[..., self.nope_dim :].copy_(pe.view(1, 1, end, self.rope_dim))
         q = torch.cat((q_nope, q_pe), dim=-1)
-
         out = attend(q, k, v, start, self.scaling)  # [1, h, T, v]
-        return self.o_proj(out.transpose(1, 2).reshape(t, -1))
+        return out.transpose(1, 2).reshape(t, -1)
 
-    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: MLACache, end: int) -> torch.Tensor:
-        """One decode token: `q_nope [h, nope]`, `q_pe [h, rope]` over the cache's first `end` rows."""
+    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, pe: torch.Tensor):
+        """One decode token: `q_nope [h, nope]`, `q_pe [h, rope]` over `latent [L, r]`, `pe [L, rope]` ->
+        `[1, h * v]`."""
         q_latent = torch.einsum("hn,hnr->hr", q_nope, self.w_uk)  # [h, r]
-        out = self._latent_attend(q_latent, q_pe.contiguous(), cache, end)  # [h, r]
+        out = self._latent_attend(q_latent, q_pe.contiguous(), latent, pe)  # [h, r]
         out = torch.einsum("hr,hvr->hv", out, self.w_uv)  # [h, v]
-        return self.o_proj(out.reshape(1, -1))
+        return out.reshape(1, -1)
 
-    def _latent_attend_sdpa(self, q_latent: torch.Tensor, q_pe: torch.Tensor, cache: MLACache, end: int):
+    def _latent_attend_sdpa(self, q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, pe: torch.Tensor):
+        end = latent.shape[0]
         q = torch.cat((q_latent, q_pe), dim=-1)[None, :, None]  # [1, h, 1, r + rope]
-        k = torch.cat((cache.latent[:end], cache.k_pe[:end]), dim=-1).view(1, 1, end, -1)  # one kv head
-        out = attend(q, k, cache.latent[:end].view(1, 1, end, self.kv_lora_rank), end - 1, self.scaling)
+        k = torch.cat((latent, pe), dim=-1).view(1, 1, end, -1)  # one kv head
+        out = attend(q, k, latent.view(1, 1, end, self.kv_lora_rank), end - 1, self.scaling)
         return out[0, :, 0]
 
-    def _latent_attend_triton(self, q_latent: torch.Tensor, q_pe: torch.Tensor, cache: MLACache, end: int):
+    def _latent_attend_triton(self, q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, pe: torch.Tensor):
         from hetero_moe.kernels.triton.mla_decode import choose_splits, mla_decode
 
+        end = latent.shape[0]
         row_start = torch.zeros(1, dtype=torch.int32, device=self.device)
         row_len = torch.full((1,), end, dtype=torch.int32, device=self.device)
         splits = choose_splits(1, self.num_heads, end)  # from the host's `end`: no device sync
-        out = mla_decode(q_latent[None], q_pe[None], cache.latent, cache.k_pe, row_start, row_len, self.scaling, splits)
+        out = mla_decode(q_latent[None], q_pe[None], latent, pe, row_start, row_len, self.scaling, splits)
         return out[0]
 
 
@@ -212,17 +248,19 @@ class GQAAttention(Op):
             v=torch.empty(shape, dtype=dtype, device=self.device),
         )
 
-    def forward(self, x: torch.Tensor, rope: Rope, cache: GQACache, start: int) -> torch.Tensor:
-        t = x.shape[0]
-        q = self.q_proj(x).view(1, t, -1, self.head_dim)
-        k = self.k_proj(x).view(1, t, -1, self.head_dim)
+    def forward(self, x: torch.Tensor, rope: Rope, cache: GQACache, seqs: list[SeqSlice]) -> torch.Tensor:
+        n = x.shape[0]
+        q = self.q_proj(x).view(1, n, -1, self.head_dim)
+        k = self.k_proj(x).view(1, n, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope.apply(q.transpose(1, 2)), rope.apply(k.transpose(1, 2))  # [1, h, T, d]
-        v = self.v_proj(x).view(1, t, -1, self.head_dim).transpose(1, 2)
-
-        end = start + t
-        cache.k[:, :, start:end] = k
-        cache.v[:, :, start:end] = v
-        out = attend(q, cache.k[:, :, :end], cache.v[:, :, :end], start, self.scaling, self.window)
-        return self.o_proj(out.transpose(1, 2).reshape(t, -1))
+        q, k = rope.apply(q.transpose(1, 2)), rope.apply(k.transpose(1, 2))  # [1, h, N, d]
+        v = self.v_proj(x).view(1, n, -1, self.head_dim).transpose(1, 2)
+        outs = []
+        for s in seqs:
+            cache.k[:, :, s.new_rows] = k[:, :, s.tokens]
+            cache.v[:, :, s.new_rows] = v[:, :, s.tokens]
+            keys, values = cache.k[:, :, s.all_rows], cache.v[:, :, s.all_rows]  # [1, kv_h, L, d]
+            out = attend(q[:, :, s.tokens], keys, values, s.start, self.scaling, self.window)
+            outs.append(out.transpose(1, 2).reshape(s.count, -1))
+        return self.o_proj(outs[0] if len(outs) == 1 else torch.cat(outs))

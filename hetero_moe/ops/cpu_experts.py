@@ -26,6 +26,7 @@ from hetero_moe.kernels.numba import bf16 as bf16_kernels
 from hetero_moe.kernels.numba import fp8 as fp8_kernels
 from hetero_moe.kernels.numba import int4 as int4_kernels
 from hetero_moe.kernels.numba.common import combine, group_by_expert
+from hetero_moe.kernels.numba.quantize import quantize_int4_fast
 from hetero_moe.kernels.quant import (
     INT4_SCALE_DTYPES,
     check_int4_settings,
@@ -34,7 +35,6 @@ from hetero_moe.kernels.quant import (
     fp8_scale_shape,
     padded,
     quantize_fp8_blocks,
-    quantize_int4,
 )
 from hetero_moe.loader import converted
 from hetero_moe.ops.base import BuildContext, Op
@@ -94,7 +94,7 @@ class Int4Format:
         self.s2 = np.empty((self.e, self.hidden, self.ip // self.g), np.uint16)
 
     def store(self, expert: int, proj: int, w: torch.Tensor) -> None:
-        packed, scales = quantize_int4(w, self.g, self.sdtype)
+        packed, scales = quantize_int4_fast(w, self.g, self.sdtype)
         bits = scales.view(torch.int16).numpy().view(np.uint16)
         if proj == 2:
             self.w2[expert], self.s2[expert] = packed.numpy(), bits
@@ -268,6 +268,7 @@ class CPUExperts(Op):
         self.allocated = False
         self.cache: tuple[Path, str] | None = None  # (file, key) of the converted-weights cache
         self.restored = False
+        self.bytes_streamed = 0  # weight bytes of the distinct experts of every call so far
 
     @classmethod
     def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Self:
@@ -343,6 +344,7 @@ class CPUExperts(Op):
         """`x [T, H]`, `index [T, k]`, `weights [T, k]` -> `sum_j weights[t, j] * expert_{index[t, j]}(x[t])`."""
         xf = x.detach().float().contiguous().numpy()
         pairs = group_pairs(np.ascontiguousarray(index.numpy(), np.int64), self.num_experts)
+        self.bytes_streamed += len(pairs.expert) * self.format.nbytes() // self.num_experts
         big = np.diff(pairs.seg) >= self.torch_min_tokens
         if not big.any():
             y = self.format.run(xf, pairs, ROWS_PER_TASK)

@@ -38,6 +38,7 @@ class TorchExperts(Op):
         meta = {"dtype": ctx.dtype, "device": "meta"}
         self.w13 = nn.Parameter(torch.empty(e, two_i, h, **meta), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(e, h, self.inter, **meta), requires_grad=False)
+        self.bytes_streamed = 0  # weight bytes of the distinct experts of every call so far
 
     def checkpoint_keys(self) -> dict[str, torch.Size]:
         return expert_checkpoint_keys(self.num_experts, self.inter, self.hidden)
@@ -55,7 +56,9 @@ class TorchExperts(Op):
         t, k = index.shape
         flat = index.reshape(-1)  # [T*k], pair p is token p // k
         out = x.new_empty(t * k, self.hidden)
-        for e in torch.unique(flat).tolist():
+        chosen = torch.unique(flat).tolist()
+        self.bytes_streamed += len(chosen) * (self.w13[0].nbytes + self.w2[0].nbytes)
+        for e in chosen:
             pairs = (flat == e).nonzero().squeeze(-1)
             gate, up = F.linear(x[pairs // k], self.w13[e]).chunk(2, dim=-1)
             out[pairs] = F.linear(self.act_fn(gate) * up, self.w2[e])

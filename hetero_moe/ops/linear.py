@@ -16,6 +16,7 @@ from typing import Any, Self
 import torch
 from torch import nn
 
+from hetero_moe.kernels.numba.quantize import quantize_int4_fast
 from hetero_moe.kernels.quant import (
     INT4_SCALE_DTYPES,
     check_int4_settings,
@@ -24,7 +25,6 @@ from hetero_moe.kernels.quant import (
     fp8_scale_shape,
     padded,
     quantize_fp8_blocks,
-    quantize_int4,
 )
 from hetero_moe.ops.base import BuildContext, Op
 from hetero_moe.settings import triton_interpreted
@@ -95,7 +95,7 @@ class Int4Weight:
         return self.packed, self.scales
 
     def store(self, w: torch.Tensor, device: torch.device) -> None:
-        packed, scales = quantize_int4(w, self.group, self.sdtype)
+        packed, scales = quantize_int4_fast(w, self.group, self.sdtype)
         self.packed, self.scales = packed.to(device), scales.to(device)
 
     def store_fp8(self, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], device: torch.device) -> None:

@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hetero_moe.engine.engine import ContextLengthError, StepOutput
 from hetero_moe.engine.sampler import SamplingParams
+from hetero_moe.engine.scheduler import SchedulerConfig
 from hetero_moe.llm import LLM
 from hetero_moe.server.metrics import Metrics
 from hetero_moe.server.reasoning import REASONING_PARSERS
@@ -38,6 +39,7 @@ class ServerConfig:
     max_queue: int = 64
     reasoning_parser: str | None = None
     allow_origins: tuple[str, ...] = ()  # browser front ends served from other origins (CORS)
+    batching: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
         if self.max_queue < 1:
@@ -67,7 +69,7 @@ def error_body(message: str, type_: str, code: str | None = None, param: str | N
 
 def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     metrics = Metrics()
-    worker = EngineWorker(llm.engine, config.max_queue, metrics)
+    worker = EngineWorker(llm.engine, config.max_queue, metrics, config.batching)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -142,7 +144,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         "object": "model",
         "created": int(time.time()),
         "owned_by": "hetero-moe",
-        "max_model_len": llm.engine.max_context,
+        "max_model_len": worker.max_sequence,
     }
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
@@ -189,9 +191,14 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     def submit(prompt_ids: list[int], body: SamplingFields, max_tokens: int | None, logprobs: int | None) -> Job:
         try:
             llm.engine.check_prompt(prompt_ids)
+            room = worker.max_sequence - len(prompt_ids)
+            if room < 1:
+                raise ContextLengthError(
+                    f"the prompt has {len(prompt_ids)} tokens; this server holds {worker.max_sequence} per request "
+                    "(the KV cache pool, --kv-cache-tokens), with room for at least one new token"
+                )
         except ContextLengthError as e:
             raise APIError(400, str(e), code="context_length_exceeded", param="messages") from e
-        room = llm.engine.max_context - len(prompt_ids)
         try:
             params = SamplingParams(
                 max_tokens=min(max_tokens or room, room),
@@ -203,6 +210,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
                 presence_penalty=body.presence_penalty or 0.0,
                 frequency_penalty=body.frequency_penalty or 0.0,
                 logprobs=logprobs,
+                ignore_eos=bool(body.ignore_eos),
             )
         except ValueError as e:
             raise APIError(400, str(e)) from e

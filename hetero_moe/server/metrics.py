@@ -21,6 +21,12 @@ class Metrics:
         self.queued = 0
         self.running = 0
         self.cancelled = 0
+        self.preempted = 0
+        self.kv_cache_used_tokens = 0
+        self.kv_cache_capacity_tokens = 0
+        self.steps = 0
+        self.step_tokens = 0
+        self.routed_expert_bytes = 0
 
     def request(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -40,6 +46,11 @@ class Metrics:
             self.generation_tokens += new_tokens
             if new_tokens > 1 and decode_seconds > 0:
                 self.decode_tps = (new_tokens - 1) / decode_seconds
+
+    def set(self, **values: float) -> None:
+        with self._lock:
+            for name, value in values.items():
+                setattr(self, name, value)
 
     def add(self, name: str, delta: int) -> None:
         with self._lock:
@@ -66,8 +77,25 @@ class Metrics:
             lines.append(f"hetero_moe_time_to_first_token_seconds_count {self.ttft_count}")
             lines += _metric("decode_tokens_per_second", "gauge", "Decode speed of the last request.", self.decode_tps)
             lines += _metric("queue_size", "gauge", "Requests waiting for the engine.", self.queued)
-            lines += _metric("running_requests", "gauge", "Requests being generated.", self.running)
+            lines += _metric("running_requests", "gauge", "Requests in the running batch.", self.running)
             lines += _metric("cancelled_total", "counter", "Requests cancelled by a disconnect.", self.cancelled)
+            lines += _metric(
+                "preempted_total", "counter", "Requests paused to free KV cache pages for older ones.", self.preempted
+            )
+            lines += _metric(
+                "kv_cache_used_tokens", "gauge", "Token slots of the KV cache pool in use.", self.kv_cache_used_tokens
+            )
+            lines += _metric(
+                "kv_cache_capacity_tokens", "gauge", "Token slots of the KV cache pool.", self.kv_cache_capacity_tokens
+            )
+            lines += _metric("steps_total", "counter", "Batched forward steps run.", self.steps)
+            lines += _metric("step_tokens_total", "counter", "Tokens those steps ran.", self.step_tokens)
+            lines += _metric(
+                "routed_expert_bytes_total",
+                "counter",
+                "Weight bytes the routed experts streamed: per step and layer, those of the distinct experts.",
+                self.routed_expert_bytes,
+            )
         return "\n".join(lines) + "\n"
 
 

@@ -51,6 +51,7 @@ class SamplingFields(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    ignore_eos: bool | None = None  # an extension (as vLLM's): generate past EOS, for benchmarks
 
     @field_validator("n")
     @classmethod

@@ -1,0 +1,150 @@
+"""`hetero-moe bench serve`: concurrent streaming clients against a running server on this box.
+
+For each concurrency level, that many clients send a prompt of random token ids at once and stream
+`max_tokens` tokens (past EOS). Reported per level: aggregate tok/s, per-request decode tok/s, time
+to first token, and the batched roofline: the DRAM read bandwidth (measured here, in the same run)
+divided by the weight bytes of the distinct experts a step streams (the server's counters,
+`hetero_moe_routed_expert_bytes_total / hetero_moe_steps_total` over the level), times the tokens a
+decode step carries (the concurrency).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import statistics
+import threading
+import time
+import urllib.error
+import urllib.request
+
+from hetero_moe.bench import dram_read_gbps
+
+VOCAB_FLOOR = 300  # prompt token ids stay below this: every model's vocabulary holds them
+COUNTERS = ("steps_total", "step_tokens_total", "routed_expert_bytes_total")
+
+
+def _get(url: str, headers: dict) -> str:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as response:
+        return response.read().decode()
+
+
+def scrape(url: str, headers: dict) -> dict[str, float]:
+    text = _get(f"{url}/metrics", headers)
+    out = {}
+    for name in COUNTERS:
+        match = re.search(rf"^hetero_moe_{name} ([0-9.e+]+)$", text, re.MULTILINE)
+        if match is None:
+            raise ValueError(f"{url}/metrics has no hetero_moe_{name}: is this a hetero-moe server?")
+        out[name] = float(match.group(1))
+    return out
+
+
+def _stream(url: str, headers: dict, body: dict, record: dict) -> None:
+    """One streaming client: the time it sent, and the arrival time of each token's chunk."""
+    request = urllib.request.Request(
+        f"{url}/v1/completions", data=json.dumps(body).encode(), headers={**headers, "Content-Type": "application/json"}
+    )
+    record["sent"] = time.perf_counter()
+    times = []
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            for raw in response:
+                line = raw.decode().strip()
+                if line.startswith("data: ") and line != "data: [DONE]" and '"text"' in line:
+                    times.append(time.perf_counter())
+    except urllib.error.HTTPError as e:
+        record["error"] = f"HTTP {e.code}: {e.read().decode()[:200]}"
+        return
+    record["times"] = times
+
+
+def run(
+    url: str,
+    concurrency: list[int],
+    prompt_tokens: int = 128,
+    max_tokens: int = 64,
+    api_key: str | None = None,
+    model: str | None = None,
+) -> dict:
+    url = url.rstrip("/")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    dram = dram_read_gbps()
+    model = model or json.loads(_get(f"{url}/v1/models", headers))["data"][0]["id"]
+    rng = random.Random(0)
+    levels = []
+    for c in concurrency:
+        before = scrape(url, headers)
+        records: list[dict] = [{} for _ in range(c)]
+        bodies = [
+            {
+                "model": model,
+                "prompt": [rng.randrange(3, VOCAB_FLOOR) for _ in range(prompt_tokens)],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": True,
+                "ignore_eos": True,
+            }
+            for _ in range(c)
+        ]
+        threads = [
+            threading.Thread(target=_stream, args=(url, headers, b, r)) for b, r in zip(bodies, records, strict=True)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        after = scrape(url, headers)
+        levels.append(_level(c, records, before, after, dram["best"]))
+    return {
+        "url": url,
+        "model": model,
+        "prompt_tokens": prompt_tokens,
+        "max_tokens": max_tokens,
+        "dram_read_gbps": dram,
+        "levels": levels,
+    }
+
+
+def _level(c: int, records: list[dict], before: dict, after: dict, dram_gbps: float) -> dict:
+    errors = [r["error"] for r in records if "error" in r]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {c} requests failed, e.g. {errors[0]}")
+    ttft = [r["times"][0] - r["sent"] for r in records]
+    per_request = [(len(r["times"]) - 1) / (r["times"][-1] - r["times"][0]) for r in records if len(r["times"]) > 1]
+    tokens = sum(len(r["times"]) for r in records)
+    wall = max(r["times"][-1] for r in records) - min(r["sent"] for r in records)
+    steps = after["steps_total"] - before["steps_total"]
+    bytes_per_step = (after["routed_expert_bytes_total"] - before["routed_expert_bytes_total"]) / max(steps, 1)
+    roofline = c * dram_gbps * 1e9 / bytes_per_step if bytes_per_step else None
+    decode = sum(per_request)
+    return {
+        "concurrency": c,
+        "aggregate_tok_s": tokens / wall,
+        "aggregate_decode_tok_s": decode,
+        "per_request_decode_tok_s": statistics.mean(per_request) if per_request else None,
+        "ttft_s": {"mean": statistics.mean(ttft), "max": max(ttft)},
+        "steps": steps,
+        "routed_bytes_per_step": bytes_per_step,
+        "batched_roofline_tok_s": roofline,
+        "share_of_roofline": decode / roofline if roofline else None,
+    }
+
+
+def format_report(r: dict) -> str:
+    lines = [
+        f"{r['model']} at {r['url']}: prompts of {r['prompt_tokens']} tokens, {r['max_tokens']} new tokens; "
+        f"DRAM read {r['dram_read_gbps']['best']:.1f} GB/s",
+        f"{'clients':>7} {'tok/s':>8} {'decode tok/s':>12} {'per request':>11} {'TTFT mean':>9} "
+        f"{'GB/step':>8} {'roofline':>9} {'share':>6}",
+    ]
+    for x in r["levels"]:
+        roof = f"{x['batched_roofline_tok_s']:.1f}" if x["batched_roofline_tok_s"] else "-"
+        share = f"{x['share_of_roofline']:.0%}" if x["share_of_roofline"] else "-"
+        lines.append(
+            f"{x['concurrency']:>7} {x['aggregate_tok_s']:>8.1f} {x['aggregate_decode_tok_s']:>12.1f} "
+            f"{x['per_request_decode_tok_s'] or 0:>11.1f} {x['ttft_s']['mean']:>8.2f}s "
+            f"{x['routed_bytes_per_step'] / 1e9:>8.3f} {roof:>9} {share:>6}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,188 @@
+"""Continuous batching: concurrent requests give exactly what each gives alone, through chunked
+prefill, paged cache and preemption; the pool is bounded and always returns to empty; the server
+serves 32 streaming clients at once."""
+
+from __future__ import annotations
+
+import random
+import threading
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from test_server import MODEL, serving
+
+from hetero_moe.engine.engine import ContextLengthError
+from hetero_moe.engine.sampler import SamplingParams
+from hetero_moe.engine.scheduler import KVPool, Request, Scheduler, SchedulerConfig
+from hetero_moe.llm import LLM
+from hetero_moe.ops.moe import MoEBlock
+
+PROMPTS = [
+    [0, 5, 17, 42, 99, 7, 3, 100, 200, 11, 64],
+    list(range(3, 40)),
+    [9, 8, 7],
+    list(range(50, 120, 3)),
+    [1, 1],
+    list(range(100, 300, 7)),
+]
+GREEDY = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+
+
+def run_all(scheduler: Scheduler, prompts: list[list[int]], params: SamplingParams = GREEDY) -> list[list[int]]:
+    outs: list[list[int]] = [[] for _ in prompts]
+    for i, p in enumerate(prompts):
+        scheduler.add(Request(p, params, lambda step, i=i: outs[i].append(step.token_id)))
+    while scheduler.has_work():
+        scheduler.step()
+    return outs
+
+
+CONFIGS = {
+    "roomy": SchedulerConfig(max_batch=8, kv_cache_tokens=4096, prefill_chunk=16, page_tokens=4),
+    # 3 at a time, 12 pages of 8 tokens for six requests of up to 48 tokens: preemption and recompute
+    "tight": SchedulerConfig(max_batch=3, kv_cache_tokens=96, prefill_chunk=7, page_tokens=8),
+}
+
+
+@pytest.mark.parametrize(
+    "arch", ["DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM"]
+)
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_batched_greedy_equals_alone(tiny, arch: str, config: str) -> None:
+    llm = LLM(tiny(arch).path, dtype="float32")
+    alone = [llm.engine.generate(p, GREEDY).token_ids for p in PROMPTS]
+    scheduler = Scheduler(llm.engine, CONFIGS[config])
+    assert run_all(scheduler, PROMPTS) == alone
+    assert scheduler.pool.used_pages == 0 and not scheduler.running and not scheduler.waiting
+    assert (scheduler.preempted_total > 0) == (config == "tight")
+
+
+def test_int4_experts_batched_equal_alone_and_see_every_token_of_the_step(tiny) -> None:
+    """The CPU experts get all tokens of a step in one call (grouped by expert inside, each selected
+    expert streamed once), and the batch changes no request's tokens."""
+    llm = LLM(tiny("DeepseekV2ForCausalLM").path, rules="cpu-only-int4.yaml", dtype="float32")
+    alone = [llm.engine.generate(p, GREEDY).token_ids for p in PROMPTS]
+    block = next(m for m in llm.placed.model.modules() if isinstance(m, MoEBlock))
+    calls: list[int] = []
+    handle = block.experts.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        scheduler = Scheduler(llm.engine, SchedulerConfig(max_batch=8, prefill_chunk=512, kv_cache_tokens=1024))
+        assert run_all(scheduler, PROMPTS) == alone
+    finally:
+        handle.remove()
+    # step 1 prefills all six prompts together, then every step decodes all six in one call
+    assert calls[0] == sum(len(p) for p in PROMPTS) and calls[1:] == [len(PROMPTS)] * (GREEDY.max_tokens - 1)
+
+
+def test_pool_pages_and_rows() -> None:
+    pool = KVPool([], pages=6, page_tokens=4)
+    a, b = [], []
+    assert pool.reserve(a, 5) and a == [0, 1]
+    assert pool.reserve(b, 4) and b == [2]
+    assert pool.rows(a, 0, 5) == slice(0, 5)  # contiguous pages: a view
+    assert pool.reserve(a, 9) and a == [0, 1, 3]
+    rows = pool.rows(a, 6, 10)  # crosses from page 1 into page 3: gathered
+    assert rows.tolist() == [6, 7, 12, 13]
+    assert not pool.reserve(b, 4 * 4) and b == [2]  # needs 3 more pages, 2 free: nothing taken
+    pool.release(a)
+    assert a == [] and pool.used_pages == 1
+
+
+def test_admission_and_cancellation(tiny) -> None:
+    llm = LLM(tiny("Qwen3MoeForCausalLM").path, dtype="float32")
+    scheduler = Scheduler(llm.engine, SchedulerConfig(max_batch=4, kv_cache_tokens=64, page_tokens=16))
+    with pytest.raises(ContextLengthError, match="needs up to 70 tokens of KV cache.*holds 64"):
+        scheduler.add(Request(list(range(10)), SamplingParams(max_tokens=60), lambda step: None))
+    gone = threading.Event()
+    seen: list[int] = []
+
+    def emit(step) -> None:
+        seen.append(step.token_id)
+        if len(seen) == 3:
+            gone.set()  # the client goes away after three tokens
+
+    scheduler.add(Request(list(range(10)), SamplingParams(max_tokens=40, ignore_eos=True), emit, gone.is_set))
+    while scheduler.has_work():
+        scheduler.step()
+    assert len(seen) == 3 and scheduler.cancelled_total == 1 and scheduler.pool.used_pages == 0
+    with pytest.raises(ValueError, match="max_batch must be a positive integer"):
+        SchedulerConfig(max_batch=0)
+
+
+def _rss() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+
+
+def test_32_streaming_clients(tiny) -> None:
+    llm = LLM(tiny("DeepseekV3ForCausalLM").path, dtype="float32")
+    llm.engine.eos_ids = frozenset()  # every request runs to max_tokens
+    prompts = [f"client {i} says {'hello ' * (i % 5)}" for i in range(32)]
+    alone = [llm.generate(p, max_tokens=12, temperature=0).text for p in prompts]
+    batching = SchedulerConfig(max_batch=16, kv_cache_tokens=2048, prefill_chunk=64, page_tokens=16)
+    with serving(llm, batching=batching, max_queue=64) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def one(i: int, leave_after: int | None, results: dict) -> None:
+            stream = client.completions.create(
+                model=MODEL, prompt=prompts[i], max_tokens=12, temperature=0, stream=True
+            )
+            text = []
+            for n, chunk in enumerate(stream):
+                text.append(chunk.choices[0].text)
+                if leave_after is not None and n + 1 >= leave_after:
+                    stream.close()  # the client disconnects mid-stream
+                    break
+            results[i] = "".join(text)
+
+        def round_of_clients(seed: int) -> dict[int, str]:
+            rng = random.Random(seed)
+            leaving = {i: rng.randint(1, 8) for i in rng.sample(range(32), 8)}
+            results: dict[int, str] = {}
+            threads = [threading.Thread(target=one, args=(i, leaving.get(i), results)) for i in range(32)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=120)
+            assert len(results) == 32
+            for i, text in results.items():
+                if i in leaving:
+                    assert alone[i].startswith(text)  # what it saw is its own, before it left
+                else:
+                    assert text == alone[i]  # nobody else's tokens, none missing
+            return results
+
+        round_of_clients(0)
+        before = _rss()
+        round_of_clients(1)
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        assert "hetero_moe_kv_cache_used_tokens 0" in metrics and "hetero_moe_running_requests 0" in metrics
+        assert "hetero_moe_kv_cache_capacity_tokens 2048" in metrics
+        assert _rss() - before < 64 << 20  # flat: a second round of 32 clients leaves no memory behind
+
+
+def test_bench_serve_against_a_running_server(tiny, capsys) -> None:
+    from hetero_moe import bench_serve
+    from hetero_moe.cli import main
+
+    llm = LLM(tiny("DeepseekV2ForCausalLM").path, rules="cpu-only-int4.yaml", dtype="float32")
+    with serving(llm, batching=SchedulerConfig(max_batch=4, kv_cache_tokens=1024)) as url:
+        report = bench_serve.run(url, [1, 4], prompt_tokens=8, max_tokens=6)
+        assert (
+            main(["bench", "serve", "--url", url, "--concurrency", "2", "--prompt-tokens", "4", "--max-tokens", "3"])
+            == 0
+        )
+    assert "roofline" in capsys.readouterr().out
+    one, four = report["levels"]
+    assert one["concurrency"] == 1 and four["concurrency"] == 4
+    # one prefill step and five decode steps alone; the four share their steps (a late arrival may add a few)
+    assert one["steps"] == 6 and 6 <= four["steps"] < 12
+    # distinct experts: the four tokens of a step touch more of them than one token does
+    assert one["routed_bytes_per_step"] < four["routed_bytes_per_step"]
+    for level in report["levels"]:
+        assert level["aggregate_tok_s"] > 0 and level["ttft_s"]["max"] >= level["ttft_s"]["mean"] > 0
+        assert level["share_of_roofline"] == pytest.approx(
+            level["aggregate_decode_tok_s"] / level["batched_roofline_tok_s"]
+        )
+    assert main(["bench", "serve", "--url", "http://127.0.0.1:9", "--concurrency", "1"]) == 2
