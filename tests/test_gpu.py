@@ -5,6 +5,7 @@ the same model with each kernel swapped for plain torch. Skipped without a GPU."
 from __future__ import annotations
 
 import copy
+from importlib import resources
 
 import pytest
 import torch
@@ -140,3 +141,15 @@ def test_batched_greedy_on_the_gpu_equals_alone(tiny, arch: str, rules: str) -> 
     while scheduler.has_work():
         scheduler.step()
     assert outs == alone and scheduler.preempted_total > 0 and scheduler.pool.used_pages == 0
+
+
+def test_pinned_experts_on_the_gpu_equal_them_in_dram(tiny, tmp_path) -> None:
+    """`plan`'s pinned experts: computed on the GPU (overlapped with the CPU experts), same model."""
+    t = tiny("DeepseekV2ForCausalLM")
+    text = (resources.files("hetero_moe.rules") / "deepseek-v2-lite.yaml").read_text()
+    rules = tmp_path / "pinned.yaml"
+    rules.write_text(text.replace("group_size: 64}", "group_size: 64, pinned: [0, 3, 5]}"))
+    plain = LLM(t.path, rules="deepseek-v2-lite.yaml", dtype="float32")
+    pinned = LLM(t.path, rules=str(rules), dtype="float32")
+    assert pinned.placed.model.model.layers[1].mlp.experts.pinned_w13.device.type == "cuda"
+    assert rel(_logits(pinned), _logits(plain)) < 1e-4

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from test_synth import read_files
 
 from hetero_moe import synth_large
 from hetero_moe.arch import load_config
@@ -23,16 +23,6 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def headers(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     return {i.key: (i.dtype, tuple(i.shape)) for file in path.glob("*.safetensors") for i in read_header(file)}
-
-
-def read_files(path: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            assert f.metadata() == {"format": "pt"}
-            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                tensors[key] = f.get_tensor(key)
-    return tensors
 
 
 @pytest.mark.parametrize("fp8", [False, True])

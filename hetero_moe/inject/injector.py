@@ -59,13 +59,14 @@ class PlacedModel:
     def bytes_per_device(self) -> dict[str, int]:
         totals: dict[str, int] = defaultdict(int)
         for name, module in self.model.named_modules():
-            nbytes = (
-                module.nbytes()
-                if isinstance(module, Op)
-                else sum(t.numel() * t.element_size() for _, t in direct_tensors(module))
-            )
-            if nbytes:
-                totals[str(self.placements[name].device)] += nbytes
+            if isinstance(module, Op):
+                for device, nbytes in module.device_bytes().items():
+                    if nbytes:
+                        totals[device] += nbytes
+            else:
+                nbytes = sum(t.numel() * t.element_size() for _, t in direct_tensors(module))
+                if nbytes:
+                    totals[str(self.placements[name].device)] += nbytes
         return dict(sorted(totals.items()))
 
     def kv_cache_bytes(self, capacity: int) -> dict[str, int]:

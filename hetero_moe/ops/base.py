@@ -72,6 +72,10 @@ class Op(nn.Module):
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for _, t in direct_tensors(self))
 
+    def device_bytes(self) -> dict[str, int]:
+        """Bytes this module itself will hold per device (`nbytes` on its own device, for most ops)."""
+        return {str(self.device): self.nbytes()}
+
     def restore(self, name: str, sources: list) -> bool:
         """Before loading: take the weights from a cache of this op's own instead of `sources` (the
         checkpoint's TensorInfo of every key it owns); True when it did, and the loader skips them."""

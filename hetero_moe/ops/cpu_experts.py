@@ -51,8 +51,20 @@ class CPUExpertsKwargs:
     scale_dtype: str = "bf16"  # int4 scales: bf16 or fp16
     fp8_block: int = 128  # fp8 from a non-FP8 checkpoint: square block size
     torch_min_tokens: int = 0  # tokens per expert from which torch's matmul is used; 0 = measure at load
+    pinned: tuple[int, ...] = ()  # experts kept (dequantized, in the compute dtype) on `pinned_device`
+    pinned_device: str = "cuda:0"
 
     def __post_init__(self) -> None:
+        pinned = self.pinned
+        if not isinstance(pinned, list | tuple) or any(not isinstance(e, int) or e < 0 for e in pinned):
+            raise ValueError(f"pinned must be a list of expert numbers, got {pinned!r}")
+        if len(set(pinned)) != len(pinned):
+            raise ValueError(f"pinned lists an expert twice: {sorted(pinned)}")
+        object.__setattr__(self, "pinned", tuple(sorted(pinned)))
+        try:
+            torch.device(self.pinned_device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"pinned_device {self.pinned_device!r} is not a device: {e}") from None
         if self.quant not in FORMATS:
             raise ValueError(f"quant must be one of {', '.join(FORMATS)}, got {self.quant!r}")
         check_int4_settings(self.group_size, self.scale_dtype)
@@ -269,6 +281,13 @@ class CPUExperts(Op):
         self.cache: tuple[Path, str] | None = None  # (file, key) of the converted-weights cache
         self.restored = False
         self.bytes_streamed = 0  # weight bytes of the distinct experts of every call so far
+        self.pinned = kwargs.pinned
+        if self.pinned and self.pinned[-1] >= e:
+            raise ValueError(f"pinned expert {self.pinned[-1]} does not exist; this layer has {e} experts")
+        self.pinned_device = torch.device(kwargs.pinned_device)
+        self.dtype = ctx.dtype
+        self.unpinned = np.arange(e, dtype=np.int64)  # expert -> itself, or -1 where pinned (not run here)
+        self.unpinned[list(self.pinned)] = -1
 
     @classmethod
     def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Self:
@@ -282,6 +301,13 @@ class CPUExperts(Op):
 
     def nbytes(self) -> int:
         return self.format.nbytes()
+
+    def device_bytes(self) -> dict[str, int]:
+        out = {str(self.device): self.nbytes()}
+        if self.pinned:
+            pinned = len(self.pinned) * 3 * self.inter * self.hidden * self.dtype.itemsize
+            out[str(self.pinned_device)] = out.get(str(self.pinned_device), 0) + pinned
+        return out
 
     def _target(self, key: str) -> tuple[int, int]:
         if not self.allocated:
@@ -310,13 +336,22 @@ class CPUExperts(Op):
         return True
 
     def finalize(self) -> None:
-        """Save converted weights to the cache; compile (or load the cached compilation of) the kernels;
-        measure the torch crossover."""
+        """Save converted weights to the cache; copy the pinned experts, dequantized, to their device;
+        compile (or load the cached compilation of) the kernels; measure the torch crossover."""
         if self.cache is not None and not self.restored:
             converted.save(*self.cache, self.format.arrays())
+        if self.pinned:
+            dev, dt = self.pinned_device, self.dtype
+            w13 = [torch.cat([self.format.dequantize(e, 0), self.format.dequantize(e, 1)]) for e in self.pinned]
+            self.pinned_w13 = torch.stack(w13).to(dev, dt)  # [P, 2I, H]
+            self.pinned_w2 = torch.stack([self.format.dequantize(e, 2) for e in self.pinned]).to(dev, dt)  # [P, H, I]
+            slot = torch.full((self.num_experts,), -1, dtype=torch.int64)
+            slot[list(self.pinned)] = torch.arange(len(self.pinned))
+            self.pinned_slot = slot.to(dev)
         numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
-        x = torch.zeros(1, self.hidden)
-        self.forward(x, torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, 1))
+        here = np.flatnonzero(self.unpinned >= 0)
+        if len(here):  # one call through grouping, the kernels and the combine
+            self.forward(torch.zeros(1, self.hidden), torch.full((1, 1), int(here[0])), torch.ones(1, 1))
         if self.torch_min_tokens == 0:
             key = (self.kwargs, self.num_experts, self.inter, self.hidden, self.threads)
             if key not in _CROSSOVERS:  # every MoE layer of a model has the same shape: measure once
@@ -341,10 +376,16 @@ class CPUExperts(Op):
         return F.linear(F.silu(gate) * up, self.format.dequantize(e, 2).to(x.dtype))
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """`x [T, H]`, `index [T, k]`, `weights [T, k]` -> `sum_j weights[t, j] * expert_{index[t, j]}(x[t])`."""
+        """`x [T, H]`, `index [T, k]`, `weights [T, k]` -> `sum_j weights[t, j] * expert_{index[t, j]}(x[t])`
+        over the experts that are not pinned (`pinned_forward` adds those)."""
         xf = x.detach().float().contiguous().numpy()
-        pairs = group_pairs(np.ascontiguousarray(index.numpy(), np.int64), self.num_experts)
+        idx = np.ascontiguousarray(index.numpy(), np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_experts):
+            raise ValueError(f"expert index out of range: the layer has {self.num_experts} experts")
+        pairs = group_pairs(self.unpinned[idx], self.num_experts)
         self.bytes_streamed += len(pairs.expert) * self.format.nbytes() // self.num_experts
+        if len(pairs.token) == 0:  # every selected expert is pinned
+            return torch.zeros_like(x)
         big = np.diff(pairs.seg) >= self.torch_min_tokens
         if not big.any():
             y = self.format.run(xf, pairs, ROWS_PER_TASK)
@@ -359,6 +400,17 @@ class CPUExperts(Op):
         out = np.empty_like(xf)
         combine(y, pairs.token, pairs.slot, np.ascontiguousarray(weights.float().numpy()), out)
         return torch.from_numpy(out).to(x.dtype)
+
+    def pinned_forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The pinned experts' share of `forward`, on `pinned_device` (all three tensors there)."""
+        slot = self.pinned_slot[index]  # [T, k]: position in the pinned stack, or -1
+        out = torch.zeros(x.shape[0], self.hidden, dtype=torch.float32, device=x.device)
+        for p in torch.unique(slot[slot >= 0]).tolist():
+            tokens, j = (slot == p).nonzero(as_tuple=True)
+            gate, up = F.linear(x[tokens], self.pinned_w13[p]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.pinned_w2[p])
+            out.index_add_(0, tokens, y.float() * weights[tokens, j, None].float())
+        return out.to(x.dtype)
 
 
 def _positions(pairs: Pairs, mask: np.ndarray) -> np.ndarray:

@@ -85,6 +85,8 @@ class MoEBlock(Op):
         self.experts_device = self.experts.device
         if self.shared_experts is not None:
             self.shared_device = module_device(self.shared_experts)
+        # routed experts kept on another device (cpu_experts' `pinned`): computed there, added here
+        self.pinned_device = self.experts.pinned_device if getattr(self.experts, "pinned", ()) else None
 
     def overlaps(self) -> bool:
         """Whether the routed experts run on the host while this block's device does the rest."""
@@ -102,9 +104,15 @@ class MoEBlock(Op):
         weights, index = self.gate(x.to(self.gate.device))  # [T, k] each
         dev = self.experts_device
         out = self.experts(x.to(dev), index.to(dev), weights.to(dev)).to(self.device)
+        if self.pinned_device is not None:
+            out = out + self._pinned(x, index, weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x.to(self.shared_device)).to(self.device)
         return out
+
+    def _pinned(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        dev = self.pinned_device
+        return self.experts.pinned_forward(x.to(dev), index.to(dev), weights.to(dev)).to(self.device)
 
     def _overlapped(self, x: torch.Tensor) -> torch.Tensor:
         st = self.staging
@@ -114,11 +122,15 @@ class MoEBlock(Op):
         if ready is not None:
             ready.record()
         job = st.executor.submit(self._host_experts, ready, hx, hi, hw)
+        # meanwhile on this device: the pinned routed experts and the shared experts
+        pinned = None if self.pinned_device is None else self._pinned(x, index, weights)
         shared = None if self.shared_experts is None else self.shared_experts(x.to(self.shared_device))
         start = time.perf_counter()
         y = job.result()  # [T, H] in the pinned output buffer
         st.stats.wait_s += time.perf_counter() - start
         out = y.to(self.device, non_blocking=True)
+        if pinned is not None:
+            out = out + pinned
         return out if shared is None else out + shared.to(self.device)
 
     def _host_experts(self, ready, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

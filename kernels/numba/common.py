@@ -25,21 +25,26 @@ def silu_mul(gate: float, up: float) -> float:
 @njit(nogil=True, cache=True)
 def group_by_expert(index, num_experts: int):
     """`index [T, k]` -> pairs sorted by expert (a counting sort, stable in token order):
-    `token [P]`, `slot [P]` (position j in the token's top-k), `seg [U + 1]`, `expert [U]`."""
+    `token [P]`, `slot [P]` (position j in the token's top-k), `seg [U + 1]`, `expert [U]`. An index
+    of -1 is no pair (an expert computed elsewhere)."""
     t, k = index.shape
     counts = np.zeros(num_experts + 1, np.int64)
     for i in range(t):
         for j in range(k):
-            if index[i, j] < 0 or index[i, j] >= num_experts:
+            if index[i, j] < -1 or index[i, j] >= num_experts:
                 raise ValueError("expert index out of range")
-            counts[index[i, j] + 1] += 1
+            if index[i, j] >= 0:
+                counts[index[i, j] + 1] += 1
     starts = np.cumsum(counts)  # starts[e] = first pair of expert e
     fill = starts[:-1].copy()
-    token = np.empty(t * k, np.int64)
-    slot = np.empty(t * k, np.int64)
+    pairs = starts[num_experts]
+    token = np.empty(pairs, np.int64)
+    slot = np.empty(pairs, np.int64)
     for i in range(t):
         for j in range(k):
             e = index[i, j]
+            if e < 0:
+                continue
             token[fill[e]] = i
             slot[fill[e]] = j
             fill[e] += 1
@@ -53,7 +58,7 @@ def group_by_expert(index, num_experts: int):
         if counts[e + 1] > 0:
             seg[u], expert[u] = starts[e], e
             u += 1
-    seg[used] = t * k
+    seg[used] = pairs
     return token, slot, seg, expert
 
 
@@ -62,12 +67,14 @@ def combine(y, token, slot, weights, out) -> None:
     """`out[t] = sum over pairs p of token t: weights[t, slot[p]] * y[p]`, summed in top-k order."""
     out[:] = 0.0
     k = weights.shape[1]
-    order = np.empty(token.shape[0], np.int64)  # pair of (token, slot), to sum each token in slot order
+    order = np.full(out.shape[0] * k, -1, np.int64)  # pair of (token, slot), to sum each token in slot order
     for p in range(token.shape[0]):
         order[token[p] * k + slot[p]] = p
     for i in range(out.shape[0]):
         for j in range(k):
             p = order[i * k + j]
+            if p < 0:  # no pair: that expert is computed elsewhere
+                continue
             w = weights[i, j]
             for h in range(out.shape[1]):
                 out[i, h] += w * y[p, h]
