@@ -45,6 +45,7 @@ class DecodeBench:
     steps: int = 32
     prompt_tokens: int = 16
     threads: int = 1
+    prefill: tuple[int, ...] = ()  # prompt lengths whose prefill (time to first token) is measured too
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -53,6 +54,8 @@ class DecodeBench:
             raise ValueError(f"--layers must be at least 1, got {self.layers}")
         if self.steps < 2 or self.prompt_tokens < 1 or self.threads < 1:
             raise ValueError("steps must be at least 2, prompt tokens and threads at least 1")
+        if any(not isinstance(n, int) or n < 1 for n in self.prefill):
+            raise ValueError(f"prefill lengths must be positive integers, got {self.prefill}")
 
 
 def checkpoint(bench: DecodeBench, root: Path | None = None) -> Path:
@@ -113,7 +116,7 @@ class _LayerTimer:
 def run(bench: DecodeBench, model_dir: Path) -> dict:
     torch.set_num_threads(bench.threads)
     dram = dram_read_gbps()
-    context = bench.prompt_tokens + 2 * bench.steps + 8
+    context = max(bench.prompt_tokens + 2 * bench.steps + 8, max(bench.prefill, default=0) + 1)
     load_start = time.perf_counter()
     llm = LLM(model_dir, rules=bench.rules, dtype="bfloat16", max_context=context, cpu_threads=bench.threads)
     load_s = time.perf_counter() - load_start
@@ -168,6 +171,9 @@ def run(bench: DecodeBench, model_dir: Path) -> dict:
 
     full, _ = load_config(Path(str(resources.files("hetero_moe.configs") / bench.arch)))
     full_moe, full_dense = _layer_counts(full)
+    prefill = [
+        _prefill(runner, experts, sync, n, moe_layers, dense_layers, full_moe, full_dense) for n in bench.prefill
+    ]
     full_step_s = outside_s + full_moe * moe_s + full_dense * dense_s
     routed_bytes = full_moe * top_k * per_expert
     roofline = dram["best"] * 1e9 / routed_bytes
@@ -197,9 +203,44 @@ def run(bench: DecodeBench, model_dir: Path) -> dict:
         "dram_read_gbps": dram,
         "roofline_tok_s": roofline,
         "share_of_roofline": tok_s / roofline,
+        "prefill": prefill,
+        "pcie_h2d_gbps": pcie_h2d_gbps() if gpu is not None else None,
         "gpu_memory_gb": torch.cuda.max_memory_allocated(gpu) / 1e9 if gpu is not None else None,
         "cpu_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
     }
+
+
+def _prefill(runner, experts, sync, n: int, moe_layers, dense_layers, full_moe: int, full_dense: int) -> dict:
+    """One prompt of `n` tokens in one forward, per-layer times from hooks, extrapolated like decode."""
+    prompt = torch.arange(n) % 200 + 3
+    timer = _LayerTimer(runner.layers, experts, sync)
+    try:
+        sync()
+        start = time.perf_counter()
+        int(runner.forward(prompt, runner.new_cache(n + 1)).argmax())
+        seconds = time.perf_counter() - start
+    finally:
+        timer.remove()
+    moe_s = statistics.mean(timer.layer_s[i] for i in moe_layers)
+    dense_s = statistics.mean(timer.layer_s[i] for i in dense_layers) if dense_layers else 0.0
+    outside_s = max(seconds - sum(timer.layer_s), 0.0)
+    full_s = outside_s + full_moe * moe_s + full_dense * dense_s
+    return {"tokens": n, "ttft_s": full_s, "tok_s": n / full_s, "per_moe_layer_ms": moe_s * 1e3}
+
+
+def pcie_h2d_gbps(gigabytes: float = 1.0, repeat: int = 5) -> float:
+    """Host-to-GPU copy bandwidth from pinned memory, the path streamed expert weights would take."""
+    host = torch.empty(int(gigabytes * 1e9), dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty_like(host, device="cuda")
+    dev.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        dev.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return host.numel() / statistics.median(times) / 1e9
 
 
 def _bytes_per_expert(experts: nn.Module) -> float:
@@ -235,6 +276,10 @@ def format_report(r: dict) -> str:
         f"per MoE layer {m['total']:.3f} ms: CPU experts {m['cpu_experts']:.3f}, waiting {m['waiting']:.3f}, "
         f"GPU and host {m['gpu_and_host']:.3f}; dense layer {r['per_dense_layer_ms']:.3f} ms; "
         f"outside layers {r['outside_layers_ms']:.3f} ms",
+        *(
+            f"prefill {p['tokens']} tokens: {p['tok_s']:.0f} tok/s, time to first token {p['ttft_s']:.2f} s"
+            for p in r["prefill"]
+        ),
         "GPU memory "
         + (f"{r['gpu_memory_gb']:.2f} GB" if r["gpu_memory_gb"] is not None else "none")
         + f"; CPU peak RSS {r['cpu_peak_rss_gb']:.1f} GB; load {r['load_s']:.0f} s",

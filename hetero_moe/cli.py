@@ -20,7 +20,16 @@ from hetero_moe.inject.rules import RulesError
 from hetero_moe.loader.checkpoint import CheckpointError
 
 # Mistakes in what the user gave us: reported in one line, exit code 2.
-USER_ERRORS = (RulesError, InjectError, ModelError, CheckpointError, ContextLengthError, ValueError, OSError)
+USER_ERRORS = (
+    RulesError,
+    InjectError,
+    ModelError,
+    CheckpointError,
+    ContextLengthError,
+    ValueError,
+    OSError,
+    ImportError,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,15 +103,25 @@ def _parser() -> argparse.ArgumentParser:
     dec = bench.add_parser(
         "decode", help="decode tok/s of a synthetic checkpoint at a real shape against the DRAM roofline"
     )
-    dec.add_argument("--arch", required=True, choices=["deepseek-v2-lite", "qwen3-30b-a3b", "deepseek-v3"])
-    dec.add_argument("--rules", help="rules file (default: the shipped GPU rules of the architecture)")
-    dec.add_argument("--layers", type=int, help="real-size layers to run (default: whole model; DeepSeek-V3: 4)")
-    dec.add_argument("--disk", choices=["fp8", "bf16"], help="checkpoint format (default: the release's)")
-    dec.add_argument("--steps", type=int, default=32, help="decode steps timed")
-    dec.add_argument("--threads", type=int, help="CPU threads (default: the physical cores)")
-    dec.add_argument("--checkpoint-dir", help="where synthetic checkpoints are kept (default: the cache directory)")
-    dec.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    cmp_ = bench.add_parser(
+        "compare", help="bench decode, and plain transformers (accelerate offload) on the same checkpoint"
+    )
+    for g in (dec, cmp_):
+        g.add_argument("--arch", required=True, choices=["deepseek-v2-lite", "qwen3-30b-a3b", "deepseek-v3"])
+        g.add_argument("--rules", help="rules file (default: the shipped GPU rules of the architecture)")
+        g.add_argument("--layers", type=int, help="real-size layers to run (default: whole model; DeepSeek-V3: 4)")
+        g.add_argument("--disk", choices=["fp8", "bf16"], help="checkpoint format (default: the release's)")
+        g.add_argument("--steps", type=int, default=32, help="decode steps timed")
+        g.add_argument("--prefill", default="", help="prompt lengths to time prefill for, e.g. 512,2048,8192")
+        g.add_argument("--threads", type=int, help="CPU threads (default: the physical cores)")
+        g.add_argument("--checkpoint-dir", help="where synthetic checkpoints are kept (default: the cache directory)")
+        g.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     dec.set_defaults(func=_bench_decode)
+    cmp_.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    cmp_.set_defaults(func=_bench_decode)
+    rep = bench.add_parser("report", help="Markdown table and PNG chart of the `bench compare --json` files in DIR")
+    rep.add_argument("dir", help="directory of compare JSON files; compare.md and compare.png are written there")
+    rep.set_defaults(func=_bench_report)
     srv = bench.add_parser("serve", help="concurrent streaming clients against a running server on this box")
     srv.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)")
     srv.add_argument("--concurrency", default="1,4,16,32", help="comma-separated client counts")
@@ -399,20 +418,40 @@ def _bench_decode(args: argparse.Namespace) -> int:
         fp8=fp8 if args.disk is None else args.disk == "fp8",
         steps=args.steps,
         threads=args.threads or physical_cores(),
+        prefill=_int_list(args.prefill, "--prefill") if args.prefill else (),
     )
     root = Path(args.checkpoint_dir) if args.checkpoint_dir else None
-    report = bench_decode.run(bench, bench_decode.checkpoint(bench, root))
-    print(json.dumps(report) if args.json else bench_decode.format_report(report))
+    path = bench_decode.checkpoint(bench, root)
+    if not hasattr(args, "no_transformers"):  # bench decode
+        report = bench_decode.run(bench, path)
+        print(json.dumps(report) if args.json else bench_decode.format_report(report))
+        return 0
+    from hetero_moe import bench_compare
+
+    report = bench_compare.run(bench, path, not args.no_transformers)
+    print(json.dumps(report) if args.json else bench_compare.format_report(report))
     return 0
+
+
+def _bench_report(args: argparse.Namespace) -> int:
+    from hetero_moe.bench_report import write
+
+    for path in write(Path(args.dir)):
+        print(f"wrote {path}")
+    return 0
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
 
 
 def _bench_serve(args: argparse.Namespace) -> int:
     from hetero_moe import bench_serve
 
-    try:
-        levels = [int(c) for c in args.concurrency.split(",")]
-    except ValueError:
-        raise ValueError(f"--concurrency takes comma-separated integers, got {args.concurrency!r}") from None
+    levels = list(_int_list(args.concurrency, "--concurrency"))
     if any(c < 1 for c in levels) or args.prompt_tokens < 1 or args.max_tokens < 2:
         raise ValueError("client counts and --prompt-tokens must be positive, --max-tokens at least 2")
     report = bench_serve.run(args.url, levels, args.prompt_tokens, args.max_tokens, args.api_key)

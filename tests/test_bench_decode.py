@@ -54,3 +54,31 @@ def test_decode_cli_writes_its_checkpoint_once(tmp_path, capsys, monkeypatch) ->
     assert written == [tmp_path / "qwen3-30b-a3b-2-bf16"]  # the second run reuses it
     assert main(["bench", "decode", "--arch", "deepseek-v3", "--layers", "0"]) == 2
     assert "--layers must be at least 1" in capsys.readouterr().err
+
+
+def test_compare_with_transformers_and_the_report(tmp_path, capsys) -> None:
+    from hetero_moe import bench_compare
+
+    path = write_large_checkpoint(tiny_config("DeepseekV3ForCausalLM"), tmp_path / "m", fp8=False, layers=3)
+    bench = bench_decode.DecodeBench(
+        "deepseek-v3", "cpu-only.yaml", layers=3, fp8=False, steps=2, prompt_tokens=5, prefill=(8, 16)
+    )
+    # transformers' grouped matmul rejects these tiny bf16 rows on the CPU: its eager experts instead
+    r = bench_compare.run(bench, path, experts_implementation="eager")
+    ours, theirs = r["ours"], r["transformers"]
+    assert [p["tokens"] for p in ours["prefill"]] == [8, 16] == [p["tokens"] for p in theirs["prefill"]]
+    for engine in (ours, theirs):
+        assert engine["decode_tok_s"] > 0 and all(
+            p["tok_s"] == pytest.approx(p["tokens"] / p["ttft_s"]) for p in engine["prefill"]
+        )
+    assert theirs["device_map"] == "everything on the CPU" and ours["pcie_h2d_gbps"] is None
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "deepseek-v3.json").write_text(json.dumps(r))
+    (out / "unrelated.json").write_text("{}")
+    assert main(["bench", "report", str(out)]) == 0
+    table = (out / "compare.md").read_text()
+    assert "transformers + accelerate offload" in table and "prefill 16 tok/s (TTFT)" in table
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["bench", "report", str(tmp_path / "m")]) == 2
+    assert "no `hetero-moe bench compare --json` output" in capsys.readouterr().err
