@@ -152,7 +152,8 @@ def _parser() -> argparse.ArgumentParser:
             g.add_argument(
                 "--kv-cache-tokens",
                 type=int,
-                help="tokens the shared KV cache pool holds (default: the context, times --max-batch up to 64K)",
+                help="tokens the shared KV cache pool holds (default: the context times --max-batch, "
+                "or what the free memory holds)",
             )
             g.add_argument(
                 "--prefill-chunk", type=int, default=512, help="prompt tokens per step, interleaved with decodes"
@@ -340,7 +341,7 @@ def _chat(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from hetero_moe.engine.scheduler import SchedulerConfig
+    from hetero_moe.engine.scheduler import SchedulerConfig, default_pool_tokens
     from hetero_moe.server.app import ServerConfig, create_app
 
     name = args.served_model_name or (Path(args.model).resolve().name if args.model else "hetero-moe-demo")
@@ -358,7 +359,7 @@ def _serve(args: argparse.Namespace) -> int:
         allow_origins=tuple(args.allow_origin),
         batching=SchedulerConfig(
             max_batch=args.max_batch,
-            kv_cache_tokens=args.kv_cache_tokens or max(context, min(args.max_batch * context, 65536)),
+            kv_cache_tokens=args.kv_cache_tokens or default_pool_tokens(llm.runner, args.max_batch * context),
             prefill_chunk=args.prefill_chunk,
         ),
     )

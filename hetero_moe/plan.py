@@ -26,6 +26,7 @@ from hetero_moe.inject.rules import parse_rules
 from hetero_moe.llm import resolve_dtype
 from hetero_moe.ops.moe import MoEBlock
 from hetero_moe.ops.registry import OPS
+from hetero_moe.settings import available_memory
 
 GB = 1e9
 DEFAULT_CONTEXT = 8192  # tokens of KV cache planned for, when not given (or the model's own limit)
@@ -57,17 +58,12 @@ class Box:
             gpu = torch.cuda.mem_get_info(0)[0] if torch.cuda.is_available() else 0.0
         else:
             gpu = gpu_gb * GB
-        cpu = cpu_gb * GB if cpu_gb is not None else _mem_available()
+        cpu = cpu_gb * GB if cpu_gb is not None else available_memory()
+        if cpu is None:
+            raise PlanError("cannot tell the available DRAM on this system; pass --cpu-memory")
         if gpu_fp8 is None:
             gpu_fp8 = torch.cuda.is_available() and torch.cuda.get_device_capability(0) >= (8, 9)
         return Box(gpu, cpu, gpu_fp8)
-
-
-def _mem_available() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise PlanError("cannot read MemAvailable from /proc/meminfo; pass --cpu-memory")
 
 
 @dataclass

@@ -31,3 +31,15 @@ def physical_cores() -> int:
 def triton_interpreted() -> bool:
     """True when Triton runs kernels on the CPU through its interpreter (`TRITON_INTERPRET=1`, tests)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available_memory() -> int | None:
+    """Bytes of DRAM available to new allocations (MemAvailable), or None where /proc/meminfo is absent."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 from test_server import MODEL, serving
 
 from hetero_moe.engine.engine import ContextLengthError
@@ -186,3 +187,14 @@ def test_bench_serve_against_a_running_server(tiny, capsys) -> None:
             level["aggregate_decode_tok_s"] / level["batched_roofline_tok_s"]
         )
     assert main(["bench", "serve", "--url", "http://127.0.0.1:9", "--concurrency", "1"]) == 2
+
+
+def test_default_pool_fits_the_free_memory(tiny) -> None:
+    from hetero_moe.engine.scheduler import CPU_SHARE, default_pool_tokens
+    from hetero_moe.settings import available_memory
+
+    llm = LLM(tiny("MixtralForCausalLM").path, dtype="float32")
+    assert default_pool_tokens(llm.runner, 100) == 96  # whole pages
+    per_token = sum(layer.self_attn.cache_bytes(1, torch.float32) for layer in llm.runner.layers)
+    huge = default_pool_tokens(llm.runner, 10**15)
+    assert 0 < huge <= available_memory() * CPU_SHARE / per_token

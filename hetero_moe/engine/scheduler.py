@@ -24,6 +24,7 @@ import torch
 from hetero_moe.engine.engine import ContextLengthError, Decoding, Engine, StepOutput
 from hetero_moe.engine.sampler import SamplingParams
 from hetero_moe.ops.attention import Rows, SeqSlice
+from hetero_moe.settings import available_memory
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,33 @@ class KVPool:
             return slice(base + begin, base + end)
         rows = (torch.tensor(pages)[:, None] * p + torch.arange(p)).flatten()
         return rows[begin - first * p : end - first * p].to(self.device)
+
+
+GPU_RESERVE = 2 << 30  # bytes left free on a GPU after the default pool: activations, allocator slack
+CPU_SHARE = 0.25  # of the available DRAM the default pool may take when the cache lives there
+
+
+def default_pool_tokens(runner, wanted: int) -> int:
+    """`wanted` tokens of KV cache, or fewer if this box's free memory holds fewer: the GPU's free memory
+    less a reserve, a quarter of the available DRAM; whole pages of 16 tokens, at least one page."""
+    per_token: dict[torch.device, int] = {}
+    for layer in runner.layers:
+        dev = layer.self_attn.device
+        per_token[dev] = per_token.get(dev, 0) + layer.self_attn.cache_bytes(1, runner.dtype)
+    tokens = wanted
+    for dev, nbytes in per_token.items():
+        if dev.type == "cuda":
+            free = torch.cuda.mem_get_info(dev)[0] - GPU_RESERVE
+        else:
+            available = available_memory()
+            free = available * CPU_SHARE if available is not None else tokens * nbytes
+        tokens = min(tokens, int(free // nbytes))
+    if tokens < 16:
+        raise ValueError(
+            "no memory is left for the KV cache after loading the model; give --kv-cache-tokens, "
+            "a smaller model placement, or free memory"
+        )
+    return tokens // 16 * 16
 
 
 @dataclass
