@@ -46,6 +46,7 @@ class DecodeBench:
     prompt_tokens: int = 16
     threads: int = 1
     prefill: tuple[int, ...] = ()  # prompt lengths whose prefill (time to first token) is measured too
+    routing_skew: float = 0.0  # synthetic routers that prefer some experts (synth_large), for pinning
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -63,11 +64,13 @@ def checkpoint(bench: DecodeBench, root: Path | None = None) -> Path:
     from hetero_moe.synth_large import write_large_checkpoint
 
     name = f"{bench.arch}-{bench.layers or 'all'}-{'fp8' if bench.fp8 else 'bf16'}"
+    if bench.routing_skew:
+        name += f"-skew{bench.routing_skew:g}"
     out = (root or cache_dir() / "bench") / name
     done = out / ".complete"
     if not done.exists():
         config, _ = load_config(Path(str(resources.files("hetero_moe.configs") / bench.arch)))
-        write_large_checkpoint(config, out, fp8=bench.fp8, layers=bench.layers)
+        write_large_checkpoint(config, out, fp8=bench.fp8, layers=bench.layers, routing_skew=bench.routing_skew)
         done.write_text("written by hetero-moe bench decode\n")
     return out
 

@@ -114,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
         g.add_argument("--steps", type=int, default=32, help="decode steps timed")
         g.add_argument("--prefill", default="", help="prompt lengths to time prefill for, e.g. 512,2048,8192")
         g.add_argument("--threads", type=int, help="CPU threads (default: the physical cores)")
+        g.add_argument(
+            "--routing-skew", type=float, default=0.0, help="synthetic routers prefer some experts (e.g. 1.0)"
+        )
         g.add_argument("--checkpoint-dir", help="where synthetic checkpoints are kept (default: the cache directory)")
         g.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     dec.set_defaults(func=_bench_decode)
@@ -420,6 +423,7 @@ def _bench_decode(args: argparse.Namespace) -> int:
         steps=args.steps,
         threads=args.threads or physical_cores(),
         prefill=_int_list(args.prefill, "--prefill") if args.prefill else (),
+        routing_skew=args.routing_skew,
     )
     root = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     path = bench_decode.checkpoint(bench, root)

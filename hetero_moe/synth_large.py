@@ -20,6 +20,29 @@ Values (honest enough for benchmarks, not a trained model):
 - FP8 weights: e4m3 codes from the pool at std 100, clamped to +-448 (a block's largest code is then
   about 430, close to the 448 a real block quantizer gives, and a NaN code 0x7F/0xFF never occurs),
   with every ``weight_scale_inv`` block equal to std/100, so dequantized values match the bf16 case.
+- Routing skew (``routing_skew`` s > 0; s = 0 writes exactly the values above). Random routers spread
+  tokens near uniformly over the experts; real ones prefer some, which pinning the busiest experts on a
+  GPU exploits. Each MoE layer ranks its routed experts in an order hashed from the seed and the layer
+  index (``expert_ranks``; rank 0 the most popular), and one router tensor per layer carries the skew;
+  nothing else changes.
+  - A router with a correction bias (DeepSeek-V3): ``e_score_correction_bias`` of the expert of rank r
+    is -0.1 s ln(1 + r) (float32, as ever). The bias only moves selection, against sigmoid scores that
+    spread with a std of about 0.2. With V3's 256 experts, top 8, in 8 groups: s = 0.5 sends about 60 %
+    of the routings to the top quarter of the experts, s = 1 about 90 % (the most popular expert picked
+    by half the tokens), s = 2 all of them (the top few experts by about 80 % of the tokens).
+  - A softmax router (DeepSeek-V2, Qwen3-MoE, Mixtral) has no bias, and no direction of the hidden
+    states has a sign known in advance to add one through (a shifted embedding fades with depth and
+    biases the output too). Its weight row of the expert of rank r is scaled by (1 + r) ** -s instead
+    (rank 0 keeps the unskewed bytes): logits keep their sign per token but shrink down the ranking,
+    so top-k favours the top ranks and the tail is rarely picked. For hidden states symmetric about 0
+    no bias-free router picks an expert for more than half the tokens (x and -x swap its top k and
+    bottom k), so the top experts saturate near half the tokens each. For random hidden states s = 1
+    sends about 80 % of the routings to the top quarter with 64 experts, top 6 (DeepSeek-V2-Lite),
+    about 90 % with 128, top 8 (Qwen3-30B-A3B); s = 2 about 45 % with 8, top 2 (Mixtral; 25 % unskewed).
+  The synthetic model's own hidden states share a direction (mean cosine 0.2 to 0.5 with it, growing
+  with depth), which gives every expert a random fixed logit offset even at s = 0: measured counts
+  follow the ranking only roughly (rank correlation about 0.8 with 32 experts at s = 1 or 2), and at
+  s = 0 the busiest experts already take more than their share. ``hetero-moe profile`` measures them.
 """
 
 from __future__ import annotations
@@ -31,6 +54,7 @@ import json
 import logging
 import math
 import os
+import re
 import struct
 import time
 from collections.abc import Iterator
@@ -56,6 +80,11 @@ _EMBED_STD = 1.0
 _BIAS_STD = 0.02
 _FP8_STD = 100.0  # of the e4m3 codes, in quantized units
 _CONSTANT_CHUNK = 1 << 20  # elements of a constant tensor written per call
+_SKEW_BIAS = 0.1  # routing_skew's correction bias per unit of s * ln(1 + rank)
+
+# A router tensor, by transformers key: the weight [E, H] and DeepSeek-V3's correction bias [E].
+_ROUTER_KEY = re.compile(r"^model\.layers\.\d+\.mlp\.gate\.(weight|e_score_correction_bias)$")
+_LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 
 # The synthetic tokenizer's special tokens, by config field.
 _SPECIAL_IDS = {"bos_token_id": synth.BOS_TOKEN, "eos_token_id": synth.EOS_TOKEN, "pad_token_id": synth.PAD_TOKEN}
@@ -74,6 +103,12 @@ class Fill(enum.Enum):
     RANDOM = "random"  # pool values times ``value`` (the std), in the tensor's dtype
     FP8 = "fp8"  # e4m3 codes from the pool; the scales are a separate CONSTANT tensor
     CONSTANT = "constant"  # every element ``value``
+    # routing_skew (see the module docstring); r is an expert's rank in its layer (``expert_ranks``)
+    SKEWED_ROWS = "skewed_rows"  # RANDOM, then the row of the expert of rank r times (1 + r) ** -skew
+    SKEWED_BIAS = "skewed_bias"  # the element of the expert of rank r is -value * skew * ln(1 + r)
+
+
+_SKEWED = (Fill.SKEWED_ROWS, Fill.SKEWED_BIAS)
 
 
 @dataclass(frozen=True)
@@ -84,7 +119,12 @@ class PlannedTensor:
     dtype: torch.dtype
     shape: tuple[int, ...]
     fill: Fill
-    value: float  # the std for RANDOM, the element for CONSTANT, unused for FP8
+    value: float  # the std for RANDOM and SKEWED_ROWS, the element for CONSTANT, a scale for SKEWED_BIAS
+    skew: float = 0.0  # routing_skew, for the SKEWED fills only
+
+    def __post_init__(self) -> None:
+        if (self.fill in _SKEWED) != (self.skew > 0):
+            raise ValueError(f"{self.name}: fill {self.fill.value} with skew {self.skew}")
 
     @property
     def numel(self) -> int:
@@ -139,24 +179,34 @@ def plan_checkpoint(
     fp8: bool,
     layers: int | None = None,
     legacy_mixtral_names: bool = True,
+    routing_skew: float = 0.0,
 ) -> list[PlannedTensor]:
     """Every tensor ``write_large_checkpoint`` writes for these arguments, in write-plan order; builds the
     model on the meta device only, so it is cheap at any size (sum ``nbytes`` for the disk needed)."""
     config = benchmark_config(config, layers)
-    return [t for group in _plan_groups(config, fp8, legacy_mixtral_names) for t in group]
+    return [t for group in _plan_groups(config, fp8, legacy_mixtral_names, routing_skew) for t in group]
 
 
 def _plan_groups(
-    config: transformers.PreTrainedConfig, fp8: bool, legacy_mixtral_names: bool
+    config: transformers.PreTrainedConfig, fp8: bool, legacy_mixtral_names: bool, routing_skew: float
 ) -> list[tuple[PlannedTensor, ...]]:
     """Tensors grouped so that an FP8 weight and its scale go to the same file."""
+    if not (math.isfinite(routing_skew) and routing_skew >= 0):
+        raise ValueError(f"routing_skew must be a finite number >= 0, got {routing_skew}")
     naming = synth.expert_naming(config, legacy_mixtral_names)
     model = build_meta_model(config, ARCHITECTURES[config.architectures[0]], DTYPE)
+    entries = synth.disk_layout(model, naming)
+    # routing_skew's lever: the correction bias where routers have one (it only moves selection), else the weight.
+    routers = {e.source: m[1] for e in entries if (m := _ROUTER_KEY.match(e.source))}
+    lever = "e_score_correction_bias" if "e_score_correction_bias" in routers.values() else "weight"
     groups: list[tuple[PlannedTensor, ...]] = []
-    for entry in synth.disk_layout(model, naming):
+    for entry in entries:
+        skew = routing_skew if routers.get(entry.source) == lever else 0.0
         if entry.role is synth.Role.MATRIX:
             std = 1.0 / math.sqrt(entry.shape[-1])  # [out, in]
-            if fp8 and entry.quantizable:
+            if skew:  # a router weight [E, H]: never a Linear, so never FP8
+                planned = PlannedTensor(entry.name, DTYPE, entry.shape, Fill.SKEWED_ROWS, std, skew)
+            elif fp8 and entry.quantizable:
                 rows, cols = entry.shape
                 scale_shape = (-(-rows // FP8_BLOCK[0]), -(-cols // FP8_BLOCK[1]))
                 groups.append(
@@ -168,11 +218,14 @@ def _plan_groups(
                     )
                 )
                 continue
-            planned = PlannedTensor(entry.name, DTYPE, entry.shape, Fill.RANDOM, std)
+            else:
+                planned = PlannedTensor(entry.name, DTYPE, entry.shape, Fill.RANDOM, std)
         elif entry.role is synth.Role.EMBEDDING:
             planned = PlannedTensor(entry.name, DTYPE, entry.shape, Fill.RANDOM, _EMBED_STD)
         elif entry.role is synth.Role.NORM:
             planned = PlannedTensor(entry.name, DTYPE, entry.shape, Fill.CONSTANT, 1.0)
+        elif entry.keep_fp32 and skew:  # the correction bias [E]
+            planned = PlannedTensor(entry.name, torch.float32, entry.shape, Fill.SKEWED_BIAS, _SKEW_BIAS, skew)
         elif entry.keep_fp32:
             planned = PlannedTensor(entry.name, torch.float32, entry.shape, Fill.CONSTANT, 0.0)
         else:
@@ -216,15 +269,33 @@ class _Pool:
         if tensor.fill is Fill.CONSTANT:
             yield from self._constant(tensor)
             return
+        if tensor.fill in _SKEWED:
+            yield memoryview(self._skewed(tensor).view(torch.uint8).numpy())
+            return
         data = memoryview(self._scaled(tensor))
         item = tensor.dtype.itemsize
+        for pos, take in self._spans(tensor):
+            yield data[pos * item : (pos + take) * item]
+
+    def _spans(self, tensor: PlannedTensor) -> Iterator[tuple[int, int]]:
+        """(start, length) pool ranges that make the tensor's values: from its hashed offset, wrapping."""
         pos = self._offset(tensor.name)
         remaining = tensor.numel
         while remaining:
             take = min(remaining, self.size - pos)
-            yield data[pos * item : (pos + take) * item]
+            yield pos, take
             remaining -= take
             pos = 0
+
+    def _skewed(self, tensor: PlannedTensor) -> torch.Tensor:
+        """A routing_skew tensor, built whole: a router weight [E, H] or correction bias [E] is small."""
+        layer = int(_LAYER_INDEX.match(tensor.name)[1])
+        rank = expert_ranks(layer, tensor.shape[0], self.seed).to(torch.float32)  # [E]
+        if tensor.fill is Fill.SKEWED_BIAS:
+            return (-tensor.value * tensor.skew * torch.log1p(rank)).to(tensor.dtype)
+        values = torch.cat([self._normal[pos : pos + take] for pos, take in self._spans(tensor)])
+        rows = values.view(tensor.shape[0], -1) * tensor.value  # [E, H]: the RANDOM values, before rounding
+        return (rows * (1 + rank[:, None]) ** -tensor.skew).to(tensor.dtype)
 
     def _scaled(self, tensor: PlannedTensor) -> np.ndarray:
         key = (tensor.dtype, tensor.fill, tensor.value)
@@ -237,8 +308,7 @@ class _Pool:
         return self._bytes[key]
 
     def _offset(self, name: str) -> int:
-        digest = hashlib.blake2b(f"{self.seed}:{name}".encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "little") % self.size
+        return _hash(self.seed, name) % self.size
 
     @staticmethod
     def _constant(tensor: PlannedTensor) -> Iterator[memoryview]:
@@ -249,6 +319,20 @@ class _Pool:
             take = min(remaining, chunk.numel())
             yield data[: take * tensor.dtype.itemsize]
             remaining -= take
+
+
+def expert_ranks(layer: int, experts: int, seed: int = 0) -> torch.Tensor:
+    """[experts] int64: the popularity rank (0 the most popular) of each routed expert of decoder layer
+    ``layer`` in a checkpoint written with ``routing_skew`` > 0 and ``seed``; an order hashed from both."""
+    order = sorted(range(experts), key=lambda e: _hash(seed, f"routing_skew:{layer}:{e}"))
+    rank = torch.empty(experts, dtype=torch.int64)
+    rank[order] = torch.arange(experts)
+    return rank
+
+
+def _hash(seed: int, text: str) -> int:
+    digest = hashlib.blake2b(f"{seed}:{text}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 def _write_file(path: Path, tensors: list[PlannedTensor], pool: _Pool) -> None:
@@ -285,6 +369,7 @@ def write_large_checkpoint(
     shard_bytes: int = 4 << 30,
     seed: int = 0,
     legacy_mixtral_names: bool = True,
+    routing_skew: float = 0.0,
 ) -> Path:
     """Write a random checkpoint of ``config``'s architecture and real dimensions to ``out_dir``.
 
@@ -299,13 +384,20 @@ def write_large_checkpoint(
     ``synth.write_checkpoint``; the values are described in this module's docstring. Stale weight
     files in ``out_dir`` are removed first. The bytes written are a function of the arguments only.
     Memory stays at the random pool's (under 1 GB): no tensor of the model is ever built.
+
+    ``routing_skew`` (>= 0) makes every MoE layer's router prefer a seeded, layer-dependent set of
+    experts, popularity falling roughly Zipf-like down a ranking (``expert_ranks``): for DeepSeek-V3
+    through ``e_score_correction_bias``, for the softmax routers by scaling router rows (the module
+    docstring gives the formulas and the shares they give). 0, the default, writes exactly the unskewed
+    bytes; 1 is a strong skew at the real expert counts. Only one router tensor per MoE layer differs;
+    ``config.json`` stays the real one and does not record the skew.
     """
     if shard_bytes < 1:
         raise ValueError(f"shard_bytes must be positive, got {shard_bytes}")
     config = benchmark_config(config, layers)
+    groups = _plan_groups(config, fp8, legacy_mixtral_names, routing_skew)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    groups = _plan_groups(config, fp8, legacy_mixtral_names)
     shards = _split(groups, shard_bytes)
     largest = max((t.numel for group in groups for t in group if t.fill is not Fill.CONSTANT), default=1)
     pool = _Pool(_prime_at_most(min(_POOL_MAX, max(_POOL_MIN, largest))), seed)
@@ -328,12 +420,13 @@ def write_large_checkpoint(
     synth.write_config(config, out, dtype=DTYPE, fp8_block=FP8_BLOCK if fp8 else None)
     synth.build_tokenizer(out, vocab_size=config.vocab_size)
     logger.info(
-        "wrote %s: %d tensors, %.2f GB in %d file(s), %.2f GB/s, fp8=%s",
+        "wrote %s: %d tensors, %.2f GB in %d file(s), %.2f GB/s, fp8=%s, routing_skew=%g",
         out,
         sum(len(s) for s in shards),
         total / 1e9,
         n,
         total / 1e9 / max(seconds, 1e-9),
         fp8,
+        routing_skew,
     )
     return out

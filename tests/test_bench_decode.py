@@ -39,9 +39,11 @@ def test_decode_report_is_consistent(tmp_path, rules: str) -> None:
 def test_decode_cli_writes_its_checkpoint_once(tmp_path, capsys, monkeypatch) -> None:
     written = []
 
-    def tiny_checkpoint(config, out, *, fp8, layers):
+    def tiny_checkpoint(config, out, *, fp8, layers, routing_skew):
         written.append(out)
-        return write_large_checkpoint(tiny_config("Qwen3MoeForCausalLM"), out, fp8=fp8, layers=layers)
+        return write_large_checkpoint(
+            tiny_config("Qwen3MoeForCausalLM"), out, fp8=fp8, layers=layers, routing_skew=routing_skew
+        )
 
     monkeypatch.setattr("hetero_moe.synth_large.write_large_checkpoint", tiny_checkpoint)
     argv = ["bench", "decode", "--arch", "qwen3-30b-a3b", "--rules", "cpu-only.yaml", "--layers", "2", "--steps", "2"]

@@ -1,11 +1,14 @@
-"""Real-size synthetic checkpoints, streamed: write_checkpoint's layout, loadable, sharded, layer override."""
+"""Real-size synthetic checkpoints, streamed: write_checkpoint's layout, loadable, sharded, layer override,
+routing skew."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
 from pathlib import Path
+from statistics import mean
 
 import pytest
 import torch
@@ -15,8 +18,9 @@ from hetero_moe import synth_large
 from hetero_moe.arch import load_config
 from hetero_moe.llm import LLM
 from hetero_moe.loader.checkpoint import Checkpoint, read_header
+from hetero_moe.profile import profile
 from hetero_moe.synth import SUPPORTED, dequantize_fp8_reference, random_model, tiny_config, write_checkpoint
-from hetero_moe.synth_large import FP8_BLOCK, benchmark_config, plan_checkpoint, write_large_checkpoint
+from hetero_moe.synth_large import FP8_BLOCK, benchmark_config, expert_ranks, plan_checkpoint, write_large_checkpoint
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -209,3 +213,103 @@ def test_bad_arguments(tmp_path: Path) -> None:
         write_large_checkpoint(tiny_config("MixtralForCausalLM"), tmp_path, fp8=False, shard_bytes=0)
     with pytest.raises(ValueError, match="layers"):
         write_large_checkpoint(tiny_config("MixtralForCausalLM"), tmp_path, fp8=False, layers=0)
+    for skew in (-0.5, math.nan, math.inf):
+        with pytest.raises(ValueError, match="routing_skew"):
+            write_large_checkpoint(tiny_config("MixtralForCausalLM"), tmp_path, fp8=False, routing_skew=skew)
+    assert not any(tmp_path.iterdir())  # checked before anything is written
+
+
+# sha256 of model.safetensors as written before routing_skew existed: routing_skew=0 must keep the bytes.
+UNSKEWED_SHA256 = {
+    ("DeepseekV3ForCausalLM", False): "6445861be9be4dee3e173c9a4ee275e0530779ccd94598c6fb437426f86ead19",
+    ("DeepseekV3ForCausalLM", True): "067ac45502ee7aae157447546aa769c9eedaf7b34b0ecfe67e47aae2130b3df8",
+    ("DeepseekV2ForCausalLM", False): "2a6c00f923dfdffd445277f21b3b32ccbed9eab7cdba7148e3eb7b9d95871708",
+    ("DeepseekV2ForCausalLM", True): "3ed55a9be1a81f9cb2e3ae523893c7885f44ad7d1789faa6687022137be723c1",
+    ("Qwen3MoeForCausalLM", False): "36d2db4a1d955cc7313ecab146e461bef5091232b4b781234b10d664467c47ea",
+    ("Qwen3MoeForCausalLM", True): "0c65950e6fdfde9f0d5410bee2f1d31e540b6c6debbb01bc989df72033b135b5",
+    ("MixtralForCausalLM", False): "65d3c8ca215dcd2440856bd7ab956e8372f63176611ed3a56f4f7aa5fd77d291",
+    ("MixtralForCausalLM", True): "fa50c8a9043e5f0e9b54c161ca50ed5a11aa506cefa8260cac0e710ac3ab79e5",
+}
+
+ROUTER_KEY = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.gate\.(weight|e_score_correction_bias)")
+
+
+@pytest.mark.parametrize(("arch", "fp8"), list(UNSKEWED_SHA256))
+def test_zero_routing_skew_keeps_the_bytes(arch: str, fp8: bool, tmp_path: Path) -> None:
+    path = write_large_checkpoint(tiny_config(arch), tmp_path, fp8=fp8, routing_skew=0.0)
+    assert hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest() == UNSKEWED_SHA256[arch, fp8]
+
+
+@pytest.mark.parametrize("arch", SUPPORTED)
+def test_routing_skew_changes_one_router_tensor_per_layer(arch: str, tmp_path: Path) -> None:
+    config = tiny_config(arch)
+    plain = read_files(write_large_checkpoint(config, tmp_path / "plain", fp8=True))
+    skewed = read_files(write_large_checkpoint(config, tmp_path / "skewed", fp8=True, routing_skew=2.0))
+    assert (tmp_path / "plain/config.json").read_text() == (tmp_path / "skewed/config.json").read_text()
+    assert {k: (t.dtype, t.shape) for k, t in plain.items()} == {k: (t.dtype, t.shape) for k, t in skewed.items()}
+    changed = {k for k in plain if not torch.equal(plain[k].view(torch.uint8), skewed[k].view(torch.uint8))}
+    lever = "e_score_correction_bias" if arch == "DeepseekV3ForCausalLM" else "weight"  # V3: selection only
+    assert changed == {k for k in plain if (m := ROUTER_KEY.fullmatch(k)) and m[2] == lever}
+    assert len(changed) == (3 if arch == "MixtralForCausalLM" else 2)  # every MoE layer
+    for key in changed:
+        rank = expert_ranks(int(ROUTER_KEY.fullmatch(key)[1]), plain[key].shape[0])
+        if lever == "weight":  # [E, H]: the row of rank r times (1 + r) ** -2; rank 0 unchanged
+            ratio = skewed[key].float().norm(dim=1) / plain[key].float().norm(dim=1)
+            torch.testing.assert_close(ratio, (1 + rank.double()) ** -2.0, rtol=1e-2, atol=0, check_dtype=False)
+            assert torch.equal(skewed[key][rank == 0], plain[key][rank == 0])
+        else:
+            assert skewed[key].dtype == torch.float32
+            torch.testing.assert_close(skewed[key], -0.2 * torch.log1p(rank.float()))
+
+
+def test_expert_ranks() -> None:
+    ranks = [expert_ranks(layer, 32, seed).tolist() for layer in (1, 2) for seed in (0, 1)]
+    assert all(sorted(r) == list(range(32)) for r in ranks)
+    assert len({tuple(r) for r in ranks}) == 4  # layer- and seed-dependent
+    assert expert_ranks(1, 32, 0).tolist() == ranks[0]
+
+
+EXPERTS = {  # config field of the routed expert count
+    "DeepseekV3ForCausalLM": "n_routed_experts",
+    "DeepseekV2ForCausalLM": "n_routed_experts",
+    "Qwen3MoeForCausalLM": "num_experts",
+    "MixtralForCausalLM": "num_local_experts",
+}
+PROMPTS = [
+    "The router picks",
+    "Experts in a mixture",
+    "Once upon a time there was",
+    "GPU memory is fast but small",
+    "hello world",
+    "the quick brown fox jumps over the lazy dog",
+]
+
+
+def routing_shares(path: Path) -> tuple[float, float]:
+    """Profiled share of the routings that go to the busiest quarter of the experts, and to the quarter that
+    ``expert_ranks`` ranks first, averaged over the MoE layers."""
+    result = profile(LLM(path, rules="cpu-only.yaml", dtype="float32"), PROMPTS, max_tokens=8)
+    quarter = math.ceil(result["num_experts"] / 4)
+    busiest, ranked = [], []
+    for name, counts in result["layers"].items():  # "model.layers.N.mlp"
+        c = torch.tensor(counts, dtype=torch.float64)
+        busiest.append(float(c.sort(descending=True).values[:quarter].sum() / c.sum()))
+        ranked.append(float(c[expert_ranks(int(name.split(".")[2]), len(c)) < quarter].sum() / c.sum()))
+    return mean(busiest), mean(ranked)
+
+
+@pytest.mark.parametrize("arch", SUPPORTED)
+def test_routing_skew_concentrates_routing(arch: str, tmp_path: Path) -> None:
+    """32 experts: with the tiny configs' 6 to 10 the top quarter is 2 or 3 experts, and a bias-free softmax
+    router gives an expert at most about half the tokens, so the skew could only add a few points there.
+
+    Measured (V3, V2, Qwen3, Mixtral): busiest quarter 0.45, 0.48, 0.56, 0.52 unskewed (the model's own
+    offsets and few tokens), 0.86, 0.86, 0.94, 0.95 at 2; the ranked quarter 0.26, 0.21, 0.26, 0.20 -> 0.83,
+    0.86, 0.94, 0.93."""
+    config = tiny_config(arch, **{EXPERTS[arch]: 32})
+    plain_busiest, plain_ranked = routing_shares(write_large_checkpoint(config, tmp_path / "plain", fp8=False))
+    skewed = write_large_checkpoint(config, tmp_path / "skewed", fp8=False, routing_skew=2.0)
+    skewed_busiest, skewed_ranked = routing_shares(skewed)
+    assert skewed_busiest > max(0.75, plain_busiest + 0.2)
+    assert plain_ranked < 0.45
+    assert skewed_ranked > 0.7  # the seeded experts, not just any busy ones
