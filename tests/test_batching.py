@@ -198,3 +198,32 @@ def test_default_pool_fits_the_free_memory(tiny) -> None:
     per_token = sum(layer.self_attn.cache_bytes(1, torch.float32) for layer in llm.runner.layers)
     huge = default_pool_tokens(llm.runner, 10**15)
     assert 0 < huge <= available_memory() * CPU_SHARE / per_token
+
+
+@pytest.mark.parametrize("arch", ["DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM"])
+def test_absorbed_latent_decode_batched_in_one_kernel_launch_equals_alone(tiny, tmp_path, arch: str) -> None:
+    """With `absorb`, the decode tokens of a step go through one launch of the latent kernel (Triton; its
+    interpreter here) over their gathered cache rows, with a fixed number of rows per split, so each
+    request's tokens are those it gets alone."""
+    from importlib import resources
+
+    from hetero_moe.ops.attention import MLAAttention
+
+    text = (resources.files("hetero_moe.rules") / "cpu-only.yaml").read_text()
+    rules = tmp_path / "absorb.yaml"
+    rules.write_text(text.replace("replace: {op: attention}", "replace: {op: attention, kwargs: {absorb: true}}"))
+    llm = LLM(tiny(arch).path, rules=str(rules), dtype="float32")
+    attn = next(m for m in llm.placed.model.modules() if isinstance(m, MLAAttention))
+    assert attn.absorb and attn.kernel
+    launches = []
+    handle = attn.register_forward_hook(lambda m, args, out: launches.append(args[0].shape[0]))
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = PROMPTS[:4]
+    alone = [llm.engine.generate(p, params).token_ids for p in prompts]
+    launches.clear()
+    scheduler = Scheduler(llm.engine, SchedulerConfig(max_batch=4, kv_cache_tokens=512, page_tokens=8))
+    try:
+        assert run_all(scheduler, prompts, params) == alone
+    finally:
+        handle.remove()
+    assert launches.count(len(prompts)) == params.max_tokens - 1  # every decode step: all four together

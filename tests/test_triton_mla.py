@@ -164,3 +164,18 @@ def test_launcher_checks_its_inputs() -> None:
         mla_decode(q_lat, q_pe, latent, k_pe, rows([-1, 0]), length, 1.0)
     with pytest.raises(ValueError, match="splits must be"):
         mla_decode(q_lat, q_pe, latent, k_pe, start, length, 1.0, splits=0)
+
+
+def test_fixed_rows_per_split_make_a_row_independent_of_its_batch() -> None:
+    """With `split_rows`, a row's result is the same bits alone and next to a much longer row."""
+    g = torch.Generator().manual_seed(7)
+    s, h, r, p = 700, 4, 32, 16
+    latent, k_pe = torch.randn(s, r, generator=g).to(DEVICE), torch.randn(s, p, generator=g).to(DEVICE)
+    q_lat, q_pe = torch.randn(2, h, r, generator=g).to(DEVICE), torch.randn(2, h, p, generator=g).to(DEVICE)
+    alone = mla_decode(q_lat[:1], q_pe[:1], latent, k_pe, rows([0]), rows([90]), 0.1, splits=2, split_rows=64)
+    batch = mla_decode(q_lat, q_pe, latent, k_pe, rows([0, 100]), rows([90, 600]), 0.1, splits=10, split_rows=64)
+    assert torch.equal(alone[0], batch[0])
+    ref = reference(q_lat, q_pe, latent, k_pe, [0, 100], [90, 600], 0.1)
+    assert rel(batch, ref) < 1e-5
+    with pytest.raises(ValueError, match="split_rows must be at least 1"):
+        mla_decode(q_lat, q_pe, latent, k_pe, rows([0, 0]), rows([1, 1]), 0.1, splits=1, split_rows=0)

@@ -20,7 +20,9 @@ from torch import nn
 
 from hetero_moe.ops.base import BuildContext, Op
 from hetero_moe.ops.rope import Rope
+from hetero_moe.settings import triton_interpreted
 
+SPLIT_ROWS = 256  # cache rows per program of the latent decode kernel (8K tokens: 32 splits per head group)
 Rows = slice | torch.Tensor  # cache rows: a range (a view, no copy) or int64 indices (gathered)
 
 
@@ -128,8 +130,9 @@ class MLAAttention(Op):
         self.kv_a_layernorm = hf.kv_a_layernorm
         self.kv_b_proj = hf.kv_b_proj
         self.o_proj = hf.o_proj
-        cuda_kernel = ctx.device.type == "cuda" and importlib.util.find_spec("triton") is not None
-        self._latent_attend = self._latent_attend_triton if cuda_kernel else self._latent_attend_sdpa
+        # the Triton latent kernel on a GPU (or on the CPU under Triton's interpreter, in tests)
+        self.kernel = (ctx.device.type == "cuda" or triton_interpreted()) and importlib.util.find_spec("triton")
+        self._latent_attend = self._latent_attend_triton if self.kernel else self._latent_attend_sdpa
 
     @classmethod
     def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Self:
@@ -165,6 +168,8 @@ class MLAAttention(Op):
         kv_nope = self.kv_a_layernorm(kv_nope)  # [N, r]
         q_pe = rope.apply(q_pe)
         k_pe = rope.apply(k_pe.view(1, 1, n, self.rope_dim))[0, 0]  # [N, rope]
+        if self.absorb and self.kernel and len(seqs) > 1 and n == len(seqs):  # a batch of decode tokens
+            return self._decode_batch(q_nope[0].transpose(0, 1), q_pe[0].transpose(0, 1), kv_nope, k_pe, cache, seqs)
         outs = []
         for s in seqs:
             cache.latent[s.new_rows] = kv_nope[s.tokens]
@@ -199,6 +204,28 @@ class MLAAttention(Op):
         out = torch.einsum("hr,hvr->hv", out, self.w_uv)  # [h, v]
         return out.reshape(1, -1)
 
+    def _decode_batch(self, q_nope, q_pe, kv_nope, k_pe, cache: MLACache, seqs: list[SeqSlice]) -> torch.Tensor:
+        """One decode token of each of B sequences, `q_nope [B, h, nope]`, `q_pe [B, h, rope]`: their cache
+        rows gathered into one buffer and one kernel launch over all of them -> `[B, hidden]`."""
+        from hetero_moe.kernels.triton.mla_decode import mla_decode
+
+        dev = self.device
+        cache.latent[_index(s.new_rows for s in seqs)] = kv_nope  # new_rows: one row each, in order
+        cache.k_pe[_index(s.new_rows for s in seqs)] = k_pe
+        rows = _index(s.all_rows for s in seqs).to(dev)
+        latent, pe = cache.latent[rows], cache.k_pe[rows]  # [sum L, r], [sum L, rope]
+        lengths = [s.end for s in seqs]
+        starts = [0]
+        for length in lengths[:-1]:
+            starts.append(starts[-1] + length)
+        row_start = torch.tensor(starts, dtype=torch.int32, device=dev)
+        row_len = torch.tensor(lengths, dtype=torch.int32, device=dev)
+        q_latent = torch.einsum("bhn,hnr->bhr", q_nope, self.w_uk)  # [B, h, r]
+        splits = -(-max(lengths) // SPLIT_ROWS)  # fixed rows per split: each row sums as it does alone
+        out = mla_decode(q_latent, q_pe.contiguous(), latent, pe, row_start, row_len, self.scaling, splits, SPLIT_ROWS)
+        out = torch.einsum("bhr,hvr->bhv", out, self.w_uv)  # [B, h, v]
+        return self.o_proj(out.reshape(len(seqs), -1))
+
     def _latent_attend_sdpa(self, q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, pe: torch.Tensor):
         end = latent.shape[0]
         q = torch.cat((q_latent, q_pe), dim=-1)[None, :, None]  # [1, h, 1, r + rope]
@@ -207,14 +234,20 @@ class MLAAttention(Op):
         return out[0, :, 0]
 
     def _latent_attend_triton(self, q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, pe: torch.Tensor):
-        from hetero_moe.kernels.triton.mla_decode import choose_splits, mla_decode
+        from hetero_moe.kernels.triton.mla_decode import mla_decode
 
         end = latent.shape[0]
         row_start = torch.zeros(1, dtype=torch.int32, device=self.device)
         row_len = torch.full((1,), end, dtype=torch.int32, device=self.device)
-        splits = choose_splits(1, self.num_heads, end)  # from the host's `end`: no device sync
-        out = mla_decode(q_latent[None], q_pe[None], latent, pe, row_start, row_len, self.scaling, splits)
+        splits = -(-end // SPLIT_ROWS)  # from the host's `end`: no device sync
+        out = mla_decode(q_latent[None], q_pe[None], latent, pe, row_start, row_len, self.scaling, splits, SPLIT_ROWS)
         return out[0]
+
+
+def _index(rows) -> torch.Tensor:
+    """Cache rows (ranges or index tensors) as one int64 index tensor."""
+    parts = [torch.arange(r.start, r.stop) if isinstance(r, slice) else r.cpu() for r in rows]
+    return torch.cat(parts)
 
 
 class GQAAttention(Op):

@@ -50,6 +50,7 @@ def _mla_split(
     stride_lat,
     stride_kpe,
     n_splits,
+    split_rows,
     R: tl.constexpr,
     P: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -63,8 +64,11 @@ def _mla_split(
     b, hb, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = tl.load(start_ptr + b)
     length = tl.load(len_ptr + b)
-    # this split's rows [lo, hi) of the range, whole tiles except the row's last
+    # this split's rows [lo, hi) of the range, whole tiles except the row's last: a fixed number of rows
+    # per split when given (so a row's sums do not depend on the other rows of the batch), else an equal share
     chunk = tl.cdiv(tl.cdiv(length, BLOCK_L), n_splits) * BLOCK_L
+    if split_rows > 0:
+        chunk = tl.cdiv(split_rows, BLOCK_L) * BLOCK_L
     lo = sp * chunk
     hi = tl.minimum(lo + chunk, length)
 
@@ -216,6 +220,7 @@ def mla_decode(
     row_len: torch.Tensor,
     scale: float,
     splits: int | None = None,
+    split_rows: int | None = None,
 ) -> torch.Tensor:
     """Absorbed-MLA attention of `q_lat [B, H, R]`, `q_pe [B, H, P]` over cache rows
     `row_start[b] .. row_start[b] + row_len[b] - 1` of `latent [S, R]`, `k_pe [S, P]` -> `[B, H, R]` in q_lat's
@@ -225,7 +230,10 @@ def mla_decode(
     `splits=None` picks the split count from the longest row and checks the ranges (1 <= row_len,
     0 <= row_start, row_start + row_len <= S), which costs one device-to-host copy. With `splits` given
     nothing is copied back (CUDA-graph safe) and nothing is checked: cache rows outside [0, S) are skipped,
-    and a query row left with none gets zeros."""
+    and a query row left with none gets zeros.
+
+    `split_rows` fixes the rows each split covers (rounded up to whole tiles; `splits` must then cover
+    the longest row): a row's result is then the same bits whatever else is in the batch."""
     _check(q_lat, q_pe, latent, k_pe, row_start, row_len)
     b, h, r = q_lat.shape
     s, p = k_pe.shape
@@ -242,6 +250,8 @@ def mla_decode(
         splits = choose_splits(b, h, hi_len, block_h)
     elif splits < 1:
         raise ValueError(f"splits must be at least 1, got {splits}")
+    if split_rows is not None and split_rows < 1:
+        raise ValueError(f"split_rows must be at least 1, got {split_rows}")
 
     block_r = max(16, triton.next_power_of_2(r))
     block_p = max(16, triton.next_power_of_2(p))
@@ -270,6 +280,7 @@ def mla_decode(
         latent.stride(0),
         k_pe.stride(0),
         splits,
+        split_rows or 0,
         R=r,
         P=p,
         BLOCK_H=block_h,
