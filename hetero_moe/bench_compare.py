@@ -72,10 +72,10 @@ def _transformers(bench: DecodeBench, model_dir: Path, experts_implementation: s
     layers = list(model.model.layers)
     moe = [i for i, layer in enumerate(layers) if hasattr(layer.mlp, "experts")]
     dense = [i for i in range(len(layers)) if i not in moe]
-    full_moe, full_dense = _full_layers(bench)
+    full_moe, full_dense = bench_decode.layer_counts(bench_decode.preset_config(bench.arch))
 
     def timed(ids: torch.Tensor, past=None):
-        timer = bench_decode._LayerTimer(layers, [], sync)
+        timer = bench_decode.LayerTimer(layers, [], sync)
         try:
             sync()
             begin = time.perf_counter()
@@ -115,15 +115,6 @@ def _transformers(bench: DecodeBench, model_dir: Path, experts_implementation: s
         "gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if gpu else None,
         "cpu_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
     }
-
-
-def _full_layers(bench: DecodeBench) -> tuple[int, int]:
-    from importlib import resources
-
-    from hetero_moe.arch import load_config
-
-    full, _ = load_config(Path(str(resources.files("hetero_moe.configs") / bench.arch)))
-    return bench_decode._layer_counts(full)
 
 
 def format_report(r: dict) -> str:

@@ -69,13 +69,14 @@ def checkpoint(bench: DecodeBench, root: Path | None = None) -> Path:
     out = (root or cache_dir() / "bench") / name
     done = out / ".complete"
     if not done.exists():
-        config, _ = load_config(Path(str(resources.files("hetero_moe.configs") / bench.arch)))
-        write_large_checkpoint(config, out, fp8=bench.fp8, layers=bench.layers, routing_skew=bench.routing_skew)
+        write_large_checkpoint(
+            preset_config(bench.arch), out, fp8=bench.fp8, layers=bench.layers, routing_skew=bench.routing_skew
+        )
         done.write_text("written by hetero-moe bench decode\n")
     return out
 
 
-class _LayerTimer:
+class LayerTimer:
     """Wall time of each decoder layer (from its input norm to the end of its MLP or MoE block, as the
     runner calls them) and of each routed experts call, on forward hooks that wait for the GPU first;
     used in a separate profiled pass only."""
@@ -155,7 +156,7 @@ def run(bench: DecodeBench, model_dir: Path) -> dict:
         overlap = {"experts_s": st.experts_s / bench.steps, "wait_s": st.wait_s / bench.steps}
 
     # profiled pass: per-layer wall times (the GPU is waited for at each boundary)
-    timer = _LayerTimer(runner.layers, experts, sync)
+    timer = LayerTimer(runner.layers, experts, sync)
     try:
         start = time.perf_counter()
         for _ in range(bench.steps):
@@ -172,8 +173,7 @@ def run(bench: DecodeBench, model_dir: Path) -> dict:
     dense_s = statistics.mean(layer_s[i] for i in dense_layers) if dense_layers else 0.0
     outside_s = max(step_s - sum(layer_s), 0.0)  # embedding, final norm, lm_head, sampling, Python
 
-    full, _ = load_config(Path(str(resources.files("hetero_moe.configs") / bench.arch)))
-    full_moe, full_dense = _layer_counts(full)
+    full_moe, full_dense = layer_counts(preset_config(bench.arch))
     prefill = [
         _prefill(runner, experts, sync, n, moe_layers, dense_layers, full_moe, full_dense) for n in bench.prefill
     ]
@@ -216,7 +216,7 @@ def run(bench: DecodeBench, model_dir: Path) -> dict:
 def _prefill(runner, experts, sync, n: int, moe_layers, dense_layers, full_moe: int, full_dense: int) -> dict:
     """One prompt of `n` tokens in one forward, per-layer times from hooks, extrapolated like decode."""
     prompt = torch.arange(n) % 200 + 3
-    timer = _LayerTimer(runner.layers, experts, sync)
+    timer = LayerTimer(runner.layers, experts, sync)
     try:
         sync()
         start = time.perf_counter()
@@ -254,7 +254,13 @@ def _bytes_per_expert(experts: nn.Module) -> float:
     raise TypeError(f"no byte count for routed experts of type {type(experts).__name__}")
 
 
-def _layer_counts(config) -> tuple[int, int]:
+def preset_config(arch: str):
+    """The real config of a built-in shape preset (`configs/`)."""
+    config, _ = load_config(Path(str(resources.files("hetero_moe.configs") / arch)))
+    return config
+
+
+def layer_counts(config) -> tuple[int, int]:
     """(MoE layers, dense layers) of a full config, by each architecture's own rule."""
     n = config.num_hidden_layers
     if getattr(config, "first_k_dense_replace", None) is not None:  # DeepSeek
