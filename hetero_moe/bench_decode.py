@@ -155,6 +155,8 @@ def run(bench: DecodeBench, model_dir: Path) -> dict:
         st = runner.staging.stats
         overlap = {"experts_s": st.experts_s / bench.steps, "wait_s": st.wait_s / bench.steps}
 
+    overhead = _step_overhead(runner, logits, bench.steps, step_s, overlap) if gpu is not None else None
+
     # profiled pass: per-layer wall times (the GPU is waited for at each boundary)
     timer = LayerTimer(runner.layers, experts, sync)
     try:
@@ -206,6 +208,7 @@ def run(bench: DecodeBench, model_dir: Path) -> dict:
         "dram_read_gbps": dram,
         "roofline_tok_s": roofline,
         "share_of_roofline": tok_s / roofline,
+        "step_overhead": overhead,
         "prefill": prefill,
         "pcie_h2d_gbps": pcie_h2d_gbps() if gpu is not None else None,
         "gpu_memory_gb": torch.cuda.max_memory_allocated(gpu) / 1e9 if gpu is not None else None,
@@ -229,6 +232,28 @@ def _prefill(runner, experts, sync, n: int, moe_layers, dense_layers, full_moe: 
     outside_s = max(seconds - sum(timer.layer_s), 0.0)
     full_s = outside_s + full_moe * moe_s + full_dense * dense_s
     return {"tokens": n, "ttft_s": full_s, "tok_s": n / full_s, "per_moe_layer_ms": moe_s * 1e3}
+
+
+def _step_overhead(runner, logits: torch.Tensor, steps: int, step_s: float, overlap: dict | None) -> dict:
+    """Per decode step: the time GPU kernels ran (torch's profiler), and what is left of the step outside
+    them and outside the wait for the CPU experts: launches, copies, synchronisation, Python."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = runner.new_cache(steps + 2)
+    logits = runner.forward(logits.argmax()[None], cache)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            logits = runner.forward(logits.argmax()[None], cache)
+            int(logits.argmax())
+    events = prof.key_averages()
+    kernel_us = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) for e in events)
+    kernel_s = kernel_us / 1e6 / steps
+    wait_s = overlap["wait_s"] if overlap else 0.0
+    return {
+        "gpu_kernels_ms": kernel_s * 1e3,
+        "waiting_for_cpu_experts_ms": wait_s * 1e3,
+        "outside_kernels_and_experts_ms": max(step_s - kernel_s - wait_s, 0.0) * 1e3,
+    }
 
 
 def pcie_h2d_gbps(gigabytes: float = 1.0, repeat: int = 5) -> float:
@@ -288,6 +313,14 @@ def format_report(r: dict) -> str:
         *(
             f"prefill {p['tokens']} tokens: {p['tok_s']:.0f} tok/s, time to first token {p['ttft_s']:.2f} s"
             for p in r["prefill"]
+        ),
+        *(
+            [
+                f"per step: GPU kernels {o['gpu_kernels_ms']:.2f} ms, waiting for CPU experts "
+                f"{o['waiting_for_cpu_experts_ms']:.2f} ms, outside both {o['outside_kernels_and_experts_ms']:.2f} ms"
+            ]
+            if (o := r["step_overhead"])
+            else []
         ),
         "GPU memory "
         + (f"{r['gpu_memory_gb']:.2f} GB" if r["gpu_memory_gb"] is not None else "none")
