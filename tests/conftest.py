@@ -66,7 +66,7 @@ def hf_greedy() -> Callable[[PreTrainedModel, list[int], int], list[int]]:
     """transformers' own greedy continuation (no EOS stop): the oracle for token-for-token checks."""
 
     def run(model: PreTrainedModel, prompt: list[int], n: int) -> list[int]:
-        ids = torch.tensor([prompt])
+        ids = torch.tensor([prompt], device=model.device)
         out = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
