@@ -4,8 +4,8 @@ For each concurrency level, that many clients send a prompt of random token ids 
 `max_tokens` tokens (past EOS). Reported per level: aggregate tok/s, per-request decode tok/s, time
 to first token, and the batched roofline: the DRAM read bandwidth (measured here, in the same run)
 divided by the weight bytes of the distinct experts a step streams (the server's counters,
-`hetero_moe_routed_expert_bytes_total / hetero_moe_steps_total` over the level), times the tokens a
-decode step carries (the concurrency).
+`hetero_moe_decode_routed_expert_bytes_total / hetero_moe_decode_steps_total` over the level: steps of
+decode tokens only, no prompt chunk), times the tokens such a step carries on average.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import urllib.request
 from hetero_moe.bench import dram_read_gbps
 
 VOCAB_FLOOR = 300  # prompt token ids stay below this: every model's vocabulary holds them
-COUNTERS = ("steps_total", "step_tokens_total", "routed_expert_bytes_total")
+COUNTERS = ("steps_total", "decode_steps_total", "decode_step_tokens_total", "decode_routed_expert_bytes_total")
 
 
 def _get(url: str, headers: dict) -> str:
@@ -115,9 +115,11 @@ def _level(c: int, records: list[dict], before: dict, after: dict, dram_gbps: fl
     per_request = [(len(r["times"]) - 1) / (r["times"][-1] - r["times"][0]) for r in records if len(r["times"]) > 1]
     tokens = sum(len(r["times"]) for r in records)
     wall = max(r["times"][-1] for r in records) - min(r["sent"] for r in records)
-    steps = after["steps_total"] - before["steps_total"]
-    bytes_per_step = (after["routed_expert_bytes_total"] - before["routed_expert_bytes_total"]) / max(steps, 1)
-    roofline = c * dram_gbps * 1e9 / bytes_per_step if bytes_per_step else None
+    delta = {name: after[name] - before[name] for name in COUNTERS}
+    decode_steps = delta["decode_steps_total"]
+    bytes_per_step = delta["decode_routed_expert_bytes_total"] / decode_steps if decode_steps else None
+    tokens_per_step = delta["decode_step_tokens_total"] / decode_steps if decode_steps else None
+    roofline = tokens_per_step * dram_gbps * 1e9 / bytes_per_step if bytes_per_step else None
     decode = sum(per_request)
     return {
         "concurrency": c,
@@ -125,8 +127,10 @@ def _level(c: int, records: list[dict], before: dict, after: dict, dram_gbps: fl
         "aggregate_decode_tok_s": decode,
         "per_request_decode_tok_s": statistics.mean(per_request) if per_request else None,
         "ttft_s": {"mean": statistics.mean(ttft), "max": max(ttft)},
-        "steps": steps,
-        "routed_bytes_per_step": bytes_per_step,
+        "steps": delta["steps_total"],
+        "decode_steps": decode_steps,
+        "tokens_per_decode_step": tokens_per_step,
+        "routed_bytes_per_decode_step": bytes_per_step,
         "batched_roofline_tok_s": roofline,
         "share_of_roofline": decode / roofline if roofline else None,
     }
@@ -145,6 +149,6 @@ def format_report(r: dict) -> str:
         lines.append(
             f"{x['concurrency']:>7} {x['aggregate_tok_s']:>8.1f} {x['aggregate_decode_tok_s']:>12.1f} "
             f"{x['per_request_decode_tok_s'] or 0:>11.1f} {x['ttft_s']['mean']:>8.2f}s "
-            f"{x['routed_bytes_per_step'] / 1e9:>8.3f} {roof:>9} {share:>6}"
+            f"{(x['routed_bytes_per_decode_step'] or 0) / 1e9:>8.3f} {roof:>9} {share:>6}"
         )
     return "\n".join(lines)

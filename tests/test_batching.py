@@ -75,6 +75,16 @@ def test_int4_experts_batched_equal_alone_and_see_every_token_of_the_step(tiny) 
         handle.remove()
     # step 1 prefills all six prompts together, then every step decodes all six in one call
     assert calls[0] == sum(len(p) for p in PROMPTS) and calls[1:] == [len(PROMPTS)] * (GREEDY.max_tokens - 1)
+    assert scheduler.decode_steps_total == GREEDY.max_tokens - 1 == scheduler.steps_total - 1
+    assert scheduler.decode_tokens_total == len(PROMPTS) * scheduler.decode_steps_total
+    per_expert = block.experts.nbytes() // block.experts.num_experts
+    decode_bytes = scheduler.decode_routed_bytes_total
+    layers = sum(isinstance(m, MoEBlock) for m in llm.placed.model.modules())
+    # distinct experts per layer and step: at least top-k (six tokens), at most all of them
+    loads = decode_bytes // per_expert
+    assert decode_bytes % per_expert == 0
+    assert block.gate.top_k * layers * scheduler.decode_steps_total <= loads
+    assert loads <= block.experts.num_experts * layers * scheduler.decode_steps_total
 
 
 def test_pool_pages_and_rows() -> None:
@@ -179,8 +189,10 @@ def test_bench_serve_against_a_running_server(tiny, capsys) -> None:
     assert one["concurrency"] == 1 and four["concurrency"] == 4
     # one prefill step and five decode steps alone; the four share their steps (a late arrival may add a few)
     assert one["steps"] == 6 and 6 <= four["steps"] < 12
-    # distinct experts: the four tokens of a step touch more of them than one token does
-    assert one["routed_bytes_per_step"] < four["routed_bytes_per_step"]
+    # decode-only steps: one token each alone; the four (mostly together) touch more distinct experts
+    assert one["decode_steps"] == 5 and one["tokens_per_decode_step"] == 1
+    assert 1 < four["tokens_per_decode_step"] <= 4
+    assert one["routed_bytes_per_decode_step"] < four["routed_bytes_per_decode_step"]
     for level in report["levels"]:
         assert level["aggregate_tok_s"] > 0 and level["ttft_s"]["max"] >= level["ttft_s"]["mean"] > 0
         assert level["share_of_roofline"] == pytest.approx(

@@ -142,6 +142,10 @@ class Scheduler:
         self.preempted_total = 0
         self.steps_total = 0  # forwards run
         self.tokens_total = 0  # tokens they ran
+        # decode-only steps (one token per request, no prompt chunk): the batched roofline's own counts
+        self.decode_steps_total = 0
+        self.decode_tokens_total = 0
+        self.decode_routed_bytes_total = 0
 
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Refuse what can never run: a bad prompt, or more cache than the whole pool."""
@@ -187,10 +191,10 @@ class Scheduler:
             if start + n == len(request.tokens):  # its last token: sample the next one
                 rows.append(len(ids) - 1)
                 sampled.append(request)
+        runner = self.engine.runner
+        streamed = runner.routed_bytes()
         try:
-            logits = self.engine.runner.forward_batch(
-                torch.tensor(ids), torch.tensor(positions), self.pool.buffers, seqs, rows
-            )
+            logits = runner.forward_batch(torch.tensor(ids), torch.tensor(positions), self.pool.buffers, seqs, rows)
         except Exception as e:  # fail this batch's requests, keep serving
             log.exception("batch of %d requests failed", len(planned))
             for request, _ in planned:
@@ -198,6 +202,10 @@ class Scheduler:
             return
         self.steps_total += 1
         self.tokens_total += len(ids)
+        if len(ids) == len(planned):  # decodes only
+            self.decode_steps_total += 1
+            self.decode_tokens_total += len(ids)
+            self.decode_routed_bytes_total += runner.routed_bytes() - streamed
         for request, n in planned:
             request.computed += n
         for request, row in zip(sampled, logits, strict=True):

@@ -27,6 +27,9 @@ class Metrics:
         self.steps = 0
         self.step_tokens = 0
         self.routed_expert_bytes = 0
+        self.decode_steps = 0
+        self.decode_step_tokens = 0
+        self.decode_routed_expert_bytes = 0
 
     def request(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -95,6 +98,16 @@ class Metrics:
                 "counter",
                 "Weight bytes the routed experts streamed: per step and layer, those of the distinct experts.",
                 self.routed_expert_bytes,
+            )
+            lines += _metric("decode_steps_total", "counter", "Steps of decode tokens only.", self.decode_steps)
+            lines += _metric(
+                "decode_step_tokens_total", "counter", "Tokens of those decode-only steps.", self.decode_step_tokens
+            )
+            lines += _metric(
+                "decode_routed_expert_bytes_total",
+                "counter",
+                "Weight bytes the routed experts streamed in decode-only steps.",
+                self.decode_routed_expert_bytes,
             )
         return "\n".join(lines) + "\n"
 

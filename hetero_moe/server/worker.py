@@ -119,6 +119,9 @@ class EngineWorker:
                 steps=sched.steps_total,
                 step_tokens=sched.tokens_total,
                 routed_expert_bytes=sched.engine.runner.routed_bytes(),
+                decode_steps=sched.decode_steps_total,
+                decode_step_tokens=sched.decode_tokens_total,
+                decode_routed_expert_bytes=sched.decode_routed_bytes_total,
             )
 
     def _admit(self, job: Job) -> None:
