@@ -16,7 +16,7 @@ from test_server import MODEL, serving
 
 from hetero_moe.engine.engine import ContextLengthError
 from hetero_moe.engine.sampler import SamplingParams
-from hetero_moe.engine.scheduler import KVPool, Request, Scheduler, SchedulerConfig
+from hetero_moe.engine.scheduler import Cancelled, KVPool, Request, Scheduler, SchedulerConfig
 from hetero_moe.llm import LLM
 from hetero_moe.ops.moe import MoEBlock
 
@@ -108,8 +108,12 @@ def test_admission_and_cancellation(tiny) -> None:
         scheduler.add(Request(list(range(10)), SamplingParams(max_tokens=60), lambda step: None))
     gone = threading.Event()
     seen: list[int] = []
+    told: list[BaseException] = []
 
     def emit(step) -> None:
+        if isinstance(step, BaseException):
+            told.append(step)
+            return
         seen.append(step.token_id)
         if len(seen) == 3:
             gone.set()  # the client goes away after three tokens
@@ -118,6 +122,7 @@ def test_admission_and_cancellation(tiny) -> None:
     while scheduler.has_work():
         scheduler.step()
     assert len(seen) == 3 and scheduler.cancelled_total == 1 and scheduler.pool.used_pages == 0
+    assert [type(e) for e in told] == [Cancelled]  # its consumer is told, so nothing waits on it
     with pytest.raises(ValueError, match="max_batch must be a positive integer"):
         SchedulerConfig(max_batch=0)
 

@@ -368,6 +368,10 @@ def test_non_streamed_disconnect_cancels(endless) -> None:
         start = time.monotonic()
         r = httpx.post(f"{u}/v1/completions", json={"model": MODEL, "prompt": "y", "max_tokens": 2}, timeout=60)
         assert r.status_code == 200 and time.monotonic() - start < 10
+        # the gone client's generation was dropped and its handler finished (no task left waiting)
+        metrics = httpx.get(f"{u}/metrics", timeout=10).text
+        assert "hetero_moe_cancelled_total 1" in metrics and "hetero_moe_running_requests 0" in metrics
+        assert 'endpoint="/v1/completions",status="499"} 1' in metrics
 
 
 def test_a_failing_request_does_not_take_the_server_down(llm, monkeypatch) -> None:

@@ -29,6 +29,10 @@ from hetero_moe.settings import available_memory
 log = logging.getLogger(__name__)
 
 
+class Cancelled(Exception):
+    """Sent to a request's `emit` when it is dropped because `cancelled()` said so."""
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_batch: int = 16  # requests in the running batch at most
@@ -116,8 +120,8 @@ def default_pool_tokens(runner, wanted: int) -> int:
 
 @dataclass
 class Request:
-    """One generation. `emit` receives each step (the last has a finish reason) or an exception, on the
-    scheduler's thread; `cancelled` is polled between steps."""
+    """One generation. `emit` receives each step (the last has a finish reason) or an exception (`Cancelled`
+    when `cancelled()`, polled between steps, said so), on the scheduler's thread."""
 
     prompt_ids: list[int]
     params: SamplingParams
@@ -254,6 +258,7 @@ class Scheduler:
                 queue.remove(request)
                 self.pool.release(request.pages)
                 self.cancelled_total += 1
+                request.emit(Cancelled("the client went away"))
 
     def _finish(self, request: Request, last: StepOutput | BaseException) -> None:
         self.running.remove(request)

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hetero_moe.engine.engine import ContextLengthError, StepOutput
 from hetero_moe.engine.sampler import SamplingParams
-from hetero_moe.engine.scheduler import SchedulerConfig
+from hetero_moe.engine.scheduler import Cancelled, SchedulerConfig
 from hetero_moe.llm import LLM
 from hetero_moe.server.metrics import Metrics
 from hetero_moe.server.reasoning import REASONING_PARSERS
@@ -48,6 +48,10 @@ class ServerConfig:
             raise ValueError(
                 f"unknown reasoning parser {self.reasoning_parser!r}; known: {', '.join(REASONING_PARSERS)}"
             )
+
+
+class ClientGone(Exception):
+    """The client of a non-streamed request disconnected; its generation was dropped."""
 
 
 class APIError(Exception):
@@ -105,6 +109,11 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
         metrics.request(request.url.path, e.status_code)
         return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, e: ClientGone) -> Response:
+        metrics.request(request.url.path, 499)  # nginx's "client closed request"; nobody reads the body
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception) -> JSONResponse:
@@ -228,6 +237,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             try:
                 async for chunk in chunks:
                     yield {"data": json.dumps(chunk, ensure_ascii=False)}
+            except Cancelled:  # the client has gone: nobody to tell
+                return
             except Exception as e:  # reported to the client in the stream; the server goes on
                 log.exception("request failed while streaming")
                 yield {"data": json.dumps(error_body(f"internal error: {type(e).__name__}", "server_error"))}
@@ -363,6 +374,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         watcher = asyncio.create_task(watch())
         try:
             return [step async for step in job.steps()]
+        except Cancelled:
+            raise ClientGone from None
         finally:
             watcher.cancel()
 

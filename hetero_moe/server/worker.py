@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from hetero_moe.engine.engine import Engine, StepOutput
 from hetero_moe.engine.sampler import SamplingParams
-from hetero_moe.engine.scheduler import Request, Scheduler, SchedulerConfig
+from hetero_moe.engine.scheduler import Cancelled, Request, Scheduler, SchedulerConfig
 from hetero_moe.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,7 @@ class EngineWorker:
         if job.cancelled.is_set():
             self.metrics.add("queued", -1)
             self.scheduler.cancelled_total += 1
+            job.push(Cancelled("the client went away"))
             return
         request = Request(job.prompt_ids, job.params, lambda item: self._emit(job, item), job.cancelled.is_set)
         try:
