@@ -207,22 +207,12 @@ class MLAAttention(Op):
     def _decode_batch(self, q_nope, q_pe, kv_nope, k_pe, cache: MLACache, seqs: list[SeqSlice]) -> torch.Tensor:
         """One decode token of each of B sequences, `q_nope [B, h, nope]`, `q_pe [B, h, rope]`: their cache
         rows gathered into one buffer and one kernel launch over all of them -> `[B, hidden]`."""
-        from hetero_moe.kernels.triton.mla_decode import mla_decode
-
-        dev = self.device
-        cache.latent[_index(s.new_rows for s in seqs)] = kv_nope  # new_rows: one row each, in order
-        cache.k_pe[_index(s.new_rows for s in seqs)] = k_pe
-        rows = _index(s.all_rows for s in seqs).to(dev)
+        new = _index(s.new_rows for s in seqs).to(self.device)  # one row each, in order
+        cache.latent[new], cache.k_pe[new] = kv_nope, k_pe
+        rows = _index(s.all_rows for s in seqs).to(self.device)
         latent, pe = cache.latent[rows], cache.k_pe[rows]  # [sum L, r], [sum L, rope]
-        lengths = [s.end for s in seqs]
-        starts = [0]
-        for length in lengths[:-1]:
-            starts.append(starts[-1] + length)
-        row_start = torch.tensor(starts, dtype=torch.int32, device=dev)
-        row_len = torch.tensor(lengths, dtype=torch.int32, device=dev)
         q_latent = torch.einsum("bhn,hnr->bhr", q_nope, self.w_uk)  # [B, h, r]
-        splits = -(-max(lengths) // SPLIT_ROWS)  # fixed rows per split: each row sums as it does alone
-        out = mla_decode(q_latent, q_pe.contiguous(), latent, pe, row_start, row_len, self.scaling, splits, SPLIT_ROWS)
+        out = self._latent_kernel(q_latent, q_pe.contiguous(), latent, pe, [s.end for s in seqs])
         out = torch.einsum("bhr,hvr->bhv", out, self.w_uv)  # [B, h, v]
         return self.o_proj(out.reshape(len(seqs), -1))
 
@@ -234,14 +224,21 @@ class MLAAttention(Op):
         return out[0, :, 0]
 
     def _latent_attend_triton(self, q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, pe: torch.Tensor):
+        return self._latent_kernel(q_latent[None], q_pe[None], latent, pe, [latent.shape[0]])[0]
+
+    def _latent_kernel(self, q_latent, q_pe, latent, pe, lengths: list[int]) -> torch.Tensor:
+        """The Triton latent kernel: query b of `q_latent [B, h, r]`, `q_pe [B, h, rope]` over the next
+        `lengths[b]` rows of `latent`, `pe` (one sequence after another) -> `[B, h, r]`. Lengths come from
+        the host, so nothing syncs; fixed rows per split, so a row sums the same in any batch."""
         from hetero_moe.kernels.triton.mla_decode import mla_decode
 
-        end = latent.shape[0]
-        row_start = torch.zeros(1, dtype=torch.int32, device=self.device)
-        row_len = torch.full((1,), end, dtype=torch.int32, device=self.device)
-        splits = -(-end // SPLIT_ROWS)  # from the host's `end`: no device sync
-        out = mla_decode(q_latent[None], q_pe[None], latent, pe, row_start, row_len, self.scaling, splits, SPLIT_ROWS)
-        return out[0]
+        starts = [0]
+        for length in lengths[:-1]:
+            starts.append(starts[-1] + length)
+        row_start = torch.tensor(starts, dtype=torch.int32, device=self.device)
+        row_len = torch.tensor(lengths, dtype=torch.int32, device=self.device)
+        splits = -(-max(lengths) // SPLIT_ROWS)
+        return mla_decode(q_latent, q_pe, latent, pe, row_start, row_len, self.scaling, splits, SPLIT_ROWS)
 
 
 def _index(rows) -> torch.Tensor:
