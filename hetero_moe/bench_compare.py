@@ -70,9 +70,7 @@ def _transformers(bench: DecodeBench, model_dir: Path, experts_implementation: s
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     device = "cuda:0" if gpu else "cpu"
     layers = list(model.model.layers)
-    moe = [i for i, layer in enumerate(layers) if hasattr(layer.mlp, "experts")]
-    dense = [i for i in range(len(layers)) if i not in moe]
-    full_moe, full_dense = bench_decode.layer_counts(bench_decode.preset_config(bench.arch))
+    shape = bench_decode.Extrapolation.of(layers, lambda mlp: hasattr(mlp, "experts"), bench.arch)
 
     def timed(ids: torch.Tensor, past=None):
         timer = bench_decode.LayerTimer(layers, [], sync)
@@ -87,11 +85,6 @@ def _transformers(bench: DecodeBench, model_dir: Path, experts_implementation: s
             timer.remove()
         return out, seconds, timer.layer_s
 
-    def extrapolate(seconds: float, layer_s: list[float]) -> float:
-        moe_s = statistics.mean(layer_s[i] for i in moe)
-        dense_s = statistics.mean(layer_s[i] for i in dense) if dense else 0.0
-        return max(seconds - sum(layer_s), 0.0) + full_moe * moe_s + full_dense * dense_s
-
     prompt = (torch.arange(bench.prompt_tokens) % 200 + 3)[None].to(device)
     out, _, _ = timed(prompt)
     past, steps = out.past_key_values, []
@@ -99,13 +92,13 @@ def _transformers(bench: DecodeBench, model_dir: Path, experts_implementation: s
     for _ in range(2 + bench.steps):  # two warm-up steps, then the timed ones
         out, seconds, layer_s = timed(token, past)
         past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        steps.append(extrapolate(seconds, layer_s))
+        steps.append(shape.full(seconds, layer_s))
     step_s = statistics.mean(steps[2:])
     prefill = []
     for n in bench.prefill:
         ids = (torch.arange(n) % 200 + 3)[None].to(device)
         _, seconds, layer_s = timed(ids)
-        full_s = extrapolate(seconds, layer_s)
+        full_s = shape.full(seconds, layer_s)
         prefill.append({"tokens": n, "ttft_s": full_s, "tok_s": n / full_s})
     return {
         "device_map": "routed experts on the CPU, the rest on cuda:0" if gpu else "everything on the CPU",

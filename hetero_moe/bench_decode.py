@@ -117,6 +117,32 @@ class LayerTimer:
             h.remove()
 
 
+@dataclass(frozen=True)
+class Extrapolation:
+    """Which layers of the run are MoE and which dense, and how many of each the full model has."""
+
+    moe: list[int]
+    dense: list[int]
+    full_moe: int
+    full_dense: int
+
+    @classmethod
+    def of(cls, layers: list[nn.Module], is_moe, arch: str) -> Extrapolation:
+        moe = [i for i, layer in enumerate(layers) if is_moe(layer.mlp)]
+        return cls(moe, [i for i in range(len(layers)) if i not in moe], *layer_counts(preset_config(arch)))
+
+    def split(self, seconds: float, layer_s: list[float]) -> tuple[float, float, float]:
+        """(mean MoE layer, mean dense layer, outside the layers) of a pass of `seconds` in all."""
+        moe_s = statistics.mean(layer_s[i] for i in self.moe)
+        dense_s = statistics.mean(layer_s[i] for i in self.dense) if self.dense else 0.0
+        return moe_s, dense_s, max(seconds - sum(layer_s), 0.0)
+
+    def full(self, seconds: float, layer_s: list[float]) -> float:
+        """The pass's time for the full model: outside + its MoE layers and dense layers at the means."""
+        moe_s, dense_s, outside_s = self.split(seconds, layer_s)
+        return outside_s + self.full_moe * moe_s + self.full_dense * dense_s
+
+
 def run(bench: DecodeBench, model_dir: Path) -> dict:
     torch.set_num_threads(bench.threads)
     dram = dram_read_gbps()
@@ -130,8 +156,7 @@ def run(bench: DecodeBench, model_dir: Path) -> dict:
 
     blocks = [m for m in llm.placed.model.modules() if isinstance(m, MoEBlock)]
     experts = [b.experts for b in blocks]
-    moe_layers = [i for i, layer in enumerate(runner.layers) if isinstance(layer.mlp, MoEBlock)]
-    dense_layers = [i for i in range(len(runner.layers)) if i not in moe_layers]
+    shape = Extrapolation.of(runner.layers, lambda mlp: isinstance(mlp, MoEBlock), bench.arch)
     top_k = blocks[0].gate.top_k
     per_expert = _bytes_per_expert(experts[0])
 
@@ -170,28 +195,24 @@ def run(bench: DecodeBench, model_dir: Path) -> dict:
     # per-layer times, scaled by what the hooks' synchronisations added to the whole step
     scale = step_s / profiled_step_s
     layer_s = [t / bench.steps * scale for t in timer.layer_s]
-    experts_s = timer.experts_s / bench.steps / len(moe_layers)
-    moe_s = statistics.mean(layer_s[i] for i in moe_layers)
-    dense_s = statistics.mean(layer_s[i] for i in dense_layers) if dense_layers else 0.0
-    outside_s = max(step_s - sum(layer_s), 0.0)  # embedding, final norm, lm_head, sampling, Python
-
-    full_moe, full_dense = layer_counts(preset_config(bench.arch))
-    prefill = [
-        _prefill(runner, experts, sync, n, moe_layers, dense_layers, full_moe, full_dense) for n in bench.prefill
-    ]
-    full_step_s = outside_s + full_moe * moe_s + full_dense * dense_s
-    routed_bytes = full_moe * top_k * per_expert
+    experts_s = timer.experts_s / bench.steps / len(shape.moe)
+    # outside: embedding, final norm, lm_head, sampling, Python
+    moe_s, dense_s, outside_s = shape.split(step_s, layer_s)
+    full_step_s = shape.full(step_s, layer_s)
+    prefill = [_prefill(runner, experts, sync, n, shape) for n in bench.prefill]
+    routed_bytes = shape.full_moe * top_k * per_expert
     roofline = dram["best"] * 1e9 / routed_bytes
     tok_s = 1.0 / full_step_s
-    wait_per_layer = overlap["wait_s"] / len(moe_layers) if overlap else experts_s
+    wait_per_layer = overlap["wait_s"] / len(shape.moe) if overlap else experts_s
+    layers_full = shape.full_moe + shape.full_dense
     return {
         "arch": bench.arch,
         "rules": bench.rules,
         "checkpoint": str(model_dir),
         "layers_run": len(runner.layers),
-        "moe_layers_run": len(moe_layers),
-        "layers_full": full_moe + full_dense,
-        "extrapolated": len(runner.layers) != full_moe + full_dense,
+        "moe_layers_run": len(shape.moe),
+        "layers_full": layers_full,
+        "extrapolated": len(runner.layers) != layers_full,
         "threads": bench.threads,
         "load_s": load_s,
         "decode_step_ms_run": step_s * 1e3,
@@ -216,7 +237,7 @@ def run(bench: DecodeBench, model_dir: Path) -> dict:
     }
 
 
-def _prefill(runner, experts, sync, n: int, moe_layers, dense_layers, full_moe: int, full_dense: int) -> dict:
+def _prefill(runner, experts, sync, n: int, shape: Extrapolation) -> dict:
     """One prompt of `n` tokens in one forward, per-layer times from hooks, extrapolated like decode."""
     prompt = torch.arange(n) % 200 + 3
     timer = LayerTimer(runner.layers, experts, sync)
@@ -227,10 +248,8 @@ def _prefill(runner, experts, sync, n: int, moe_layers, dense_layers, full_moe: 
         seconds = time.perf_counter() - start
     finally:
         timer.remove()
-    moe_s = statistics.mean(timer.layer_s[i] for i in moe_layers)
-    dense_s = statistics.mean(timer.layer_s[i] for i in dense_layers) if dense_layers else 0.0
-    outside_s = max(seconds - sum(timer.layer_s), 0.0)
-    full_s = outside_s + full_moe * moe_s + full_dense * dense_s
+    full_s = shape.full(seconds, timer.layer_s)
+    moe_s = shape.split(seconds, timer.layer_s)[0]
     return {"tokens": n, "ttft_s": full_s, "tok_s": n / full_s, "per_moe_layer_ms": moe_s * 1e3}
 
 
