@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from hetero_moe import synth
+from hetero_moe.bench.teacher import TeacherForced
 from hetero_moe.llm import LLM
+from hetero_moe.synth import tiny as synth
 
 PROMPT = [0, 5, 17, 42, 99, 7, 3, 100, 200, 11, 64]
 SETTINGS = [
@@ -25,11 +26,11 @@ SETTINGS = [
 
 
 def teacher_forced(exact: LLM, other: LLM, ids: list[int]) -> tuple[float, float]:
-    caches = [m.runner.new_cache(len(ids)) for m in (exact, other)]
+    caches = [TeacherForced(m.runner, len(ids)) for m in (exact, other)]
     errors, agree = [], []
     chunks = [ids[: len(PROMPT)]] + [[t] for t in ids[len(PROMPT) : -1]]
     for chunk in chunks:
-        a, b = (m.runner.forward(torch.tensor(chunk), c) for m, c in zip((exact, other), caches, strict=True))
+        a, b = (c.feed(chunk) for c in caches)
         errors.append(float((b - a).norm() / a.norm()))
         agree.append(int(a.argmax() == b.argmax()))
     return sum(errors) / len(errors), sum(agree) / len(agree)

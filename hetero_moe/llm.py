@@ -1,4 +1,4 @@
-"""The Python API: `LLM(model_dir, rules=...)` loads a model placed by rules; `.generate(...)`."""
+"""The Python API: `LLM(model_dir, rules=...)` loads a model placed by rules; `.generate(...)`, `.chat(...)`."""
 
 from __future__ import annotations
 
@@ -12,14 +12,18 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from hetero_moe.arch import build_meta_model, config_dtype, load_config
-from hetero_moe.engine.engine import Completion, Engine, StepOutput
+from hetero_moe.engine.engine import Engine
+from hetero_moe.engine.request import Completion, StepOutput
 from hetero_moe.engine.runner import ModelRunner
 from hetero_moe.engine.sampler import SamplingParams
+from hetero_moe.engine.scheduler import SchedulerConfig
 from hetero_moe.inject.injector import InjectError, PlacedModel, inject
 from hetero_moe.inject.rules import load_rules
 from hetero_moe.loader.checkpoint import Checkpoint
+from hetero_moe.loader.converted import ConvertedCache
 from hetero_moe.loader.load import Progress, load_weights
-from hetero_moe.settings import physical_cores
+from hetero_moe.ops.base import Services
+from hetero_moe.settings import cache_dir, physical_cores, triton_interpreted
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +39,20 @@ def resolve_dtype(name: str, config) -> torch.dtype:
     return getattr(torch, name)
 
 
-def place(model_dir: str | Path, rules: str | Path, dtype: str = "auto", cpu_threads: int | None = None) -> PlacedModel:
+def place(
+    model_dir: str | Path,
+    rules: str | Path,
+    dtype: str = "auto",
+    cpu_threads: int | None = None,
+    services: Services | None = None,
+) -> PlacedModel:
     """Build the model on the meta device and apply the rules; no weight is read."""
     config, arch = load_config(model_dir)
     torch_dtype = resolve_dtype(dtype, config)
     rule_set = load_rules(rules)
     threads = cpu_threads or physical_cores()
-    return inject(build_meta_model(config, arch, torch_dtype), rule_set, config, arch, torch_dtype, threads)
+    services = services or Services(triton_on_cpu=triton_interpreted())
+    return inject(build_meta_model(config, arch, torch_dtype), rule_set, config, arch, torch_dtype, threads, services)
 
 
 def eos_token_ids(model_dir: Path, config, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
@@ -59,6 +70,9 @@ def eos_token_ids(model_dir: Path, config, tokenizer: PreTrainedTokenizerBase) -
 
 
 class LLM:
+    """A model placed by rules and loaded, with its engine: `generate`, `chat` and `stream` run all their
+    prompts through the engine at once (continuous batching) and return results in input order."""
+
     def __init__(
         self,
         model: str | Path | None = None,
@@ -67,15 +81,17 @@ class LLM:
         max_context: int | None = None,
         progress: Progress | None = None,
         cpu_threads: int | None = None,
+        batching: SchedulerConfig | None = None,
     ) -> None:
         if model is None:
-            from hetero_moe.demo import demo_model_dir
+            from hetero_moe.synth.demo import demo_model_dir
 
             model = demo_model_dir()
         self.model_dir = Path(model)
         if cpu_threads is not None and cpu_threads < 1:
             raise ValueError(f"cpu_threads must be at least 1, got {cpu_threads}")
-        self.placed = place(self.model_dir, rules, dtype, cpu_threads)
+        services = Services(ConvertedCache(cache_dir() / "converted"), triton_on_cpu=triton_interpreted())
+        self.placed = place(self.model_dir, rules, dtype, cpu_threads, services)
         for warning in self.placed.warnings:
             log.warning("%s", warning)
         for device in self.placed.devices():
@@ -88,13 +104,18 @@ class LLM:
         limit = config.max_position_embeddings
         if max_context is not None and not 0 < max_context <= limit:
             raise ValueError(f"max_context must be in 1..{limit} for this model, got {max_context}")
+        self.max_context = max_context or limit
         checkpoint = Checkpoint.open(self.model_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=False)
         load_weights(self.placed, checkpoint, progress)
         self.runner = ModelRunner(self.placed)
-        self.engine = Engine(
-            self.runner, self.tokenizer, eos_token_ids(self.model_dir, config, self.tokenizer), max_context or limit
-        )
+        self.eos_ids = eos_token_ids(self.model_dir, config, self.tokenizer)
+        self.engine = self.new_engine(batching or SchedulerConfig())
+
+    def new_engine(self, batching: SchedulerConfig) -> Engine:
+        """Another engine over this loaded model, with its own KV cache pool and batching settings; only
+        one of them may step at a time."""
+        return Engine(self.runner, self.tokenizer, self.eos_ids, self.max_context, batching)
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -107,18 +128,66 @@ class LLM:
         enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
         return list(enc["input_ids"])
 
-    def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None, **sampling) -> Completion:
-        """Complete a raw prompt (text, tokenized as the model's tokenizer does, or token ids).
-        Sampling is given as `params` or as its fields (`max_tokens=..., temperature=..., stop=...`)."""
-        return self.engine.generate(self.encode(prompt), params or sampling_params(**sampling))
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: Params = None, **sampling) -> Result:
+        """Complete raw prompts (text, tokenized as the model's tokenizer does, or token ids): one prompt
+        gives one `Completion`, a list of prompts a list in the same order. Sampling is given as `params`
+        (one, or one per prompt) or as its fields (`max_tokens=..., temperature=..., stop=...`)."""
+        single = _single(prompts)
+        ids = [self.encode(p) for p in ([prompts] if single else prompts)]
+        return self._run(ids, params, sampling, single)
 
-    def stream(
-        self, prompt: str | Sequence[int], params: SamplingParams | None = None, **sampling
-    ) -> Iterator[StepOutput]:
-        return self.engine.stream(self.encode(prompt), params or sampling_params(**sampling))
+    def chat(self, conversations: Conversation | Sequence[Conversation], params: Params = None, **sampling) -> Result:
+        """Answer chats (lists of messages) through the model's chat template; one or a list, as `generate`."""
+        single = not conversations or isinstance(conversations[0], dict)
+        ids = [self.chat_ids(c) for c in ([conversations] if single else conversations)]
+        return self._run(ids, params, sampling, single)
 
-    def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None, **sampling) -> Completion:
-        return self.engine.generate(self.chat_ids(messages), params or sampling_params(**sampling))
+    def stream(self, prompts: Prompt | Sequence[Prompt], params: Params = None, **sampling) -> Iterator:
+        """`generate`'s steps as they come: `StepOutput`s for one prompt, (prompt index, `StepOutput`) for a
+        list of prompts."""
+        single = _single(prompts)
+        ids = [self.encode(p) for p in ([prompts] if single else prompts)]
+        steps = self.engine.stream(ids, self._params(params, sampling, len(ids)))
+        return (step for _, step in steps) if single else steps
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _run(self, ids: list[list[int]], params: Params, sampling: dict, single: bool) -> Result:
+        steps: list[list[StepOutput]] = [[] for _ in ids]
+        for i, step in self.engine.stream(ids, self._params(params, sampling, len(ids))):
+            steps[i].append(step)
+        done = [Completion.of(p, s) for p, s in zip(ids, steps, strict=True)]
+        return done[0] if single else done
+
+    @staticmethod
+    def _params(params: Params, sampling: dict, n: int) -> list[SamplingParams]:
+        if params is not None and sampling:
+            raise ValueError("give sampling as `params` or as its fields, not both")
+        if params is None:
+            params = sampling_params(**sampling)
+        if isinstance(params, SamplingParams):
+            return [params] * n
+        if len(params) != n:
+            raise ValueError(f"{len(params)} sampling params for {n} prompts")
+        return list(params)
+
+
+Prompt = str | Sequence[int]
+Conversation = list[dict[str, str]]
+Params = SamplingParams | Sequence[SamplingParams] | None
+Result = Completion | list[Completion]
+
+
+def _single(prompts) -> bool:
+    """One prompt (text or token ids; an empty list is an empty prompt) rather than a list of them."""
+    return isinstance(prompts, str) or not prompts or isinstance(prompts[0], int)
 
 
 def sampling_params(stop: str | Sequence[str] | None = None, **fields) -> SamplingParams:

@@ -35,10 +35,19 @@ def triton_interpreted() -> bool:
 
 def available_memory() -> int | None:
     """Bytes of DRAM available to new allocations (MemAvailable), or None where /proc/meminfo is absent."""
+    return _meminfo("MemAvailable")
+
+
+def total_memory() -> int | None:
+    """Bytes of DRAM in all (MemTotal), or None where /proc/meminfo is absent."""
+    return _meminfo("MemTotal")
+
+
+def _meminfo(field: str) -> int | None:
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 
 from transformers import PreTrainedModel
 
-from hetero_moe import synth
+from hetero_moe.synth import tiny as synth
 
 ARCHS = synth.SUPPORTED
 

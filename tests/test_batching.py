@@ -14,9 +14,11 @@ import pytest
 import torch
 from test_server import MODEL, serving
 
-from hetero_moe.engine.engine import ContextLengthError
+from hetero_moe.engine.engine import Engine
+from hetero_moe.engine.kv_cache import KVPool
+from hetero_moe.engine.request import ContextLengthError
 from hetero_moe.engine.sampler import SamplingParams
-from hetero_moe.engine.scheduler import Cancelled, KVPool, Request, Scheduler, SchedulerConfig
+from hetero_moe.engine.scheduler import SchedulerConfig
 from hetero_moe.llm import LLM
 from hetero_moe.ops.moe import MoEBlock
 
@@ -31,13 +33,16 @@ PROMPTS = [
 GREEDY = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
 
 
-def run_all(scheduler: Scheduler, prompts: list[list[int]], params: SamplingParams = GREEDY) -> list[list[int]]:
+def run_all(engine: Engine, prompts: list[list[int]], params: SamplingParams = GREEDY) -> list[list[int]]:
     outs: list[list[int]] = [[] for _ in prompts]
-    for i, p in enumerate(prompts):
-        scheduler.add(Request(p, params, lambda step, i=i: outs[i].append(step.token_id)))
-    while scheduler.has_work():
-        scheduler.step()
+    for i, step in engine.stream(prompts, [params] * len(prompts)):
+        outs[i].append(step.token_id)
     return outs
+
+
+def idle(engine: Engine) -> bool:
+    stats = engine.stats()
+    return stats.kv_cache_used_tokens == 0 and stats.running == 0 and stats.waiting == 0 and not engine.has_work()
 
 
 CONFIGS = {
@@ -53,38 +58,39 @@ CONFIGS = {
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_batched_greedy_equals_alone(tiny, arch: str, config: str) -> None:
     llm = LLM(tiny(arch).path, dtype="float32")
-    alone = [llm.engine.generate(p, GREEDY).token_ids for p in PROMPTS]
-    scheduler = Scheduler(llm.engine, CONFIGS[config])
-    assert run_all(scheduler, PROMPTS) == alone
-    assert scheduler.pool.used_pages == 0 and not scheduler.running and not scheduler.waiting
-    assert (scheduler.preempted_total > 0) == (config == "tight")
+    alone = [llm.generate(p, GREEDY).token_ids for p in PROMPTS]
+    engine = llm.new_engine(CONFIGS[config])
+    assert run_all(engine, PROMPTS) == alone
+    assert idle(engine)
+    assert (engine.stats().preempted_total > 0) == (config == "tight")
 
 
 def test_int4_experts_batched_equal_alone_and_see_every_token_of_the_step(tiny) -> None:
     """The CPU experts get all tokens of a step in one call (grouped by expert inside, each selected
     expert streamed once), and the batch changes no request's tokens."""
     llm = LLM(tiny("DeepseekV2ForCausalLM").path, rules="cpu-only-int4.yaml", dtype="float32")
-    alone = [llm.engine.generate(p, GREEDY).token_ids for p in PROMPTS]
+    alone = [llm.generate(p, GREEDY).token_ids for p in PROMPTS]
     block = next(m for m in llm.placed.model.modules() if isinstance(m, MoEBlock))
     calls: list[int] = []
     handle = block.experts.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
     try:
-        scheduler = Scheduler(llm.engine, SchedulerConfig(max_batch=8, prefill_chunk=512, kv_cache_tokens=1024))
-        assert run_all(scheduler, PROMPTS) == alone
+        engine = llm.new_engine(SchedulerConfig(max_batch=8, prefill_chunk=512, kv_cache_tokens=1024))
+        assert run_all(engine, PROMPTS) == alone
     finally:
         handle.remove()
     # step 1 prefills all six prompts together, then every step decodes all six in one call
     assert calls[0] == sum(len(p) for p in PROMPTS) and calls[1:] == [len(PROMPTS)] * (GREEDY.max_tokens - 1)
-    assert scheduler.decode_steps_total == GREEDY.max_tokens - 1 == scheduler.steps_total - 1
-    assert scheduler.decode_tokens_total == len(PROMPTS) * scheduler.decode_steps_total
+    stats = engine.stats()
+    assert stats.decode_steps_total == GREEDY.max_tokens - 1 == stats.steps_total - 1
+    assert stats.decode_step_tokens_total == len(PROMPTS) * stats.decode_steps_total
     per_expert = block.experts.nbytes() // block.experts.num_experts
-    decode_bytes = scheduler.decode_routed_bytes_total
+    decode_bytes = stats.decode_routed_expert_bytes_total
     layers = sum(isinstance(m, MoEBlock) for m in llm.placed.model.modules())
     # distinct experts per layer and step: at least top-k (six tokens), at most all of them
     loads = decode_bytes // per_expert
     assert decode_bytes % per_expert == 0
-    assert block.gate.top_k * layers * scheduler.decode_steps_total <= loads
-    assert loads <= block.experts.num_experts * layers * scheduler.decode_steps_total
+    assert block.gate.top_k * layers * stats.decode_steps_total <= loads
+    assert loads <= block.experts.num_experts * layers * stats.decode_steps_total
 
 
 def test_pool_pages_and_rows() -> None:
@@ -103,28 +109,36 @@ def test_pool_pages_and_rows() -> None:
 
 def test_admission_and_cancellation(tiny) -> None:
     llm = LLM(tiny("Qwen3MoeForCausalLM").path, dtype="float32")
-    scheduler = Scheduler(llm.engine, SchedulerConfig(max_batch=4, kv_cache_tokens=64, page_tokens=16))
+    engine = llm.new_engine(SchedulerConfig(max_batch=4, kv_cache_tokens=64, page_tokens=16))
     with pytest.raises(ContextLengthError, match="needs up to 70 tokens of KV cache.*holds 64"):
-        scheduler.add(Request(list(range(10)), SamplingParams(max_tokens=60), lambda step: None))
-    gone = threading.Event()
-    seen: list[int] = []
-    told: list[BaseException] = []
-
-    def emit(step) -> None:
-        if isinstance(step, BaseException):
-            told.append(step)
-            return
-        seen.append(step.token_id)
-        if len(seen) == 3:
-            gone.set()  # the client goes away after three tokens
-
-    scheduler.add(Request(list(range(10)), SamplingParams(max_tokens=40, ignore_eos=True), emit, gone.is_set))
-    while scheduler.has_work():
-        scheduler.step()
-    assert len(seen) == 3 and scheduler.cancelled_total == 1 and scheduler.pool.used_pages == 0
-    assert [type(e) for e in told] == [Cancelled]  # its consumer is told, so nothing waits on it
+        engine.add_request(list(range(10)), SamplingParams(max_tokens=60))
+    request = engine.add_request(list(range(10)), SamplingParams(max_tokens=40, ignore_eos=True))
+    seen = []
+    while len(seen) < 3:  # the client goes away after three tokens
+        seen += [e.output.token_id for e in engine.step() if e.request_id == request]
+    assert engine.abort(request) and not engine.abort(request)
+    assert engine.step() == [] and idle(engine) and engine.stats().cancelled_total == 1
     with pytest.raises(ValueError, match="max_batch must be a positive integer"):
         SchedulerConfig(max_batch=0)
+
+
+def test_generate_a_list_of_prompts_equals_each_alone(tiny) -> None:
+    """`LLM.generate` on prompts of different lengths runs them through the engine together, in input order."""
+    for arch in ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM"):
+        llm = LLM(tiny(arch).path, dtype="float32")
+        prompts = [PROMPTS[i % len(PROMPTS)][: 3 + 5 * i] for i in range(8)]
+        alone = [llm.generate(p, GREEDY) for p in prompts]
+        together = llm.generate(prompts, GREEDY)
+        assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+        assert [c.prompt_token_ids for c in together] == prompts
+        streamed = [[] for _ in prompts]
+        for i, step in llm.stream(prompts, GREEDY):
+            streamed[i].append(step.token_id)
+        assert streamed == [c.token_ids for c in alone] and idle(llm.engine)
+    chats = [[{"role": "user", "content": t}] for t in ("hello", "tell me more about experts", "x")]
+    assert [c.text for c in llm.chat(chats, max_tokens=5, temperature=0)] == [
+        llm.chat(c, max_tokens=5, temperature=0).text for c in chats
+    ]
 
 
 def _rss() -> int:
@@ -133,7 +147,7 @@ def _rss() -> int:
 
 def test_32_streaming_clients(tiny) -> None:
     llm = LLM(tiny("DeepseekV3ForCausalLM").path, dtype="float32")
-    llm.engine.eos_ids = frozenset()  # every request runs to max_tokens
+    llm.eos_ids = llm.engine.eos_ids = frozenset()  # every request runs to max_tokens
     prompts = [f"client {i} says {'hello ' * (i % 5)}" for i in range(32)]
     alone = [llm.generate(p, max_tokens=12, temperature=0).text for p in prompts]
     batching = SchedulerConfig(max_batch=16, kv_cache_tokens=2048, prefill_chunk=64, page_tokens=16)
@@ -179,7 +193,7 @@ def test_32_streaming_clients(tiny) -> None:
 
 
 def test_bench_serve_against_a_running_server(tiny, capsys) -> None:
-    from hetero_moe import bench_serve
+    from hetero_moe.bench import serve as bench_serve
     from hetero_moe.cli import main
 
     llm = LLM(tiny("DeepseekV2ForCausalLM").path, rules="cpu-only-int4.yaml", dtype="float32")
@@ -207,14 +221,17 @@ def test_bench_serve_against_a_running_server(tiny, capsys) -> None:
 
 
 def test_default_pool_fits_the_free_memory(tiny) -> None:
-    from hetero_moe.engine.scheduler import CPU_SHARE, default_pool_tokens
-    from hetero_moe.settings import available_memory
+    from hetero_moe.engine.kv_cache import RESERVES, cache_bytes_per_token, default_pool_tokens
+    from hetero_moe.settings import available_memory, total_memory
 
     llm = LLM(tiny("MixtralForCausalLM").path, dtype="float32")
-    assert default_pool_tokens(llm.runner, 100) == 96  # whole pages
-    per_token = sum(layer.self_attn.cache_bytes(1, torch.float32) for layer in llm.runner.layers)
-    huge = default_pool_tokens(llm.runner, 10**15)
-    assert 0 < huge <= available_memory() * CPU_SHARE / per_token
+    per_token = cache_bytes_per_token(llm.runner.layers, torch.float32)
+    assert default_pool_tokens(per_token, 100) == 96  # whole pages
+    huge = default_pool_tokens(per_token, 10**15)
+    usable = RESERVES["cpu"].usable(available_memory(), total_memory())
+    assert 0 < huge <= usable / per_token[torch.device("cpu")]
+    assert default_pool_tokens(per_token, 10**15, mapped_cpu_bytes=10**9) < huge  # mapped weights count as taken
+    assert llm.engine.pool.capacity == min(16 * llm.max_context, huge)
 
 
 @pytest.mark.parametrize("arch", ["DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM"])
@@ -236,11 +253,11 @@ def test_absorbed_latent_decode_batched_in_one_kernel_launch_equals_alone(tiny, 
     handle = attn.register_forward_hook(lambda m, args, out: launches.append(args[0].shape[0]))
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     prompts = PROMPTS[:4]
-    alone = [llm.engine.generate(p, params).token_ids for p in prompts]
+    alone = [llm.generate(p, params).token_ids for p in prompts]
     launches.clear()
-    scheduler = Scheduler(llm.engine, SchedulerConfig(max_batch=4, kv_cache_tokens=512, page_tokens=8))
+    engine = llm.new_engine(SchedulerConfig(max_batch=4, kv_cache_tokens=512, page_tokens=8))
     try:
-        assert run_all(scheduler, prompts, params) == alone
+        assert run_all(engine, prompts, params) == alone
     finally:
         handle.remove()
     assert launches.count(len(prompts)) == params.max_tokens - 1  # every decode step: all four together

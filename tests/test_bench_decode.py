@@ -7,17 +7,28 @@ import json
 
 import pytest
 
-from hetero_moe import bench_decode
+from hetero_moe.bench import decode as bench_decode
 from hetero_moe.cli import main
-from hetero_moe.synth import tiny_config
-from hetero_moe.synth_large import write_large_checkpoint
+from hetero_moe.engine.engine import Engine
+from hetero_moe.synth.large import write_large_checkpoint
+from hetero_moe.synth.tiny import tiny_config
 
 
 @pytest.mark.parametrize("rules", ["cpu-only.yaml", "cpu-only-int4.yaml"])
-def test_decode_report_is_consistent(tmp_path, rules: str) -> None:
+def test_decode_report_is_consistent(tmp_path, rules: str, monkeypatch) -> None:
     path = write_large_checkpoint(tiny_config("DeepseekV2ForCausalLM"), tmp_path / "m", fp8=False, layers=3)
     bench = bench_decode.DecodeBench("deepseek-v2-lite", rules, layers=3, fp8=False, steps=3, prompt_tokens=5)
+    steps, real_step = [], Engine.step
+
+    def counted(self):
+        events = real_step(self)
+        steps.append(len(events))
+        return events
+
+    monkeypatch.setattr(Engine, "step", counted)
     r = bench_decode.run(bench, path)
+    # it times the engine's step, as the server runs it: prefill and 2 warm-up steps, a timed and a profiled pass
+    assert r["timed"].startswith("Engine.step") and steps == [1] * (3 + 2 * 3)
     assert r["layers_run"] == 3 and r["moe_layers_run"] == 2 and r["layers_full"] == 27 and r["extrapolated"]
     m = r["per_moe_layer_ms"]
     assert m["total"] > 0 and m["cpu_experts"] > 0 and m["total"] >= m["gpu_and_host"] >= 0
@@ -45,7 +56,7 @@ def test_decode_cli_writes_its_checkpoint_once(tmp_path, capsys, monkeypatch) ->
             tiny_config("Qwen3MoeForCausalLM"), out, fp8=fp8, layers=layers, routing_skew=routing_skew
         )
 
-    monkeypatch.setattr("hetero_moe.synth_large.write_large_checkpoint", tiny_checkpoint)
+    monkeypatch.setattr("hetero_moe.synth.large.write_large_checkpoint", tiny_checkpoint)
     argv = ["bench", "decode", "--arch", "qwen3-30b-a3b", "--rules", "cpu-only.yaml", "--layers", "2", "--steps", "2"]
     argv += ["--checkpoint-dir", str(tmp_path), "--threads", "1"]
     assert main([*argv, "--json"]) == 0
@@ -59,7 +70,7 @@ def test_decode_cli_writes_its_checkpoint_once(tmp_path, capsys, monkeypatch) ->
 
 
 def test_compare_with_transformers_and_the_report(tmp_path, capsys) -> None:
-    from hetero_moe import bench_compare
+    from hetero_moe.bench import compare as bench_compare
 
     path = write_large_checkpoint(tiny_config("DeepseekV3ForCausalLM"), tmp_path / "m", fp8=False, layers=3)
     bench = bench_decode.DecodeBench(

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from hetero_moe.cli import main
-from hetero_moe.demo import DEMO_VERSION
 from hetero_moe.llm import LLM
+from hetero_moe.synth.demo import DEMO_VERSION
 
 
 def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:

@@ -18,6 +18,7 @@ from hetero_moe.kernels.quant import (
     quantize_int4,
 )
 
+from hetero_moe.bench.teacher import TeacherForced
 from hetero_moe.llm import LLM
 from hetero_moe.ops.base import BuildContext
 from hetero_moe.ops.cpu_experts import CPUExperts, CPUExpertsKwargs
@@ -144,8 +145,8 @@ def test_whole_model_with_int4_experts(tiny, arch: str) -> None:
     int4 = LLM(t.path, rules="cpu-only-int4.yaml", dtype="float32")
     assert type(int4.placed.model.model.layers[1].mlp.experts).__name__ == "CPUExperts"
     prompt = [0, 5, 17, 42, 99, 7, 3, 100]
-    ref = exact.runner.forward(torch.tensor(prompt), exact.runner.new_cache(len(prompt)))
-    ours = int4.runner.forward(torch.tensor(prompt), int4.runner.new_cache(len(prompt)))
+    ref = TeacherForced(exact.runner, len(prompt)).feed(prompt)
+    ours = TeacherForced(int4.runner, len(prompt)).feed(prompt)
     rel = float((ours - ref).norm() / ref.norm())
     assert rel < 0.5, rel  # INT4 of random weights; the note states the measured error
     assert len(int4.generate(prompt, max_tokens=8, temperature=0, ignore_eos=True).token_ids) == 8
@@ -168,7 +169,7 @@ def test_int4_weights_are_cached_and_memory_mapped(tiny, monkeypatch, caplog) ->
     prompt = [0, 9, 8, 7]
     first = LLM(t.path, rules="cpu-only-int4.yaml", dtype="float32")
     experts = first.placed.model.model.layers[1].mlp.experts
-    assert not experts.restored and experts.cache[0].is_file()
+    assert not experts.restored and experts.cache.path.is_file()
     expected = first.generate(prompt, max_tokens=6, temperature=0, ignore_eos=True).token_ids
 
     def no_quantizing(*args, **kwargs):
@@ -182,7 +183,7 @@ def test_int4_weights_are_cached_and_memory_mapped(tiny, monkeypatch, caplog) ->
     monkeypatch.undo()
 
     # corrupt: a truncated cache file is detected and rebuilt
-    path = experts.cache[0]
+    path = experts.cache.path
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     third = LLM(t.path, rules="cpu-only-int4.yaml", dtype="float32")
     assert not third.placed.model.model.layers[1].mlp.experts.restored

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from hetero_moe.bench.teacher import TeacherForced
 from hetero_moe.engine.sampler import SamplingParams
 from hetero_moe.llm import LLM
 
@@ -29,8 +30,8 @@ def test_greedy_matches_transformers(tiny, hf_greedy, arch: str, fp8: bool, shar
 def test_prefill_logits_match_transformers(tiny, arch: str) -> None:
     t = tiny(arch)
     llm = LLM(t.path, dtype="float32")
-    cache = llm.runner.new_cache(len(PROMPT))
-    ours = llm.runner.forward(torch.tensor(PROMPT), cache)
+    cache = TeacherForced(llm.runner, len(PROMPT))
+    ours = cache.feed(PROMPT)
     with torch.no_grad():
         ref = t.reference(torch.tensor([PROMPT])).logits[0, -1]
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
@@ -44,10 +45,10 @@ def test_bfloat16_agrees_with_transformers_in_bfloat16(tiny, arch: str) -> None:
     llm = LLM(t.path, dtype="bfloat16")
     seq = llm.generate(PROMPT, max_tokens=40, temperature=0, ignore_eos=True).token_ids
     ids = PROMPT + seq
-    cache = llm.runner.new_cache(len(ids))
+    cache = TeacherForced(llm.runner, len(ids))
     n = len(PROMPT)
-    ours = [int(llm.runner.forward(torch.tensor(ids[:n]), cache).argmax())]
-    ours += [int(llm.runner.forward(torch.tensor([tok]), cache).argmax()) for tok in ids[n:-1]]
+    ours = [int(cache.feed(ids[:n]).argmax())]
+    ours += [int(cache.feed([tok]).argmax()) for tok in ids[n:-1]]
     ref_model = copy.deepcopy(t.reference).to(torch.bfloat16)
     # transformers' default grouped_mm fails in bf16 on the CPU when a row is not a multiple of 16 bytes
     ref_model.set_experts_implementation("eager")
@@ -62,10 +63,10 @@ def test_chunked_prefill_equals_whole_prefill(tiny) -> None:
     """Tokens fed in pieces over the cache give the same logits as one prefill (masked attention path)."""
     for arch in ("DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM"):
         llm = LLM(tiny(arch).path, dtype="float32")
-        whole = llm.runner.forward(torch.tensor(PROMPT), llm.runner.new_cache(len(PROMPT)))
-        cache = llm.runner.new_cache(len(PROMPT))
-        llm.runner.forward(torch.tensor(PROMPT[:4]), cache)
-        pieces = llm.runner.forward(torch.tensor(PROMPT[4:]), cache)
+        whole = TeacherForced(llm.runner, len(PROMPT)).feed(PROMPT)
+        cache = TeacherForced(llm.runner, len(PROMPT))
+        cache.feed(PROMPT[:4])
+        pieces = cache.feed(PROMPT[4:])
         torch.testing.assert_close(pieces, whole, rtol=1e-4, atol=1e-4)
 
 
@@ -138,7 +139,7 @@ def test_chat_uses_the_template(tiny) -> None:
 
 
 def test_prompt_too_long_and_bad_ids_are_clear_errors(tiny) -> None:
-    from hetero_moe.engine.engine import ContextLengthError
+    from hetero_moe.engine.request import ContextLengthError
 
     llm = LLM(tiny("DeepseekV3ForCausalLM").path, dtype="float32", max_context=16)
     with pytest.raises(ContextLengthError, match="context holds 16"):
@@ -157,8 +158,8 @@ def test_prompt_too_long_and_bad_ids_are_clear_errors(tiny) -> None:
 def test_logprobs_are_the_models_distribution(tiny) -> None:
     llm = LLM(tiny("Qwen3MoeForCausalLM").path, dtype="float32")
     steps = list(llm.stream(PROMPT, max_tokens=3, temperature=0, ignore_eos=True, logprobs=4))
-    cache = llm.runner.new_cache(len(PROMPT))
-    first = torch.log_softmax(llm.runner.forward(torch.tensor(PROMPT), cache), dim=-1)
+    cache = TeacherForced(llm.runner, len(PROMPT))
+    first = torch.log_softmax(cache.feed(PROMPT), dim=-1)
     assert steps[0].logprob == pytest.approx(float(first.max()), abs=1e-5)
     assert [t for t, _ in steps[0].top_logprobs] == torch.topk(first, 4).indices.tolist()
     assert steps[0].top_logprobs[0][0] == steps[0].token_id  # greedy picks the most likely
@@ -209,9 +210,9 @@ def test_absorbed_latent_attention_equals_the_expanded_form(tiny, tmp_path, arch
     assert absorbed.placed.model.model.layers[0].self_attn.absorb
     seq = exact.generate(PROMPT, max_tokens=30, temperature=0, ignore_eos=True).token_ids
     ids = PROMPT + seq
-    caches = [m.runner.new_cache(len(ids)) for m in (exact, absorbed)]
+    caches = [TeacherForced(m.runner, len(ids)) for m in (exact, absorbed)]
     for chunk in (ids[:7], ids[7:11], *[[tok] for tok in ids[11:]]):  # prefill, chunked prefill, decode
-        a, b = (m.runner.forward(torch.tensor(chunk), c) for m, c in zip((exact, absorbed), caches, strict=True))
+        a, b = (c.feed(chunk) for c in caches)
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     assert absorbed.generate(PROMPT, max_tokens=30, temperature=0, ignore_eos=True).token_ids == seq
 
@@ -231,7 +232,7 @@ def test_absorb_is_for_latent_attention_only(tiny, tmp_path) -> None:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_checkpoints_written_by_transformers_itself(tmp_path, hf_greedy, arch: str) -> None:
     """`save_pretrained` output (its own key names, float32, its own sharding) loads and matches."""
-    from hetero_moe import synth
+    from hetero_moe.synth import tiny as synth
 
     model = synth.random_model(synth.tiny_config(arch), seed=3)
     model.save_pretrained(tmp_path, max_shard_size="200KB")

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from hetero_moe.kernels.quant import dequantize_fp8_blocks
 
+from hetero_moe.bench.teacher import TeacherForced
 from hetero_moe.llm import LLM
 from hetero_moe.ops.attention import MLAAttention
 from hetero_moe.ops.linear import FP8Weight, QuantLinear
@@ -42,8 +43,8 @@ def test_gpu_rules_match_transformers_in_float32(tiny, hf_greedy, arch: str, fp8
     assert llm.placed.model.lm_head.weight.device.type == "cuda"
     ours = llm.generate(PROMPT, max_tokens=40, temperature=0, ignore_eos=True).token_ids
     assert ours == hf_greedy(t.reference, PROMPT, 40)
-    assert llm.runner.staging is not None and llm.runner.staging.stats.calls > 0
-    assert all(b.is_pinned() for b in llm.runner.staging.buffers.values())
+    assert llm.placed.services.overlap is not None and llm.placed.services.overlap.stats.calls > 0
+    assert all(b.is_pinned() for b in llm.placed.services.overlap.buffers.values())
 
 
 @pytest.mark.parametrize("arch", list(SHIPPED))
@@ -56,10 +57,10 @@ def test_gpu_rules_in_bfloat16_agree_with_transformers(tiny, hf_greedy, arch: st
     with torch.inference_mode():
         ref_top = ref(torch.tensor([seq], device="cuda")).logits[0, len(PROMPT) - 1 : -1].argmax(-1).tolist()
     llm = LLM(t.path, rules="gpu-exact.yaml", dtype="bfloat16")
-    cache = llm.runner.new_cache(len(seq))
-    ours = [int(llm.runner.forward(torch.tensor(PROMPT), cache).argmax())]
+    cache = TeacherForced(llm.runner, len(seq))
+    ours = [int(cache.feed(PROMPT).argmax())]
     for tok in seq[len(PROMPT) : -1]:
-        ours.append(int(llm.runner.forward(torch.tensor([tok]), cache).argmax()))
+        ours.append(int(cache.feed([tok]).argmax()))
     agree = sum(a == b for a, b in zip(ours, ref_top, strict=True)) / len(ours)
     assert agree >= 0.99
 
@@ -81,10 +82,10 @@ def _torch_linear(op: QuantLinear):
 
 
 def _logits(llm: LLM, steps: int = 8) -> torch.Tensor:
-    cache = llm.runner.new_cache(len(PROMPT) + steps)
-    out = [llm.runner.forward(torch.tensor(PROMPT), cache)]
+    cache = TeacherForced(llm.runner, len(PROMPT) + steps)
+    out = [cache.feed(PROMPT)]
     for _ in range(steps):
-        out.append(llm.runner.forward(out[-1].argmax()[None], cache))
+        out.append(cache.feed(out[-1].argmax()[None]))
     return torch.stack(out)
 
 
@@ -95,10 +96,10 @@ def test_shipped_gpu_rules_kernels_against_plain_torch(tiny, arch: str, rules: s
     t = tiny(arch, fp8=arch.startswith("DeepseekV3"), shards=2, block_size=(32, 32))
     llm = LLM(t.path, rules=rules, dtype="float32")
     assert llm.placed.placements["model.layers.1.mlp.experts"].op == "cpu_experts"
-    assert llm.runner.staging is not None
+    assert llm.placed.services.overlap is not None
     ours = _logits(llm)
-    assert llm.runner.staging.stats.calls > 0
-    assert all(b.is_pinned() for b in llm.runner.staging.buffers.values())
+    assert llm.placed.services.overlap.stats.calls > 0
+    assert all(b.is_pinned() for b in llm.placed.services.overlap.buffers.values())
     for m in llm.placed.model.modules():
         if isinstance(m, QuantLinear):
             m._run = _torch_linear(m)
@@ -127,20 +128,18 @@ def test_batched_greedy_on_the_gpu_equals_alone(tiny, arch: str, rules: str) -> 
     """Continuous batching on the GPU rules (paged pool on the GPU, gathered rows, chunked prefill,
     preemption): every request's tokens are those it gets alone."""
     from hetero_moe.engine.sampler import SamplingParams
-    from hetero_moe.engine.scheduler import Request, Scheduler, SchedulerConfig
+    from hetero_moe.engine.scheduler import SchedulerConfig
 
     llm = LLM(tiny(arch).path, rules=SHIPPED[arch][0] if rules == "shipped" else rules, dtype="float32")
     prompts = [PROMPT, list(range(3, 40)), [9, 8, 7], list(range(50, 120, 3)), [1, 1]]
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
-    alone = [llm.engine.generate(p, params).token_ids for p in prompts]
-    config = SchedulerConfig(max_batch=3, kv_cache_tokens=96, prefill_chunk=7, page_tokens=8)
-    scheduler = Scheduler(llm.engine, config)
+    alone = [llm.generate(p, params).token_ids for p in prompts]
+    engine = llm.new_engine(SchedulerConfig(max_batch=3, kv_cache_tokens=96, prefill_chunk=7, page_tokens=8))
     outs: list[list[int]] = [[] for _ in prompts]
-    for i, p in enumerate(prompts):
-        scheduler.add(Request(p, params, lambda step, i=i: outs[i].append(step.token_id)))
-    while scheduler.has_work():
-        scheduler.step()
-    assert outs == alone and scheduler.preempted_total > 0 and scheduler.pool.used_pages == 0
+    for i, step in engine.stream(prompts, [params] * len(prompts)):
+        outs[i].append(step.token_id)
+    stats = engine.stats()
+    assert outs == alone and stats.preempted_total > 0 and stats.kv_cache_used_tokens == 0
 
 
 def test_pinned_experts_on_the_gpu_equal_them_in_dram(tiny, tmp_path) -> None:

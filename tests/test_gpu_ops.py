@@ -17,11 +17,13 @@ pytest.importorskip("triton")  # on a CPU-only machine conftest.py has chosen th
 from hetero_moe.kernels.quant import dequantize_fp8_blocks, dequantize_int4, quantize_fp8_blocks
 from hetero_moe.kernels.triton.fp8_linear import act_quant
 
+from hetero_moe.bench.teacher import TeacherForced
 from hetero_moe.inject.injector import InjectError
 from hetero_moe.llm import LLM
-from hetero_moe.ops.base import BuildContext
+from hetero_moe.ops.base import BuildContext, Services
 from hetero_moe.ops.linear import LinearKwargs, QuantLinear
-from hetero_moe.ops.moe import HostStaging, MoEBlock
+from hetero_moe.ops.moe import MoEBlock
+from hetero_moe.ops.staging import HostStaging
 
 DEVICE = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
 PROMPT = [0, 5, 17, 42, 99, 7, 3, 100, 200, 11, 64]
@@ -34,7 +36,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def quant_linear(out_dim: int, in_dim: int, bias: bool, **kwargs) -> QuantLinear:
     with torch.device("meta"):
         hf = nn.Linear(in_dim, out_dim, bias=bias)
-    ctx = BuildContext(config=None, dtype=torch.float32, device=DEVICE)
+    ctx = BuildContext(config=None, dtype=torch.float32, device=DEVICE, services=Services(triton_on_cpu=True))
     return QuantLinear.from_hf(hf, ctx, LinearKwargs(**kwargs))
 
 
@@ -130,10 +132,10 @@ def test_model_with_int4_linears_is_the_model_with_their_dequantized_weights(tin
 
 def _logits(llm: LLM) -> torch.Tensor:
     """Prefill logits, then those of three decode steps fed the greedy tokens."""
-    cache = llm.runner.new_cache(len(PROMPT) + 3)
-    out = [llm.runner.forward(torch.tensor(PROMPT), cache)]
+    cache = TeacherForced(llm.runner, len(PROMPT) + 3)
+    out = [cache.feed(PROMPT)]
     for _ in range(3):
-        out.append(llm.runner.forward(out[-1].argmax()[None], cache))
+        out.append(cache.feed(out[-1].argmax()[None]))
     return torch.stack(out)
 
 
@@ -145,10 +147,10 @@ def test_overlapped_moe_equals_sequential(tiny, arch: str, rules: str) -> None:
     llm = LLM(tiny(arch).path, rules=rules, dtype="float32")
     sequential = llm.generate(PROMPT, max_tokens=12, temperature=0, ignore_eos=True).token_ids
     blocks = [m for m in llm.placed.model.modules() if isinstance(m, MoEBlock)]
-    assert blocks and not any(b.overlaps() for b in blocks)  # all on the CPU: not bound by the runner
+    assert blocks and not any(b.staging for b in blocks)  # all on the CPU: no overlap
     staging = HostStaging(torch.device("cpu"))
-    for b in blocks:
-        b.bind(staging)
+    for b in blocks:  # what finalize does for a block on a GPU with its experts on the CPU
+        b.staging, b._forward = staging, b._overlapped
     try:
         assert llm.generate(PROMPT, max_tokens=12, temperature=0, ignore_eos=True).token_ids == sequential
     finally:

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from hetero_moe.bench.teacher import TeacherForced
 from hetero_moe.cli import main
 from hetero_moe.llm import LLM, place
 from hetero_moe.ops.cpu_experts import CPUExpertsKwargs
-from hetero_moe.plan import GB, Box, PlanError, plan, render
-from hetero_moe.profile import FORMAT, load_profile
+from hetero_moe.tune.plan import GB, Box, PlanError, plan, render
+from hetero_moe.tune.profile import FORMAT, load_profile
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 V3, V2_LITE, QWEN3 = CONFIGS / "deepseek-v3", CONFIGS / "deepseek-v2-lite", CONFIGS / "qwen3-30b-a3b"
@@ -135,8 +136,8 @@ def test_pinned_experts_give_the_same_model(tiny, tmp_path) -> None:
     experts = pinned.placed.model.model.layers[1].mlp.experts
     assert experts.pinned == (0, 3, 5) and experts.pinned_w13.shape[0] == 3
     ids = torch.tensor(list(range(3, 40)))
-    a = plain.runner.forward(ids, plain.runner.new_cache(64))
-    b = pinned.runner.forward(ids, pinned.runner.new_cache(64))
+    a = TeacherForced(plain.runner, 64).feed(ids)
+    b = TeacherForced(pinned.runner, 64).feed(ids)
     assert float((a - b).norm() / a.norm()) < 1e-5
     prompt = [0, 5, 17, 42]
     assert (

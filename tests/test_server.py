@@ -325,12 +325,11 @@ def test_cors_only_when_asked(url, llm) -> None:
 
 
 @pytest.fixture
-def endless(llm):
+def endless(llm, monkeypatch):
     """The model never emits EOS, so a request runs until max_tokens: a long, busy engine."""
-    saved = llm.engine.eos_ids
-    llm.engine.eos_ids = frozenset()
-    yield llm
-    llm.engine.eos_ids = saved
+    monkeypatch.setattr(llm.engine, "eos_ids", frozenset())
+    monkeypatch.setattr(llm, "eos_ids", frozenset())  # engines made for other batching settings
+    return llm
 
 
 def test_queue_full_and_disconnect_cancels(endless) -> None:
@@ -376,14 +375,14 @@ def test_non_streamed_disconnect_cancels(endless) -> None:
 
 def test_a_failing_request_does_not_take_the_server_down(llm, monkeypatch) -> None:
     with serving(llm) as u:
-        real, bad = llm.runner.forward_batch, llm.encode("zz zz")
+        real, bad = llm.runner.forward, llm.encode("zz zz")
 
-        def broken(ids, *args):
-            if ids[: len(bad)].tolist() == bad:
+        def broken(batch, *args):
+            if batch.ids[: len(bad)].tolist() == bad:
                 raise RuntimeError("boom")
-            return real(ids, *args)
+            return real(batch, *args)
 
-        monkeypatch.setattr(llm.runner, "forward_batch", broken)
+        monkeypatch.setattr(llm.runner, "forward", broken)
         r = httpx.post(f"{u}/v1/completions", json={"model": MODEL, "prompt": "zz zz", "max_tokens": 7}, timeout=60)
         assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
         s = httpx.post(

@@ -12,7 +12,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from hetero_moe.synth import (
+from hetero_moe.synth.tiny import (
     SUPPORTED,
     WrittenCheckpoint,
     build_tokenizer,

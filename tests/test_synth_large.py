@@ -14,13 +14,13 @@ import pytest
 import torch
 from test_synth import read_files
 
-from hetero_moe import synth_large
 from hetero_moe.arch import load_config
 from hetero_moe.llm import LLM
 from hetero_moe.loader.checkpoint import Checkpoint, read_header
-from hetero_moe.profile import profile
-from hetero_moe.synth import SUPPORTED, dequantize_fp8_reference, random_model, tiny_config, write_checkpoint
-from hetero_moe.synth_large import FP8_BLOCK, benchmark_config, expert_ranks, plan_checkpoint, write_large_checkpoint
+from hetero_moe.synth import large as synth_large
+from hetero_moe.synth.large import FP8_BLOCK, benchmark_config, expert_ranks, plan_checkpoint, write_large_checkpoint
+from hetero_moe.synth.tiny import SUPPORTED, dequantize_fp8_reference, random_model, tiny_config, write_checkpoint
+from hetero_moe.tune.profile import profile
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -1,118 +1,207 @@
-"""Generation for one sequence: prefill the prompt, then decode token by token until EOS, a stop
-string, `max_tokens` or the end of the context."""
+"""The engine: one loop for every entry point (the server's worker, `LLM.generate` and `LLM.chat`, the
+CLI's `generate`, `chat`, `batch` and `profile`, `bench decode`).
+
+`step()` schedules (which requests, how many tokens each), runs one forward over all those tokens,
+then samples, detokenizes and checks the stops of each request whose last token ran. A batch of one is
+the same code as a batch of 32.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+import itertools
+import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
+from hetero_moe.engine.kv_cache import Batch, KVPool, cache_bytes_per_token, default_pool_tokens
+from hetero_moe.engine.request import ContextLengthError, Decoding, Event, Request, StepOutput
 from hetero_moe.engine.runner import ModelRunner
-from hetero_moe.engine.sampler import Sampler, SamplingParams
-from hetero_moe.engine.text import Detokenizer, StopChecker
+from hetero_moe.engine.sampler import SamplingParams
+from hetero_moe.engine.scheduler import Scheduler, SchedulerConfig
 
-
-class ContextLengthError(ValueError):
-    """A prompt that does not fit the context."""
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    token_id: int
-    text: str  # new text, safe to show (never part of a stop string)
-    finish_reason: str | None = None  # "stop" or "length" on the last step
-    logprob: float | None = None  # of token_id, when SamplingParams.logprobs is set
-    top_logprobs: tuple[tuple[int, float], ...] = ()  # the most likely tokens, best first
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Completion:
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str
+class EngineStats:
+    running: int  # requests in the running batch
+    waiting: int  # requests admitted but not running (the batch is full, or preempted)
+    kv_cache_used_tokens: int
+    kv_cache_capacity_tokens: int
+    cancelled_total: int
+    preempted_total: int
+    steps_total: int  # forwards run
+    step_tokens_total: int  # tokens they ran
+    routed_expert_bytes_total: int  # weight bytes the routed experts streamed
+    # decode-only steps (one token per request, no prompt chunk): the batched roofline's own counts
+    decode_steps_total: int
+    decode_step_tokens_total: int
+    decode_routed_expert_bytes_total: int
 
 
 class Engine:
     def __init__(
-        self, runner: ModelRunner, tokenizer: PreTrainedTokenizerBase, eos_ids: frozenset[int], max_context: int
+        self,
+        runner: ModelRunner,
+        tokenizer: PreTrainedTokenizerBase,
+        eos_ids: frozenset[int],
+        max_context: int,
+        config: SchedulerConfig,
     ) -> None:
-        self.runner = runner
-        self.tokenizer = tokenizer
-        self.eos_ids = eos_ids
-        self.max_context = max_context
+        self.runner, self.tokenizer, self.eos_ids, self.max_context = runner, tokenizer, eos_ids, max_context
+        tokens = config.kv_cache_tokens
+        if tokens is None:
+            per_token = cache_bytes_per_token(runner.layers, runner.dtype)
+            tokens = default_pool_tokens(per_token, config.max_batch * max_context, runner.placed.mapped_bytes())
+        self.config = config = dataclasses.replace(config, kv_cache_tokens=tokens)
+        pages = tokens // config.page_tokens
+        buffers = runner.new_buffers(pages * config.page_tokens)
+        self.pool = KVPool(buffers, pages, config.page_tokens, runner.cache_device)
+        self.scheduler = Scheduler(config, self.pool)
+        self._ids = itertools.count()
+        self._requests: dict[int, Request] = {}
+        self._counts = dict.fromkeys(
+            ("cancelled", "steps", "tokens", "decode_steps", "decode_tokens", "decode_routed_bytes"), 0
+        )
 
-    def check_prompt(self, prompt_ids: list[int]) -> None:
+    @property
+    def max_sequence(self) -> int:
+        """Tokens one request may hold, prompt and generated: the context, or the whole pool if smaller."""
+        return min(self.max_context, self.pool.capacity)
+
+    def check_prompt(self, prompt_ids: Sequence[int], max_tokens: int = 1) -> None:
+        """Refuse what can never run: an empty prompt, ids outside the vocabulary, or a prompt that leaves
+        no room for `max_tokens` new tokens (at least one) in the context or the whole KV cache pool."""
         if not prompt_ids:
             raise ContextLengthError("the prompt is empty")
+        bad = [t for t in prompt_ids if not 0 <= t < self.runner.vocab_size]
+        if bad:
+            raise ContextLengthError(f"token id {bad[0]} is outside the vocabulary of {self.runner.vocab_size}")
         if len(prompt_ids) >= self.max_context:
             raise ContextLengthError(
                 f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_context}, "
                 "with room for at least one new token"
             )
-        bad = [t for t in prompt_ids if not 0 <= t < self.runner.vocab_size]
-        if bad:
-            raise ContextLengthError(f"token id {bad[0]} is outside the vocabulary of {self.runner.vocab_size}")
+        need = min(len(prompt_ids) + max_tokens, self.max_context)
+        if need > self.pool.capacity:
+            raise ContextLengthError(
+                f"the request needs up to {need} tokens of KV cache (prompt and max_tokens); the pool holds "
+                f"{self.pool.capacity} (--kv-cache-tokens); lower max_tokens or shorten the prompt"
+            )
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[StepOutput]:
-        self.check_prompt(prompt_ids)
-        decoding = Decoding(self, prompt_ids, params)
-        cache = self.runner.new_cache(decoding.limit)
-        logits = self.runner.forward(torch.tensor(prompt_ids), cache)
-        while True:
-            step = decoding.step(logits)
-            yield step
-            if step.finish_reason is not None:
-                return
-            logits = self.runner.forward(torch.tensor([step.token_id]), cache)
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> int:
+        """Queue a request; its id names it in `step`'s events and to `abort`."""
+        prompt_ids = list(prompt_ids)
+        self.check_prompt(prompt_ids, params.max_tokens)
+        limit = min(len(prompt_ids) + params.max_tokens, self.max_context)
+        decoding = Decoding(self.tokenizer, self.eos_ids, self.runner.vocab_size, limit, prompt_ids, params)
+        request = Request(next(self._ids), prompt_ids, decoding)
+        self._requests[request.id] = request
+        self.scheduler.add(request)
+        return request.id
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
-        tokens, parts, reason = [], [], "length"
-        for step in self.stream(prompt_ids, params):
-            tokens.append(step.token_id)
-            parts.append(step.text)
-            reason = step.finish_reason or reason
-        return Completion(list(prompt_ids), tokens, "".join(parts), reason)
+    def abort(self, request_id: int) -> bool:
+        """Drop a request, running or waiting, and free its cache; False if it is not here (any more)."""
+        request = self.scheduler.remove(request_id)
+        if request is None:
+            return False
+        del self._requests[request_id]
+        self._counts["cancelled"] += 1
+        return True
 
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
 
-class Decoding:
-    """What happens to each new token of one sequence: sampling, log-probabilities, incremental text,
-    stop strings, and the EOS, `max_tokens` and context limits."""
+    def step(self) -> list[Event]:
+        """Schedule, run one forward, sample: the new token (or the error) of each request that got one."""
+        planned = self.scheduler.schedule()
+        if not planned:
+            return []
+        batch = Batch.of(self.pool, [(r.tokens, r.pages, r.computed, n) for r, n in planned])
+        streamed = self.runner.routed_bytes()
+        try:
+            logits = self.runner.forward(batch, self.pool.buffers)
+        except Exception as e:  # fail this batch's requests, keep serving
+            log.exception("a batch of %d requests failed", len(planned))
+            return [self._end(request, e) for request, _ in planned]
+        self._count(batch, self.runner.routed_bytes() - streamed)
+        sampled = [request for request, n in planned if request.computed + n == len(request.tokens)]
+        for request, n in planned:
+            request.computed += n
+        return [self._sample(request, row) for request, row in zip(sampled, logits, strict=True)]
 
-    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams) -> None:
-        self.params = params
-        self.eos_ids = frozenset() if params.ignore_eos else engine.eos_ids
-        self.prompt_len = len(prompt_ids)
-        self.limit = min(len(prompt_ids) + params.max_tokens, engine.max_context)  # tokens in the cache at most
-        self.sampler = Sampler(params, engine.runner.vocab_size)
-        self.detok = Detokenizer(engine.tokenizer, prompt_ids)
-        self.stops = StopChecker(params.stop)
-        self.text, self.emitted, self.generated = "", 0, 0
+    def fail_all(self, error: BaseException) -> list[Event]:
+        """End every request in the engine with `error` (after a failure of the engine itself)."""
+        return [self._end(request, error) for request in list(self._requests.values())]
 
-    def step(self, logits: torch.Tensor) -> StepOutput:
-        """Sample the next token from `logits [V]`; the step says its new text and whether it ends."""
-        token = self.sampler(logits)
-        self.generated += 1
-        lp = _logprobs(logits, token, self.params.logprobs) if self.params.logprobs is not None else {}
-        if token in self.eos_ids:
-            return StepOutput(token, self.detok.full_text()[self.emitted :], "stop", **lp)
-        delta = self.detok.add(token)
-        self.text += delta
-        hit = self.stops.find(self.text, len(self.text) - len(delta)) if delta and self.stops.stops else None
-        if hit is not None:
-            return StepOutput(token, self.text[self.emitted : hit] if hit > self.emitted else "", "stop", **lp)
-        if self.prompt_len + self.generated >= self.limit:
-            return StepOutput(token, self.detok.full_text()[self.emitted :], "length", **lp)
-        safe = self.stops.safe_end(self.text)
-        out = StepOutput(token, self.text[self.emitted : safe], **lp)
-        self.emitted = max(self.emitted, safe)
-        return out
+    def stats(self) -> EngineStats:
+        c = self._counts
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_cache_used_tokens=self.pool.used_pages * self.pool.page_tokens,
+            kv_cache_capacity_tokens=self.pool.capacity,
+            cancelled_total=c["cancelled"],
+            preempted_total=self.scheduler.preempted_total,
+            steps_total=c["steps"],
+            step_tokens_total=c["tokens"],
+            routed_expert_bytes_total=self.runner.routed_bytes(),
+            decode_steps_total=c["decode_steps"],
+            decode_step_tokens_total=c["decode_tokens"],
+            decode_routed_expert_bytes_total=c["decode_routed_bytes"],
+        )
 
+    def stream(
+        self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
+    ) -> Iterator[tuple[int, StepOutput]]:
+        """Run `prompts` (token ids) together; yields (prompt index, step) as tokens come. Closing the
+        iterator early aborts what is left."""
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        index = {rid: i for i, rid in enumerate(ids)}
+        left = set(ids)
+        try:
+            while left:
+                for event in self.step():
+                    if event.request_id not in index:
+                        continue
+                    if isinstance(event.output, BaseException):
+                        raise event.output
+                    if event.finished:
+                        left.discard(event.request_id)
+                    yield index[event.request_id], event.output
+        finally:
+            for rid in left:
+                self.abort(rid)
 
-def _logprobs(logits: torch.Tensor, token: int, top: int) -> dict:
-    """The model's log-probability of `token` and of its `top` most likely tokens (before sampling)."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    values, ids = torch.topk(lp, top) if top else (lp[:0], lp[:0].long())
-    return {"logprob": float(lp[token]), "top_logprobs": tuple(zip(ids.tolist(), values.tolist(), strict=True))}
+    def close(self) -> None:
+        """Stop the model's worker threads; the engine cannot step afterwards."""
+        self.runner.close()
+
+    def _sample(self, request: Request, logits) -> Event:
+        try:
+            out = request.decoding.step(logits)
+        except Exception as e:  # a failure of this request's own sampling ends it alone
+            log.exception("sampling failed for request %d", request.id)
+            return self._end(request, e)
+        request.tokens.append(out.token_id)
+        if out.finish_reason is not None:
+            return self._end(request, out)
+        return Event(request.id, out)
+
+    def _end(self, request: Request, last: StepOutput | BaseException) -> Event:
+        if self._requests.pop(request.id, None) is not None:
+            self.scheduler.remove(request.id)
+        return Event(request.id, last)
+
+    def _count(self, batch: Batch, routed_bytes: int) -> None:
+        c = self._counts
+        c["steps"] += 1
+        c["tokens"] += len(batch.ids)
+        if batch.decode_only:
+            c["decode_steps"] += 1
+            c["decode_tokens"] += len(batch.ids)
+            c["decode_routed_bytes"] += routed_bytes
+

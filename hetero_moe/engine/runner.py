@@ -8,25 +8,15 @@ stream stays on each decoder layer's device; modules on other devices get their 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from hetero_moe.engine.kv_cache import Batch
 from hetero_moe.inject.injector import PlacedModel
-from hetero_moe.ops.attention import SeqSlice
 from hetero_moe.ops.base import module_device
-from hetero_moe.ops.moe import HostStaging, MoEBlock
+from hetero_moe.ops.moe import MoEBlock
 from hetero_moe.ops.rope import Rope
-
-
-@dataclass
-class SequenceCache:
-    """The KV cache of one sequence: one entry per decoder layer, `length` tokens filled."""
-
-    layers: list
-    capacity: int
-    length: int = 0
+from hetero_moe.ops.staging import OverlapStats
 
 
 class ModelRunner:
@@ -52,46 +42,29 @@ class ModelRunner:
         self.head_device = module_device(self.lm_head)
         self.norm_device = module_device(self.norm)
         self.vocab_size = self.lm_head.out_features
-        blocks = [m for m in placed.model.modules() if isinstance(m, MoEBlock)]
-        self.routed_experts = [b.experts for b in blocks]
-        # MoE blocks on a GPU with their routed experts on the CPU overlap the two, through one staging area
-        overlapped = [b for b in blocks if b.overlaps()]
-        self.staging = HostStaging(overlapped[0].device) if overlapped else None
-        for block in overlapped:
-            block.bind(self.staging)
+        self.cache_device = module_device(self.layers[0].self_attn)  # where the KV cache pool lives
+        self.routed_experts = [m.experts for m in placed.model.modules() if isinstance(m, MoEBlock)]
 
     def routed_bytes(self) -> int:
         """Weight bytes the routed experts have streamed so far: per call, those of the distinct experts."""
         return sum(m.bytes_streamed for m in self.routed_experts)
 
-    def new_cache(self, capacity: int) -> SequenceCache:
-        return SequenceCache(self.new_buffers(capacity), capacity)
+    def overlap_stats(self) -> OverlapStats | None:
+        """Time in the CPU experts and waiting for them, where MoE blocks overlap them with a GPU."""
+        staging = self.placed.services.overlap
+        return staging.stats if staging is not None else None
 
     def new_buffers(self, rows: int) -> list:
         """Per decoder layer, KV cache buffers of `rows` token rows (one sequence's cache, or a pool)."""
         return [layer.self_attn.new_cache(rows, self.dtype) for layer in self.layers]
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, cache: SequenceCache) -> torch.Tensor:
-        """Run `ids [T]` at positions `cache.length...`; returns float32 logits `[V]` of the last one."""
-        start, t = cache.length, ids.shape[0]
-        if start + t > cache.capacity:
-            raise ValueError(f"{start + t} tokens exceed the cache capacity of {cache.capacity}")
-        seq = SeqSlice(0, t, start, slice(start, start + t), slice(0, start + t))
-        logits = self.forward_batch(ids, torch.arange(start, start + t), cache.layers, [seq], [t - 1])
-        cache.length = start + t
-        return logits[0]
-
-    @torch.inference_mode()
-    def forward_batch(
-        self, ids: torch.Tensor, positions: torch.Tensor, buffers: list, seqs: list[SeqSlice], rows: list[int]
-    ) -> torch.Tensor:
-        """Run the tokens of several sequences at once: `ids [N]` at `positions [N]`, the sequences' shares
-        and cache rows in `seqs`, their caches in `buffers` (per layer). Returns float32 logits `[len(rows),
-        V]` of the tokens at `rows`."""
-        h = self.embed(ids.to(self.embed_device))  # [N, H]
+    def forward(self, batch: Batch, buffers: list) -> torch.Tensor:
+        """Run the tokens of one or several sequences at once, with their caches in `buffers` (per layer);
+        float32 logits `[len(batch.sample_rows), V]` of the tokens whose next token is sampled."""
+        h = self.embed(batch.ids.to(self.embed_device))  # [N, H]
         rope_device = self.rotary.inv_freq.device
-        rope_out = self.rotary(h.to(rope_device)[None], positions.to(rope_device)[None])
+        rope_out = self.rotary(h.to(rope_device)[None], batch.positions.to(rope_device)[None])
         ropes: dict[torch.device, Rope] = {}
         for i, layer in enumerate(self.layers):
             dev, attn_dev, post_dev, mlp_dev = self.devices[i]
@@ -99,12 +72,16 @@ class ModelRunner:
                 ropes[attn_dev] = self.placed.arch.rope(self.config, _to(rope_out, attn_dev))
             h = h.to(dev)
             x = layer.input_layernorm(h)
-            h = h + layer.self_attn(x.to(attn_dev), ropes[attn_dev], buffers[i], seqs).to(dev)
+            h = h + layer.self_attn(x.to(attn_dev), ropes[attn_dev], buffers[i], batch.seqs).to(dev)
             x = layer.post_attention_layernorm(h.to(post_dev))
             h = h + layer.mlp(x.to(mlp_dev)).to(dev)
-        h = h[rows]
+        h = h[batch.sample_rows]
         h = self.norm(h.to(self.norm_device))
         return self.lm_head(h.to(self.head_device)).float()
+
+    def close(self) -> None:
+        """Stop what the ops share (the CPU experts' worker thread)."""
+        self.placed.services.close()
 
 
 def _to(value, device: torch.device):

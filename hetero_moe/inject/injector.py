@@ -17,7 +17,7 @@ from transformers import PretrainedConfig
 
 from hetero_moe.arch import Architecture
 from hetero_moe.inject.rules import Rule, Rules
-from hetero_moe.ops.base import BuildContext, Op, direct_tensors
+from hetero_moe.ops.base import BuildContext, Op, Services, direct_tensors
 from hetero_moe.ops.registry import MUST_REPLACE
 
 
@@ -43,6 +43,7 @@ class PlacedModel:
     arch: Architecture
     dtype: torch.dtype
     placements: dict[str, Placement]
+    services: Services  # what its ops share (converted-weights store, host staging)
     warnings: list[str] = field(default_factory=list)
 
     def owned_keys(self) -> dict[str, tuple[str, nn.Module, str, torch.Size]]:
@@ -69,6 +70,10 @@ class PlacedModel:
                     totals[str(self.placements[name].device)] += nbytes
         return dict(sorted(totals.items()))
 
+    def mapped_bytes(self) -> int:
+        """Bytes of the loaded weights that are memory-mapped from files."""
+        return sum(m.mapped_bytes() for m in self.model.modules() if isinstance(m, Op))
+
     def kv_cache_bytes(self, capacity: int) -> dict[str, int]:
         """Bytes of one sequence's KV cache for `capacity` tokens, per device."""
         totals: dict[str, int] = defaultdict(int)
@@ -92,7 +97,9 @@ def inject(
     arch: Architecture,
     dtype: torch.dtype,
     cpu_threads: int = 1,
+    services: Services | None = None,
 ) -> PlacedModel:
+    services = services or Services()
     placements: dict[str, Placement] = {}
     used: set[int] = set()
 
@@ -109,7 +116,7 @@ def inject(
             if spec is not None:
                 if parent is None:
                     raise InjectError(f"{rule.where}: the root model cannot be replaced, only placed")
-                ctx = BuildContext(config=config, dtype=dtype, device=device, cpu_threads=cpu_threads)
+                ctx = BuildContext(config, dtype, device, cpu_threads, services)
                 try:
                     module = spec.build(module, ctx, rule.replace.kwargs)
                 except (TypeError, ValueError) as e:
@@ -128,7 +135,7 @@ def inject(
     visit(model, "", torch.device("cpu"), None, "")
     _check(model, placements)
     warnings = [f"{r.where}: matches no module of this {arch.name}" for r in rules.rules if r.index not in used]
-    return PlacedModel(model, config, arch, dtype, placements, warnings)
+    return PlacedModel(model, config, arch, dtype, placements, services, warnings)
 
 
 def _check(model: nn.Module, placements: dict[str, Placement]) -> None:

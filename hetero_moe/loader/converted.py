@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +69,30 @@ def save(path: Path, key: str, arrays: Mapping[str, np.ndarray]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One op's converted weights: the cache file and the key they must have been built from."""
+
+    path: Path
+    key: str
+
+    def load(self) -> dict[str, np.ndarray] | None:
+        return load(self.path, self.key)
+
+    def save(self, arrays: Mapping[str, np.ndarray]) -> None:
+        save(self.path, self.key, arrays)
+
+
+@dataclass(frozen=True)
+class ConvertedCache:
+    """The converted-weights cache under `root`: one folder per model directory, one file per op."""
+
+    root: Path
+
+    def entry(self, name: str, sources: list[TensorInfo], settings: Mapping[str, object]) -> Entry:
+        """The cache entry of op `name` converted from `sources` (its checkpoint tensors) with `settings`."""
+        folder = hashlib.sha256(str(sources[0].file.parent.resolve()).encode()).hexdigest()[:16]
+        quant = settings.get("quant", "converted")
+        return Entry(self.root / folder / f"{name}.{quant}.safetensors", cache_key(sources, settings))

@@ -20,7 +20,6 @@ from torch import nn
 
 from hetero_moe.ops.base import BuildContext, Op
 from hetero_moe.ops.rope import Rope
-from hetero_moe.settings import triton_interpreted
 
 SPLIT_ROWS = 256  # cache rows per program of the latent decode kernel (8K tokens: 32 splits per head group)
 Rows = slice | torch.Tensor  # cache rows: a range (a view, no copy) or int64 indices (gathered)
@@ -131,7 +130,7 @@ class MLAAttention(Op):
         self.kv_b_proj = hf.kv_b_proj
         self.o_proj = hf.o_proj
         # the Triton latent kernel on a GPU (or on the CPU under Triton's interpreter, in tests)
-        self.kernel = (ctx.device.type == "cuda" or triton_interpreted()) and importlib.util.find_spec("triton")
+        self.kernel = (ctx.device.type == "cuda" or ctx.services.triton_on_cpu) and importlib.util.find_spec("triton")
         self._latent_attend = self._latent_attend_triton if self.kernel else self._latent_attend_sdpa
 
     @classmethod

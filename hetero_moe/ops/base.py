@@ -9,14 +9,53 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar, Self
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, Self
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
 from hetero_moe.kernels.quant import dequantize_fp8_blocks
+from hetero_moe.ops.staging import HostStaging
+
+
+class ConvertedEntry(Protocol):
+    """One op's weights converted at load, in a cache on disk (`loader/converted.py`)."""
+
+    def load(self) -> dict[str, Any] | None: ...  # the arrays, memory-mapped; None when absent or stale
+
+    def save(self, arrays: Mapping[str, Any]) -> None: ...
+
+
+class ConvertedStore(Protocol):
+    def entry(self, name: str, sources: list, settings: Mapping[str, Any]) -> ConvertedEntry: ...
+
+
+class Services:
+    """What the ops of one model share, given by whoever builds the model: a store for weights converted
+    at load (None: convert at every load), whether Triton kernels may run on the CPU (its interpreter,
+    in tests), and the host staging of MoE blocks that overlap CPU experts with a GPU (made on first
+    use; `close` stops its worker thread)."""
+
+    def __init__(self, converted: ConvertedStore | None = None, triton_on_cpu: bool = False) -> None:
+        self.converted = converted
+        self.triton_on_cpu = triton_on_cpu
+        self._staging: HostStaging | None = None
+
+    def staging(self, device: torch.device) -> HostStaging:
+        if self._staging is None:
+            self._staging = HostStaging(device)
+        return self._staging
+
+    @property
+    def overlap(self) -> HostStaging | None:
+        """The host staging, if any block overlaps (for its timing stats)."""
+        return self._staging
+
+    def close(self) -> None:
+        if self._staging is not None:
+            self._staging.close()
 
 
 @dataclass(frozen=True)
@@ -25,6 +64,7 @@ class BuildContext:
     dtype: torch.dtype  # compute dtype of activations and unquantized weights
     device: torch.device  # where the op's weights live and it runs
     cpu_threads: int = 1  # threads for CPU kernels
+    services: Services = field(default_factory=Services)
 
 
 @dataclass(frozen=True)
@@ -80,6 +120,10 @@ class Op(nn.Module):
         """Before loading: take the weights from a cache of this op's own instead of `sources` (the
         checkpoint's TensorInfo of every key it owns); True when it did, and the loader skips them."""
         return False
+
+    def mapped_bytes(self) -> int:
+        """Of `nbytes`, those memory-mapped from a file (the system counts their page cache as available)."""
+        return 0
 
     def finalize(self) -> None:
         """Called once every weight is loaded, children first."""

@@ -9,11 +9,9 @@ instead, above a crossover measured at load.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Self
 
 import numba
@@ -36,10 +34,8 @@ from hetero_moe.kernels.quant import (
     padded,
     quantize_fp8_blocks,
 )
-from hetero_moe.loader import converted
-from hetero_moe.ops.base import BuildContext, Op
+from hetero_moe.ops.base import BuildContext, ConvertedEntry, Op
 from hetero_moe.ops.experts import expert_checkpoint_keys, parse_expert_key
-from hetero_moe.settings import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +274,8 @@ class CPUExperts(Op):
         self.threads = ctx.cpu_threads
         self.torch_min_tokens = kwargs.torch_min_tokens
         self.allocated = False
-        self.cache: tuple[Path, str] | None = None  # (file, key) of the converted-weights cache
+        self.converted = ctx.services.converted  # where converted weights are cached, if anywhere
+        self.cache: ConvertedEntry | None = None  # this op's entry there
         self.restored = False
         self.bytes_streamed = 0  # weight bytes of the distinct experts of every call so far
         self.pinned = kwargs.pinned
@@ -302,6 +299,9 @@ class CPUExperts(Op):
     def nbytes(self) -> int:
         return self.format.nbytes()
 
+    def mapped_bytes(self) -> int:
+        return self.nbytes() if self.restored else 0
+
     def device_bytes(self) -> dict[str, int]:
         out = {str(self.device): self.nbytes()}
         if self.pinned:
@@ -323,13 +323,11 @@ class CPUExperts(Op):
 
     def restore(self, name: str, sources: list) -> bool:
         """INT4 weights are quantized at load: cache them, keyed by the sources and the settings."""
-        if not isinstance(self.format, Int4Format):
+        if not isinstance(self.format, Int4Format) or self.converted is None:
             return False
         settings = {**asdict(self.kwargs), "shape": [self.num_experts, self.inter, self.hidden]}
-        folder = hashlib.sha256(str(sources[0].file.parent.resolve()).encode()).hexdigest()[:16]
-        path = cache_dir() / "converted" / folder / f"{name}.{self.kwargs.quant}.safetensors"
-        self.cache = (path, converted.cache_key(sources, settings))
-        arrays = converted.load(*self.cache)
+        self.cache = self.converted.entry(name, sources, settings)
+        arrays = self.cache.load()
         if arrays is None or not self.format.set_arrays(arrays):
             return False
         self.allocated = self.restored = True
@@ -339,7 +337,7 @@ class CPUExperts(Op):
         """Save converted weights to the cache; copy the pinned experts, dequantized, to their device;
         compile (or load the cached compilation of) the kernels; measure the torch crossover."""
         if self.cache is not None and not self.restored:
-            converted.save(*self.cache, self.format.arrays())
+            self.cache.save(self.format.arrays())
         if self.pinned:
             dev, dt = self.pinned_device, self.dtype
             w13 = [torch.cat([self.format.dequantize(e, 0), self.format.dequantize(e, 1)]) for e in self.pinned]

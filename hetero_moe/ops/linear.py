@@ -27,7 +27,6 @@ from hetero_moe.kernels.quant import (
     quantize_fp8_blocks,
 )
 from hetero_moe.ops.base import BuildContext, Op
-from hetero_moe.settings import triton_interpreted
 
 
 @dataclass(frozen=True)
@@ -118,7 +117,7 @@ class QuantLinear(Op):
 
     def __init__(self, hf: nn.Linear, ctx: BuildContext, kwargs: LinearKwargs) -> None:
         super().__init__(ctx.device)
-        if ctx.device.type != "cuda" and not triton_interpreted():
+        if ctx.device.type != "cuda" and not ctx.services.triton_on_cpu:
             raise ValueError(
                 f"op linear runs Triton kernels on a GPU, but the rule places it on {ctx.device}; "
                 "keep the module unquantized there (no op)"

@@ -8,63 +8,14 @@ their inputs while the GPU computes the shared experts (`HostStaging`).
 
 from __future__ import annotations
 
-import math
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hetero_moe.ops.base import BuildContext, Op, module_device
-
-
-@dataclass
-class OverlapStats:
-    """Seconds spent, summed over MoE layers, since the last `reset`: in the CPU experts (worker thread)
-    and waiting for them (the calling thread, after its GPU work was queued)."""
-
-    experts_s: float = 0.0
-    wait_s: float = 0.0
-    calls: int = 0
-
-    def reset(self) -> None:
-        self.experts_s = self.wait_s = 0.0
-        self.calls = 0
-
-
-class HostStaging:
-    """Pinned host buffers for the routed experts' inputs and outputs, and the one worker thread that
-    runs the CPU experts; shared by all MoE blocks of a model, which run one after another.
-
-    Buffer reuse is safe without extra synchronisation: the worker waits for an event recorded after
-    the copies into the input buffers, and that event follows, on the same stream, the previous
-    layer's copy out of the output buffer."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device  # the GPU the blocks run on
-        self.pin = device.type == "cuda"
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="cpu-experts")
-        self.buffers: dict[str, torch.Tensor] = {}
-        self.stats = OverlapStats()
-
-    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A host tensor of `shape`, backed by a grow-only (pinned, on a GPU box) buffer."""
-        n = math.prod(shape)
-        buf = self.buffers.get(name)
-        if buf is None or buf.dtype != dtype or buf.numel() < n:
-            buf = torch.empty(max(n, 1), dtype=dtype, pin_memory=self.pin)
-            self.buffers[name] = buf
-        return buf[:n].view(shape)
-
-    def to_host(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        host = self.buffer(name, tuple(t.shape), t.dtype)
-        host.copy_(t, non_blocking=True)
-        return host
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=True)
+from hetero_moe.ops.staging import HostStaging
 
 
 class MoEBlock(Op):
@@ -77,7 +28,7 @@ class MoEBlock(Op):
         self.gate = hf.gate
         self.experts = hf.experts
         self.shared_experts = getattr(hf, "shared_experts", None)
-
+        self.services = ctx.services
         self.staging: HostStaging | None = None
         self._forward = self._sequential
 
@@ -87,15 +38,11 @@ class MoEBlock(Op):
             self.shared_device = module_device(self.shared_experts)
         # routed experts kept on another device (cpu_experts' `pinned`): computed there, added here
         self.pinned_device = self.experts.pinned_device if getattr(self.experts, "pinned", ()) else None
-
-    def overlaps(self) -> bool:
-        """Whether the routed experts run on the host while this block's device does the rest."""
-        return self.experts_device.type == "cpu" and self.device.type != "cpu"
-
-    def bind(self, staging: HostStaging) -> None:
-        """Run the routed experts through `staging`'s pinned buffers and worker thread from now on."""
-        self.staging = staging
-        self._forward = self._overlapped
+        if self.experts_device.type == "cpu" and self.device.type != "cpu":
+            # the routed experts run on the host, through pinned copies and a worker thread, while this
+            # block's device does the rest
+            self.staging = self.services.staging(self.device)
+            self._forward = self._overlapped
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H]
         return self._forward(x)

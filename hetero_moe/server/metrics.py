@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 
+from hetero_moe.engine.engine import EngineStats
+
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -18,18 +20,7 @@ class Metrics:
         self.ttft_sum = 0.0
         self.ttft_count = 0
         self.decode_tps = 0.0  # of the last finished request
-        self.queued = 0
-        self.running = 0
-        self.cancelled = 0
-        self.preempted = 0
-        self.kv_cache_used_tokens = 0
-        self.kv_cache_capacity_tokens = 0
-        self.steps = 0
-        self.step_tokens = 0
-        self.routed_expert_bytes = 0
-        self.decode_steps = 0
-        self.decode_step_tokens = 0
-        self.decode_routed_expert_bytes = 0
+        self.cancelled_waiting = 0  # requests whose client left before they reached the engine
 
     def request(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -50,16 +41,12 @@ class Metrics:
             if new_tokens > 1 and decode_seconds > 0:
                 self.decode_tps = (new_tokens - 1) / decode_seconds
 
-    def set(self, **values: float) -> None:
-        with self._lock:
-            for name, value in values.items():
-                setattr(self, name, value)
-
     def add(self, name: str, delta: int) -> None:
         with self._lock:
             setattr(self, name, getattr(self, name) + delta)
 
-    def render(self) -> str:
+    def render(self, stats: EngineStats, queued: int) -> str:
+        """The page: this server's request counters, and the engine's `stats` after its last step."""
         with self._lock:
             lines = [
                 "# HELP hetero_moe_requests_total Requests answered, by endpoint and HTTP status.",
@@ -79,36 +66,32 @@ class Metrics:
             lines.append(f"hetero_moe_time_to_first_token_seconds_sum {self.ttft_sum}")
             lines.append(f"hetero_moe_time_to_first_token_seconds_count {self.ttft_count}")
             lines += _metric("decode_tokens_per_second", "gauge", "Decode speed of the last request.", self.decode_tps)
-            lines += _metric("queue_size", "gauge", "Requests waiting for the engine.", self.queued)
-            lines += _metric("running_requests", "gauge", "Requests in the running batch.", self.running)
-            lines += _metric("cancelled_total", "counter", "Requests cancelled by a disconnect.", self.cancelled)
-            lines += _metric(
-                "preempted_total", "counter", "Requests paused to free KV cache pages for older ones.", self.preempted
-            )
-            lines += _metric(
-                "kv_cache_used_tokens", "gauge", "Token slots of the KV cache pool in use.", self.kv_cache_used_tokens
-            )
-            lines += _metric(
-                "kv_cache_capacity_tokens", "gauge", "Token slots of the KV cache pool.", self.kv_cache_capacity_tokens
-            )
-            lines += _metric("steps_total", "counter", "Batched forward steps run.", self.steps)
-            lines += _metric("step_tokens_total", "counter", "Tokens those steps ran.", self.step_tokens)
-            lines += _metric(
+            cancelled = stats.cancelled_total + self.cancelled_waiting
+            lines += _metric("queue_size", "gauge", "Requests waiting for the engine.", queued)
+            lines += _metric("running_requests", "gauge", "Requests in the running batch.", stats.running)
+            lines += _metric("cancelled_total", "counter", "Requests cancelled by a disconnect.", cancelled)
+        for name, kind, help_text, value in (
+            ("preempted_total", "counter", "Requests paused to free KV cache pages.", stats.preempted_total),
+            ("kv_cache_used_tokens", "gauge", "Token slots of the KV cache pool in use.", stats.kv_cache_used_tokens),
+            ("kv_cache_capacity_tokens", "gauge", "Token slots of the KV cache pool.", stats.kv_cache_capacity_tokens),
+            ("steps_total", "counter", "Batched forward steps run.", stats.steps_total),
+            ("step_tokens_total", "counter", "Tokens those steps ran.", stats.step_tokens_total),
+            (
                 "routed_expert_bytes_total",
                 "counter",
                 "Weight bytes the routed experts streamed: per step and layer, those of the distinct experts.",
-                self.routed_expert_bytes,
-            )
-            lines += _metric("decode_steps_total", "counter", "Steps of decode tokens only.", self.decode_steps)
-            lines += _metric(
-                "decode_step_tokens_total", "counter", "Tokens of those decode-only steps.", self.decode_step_tokens
-            )
-            lines += _metric(
+                stats.routed_expert_bytes_total,
+            ),
+            ("decode_steps_total", "counter", "Steps of decode tokens only.", stats.decode_steps_total),
+            ("decode_step_tokens_total", "counter", "Tokens of decode-only steps.", stats.decode_step_tokens_total),
+            (
                 "decode_routed_expert_bytes_total",
                 "counter",
                 "Weight bytes the routed experts streamed in decode-only steps.",
-                self.decode_routed_expert_bytes,
-            )
+                stats.decode_routed_expert_bytes_total,
+            ),
+        ):
+            lines += _metric(name, kind, help_text, value)
         return "\n".join(lines) + "\n"
 
 

@@ -1,8 +1,8 @@
-"""One engine worker thread owns the model and runs the scheduler; requests wait in a bounded queue.
+"""One engine worker thread owns the engine and steps it; requests wait in a bounded queue.
 
-The worker moves jobs from the queue into the scheduler as it has room for them and runs one batched
-step after another. Each job streams its steps back to the event loop that submitted it. A job whose
-client has gone is dropped between two steps and its KV cache pages freed.
+The worker moves jobs from the queue into the engine while the running batch has room for them, and
+steps the engine. Each job's tokens go back to the event loop that submitted it. A job whose client
+has gone is aborted between two steps, which frees its KV cache pages.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from hetero_moe.engine.engine import Engine, StepOutput
+from hetero_moe.engine.engine import Engine, EngineStats
+from hetero_moe.engine.request import Cancelled, Event, StepOutput
 from hetero_moe.engine.sampler import SamplingParams
-from hetero_moe.engine.scheduler import Cancelled, Request, Scheduler, SchedulerConfig
 from hetero_moe.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class _Done:
 DONE = _Done()
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     prompt_ids: list[int]
     params: SamplingParams
@@ -63,11 +63,12 @@ class Job:
 
 
 class EngineWorker:
-    def __init__(self, engine: Engine, max_queue: int, metrics: Metrics, batching: SchedulerConfig) -> None:
-        self.scheduler = Scheduler(engine, batching)
+    def __init__(self, engine: Engine, max_queue: int, metrics: Metrics) -> None:
+        self.engine = engine
         self.metrics = metrics
-        self.metrics.set(kv_cache_capacity_tokens=self.scheduler.pool.capacity)
+        self.stats: EngineStats = engine.stats()  # after the last step: what /metrics shows
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self._active: dict[int, Job] = {}  # request id -> job, for the requests in the engine
         self._thread = threading.Thread(target=self._run, name="hetero-moe-engine", daemon=True)
 
     def start(self) -> None:
@@ -78,74 +79,68 @@ class EngineWorker:
         self._thread.join(timeout=10)
 
     @property
-    def max_sequence(self) -> int:
-        """Tokens one request may hold, prompt and generated: the context, or the whole pool if smaller."""
-        return min(self.scheduler.engine.max_context, self.scheduler.pool.capacity)
+    def queued(self) -> int:
+        """Requests waiting: in the queue, or in the engine without a place in the running batch."""
+        return self._jobs.qsize() + self.stats.waiting
 
     def submit(self, job: Job) -> None:
         try:
             self._jobs.put_nowait(job)
         except queue.Full:
             raise QueueFullError(f"the server is busy: {self._jobs.maxsize} requests are already waiting") from None
-        self.metrics.add("queued", 1)
 
     def _run(self) -> None:
-        sched = self.scheduler
+        engine = self.engine
         while True:
             # idle: wait for a job; busy: take what has arrived while the running batch has room for it (the
             # rest waits in the bounded queue)
-            while not sched.has_work() or (
-                len(sched.running) + len(sched.waiting) < sched.config.max_batch and not self._jobs.empty()
-            ):
+            while not engine.has_work() or (len(self._active) < engine.config.max_batch and not self._jobs.empty()):
                 job = self._jobs.get()
                 if job is None:
                     return
                 self._admit(job)
+            self._abort_cancelled()
             try:
-                sched.step()
-            except Exception:  # a bug in the scheduler itself: fail everything in flight, keep serving
-                log.exception("scheduler step failed")
-                for request in [*sched.running, *sched.waiting]:
-                    request.emit(RuntimeError("the engine failed; see the server log"))
-                    sched.pool.release(request.pages)
-                sched.running.clear()
-                sched.waiting.clear()
-            self.metrics.set(
-                running=len(sched.running),
-                queued=self._jobs.qsize() + len(sched.waiting),
-                cancelled=sched.cancelled_total,
-                preempted=sched.preempted_total,
-                kv_cache_used_tokens=sched.pool.used_pages * sched.pool.page_tokens,
-                steps=sched.steps_total,
-                step_tokens=sched.tokens_total,
-                routed_expert_bytes=sched.engine.runner.routed_bytes(),
-                decode_steps=sched.decode_steps_total,
-                decode_step_tokens=sched.decode_tokens_total,
-                decode_routed_expert_bytes=sched.decode_routed_bytes_total,
-            )
+                events = engine.step()
+            except Exception:  # a bug in the engine itself: fail everything in flight, keep serving
+                log.exception("engine step failed")
+                events = engine.fail_all(RuntimeError("the engine failed; see the server log"))
+            for event in events:
+                self._deliver(event)
+            self.stats = engine.stats()
 
     def _admit(self, job: Job) -> None:
         if job.cancelled.is_set():
-            self.metrics.add("queued", -1)
-            self.scheduler.cancelled_total += 1
+            self.metrics.add("cancelled_waiting", 1)
             job.push(Cancelled("the client went away"))
             return
-        request = Request(job.prompt_ids, job.params, lambda item: self._emit(job, item), job.cancelled.is_set)
         try:
-            self.scheduler.add(request)
+            request_id = self.engine.add_request(job.prompt_ids, job.params)
         except Exception as e:  # checked at submission already; a late refusal still reaches its client
             job.push(e)
+            return
+        self._active[request_id] = job
 
-    def _emit(self, job: Job, item: StepOutput | BaseException) -> None:
-        if isinstance(item, BaseException):
-            job.push(item)
+    def _abort_cancelled(self) -> None:
+        for request_id, job in list(self._active.items()):
+            if job.cancelled.is_set():
+                self.engine.abort(request_id)
+                del self._active[request_id]
+                job.push(Cancelled("the client went away"))
+
+    def _deliver(self, event: Event) -> None:
+        job = self._active[event.request_id]
+        if event.finished:
+            del self._active[event.request_id]
+        if isinstance(event.output, BaseException):
+            job.push(event.output)
             return
         now = time.monotonic()
         if job.first is None:
             job.first = now
             self.metrics.first_token(now - job.arrived)
         job.sent += 1
-        job.push(item)
-        if item.finish_reason is not None:
+        job.push(event.output)
+        if event.finished:
             self.metrics.finished(len(job.prompt_ids), job.sent, now - job.first)
             job.push(DONE)

@@ -1,8 +1,8 @@
 """`hetero-moe profile`: how often each routed expert of each MoE layer is chosen on a set of prompts,
 the input `hetero-moe plan` uses to pin the busiest experts on the GPU.
 
-Every prompt is run (prefill and greedy decode); a hook on each MoE block's router counts the experts
-it picks for every token. The result is JSON:
+All prompts run together through the engine (prefill and greedy decode); a hook on each MoE block's
+router counts the experts it picks for every token. The result is JSON:
 `{"model", "architecture", "num_experts", "tokens", "layers": {"model.layers.N.mlp": [count per expert]}}`.
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hetero_moe.engine.sampler import SamplingParams
 from hetero_moe.llm import LLM
 from hetero_moe.ops.moe import MoEBlock
 
@@ -57,10 +58,9 @@ def profile(llm: LLM, prompts: list[str | list[dict]], max_tokens: int = 32) -> 
 
     handles = [b.gate.register_forward_hook(hook(name)) for name, b in blocks.items()]
     try:
-        for prompt in prompts:
-            ids = llm.chat_ids(prompt) if isinstance(prompt, list) else llm.encode(prompt)
-            done = llm.engine.generate(ids, _greedy(max_tokens))
-            tokens += len(ids) + len(done.token_ids) - 1  # the last token is never run
+        ids = [llm.chat_ids(p) if isinstance(p, list) else llm.encode(p) for p in prompts]
+        for done in llm.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0)):
+            tokens += len(done.prompt_token_ids) + len(done.token_ids) - 1  # the last token is never run
     finally:
         for h in handles:
             h.remove()
@@ -74,12 +74,6 @@ def profile(llm: LLM, prompts: list[str | list[dict]], max_tokens: int = 32) -> 
         "tokens": tokens,
         "layers": {name: c.tolist() for name, c in counts.items()},
     }
-
-
-def _greedy(max_tokens: int):
-    from hetero_moe.engine.sampler import SamplingParams
-
-    return SamplingParams(max_tokens=max_tokens, temperature=0)
 
 
 def load_profile(path: Path) -> dict:

@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from hetero_moe.arch import load_config
-from hetero_moe.bench import dram_read_gbps
+from hetero_moe.bench.experts import dram_read_gbps
+from hetero_moe.engine.sampler import SamplingParams
+from hetero_moe.engine.scheduler import SchedulerConfig
 from hetero_moe.llm import LLM
 from hetero_moe.ops.cpu_experts import CPUExperts
 from hetero_moe.ops.experts import TorchExperts
@@ -61,7 +63,7 @@ class DecodeBench:
 
 def checkpoint(bench: DecodeBench, root: Path | None = None) -> Path:
     """The synthetic checkpoint for `bench`, written on first use (tens of GB at real size)."""
-    from hetero_moe.synth_large import write_large_checkpoint
+    from hetero_moe.synth.large import write_large_checkpoint
 
     name = f"{bench.arch}-{bench.layers or 'all'}-{'fp8' if bench.fp8 else 'bf16'}"
     if bench.routing_skew:
@@ -93,6 +95,7 @@ class LayerTimer:
             self.handles.append(e.register_forward_pre_hook(self._start(("experts", 0))))
             self.handles.append(e.register_forward_hook(self._stop(("experts", 0))))
         self.started: dict[tuple, float] = {}
+        self.step_s = 0.0  # mean wall time of a step of the pass it timed, set by whoever runs it
 
     def _start(self, key):
         def hook(module, args):
@@ -146,11 +149,21 @@ class Extrapolation:
 def run(bench: DecodeBench, model_dir: Path) -> dict:
     torch.set_num_threads(bench.threads)
     dram = dram_read_gbps()
-    context = max(bench.prompt_tokens + 2 * bench.steps + 8, max(bench.prefill, default=0) + 1)
+    steps = bench.steps
+    decode_tokens = 2 + 3 * steps + 2  # warm-up, timed, profiled and (on a GPU) the overhead pass
+    context = max(bench.prompt_tokens + decode_tokens + 8, max(bench.prefill, default=0) + 1)
+    batching = SchedulerConfig(max_batch=1, kv_cache_tokens=-(-context // 16) * 16, prefill_chunk=context)
     load_start = time.perf_counter()
-    llm = LLM(model_dir, rules=bench.rules, dtype="bfloat16", max_context=context, cpu_threads=bench.threads)
+    llm = LLM(
+        model_dir,
+        rules=bench.rules,
+        dtype="bfloat16",
+        max_context=context,
+        cpu_threads=bench.threads,
+        batching=batching,
+    )
     load_s = time.perf_counter() - load_start
-    runner = llm.runner
+    engine, runner = llm.engine, llm.runner
     gpu = next((d for d in llm.placed.devices() if d.type == "cuda"), None)
     sync = torch.cuda.synchronize if gpu is not None else (lambda: None)
 
@@ -160,55 +173,26 @@ def run(bench: DecodeBench, model_dir: Path) -> dict:
     top_k = blocks[0].gate.top_k
     per_expert = _bytes_per_expert(experts[0])
 
-    prompt = torch.arange(bench.prompt_tokens) % 200 + 3
-    # timed pass: greedy decode, one token per step, the host waiting for each token as a server does
-    cache = runner.new_cache(context)
-    logits = runner.forward(prompt, cache)
-    for _ in range(2):  # warm up: allocator, kernel caches
-        logits = runner.forward(logits.argmax()[None], cache)
-    if runner.staging is not None:
-        runner.staging.stats.reset()
-    times = []
-    for _ in range(bench.steps):
-        start = time.perf_counter()
-        logits = runner.forward(logits.argmax()[None], cache)
-        int(logits.argmax())
-        times.append(time.perf_counter() - start)
-    step_s = statistics.mean(times)
-    overlap = None
-    if runner.staging is not None:
-        st = runner.staging.stats
-        overlap = {"experts_s": st.experts_s / bench.steps, "wait_s": st.wait_s / bench.steps}
-
-    overhead = _step_overhead(runner, logits, bench.steps, step_s, overlap) if gpu is not None else None
-
-    # profiled pass: per-layer wall times (the GPU is waited for at each boundary)
-    timer = LayerTimer(runner.layers, experts, sync)
-    try:
-        start = time.perf_counter()
-        for _ in range(bench.steps):
-            logits = runner.forward(logits.argmax()[None], cache)
-            int(logits.argmax())
-        profiled_step_s = (time.perf_counter() - start) / bench.steps
-    finally:
-        timer.remove()
+    step_s, overlap, overhead, timer = _decode(engine, runner, experts, sync, bench, decode_tokens, gpu is not None)
     # per-layer times, scaled by what the hooks' synchronisations added to the whole step
-    scale = step_s / profiled_step_s
-    layer_s = [t / bench.steps * scale for t in timer.layer_s]
-    experts_s = timer.experts_s / bench.steps / len(shape.moe)
-    # outside: embedding, final norm, lm_head, sampling, Python
+    scale = step_s / timer.step_s
+    layer_s = [t / steps * scale for t in timer.layer_s]
+    experts_s = timer.experts_s / steps / len(shape.moe)
+    # outside: embedding, final norm, lm_head, sampling, detokenizing, Python
     moe_s, dense_s, outside_s = shape.split(step_s, layer_s)
     full_step_s = shape.full(step_s, layer_s)
-    prefill = [_prefill(runner, experts, sync, n, shape) for n in bench.prefill]
+    prefill = [_prefill(engine, runner, experts, sync, n, shape) for n in bench.prefill]
     routed_bytes = shape.full_moe * top_k * per_expert
     roofline = dram["best"] * 1e9 / routed_bytes
     tok_s = 1.0 / full_step_s
     wait_per_layer = overlap["wait_s"] / len(shape.moe) if overlap else experts_s
     layers_full = shape.full_moe + shape.full_dense
+    llm.close()
     return {
         "arch": bench.arch,
         "rules": bench.rules,
         "checkpoint": str(model_dir),
+        "timed": TIMED,
         "layers_run": len(runner.layers),
         "moe_layers_run": len(shape.moe),
         "layers_full": layers_full,
@@ -237,15 +221,50 @@ def run(bench: DecodeBench, model_dir: Path) -> dict:
     }
 
 
-def _prefill(runner, experts, sync, n: int, shape: Extrapolation) -> dict:
-    """One prompt of `n` tokens in one forward, per-layer times from hooks, extrapolated like decode."""
-    prompt = torch.arange(n) % 200 + 3
+TIMED = "Engine.step: schedule, forward, sample, detokenize, one request (as the server steps it)"
+
+
+def _decode(engine, runner, experts, sync, bench: DecodeBench, decode_tokens: int, gpu: bool):
+    """One greedy request stepped by the engine as the server steps it (the host waits for each token):
+    a timed pass, on a GPU a profiled pass for the overhead outside kernels, then a pass with per-layer
+    hooks. Returns (mean step seconds, the CPU-experts overlap per step or None, the overhead or None,
+    the layer timer)."""
+    steps = bench.steps
+    prompt = [i % 200 + 3 for i in range(bench.prompt_tokens)]
+    request = engine.add_request(prompt, SamplingParams(max_tokens=decode_tokens, temperature=0, ignore_eos=True))
+    for _ in range(3):  # prefill, then two warm-up steps: allocator, kernel caches
+        engine.step()
+    stats = runner.overlap_stats()
+    if stats is not None:
+        stats.reset()
+    step_s = statistics.mean(_timed_step(engine) for _ in range(steps))
+    overlap = None if stats is None else {"experts_s": stats.experts_s / steps, "wait_s": stats.wait_s / steps}
+    overhead = _step_overhead(engine, steps, step_s, overlap) if gpu else None
+    timer = LayerTimer(runner.layers, experts, sync)
+    try:
+        timer.step_s = statistics.mean(_timed_step(engine) for _ in range(steps))
+    finally:
+        timer.remove()
+    engine.abort(request)
+    return step_s, overlap, overhead, timer
+
+
+def _timed_step(engine) -> float:
+    start = time.perf_counter()
+    (event,) = engine.step()
+    if isinstance(event.output, BaseException):
+        raise event.output
+    return time.perf_counter() - start
+
+
+def _prefill(engine, runner, experts, sync, n: int, shape: Extrapolation) -> dict:
+    """One prompt of `n` tokens in one engine step (its first token sampled), per-layer times from hooks,
+    extrapolated like decode."""
+    engine.add_request([i % 200 + 3 for i in range(n)], SamplingParams(max_tokens=1, temperature=0))
     timer = LayerTimer(runner.layers, experts, sync)
     try:
         sync()
-        start = time.perf_counter()
-        int(runner.forward(prompt, runner.new_cache(n + 1)).argmax())
-        seconds = time.perf_counter() - start
+        seconds = _timed_step(engine)
     finally:
         timer.remove()
     full_s = shape.full(seconds, timer.layer_s)
@@ -253,17 +272,14 @@ def _prefill(runner, experts, sync, n: int, shape: Extrapolation) -> dict:
     return {"tokens": n, "ttft_s": full_s, "tok_s": n / full_s, "per_moe_layer_ms": moe_s * 1e3}
 
 
-def _step_overhead(runner, logits: torch.Tensor, steps: int, step_s: float, overlap: dict | None) -> dict:
+def _step_overhead(engine, steps: int, step_s: float, overlap: dict | None) -> dict:
     """Per decode step: the time GPU kernels ran (torch's profiler), and what is left of the step outside
     them and outside the wait for the CPU experts: launches, copies, synchronisation, Python."""
     from torch.profiler import ProfilerActivity, profile
 
-    cache = runner.new_cache(steps + 2)
-    logits = runner.forward(logits.argmax()[None], cache)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            logits = runner.forward(logits.argmax()[None], cache)
-            int(logits.argmax())
+            _timed_step(engine)
     events = prof.key_averages()
     kernel_us = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) for e in events)
     kernel_s = kernel_us / 1e6 / steps
@@ -320,6 +336,7 @@ def layer_counts(config) -> tuple[int, int]:
 def format_report(r: dict) -> str:
     m = r["per_moe_layer_ms"]
     lines = [
+        f"timed: {r['timed']}",
         f"{r['arch']} on {r['rules']}: ran {r['layers_run']} layers ({r['moe_layers_run']} MoE), "
         f"{r['threads']} CPU threads; DRAM read {r['dram_read_gbps']['best']:.1f} GB/s",
         f"decode {r['decode_tok_s']:.2f} tok/s"

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hetero_moe import bench_decode
-from hetero_moe.bench_decode import DecodeBench
+from hetero_moe.bench import decode as bench_decode
+from hetero_moe.bench.decode import DecodeBench
 
 
 def run(

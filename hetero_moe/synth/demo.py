@@ -28,7 +28,7 @@ def demo_model_dir() -> Path:
     target = cache_dir() / f"demo-v{DEMO_VERSION}"
     if (target / DONE_MARKER).is_file():
         return target
-    from hetero_moe import synth
+    from hetero_moe.synth import tiny as synth
 
     target.parent.mkdir(parents=True, exist_ok=True)
     log.info("building the demo model in %s", target)

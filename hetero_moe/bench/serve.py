@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 
-from hetero_moe.bench import dram_read_gbps
+from hetero_moe.bench.experts import dram_read_gbps
 
 VOCAB_FLOOR = 300  # prompt token ids stay below this: every model's vocabulary holds them
 COUNTERS = ("steps_total", "decode_steps_total", "decode_step_tokens_total", "decode_routed_expert_bytes_total")

@@ -66,8 +66,8 @@ import numpy as np
 import torch
 import transformers
 
-from hetero_moe import synth
 from hetero_moe.arch import ARCHITECTURES, build_meta_model
+from hetero_moe.synth import tiny as synth
 
 logger = logging.getLogger(__name__)
 

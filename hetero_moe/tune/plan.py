@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from hetero_moe.arch import build_meta_model, load_config
+from hetero_moe.engine.kv_cache import GB, RESERVES
 from hetero_moe.inject.injector import PlacedModel, inject
 from hetero_moe.inject.rules import parse_rules
 from hetero_moe.llm import resolve_dtype
@@ -28,10 +29,7 @@ from hetero_moe.ops.moe import MoEBlock
 from hetero_moe.ops.registry import OPS
 from hetero_moe.settings import available_memory
 
-GB = 1e9
 DEFAULT_CONTEXT = 8192  # tokens of KV cache planned for, when not given (or the model's own limit)
-GPU_RESERVE = 1.0 * GB  # CUDA context, activations and the allocator's slack, on top of 5 %
-CPU_RESERVE = 4.0 * GB  # the OS, Python and activations, on top of 5 %
 MLA = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
 
 EXPERTS = r"^model\.layers\.\d+\.mlp\.experts$"
@@ -92,8 +90,8 @@ def plan(
         max_context = min(DEFAULT_CONTEXT, config.max_position_embeddings)
     if not 0 < max_context <= config.max_position_embeddings:
         raise PlanError(f"max_context must be in 1..{config.max_position_embeddings}, got {max_context}")
-    gpu_budget = max(box.gpu_bytes * 0.95 - GPU_RESERVE, 0.0)
-    cpu_budget = box.cpu_bytes * 0.95 - CPU_RESERVE
+    gpu_budget = RESERVES["cuda"].usable(box.gpu_bytes, box.gpu_bytes)
+    cpu_budget = RESERVES["cpu"].usable(box.cpu_bytes, box.cpu_bytes)
     dtype_name = str(torch_dtype).removeprefix("torch.")
     # dense MLP layers or shared experts: a rule for them only where the model has some (no unused rules)
     classes = [type(m).__name__ for m in build_meta_model(config, arch, torch_dtype).modules()]

@@ -1,0 +1,1 @@
+"""Benchmarks: CPU experts, whole-model decode and prefill, a running server, the comparison with plain transformers."""

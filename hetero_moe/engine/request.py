@@ -1,0 +1,123 @@
+"""One generation request and what happens to each of its new tokens: sampling, log-probabilities,
+incremental text, stop strings, and the EOS, `max_tokens` and context limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from hetero_moe.engine.sampler import Sampler, SamplingParams
+from hetero_moe.engine.text import Detokenizer, StopChecker
+
+
+class ContextLengthError(ValueError):
+    """A prompt that does not fit the context or the KV cache."""
+
+
+class Cancelled(Exception):
+    """The request was aborted before it finished (its client went away)."""
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    token_id: int
+    text: str  # new text, safe to show (never part of a stop string)
+    finish_reason: str | None = None  # "stop" or "length" on the last step
+    logprob: float | None = None  # of token_id, when SamplingParams.logprobs is set
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # the most likely tokens, best first
+
+
+@dataclass(frozen=True)
+class Completion:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+
+    @classmethod
+    def of(cls, prompt_ids: list[int], steps: list[StepOutput]) -> Completion:
+        text = "".join(s.text for s in steps)
+        return cls(list(prompt_ids), [s.token_id for s in steps], text, steps[-1].finish_reason)
+
+
+@dataclass(frozen=True)
+class Event:
+    """What `Engine.step` reports for one request: its new token, or the error that ended it."""
+
+    request_id: int
+    output: StepOutput | BaseException
+
+    @property
+    def finished(self) -> bool:
+        return isinstance(self.output, BaseException) or self.output.finish_reason is not None
+
+
+class Decoding:
+    """Turns each sampled token of one request into a `StepOutput`."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        eos_ids: frozenset[int],
+        vocab_size: int,
+        limit: int,
+        prompt_ids: list[int],
+        params: SamplingParams,
+    ) -> None:
+        self.params = params
+        self.eos_ids = frozenset() if params.ignore_eos else eos_ids
+        self.prompt_len = len(prompt_ids)
+        self.limit = limit  # tokens in the cache at most: prompt and generated
+        self.sampler = Sampler(params, vocab_size)
+        self.detok = Detokenizer(tokenizer, prompt_ids)
+        self.stops = StopChecker(params.stop)
+        self.text, self.emitted, self.generated = "", 0, 0
+
+    def step(self, logits: torch.Tensor) -> StepOutput:
+        """Sample the next token from `logits [V]`; the step says its new text and whether it ends."""
+        token = self.sampler(logits)
+        self.generated += 1
+        lp = _logprobs(logits, token, self.params.logprobs) if self.params.logprobs is not None else {}
+        if token in self.eos_ids:
+            return StepOutput(token, self.detok.full_text()[self.emitted :], "stop", **lp)
+        delta = self.detok.add(token)
+        self.text += delta
+        hit = self.stops.find(self.text, len(self.text) - len(delta)) if delta and self.stops.stops else None
+        if hit is not None:
+            return StepOutput(token, self.text[self.emitted : hit] if hit > self.emitted else "", "stop", **lp)
+        if self.prompt_len + self.generated >= self.limit:
+            return StepOutput(token, self.detok.full_text()[self.emitted :], "length", **lp)
+        safe = self.stops.safe_end(self.text)
+        out = StepOutput(token, self.text[self.emitted : safe], **lp)
+        self.emitted = max(self.emitted, safe)
+        return out
+
+
+@dataclass(eq=False)
+class Request:
+    """A request inside the engine: its tokens (prompt and generated, all bound for the cache), how many
+    of them the cache holds, the pool pages holding them, and its decoding state."""
+
+    id: int
+    prompt_ids: list[int]
+    decoding: Decoding
+    tokens: list[int] = field(default_factory=list)
+    computed: int = 0  # leading tokens already in the cache
+    pages: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.tokens = list(self.prompt_ids)
+
+    @property
+    def pending(self) -> int:
+        """Tokens not yet in the cache: the prompt's rest while prefilling, one while decoding."""
+        return len(self.tokens) - self.computed
+
+
+def _logprobs(logits: torch.Tensor, token: int, top: int) -> dict:
+    """The model's log-probability of `token` and of its `top` most likely tokens (before sampling)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = torch.topk(lp, top) if top else (lp[:0], lp[:0].long())
+    return {"logprob": float(lp[token]), "top_logprobs": tuple(zip(ids.tolist(), values.tolist(), strict=True))}

@@ -1,0 +1,1 @@
+"""Rules for this box: routing profiles and the planner."""
