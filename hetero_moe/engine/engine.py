@@ -9,14 +9,16 @@ the same code as a batch of 32.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
-from hetero_moe.engine.kv_cache import Batch, KVPool, cache_bytes_per_token, default_pool_tokens
+from hetero_moe.engine.kv_cache import Batch, HostTier, KVPool, cache_bytes_per_token, default_pool_tokens
 from hetero_moe.engine.request import ContextLengthError, Decoding, Event, Request, StepOutput
 from hetero_moe.engine.runner import ModelRunner
 from hetero_moe.engine.sampler import SamplingParams
@@ -40,6 +42,12 @@ class EngineStats:
     decode_steps_total: int
     decode_step_tokens_total: int
     decode_routed_expert_bytes_total: int
+    # the prefix cache
+    prefix_lookups_total: int  # requests admitted that looked for a cached prefix
+    prefix_hit_tokens_total: int  # prompt tokens taken from it instead of computed
+    prefix_cached_pages: int  # pages whose content is kept for reuse
+    prefix_evictions_total: int  # cached pages whose memory was needed for others
+    host_tier_pages_loaded_total: int  # pages copied back from the host tier instead of recomputed
 
 
 class Engine:
@@ -59,7 +67,15 @@ class Engine:
         self.config = config = dataclasses.replace(config, kv_cache_tokens=tokens)
         pages = tokens // config.page_tokens
         buffers = runner.new_buffers(pages * config.page_tokens)
-        self.pool = KVPool(buffers, pages, config.page_tokens, runner.cache_device)
+        self.pool = KVPool(
+            buffers,
+            pages,
+            config.page_tokens,
+            runner.cache_device,
+            prefix_cache=config.prefix_cache,
+            salt=cache_salt(runner),
+            host=host_tier(runner, config),
+        )
         self.scheduler = Scheduler(config, self.pool)
         self._ids = itertools.count()
         self._requests: dict[int, Request] = {}
@@ -131,6 +147,7 @@ class Engine:
         sampled = [request for request, n in planned if request.computed + n == len(request.tokens)]
         for request, n in planned:
             request.computed += n
+            self.pool.commit(request.pages, request.keys, request.tokens, request.computed)
         return [self._sample(request, row) for request, row in zip(sampled, logits, strict=True)]
 
     def fail_all(self, error: BaseException) -> list[Event]:
@@ -152,6 +169,11 @@ class Engine:
             decode_steps_total=c["decode_steps"],
             decode_step_tokens_total=c["decode_tokens"],
             decode_routed_expert_bytes_total=c["decode_routed_bytes"],
+            prefix_lookups_total=self.pool.lookups,
+            prefix_hit_tokens_total=self.pool.hit_tokens,
+            prefix_cached_pages=self.pool.cached_pages,
+            prefix_evictions_total=self.pool.evictions,
+            host_tier_pages_loaded_total=self.pool.host.loaded if self.pool.host else 0,
         )
 
     def stream(
@@ -189,12 +211,12 @@ class Engine:
         request.tokens.append(out.token_id)
         if out.finish_reason is not None:
             return self._end(request, out)
-        return Event(request.id, out)
+        return Event(request.id, out, request.cached_tokens)
 
     def _end(self, request: Request, last: StepOutput | BaseException) -> Event:
         if self._requests.pop(request.id, None) is not None:
             self.scheduler.remove(request.id)
-        return Event(request.id, last)
+        return Event(request.id, last, request.cached_tokens)
 
     def _count(self, batch: Batch, routed_bytes: int) -> None:
         c = self._counts
@@ -205,3 +227,30 @@ class Engine:
             c["decode_tokens"] += len(batch.ids)
             c["decode_routed_bytes"] += routed_bytes
 
+
+def cache_salt(runner: ModelRunner) -> bytes:
+    """What the content of a cache page depends on besides its tokens: the model (its config), the cache
+    dtype, and each layer's attention op and placement."""
+    attention = [
+        (type(x.self_attn).__name__, str(x.self_attn.device), getattr(x.self_attn, "absorb", False))
+        for x in runner.layers
+    ]
+    text = repr((runner.config.to_json_string(), str(runner.dtype), attention))
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+HOST_TIER_DEFAULT = 4 << 30  # bytes of host memory for pages evicted from a pool on a GPU
+
+
+def host_tier(runner: ModelRunner, config: SchedulerConfig) -> HostTier | None:
+    """The host tier of a pool on a GPU (or of any pool, given `host_cache_bytes` explicitly)."""
+    nbytes = config.host_cache_bytes
+    if nbytes is None:
+        nbytes = HOST_TIER_DEFAULT if runner.cache_device.type == "cuda" else 0
+    per_page = sum(cache_bytes_per_token(runner.layers, runner.dtype).values()) * config.page_tokens
+    pages = nbytes // per_page
+    if not config.prefix_cache or pages == 0:
+        return None
+    cpu = torch.device("cpu")
+    buffers = [x.self_attn.new_cache(pages * config.page_tokens, runner.dtype, cpu) for x in runner.layers]
+    return HostTier(buffers, pages, config.page_tokens)

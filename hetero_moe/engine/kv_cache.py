@@ -8,6 +8,9 @@ taken as its tokens arrive; its tokens live in its pages, in order.
 
 from __future__ import annotations
 
+import hashlib
+from array import array
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -35,13 +38,36 @@ RESERVES = {"cuda": Reserve(1 * GB), "cpu": Reserve(4 * GB)}
 
 
 class KVPool:
-    """The page allocator and the per-layer cache buffers it hands out rows of."""
+    """The page allocator, the per-layer cache buffers it hands out rows of, and the prefix cache.
 
-    def __init__(self, buffers: list, pages: int, page_tokens: int, device: torch.device | None = None) -> None:
+    Prefix caching: a full page is keyed by a chained hash of its tokens and of every token before it
+    (and of `salt`: what else changes its content, the model, cache dtype and attention placement).
+    Pages are reference-counted and shared read-only: a request that starts with the tokens of cached
+    pages takes them and computes only the rest. A page nobody holds keeps its content and its key until
+    its memory is needed: free pages are reused empty ones first, then cached ones, least recently
+    released first. With a `host` tier, an evicted page's rows go there, and come back by copy."""
+
+    def __init__(
+        self,
+        buffers: list,
+        pages: int,
+        page_tokens: int,
+        device: torch.device | None = None,
+        *,
+        prefix_cache: bool = True,
+        salt: bytes = b"",
+        host: HostTier | None = None,
+    ) -> None:
         self.buffers = buffers
         self.pages, self.page_tokens = pages, page_tokens
         self.device = device or torch.device("cpu")  # where gathered row indices go: the buffers' device
-        self._free = list(range(pages - 1, -1, -1))  # a stack: low pages first, so one request's run
+        self.prefix_cache, self.salt, self.host = prefix_cache, salt, host
+        self._free = list(range(pages - 1, -1, -1))  # empty pages, a stack: low pages first, so one request's run
+        self._refs = [0] * pages
+        self._key: list[bytes | None] = [None] * pages  # the hash of a cached page's content
+        self._cached: dict[bytes, int] = {}  # hash -> page
+        self._idle: OrderedDict[int, None] = OrderedDict()  # cached pages no request holds, least recent first
+        self.lookups = self.hit_tokens = self.evictions = 0
 
     @property
     def capacity(self) -> int:
@@ -49,19 +75,78 @@ class KVPool:
 
     @property
     def used_pages(self) -> int:
-        return self.pages - len(self._free)
+        """Pages some request holds."""
+        return self.pages - len(self._free) - len(self._idle)
+
+    @property
+    def cached_pages(self) -> int:
+        """Pages whose content is keyed for reuse, held or not."""
+        return len(self._cached)
+
+    def references(self) -> list[int]:
+        """Each page's count of requests holding it (for checks)."""
+        return list(self._refs)
 
     def reserve(self, owned: list[int], tokens: int) -> bool:
         """Grow `owned` to hold `tokens` tokens; False (nothing taken) when too few pages are free."""
         need = -(-tokens // self.page_tokens) - len(owned)
-        if need > len(self._free):
+        if need > len(self._free) + len(self._idle):
             return False
-        owned.extend(self._free.pop() for _ in range(max(need, 0)))
+        for _ in range(max(need, 0)):
+            owned.append(self._take())
         return True
 
     def release(self, owned: list[int]) -> None:
-        self._free.extend(reversed(owned))
+        """A request lets go of its pages: cached ones stay for reuse, the others become empty."""
+        for page in reversed(owned):
+            self._refs[page] -= 1
+            if self._refs[page] == 0:
+                if self._key[page] is not None:
+                    self._idle[page] = None
+                else:
+                    self._free.append(page)
         owned.clear()
+
+    def match(self, tokens: list[int]) -> tuple[list[int], list[bytes]]:
+        """The longest run of cached full pages `tokens` starts with, leaving at least one token to compute
+        (its logits are needed): those pages, now held, and their keys."""
+        pages: list[int] = []
+        keys: list[bytes] = []
+        if not self.prefix_cache:
+            return pages, keys
+        self.lookups += 1
+        p = self.page_tokens
+        for i in range((len(tokens) - 1) // p):
+            key = self.key(keys[-1] if keys else self.salt, tokens[i * p : (i + 1) * p])
+            page = self._cached.get(key)
+            if page is None:
+                page = self._from_host(key)
+                if page is None:
+                    break
+            elif self._refs[page] == 0:
+                del self._idle[page]
+            self._refs[page] += 1
+            pages.append(page)
+            keys.append(key)
+        self.hit_tokens += len(pages) * p
+        return pages, keys
+
+    def commit(self, owned: list[int], keys: list[bytes], tokens: list[int], computed: int) -> None:
+        """Key a request's pages that its first `computed` tokens have filled since the last commit (their
+        keys are appended to `keys`), so later requests can share them."""
+        if not self.prefix_cache:
+            return
+        p = self.page_tokens
+        for i in range(len(keys), computed // p):
+            key = self.key(keys[-1] if keys else self.salt, tokens[i * p : (i + 1) * p])
+            keys.append(key)
+            page = owned[i]
+            if key not in self._cached and self._key[page] is None:  # else: the same content is cached already
+                self._cached[key], self._key[page] = page, key
+
+    @staticmethod
+    def key(parent: bytes, tokens: list[int]) -> bytes:
+        return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
 
     def rows(self, owned: list[int], begin: int, end: int) -> Rows:
         """Buffer rows of a request's tokens `begin .. end - 1`: a range when they are contiguous."""
@@ -73,6 +158,68 @@ class KVPool:
             return slice(base + begin, base + end)
         rows = (torch.tensor(pages)[:, None] * p + torch.arange(p)).flatten()
         return rows[begin - first * p : end - first * p].to(self.device)
+
+    def page_rows(self, page: int) -> torch.Tensor:
+        return torch.arange(page * self.page_tokens, (page + 1) * self.page_tokens)
+
+    def _take(self) -> int:
+        """An empty page, or else the least recently released cached one, evicted (to the host tier)."""
+        if self._free:
+            page = self._free.pop()
+        else:
+            page, _ = self._idle.popitem(last=False)
+            key = self._key[page]
+            del self._cached[key]
+            self._key[page] = None
+            self.evictions += 1
+            if self.host is not None:
+                self.host.save(key, self.buffers, self.page_rows(page))
+        self._refs[page] = 1
+        return page
+
+    def _from_host(self, key: bytes) -> int | None:
+        """A page holding `key`'s rows copied back from the host tier, or None."""
+        if self.host is None or not self.host.has(key) or not (self._free or self._idle):
+            return None
+        page = self._take()
+        self._refs[page] = 0  # `match` takes its reference
+        self.host.load(key, self.buffers, self.page_rows(page))
+        self._cached[key], self._key[page] = page, key
+        return page
+
+
+class HostTier:
+    """Pages evicted from a GPU pool, kept in host memory by key (least recently used out first), so a
+    prefix that comes back is copied instead of recomputed."""
+
+    def __init__(self, buffers: list, pages: int, page_tokens: int) -> None:
+        self.buffers, self.page_tokens = buffers, page_tokens  # per layer, host caches of `pages` pages
+        self._slots: OrderedDict[bytes, int] = OrderedDict()
+        self._free = list(range(pages - 1, -1, -1))
+        self.saved = self.loaded = 0
+
+    def has(self, key: bytes) -> bool:
+        return key in self._slots
+
+    def save(self, key: bytes, device_buffers: list, rows: torch.Tensor) -> None:
+        if key in self._slots:
+            self._slots.move_to_end(key)
+            return
+        slot = self._free.pop() if self._free else self._slots.popitem(last=False)[1]
+        self._slots[key] = slot
+        for host, dev in zip(self.buffers, device_buffers, strict=True):
+            host.copy_rows(dev, self._rows(slot), rows)
+        self.saved += 1
+
+    def load(self, key: bytes, device_buffers: list, rows: torch.Tensor) -> None:
+        slot = self._slots[key]
+        self._slots.move_to_end(key)
+        for host, dev in zip(self.buffers, device_buffers, strict=True):
+            dev.copy_rows(host, rows, self._rows(slot))
+        self.loaded += 1
+
+    def _rows(self, slot: int) -> torch.Tensor:
+        return torch.arange(slot * self.page_tokens, (slot + 1) * self.page_tokens)
 
 
 @dataclass(frozen=True)

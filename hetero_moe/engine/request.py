@@ -48,6 +48,7 @@ class Event:
 
     request_id: int
     output: StepOutput | BaseException
+    cached_tokens: int = 0  # prompt tokens the request took from the prefix cache instead of computing
 
     @property
     def finished(self) -> bool:
@@ -106,6 +107,8 @@ class Request:
     tokens: list[int] = field(default_factory=list)
     computed: int = 0  # leading tokens already in the cache
     pages: list[int] = field(default_factory=list)
+    keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full pages so far
+    cached_tokens: int = 0  # of its prompt, taken from the prefix cache when it was (last) admitted
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt_ids)

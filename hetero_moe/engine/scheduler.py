@@ -4,9 +4,11 @@ Requests join and leave the running batch at every step. Each step runs one toke
 that is decoding, and up to `prefill_chunk` prompt tokens, in arrival order, for those still
 prefilling, so running decodes keep flowing while a long prompt is read.
 
-When a step needs a page of the KV cache pool and none is free, the youngest running request is
-preempted: its pages are freed and it goes back to the front of the queue, to recompute its cache from
-its tokens when it is admitted again (its output so far stays sent).
+A request starts from the longest run of cached pages its tokens begin with (the prefix cache,
+`kv_cache.KVPool`). When a step needs a page of the KV cache pool and none is free, the youngest running
+request is preempted: its pages are released and it goes back to the front of the queue, to recompute
+its cache from its tokens (what is still cached excepted) when it is admitted again (its output so far
+stays sent).
 """
 
 from __future__ import annotations
@@ -29,12 +31,19 @@ class SchedulerConfig:
     kv_cache_tokens: int | None = None
     prefill_chunk: int = 512  # prompt tokens per step, all prefilling requests together
     page_tokens: int = 16  # tokens per page of the pool
+    prefix_cache: bool = True  # reuse the cache pages of earlier requests' identical prefixes
+    # host memory for pages evicted from a pool on a GPU (prefix cache); None: 4 GB on a GPU, none on a CPU
+    host_cache_bytes: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "kv_cache_tokens", "prefill_chunk", "page_tokens"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1) and not (name == "kv_cache_tokens" and value is None):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.host_cache_bytes is not None and not (
+            isinstance(self.host_cache_bytes, int) and self.host_cache_bytes >= 0
+        ):
+            raise ValueError(f"host_cache_bytes must be an integer >= 0, got {self.host_cache_bytes!r}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.page_tokens:
             raise ValueError(f"kv_cache_tokens ({self.kv_cache_tokens}) must hold at least one page")
 
@@ -63,6 +72,9 @@ class Scheduler:
         for request in list(self.running):
             if request not in self.running:  # preempted for an older request this step
                 continue
+            if not request.pages:  # admitted (again): start from the longest cached prefix
+                request.pages, request.keys = self.pool.match(request.tokens)
+                request.computed = request.cached_tokens = len(request.pages) * self.pool.page_tokens
             n = request.pending if request.pending == 1 else min(request.pending, budget)
             if n == 0:
                 continue
@@ -90,7 +102,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.pool.release(request.pages)
-        request.computed = 0
+        request.computed, request.keys = 0, []
         self.waiting.appendleft(request)
         self.preempted_total += 1
         log.info("preempted a request of %d tokens: the KV cache pool is full", len(request.tokens))

@@ -11,8 +11,8 @@ math mirrors transformers' own modules step by step so float32 results match the
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
-from typing import Any, Self
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Self
 
 import torch
 import torch.nn.functional as F
@@ -46,14 +46,30 @@ class SeqSlice:
         return self.start + self.count
 
 
+class PagedRows:
+    """A cache whose tensors hold one row per token along `ROW_DIM`: rows can be copied between two caches
+    of the same layer (a GPU pool and its host tier, say)."""
+
+    ROW_DIM: ClassVar[int]
+
+    def copy_rows(self, src: PagedRows, dst_rows: torch.Tensor, src_rows: torch.Tensor) -> None:
+        """Rows `src_rows` of `src` into rows `dst_rows` of this cache, across devices."""
+        for f in fields(self):
+            dst, source = getattr(self, f.name), getattr(src, f.name)
+            rows = source.index_select(self.ROW_DIM, src_rows.to(source.device)).to(dst.device)
+            dst.index_copy_(self.ROW_DIM, dst_rows.to(dst.device), rows)
+
+
 @dataclass
-class MLACache:
+class MLACache(PagedRows):
+    ROW_DIM = 0
     latent: torch.Tensor  # [capacity, kv_lora_rank], after kv_a_layernorm
     k_pe: torch.Tensor  # [capacity, qk_rope_head_dim], rotated
 
 
 @dataclass
-class GQACache:
+class GQACache(PagedRows):
+    ROW_DIM = 2
     k: torch.Tensor  # [1, kv_heads, capacity, head_dim], rotated
     v: torch.Tensor  # [1, kv_heads, capacity, head_dim]
 
@@ -148,10 +164,11 @@ class MLAAttention(Op):
     def cache_bytes(self, capacity: int, dtype: torch.dtype) -> int:
         return capacity * (self.kv_lora_rank + self.rope_dim) * dtype.itemsize
 
-    def new_cache(self, capacity: int, dtype: torch.dtype) -> MLACache:
+    def new_cache(self, capacity: int, dtype: torch.dtype, device: torch.device | None = None) -> MLACache:
+        device = device or self.device
         return MLACache(
-            latent=torch.empty(capacity, self.kv_lora_rank, dtype=dtype, device=self.device),
-            k_pe=torch.empty(capacity, self.rope_dim, dtype=dtype, device=self.device),
+            latent=torch.empty(capacity, self.kv_lora_rank, dtype=dtype, device=device),
+            k_pe=torch.empty(capacity, self.rope_dim, dtype=dtype, device=device),
         )
 
     def forward(self, x: torch.Tensor, rope: Rope, cache: MLACache, seqs: list[SeqSlice]) -> torch.Tensor:
@@ -270,11 +287,12 @@ class GQAAttention(Op):
     def cache_bytes(self, capacity: int, dtype: torch.dtype) -> int:
         return 2 * self.num_kv_heads * capacity * self.head_dim * dtype.itemsize
 
-    def new_cache(self, capacity: int, dtype: torch.dtype) -> GQACache:
+    def new_cache(self, capacity: int, dtype: torch.dtype, device: torch.device | None = None) -> GQACache:
         shape = (1, self.num_kv_heads, capacity, self.head_dim)
+        device = device or self.device
         return GQACache(
-            k=torch.empty(shape, dtype=dtype, device=self.device),
-            v=torch.empty(shape, dtype=dtype, device=self.device),
+            k=torch.empty(shape, dtype=dtype, device=device),
+            v=torch.empty(shape, dtype=dtype, device=device),
         )
 
     def forward(self, x: torch.Tensor, rope: Rope, cache: GQACache, seqs: list[SeqSlice]) -> torch.Tensor:

@@ -1,0 +1,104 @@
+"""Prefix caching: shared, reference-counted pages of identical prefixes; outputs identical with the cache
+on and off, through preemption, eviction and the host tier; every count back to idle afterwards."""
+
+from __future__ import annotations
+
+import pytest
+
+from hetero_moe.engine.engine import Engine
+from hetero_moe.engine.sampler import SamplingParams
+from hetero_moe.engine.scheduler import SchedulerConfig
+from hetero_moe.llm import LLM
+
+ARCHS = ["DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM"]
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+SYSTEM = list(range(7, 57))  # a 50-token shared beginning: three full pages of 16, and a part
+PROMPTS = [
+    SYSTEM + [3, 4, 5],
+    SYSTEM + list(range(100, 130)),
+    SYSTEM + [3, 4, 5],  # the same prompt again
+    SYSTEM[:20] + [9],
+    list(range(200, 240)),
+    SYSTEM + [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19],
+]
+
+
+def run(engine: Engine, prompts: list[list[int]], together: bool) -> list[list[int]]:
+    """Greedy tokens of each prompt: all at once, or one after another (later ones find earlier pages)."""
+    outs: list[list[int]] = [[] for _ in prompts]
+    batches = [list(range(len(prompts)))] if together else [[i] for i in range(len(prompts))]
+    for batch in batches:
+        for j, step in engine.stream([prompts[i] for i in batch], [GREEDY] * len(batch)):
+            outs[batch[j]].append(step.token_id)
+    return outs
+
+
+def idle(engine: Engine) -> None:
+    stats = engine.stats()
+    assert stats.kv_cache_used_tokens == 0 and stats.running == 0 and stats.waiting == 0
+    assert engine.pool.references() == [0] * engine.pool.pages
+
+
+CONFIGS = {
+    "roomy": SchedulerConfig(max_batch=8, kv_cache_tokens=2048, prefill_chunk=32, page_tokens=16),
+    # 3 at a time in 10 pages of 16: preemption, and cached pages evicted for others and computed again
+    "tight": SchedulerConfig(max_batch=3, kv_cache_tokens=160, prefill_chunk=24, page_tokens=16),
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_greedy_outputs_are_identical_with_the_cache_on_and_off(tiny, arch: str, config: str) -> None:
+    llm = LLM(tiny(arch).path, dtype="float32")
+    off = llm.new_engine(SchedulerConfig(max_batch=1, kv_cache_tokens=256, prefix_cache=False))
+    alone = run(off, PROMPTS, together=False)
+    assert off.stats().prefix_hit_tokens_total == 0
+    for together in (False, True):
+        on = llm.new_engine(CONFIGS[config])
+        assert run(on, PROMPTS, together) == alone
+        stats = on.stats()
+        assert stats.prefix_hit_tokens_total > 0 and stats.prefix_lookups_total >= len(PROMPTS)
+        if config == "tight":
+            assert stats.prefix_evictions_total > 0
+        idle(on)
+        assert run(on, PROMPTS, together) == alone  # again, over what the first round left cached
+        idle(on)
+
+
+def test_a_chats_next_turn_reads_only_its_new_tokens(tiny) -> None:
+    llm = LLM(tiny("DeepseekV3ForCausalLM").path, dtype="float32")
+    engine = llm.new_engine(SchedulerConfig(max_batch=2, kv_cache_tokens=1024, page_tokens=16))
+    history = list(SYSTEM)
+    for turn in range(4):
+        before = engine.stats()
+        answer = [s.token_id for _, s in engine.stream([history], [GREEDY])]
+        hit = engine.stats().prefix_hit_tokens_total - before.prefix_hit_tokens_total
+        # everything but the new user message was cached: the earlier prompt and the answer, to full pages
+        assert hit == (0 if turn == 0 else (len(history) - 1 - 5) // 16 * 16)
+        history = history + answer + [3, 4, 5, 6, 7]
+    idle(engine)
+
+
+def test_evicted_pages_come_back_from_the_host_tier(tiny) -> None:
+    llm = LLM(tiny("Qwen3MoeForCausalLM").path, dtype="float32")
+    off = llm.new_engine(SchedulerConfig(max_batch=1, kv_cache_tokens=256, prefix_cache=False))
+    others = [list(range(250 + 45 * i, 290 + 45 * i)) for i in range(4)]
+    expected = run(off, [PROMPTS[1], *others, PROMPTS[1]], together=False)
+    # a pool of 6 pages: the other prompts evict the first one's pages, which the host tier keeps
+    engine = llm.new_engine(
+        SchedulerConfig(max_batch=1, kv_cache_tokens=96, page_tokens=16, host_cache_bytes=1 << 20)
+    )
+    assert run(engine, [PROMPTS[1], *others, PROMPTS[1]], together=False) == expected
+    stats = engine.stats()
+    assert stats.prefix_evictions_total > 0 and stats.host_tier_pages_loaded_total == (len(PROMPTS[1]) - 1) // 16
+    idle(engine)
+
+
+def test_no_prefix_cache(tiny) -> None:
+    llm = LLM(tiny("MixtralForCausalLM").path, dtype="float32")
+    engine = llm.new_engine(SchedulerConfig(kv_cache_tokens=1024, prefix_cache=False))
+    run(engine, PROMPTS, together=True)
+    stats = engine.stats()
+    assert stats.prefix_hit_tokens_total == stats.prefix_lookups_total == stats.prefix_cached_pages == 0
+    with pytest.raises(ValueError, match="host_cache_bytes"):
+        SchedulerConfig(host_cache_bytes=-1)
