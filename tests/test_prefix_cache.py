@@ -14,12 +14,12 @@ ARCHS = ["DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Qwen3MoeForCausalLM"
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 SYSTEM = list(range(7, 57))  # a 50-token shared beginning: three full pages of 16, and a part
 PROMPTS = [
-    SYSTEM + [3, 4, 5],
+    [*SYSTEM, 3, 4, 5],
     SYSTEM + list(range(100, 130)),
-    SYSTEM + [3, 4, 5],  # the same prompt again
-    SYSTEM[:20] + [9],
+    [*SYSTEM, 3, 4, 5],  # the same prompt again
+    [*SYSTEM[:20], 9],
     list(range(200, 240)),
-    SYSTEM + [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19],
+    [*SYSTEM, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19],
 ]
 
 
@@ -85,9 +85,7 @@ def test_evicted_pages_come_back_from_the_host_tier(tiny) -> None:
     others = [list(range(250 + 45 * i, 290 + 45 * i)) for i in range(4)]
     expected = run(off, [PROMPTS[1], *others, PROMPTS[1]], together=False)
     # a pool of 6 pages: the other prompts evict the first one's pages, which the host tier keeps
-    engine = llm.new_engine(
-        SchedulerConfig(max_batch=1, kv_cache_tokens=96, page_tokens=16, host_cache_bytes=1 << 20)
-    )
+    engine = llm.new_engine(SchedulerConfig(max_batch=1, kv_cache_tokens=96, page_tokens=16, host_cache_bytes=1 << 20))
     assert run(engine, [PROMPTS[1], *others, PROMPTS[1]], together=False) == expected
     stats = engine.stats()
     assert stats.prefix_evictions_total > 0 and stats.host_tier_pages_loaded_total == (len(PROMPTS[1]) - 1) // 16
@@ -102,3 +100,50 @@ def test_no_prefix_cache(tiny) -> None:
     assert stats.prefix_hit_tokens_total == stats.prefix_lookups_total == stats.prefix_cached_pages == 0
     with pytest.raises(ValueError, match="host_cache_bytes"):
         SchedulerConfig(host_cache_bytes=-1)
+
+
+def test_32_clients_sharing_a_system_prompt_with_8_leaving(tiny) -> None:
+    import random
+    import threading
+
+    import httpx
+    import openai
+    from test_server import MODEL, serving
+
+    batching = SchedulerConfig(max_batch=16, kv_cache_tokens=2048, prefill_chunk=64, page_tokens=16)
+    llm = LLM(tiny("DeepseekV2ForCausalLM").path, dtype="float32", batching=batching)
+    llm.eos_ids = llm.engine.eos_ids = frozenset()  # every request runs to max_tokens
+    system = "You are a careful assistant. " * 12
+    chats = [[{"role": "system", "content": system}, {"role": "user", "content": f"question {i}"}] for i in range(32)]
+    alone = [llm.chat(c, max_tokens=10, temperature=0).text for c in chats]  # one at a time
+    with serving(llm, max_queue=64) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        rng = random.Random(0)
+        leaving = {i: rng.randint(1, 6) for i in rng.sample(range(32), 8)}
+        results: dict[int, str] = {}
+
+        def one(i: int) -> None:
+            stream = client.chat.completions.create(
+                model=MODEL, messages=chats[i], max_tokens=10, temperature=0, stream=True
+            )
+            text = []
+            for n, chunk in enumerate(stream):
+                text.append(chunk.choices[0].delta.content or "")
+                if i in leaving and n >= leaving[i]:
+                    stream.close()  # the client disconnects mid-stream
+                    break
+            results[i] = "".join(text)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(32)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert len(results) == 32
+        for i, text in results.items():
+            assert alone[i].startswith(text) if i in leaving else text == alone[i]
+        usage = client.chat.completions.create(model=MODEL, messages=chats[0], max_tokens=2, temperature=0).usage
+        assert usage.prompt_tokens_details.cached_tokens >= len(llm.chat_ids(chats[0])) // 16 * 16 - 16
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        assert "hetero_moe_prefix_hit_tokens_total 0" not in metrics
+        idle(llm.engine)

@@ -44,6 +44,17 @@ def add_model_args(p: argparse.ArgumentParser, batching: bool = False) -> None:
             "or what the free memory holds)",
         )
         p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per step, between decodes")
+        p.add_argument(
+            "--no-prefix-cache",
+            dest="prefix_cache",
+            action="store_false",
+            help="do not reuse the KV cache of identical prompt beginnings across requests",
+        )
+        p.add_argument(
+            "--kv-host-cache",
+            type=float,
+            help="GB of host memory for prefix-cache pages evicted from a GPU pool (default 4 on a GPU)",
+        )
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
@@ -71,8 +82,14 @@ def batching(args: argparse.Namespace) -> SchedulerConfig:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.kv_host_cache is not None and args.kv_host_cache < 0:
+        raise ValueError(f"--kv-host-cache takes GB, 0 or more, got {args.kv_host_cache}")
     return SchedulerConfig(
-        max_batch=args.max_batch, kv_cache_tokens=args.kv_cache_tokens, prefill_chunk=args.prefill_chunk
+        max_batch=args.max_batch,
+        kv_cache_tokens=args.kv_cache_tokens,
+        prefill_chunk=args.prefill_chunk,
+        prefix_cache=args.prefix_cache,
+        host_cache_bytes=None if args.kv_host_cache is None else int(args.kv_host_cache * 1e9),
     )
 
 

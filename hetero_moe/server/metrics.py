@@ -90,6 +90,31 @@ class Metrics:
                 "Weight bytes the routed experts streamed in decode-only steps.",
                 stats.decode_routed_expert_bytes_total,
             ),
+            (
+                "prefix_lookups_total",
+                "counter",
+                "Requests that looked for a cached prefix.",
+                stats.prefix_lookups_total,
+            ),
+            (
+                "prefix_hit_tokens_total",
+                "counter",
+                "Prompt tokens read from the prefix cache instead of computed.",
+                stats.prefix_hit_tokens_total,
+            ),
+            ("prefix_cached_pages", "gauge", "KV cache pages kept for reuse.", stats.prefix_cached_pages),
+            (
+                "prefix_evictions_total",
+                "counter",
+                "Cached pages given to other requests.",
+                stats.prefix_evictions_total,
+            ),
+            (
+                "host_tier_pages_loaded_total",
+                "counter",
+                "Cached pages copied back from host memory instead of recomputed.",
+                stats.host_tier_pages_loaded_total,
+            ),
         ):
             lines += _metric(name, kind, help_text, value)
         return "\n".join(lines) + "\n"

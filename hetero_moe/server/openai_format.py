@@ -19,11 +19,13 @@ def envelope(rid: str, kind: str, model: str) -> dict:
     return {"id": rid, "object": kind, "created": int(time.time()), "model": model}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; `cached_tokens`: prompt tokens read from the prefix cache."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -69,7 +71,7 @@ async def chat_chunks(
         yield {**base, "choices": [], "usage": usage_of(n)}
 
 
-def chat_response(steps: list[StepOutput], base: dict, parser, token_text: TokenText, prompt_tokens: int) -> dict:
+def chat_response(steps: list[StepOutput], base: dict, parser, token_text: TokenText, usage_: dict) -> dict:
     reasoning, content = split_reasoning(parser, "".join(s.text for s in steps), True)
     message = {"role": "assistant", "content": content}
     if parser is not None:
@@ -78,7 +80,7 @@ def chat_response(steps: list[StepOutput], base: dict, parser, token_text: Token
     return {
         **base,
         "choices": [{"index": 0, "message": message, "logprobs": lp, "finish_reason": steps[-1].finish_reason}],
-        "usage": usage(prompt_tokens, len(steps)),
+        "usage": usage_,
     }
 
 
@@ -112,11 +114,11 @@ async def completion_chunks(
         yield {**base, "choices": [], "usage": usage_of(n)}
 
 
-def completion_response(steps: list[StepOutput], base: dict, token_text: TokenText, prompt_tokens: int) -> dict:
+def completion_response(steps: list[StepOutput], base: dict, token_text: TokenText, usage_: dict) -> dict:
     lp = completion_logprobs(steps, token_text) if steps[0].logprob is not None else None
     text = "".join(s.text for s in steps)
     return {
         **base,
         "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": steps[-1].finish_reason}],
-        "usage": usage(prompt_tokens, len(steps)),
+        "usage": usage_,
     }

@@ -96,7 +96,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         return stream_response(s, request, chunks)
     steps = await collect(job, request)
     s.metrics.request(request.url.path, 200)
-    return fmt.chat_response(steps, base, parser, s.token_text, len(prompt_ids))
+    return fmt.chat_response(steps, base, parser, s.token_text, job.usage(len(steps)))
 
 
 @v1.post("/completions")
@@ -110,7 +110,7 @@ async def completions(body: CompletionRequest, request: Request):
         return stream_response(s, request, fmt.completion_chunks(job.steps(), base, s.token_text, usage_of(job, body)))
     steps = await collect(job, request)
     s.metrics.request(request.url.path, 200)
-    return fmt.completion_response(steps, base, s.token_text, len(prompt_ids))
+    return fmt.completion_response(steps, base, s.token_text, job.usage(len(steps)))
 
 
 router.include_router(v1)
@@ -127,7 +127,7 @@ def check_model(s: ServerState, name: str) -> None:
 
 
 def usage_of(job: Job, body: SamplingFields):
-    return (lambda n: fmt.usage(len(job.prompt_ids), n)) if body.include_usage else None
+    return job.usage if body.include_usage else None
 
 
 def submit(

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from hetero_moe.engine.engine import Engine, EngineStats
 from hetero_moe.engine.request import Cancelled, Event, StepOutput
 from hetero_moe.engine.sampler import SamplingParams
+from hetero_moe.server import openai_format as fmt
 from hetero_moe.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,10 @@ class Job:
     arrived: float = field(default_factory=time.monotonic)
     first: float | None = None  # when its first token was sent
     sent: int = 0  # tokens sent
+    cached_tokens: int = 0  # of its prompt, read from the prefix cache
+
+    def usage(self, completion_tokens: int) -> dict:
+        return fmt.usage(len(self.prompt_ids), completion_tokens, self.cached_tokens)
 
     def push(self, item: StepOutput | BaseException | _Done) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
@@ -130,6 +135,7 @@ class EngineWorker:
 
     def _deliver(self, event: Event) -> None:
         job = self._active[event.request_id]
+        job.cached_tokens = event.cached_tokens
         if event.finished:
             del self._active[event.request_id]
         if isinstance(event.output, BaseException):
