@@ -147,3 +147,22 @@ def test_32_clients_sharing_a_system_prompt_with_8_leaving(tiny) -> None:
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
         assert "hetero_moe_prefix_hit_tokens_total 0" not in metrics
         idle(llm.engine)
+
+
+def test_bench_serve_multi_turn(tiny, capsys) -> None:
+    from test_server import serving
+
+    from hetero_moe.bench import serve as bench_serve
+    from hetero_moe.cli import main
+
+    llm = LLM(tiny("Qwen3MoeForCausalLM").path, dtype="float32")
+    with serving(llm) as url:
+        report = bench_serve.multi_turn(url, turns=3, history_tokens=80, max_tokens=4)
+        assert main(["bench", "serve", "--url", url, "--multi-turn", "2", "--history", "20", "--max-tokens", "2"]) == 0
+    assert "uncached" in capsys.readouterr().out
+    first, *later = report["turns"]
+    assert first["cached_tokens_cached"] == 0 and all(t["cached_tokens_uncached"] == 0 for t in report["turns"])
+    for previous, t in zip(report["turns"], later, strict=False):
+        assert t["prompt_tokens"] > previous["prompt_tokens"]
+        assert previous["prompt_tokens"] - 16 <= t["cached_tokens_cached"] + 16 <= t["prompt_tokens"]
+    assert report["last_turn_ttft_ratio"] > 0

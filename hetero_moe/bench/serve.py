@@ -136,6 +136,92 @@ def _level(c: int, records: list[dict], before: dict, after: dict, dram_gbps: fl
     }
 
 
+WORDS = ("model", "expert", "token", "memory", "router", "layer", "cache", "prompt", "answer", "weight")
+
+
+def multi_turn(url: str, turns: int, history_tokens: int, max_tokens: int = 64, api_key: str | None = None) -> dict:
+    """Simulated chats: a history of about `history_tokens` tokens, then `turns` turns, each appending a user
+    message to the previous answer. Run twice: as chat apps send it (the prefix cache can reuse each
+    earlier turn), and with a fresh word at the very start of every turn (nothing can be reused: the
+    time without the cache, on the same server, prompt lengths equal). Time to first token per turn."""
+    url = url.rstrip("/")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    model = json.loads(_get(f"{url}/v1/models", headers))["data"][0]["id"]
+    rng = random.Random(0)
+    history = " ".join(rng.choice(WORDS) for _ in range(history_tokens))
+    questions = [" ".join(rng.choice(WORDS) for _ in range(12)) + "?" for _ in range(turns)]
+    runs = {}
+    for name, fresh in (("cached", False), ("uncached", True)):
+        messages = [{"role": "system", "content": history}]
+        runs[name] = []
+        for turn, question in enumerate(questions):
+            messages.append({"role": "user", "content": question})
+            sent = messages
+            if fresh:  # a different first word: no page of this prompt was seen before
+                sent = [{"role": "system", "content": f"{name}{turn}{rng.random()} {history}"}, *messages[1:]]
+            body = {"model": model, "messages": sent, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+            body["stream_options"] = {"include_usage": True}
+            record = _chat_turn(url, headers, body)
+            runs[name].append(record)
+            messages.append({"role": "assistant", "content": record.pop("answer")})
+    rows = [
+        {
+            "turn": t + 1,
+            **{f"{k}_{name}": runs[name][t][k] for name in runs for k in ("ttft_s", "cached_tokens")},
+            "prompt_tokens": runs["cached"][t]["prompt_tokens"],
+        }
+        for t in range(turns)
+    ]
+    last = rows[-1]
+    return {
+        "url": url,
+        "model": model,
+        "turns": rows,
+        "last_turn_ttft_ratio": last["ttft_s_cached"] / last["ttft_s_uncached"],
+    }
+
+
+def _chat_turn(url: str, headers: dict, body: dict) -> dict:
+    """One streamed chat turn: time to its first token, its answer, its prompt and cached token counts."""
+    request = urllib.request.Request(
+        f"{url}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={**headers, "Content-Type": "application/json"},
+    )
+    sent, first, answer, usage = time.perf_counter(), None, [], {}
+    with urllib.request.urlopen(request, timeout=3600) as response:
+        for raw in response:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
+            for choice in chunk.get("choices", []):
+                if "role" in choice["delta"]:
+                    continue  # the opening chunk, sent before any token
+                first = first or time.perf_counter()
+                answer.append(choice["delta"].get("content") or "")
+    return {
+        "ttft_s": first - sent,
+        "answer": "".join(answer),
+        "prompt_tokens": usage["prompt_tokens"],
+        "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
+    }
+
+
+def format_multi_turn(r: dict) -> str:
+    lines = [
+        f"{r['model']} at {r['url']}: time to first token per turn, with the prefix cache and without",
+        f"{'turn':>4} {'prompt':>7} {'cached':>7} {'TTFT':>8} {'uncached':>9} {'ratio':>6}",
+    ]
+    for x in r["turns"]:
+        lines.append(
+            f"{x['turn']:>4} {x['prompt_tokens']:>7} {x['cached_tokens_cached']:>7} {x['ttft_s_cached']:>7.2f}s "
+            f"{x['ttft_s_uncached']:>8.2f}s {x['ttft_s_cached'] / x['ttft_s_uncached']:>6.0%}"
+        )
+    return "\n".join(lines)
+
+
 def format_report(r: dict) -> str:
     lines = [
         f"{r['model']} at {r['url']}: prompts of {r['prompt_tokens']} tokens, {r['max_tokens']} new tokens; "

@@ -52,6 +52,12 @@ def add_parsers(sub) -> None:
     srv.add_argument("--prompt-tokens", type=int, default=128)
     srv.add_argument("--max-tokens", type=int, default=64)
     srv.add_argument("--api-key", help="the server's --api-key")
+    srv.add_argument(
+        "--multi-turn",
+        type=int,
+        help="instead: simulated chats of this many turns, time to first token with the prefix cache and without",
+    )
+    srv.add_argument("--history", type=int, default=2000, help="--multi-turn: words of history before turn 1")
     srv.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     srv.set_defaults(func=run_serve)
 
@@ -133,6 +139,12 @@ def run_report(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     from hetero_moe.bench import serve as bench_serve
 
+    if args.multi_turn is not None:
+        if args.multi_turn < 1 or args.history < 1 or args.max_tokens < 1:
+            raise ValueError("--multi-turn, --history and --max-tokens must be positive")
+        report = bench_serve.multi_turn(args.url, args.multi_turn, args.history, args.max_tokens, args.api_key)
+        print(json.dumps(report) if args.json else bench_serve.format_multi_turn(report))
+        return 0
     levels = list(int_list(args.concurrency, "--concurrency"))
     if any(c < 1 for c in levels) or args.prompt_tokens < 1 or args.max_tokens < 2:
         raise ValueError("client counts and --prompt-tokens must be positive, --max-tokens at least 2")
