@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from hetero_moe.engine.sampler import Sampler, SamplingParams
-from hetero_moe.engine.text import Detokenizer, StopChecker
+from hetero_moe.engine.request import Decoding
+from hetero_moe.engine.sampler import GREEDY_BELOW, Sampler, SamplingError, SamplingParams
+from hetero_moe.engine.text import MAX_HELD_TOKENS, Detokenizer, StopMatcher
 
 
 def draws(params: SamplingParams, logits: torch.Tensor, n: int = 2000) -> torch.Tensor:
@@ -81,22 +86,136 @@ def test_invalid_params(kwargs: dict) -> None:
         SamplingParams(**kwargs)
 
 
-def test_stop_checker() -> None:
-    s = StopChecker(("END", "\n\n"))
-    assert s.find("abc EN", 4) is None
-    assert s.find("abc END more", 5) == 4
-    assert s.safe_end("abc EN") == 4  # "EN" may become "END"
-    assert s.safe_end("abc\n") == 3
-    assert s.safe_end("abc") == 3
-    assert StopChecker(()).safe_end("abc") == 3
+def test_tiny_temperatures_are_greedy_and_never_overflow() -> None:
+    logits = torch.tensor([1e36, -3e38, 0.5, 1e36 - 1e31])  # divided by 1e-5 they overflow float32
+    for t in (1e-300, 1e-40, GREEDY_BELOW / 2):  # greedy
+        assert Sampler(SamplingParams(temperature=t, seed=0), 4)(logits) == 0
+    s = Sampler(SamplingParams(temperature=GREEDY_BELOW, seed=0), 4)  # sampled, shifted first: no inf - inf
+    assert {s(logits) for _ in range(50)} == {0}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_non_finite_logits_are_a_clear_error(bad: float, temperature: float) -> None:
+    logits = torch.tensor([0.0, bad, 1.0])
+    with pytest.raises(SamplingError, match="not finite"):
+        Sampler(SamplingParams(temperature=temperature), 3)(logits)
+    with pytest.raises(SamplingError):
+        Sampler(SamplingParams(temperature=temperature), 3)(torch.full((3,), float("-inf")))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"stop": tuple(f"s{i}" for i in range(17))}, "at most 16 stop strings"),
+        ({"stop": ("x" * 257,)}, "at most 256 characters"),
+        ({"seed": 2**64}, "seed must be an integer in"),
+        ({"seed": -(2**63) - 1}, "seed must be an integer in"),
+        ({"logprobs": 21}, "logprobs must be"),
+    ],
+)
+def test_bounded_params(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+    SamplingParams(stop=tuple(f"s{i}" for i in range(16)), seed=2**64 - 1, logprobs=20)
+
+
+def feed_all(stops: tuple[str, ...], pieces: list[str]) -> tuple[str, bool]:
+    m = StopMatcher(stops)
+    out = []
+    for piece in pieces:
+        text, stopped = m.feed(piece)
+        out.append(text)
+        assert m.held <= max((len(s) for s in stops), default=0)
+        if stopped:
+            return "".join(out), True
+    return "".join(out) + m.flush(), False
+
+
+def reference(stops: tuple[str, ...], text: str) -> tuple[str, bool]:
+    """The text before the stop string that ends first (the longest of those ending there), by brute force."""
+    for end in range(1, len(text) + 1):
+        hits = [s for s in stops if text[:end].endswith(s)]
+        if hits:
+            return text[: end - max(map(len, hits))], True
+    return text, False
+
+
+def test_stop_matcher() -> None:
+    assert feed_all(("END", "\n\n"), ["abc EN", "D more"]) == ("abc ", True)
+    m = StopMatcher(("END", "\n\n"))
+    assert m.feed("abc EN") == ("abc ", False)  # "EN" may become "END"
+    assert m.feed("x\n") == ("ENx", False)
+    assert m.feed("y") == ("\ny", False)
+    assert m.flush() == ""
+    assert feed_all((), ["abc"]) == ("abc", False)
+    assert feed_all(("bc", "abcd"), ["abcd"]) == ("a", True)  # "bc" ends first
+    assert feed_all(("abcd", "bcd", "cd"), ["ab", "cd"]) == ("", True)  # three end together: the longest
+    assert feed_all(("aab",), ["a", "a", "a", "a", "b"]) == ("aa", True)  # suffix links across pieces
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.text("abc", min_size=1, max_size=5), max_size=4),
+    st.text("abcd", max_size=40),
+    st.lists(st.integers(0, 40), max_size=6),
+)
+def test_stop_matcher_against_brute_force(stops: list[str], text: str, cuts: list[int]) -> None:
+    bounds = sorted({0, len(text), *(min(c, len(text)) for c in cuts)})
+    pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
+    assert feed_all(tuple(stops), pieces) == reference(tuple(stops), text)
+
+
+def test_stop_matcher_holds_a_bounded_tail_of_long_text() -> None:
+    """16 stop strings of 256 characters, all near-misses of a long text: the matcher never holds more
+    than the longest stop string, however long the text (the old check rescanned that much per stop)."""
+    stops = tuple("a" * 255 + chr(ord("b") + i) for i in range(16))
+    m = StopMatcher(stops)
+    released = 0
+    for _ in range(2000):
+        text, stopped = m.feed("a" * 50)
+        released += len(text)
+        assert not stopped and m.held <= 255
+    assert released + m.held == 100_000
 
 
 def test_detokenizer_deltas_add_up(tiny) -> None:
-    tok = AutoTokenizer.from_pretrained(tiny("DeepseekV3ForCausalLM").path)
+    tok = AutoTokenizer.from_pretrained(tiny("DeepseekV3ForCausalLM").path, trust_remote_code=False)
     text = "Héllo wörld — naïve café ☕ 42"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     prompt = tok("The start")["input_ids"]
     d = Detokenizer(tok, prompt)
     deltas = [d.add(i) for i in ids]
-    assert "".join(deltas) == text == d.full_text()
+    assert "".join(deltas) == text and d.flush() == ""
     assert all("\ufffd" not in x for x in deltas)  # multi-byte characters never split
+    assert len(d.ids) <= MAX_HELD_TOKENS + 8  # it keeps only the last delta's tokens and those held back
+
+
+def test_detokenizer_lets_invalid_utf8_through_after_a_while(tiny) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny("DeepseekV3ForCausalLM").path, trust_remote_code=False)
+    lead = tok.convert_tokens_to_ids("\u00e2")  # byte 0xE2 alone: the first byte of a 3-byte character
+    d = Detokenizer(tok, [])
+    deltas = [d.add(lead) for _ in range(3 * MAX_HELD_TOKENS)]
+    assert sum(1 for x in deltas if x) >= 2  # not held back forever
+    assert len(d.ids) <= MAX_HELD_TOKENS
+
+
+def test_decoding_stops_and_limits(tiny) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny("DeepseekV3ForCausalLM").path, trust_remote_code=False)
+    ids = tok("hello world, hello there", add_special_tokens=False)["input_ids"]
+
+    def run(limit: int, **params) -> list:
+        d = Decoding(tok, frozenset({1}), len(tok), limit, [0], SamplingParams(temperature=0, **params))
+        out = []
+        for t in ids:
+            step = d.step(torch.nn.functional.one_hot(torch.tensor(t), len(tok)).float())
+            out.append(step)
+            if step.finish_reason:
+                break
+        return out
+
+    steps = run(100, stop=("o th",))
+    assert "".join(s.text for s in steps) == "hello world, hell" and steps[-1].finish_reason == "stop"
+    steps = run(1 + 3, stop=("zzz",))
+    assert len(steps) == 3 and steps[-1].finish_reason == "length"
+    assert "".join(s.text for s in steps) == tok.decode(ids[:3])

@@ -9,7 +9,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from hetero_moe.engine.sampler import Sampler, SamplingParams
-from hetero_moe.engine.text import Detokenizer, StopChecker
+from hetero_moe.engine.text import Detokenizer, StopMatcher
 
 
 class ContextLengthError(ValueError):
@@ -73,27 +73,30 @@ class Decoding:
         self.limit = limit  # tokens in the cache at most: prompt and generated
         self.sampler = Sampler(params, vocab_size)
         self.detok = Detokenizer(tokenizer, prompt_ids)
-        self.stops = StopChecker(params.stop)
-        self.text, self.emitted, self.generated = "", 0, 0
+        self.stops = StopMatcher(params.stop)
+        self.generated = 0
 
     def step(self, logits: torch.Tensor) -> StepOutput:
-        """Sample the next token from `logits [V]`; the step says its new text and whether it ends."""
+        """Sample the next token from `logits [V]`; the step says its new text and whether it ends. The
+        work per token does not grow with the text: the stop matcher sees each new character once."""
         token = self.sampler(logits)
         self.generated += 1
         lp = _logprobs(logits, token, self.params.logprobs) if self.params.logprobs is not None else {}
         if token in self.eos_ids:
-            return StepOutput(token, self.detok.full_text()[self.emitted :], "stop", **lp)
-        delta = self.detok.add(token)
-        self.text += delta
-        hit = self.stops.find(self.text, len(self.text) - len(delta)) if delta and self.stops.stops else None
-        if hit is not None:
-            return StepOutput(token, self.text[self.emitted : hit] if hit > self.emitted else "", "stop", **lp)
+            return StepOutput(token, self._rest("")[0], "stop", **lp)
+        text, stopped = self.stops.feed(self.detok.add(token))
+        if stopped:
+            return StepOutput(token, text, "stop", **lp)
         if self.prompt_len + self.generated >= self.limit:
-            return StepOutput(token, self.detok.full_text()[self.emitted :], "length", **lp)
-        safe = self.stops.safe_end(self.text)
-        out = StepOutput(token, self.text[self.emitted : safe], **lp)
-        self.emitted = max(self.emitted, safe)
-        return out
+            text, stopped = self._rest(text)
+            return StepOutput(token, text, "stop" if stopped else "length", **lp)
+        return StepOutput(token, text, **lp)
+
+    def _rest(self, text: str) -> tuple[str, bool]:
+        """`text` and all that is still held back, at the end; whether a stop string ends in the
+        held-back bytes (it still cuts there)."""
+        tail, stopped = self.stops.feed(self.detok.flush())
+        return text + tail + ("" if stopped else self.stops.flush()), stopped
 
 
 @dataclass(eq=False)

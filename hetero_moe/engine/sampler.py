@@ -1,5 +1,6 @@
-"""Sampling parameters and the sampler: greedy at temperature 0, else temperature, top-k, top-p
-(applied in that order, as transformers does) and a seeded generator per request."""
+"""Sampling parameters and the sampler: greedy at temperature 0 (and below `GREEDY_BELOW`), else
+temperature, top-k, top-p (applied in that order, as transformers does) and a seeded generator per
+request. The parameters bound the work one request may cost per token (stop strings, log-probabilities)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,21 @@ from dataclasses import dataclass
 
 import torch
 
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (vLLM's threshold): dividing by them overflows
+MAX_STOPS = 16  # stop strings per request (OpenAI allows 4)
+MAX_STOP_CHARS = 256  # characters per stop string
+MAX_LOGPROBS = 20  # alternatives reported per token
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+class SamplingError(ValueError):
+    """Logits that cannot be sampled from (NaN or infinite): a failure of the model, not of the request."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 256
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     seed: int | None = None
@@ -33,21 +44,25 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError("stop must be a sequence of non-empty strings")
+        if len(self.stop) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(self.stop)}")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise ValueError(f"a stop string has at most {MAX_STOP_CHARS} characters")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and -2 <= value <= 2):
                 raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
-        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20):
-            raise ValueError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         object.__setattr__(self, "stop", tuple(self.stop))
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 class Sampler:
@@ -64,7 +79,7 @@ class Sampler:
         self.counts = torch.zeros(vocab_size) if self.penalized else None  # [V] times each token was chosen
 
     def __call__(self, logits: torch.Tensor) -> int:
-        """`logits [V]` float32 -> the next token id."""
+        """`logits [V]` float32 -> the next token id; `SamplingError` if they hold NaN or +inf (or only -inf)."""
         if self.penalized:
             logits = logits.detach().to("cpu", torch.float32)
             logits = logits - self.params.frequency_penalty * self.counts
@@ -76,9 +91,13 @@ class Sampler:
 
     def _choose(self, logits: torch.Tensor) -> int:
         p = self.params
+        best = float(logits.max())  # NaN anywhere makes the maximum NaN
+        if not math.isfinite(best):
+            raise SamplingError(f"the model's logits are not finite (maximum {best}); nothing to sample from")
         if p.greedy:
             return int(torch.argmax(logits))
-        logits = logits.detach().to("cpu", torch.float32) / p.temperature
+        # shifted so the largest is 0: dividing by a small temperature can only push values towards -inf
+        logits = (logits.detach().to("cpu", torch.float32) - best) / p.temperature
         if 0 < p.top_k < logits.shape[0]:
             kth = torch.topk(logits, p.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
