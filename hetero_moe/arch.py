@@ -78,25 +78,54 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
+POSITIVE_FIELDS = (  # config fields that must be positive integers where the architecture has them
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "n_routed_experts",
+    "num_experts",
+    "num_local_experts",
+    "num_experts_per_tok",
+)
+
+
 def load_config(model_dir: str | Path) -> tuple[PretrainedConfig, Architecture]:
-    """Read `config.json` with transformers' own config class for its model type (never remote code)."""
+    """Read `config.json` with transformers' own config class for its model type (never remote code:
+    an `auto_map` in it is ignored). Every problem is one `ModelError` line naming the file."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise ModelError(f"{model_dir}: no config.json (is this a model directory?)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ModelError(f"{path}: not valid JSON: {e}") from e
-    names = data.get("architectures") or []
-    arch = ARCHITECTURES.get(names[0]) if len(names) == 1 else None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object, got a {type(data).__name__}")
+    names = data.get("architectures")
+    name = names[0] if isinstance(names, list) and len(names) == 1 and isinstance(names[0], str) else None
+    arch = ARCHITECTURES.get(name) if name is not None else None
     if arch is None:
+        shown = names if names is not None else data.get("model_type")
         raise ModelError(
-            f"{path}: unsupported architecture {names or data.get('model_type')!r}; "
+            f"{path}: unsupported architecture {shown!r} (one name in 'architectures'); "
             f"supported: {', '.join(ARCHITECTURES)}"
         )
     if data.get("model_type") != arch.model_type:
         raise ModelError(f"{path}: model_type {data.get('model_type')!r} does not match {arch.name}")
-    return CONFIG_MAPPING[arch.model_type].from_dict(data), arch
+    for field in POSITIVE_FIELDS:
+        value = data.get(field)
+        if field in data and not (type(value) is int and value > 0):
+            raise ModelError(f"{path}: {field} must be a positive integer, got {value!r}")
+    try:
+        config = CONFIG_MAPPING[arch.model_type].from_dict(data)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise ModelError(f"{path}: not a valid {arch.name} config: {' '.join(str(e).split())}") from e
+    return config, arch
 
 
 def build_meta_model(config: PretrainedConfig, arch: Architecture, dtype: torch.dtype) -> nn.Module:

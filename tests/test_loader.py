@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from hetero_moe.arch import ModelError
 from hetero_moe.llm import place
-from hetero_moe.loader.checkpoint import Checkpoint, CheckpointError
+from hetero_moe.loader.checkpoint import INDEX, Checkpoint, CheckpointError
 from hetero_moe.loader.load import load_weights
 
 
@@ -213,3 +213,99 @@ def test_loads_float16_and_float32_checkpoints(tiny, hf_greedy) -> None:
         assert llm.generate(prompt, max_tokens=12, temperature=0, ignore_eos=True).token_ids == hf_greedy(
             t.reference, prompt, 12
         )
+
+
+def write_raw(path: Path, header: object, data: bytes = b"\0" * 16) -> Path:
+    """A safetensors file with the given header object, written by hand."""
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("header", "fragment"),
+    [
+        ([1, 2], "a list, not an object"),
+        ({"w": 3}, "tensor 'w' is a int"),
+        ({"w": {"dtype": "F32", "shape": "4", "data_offsets": [0, 16]}}, "has shape '4'"),
+        ({"w": {"dtype": "F32", "shape": [4, -1], "data_offsets": [0, 16]}}, "has shape [4, -1]"),
+        ({"w": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, "has shape [True]"),
+        ({"w": {"dtype": "F32", "shape": [4]}}, "has data_offsets None"),
+        ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [-16, 0]}}, "negative or reversed"),
+        ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}}, "negative or reversed"),
+        ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, "16"]}}, "not [begin, end]"),
+        ({"w": {"dtype": ["F32"], "shape": [4], "data_offsets": [0, 16]}}, "unsupported dtype ['F32']"),
+    ],
+)
+def test_malformed_headers_are_one_line_errors(tmp_path, header: object, fragment: str) -> None:
+    path = write_raw(tmp_path / "model.safetensors", header)
+    with pytest.raises(CheckpointError) as info:
+        Checkpoint.open(tmp_path)
+    message = str(info.value)
+    assert message.startswith(str(path)) and fragment in message and "\n" not in message
+
+
+def test_shards_outside_the_model_directory_are_refused(tiny, tmp_path) -> None:
+    t = tiny("DeepseekV2ForCausalLM", shards=2)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = write_raw(outside / "secret.safetensors", {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})
+    for i, name in enumerate(["../outside/secret.safetensors", str(secret), "sub/../../outside/secret.safetensors"]):
+        copy = shutil.copytree(t.path, tmp_path / f"c{i}")
+        index = json.loads((copy / INDEX).read_text())
+        index["weight_map"]["w"] = name
+        (copy / INDEX).write_text(json.dumps(index))
+        with pytest.raises(CheckpointError, match="outside the model directory") as info:
+            Checkpoint.open(copy)
+        assert "\n" not in str(info.value)
+    linked = shutil.copytree(t.path, tmp_path / "linked")
+    shard = linked / "model-00001-of-00002.safetensors"
+    moved = shard.rename(outside / shard.name)
+    shard.symlink_to(moved)
+    with pytest.raises(CheckpointError, match="a link to .*outside the model directory; refused"):
+        Checkpoint.open(linked)
+    for bad in ([], {"weight_map": [1]}, {"weight_map": {"w": 3}}):
+        (linked / INDEX).write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match="not a valid safetensors index"):
+            Checkpoint.open(linked)
+
+
+def test_links_inside_the_model_directory_and_the_hub_cache_layout(tiny, tmp_path) -> None:
+    t = tiny("DeepseekV2ForCausalLM", shards=2)
+    expected = set(Checkpoint.open(t.path).tensors)
+    inside = shutil.copytree(t.path, tmp_path / "inside")
+    (inside / "blobs").mkdir()
+    shard = inside / "model-00001-of-00002.safetensors"
+    shard.symlink_to(shard.rename(inside / "blobs" / "abc"))
+    assert set(Checkpoint.open(inside).tensors) == expected
+    # the Hugging Face cache: models--org--name/snapshots/<revision>/file -> ../../blobs/<hash>
+    repo = tmp_path / "models--org--tiny"
+    snapshot = shutil.copytree(t.path, repo / "snapshots" / "0123abc")
+    (repo / "blobs").mkdir()
+    for f in snapshot.glob("*.safetensors"):
+        f.symlink_to(f.rename(repo / "blobs" / f.name))
+    assert set(Checkpoint.open(snapshot).tensors) == expected
+
+
+@pytest.mark.parametrize(
+    ("config", "fragment"),
+    [
+        ([{"architectures": ["DeepseekV3ForCausalLM"]}], "expected a JSON object, got a list"),
+        ({"architectures": [["DeepseekV3ForCausalLM"]], "model_type": "deepseek_v3"}, "unsupported architecture"),
+        ({"architectures": "DeepseekV3ForCausalLM", "model_type": "deepseek_v3"}, "unsupported architecture"),
+        ({"architectures": [{"a": 1}], "model_type": "deepseek_v3"}, "unsupported architecture"),
+        ({"vocab_size": 0}, "vocab_size must be a positive integer, got 0"),
+        ({"hidden_size": "64"}, "hidden_size must be a positive integer, got '64'"),
+        ({"num_hidden_layers": True}, "num_hidden_layers must be a positive integer"),
+        ({"n_routed_experts": -2}, "n_routed_experts must be a positive integer"),
+    ],
+)
+def test_bad_configs_are_one_line_errors(tiny, tmp_path, config: object, fragment: str) -> None:
+    copy = shutil.copytree(tiny("DeepseekV3ForCausalLM").path, tmp_path / "c")
+    if isinstance(config, dict) and "architectures" not in config:
+        config = {**json.loads((copy / "config.json").read_text()), **config}
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError) as info:
+        place(copy, "cpu-only.yaml")
+    message = str(info.value)
+    assert message.startswith(str(copy / "config.json")) and fragment in message and "\n" not in message

@@ -105,3 +105,18 @@ def test_later_rule_errors_name_their_index_and_line() -> None:
 
 def test_yaml_cannot_construct_python_objects() -> None:
     check("- !!python/object/apply:os.system ['echo hi']\n", "not valid YAML")
+
+
+def test_catastrophic_regex_is_a_clear_error_not_a_hang(tiny, tmp_path) -> None:
+    from hetero_moe.llm import place
+
+    model = tiny("DeepseekV3ForCausalLM").path
+    shipped = load_rules("cpu-only.yaml").text
+    rules = tmp_path / "nested.yaml"
+    # the pattern of the report: exponential for Python's re on every module name; the regex engine is linear here
+    rules.write_text("- match: {name: '^([a-z_0-9]+\\.?)+!$'}\n  replace: {device: cpu}\n" + shipped)
+    assert any("rule 0" in w for w in place(model, rules, "float32").warnings)  # it matches nothing: a warning
+    # one that backtracks on the regex engine too: stopped by the time limit, named with its rule and line
+    rules.write_text("- match: {name: '^(.|..)+\\d$'}\n  replace: {device: cpu}\n" + shipped)
+    with pytest.raises(RulesError, match=r"nested.yaml: rule 0 \(line 1\): matching 'model.* took over .* backtracks"):
+        place(model, rules, "float32")

@@ -1,7 +1,9 @@
 """Placement rules: a YAML list parsed with the safe loader into frozen, validated dataclasses.
 
 A rules file never names Python: `replace.op` is looked up in the op registry, and everything
-else is plain data. Every mistake is reported with the file, the rule's index and its line.
+else is plain data. Every mistake is reported with the file, the rule's index and its line. Regexes run
+on the `regex` engine with a time limit per match, so a pattern that backtracks catastrophically is a
+clear error, not a hang.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import regex
 import yaml
 
 from hetero_moe.ops.registry import OPS, OpSpec
 
 DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+REGEX_TIMEOUT_S = 0.5  # one match of a rule's regex against one name; real names take microseconds
 RULE_KEYS = frozenset({"match", "replace", "recursive"})
 MATCH_KEYS = frozenset({"name", "class"})
 REPLACE_KEYS = frozenset({"op", "device", "kwargs"})
@@ -29,13 +33,14 @@ class RulesError(ValueError):
 
 @dataclass(frozen=True)
 class Match:
-    name: re.Pattern[str] | None
-    cls: re.Pattern[str] | None
+    name: regex.Pattern | None
+    cls: regex.Pattern | None
 
     def __call__(self, module_name: str, class_name: str) -> bool:
-        if self.name is not None and self.name.search(module_name) is None:
+        """Whether both given patterns hold; `TimeoutError` if one runs past `REGEX_TIMEOUT_S`."""
+        if self.name is not None and self.name.search(module_name, timeout=REGEX_TIMEOUT_S) is None:
             return False
-        return self.cls is None or self.cls.fullmatch(class_name) is not None
+        return self.cls is None or self.cls.fullmatch(class_name, timeout=REGEX_TIMEOUT_S) is not None
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,16 @@ class Rules:
     text: str = field(repr=False, default="")
 
     def first_match(self, module_name: str, class_name: str) -> Rule | None:
-        return next((r for r in self.rules if r.match(module_name, class_name)), None)
+        for rule in self.rules:
+            try:
+                if rule.match(module_name, class_name):
+                    return rule
+            except TimeoutError as e:
+                raise RulesError(
+                    f"{rule.where}: matching {module_name!r} ({class_name}) took over {REGEX_TIMEOUT_S} s; "
+                    "the regex backtracks catastrophically (nested quantifiers such as '(a+)+'): simplify it"
+                ) from e
+        return None
 
 
 def builtin_rules() -> list[str]:
@@ -175,12 +189,12 @@ def _check_keys(mapping: dict, allowed: frozenset[str], what: str, fail) -> None
         raise fail(f"unknown key(s) {unknown} in {what}; allowed: {sorted(allowed)}")
 
 
-def _regex(value: object, what: str, fail) -> re.Pattern[str] | None:
+def _regex(value: object, what: str, fail) -> regex.Pattern | None:
     if value is None:
         return None
     if not isinstance(value, str):
         raise fail(f"{what} must be a string (a regular expression), got {type(value).__name__}")
     try:
-        return re.compile(value)
-    except re.error as e:
+        return regex.compile(value)
+    except regex.error as e:
         raise fail(f"{what} {value!r} is not a valid regular expression: {e}") from e
