@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from hetero_moe.arch import build_meta_model, config_dtype, load_config
 from hetero_moe.engine.engine import Engine
@@ -23,6 +23,7 @@ from hetero_moe.loader.checkpoint import Checkpoint
 from hetero_moe.loader.converted import ConvertedCache
 from hetero_moe.loader.load import Progress, load_weights
 from hetero_moe.ops.base import Services
+from hetero_moe.prompt import PromptEncoder, load_tokenizer
 from hetero_moe.settings import cache_dir, physical_cores, triton_interpreted
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,8 @@ class LLM:
             raise ValueError(f"max_context must be in 1..{limit} for this model, got {max_context}")
         self.max_context = max_context or limit
         checkpoint = Checkpoint.open(self.model_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=False)
+        self.tokenizer = load_tokenizer(self.model_dir)  # never the folder's own code
+        self.prompts = PromptEncoder(self.tokenizer, self.model_dir)
         load_weights(self.placed, checkpoint, progress)
         self.runner = ModelRunner(self.placed)
         self.eos_ids = eos_token_ids(self.model_dir, config, self.tokenizer)
@@ -118,15 +120,12 @@ class LLM:
         return Engine(self.runner, self.tokenizer, self.eos_ids, self.max_context, batching)
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return list(self.tokenizer(prompt)["input_ids"])
-        return list(prompt)
+        """A raw prompt's token ids (special tokens in the text count as such)."""
+        return self.prompts.encode(prompt)
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        if self.tokenizer.chat_template is None:
-            raise ValueError(f"{self.model_dir}: the tokenizer has no chat template")
-        enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-        return list(enc["input_ids"])
+        """A chat's token ids through the chat template; special tokens typed in messages stay plain text."""
+        return self.prompts.chat_ids(messages)
 
     def generate(self, prompts: Prompt | Sequence[Prompt], params: Params = None, **sampling) -> Result:
         """Complete raw prompts (text, tokenized as the model's tokenizer does, or token ids): one prompt

@@ -59,7 +59,11 @@ def _transformers(bench: DecodeBench, model_dir: Path, experts_implementation: s
     start = time.perf_counter()
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, config=AutoConfig.from_pretrained(model_dir), dtype=torch.bfloat16, device_map=device_map
+            model_dir,
+            config=AutoConfig.from_pretrained(model_dir, trust_remote_code=False),
+            dtype=torch.bfloat16,
+            device_map=device_map,
+            trust_remote_code=False,
         )
     except (ValueError, RuntimeError, OSError, ImportError, NotImplementedError) as e:
         return {"unavailable": f"transformers could not load it: {type(e).__name__}: {e}"[:500]}
