@@ -3,17 +3,27 @@ issue 18 (a hostile or careless client, or a hostile model folder), then checks 
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import json
 import shutil
+import socket
+import statistics
 import sys
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from test_server import MODEL, serving
 
 from hetero_moe.arch import ModelError
 from hetero_moe.llm import LLM
 from hetero_moe.prompt import PromptEncoder, load_tokenizer
+from hetero_moe.server.app import create_app
+from hetero_moe.server.config import ServerConfig
 from hetero_moe.synth.tiny import ASSISTANT_TOKEN, USER_TOKEN
 
 
@@ -90,3 +100,248 @@ def test_prompt_encoder_bounds_bytes_per_token(llm) -> None:
     assert len(text.encode()) <= encoder.max_token_bytes * len(
         llm.tokenizer(text, add_special_tokens=False)["input_ids"]
     )
+
+
+# The server. `serving` runs a real uvicorn server on a loopback port.
+
+
+@pytest.fixture
+def endless(llm, monkeypatch) -> LLM:
+    """The model never emits EOS: a request runs to max_tokens, so a stream is long and busy."""
+    monkeypatch.setattr(llm.engine, "eos_ids", frozenset())
+    monkeypatch.setattr(llm, "eos_ids", frozenset())
+    return llm
+
+
+def post(url: str, path: str, body: dict, **kwargs) -> httpx.Response:
+    return httpx.post(f"{url}{path}", json=body, timeout=120, **kwargs)
+
+
+def streamed_text(url: str, body: dict) -> str:
+    """The text of a streamed completion, read to its end."""
+    pieces = []
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                pieces.append(chunk["choices"][0]["text"])
+    return "".join(pieces)
+
+
+# 1. a valid request that used to fail every request in flight
+
+
+def test_tiny_temperature_beside_two_streams(endless) -> None:
+    bodies = [{"model": MODEL, "prompt": p, "max_tokens": 40, "temperature": 0} for p in ("One stream", "Another")]
+    with serving(endless) as url:
+        alone = [post(url, "/v1/completions", b).json()["choices"][0]["text"] for b in bodies]
+        greedy = post(url, "/v1/completions", {"model": MODEL, "prompt": "tiny", "max_tokens": 8, "temperature": 0})
+        results: dict[int, str] = {}
+        threads = [
+            threading.Thread(target=lambda i=i: results.update({i: streamed_text(url, bodies[i])})) for i in (0, 1)
+        ]
+        for t in threads:
+            t.start()
+        tiny_t = []
+        for t in (1e-300, 1e-40, 1e-6):
+            r = post(url, "/v1/completions", {"model": MODEL, "prompt": "tiny", "max_tokens": 8, "temperature": t})
+            assert r.status_code == 200, r.text
+            tiny_t.append(r.json()["choices"][0]["text"])
+        for t in threads:
+            t.join(timeout=120)
+        assert results == {0: alone[0], 1: alone[1]}  # both complete, as if alone
+        assert tiny_t == [greedy.json()["choices"][0]["text"]] * 3  # below the floor: greedy
+
+
+# 2. stop strings that held the engine thread
+
+
+def test_many_long_stops_do_not_stall_a_normal_request(endless) -> None:
+    normal = {"model": MODEL, "prompt": "A normal request", "max_tokens": 60, "temperature": 0}
+    hostile = {"model": MODEL, "prompt": "Hostile", "max_tokens": 400, "temperature": 1.0}
+    with serving(endless) as url:
+
+        def latency() -> float:
+            start = time.perf_counter()
+            assert post(url, "/v1/completions", normal).status_code == 200
+            return time.perf_counter() - start
+
+        latency()  # warm
+        alone = statistics.median(latency() for _ in range(3))
+        # the report's attack: 2,000 stop strings of 2,000 characters each, refused at once
+        attack = {**hostile, "stop": [f"{i:04d}" + "x" * 1996 for i in range(2000)]}
+        r = post(url, "/v1/completions", attack)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stop" and "at most 16" in r.text
+        # the most allowed, all near-misses of a long text, streaming beside the normal request
+        most = {**hostile, "prompt": "a" * 40, "stop": ["a" * 255 + chr(ord("b") + i) for i in range(16)]}
+        seen = []
+        for _ in range(2):  # two tries: one slow moment of a busy machine is not a stall
+            worker = threading.Thread(target=lambda: streamed_text(url, most))
+            worker.start()
+            time.sleep(0.3)  # it is decoding now
+            seen.append(latency())
+            worker.join(timeout=300)
+            if seen[-1] < 2 * alone:
+                break
+        assert min(seen) < 2 * alone, (alone, seen)
+
+
+# 3. tokenizing on the event loop
+
+
+def poll_health(url: str, stop: threading.Event, times: list[float]) -> None:
+    with httpx.Client(timeout=30) as http:
+        while not stop.is_set():
+            start = time.perf_counter()
+            assert http.get(f"{url}/health").status_code == 200
+            times.append(time.perf_counter() - start)
+            time.sleep(0.02)
+
+
+def beside_health(url: str, send) -> tuple[httpx.Response, list[float]]:
+    stop, times = threading.Event(), []
+    poller = threading.Thread(target=poll_health, args=(url, stop, times))
+    poller.start()
+    try:
+        time.sleep(0.2)
+        response = send()
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        poller.join(timeout=60)
+    return response, times
+
+
+def test_huge_prompts_never_freeze_the_event_loop(llm) -> None:
+    huge = "lorem ipsum dolor sit amet " * (20_000_000 // 27)  # 20 MB
+    with serving(llm) as url:  # the defaults: refused before it is read or tokenized
+        r, times = beside_health(url, lambda: post(url, "/v1/completions", {"model": MODEL, "prompt": huge}))
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        assert times and max(times) < 0.5, max(times)
+        small_enough = huge[: 4 << 20]  # under the body limit, over what the context can hold: not tokenized
+        r = post(url, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": small_enough}]})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert "--max-prompt-bytes" in r.json()["error"]["message"]
+    # limits raised: a 1 MB prompt is tokenized, on the tokenizer threads while /health answers
+    with serving(llm, max_request_bytes=64 << 20, max_prompt_bytes=64 << 20) as url:
+        for path, body in (
+            ("/v1/completions", {"model": MODEL, "prompt": huge[: 1 << 20]}),
+            ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": huge[: 1 << 20]}]}),
+        ):
+            r, times = beside_health(url, lambda path=path, body=body: post(url, path, body))
+            assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+            assert len(times) > 5 and max(times) < 0.5, (len(times), max(times))
+
+
+# 4. /metrics
+
+
+def test_metrics_keep_bounded_series_and_parse(llm) -> None:
+    app = create_app(llm, ServerConfig(served_model_name=MODEL))
+
+    async def flood() -> str:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
+            for i in range(10_000):
+                await http.get(f"/junk/{i}")
+            for path in ('/a"b', "/a\\b", "/line%0Abreak", "/ünï", "/v1/x{y}", "/metrics/"):
+                await http.get(path)
+            await http.get("/v1/models/some/deep/id")
+            return (await http.get("/metrics")).text
+
+    page = asyncio.run(flood())
+    families = {f.name: f for f in text_string_to_metric_families(page)}
+    requests = [s for s in families["hetero_moe_requests"].samples if s.name == "hetero_moe_requests_total"]
+    endpoints = {s.labels["endpoint"] for s in requests}
+    assert endpoints == {"unmatched", "/v1/models/{model_id}"}, endpoints
+    unmatched = next(s for s in requests if s.labels == {"endpoint": "unmatched", "status": "404"})
+    assert unmatched.value == 10_000 + 6
+    assert len(page) < 20_000
+
+
+def test_metrics_behind_the_key_unless_public(llm) -> None:
+    with serving(llm, api_key="k3y") as url:
+        assert httpx.get(f"{url}/metrics", timeout=10).status_code == 401
+        r = httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer k3y"}, timeout=10)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        assert httpx.get(f"{url}/api/tags", timeout=10).status_code == 401  # the Ollama routes' prefix too
+    with serving(llm, api_key="k3y", metrics_public=True) as url:
+        assert httpx.get(f"{url}/metrics", timeout=10).status_code == 200
+        assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
+
+
+# 5. bodies: the key first, the size while reading
+
+
+def raw_request(url: str, head: str, body: bytes = b"") -> tuple[int, bytes]:
+    """Send a request by hand (headers, then only part of a body) and read the response's status; a
+    server that waited for the rest of the body would time out here."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head.encode() + b"\r\n" + body)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        while True:  # the rest of the response, until the server closes or goes quiet
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            data += chunk
+    return int(data.split(b" ", 2)[1]), data
+
+
+def test_the_key_is_checked_before_the_body_is_read(llm) -> None:
+    with serving(llm, api_key="k3y", max_request_bytes=1 << 20) as url:
+        host = url.removeprefix("http://")
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        status, data = raw_request(url, head + "Content-Length: 300000000\r\n", b'{"model": "')
+        assert status == 401 and b"invalid_api_key" in data
+        keyed = head + "Authorization: Bearer k3y\r\n"
+        status, data = raw_request(url, keyed + "Content-Length: 300000000\r\n", b'{"model": "')
+        assert status == 413 and b"request_too_large" in data
+        # no length given: counted while read, refused once past the limit
+        chunk = b"x" * 65536
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(20))
+        status, data = raw_request(url, keyed + "Transfer-Encoding: chunked\r\n", chunks)
+        assert status == 413
+        ok = httpx.post(
+            f"{url}/v1/completions",
+            json={"model": MODEL, "prompt": "x", "max_tokens": 2},
+            headers={"Authorization": "Bearer k3y"},
+            timeout=60,
+        )
+        assert ok.status_code == 200
+
+
+# 6. client mistakes that were 500s
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_lone_surrogates_and_huge_seeds_are_400(llm, stream: bool) -> None:
+    with serving(llm) as url:
+        cases = [
+            ("/v1/completions", {"prompt": "a\ud800b"}, "prompt"),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\udfffb"}]}, "messages"),
+            ("/v1/completions", {"prompt": "x", "stop": ["\ud83d"]}, "stop"),
+            ("/v1/completions", {"prompt": "x", "seed": 2**64}, "seed"),
+            ("/v1/completions", {"prompt": "x", "seed": -(2**63) - 1}, "seed"),
+        ]
+        for path, fields, param in cases:
+            body = json.dumps({"model": MODEL, **fields, "stream": stream})  # lone surrogates as \u escapes
+            assert "\\ud" in body or "seed" in fields
+            r = httpx.post(f"{url}{path}", content=body, headers={"content-type": "application/json"}, timeout=60)
+            assert r.status_code == 400, (fields, r.text)
+            assert r.json()["error"]["param"] == param
+        ok = post(url, "/v1/completions", {"model": MODEL, "prompt": "😀 ok", "seed": 2**64 - 1, "max_tokens": 2})
+        assert ok.status_code == 200
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        assert "hetero_moe_queue_size 0.0" in metrics and "hetero_moe_running_requests 0.0" in metrics

@@ -205,18 +205,47 @@ def test_nulls_mean_defaults(url) -> None:
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 16
 
 
-def test_unknown_fields_are_ignored(url) -> None:
+def test_harmless_fields_are_accepted(url) -> None:
     body = {
         "model": MODEL,
-        "messages": [{"role": "user", "content": "x", "name": "bob"}],
+        "messages": [{"role": "user", "content": "x", "name": "bob"}, {"role": "assistant", "content": "y"}],
         "max_tokens": 2,
         "user": "someone",
-        "tools": [],
+        "n": 1,
+        "metadata": {"team": "a"},
+        "store": False,
         "parallel_tool_calls": False,
-        "whatever": {"a": 1},
+        "tool_choice": "none",
+        "response_format": {"type": "text"},
+        "logit_bias": {},
+        "tools": None,
     }
     r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("whatever", {"a": 1}, "whatever: unknown field; this server does not support it"),
+        ("functions", [{"name": "f"}], "functions: unknown field"),
+        ("tools", [{"type": "function", "function": {"name": "f"}}], "tools: tools are not supported yet"),
+        ("tools", [], "tools: tools are not supported yet"),
+        ("tool_choice", "auto", "tool_choice is not supported yet"),
+        ("response_format", {"type": "json_object"}, "response_format other than"),
+        ("logit_bias", {"5": 1.0}, "logit_bias is not supported yet"),
+        ("store", True, "store is not supported"),
+        ("stream_options", {"include_usage": True, "extra": 1}, "stream_options.extra: unknown field"),
+        ("messages", [{"role": "user", "content": "x", "audio": {}}], "messages.0.audio: unknown field"),
+        ("messages", [{"role": "tool", "content": "x", "tool_call_id": "c1"}], "tool calls are not supported yet"),
+    ],
+)
+def test_fields_we_do_not_honour_are_refused(url, field: str, value, message: str) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, field: value}
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert message in error["message"] and error["param"] == field and error["type"] == "invalid_request_error"
 
 
 @pytest.mark.parametrize(
@@ -265,7 +294,8 @@ def test_unknown_fields_are_ignored(url) -> None:
         ("/v1/completions", {"model": MODEL, "prompt": ""}, "prompt"),
         ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, "prompt"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True}, "echo"),
-        ("/v1/completions", {"model": MODEL, "prompt": [1, 10**9]}, "messages"),
+        ("/v1/completions", {"model": MODEL, "prompt": [1, 10**9]}, "prompt"),
+        ("/v1/completions", {"model": MODEL, "prompt": [1, -1]}, "prompt"),
     ],
 )
 def test_invalid_requests_are_400(url, path: str, body: dict, param: str) -> None:

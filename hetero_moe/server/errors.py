@@ -1,9 +1,9 @@
-"""API errors in OpenAI's error JSON, the handlers that turn exceptions into them, and the key check."""
+"""API errors in OpenAI's error JSON, and the handlers that turn exceptions into them."""
 
 from __future__ import annotations
 
-import hmac
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,49 +32,50 @@ class APIError(Exception):
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
 
 
-def authorized(request: Request) -> None:
-    """A dependency of the `/v1` routes: with an API key set, `Authorization: Bearer KEY` is required."""
-    key = request.app.state.server.config.api_key
-    if key is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise APIError(401, "Incorrect or missing API key; send 'Authorization: Bearer KEY'.", code="invalid_api_key")
-
-
 def install_handlers(app: FastAPI) -> None:
-    """Every error leaves as OpenAI's error JSON (or a bare 499 for a client that is gone), counted in
-    the metrics by path and status."""
-
-    def count(request: Request, status: int) -> None:
-        request.app.state.server.metrics.request(request.url.path, status)
+    """Every error leaves as OpenAI's error JSON (or a bare 499 for a client that is gone). The guard
+    counts them in the metrics."""
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
-        count(request, e.status)
         return JSONResponse(error_body(e.message, e.type, e.code, e.param), status_code=e.status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
-        message = f"{param}: {first['msg']}" if param else first["msg"]
-        count(request, 400)
+        message, param = validation_message(e.errors())
         return JSONResponse(error_body(message, "invalid_request_error", "invalid_value", param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        count(request, e.status_code)
-        return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code)
+        # a 405 keeps its Allow header
+        body = error_body(str(e.detail), "invalid_request_error")
+        return JSONResponse(body, status_code=e.status_code, headers=getattr(e, "headers", None))
 
     @app.exception_handler(ClientGone)
     async def _gone(request: Request, e: ClientGone) -> Response:
-        count(request, 499)  # nginx's "client closed request"; nobody reads the body
-        return Response(status_code=499)
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads the body
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception) -> JSONResponse:
         log.exception("internal error")
-        count(request, 500)
         return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
+
+
+_TYPE_TAG = re.compile(r"^([a-z-]+\[.*\]|str|int|float|bool|none|list|dict)$")  # pydantic's union member names
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """One clear line and the top-level field (`param`) for pydantic's errors: the most specific error
+    (the deepest location, which is the union member that came closest), its path without pydantic's
+    type tags, and the message without its "Value error, " prefix."""
+    if not errors:
+        return "invalid request", None
+    first = max(errors, key=lambda err: len(err.get("loc", ())))
+    loc = [str(x) for x in first.get("loc", ()) if x != "body" and not _TYPE_TAG.match(str(x))]
+    if first.get("type") == "extra_forbidden":
+        text = "unknown field; this server does not support it"
+    elif first.get("type") == "json_invalid":
+        return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", None
+    else:
+        text = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    return (f"{'.'.join(loc)}: {text}" if loc else text), (loc[0] if loc else None)

@@ -1,13 +1,21 @@
-"""Server metrics in the Prometheus text format, kept without a client library."""
+"""Server metrics, exposed in the Prometheus text format through `prometheus_client` (which escapes
+every label value). Requests are counted by route template, never by the raw path, so the number of
+series stays bounded whatever paths clients send."""
 
 from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from hetero_moe.engine.engine import EngineStats
 
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+UNMATCHED = "unmatched"  # the endpoint label of every path no route serves
 
 
 class Metrics:
@@ -23,6 +31,7 @@ class Metrics:
         self.cancelled_waiting = 0  # requests whose client left before they reached the engine
 
     def request(self, endpoint: str, status: int) -> None:
+        """Count a response; `endpoint` is a route template or `UNMATCHED`, never a raw path."""
         with self._lock:
             self.requests[(endpoint, status)] += 1
 
@@ -45,31 +54,46 @@ class Metrics:
         with self._lock:
             setattr(self, name, getattr(self, name) + delta)
 
-    def render(self, stats: EngineStats, queued: int) -> str:
+    def render(self, stats: EngineStats, queued: int) -> bytes:
         """The page: this server's request counters, and the engine's `stats` after its last step."""
+        families: list[Metric] = []
         with self._lock:
-            lines = [
-                "# HELP hetero_moe_requests_total Requests answered, by endpoint and HTTP status.",
-                "# TYPE hetero_moe_requests_total counter",
-            ]
+            requests = CounterMetricFamily(
+                "hetero_moe_requests", "Requests answered, by route and HTTP status.", labels=["endpoint", "status"]
+            )
             for (endpoint, status), n in sorted(self.requests.items()):
-                lines.append(f'hetero_moe_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}')
-            lines += _metric("prompt_tokens_total", "counter", "Prompt tokens processed.", self.prompt_tokens)
-            lines += _metric("generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens)
-            lines += [
-                "# HELP hetero_moe_time_to_first_token_seconds Time from arrival to the first token.",
-                "# TYPE hetero_moe_time_to_first_token_seconds histogram",
-            ]
-            for bound, n in zip(TTFT_BUCKETS, self.ttft_counts, strict=True):
-                lines.append(f'hetero_moe_time_to_first_token_seconds_bucket{{le="{bound}"}} {n}')
-            lines.append(f'hetero_moe_time_to_first_token_seconds_bucket{{le="+Inf"}} {self.ttft_count}')
-            lines.append(f"hetero_moe_time_to_first_token_seconds_sum {self.ttft_sum}")
-            lines.append(f"hetero_moe_time_to_first_token_seconds_count {self.ttft_count}")
-            lines += _metric("decode_tokens_per_second", "gauge", "Decode speed of the last request.", self.decode_tps)
+                requests.add_metric([endpoint, str(status)], n)
+            families.append(requests)
+            families.append(
+                CounterMetricFamily("hetero_moe_prompt_tokens", "Prompt tokens processed.", self.prompt_tokens)
+            )
+            families.append(
+                CounterMetricFamily("hetero_moe_generation_tokens", "Tokens generated.", self.generation_tokens)
+            )
+            buckets = [(str(b), n) for b, n in zip(TTFT_BUCKETS, self.ttft_counts, strict=True)]
+            families.append(
+                HistogramMetricFamily(
+                    "hetero_moe_time_to_first_token_seconds",
+                    "Time from arrival to the first token.",
+                    buckets=[*buckets, ("+Inf", self.ttft_count)],
+                    sum_value=self.ttft_sum,
+                )
+            )
+            families.append(
+                _family("decode_tokens_per_second", "gauge", "Decode speed of the last request.", self.decode_tps)
+            )
             cancelled = stats.cancelled_total + self.cancelled_waiting
-            lines += _metric("queue_size", "gauge", "Requests waiting for the engine.", queued)
-            lines += _metric("running_requests", "gauge", "Requests in the running batch.", stats.running)
-            lines += _metric("cancelled_total", "counter", "Requests cancelled by a disconnect.", cancelled)
+        families.append(_family("queue_size", "gauge", "Requests waiting for the engine.", queued))
+        families.append(_family("running_requests", "gauge", "Requests in the running batch.", stats.running))
+        families.append(_family("cancelled_total", "counter", "Requests cancelled by a disconnect.", cancelled))
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Families(families + _engine_families(stats)))
+        return generate_latest(registry)
+
+
+def _engine_families(stats: EngineStats) -> list[Metric]:
+    return [
+        _family(name, kind, help_text, value)
         for name, kind, help_text, value in (
             ("preempted_total", "counter", "Requests paused to free KV cache pages.", stats.preempted_total),
             ("kv_cache_used_tokens", "gauge", "Token slots of the KV cache pool in use.", stats.kv_cache_used_tokens),
@@ -115,11 +139,18 @@ class Metrics:
                 "Cached pages copied back from host memory instead of recomputed.",
                 stats.host_tier_pages_loaded_total,
             ),
-        ):
-            lines += _metric(name, kind, help_text, value)
-        return "\n".join(lines) + "\n"
+        )
+    ]
 
 
-def _metric(name: str, kind: str, help_text: str, value: float) -> list[str]:
-    full = f"hetero_moe_{name}"
-    return [f"# HELP {full} {help_text}", f"# TYPE {full} {kind}", f"{full} {value}"]
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
+def _family(name: str, kind: str, help_text: str, value: float) -> Metric:
+    cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+    return cls(f"hetero_moe_{name}", help_text, value)

@@ -1,6 +1,8 @@
 """The routes: `/health`, `/metrics`, and OpenAI's `/v1/models`, `/v1/chat/completions`,
-`/v1/completions`. Each handler validates, turns the request into token ids and sampling parameters,
-queues a job for the engine worker, and formats what comes back (`openai_format`)."""
+`/v1/completions`. Each handler validates, turns the request into token ids (on the tokenizer
+threads, never on the event loop, after a byte limit) and sampling parameters, queues a job for the
+engine worker, and formats what comes back (`openai_format`). The guard in front of them has checked
+the Host, the key and the body's size already."""
 
 from __future__ import annotations
 
@@ -8,11 +10,14 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import PlainTextResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse
 
 from hetero_moe.engine.request import Cancelled, ContextLengthError, StepOutput
@@ -20,35 +25,58 @@ from hetero_moe.engine.sampler import SamplingParams
 from hetero_moe.llm import LLM
 from hetero_moe.server import openai_format as fmt
 from hetero_moe.server.config import ServerConfig
-from hetero_moe.server.errors import APIError, ClientGone, authorized
+from hetero_moe.server.errors import APIError, ClientGone
 from hetero_moe.server.metrics import Metrics
 from hetero_moe.server.reasoning import REASONING_PARSERS
-from hetero_moe.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from hetero_moe.server.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse, SamplingFields
 from hetero_moe.server.worker import EngineWorker, Job, QueueFullError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
 class ServerState:
-    """What every handler reads: the model, the settings, the engine worker and the metrics."""
+    """What every handler reads: the model, the settings, the engine worker, the metrics, and the threads
+    that tokenize."""
 
     llm: LLM
     config: ServerConfig
     worker: EngineWorker
     metrics: Metrics
     card: dict  # /v1/models' entry for the served model
+    tokenizers: ThreadPoolExecutor
+    max_prompt_bytes: int  # prompt text beyond this is refused before tokenizing
 
     def token_text(self, token_id: int) -> str:
         return self.llm.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    async def tokenize(self, fn: Callable[..., T], *args) -> T:
+        """`fn(*args)` (tokenizing, a chat template) on the tokenizer threads: the event loop keeps serving."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizers, fn, *args)
 
 
 def state(request: Request) -> ServerState:
     return request.app.state.server
 
 
-router = APIRouter()
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
+def _errors(*statuses: int) -> dict:
+    """OpenAPI entries for the errors a route answers, all in OpenAI's error body."""
+    reasons = {
+        400: "Invalid request: a bad or unsupported field, malformed JSON, a prompt that cannot fit",
+        401: "Missing or wrong API key (with --api-key)",
+        403: "Host or Origin not allowed",
+        404: "Unknown model",
+        413: "Request body too large (--max-request-bytes)",
+        429: "The queue of waiting requests is full",
+        500: "Internal error",
+    }
+    return {status: {"model": ErrorResponse, "description": reasons[status]} for status in statuses}
+
+
+STREAMED = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": "The completion"}}
+router = APIRouter(responses=_errors(403, 500))
+v1 = APIRouter(prefix="/v1", responses=_errors(401))
 
 
 @router.get("/health")
@@ -56,10 +84,14 @@ async def health() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/metrics")
-async def prometheus(request: Request) -> PlainTextResponse:
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}, **_errors(401)},
+)
+async def prometheus(request: Request) -> Response:
     s = state(request)
-    return PlainTextResponse(s.metrics.render(s.worker.stats, s.worker.queued), media_type="text/plain; version=0.0.4")
+    return Response(s.metrics.render(s.worker.stats, s.worker.queued), media_type=CONTENT_TYPE_LATEST)
 
 
 @v1.get("/models")
@@ -67,24 +99,25 @@ async def models(request: Request) -> dict:
     return {"object": "list", "data": [state(request).card]}
 
 
-@v1.get("/models/{model_id:path}")
+@v1.get("/models/{model_id:path}", responses=_errors(404))
 async def model(model_id: str, request: Request) -> dict:
     s = state(request)
     check_model(s, model_id)
     return s.card
 
 
-@v1.post("/chat/completions")
+@v1.post("/chat/completions", responses={**STREAMED, **_errors(400, 404, 413, 429)})
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     s = state(request)
     check_model(s, body.model)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    check_prompt_bytes(s, sum(len(m["content"].encode()) for m in messages), "messages")
     try:
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        prompt_ids = s.llm.chat_ids(messages)
+        prompt_ids = await s.tokenize(s.llm.chat_ids, messages)
     except ValueError as e:
         raise APIError(400, str(e), param="messages") from e
     top = (body.top_logprobs or 0) if body.logprobs else None
-    job = submit(s, prompt_ids, body, body.max_completion_tokens or body.max_tokens, top)
+    job = submit(s, prompt_ids, body, body.max_completion_tokens or body.max_tokens, top, "messages")
     parser = None
     if s.config.reasoning_parser is not None:
         tail = s.llm.tokenizer.decode(prompt_ids[-16:], skip_special_tokens=False)  # the prompt's end
@@ -93,27 +126,55 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.stream:
         base = {**base, "object": "chat.completion.chunk"}
         chunks = fmt.chat_chunks(job.steps(), base, parser, s.token_text, usage_of(job, body))
-        return stream_response(s, request, chunks)
+        return stream_response(chunks)
     steps = await collect(job, request)
-    s.metrics.request(request.url.path, 200)
     return fmt.chat_response(steps, base, parser, s.token_text, job.usage(len(steps)))
 
 
-@v1.post("/completions")
+@v1.post("/completions", responses={**STREAMED, **_errors(400, 404, 413, 429)})
 async def completions(body: CompletionRequest, request: Request):
     s = state(request)
     check_model(s, body.model)
-    prompt_ids = s.llm.encode(body.prompt)
-    job = submit(s, prompt_ids, body, body.max_tokens or 16, body.logprobs)
+    if isinstance(body.prompt, str):
+        check_prompt_bytes(s, len(body.prompt.encode()), "prompt")
+        prompt_ids = await s.tokenize(s.llm.encode, body.prompt)
+    else:
+        prompt_ids = list(body.prompt)
+        check_vocabulary(s, prompt_ids)
+    job = submit(s, prompt_ids, body, body.max_tokens or 16, body.logprobs, "prompt")
     base = fmt.envelope(f"cmpl-{uuid.uuid4().hex}", "text_completion", s.config.served_model_name)
     if body.stream:
-        return stream_response(s, request, fmt.completion_chunks(job.steps(), base, s.token_text, usage_of(job, body)))
+        return stream_response(fmt.completion_chunks(job.steps(), base, s.token_text, usage_of(job, body)))
     steps = await collect(job, request)
-    s.metrics.request(request.url.path, 200)
     return fmt.completion_response(steps, base, s.token_text, job.usage(len(steps)))
 
 
 router.include_router(v1)
+
+
+def check_prompt_bytes(s: ServerState, size: int, param: str) -> None:
+    """Refuse prompt text too long to fit, before any tokenizing."""
+    if size > s.max_prompt_bytes:
+        raise APIError(
+            400,
+            f"the prompt has {size} bytes of text; at most {s.max_prompt_bytes} can fit this server's "
+            f"{s.worker.engine.max_sequence} tokens per request (--max-prompt-bytes)",
+            code="context_length_exceeded",
+            param=param,
+        )
+
+
+def check_vocabulary(s: ServerState, prompt_ids: Sequence[int]) -> None:
+    """Token ids given as the prompt must be in the vocabulary (checked after the length: one that is too
+    long is refused for that, without looking at a million ids)."""
+    if len(prompt_ids) >= s.worker.engine.max_sequence:
+        return
+    vocab = s.worker.engine.runner.vocab_size
+    bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise APIError(
+            400, f"token id {bad} is outside the vocabulary (0..{vocab - 1})", code="invalid_value", param="prompt"
+        )
 
 
 def check_model(s: ServerState, name: str) -> None:
@@ -131,7 +192,12 @@ def usage_of(job: Job, body: SamplingFields):
 
 
 def submit(
-    s: ServerState, prompt_ids: list[int], body: SamplingFields, max_tokens: int | None, logprobs: int | None
+    s: ServerState,
+    prompt_ids: list[int],
+    body: SamplingFields,
+    max_tokens: int | None,
+    logprobs: int | None,
+    param: str,
 ) -> Job:
     """Check the prompt against the engine's limits, build the sampling parameters and queue the job; the
     output may run to the end of the room the prompt leaves when `max_tokens` is not given."""
@@ -139,7 +205,7 @@ def submit(
     try:
         engine.check_prompt(prompt_ids)
     except ContextLengthError as e:
-        raise APIError(400, str(e), code="context_length_exceeded", param="messages") from e
+        raise APIError(400, str(e), code="context_length_exceeded", param=param) from e
     room = engine.max_sequence - len(prompt_ids)
     if room < 1:
         raise APIError(
@@ -147,7 +213,7 @@ def submit(
             f"the prompt has {len(prompt_ids)} tokens; this server holds {engine.max_sequence} per request "
             "(the KV cache pool, --kv-cache-tokens), with room for at least one new token",
             code="context_length_exceeded",
-            param="messages",
+            param=param,
         )
     try:
         params = SamplingParams(
@@ -172,9 +238,7 @@ def submit(
     return job
 
 
-def stream_response(s: ServerState, request: Request, chunks: AsyncIterator[dict]) -> EventSourceResponse:
-    s.metrics.request(request.url.path, 200)
-
+def stream_response(chunks: AsyncIterator[dict]) -> EventSourceResponse:
     async def events() -> AsyncIterator[dict]:
         try:
             async for chunk in chunks:
