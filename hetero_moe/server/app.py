@@ -57,13 +57,14 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         )
     install_handlers(app)
     app.include_router(router)
-    app.openapi = lambda: openapi(app)
+    app.openapi = lambda: openapi(app, config.served_model_name)
     return app
 
 
-def openapi(app: FastAPI) -> dict:
+def openapi(app: FastAPI, model: str) -> dict:
     """FastAPI's document from the same schemas the server enforces, less the 422 it never answers (a
-    validation error is a 400 in OpenAI's error body, documented on each route)."""
+    validation error is a 400 in OpenAI's error body, documented on each route), and with the one model
+    this server serves."""
     if app.openapi_schema is None:
         doc = get_openapi(title=app.title, version="1", routes=app.routes)
         for operations in doc["paths"].values():
@@ -72,5 +73,7 @@ def openapi(app: FastAPI) -> dict:
         schemas = doc.get("components", {}).get("schemas", {})
         for unused in ("HTTPValidationError", "ValidationError"):
             schemas.pop(unused, None)
+        for request in ("ChatCompletionRequest", "CompletionRequest"):
+            schemas[request]["properties"]["model"]["enum"] = [model]
         app.openapi_schema = doc
     return app.openapi_schema

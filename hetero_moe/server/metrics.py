@@ -16,6 +16,7 @@ from hetero_moe.engine.engine import EngineStats
 
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 UNMATCHED = "unmatched"  # the endpoint label of every path no route serves
+MEDIA_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the text format every Prometheus reads
 
 
 class Metrics:

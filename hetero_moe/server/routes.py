@@ -17,7 +17,6 @@ from typing import TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse
 
 from hetero_moe.engine.request import Cancelled, ContextLengthError, StepOutput
@@ -26,7 +25,7 @@ from hetero_moe.llm import LLM
 from hetero_moe.server import openai_format as fmt
 from hetero_moe.server.config import ServerConfig
 from hetero_moe.server.errors import APIError, ClientGone
-from hetero_moe.server.metrics import Metrics
+from hetero_moe.server.metrics import MEDIA_TYPE, Metrics
 from hetero_moe.server.reasoning import REASONING_PARSERS
 from hetero_moe.server.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse, SamplingFields
 from hetero_moe.server.worker import EngineWorker, Job, QueueFullError
@@ -74,7 +73,14 @@ def _errors(*statuses: int) -> dict:
     return {status: {"model": ErrorResponse, "description": reasons[status]} for status in statuses}
 
 
-STREAMED = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": "The completion"}}
+# a streamed answer: each server-sent event's data is a JSON chunk, then "[DONE]" (OpenAPI 3.1 describes
+# an event stream by the schema of one event)
+EVENT = {
+    "type": "object",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+    "required": ["data"],
+}
+STREAMED = {200: {"content": {"text/event-stream": {"schema": EVENT}}, "description": "The completion"}}
 router = APIRouter(responses=_errors(403, 500))
 v1 = APIRouter(prefix="/v1", responses=_errors(401))
 
@@ -87,11 +93,11 @@ async def health() -> dict:
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}, **_errors(401)},
+    responses={200: {"content": {MEDIA_TYPE: {"schema": {"type": "string"}}}}, **_errors(401)},
 )
 async def prometheus(request: Request) -> Response:
     s = state(request)
-    return Response(s.metrics.render(s.worker.stats, s.worker.queued), media_type=CONTENT_TYPE_LATEST)
+    return Response(s.metrics.render(s.worker.stats, s.worker.queued), media_type=MEDIA_TYPE)
 
 
 @v1.get("/models")

@@ -31,6 +31,21 @@ Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]  # a JSON integer is a number too
 Bool = Annotated[bool, Strict()]
 Text = Annotated[str, Strict(), AfterValidator(_unicode)]
+One = Annotated[int, Strict(), Field(ge=1, le=1)]
+Stop = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+Empty = Annotated[dict[Text, Float], Field(max_length=0)]
+
+
+def _only(allowed: tuple, message: str):
+    """A validator that refuses, with `message`, any value but `allowed` (null among them), before the
+    value's type is checked; the field's type documents what is allowed."""
+
+    def check(cls, value: Any) -> Any:
+        if value is not None and (isinstance(value, bool) is not isinstance(allowed[0], bool) or value not in allowed):
+            raise ValueError(message)
+        return value
+
+    return classmethod(check)
 
 
 class ErrorDetail(BaseModel):
@@ -70,10 +85,10 @@ class ChatMessage(BaseModel):
     content: Text | list[ContentPart] | None = None
     name: Text | None = None  # accepted; chat templates do not use it
     reasoning_content: Text | None = None  # an earlier answer's reasoning, sent back by clients: dropped
-    tool_calls: list[Any] | None = None
-    tool_call_id: Text | None = None
+    tool_calls: Annotated[list[Any], Field(max_length=0)] | None = None
+    tool_call_id: None = None
 
-    @field_validator("tool_calls", "tool_call_id")
+    @field_validator("tool_calls", "tool_call_id", mode="before")
     @classmethod
     def _no_tools(cls, value: Any) -> Any:
         if value:
@@ -95,50 +110,35 @@ class SamplingFields(BaseModel):
     top_p: Float | None = Field(None, gt=0, le=1)
     top_k: Int | None = Field(None, ge=-1)  # 0 or -1: off
     seed: Int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    stop: Text | list[Text] | None = None
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None = None
     presence_penalty: Float | None = Field(None, ge=-2, le=2)
     frequency_penalty: Float | None = Field(None, ge=-2, le=2)
-    n: Int | None = None
+    n: One | None = None
     stream: Bool | None = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
     metadata: dict[Text, Text] | None = None  # accepted; nothing is stored
-    store: Bool | None = None
-    logit_bias: dict[Text, Float] | None = None
+    store: Literal[False] | None = None
+    logit_bias: Empty | None = None
     ignore_eos: Bool | None = None  # an extension (as vLLM's): generate past EOS, for benchmarks
 
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int | None) -> int | None:
-        if n not in (None, 1):
-            raise ValueError("only n=1 is supported")
-        return n
+    _one_choice = field_validator("n", mode="before")(_only((1,), "only n=1 is supported"))
+    _no_store = field_validator("store", mode="before")(
+        _only((False,), "store is not supported: this server keeps no completions")
+    )
+    _no_logit_bias = field_validator("logit_bias", mode="before")(_only(({},), "logit_bias is not supported yet"))
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
-    def _stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        stops = [stop] if isinstance(stop, str) else stop or []
+    def _stops(cls, stop: Any) -> Any:
+        stops = stop if isinstance(stop, list) else [stop] if isinstance(stop, str) else []
         if len(stops) > MAX_STOPS:
             raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(stops)}")
-        if any(not s for s in stops):
+        if any(isinstance(s, str) and not s for s in stops):
             raise ValueError("stop strings must not be empty")
-        if any(len(s) > MAX_STOP_CHARS for s in stops):
+        if any(isinstance(s, str) and len(s) > MAX_STOP_CHARS for s in stops):
             raise ValueError(f"a stop string has at most {MAX_STOP_CHARS} characters")
         return stop
-
-    @field_validator("store")
-    @classmethod
-    def _no_store(cls, store: bool | None) -> bool | None:
-        if store:
-            raise ValueError("store is not supported: this server keeps no completions")
-        return store
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, bias: dict | None) -> dict | None:
-        if bias:
-            raise ValueError("logit_bias is not supported yet")
-        return bias
 
     def stop_strings(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -148,74 +148,57 @@ class SamplingFields(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class TextFormat(BaseModel):
+    model_config = STRICT
+    type: Literal["text"]
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: Bool | None = False
     top_logprobs: Int | None = Field(None, ge=0, le=20)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: None = None
+    tool_choice: Literal["none"] | None = None
     parallel_tool_calls: Bool | None = None  # accepted: without tools it changes nothing
-    response_format: Any = None
+    response_format: TextFormat | None = None
 
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, tools: list | None) -> list | None:
-        if tools is not None:
-            raise ValueError("tools are not supported yet")
-        return tools
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, choice: Any) -> Any:
-        if choice not in (None, "none"):
-            raise ValueError("tool_choice is not supported yet (tool calling is not implemented)")
-        return choice
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_format(cls, fmt: Any) -> Any:
-        if fmt not in (None, {"type": "text"}):
-            raise ValueError("response_format other than {'type': 'text'} is not supported yet")
-        return fmt
+    _no_tools = field_validator("tools", mode="before")(_only((None,), "tools are not supported yet"))
+    _no_tool_choice = field_validator("tool_choice", mode="before")(
+        _only(("none",), "tool_choice is not supported yet (tool calling is not implemented)")
+    )
+    _text_format = field_validator("response_format", mode="before")(
+        _only(({"type": "text"},), "response_format other than {'type': 'text'} is not supported yet")
+    )
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Text | list[Int] | list[Text] | list[list[Int]]
+    prompt: (
+        Annotated[Text, Field(min_length=1)]
+        | Annotated[list[Int], Field(min_length=1)]
+        | Annotated[list[Annotated[Text, Field(min_length=1)]], Field(min_length=1, max_length=1)]
+        | Annotated[list[Annotated[list[Int], Field(min_length=1)]], Field(min_length=1, max_length=1)]
+    )
     max_tokens: Int | None = Field(None, ge=1)  # None: 16, OpenAI's default for completions
     logprobs: Int | None = Field(None, ge=0, le=5)
-    echo: Bool | None = False
-    suffix: Text | None = None
-    best_of: Int | None = None
+    echo: Literal[False] | None = False
+    suffix: Annotated[Text, Field(max_length=0)] | None = None
+    best_of: One | None = None
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, echo: bool | None) -> bool | None:
-        if echo:
-            raise ValueError("echo is not supported")
-        return echo
+    _no_echo = field_validator("echo", mode="before")(_only((False,), "echo is not supported"))
+    _no_suffix = field_validator("suffix", mode="before")(_only(("",), "suffix (insertion) is not supported"))
+    _one_best = field_validator("best_of", mode="before")(_only((1,), "only best_of=1 is supported"))
 
-    @field_validator("suffix")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _no_suffix(cls, suffix: str | None) -> str | None:
-        if suffix:
-            raise ValueError("suffix (insertion) is not supported")
-        return suffix
-
-    @field_validator("best_of")
-    @classmethod
-    def _one_best(cls, best_of: int | None) -> int | None:
-        if best_of not in (None, 1):
-            raise ValueError("only best_of=1 is supported")
-        return best_of
+    def _one_prompt(cls, prompt: Any) -> Any:
+        if not prompt and isinstance(prompt, str | list):
+            raise ValueError("the prompt is empty")
+        if isinstance(prompt, list) and isinstance(prompt[0], str | list) and len(prompt) != 1:
+            raise ValueError("only one prompt per request is supported")
+        return prompt
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, prompt):
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-            if len(prompt) != 1:
-                raise ValueError("only one prompt per request is supported")
-            prompt = prompt[0]
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        return prompt
+    def _unwrap(cls, prompt: str | list) -> str | list[int]:
+        return prompt[0] if isinstance(prompt, list) and isinstance(prompt[0], str | list) else prompt
