@@ -49,6 +49,7 @@ class DecodeBench:
     threads: int = 1
     prefill: tuple[int, ...] = ()  # prompt lengths whose prefill (time to first token) is measured too
     routing_skew: float = 0.0  # synthetic routers that prefer some experts (synth_large), for pinning
+    max_context: int | None = None  # KV pool and context at least this many tokens (GPU memory at that context)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -59,6 +60,8 @@ class DecodeBench:
             raise ValueError("steps must be at least 2, prompt tokens and threads at least 1")
         if any(not isinstance(n, int) or n < 1 for n in self.prefill):
             raise ValueError(f"prefill lengths must be positive integers, got {self.prefill}")
+        if self.max_context is not None and self.max_context < 1:
+            raise ValueError(f"--max-context must be at least 1, got {self.max_context}")
 
 
 def checkpoint(bench: DecodeBench, root: Path | None = None) -> Path:
@@ -151,7 +154,7 @@ def run(bench: DecodeBench, model_dir: Path) -> dict:
     dram = dram_read_gbps()
     steps = bench.steps
     decode_tokens = 2 + 3 * steps + 2  # warm-up, timed, profiled and (on a GPU) the overhead pass
-    context = max(bench.prompt_tokens + decode_tokens + 8, max(bench.prefill, default=0) + 1)
+    context = max(bench.prompt_tokens + decode_tokens + 8, max(bench.prefill, default=0) + 1, bench.max_context or 0)
     batching = SchedulerConfig(max_batch=1, kv_cache_tokens=-(-context // 16) * 16, prefill_chunk=context)
     load_start = time.perf_counter()
     llm = LLM(
@@ -216,7 +219,9 @@ def run(bench: DecodeBench, model_dir: Path) -> dict:
         "step_overhead": overhead,
         "prefill": prefill,
         "pcie_h2d_gbps": pcie_h2d_gbps() if gpu is not None else None,
+        "context_tokens": context,
         "gpu_memory_gb": torch.cuda.max_memory_allocated(gpu) / 1e9 if gpu is not None else None,
+        "gpu_memory_reserved_gb": torch.cuda.max_memory_reserved(gpu) / 1e9 if gpu is not None else None,
         "cpu_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
     }
 

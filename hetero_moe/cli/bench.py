@@ -34,6 +34,9 @@ def add_parsers(sub) -> None:
         g.add_argument("--disk", choices=["fp8", "bf16"], help="checkpoint format (default: the release's)")
         g.add_argument("--steps", type=int, default=32, help="decode steps timed")
         g.add_argument("--prefill", default="", help="prompt lengths to time prefill for, e.g. 512,2048,8192")
+        g.add_argument(
+            "--max-context", type=int, help="size the KV pool for this many tokens (GPU memory at that context)"
+        )
         g.add_argument("--threads", type=int, help="CPU threads (default: the physical cores)")
         g.add_argument(
             "--routing-skew", type=float, default=0.0, help="synthetic routers prefer some experts (e.g. 1.0)"
@@ -114,6 +117,7 @@ def run_decode(args: argparse.Namespace) -> int:
         threads=args.threads or physical_cores(),
         prefill=int_list(args.prefill, "--prefill") if args.prefill else (),
         routing_skew=args.routing_skew,
+        max_context=args.max_context,
     )
     root = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     path = bench_decode.checkpoint(bench, root)
