@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -13,6 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from hetero_moe.arch import build_meta_model, config_dtype, load_config
 from hetero_moe.engine.engine import Engine
+from hetero_moe.engine.grammar import Grammar
 from hetero_moe.engine.request import Completion, StepOutput
 from hetero_moe.engine.runner import ModelRunner
 from hetero_moe.engine.sampler import SamplingParams
@@ -25,6 +27,8 @@ from hetero_moe.loader.load import Progress, load_weights
 from hetero_moe.ops.base import Services
 from hetero_moe.prompt import PromptEncoder, load_tokenizer
 from hetero_moe.settings import cache_dir, physical_cores, triton_interpreted
+from hetero_moe.tools import Tool, ToolCall, ToolRequest
+from hetero_moe.tools import parse as parse_tools
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +127,10 @@ class LLM:
         """A raw prompt's token ids (special tokens in the text count as such)."""
         return self.prompts.encode(prompt)
 
-    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """A chat's token ids through the chat template; special tokens typed in messages stay plain text."""
-        return self.prompts.chat_ids(messages)
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """A chat's token ids through the chat template (with OpenAI-style `tools`, if given); special tokens
+        typed in messages stay plain text."""
+        return self.prompts.chat_ids(messages, tools)
 
     def generate(self, prompts: Prompt | Sequence[Prompt], params: Params = None, **sampling) -> Result:
         """Complete raw prompts (text, tokenized as the model's tokenizer does, or token ids): one prompt
@@ -135,11 +140,42 @@ class LLM:
         ids = [self.encode(p) for p in ([prompts] if single else prompts)]
         return self._run(ids, params, sampling, single)
 
-    def chat(self, conversations: Conversation | Sequence[Conversation], params: Params = None, **sampling) -> Result:
-        """Answer chats (lists of messages) through the model's chat template; one or a list, as `generate`."""
+    def chat(
+        self,
+        conversations: Conversation | Sequence[Conversation],
+        params: Params = None,
+        *,
+        tools: Sequence[Tool | dict] | None = None,
+        tool_choice: str = "auto",
+        parallel_tool_calls: bool = True,
+        **sampling,
+    ) -> Result:
+        """Answer chats (lists of messages) through the model's chat template; one or a list, as `generate`.
+        With `tools` (`Tool`s or OpenAI's function tools), the template shows them to the model and each
+        answer is a `ChatCompletion`: its text outside calls, and its `tool_calls`; `tool_choice` "auto",
+        "none", "required" or a function's name (the last two enforced by a grammar)."""
         single = not conversations or isinstance(conversations[0], dict)
-        ids = [self.chat_ids(c) for c in ([conversations] if single else conversations)]
-        return self._run(ids, params, sampling, single)
+        chats = [conversations] if single else conversations
+        if not tools:
+            return self._run([self.chat_ids(c) for c in chats], params, sampling, single)
+        request = ToolRequest(tuple(as_tool(t) for t in tools), tool_choice, parallel_tool_calls)
+        fmt, grammar = self.prompts.tool_setup(request)
+        ids = [self.chat_ids(c, request.rendered) for c in chats]
+        plain = self._params(params, sampling, len(ids))
+        if fmt is not None:
+            plain = [
+                replace(p, skip_special_tokens=not fmt.special_markers, grammar=grammar or p.grammar) for p in plain
+            ]
+        done = self._run(ids, plain, {}, False)
+        if fmt is None:
+            return done[0] if single else done
+        answers = []
+        for c in done:
+            parsed = parse_tools(fmt, c.text, request.parallel)
+            reason = "tool_calls" if parsed.tool_calls and c.finish_reason == "stop" else c.finish_reason
+            fields = {**vars(c), "text": parsed.text, "finish_reason": reason}
+            answers.append(ChatCompletion(**fields, tool_calls=tuple(parsed.tool_calls)))
+        return answers[0] if single else answers
 
     def stream(self, prompts: Prompt | Sequence[Prompt], params: Params = None, **sampling) -> Iterator:
         """`generate`'s steps as they come: `StepOutput`s for one prompt, (prompt index, `StepOutput`) for a
@@ -178,6 +214,24 @@ class LLM:
         return list(params)
 
 
+@dataclass(frozen=True)
+class ChatCompletion(Completion):
+    """A chat answer given tools: `text` is what the model wrote outside its calls."""
+
+    tool_calls: tuple[ToolCall, ...] = ()
+
+
+def as_tool(tool: Tool | dict) -> Tool:
+    """A `Tool`, or one from OpenAI's `{"type": "function", "function": {...}}`."""
+    if isinstance(tool, Tool):
+        return tool
+    fn = tool.get("function", tool) if isinstance(tool, dict) else None
+    if not isinstance(fn, dict) or "name" not in fn:
+        raise ValueError(f"a tool is a Tool or {{'type': 'function', 'function': {{'name': ...}}}}, got {tool!r}")
+    parameters = fn.get("parameters") or {"type": "object", "properties": {}}
+    return Tool(fn["name"], fn.get("description") or "", parameters)
+
+
 Prompt = str | Sequence[int]
 Conversation = list[dict[str, str]]
 Params = SamplingParams | Sequence[SamplingParams] | None
@@ -189,7 +243,14 @@ def _single(prompts) -> bool:
     return isinstance(prompts, str) or not prompts or isinstance(prompts[0], int)
 
 
-def sampling_params(stop: str | Sequence[str] | None = None, **fields) -> SamplingParams:
-    """SamplingParams from keyword fields, `stop` given as one string, a list or None."""
+def sampling_params(
+    stop: str | Sequence[str] | None = None, json_schema: dict | bool | str | None = None, **fields
+) -> SamplingParams:
+    """SamplingParams from keyword fields, `stop` given as one string, a list or None; `json_schema` (a
+    schema as a dict or JSON text) is short for `grammar=Grammar.json_schema(...)`."""
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if json_schema is not None:
+        if fields.get("grammar") is not None:
+            raise ValueError("give json_schema or grammar, not both")
+        fields["grammar"] = Grammar.json_schema(json_schema)
     return SamplingParams(stop=stops, **fields)

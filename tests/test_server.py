@@ -229,15 +229,19 @@ def test_harmless_fields_are_accepted(url) -> None:
     [
         ("whatever", {"a": 1}, "whatever: unknown field; this server does not support it"),
         ("functions", [{"name": "f"}], "functions: unknown field"),
-        ("tools", [{"type": "function", "function": {"name": "f"}}], "tools: tools are not supported yet"),
-        ("tools", [], "tools: tools are not supported yet"),
-        ("tool_choice", "auto", "tool_choice is not supported yet"),
-        ("response_format", {"type": "json_object"}, "response_format other than"),
+        ("tools", [{"type": "function", "function": {"name": "f g"}}], "tools.0.function.name: String should match"),
+        ("tool_choice", "required", "tool_choice 'required' or a named function needs tools"),
+        ("response_format", {"type": "json_schema"}, "response_format.json_schema.json_schema: Field required"),
+        (
+            "response_format",
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(?=a)"}}},
+            "the schema cannot be enforced: regex parse error",
+        ),
         ("logit_bias", {"5": 1.0}, "logit_bias is not supported yet"),
         ("store", True, "store is not supported"),
         ("stream_options", {"include_usage": True, "extra": 1}, "stream_options.extra: unknown field"),
         ("messages", [{"role": "user", "content": "x", "audio": {}}], "messages.0.audio: unknown field"),
-        ("messages", [{"role": "tool", "content": "x", "tool_call_id": "c1"}], "tool calls are not supported yet"),
+        ("messages", [{"role": "tool", "content": "x"}], "a tool message needs the tool_call_id"),
     ],
 )
 def test_fields_we_do_not_honour_are_refused(url, field: str, value, message: str) -> None:

@@ -1,5 +1,5 @@
-"""One generation request and what happens to each of its new tokens: sampling, log-probabilities,
-incremental text, stop strings, and the EOS, `max_tokens` and context limits."""
+"""One generation request and what happens to each of its new tokens: the grammar's mask, sampling,
+log-probabilities, incremental text, stop strings, and the EOS, grammar, `max_tokens` and context limits."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from hetero_moe.engine.grammar import Matcher, constraints_for
 from hetero_moe.engine.sampler import Sampler, SamplingParams
 from hetero_moe.engine.text import Detokenizer, StopMatcher
 
@@ -27,6 +28,7 @@ class StepOutput:
     finish_reason: str | None = None  # "stop" or "length" on the last step
     logprob: float | None = None  # of token_id, when SamplingParams.logprobs is set
     top_logprobs: tuple[tuple[int, float], ...] = ()  # the most likely tokens, best first
+    stop_string: str | None = None  # the stop string that ended the output (cut from the text)
 
 
 @dataclass(frozen=True)
@@ -35,11 +37,13 @@ class Completion:
     token_ids: list[int]
     text: str
     finish_reason: str
+    stop_string: str | None = None  # the stop string that ended it
 
     @classmethod
     def of(cls, prompt_ids: list[int], steps: list[StepOutput]) -> Completion:
         text = "".join(s.text for s in steps)
-        return cls(list(prompt_ids), [s.token_id for s in steps], text, steps[-1].finish_reason)
+        last = steps[-1]
+        return cls(list(prompt_ids), [s.token_id for s in steps], text, last.finish_reason, last.stop_string)
 
 
 @dataclass(frozen=True)
@@ -72,24 +76,31 @@ class Decoding:
         self.prompt_len = len(prompt_ids)
         self.limit = limit  # tokens in the cache at most: prompt and generated
         self.sampler = Sampler(params, vocab_size)
-        self.detok = Detokenizer(tokenizer, prompt_ids)
+        self.detok = Detokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
         self.stops = StopMatcher(params.stop)
         self.generated = 0
+        self.matcher: Matcher | None = None
+        if params.grammar is not None:  # compiled already when the server checked it: a copy
+            self.matcher = constraints_for(tokenizer, vocab_size, eos_ids).matcher(params.grammar)
 
     def step(self, logits: torch.Tensor) -> StepOutput:
-        """Sample the next token from `logits [V]`; the step says its new text and whether it ends. The
-        work per token does not grow with the text: the stop matcher sees each new character once."""
-        token = self.sampler(logits)
+        """Sample the next token from `logits [V]` (among those the grammar allows); the step says its new
+        text and whether it ends. The work per token does not grow with the text: the stop matcher sees each
+        new character once, the grammar's matcher each token."""
+        token = self.sampler(logits, self.matcher.allowed() if self.matcher is not None else None)
         self.generated += 1
+        if self.matcher is not None:
+            self.matcher.advance(token)
         lp = _logprobs(logits, token, self.params.logprobs) if self.params.logprobs is not None else {}
         if token in self.eos_ids:
             return StepOutput(token, self._rest("")[0], "stop", **lp)
         text, stopped = self.stops.feed(self.detok.add(token))
         if stopped:
-            return StepOutput(token, text, "stop", **lp)
-        if self.prompt_len + self.generated >= self.limit:
+            return StepOutput(token, text, "stop", stop_string=self.stops.matched, **lp)
+        if self.prompt_len + self.generated >= self.limit or (self.matcher is not None and self.matcher.done):
             text, stopped = self._rest(text)
-            return StepOutput(token, text, "stop" if stopped else "length", **lp)
+            length = not stopped and (self.matcher is None or not self.matcher.done)
+            return StepOutput(token, text, "length" if length else "stop", stop_string=self.stops.matched, **lp)
         return StepOutput(token, text, **lp)
 
     def _rest(self, text: str) -> tuple[str, bool]:

@@ -1,6 +1,7 @@
 """Sampling parameters and the sampler: greedy at temperature 0 (and below `GREEDY_BELOW`), else
 temperature, top-k, top-p (applied in that order, as transformers does) and a seeded generator per
-request. The parameters bound the work one request may cost per token (stop strings, log-probabilities)."""
+request, over the tokens a grammar allows when the request has one. The parameters bound the work one request
+may cost per token (stop strings, log-probabilities)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from hetero_moe.engine.grammar import Grammar
 
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (vLLM's threshold): dividing by them overflows
 MAX_STOPS = 16  # stop strings per request (OpenAI allows 4)
@@ -32,6 +35,8 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
     frequency_penalty: float = 0.0  # subtracted per earlier occurrence
     logprobs: int | None = None  # report the chosen token's log-probability and this many alternatives
+    grammar: Grammar | None = None  # the output must match it (a JSON schema, ...): enforced by token masks
+    skip_special_tokens: bool = True  # special tokens add no text (False: tool-call markers such as [TOOL_CALLS])
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -58,6 +63,10 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
         if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.grammar is not None and not isinstance(self.grammar, Grammar):
+            raise ValueError(f"grammar must be a Grammar, got {type(self.grammar).__name__}")
+        if not isinstance(self.skip_special_tokens, bool):
+            raise ValueError("skip_special_tokens must be a boolean")
         object.__setattr__(self, "stop", tuple(self.stop))
 
     @property
@@ -78,8 +87,12 @@ class Sampler:
         self.penalized = bool(params.presence_penalty or params.frequency_penalty)
         self.counts = torch.zeros(vocab_size) if self.penalized else None  # [V] times each token was chosen
 
-    def __call__(self, logits: torch.Tensor) -> int:
-        """`logits [V]` float32 -> the next token id; `SamplingError` if they hold NaN or +inf (or only -inf)."""
+    def __call__(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> int:
+        """`logits [V]` float32 -> the next token id, one of `allowed [V]` (bool) if given; `SamplingError` if
+        the logits hold NaN or +inf (or the allowed ones only -inf)."""
+        if allowed is not None:
+            _check_finite(float(logits.max()))  # before masking: the mask must not hide a NaN
+            logits = torch.where(allowed, logits.detach().to("cpu", torch.float32), float("-inf"))
         if self.penalized:
             logits = logits.detach().to("cpu", torch.float32)
             logits = logits - self.params.frequency_penalty * self.counts
@@ -92,8 +105,7 @@ class Sampler:
     def _choose(self, logits: torch.Tensor) -> int:
         p = self.params
         best = float(logits.max())  # NaN anywhere makes the maximum NaN
-        if not math.isfinite(best):
-            raise SamplingError(f"the model's logits are not finite (maximum {best}); nothing to sample from")
+        _check_finite(best)
         if p.greedy:
             return int(torch.argmax(logits))
         # shifted so the largest is 0: dividing by a small temperature can only push values towards -inf
@@ -107,3 +119,8 @@ class Sampler:
             drop = torch.cumsum(probs, dim=-1) - probs > p.top_p  # keeps the smallest set reaching top_p
             logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
         return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=self.generator))
+
+
+def _check_finite(best: float) -> None:
+    if not math.isfinite(best):
+        raise SamplingError(f"the model's logits are not finite (maximum {best}); nothing to sample from")

@@ -17,8 +17,8 @@ class Detokenizer:
     """Decodes generated tokens into text deltas, holding back incomplete UTF-8 sequences. It keeps only
     the tokens of the last delta (the context the next one is decoded after) and those held back."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int]) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], skip_special: bool = True) -> None:
+        self.tokenizer, self.skip_special = tokenizer, skip_special
         self.ids = list(prompt_ids[-CONTEXT_TOKENS:])
         self.read = len(self.ids)  # ids[:read] decode to text already returned; ids[read:] are held back
 
@@ -44,7 +44,7 @@ class Detokenizer:
         return after[len(before) :]
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special, clean_up_tokenization_spaces=False)
 
 
 class StopMatcher:
@@ -58,6 +58,7 @@ class StopMatcher:
         self._next: list[dict[str, int]] = [{}]  # the trie: state -> character -> state
         self._depth = [0]  # length of the prefix a state stands for
         self._ends = [0]  # length of the longest stop string ending at this state, 0 for none
+        self.matched: str | None = None  # the stop string found
         for stop in stops:
             state = 0
             for ch in stop:
@@ -97,6 +98,7 @@ class StopMatcher:
             state = nxt[state].get(ch, 0)
             if ends[state]:
                 seen = self._held + text[: i + 1]
+                self.matched = seen[len(seen) - ends[state] :]
                 self._state, self._held = 0, ""
                 return seen[: len(seen) - ends[state]], True
         self._state = state

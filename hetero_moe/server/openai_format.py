@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from hetero_moe.engine.request import StepOutput
+from hetero_moe.tools import CallArguments, CallStart, Event, Parsed, ToolParser
 
 TokenText = Callable[[int], str]  # a token id -> its text, special tokens included
 
@@ -48,38 +49,101 @@ def split_reasoning(parser, text: str, final: bool) -> tuple[str, str]:
     return reasoning, content
 
 
+def split_tools(tools: ToolParser | None, content: str, final: bool) -> tuple[str, list[Event]]:
+    """(content, call events) of new content, through a tool parser (or none: all content)."""
+    if tools is None:
+        return content, []
+    content, events = tools.feed(content)
+    if final:
+        more, later = tools.finish()
+        content, events = content + more, events + later
+    return content, events
+
+
+def tool_call_deltas(events: list[Event]) -> list[dict]:
+    """OpenAI's streamed `tool_calls` entries: id, type and name first, then argument fragments."""
+    deltas: list[dict] = []
+    for e in events:
+        if isinstance(e, CallStart):
+            function = {"name": e.name, "arguments": ""}
+            deltas.append({"index": e.index, "id": e.id, "type": "function", "function": function})
+        elif isinstance(e, CallArguments):
+            if deltas and deltas[-1]["index"] == e.index:  # one entry per call and chunk
+                deltas[-1]["function"]["arguments"] += e.text
+            else:
+                deltas.append({"index": e.index, "function": {"arguments": e.text}})
+    return deltas
+
+
+def finish_reason(reason: str | None, called: bool) -> str | None:
+    """ "tool_calls" for an answer that ended on its own after calling tools."""
+    return "tool_calls" if called and reason == "stop" else reason
+
+
 async def chat_chunks(
-    steps: AsyncIterator[StepOutput], base: dict, parser, token_text: TokenText, usage_of: Callable[[int], dict] | None
+    steps: AsyncIterator[StepOutput],
+    base: dict,
+    parser,
+    token_text: TokenText,
+    usage_of: Callable[[int], dict] | None,
+    tools: ToolParser | None = None,
 ) -> AsyncIterator[dict]:
-    """The `chat.completion.chunk` objects of a streamed chat; `usage_of(n)`, if given, adds the usage chunk."""
+    """The `chat.completion.chunk` objects of a streamed chat; `usage_of(n)`, if given, adds the usage chunk;
+    `tools`, the parser of the model's tool calls, if the request has tools."""
     extra = {"usage": None} if usage_of else {}
     first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
     yield {**base, "choices": [first], **extra}
-    n = 0
+    n, called = 0, False
     async for step in steps:
         n += 1
-        reasoning, content = split_reasoning(parser, step.text, step.finish_reason is not None)
+        final = step.finish_reason is not None
+        reasoning, content = split_reasoning(parser, step.text, final)
+        content, events = split_tools(tools, content, final)
         delta = {}
         if reasoning:
             delta["reasoning_content"] = reasoning
-        if content or not reasoning:
+        if content or not (reasoning or events):
             delta["content"] = content
+        if events:
+            delta["tool_calls"] = tool_call_deltas(events)
+            called = called or any(isinstance(e, CallStart) for e in events)
         lp = {"content": [chat_logprob(step, token_text)]} if step.logprob is not None else None
-        choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": step.finish_reason}
+        choice = {
+            "index": 0,
+            "delta": delta,
+            "logprobs": lp,
+            "finish_reason": finish_reason(step.finish_reason, called),
+        }
         yield {**base, "choices": [choice], **extra}
     if usage_of:
         yield {**base, "choices": [], "usage": usage_of(n)}
 
 
-def chat_response(steps: list[StepOutput], base: dict, parser, token_text: TokenText, usage_: dict) -> dict:
+def chat_response(
+    steps: list[StepOutput], base: dict, parser, token_text: TokenText, usage_: dict, tools: ToolParser | None = None
+) -> dict:
     reasoning, content = split_reasoning(parser, "".join(s.text for s in steps), True)
-    message = {"role": "assistant", "content": content}
+    message: dict = {"role": "assistant", "content": content}
     if parser is not None:
         message["reasoning_content"] = reasoning
+    called = False
+    if tools is not None:
+        parsed = Parsed()
+        parsed.add(*split_tools(tools, content, True))
+        calls = parsed.tool_calls
+        if calls:
+            called = True
+            message["content"] = parsed.text.strip() or None
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls
+            ]
+        else:
+            message["content"] = parsed.text
     lp = {"content": [chat_logprob(s, token_text) for s in steps]} if steps[0].logprob is not None else None
+    reason = finish_reason(steps[-1].finish_reason, called)
     return {
         **base,
-        "choices": [{"index": 0, "message": message, "logprobs": lp, "finish_reason": steps[-1].finish_reason}],
+        "choices": [{"index": 0, "message": message, "logprobs": lp, "finish_reason": reason}],
         "usage": usage_,
     }
 

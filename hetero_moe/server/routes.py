@@ -19,6 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
 
+from hetero_moe.engine.grammar import Grammar, GrammarError, constraints_for
 from hetero_moe.engine.request import Cancelled, ContextLengthError, StepOutput
 from hetero_moe.engine.sampler import SamplingParams
 from hetero_moe.llm import LLM
@@ -29,6 +30,7 @@ from hetero_moe.server.metrics import MEDIA_TYPE, Metrics
 from hetero_moe.server.reasoning import REASONING_PARSERS
 from hetero_moe.server.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse, SamplingFields
 from hetero_moe.server.worker import EngineWorker, Job, QueueFullError
+from hetero_moe.tools import Tool, ToolFormat, ToolParser, ToolRequest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -116,25 +118,27 @@ async def model(model_id: str, request: Request) -> dict:
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     s = state(request)
     check_model(s, body.model)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    check_prompt_bytes(s, sum(len(m["content"].encode()) for m in messages), "messages")
-    try:
-        prompt_ids = await s.tokenize(s.llm.chat_ids, messages)
-    except ValueError as e:
-        raise APIError(400, str(e), param="messages") from e
+    tools = None
+    if body.tools:
+        choice = body.tool_choice or "auto"
+        name = choice if isinstance(choice, str) else choice.function.name
+        tools = tool_request([t.function for t in body.tools], name, body.parallel_tool_calls is not False)
+    elif body.tool_choice not in (None, "none", "auto"):
+        raise APIError(400, "tool_choice 'required' or a named function needs tools", param="tool_choice")
+    output = response_grammar(body.response_format)
+    messages = [m.for_template() for m in body.messages]
+    plan = await plan_chat(s, messages, tools, output, "response_format")
     top = (body.top_logprobs or 0) if body.logprobs else None
-    job = submit(s, prompt_ids, body, body.max_completion_tokens or body.max_tokens, top, "messages")
-    parser = None
-    if s.config.reasoning_parser is not None:
-        tail = s.llm.tokenizer.decode(prompt_ids[-16:], skip_special_tokens=False)  # the prompt's end
-        parser = REASONING_PARSERS[s.config.reasoning_parser](tail)
+    sampling = openai_sampling(body, top) | plan.sampling
+    job = submit(s, plan.prompt_ids, sampling, body.max_completion_tokens or body.max_tokens, "messages")
+    parser = reasoning_parser(s, plan.prompt_ids)
     base = fmt.envelope(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", s.config.served_model_name)
     if body.stream:
         base = {**base, "object": "chat.completion.chunk"}
-        chunks = fmt.chat_chunks(job.steps(), base, parser, s.token_text, usage_of(job, body))
+        chunks = fmt.chat_chunks(job.steps(), base, parser, s.token_text, usage_of(job, body), plan.tool_parser())
         return stream_response(chunks)
     steps = await collect(job, request)
-    return fmt.chat_response(steps, base, parser, s.token_text, job.usage(len(steps)))
+    return fmt.chat_response(steps, base, parser, s.token_text, job.usage(len(steps)), plan.tool_parser())
 
 
 @v1.post("/completions", responses={**STREAMED, **_errors(400, 404, 413, 429)})
@@ -147,7 +151,7 @@ async def completions(body: CompletionRequest, request: Request):
     else:
         prompt_ids = list(body.prompt)
         check_vocabulary(s, prompt_ids)
-    job = submit(s, prompt_ids, body, body.max_tokens or 16, body.logprobs, "prompt")
+    job = submit(s, prompt_ids, openai_sampling(body, body.logprobs), body.max_tokens or 16, "prompt")
     base = fmt.envelope(f"cmpl-{uuid.uuid4().hex}", "text_completion", s.config.served_model_name)
     if body.stream:
         return stream_response(fmt.completion_chunks(job.steps(), base, s.token_text, usage_of(job, body)))
@@ -197,16 +201,119 @@ def usage_of(job: Job, body: SamplingFields):
     return job.usage if body.include_usage else None
 
 
-def submit(
+def openai_sampling(body: SamplingFields, logprobs: int | None) -> dict:
+    """SamplingParams' fields (but max_tokens) from an OpenAI request."""
+    return {
+        "temperature": 1.0 if body.temperature is None else body.temperature,
+        "top_p": body.top_p or 1.0,
+        "top_k": max(body.top_k or 0, 0),
+        "seed": body.seed,
+        "stop": body.stop_strings(),
+        "presence_penalty": body.presence_penalty or 0.0,
+        "frequency_penalty": body.frequency_penalty or 0.0,
+        "logprobs": logprobs,
+        "ignore_eos": bool(body.ignore_eos),
+    }
+
+
+def reasoning_parser(s: ServerState, prompt_ids: list[int]):
+    """A new reasoning parser for an answer to `prompt_ids`, if the server has one."""
+    if s.config.reasoning_parser is None:
+        return None
+    tail = s.llm.tokenizer.decode(prompt_ids[-16:], skip_special_tokens=False)  # the prompt's end
+    return REASONING_PARSERS[s.config.reasoning_parser](tail)
+
+
+def tool_request(functions: Sequence, choice: str, parallel: bool) -> ToolRequest:
+    """A request's tools (objects with `name`, `description`, `parameters`), as the engine takes them."""
+    try:
+        tools = tuple(
+            Tool(f.name, f.description or "", f.parameters or {"type": "object", "properties": {}}) for f in functions
+        )
+        return ToolRequest(tools, choice, parallel)
+    except ValueError as e:
+        raise APIError(400, str(e), param="tool_choice" if "tool_choice" in str(e) else "tools") from e
+
+
+def response_grammar(response_format) -> Grammar | None:
+    """The grammar of OpenAI's `response_format` (None for text)."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object" or response_format.json_schema.schema_ is None:
+        return Grammar.json_object()
+    return Grammar.json_schema(response_format.json_schema.schema_)
+
+
+@dataclass(frozen=True)
+class ChatPlan:
+    """A chat request made ready for the engine: its prompt, the grammar its answer must match, and the
+    format of the tool calls to read out of the answer."""
+
+    prompt_ids: list[int]
+    grammar: Grammar | None = None
+    tool_format: ToolFormat | None = None
+    parallel: bool = True
+
+    @property
+    def sampling(self) -> dict:
+        """SamplingParams' fields this plan sets."""
+        fields: dict = {"grammar": self.grammar}
+        if self.tool_format is not None and self.tool_format.special_markers:
+            fields["skip_special_tokens"] = False  # the call markers are control tokens
+        return fields
+
+    def tool_parser(self) -> ToolParser | None:
+        return self.tool_format.new_parser(self.parallel) if self.tool_format is not None else None
+
+
+async def plan_chat(
     s: ServerState,
-    prompt_ids: list[int],
-    body: SamplingFields,
-    max_tokens: int | None,
-    logprobs: int | None,
-    param: str,
-) -> Job:
-    """Check the prompt against the engine's limits, build the sampling parameters and queue the job; the
-    output may run to the end of the room the prompt leaves when `max_tokens` is not given."""
+    messages: list[dict],
+    tools: ToolRequest | None,
+    output: Grammar | None,
+    output_param: str,
+    tools_param: str = "tools",
+) -> ChatPlan:
+    """Render and tokenize a chat (with its tools), and compile the grammar its answer must match, on the
+    tokenizer threads; every refusal is a 400 naming the field at fault."""
+    rendered = tools.rendered if tools is not None else None
+    size = sum(len(str(m.get("content") or "").encode()) for m in messages)
+    size += len(json.dumps([m.get("tool_calls") for m in messages] + [rendered]).encode())
+    check_prompt_bytes(s, size, "messages")
+
+    def work() -> ChatPlan:
+        try:
+            fmt, forced = s.llm.prompts.tool_setup(tools) if tools is not None else (None, None)
+        except ValueError as e:
+            raise APIError(400, str(e), param=tools_param) from e
+        try:
+            prompt_ids = s.llm.chat_ids(messages, rendered)
+        except ValueError as e:
+            raise APIError(400, str(e), param=tools_param if "tool" in str(e) else "messages") from e
+        if forced is not None and output is not None:
+            raise APIError(400, f"{output_param} cannot be combined with a forced tool_choice", param=output_param)
+        grammar = forced or output
+        if grammar is not None:
+            engine = s.worker.engine
+            try:
+                constraints_for(s.llm.tokenizer, engine.runner.vocab_size, engine.eos_ids).check(grammar)
+            except GrammarError as e:
+                what = "the tools' parameters" if forced is not None else "the schema"
+                raise APIError(
+                    400,
+                    f"{what} cannot be enforced: {e}",
+                    param=tools_param if forced is not None else output_param,
+                ) from e
+        parallel = tools.parallel if tools is not None else True
+        return ChatPlan(prompt_ids, grammar, fmt, parallel)
+
+    return await s.tokenize(work)
+
+
+def submit(s: ServerState, prompt_ids: list[int], sampling: dict, max_tokens: int | None, param: str) -> Job:
+    """Check the prompt against the engine's limits, build the sampling parameters (`sampling`: all fields
+    but max_tokens) and queue the job; the output may run to the end of the room the prompt leaves when
+    `max_tokens` is not given."""
     engine = s.worker.engine
     try:
         engine.check_prompt(prompt_ids)
@@ -222,18 +329,7 @@ def submit(
             param=param,
         )
     try:
-        params = SamplingParams(
-            max_tokens=min(max_tokens or room, room),
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=body.top_p or 1.0,
-            top_k=max(body.top_k or 0, 0),
-            seed=body.seed,
-            stop=body.stop_strings(),
-            presence_penalty=body.presence_penalty or 0.0,
-            frequency_penalty=body.frequency_penalty or 0.0,
-            logprobs=logprobs,
-            ignore_eos=bool(body.ignore_eos),
-        )
+        params = SamplingParams(max_tokens=min(max_tokens or room, room), **sampling)
     except ValueError as e:
         raise APIError(400, str(e)) from e
     job = Job(prompt_ids, params, asyncio.get_running_loop())

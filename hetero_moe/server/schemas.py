@@ -3,13 +3,13 @@
 A number must be a JSON number (`true` or `"5"` are refused), a flag a JSON boolean, and text valid
 Unicode (no lone surrogate escapes). A field this server does not honour is refused with a 400 naming
 it, rather than silently ignored. Accepted and harmless: `user`, `metadata`, `n: 1`, `stream_options`,
-`parallel_tool_calls`, and the defaults `tool_choice: "none"`, `response_format: {"type": "text"}`,
-`logit_bias: {}`, `store: false`; a null means "not set". Tool calling and structured output are
-refused as not supported yet. The OpenAPI document is generated from these same classes.
+and the defaults `logit_bias: {}`, `store: false`; a null means "not set". The OpenAPI document is
+generated from these same classes.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, field
 from hetero_moe.engine.sampler import MAX_STOP_CHARS, MAX_STOPS, SEED_RANGE
 
 STRICT = ConfigDict(extra="forbid")
+MAX_TOOLS = 128  # tools per request (OpenAI's limit)
 
 
 def _unicode(text: str) -> str:
@@ -79,26 +80,120 @@ class ContentPart(BaseModel):
         return data
 
 
+FunctionName = Annotated[str, Strict(), Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+JsonSchema = dict[Text, Any]
+
+
+class FunctionCall(BaseModel):
+    model_config = STRICT
+    name: FunctionName
+    arguments: Text  # JSON text
+
+
+class ToolCallItem(BaseModel):
+    """A call an earlier answer made, sent back in the conversation."""
+
+    model_config = STRICT
+    id: Annotated[Text, Field(min_length=1, max_length=256)]
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[ContentPart] | None = None
     name: Text | None = None  # accepted; chat templates do not use it
     reasoning_content: Text | None = None  # an earlier answer's reasoning, sent back by clients: dropped
-    tool_calls: Annotated[list[Any], Field(max_length=0)] | None = None
-    tool_call_id: None = None
+    tool_calls: list[ToolCallItem] | None = None  # an assistant's calls
+    tool_call_id: Annotated[Text, Field(min_length=1, max_length=256)] | None = None  # a tool result's call
 
-    @field_validator("tool_calls", "tool_call_id", mode="before")
-    @classmethod
-    def _no_tools(cls, value: Any) -> Any:
-        if value:
-            raise ValueError("tool calls are not supported yet")
-        return value
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError("only tool messages have a tool_call_id")
+        return self
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         return "".join(part.text or "" for part in self.content)
+
+    def for_template(self) -> dict:
+        """The message as chat templates take it: arguments as a mapping when they are a JSON object."""
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": arguments(c)}}
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+def arguments(call: ToolCallItem) -> dict | str:
+    try:
+        value = json.loads(call.function.arguments)
+    except json.JSONDecodeError:
+        return call.function.arguments
+    return value if isinstance(value, dict) else call.function.arguments
+
+
+class FunctionDefinition(BaseModel):
+    model_config = STRICT
+    name: FunctionName
+    description: Text | None = None
+    parameters: JsonSchema | None = None  # a JSON schema of the arguments; none: no arguments
+    strict: Bool | None = None  # calls that tool_choice forces always follow the schema
+
+
+class ToolDefinition(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = STRICT
+    name: FunctionName
+
+
+class NamedToolChoice(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class TextFormat(BaseModel):
+    model_config = STRICT
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    model_config = STRICT
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: FunctionName
+    description: Text | None = None
+    schema_: JsonSchema | None = Field(None, alias="schema")  # none: any JSON object
+    strict: Bool | None = None  # the schema is always enforced
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = STRICT
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
 
 
 class SamplingFields(BaseModel):
@@ -148,28 +243,15 @@ class SamplingFields(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class TextFormat(BaseModel):
-    model_config = STRICT
-    type: Literal["text"]
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: Bool | None = False
     top_logprobs: Int | None = Field(None, ge=0, le=20)
-    tools: None = None
-    tool_choice: Literal["none"] | None = None
-    parallel_tool_calls: Bool | None = None  # accepted: without tools it changes nothing
-    response_format: TextFormat | None = None
-
-    _no_tools = field_validator("tools", mode="before")(_only((None,), "tools are not supported yet"))
-    _no_tool_choice = field_validator("tool_choice", mode="before")(
-        _only(("none",), "tool_choice is not supported yet (tool calling is not implemented)")
-    )
-    _text_format = field_validator("response_format", mode="before")(
-        _only(({"type": "text"},), "response_format other than {'type': 'text'} is not supported yet")
-    )
+    tools: Annotated[list[ToolDefinition], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
+    parallel_tool_calls: Bool | None = None  # default true
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(SamplingFields):

@@ -18,7 +18,7 @@ from hetero_moe.settings import cache_dir
 
 log = logging.getLogger(__name__)
 
-DEMO_VERSION = 2  # bump when the demo's config or layout changes
+DEMO_VERSION = 3  # bump when the demo's config or layout changes
 DEMO_SHAPE = {"num_hidden_layers": 4, "n_routed_experts": 16, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2}
 DONE_MARKER = ".complete"
 

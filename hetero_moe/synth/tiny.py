@@ -5,7 +5,7 @@ real-size) models built from transformers' own config classes with deterministic
 write them the way the real releases are laid out: per-expert safetensors keys (Mixtral's legacy
 ``block_sparse_moe.experts.E.w1`` names), optional shards with an index, FP8 e4m3 weights with
 block-wise ``weight_scale_inv`` (the DeepSeek-V3 release format), a ``config.json`` and an offline
-byte-level BPE tokenizer with a DeepSeek-V3 style chat template.
+byte-level BPE tokenizer with a chat template mirroring each architecture's (tool calls included).
 
 ``write_checkpoint`` also returns the transformers-layout state dict a correct loader must produce
 from the files (after bf16 rounding or FP8 dequantization), so a reference transformers model loaded
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import transformers
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -43,8 +43,67 @@ ASSISTANT_TOKEN = "<｜Assistant｜>"
 # Trained first, in this order, so they get ids 0..4 (bos 0, eos 1, pad 2 as in the tiny configs).
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, USER_TOKEN, ASSISTANT_TOKEN)
 
-# DeepSeek-V3's template, reduced to what we serve: bos, system prompts, then alternating turns.
+# DeepSeek-V3's tool markers: added tokens that are not special, so they decode as text (as in the release).
+TOOL_CALLS_BEGIN, TOOL_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"
+TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
+
+# A tool call's arguments: the string a client sent back, or the mapping transformers' convention asks for.
+_ARGUMENTS = (
+    "{%- if tool_call['function']['arguments'] is string %}{{ tool_call['function']['arguments'] }}"
+    "{%- else %}{{ tool_call['function']['arguments'] | tojson }}{%- endif %}"
+)
+
+# DeepSeek-V3's template, reduced to what we serve: bos, system prompts (and the tools, as vLLM's DeepSeek-V3
+# tool template lists them), then alternating turns, tool calls and tool outputs in the release's markers.
 CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system='', is_tool=false) %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}{%- set ns.system = ns.system + message['content'] %}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if tools %}"
+    "{%- set ns.system = ns.system + '\n\n## Tools\n\nYou have access to the following tools:\n' %}"
+    "{%- for tool in tools %}"
+    "{%- set ns.system = ns.system + '\n### ' + tool['function']['name'] + '\nDescription: '"
+    " + (tool['function']['description'] or '') + '\n\nParameters: ' + (tool['function']['parameters'] | tojson)"
+    " + '\n' %}"
+    "{%- endfor %}"
+    "{%- set ns.system = ns.system + '\nIMPORTANT: ALWAYS adhere to this exact format for tool use:\n"
+    + TOOL_CALLS_BEGIN
+    + TOOL_CALL_BEGIN
+    + "function"
+    + TOOL_SEP
+    + "tool_call_name\n```json\ntool_call_arguments\n```"
+    + TOOL_CALL_END
+    + TOOL_CALLS_END
+    + "' %}"
+    "{%- endif %}"
+    "{{ bos_token }}{{ ns.system }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}"
+    "{%- if ns.is_tool %}{{ '" + TOOL_OUTPUTS_END + "' }}{%- set ns.is_tool = false %}{%- endif %}"
+    "{{ '<｜User｜>' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{%- if ns.is_tool %}{{ '" + TOOL_OUTPUTS_END + "' }}{%- set ns.is_tool = false %}{%- endif %}"
+    "{{ '<｜Assistant｜>' + (message['content'] or '') }}"
+    "{%- if message['tool_calls'] %}{{ '" + TOOL_CALLS_BEGIN + "' }}"
+    "{%- for tool_call in message['tool_calls'] %}"
+    "{{ '" + TOOL_CALL_BEGIN + "' + tool_call['type'] + '" + TOOL_SEP + "' + tool_call['function']['name']"
+    " + '\n```json\n' }}" + _ARGUMENTS + "{{ '\n```" + TOOL_CALL_END + "' }}"
+    "{%- endfor %}{{ '" + TOOL_CALLS_END + "' }}"
+    "{%- endif %}{{ eos_token }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{%- if not ns.is_tool %}{{ '" + TOOL_OUTPUTS_BEGIN + "' }}{%- set ns.is_tool = true %}{%- endif %}"
+    "{{ '" + TOOL_OUTPUT_BEGIN + "' + message['content'] + '" + TOOL_OUTPUT_END + "' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if ns.is_tool %}{{ '" + TOOL_OUTPUTS_END + "' }}{%- endif %}"
+    "{%- if add_generation_prompt %}{{ '<｜Assistant｜>' }}{%- endif %}"
+)
+
+# DeepSeek-V2's template knows no tools: the model that tests the refusal of tools.
+PLAIN_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{%- for message in messages %}"
     "{%- if message['role'] == 'system' %}{{ message['content'] }}{%- endif %}"
@@ -56,6 +115,118 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{ '<｜Assistant｜>' }}{%- endif %}"
 )
+
+# Qwen3's template, reduced: ChatML turns, the tools as JSON inside <tools></tools> in the system turn,
+# calls as {"name": ..., "arguments": ...} inside <tool_call></tool_call>, results in <tool_response>.
+# (transformers renders with trim_blocks: text next to a block tag goes inside {{ }}.)
+QWEN3_CHAT_TEMPLATE = (
+    "{%- if tools %}{{ '<|im_start|>system\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{%- endif %}"
+    "{{ '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}"
+    "{%- for tool in tools %}{{ '\n' }}{{ tool | tojson }}{%- endfor %}"
+    "{{ '\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}'
+    "\n</tool_call><|im_end|>\n' }}"
+    "{%- elif messages[0]['role'] == 'system' %}{{ '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' or (message['role'] == 'system' and not loop.first) %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{%- elif message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' + (message['content'] or '') }}"
+    "{%- for tool_call in message['tool_calls'] or [] %}"
+    "{%- if not loop.first or message['content'] %}{{ '\n' }}{%- endif %}"
+    "{{ '<tool_call>\n{\"name\": \"' + tool_call['function']['name'] + '\", \"arguments\": ' }}"
+    + _ARGUMENTS
+    + "{{ '}\n</tool_call>' }}"
+    "{%- endfor %}{{ '<|im_end|>\n' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{ '<|im_start|>user' }}{%- endif %}"
+    "{{ '\n<tool_response>\n' + message['content'] + '\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{ '<|im_end|>\n' }}{%- endif %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{%- endif %}"
+)
+
+# Mistral's v3 template with tools, reduced: [AVAILABLE_TOOLS] before the last user turn, the system prompt
+# in front of it, calls as a JSON list after the [TOOL_CALLS] control token, results in [TOOL_RESULTS].
+MIXTRAL_CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system='', last_user=-1) %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}{%- set ns.system = ns.system + message['content'] %}"
+    "{%- elif message['role'] == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}"
+    "{%- endfor %}"
+    "{{ bos_token }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}"
+    "{%- if tools and loop.index0 == ns.last_user %}{{ '[AVAILABLE_TOOLS] [' }}"
+    "{%- for tool in tools %}{{ tool | tojson }}{%- if not loop.last %}{{ ', ' }}{%- endif %}{%- endfor %}"
+    "{{ '][/AVAILABLE_TOOLS]' }}{%- endif %}"
+    "{%- if loop.index0 == ns.last_user and ns.system %}{{ '[INST] ' + ns.system + '\n\n' + message['content'] }}"
+    "{%- else %}{{ '[INST] ' + message['content'] }}{%- endif %}{{ '[/INST]' }}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{%- if message['tool_calls'] %}{{ '[TOOL_CALLS] [' }}"
+    "{%- for tool_call in message['tool_calls'] %}"
+    "{{ '{\"name\": ' + (tool_call['function']['name'] | tojson) + ', \"arguments\": ' }}"
+    + _ARGUMENTS
+    + "{{ ', \"id\": ' + (tool_call['id'] | tojson) + '}' }}"
+    "{%- if not loop.last %}{{ ', ' }}{%- endif %}{%- endfor %}{{ ']' + eos_token }}"
+    "{%- else %}{{ message['content'] + eos_token }}{%- endif %}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{ '[TOOL_RESULTS] {\"content\": ' + message['content'] + ', \"call_id\": ' + (message['tool_call_id'] | tojson)"
+    " + '}[/TOOL_RESULTS]' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+)
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """One architecture's chat template and the tokens it adds after `SPECIAL_TOKENS`: control tokens
+    (special: they add no text when decoded) and plain added tokens (always one token, decoded as text)."""
+
+    template: str
+    special: tuple[str, ...] = ()
+    plain: tuple[str, ...] = ()
+    eos_token: str = EOS_TOKEN
+
+
+CHAT_FORMATS = {
+    "DeepseekV3ForCausalLM": ChatFormat(
+        CHAT_TEMPLATE,
+        plain=(
+            TOOL_CALLS_BEGIN,
+            TOOL_CALLS_END,
+            TOOL_CALL_BEGIN,
+            TOOL_CALL_END,
+            TOOL_SEP,
+            TOOL_OUTPUTS_BEGIN,
+            TOOL_OUTPUTS_END,
+            TOOL_OUTPUT_BEGIN,
+            TOOL_OUTPUT_END,
+        ),
+    ),
+    "DeepseekV2ForCausalLM": ChatFormat(PLAIN_CHAT_TEMPLATE),
+    "Qwen3MoeForCausalLM": ChatFormat(
+        QWEN3_CHAT_TEMPLATE,
+        special=("<|im_start|>", "<|im_end|>"),
+        plain=("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"),
+        eos_token="<|im_end|>",
+    ),
+    "MixtralForCausalLM": ChatFormat(
+        MIXTRAL_CHAT_TEMPLATE,
+        special=(
+            "[INST]",
+            "[/INST]",
+            "[TOOL_CALLS]",
+            "[AVAILABLE_TOOLS]",
+            "[/AVAILABLE_TOOLS]",
+            "[TOOL_RESULTS]",
+            "[/TOOL_RESULTS]",
+        ),
+    ),
+}
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
 SCALE_SUFFIX = "_scale_inv"  # an FP8 weight's block scales are stored as f"{weight}{SCALE_SUFFIX}"
@@ -387,7 +558,7 @@ def write_checkpoint(
     _write_weights(out, groups, shards)
     write_config(model.config, out, dtype=dtype, fp8_block=block_size if fp8 else None)
     if tokenizer:
-        build_tokenizer(out, vocab_size=model.config.vocab_size)
+        build_tokenizer(out, vocab_size=model.config.vocab_size, arch=_architecture(model.config))
     state_dict = _assemble_state_dict(model, naming, loaded)
     logger.debug("wrote %s: %d tensors in %d file(s), fp8=%s", out, len(entries), shards, fp8)
     return WrittenCheckpoint(path=out, state_dict=state_dict)
@@ -649,26 +820,35 @@ Unicode: café, naïve, déjà vu, Zürich, 東京, 北京, Ελληνικά, р
 """
 
 
-def build_tokenizer(out_dir: str | Path, vocab_size: int) -> transformers.PreTrainedTokenizerFast:
+def build_tokenizer(
+    out_dir: str | Path, vocab_size: int, arch: str = "DeepseekV3ForCausalLM"
+) -> transformers.PreTrainedTokenizerFast:
     """Train a deterministic byte-level BPE tokenizer offline and save it to ``out_dir``.
 
-    ``len(tokenizer) <= vocab_size``; ids 0, 1, 2 are bos, eos and pad; plain encoding prepends bos;
-    the chat template is DeepSeek-V3 style (``<｜User｜>`` / ``<｜Assistant｜>`` turns).
+    ``len(tokenizer) <= vocab_size``; ids 0, 1, 2 are bos, eos and pad, 3 and 4 DeepSeek's turn markers;
+    plain encoding prepends bos; the chat template and the tokens added after those are ``arch``'s
+    (``CHAT_FORMATS``: DeepSeek-V3's turns and tool markers, Qwen3's ChatML and ``<tool_call>``, Mixtral's
+    ``[INST]`` and ``[TOOL_CALLS]``; DeepSeek-V2's template has no tools).
     """
-    minimum = len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL_TOKENS)
+    if arch not in CHAT_FORMATS:
+        raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED)}")
+    chat = CHAT_FORMATS[arch]
+    minimum = len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL_TOKENS) + len(chat.special) + len(chat.plain)
     if vocab_size < minimum:
         raise ValueError(f"a byte-level tokenizer needs vocab_size >= {minimum}, got {vocab_size}")
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size - len(chat.special) - len(chat.plain),
         min_frequency=1,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator(_CORPUS.splitlines(keepends=True), trainer=trainer)
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in chat.special])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in chat.plain])
     # DeepSeek's tokenizers prepend bos through the post-processor.
     backend.post_processor = processors.TemplateProcessing(
         single=f"{BOS_TOKEN}:0 $A:0",
@@ -678,10 +858,10 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int) -> transformers.PreTra
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
+        eos_token=chat.eos_token,
         pad_token=PAD_TOKEN,
-        extra_special_tokens=[USER_TOKEN, ASSISTANT_TOKEN],
-        chat_template=CHAT_TEMPLATE,
+        extra_special_tokens=[USER_TOKEN, ASSISTANT_TOKEN, *chat.special],
+        chat_template=chat.template,
         clean_up_tokenization_spaces=False,
     )
     if len(tokenizer) > vocab_size:
