@@ -12,6 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
 from hetero_moe.llm import LLM
+from hetero_moe.server import anthropic, ollama, page
 from hetero_moe.server.config import ServerConfig
 from hetero_moe.server.errors import install_handlers
 from hetero_moe.server.guard import Guard
@@ -57,6 +58,9 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         )
     install_handlers(app)
     app.include_router(router)
+    app.include_router(ollama.router)
+    app.include_router(anthropic.router)
+    app.include_router(page.router)
     app.openapi = lambda: openapi(app, config.served_model_name)
     return app
 
@@ -73,7 +77,8 @@ def openapi(app: FastAPI, model: str) -> dict:
         schemas = doc.get("components", {}).get("schemas", {})
         for unused in ("HTTPValidationError", "ValidationError"):
             schemas.pop(unused, None)
-        for request in ("ChatCompletionRequest", "CompletionRequest"):
+        requests = ("ChatCompletionRequest", "CompletionRequest", "MessagesRequest", "CountTokensRequest")
+        for request in (*requests, "ChatRequest", "GenerateRequest", "ModelRequest"):
             schemas[request]["properties"]["model"]["enum"] = [model]
         app.openapi_schema = doc
     return app.openapi_schema

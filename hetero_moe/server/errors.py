@@ -1,4 +1,5 @@
-"""API errors in OpenAI's error JSON, and the handlers that turn exceptions into them."""
+"""API errors, and the handlers that turn exceptions into them: in each API's own error JSON, chosen by
+the path (Ollama's `{"error": message}` under /api, Anthropic's under /v1/messages, OpenAI's elsewhere)."""
 
 from __future__ import annotations
 
@@ -32,24 +33,51 @@ class APIError(Exception):
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
 
 
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+}
+
+
+def error_json(
+    path: str, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None, param=None
+) -> dict:
+    """The error body of the API `path` belongs to."""
+    if path.startswith("/api/"):
+        return {"error": message}
+    if path.startswith("/v1/messages"):
+        return {"type": "error", "error": {"type": ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
+    return error_body(message, type_, code, param)
+
+
 def install_handlers(app: FastAPI) -> None:
-    """Every error leaves as OpenAI's error JSON (or a bare 499 for a client that is gone). The guard
+    """Every error leaves as its API's error JSON (or a bare 499 for a client that is gone). The guard
     counts them in the metrics."""
+
+    def respond(request: Request, status: int, body: dict, headers=None) -> JSONResponse:
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(error_body(e.message, e.type, e.code, e.param), status_code=e.status)
+        body = error_json(request.url.path, e.status, e.message, e.type, e.code, e.param)
+        return respond(request, e.status, body)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         message, param = validation_message(e.errors())
-        return JSONResponse(error_body(message, "invalid_request_error", "invalid_value", param), status_code=400)
+        return respond(request, 400, error_json(request.url.path, 400, message, code="invalid_value", param=param))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
         # a 405 keeps its Allow header
-        body = error_body(str(e.detail), "invalid_request_error")
-        return JSONResponse(body, status_code=e.status_code, headers=getattr(e, "headers", None))
+        body = error_json(request.url.path, e.status_code, str(e.detail))
+        return respond(request, e.status_code, body, getattr(e, "headers", None))
 
     @app.exception_handler(ClientGone)
     async def _gone(request: Request, e: ClientGone) -> Response:
@@ -58,7 +86,7 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception) -> JSONResponse:
         log.exception("internal error")
-        return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
+        return JSONResponse(error_json(request.url.path, 500, "internal server error", "server_error"), status_code=500)
 
 
 _TYPE_TAG = re.compile(r"^([a-z-]+\[.*\]|str|int|float|bool|none|list|dict)$")  # pydantic's union member names

@@ -24,8 +24,8 @@ from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hetero_moe.server.config import ServerConfig
+from hetero_moe.server.errors import error_json
 from hetero_moe.server.metrics import UNMATCHED, Metrics
-from hetero_moe.server.openai_format import error_body
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +54,14 @@ class Guard:
 
         refusal = self._refusal(scope)
         if refusal is not None:
-            await _send_error(counted, *refusal)
+            await _send_error(counted, scope["path"], *refusal)
             return
         body = await self._read_body(scope, receive)
         if body is None:
             limit = self.config.max_request_bytes
             await _send_error(
                 counted,
+                scope["path"],
                 413,
                 f"the request body is larger than {limit} bytes (--max-request-bytes)",
                 "request_too_large",
@@ -97,10 +98,14 @@ class Guard:
         keyed = path.startswith(KEYED_PREFIXES) or (path == "/metrics" and not config.metrics_public)
         if config.api_key is not None and keyed and scope["method"] != "OPTIONS":
             scheme, _, token = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode("utf-8", "replace"), config.api_key.encode()
-            ):
-                return 401, "Incorrect or missing API key; send 'Authorization: Bearer KEY'.", "invalid_api_key"
+            if scheme.lower() != "bearer":  # Anthropic's clients send the key as x-api-key
+                token = headers.get("x-api-key", "")
+            if not hmac.compare_digest(token.strip().encode("utf-8", "replace"), config.api_key.encode()):
+                return (
+                    401,
+                    "Incorrect or missing API key; send 'Authorization: Bearer KEY' (or 'x-api-key: KEY').",
+                    "invalid_api_key",
+                )
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > config.max_request_bytes:
             return (
@@ -161,8 +166,8 @@ def _host_name(host: str) -> str:
     return host.rpartition(":")[0] if host.count(":") == 1 else host
 
 
-async def _send_error(send: Send, status: int, message: str, code: str) -> None:
-    body = json.dumps(error_body(message, "invalid_request_error", code)).encode()
+async def _send_error(send: Send, path: str, status: int, message: str, code: str) -> None:
+    body = json.dumps(error_json(path, status, message, code=code)).encode()
     await send(
         {
             "type": "http.response.start",

@@ -61,8 +61,8 @@ def state(request: Request) -> ServerState:
     return request.app.state.server
 
 
-def _errors(*statuses: int) -> dict:
-    """OpenAPI entries for the errors a route answers, all in OpenAI's error body."""
+def _errors(*statuses: int, body: type = ErrorResponse) -> dict:
+    """OpenAPI entries for the errors a route answers, all in its API's error body (OpenAI's by default)."""
     reasons = {
         400: "Invalid request: a bad or unsupported field, malformed JSON, a prompt that cannot fit",
         401: "Missing or wrong API key (with --api-key)",
@@ -72,7 +72,7 @@ def _errors(*statuses: int) -> dict:
         429: "The queue of waiting requests is full",
         500: "Internal error",
     }
-    return {status: {"model": ErrorResponse, "description": reasons[status]} for status in statuses}
+    return {status: {"model": body, "description": reasons[status]} for status in statuses}
 
 
 # a streamed answer: each server-sent event's data is a JSON chunk, then "[DONE]" (OpenAPI 3.1 describes

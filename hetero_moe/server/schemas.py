@@ -62,6 +62,24 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class OllamaErrorResponse(BaseModel):
+    """Ollama's error body, under /api."""
+
+    error: str
+
+
+class AnthropicErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicErrorResponse(BaseModel):
+    """Anthropic's error body, under /v1/messages."""
+
+    type: Literal["error"]
+    error: AnthropicErrorDetail
+
+
 class StreamOptions(BaseModel):
     model_config = STRICT
     include_usage: Bool | None = None
