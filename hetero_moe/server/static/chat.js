@@ -127,6 +127,7 @@ async function send(text) {
   let answer = "";
   let reasoning = "";
   let finish = null;
+  let chunks = 0;
   state.controller = new AbortController();
   setBusy(true);
   showError("");
@@ -166,6 +167,7 @@ async function send(text) {
         if (choice.delta.content) {
           answer += choice.delta.content;
           content.innerHTML = markdown(answer);
+          div.dataset.chunks = String(++chunks); // how many deltas arrived: the answer streamed
         }
         if (choice.finish_reason) finish = choice.finish_reason;
       }
