@@ -373,30 +373,33 @@ class JsonCallsParser(ToolParser):
                     break
                 else:
                     self.state = "content"
-            elif self.state == "object":
-                if not self.buffer:
-                    if final:
-                        self._unfinished(content)
-                    break
-                try:
-                    out, rest = self.call.feed(self.buffer)
-                except ValueError:  # not JSON: what was read is content
-                    content.append(self.raw + self.buffer)
-                    self.buffer, self.state = "", "content"
-                    continue
-                self.raw += self.buffer[: len(self.buffer) - len(rest)]
-                self.buffer = rest
-                self._emit(out, events)
-                if self.call.closed:
-                    if not self.call.named and not self.dropping:
-                        content.append(self.raw)
-                    self.raw, self.state = "", "between"
-                elif final:
-                    self._unfinished(content)
-                    break
-                else:
-                    break
+            elif self.state == "object" and not self._read_object(final, content, events):
+                break
         return "".join(content), events
+
+    def _read_object(self, final: bool, content: list[str], events: list[Event]) -> bool:
+        """Feed the buffer to the call being read; whether to go on (the object closed, or is not JSON)."""
+        if not self.buffer:
+            if final:
+                self._unfinished(content)
+            return False
+        try:
+            out, rest = self.call.feed(self.buffer)
+        except ValueError:  # not JSON: what was read is content
+            content.append(self.raw + self.buffer)
+            self.buffer, self.state = "", "content"
+            return True
+        self.raw += self.buffer[: len(self.buffer) - len(rest)]
+        self.buffer = rest
+        self._emit(out, events)
+        if self.call.closed:
+            if not self.call.named and not self.dropping:
+                content.append(self.raw)
+            self.raw, self.state = "", "between"
+            return True
+        if final:
+            self._unfinished(content)
+        return False
 
     def _emit(self, out: list[tuple[str, str]], events: list[Event]) -> None:
         for kind, value in out:

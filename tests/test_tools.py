@@ -9,6 +9,7 @@ import json
 import jsonschema
 import pytest
 
+from hetero_moe.engine.sampler import SamplingParams
 from hetero_moe.llm import LLM, ChatCompletion
 from hetero_moe.tools import TOOL_FORMATS, CallArguments, CallStart, Parsed, Tool, ToolRequest, parse
 
@@ -154,7 +155,8 @@ def test_forced_tool_choice_makes_a_random_model_call(llms, arch: str) -> None:
     chat = [{"role": "user", "content": "Weather?"}]
     schemas = {WEATHER.name: WEATHER.parameters, TIME.name: TIME.parameters}
     for choice, parallel in (("required", True), ("required", False), ("get_weather", True)):
-        answers = llm.chat([chat] * 4, tools=TOOLS, tool_choice=choice, parallel_tool_calls=parallel, max_tokens=200)
+        seeded = [SamplingParams(max_tokens=400, seed=i) for i in range(4)]  # 8 calls fit
+        answers = llm.chat([chat] * 4, seeded, tools=TOOLS, tool_choice=choice, parallel_tool_calls=parallel)
         for a in answers:
             assert isinstance(a, ChatCompletion) and a.finish_reason == "tool_calls", a
             assert a.tool_calls and a.text == ""
