@@ -1,6 +1,7 @@
 """Weight quantization formats, in plain torch: quantize at load, dequantize for references.
 
 INT4: symmetric, group-wise along the input dimension (`kernels/numba/int4.py` has the layout).
+INT8: symmetric, group-wise along the input dimension, stored as `q + 128` (`kernels/numba/int8dot.py`).
 FP8: e4m3 with one float32 scale per (b0 x b1) block, DeepSeek's `weight_scale_inv`.
 """
 
@@ -46,6 +47,26 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, group: int, in_d
     out_dim = packed.shape[0]
     g = packed.view(out_dim, -1, group // 2)
     q = torch.cat((g & 0xF, g >> 4), dim=-1).float() - 8.0  # [O, G, g]
+    return (q * scales.float().unsqueeze(-1)).reshape(out_dim, -1)[:, :in_dim]
+
+
+def quantize_int8(w: torch.Tensor, group: int, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`w [O, I]` -> `weights [O, Ip] uint8` holding `q + 128` with `q` in -127..127, `scales [O, Ip/g]` in
+    `scale_dtype` (bf16 or fp16): `s = amax / 127` rounded to the scale dtype, `q = round(w / s)`."""
+    out_dim, in_dim = w.shape
+    ip = padded(in_dim, group)
+    wf = torch.nn.functional.pad(w.float(), (0, ip - in_dim)).view(out_dim, ip // group, group)
+    scales = (wf.abs().amax(dim=-1) / 127.0).to(scale_dtype)  # [O, G], rounded to what is stored
+    sf = scales.float().unsqueeze(-1)
+    q = torch.where(sf > 0, torch.round(wf / sf.clamp_min(torch.finfo(torch.float32).tiny)), 0.0)
+    weights = (q.clamp(-127, 127) + 128).to(torch.uint8)  # [O, G, g], 1..255
+    return weights.reshape(out_dim, ip).contiguous(), scales.contiguous()
+
+
+def dequantize_int8(weights: torch.Tensor, scales: torch.Tensor, group: int, in_dim: int) -> torch.Tensor:
+    """Exact inverse of the format: `scale * (u - 128)`, float32 `[O, in_dim]`."""
+    out_dim = weights.shape[0]
+    q = weights.view(out_dim, -1, group).float() - 128.0  # [O, G, g]
     return (q * scales.float().unsqueeze(-1)).reshape(out_dim, -1)[:, :in_dim]
 
 

@@ -1,0 +1,518 @@
+"""Kernels with int8 activations: INT4 and INT8 weights times int8-quantized tokens, integer dot products.
+
+Weights (per row, groups of g = 32, 64 or 128 along the input, zero-padded to `Ip`):
+
+- INT4: `packed [O, Ip / 2] uint8`, the layout of `int4.py` (offset 8).
+- INT8: `weights [O, Ip] uint8`, `u = q + 128` with `q` in -127..127 (offset 128).
+- Both: `scales [O, Ip / g] uint16`, bf16 or fp16 bits; `w = s * (code - offset)`.
+
+Activations (`quantize_activations`), per token and block of g inputs: `a = amax / 127` (float32),
+`xq = rint(x / a)` clamped to [-127, 127], all zero where `a == 0`. They are laid out for the weights'
+spans (`simd.spans`: 128 inputs for INT4, `max(64, g)` for INT8) and padded with zeros to whole spans:
+
+- `xq [T, spans * span_elems] int8`. INT8: input order. INT4: the order of the nibbles, so a load of
+  weight bytes and one of `xq` line up: within span `s`, `xq[128 s + b]` is the input in the low nibble of
+  the span's byte `b` and `xq[128 s + 64 + b]` the one in its high nibble.
+- `ascale [T, spans * groups_per_span] float32`, zero past the last block.
+- `bias [T, spans * 16] int32`: `-offset` times the sum of `xq` over each integer lane's inputs, so the
+  lanes hold `(code - offset) * xq` exactly (lane definition in `simd.py`).
+
+The dot of a row with a token is `simd.span_dots`: exact integer lanes, then float32 in a fixed order, so
+every instruction set gives the same bits, and a token's result does not depend on the tokens tiled
+with it. `select_backend` picks the instruction set once and binds the kernels; on a CPU without AVX2
+(`float`) it binds float32 kernels (today's `int4.py` ones for INT4) that are close, not bit-identical.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from hetero_moe.kernels.numba import int4
+from hetero_moe.kernels.numba.common import dot, silu_mul
+from hetero_moe.kernels.numba.int4 import SCALE_BF16, SCALE_FP16, decode_scales, fp16_table
+from hetero_moe.kernels.numba.quantize import (
+    SCALE_KINDS,
+    SOURCE_F32,
+    SOURCES,
+    TINY,
+    bf16_bits,
+    decoding_table,
+    fp16_bits,
+    widen_group,
+)
+from hetero_moe.kernels.numba.simd import INT4, INT8, TILE, Simd, choose_isa, span_dots, spans
+from numba import njit, prange
+
+PARALLEL_TOKENS = 16  # activations of at least this many tokens are quantized in parallel
+FORMATS = {"int4": INT4, "int8": INT8}
+
+
+def activation_shape(fmt: int, g: int, in_dim: int) -> tuple[int, int, int]:
+    """Columns of (xq, ascale, bias) for inputs of `in_dim` and weights of format `fmt`, group `g`."""
+    span_bytes, span_elems, gps = spans(fmt, g)
+    ip = -(-in_dim // g) * g
+    row_bytes = ip // 2 if fmt == INT4 else ip
+    n = -(-row_bytes // span_bytes)
+    return n * span_elems, n * gps, n * 16
+
+
+@njit(inline="always", cache=True)
+def _quantize_token(x, g, fmt, xq, ascale, bias) -> None:
+    """One token `x [I]` -> `xq`, `ascale`, `bias` (rows, zeroed by the caller)."""
+    n_in = x.shape[0]
+    half = g // 2
+    for k in range((n_in + g - 1) // g):
+        start, stop = k * g, min(k * g + g, n_in)
+        amax = np.float32(0.0)
+        for i in range(start, stop):
+            amax = max(amax, abs(x[i]))
+        a = amax / np.float32(127.0)
+        ascale[k] = a
+        if not a > 0:
+            continue
+        for i in range(start, stop):
+            q = min(max(np.rint(x[i] / a), np.float32(-127.0)), np.float32(127.0))
+            if fmt == INT4:
+                j = i - start
+                byte = k * half + j % half
+                xq[128 * (byte // 64) + 64 * (j // half) + byte % 64] = np.int8(q)
+            else:
+                xq[i] = np.int8(q)
+    span_elems = 128 if fmt == INT4 else max(64, g)
+    offset = 8 if fmt == INT4 else 128
+    for s in range(bias.shape[0] // 16):
+        for lane in range(16):
+            total = 0
+            for m in range(span_elems // 64):
+                for c in range(4):
+                    total += xq[span_elems * s + 64 * m + 4 * lane + c]
+            bias[16 * s + lane] = -offset * total
+
+
+@njit(inline="always", cache=True)
+def _activation_arrays(x, g, fmt):
+    t, n_in = x.shape
+    ip = (n_in + g - 1) // g * g
+    span_bytes = 64 if fmt == INT4 else max(64, g)
+    span_elems = 128 if fmt == INT4 else max(64, g)
+    n = ((ip // 2 if fmt == INT4 else ip) + span_bytes - 1) // span_bytes
+    xq = np.zeros((t, n * span_elems), np.int8)
+    ascale = np.zeros((t, n * span_elems // g), np.float32)
+    bias = np.zeros((t, n * 16), np.int32)
+    return xq, ascale, bias
+
+
+@njit(nogil=True, cache=True)
+def quantize_activations(x, g, fmt):
+    """`x [T, I]` float32 -> `(xq, ascale, bias)` for weights of format `fmt` (INT4 or INT8) and group
+    `g`; shapes in `activation_shape`, layout in the module docstring. One thread."""
+    xq, ascale, bias = _activation_arrays(x, g, fmt)
+    for t in range(x.shape[0]):
+        _quantize_token(x[t], g, fmt, xq[t], ascale[t], bias[t])
+    return xq, ascale, bias
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def quantize_activations_parallel(x, g, fmt):
+    """`quantize_activations`, parallel over tokens."""
+    xq, ascale, bias = _activation_arrays(x, g, fmt)
+    for t in prange(x.shape[0]):
+        _quantize_token(x[t], g, fmt, xq[t], ascale[t], bias[t])
+    return xq, ascale, bias
+
+
+@njit(inline="always", cache=True)
+def _tile(n: int) -> int:
+    """Tokens the next `span_dots` call takes, of `n` left: 4, 2 or 1."""
+    return TILE if n >= TILE else (2 if n >= 2 else 1)
+
+
+@njit(inline="always", cache=True)
+def _dots(simd, n, w, scales, xq, ascale, bias, rows, out) -> None:
+    if n == TILE:
+        span_dots(simd, 4, w, scales, xq, ascale, bias, rows, out)
+    elif n == 2:
+        span_dots(simd, 2, w, scales, xq, ascale, bias, rows, out)
+    else:
+        span_dots(simd, 1, w, scales, xq, ascale, bias, rows, out)
+
+
+@njit(inline="always", cache=True)
+def _check(simd, w, scales, xq, ascale, bias) -> None:
+    """Weights `w [..., B]` with `scales [..., G]` fit the token's format and the activations."""
+    span_bytes, span_elems, gps = simd.span
+    row_bytes = w.shape[-1]
+    n = (row_bytes + span_bytes - 1) // span_bytes
+    if row_bytes % 16 or scales.shape[-1] * span_bytes != gps * row_bytes or w.shape[:-1] != scales.shape[:-1]:
+        raise ValueError("weights and scales do not fit the backend's format and group size")
+    if xq.shape[1] < n * span_elems or ascale.shape[1] < n * gps or bias.shape[1] < n * 16:
+        raise ValueError("activations are too short for the weights (quantized for another format or size?)")
+    if (
+        w.strides[-1] != 1
+        or scales.strides[-1] != 2
+        or xq.strides[1] != 1
+        or ascale.strides[1] != 4
+        or bias.strides[1] != 4
+    ):
+        raise ValueError("rows of weights, scales and activations must be contiguous")
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w13, s13, rows_per_task, h):
+    """`h[p] = silu(x[t] W_gate[e]^T) * (x[t] W_up[e]^T)` for every pair p = (token t, expert e).
+
+    Pairs are grouped by expert as in `int4.gate_up` (`pair_token [P]`, `seg [U + 1]`, `seg_expert [U]`);
+    tiles of up to 4 pairs of an expert share each weight load. `xq, ascale, bias` of the tokens from
+    `quantize_activations`; `w13 [E, 2I, B]` uint8 (B = Hp / 2 for INT4, Hp for INT8), gate rows first;
+    `s13 [E, 2I, Hp / g]` uint16 scale bits (bf16 or fp16 as `simd.kind`); `h [P, I]` float32. Tasks are
+    blocks of `rows_per_task` rows of one expert.
+    """
+    inter = h.shape[1]
+    _check(simd, w13, s13, xq, ascale, bias)
+    if w13.shape[1] != 2 * inter or h.shape[0] < pair_token.shape[0]:
+        raise ValueError("w13 must hold 2 * I rows and h one row per pair")
+    chunks = (inter + rows_per_task - 1) // rows_per_task
+    for task in prange(seg_expert.shape[0] * chunks):
+        u, c = task // chunks, task % chunks
+        e = seg_expert[u]
+        r0, r1 = c * rows_per_task, min((c + 1) * rows_per_task, inter)
+        rows = np.empty(TILE, np.int64)
+        gate = np.empty((TILE, r1 - r0), np.float32)
+        up = np.empty((TILE, r1 - r0), np.float32)
+        p = seg[u]
+        while p < seg[u + 1]:
+            n = _tile(seg[u + 1] - p)
+            for j in range(n):
+                rows[j] = pair_token[p + j]
+            _dots(simd, n, w13[e, r0:r1], s13[e, r0:r1], xq, ascale, bias, rows, gate)
+            _dots(simd, n, w13[e, inter + r0 : inter + r1], s13[e, inter + r0 : inter + r1], xq, ascale, bias, rows, up)
+            for j in range(n):
+                for r in range(r1 - r0):
+                    h[p + j, r0 + r] = silu_mul(gate[j, r], up[j, r])
+            p += n
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def down(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, y):
+    """`y[p] = h[p] W_down[e]^T` for every pair, grouped by expert as in `gate_up`; `xq, ascale, bias`
+    quantize `h [P, I]` (one row per pair); `w2 [E, H, B]` uint8 (B = Ip / 2 or Ip), `s2 [E, H, Ip / g]`,
+    `y [P, H]` float32."""
+    hidden = y.shape[1]
+    _check(simd, w2, s2, xq, ascale, bias)
+    if w2.shape[1] != hidden or xq.shape[0] < seg[-1] or y.shape[0] < seg[-1]:
+        raise ValueError("w2 must hold H rows, and h and y one row per pair")
+    chunks = (hidden + rows_per_task - 1) // rows_per_task
+    for task in prange(seg_expert.shape[0] * chunks):
+        u, c = task // chunks, task % chunks
+        e = seg_expert[u]
+        r0, r1 = c * rows_per_task, min((c + 1) * rows_per_task, hidden)
+        rows = np.empty(TILE, np.int64)
+        out = np.empty((TILE, r1 - r0), np.float32)
+        p = seg[u]
+        while p < seg[u + 1]:
+            n = _tile(seg[u + 1] - p)
+            for j in range(n):
+                rows[j] = p + j
+            _dots(simd, n, w2[e, r0:r1], s2[e, r0:r1], xq, ascale, bias, rows, out)
+            for j in range(n):
+                y[p + j, r0:r1] = out[j]
+            p += n
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def linear(simd, xq, ascale, bias, weights, scales, rows_per_task):
+    """`y [T, O] = x W^T` for a dense layer: `xq, ascale, bias` of `x [T, I]`, `weights [O, B]` uint8
+    (B = Ip / 2 for INT4, Ip for INT8), `scales [O, Ip / g]` uint16 bits. Parallel over blocks of
+    `rows_per_task` output rows; tiles of up to 4 tokens share each weight load."""
+    t, out_dim = xq.shape[0], weights.shape[0]
+    _check(simd, weights, scales, xq, ascale, bias)
+    y = np.empty((t, out_dim), np.float32)
+    chunks = (out_dim + rows_per_task - 1) // rows_per_task
+    for c in prange(chunks):
+        r0, r1 = c * rows_per_task, min((c + 1) * rows_per_task, out_dim)
+        rows = np.empty(TILE, np.int64)
+        out = np.empty((TILE, r1 - r0), np.float32)
+        p = 0
+        while p < t:
+            n = _tile(t - p)
+            for j in range(n):
+                rows[j] = p + j
+            _dots(simd, n, weights[r0:r1], scales[r0:r1], xq, ascale, bias, rows, out)
+            for j in range(n):
+                y[p + j, r0:r1] = out[j]
+            p += n
+    return y
+
+
+# INT8 weights at load time: `kernels/quant.py:quantize_int8`, bit for bit (the rules of `quantize.py`).
+
+
+@njit(inline="always", cache=True)
+def _quantize_group8(bits, values, kind: int, fp16, one_bits, one, out) -> int:
+    """One widened group `values [g]` -> `out [g]` bytes `q + 128`; returns the scale's bits."""
+    amax = np.uint32(0)
+    for j in range(bits.shape[0]):
+        amax = max(amax, np.uint32(bits[j] & np.uint32(0x7FFFFFFF)))
+    one_bits[0] = amax
+    one[0] = one[0] / np.float32(127.0)
+    f = np.int64(one_bits[0])
+    if kind == SCALE_BF16:
+        stored = bf16_bits(f)
+        one_bits[0] = np.uint32(stored) << np.uint32(16)
+        scale = one[0]
+    else:
+        stored = fp16_bits(f)
+        scale = fp16[stored]
+    if scale > 0:
+        divisor = max(scale, TINY)
+        for j in range(out.shape[0]):
+            q = min(max(np.rint(values[j] / divisor), np.float32(-127.0)), np.float32(127.0))
+            out[j] = np.uint8(q + np.float32(128.0))
+    else:
+        for j in range(out.shape[0]):
+            out[j] = 128
+    return stored
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def quantize_rows8(w, group: int, source: int, kind: int, fp16, weights, scales) -> None:
+    """`w [O, I]` bits (as `quantize.quantize_rows` reads them) -> `weights [O, Ip]` uint8 and
+    `scales [O, Ip / g]` uint16 bits. One row per task."""
+    for r in prange(w.shape[0]):
+        bits = np.empty(group, np.uint32)
+        values = bits.view(np.float32)
+        one_bits = np.empty(1, np.uint32)
+        one = one_bits.view(np.float32)
+        for k in range(scales.shape[1]):
+            widen_group(w[r], k * group, source, fp16, bits, values)
+            out = weights[r, k * group : (k + 1) * group]
+            scales[r, k] = _quantize_group8(bits, values, kind, fp16, one_bits, one, out)
+
+
+def quantize_int8_fast(w: torch.Tensor, group: int, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`w [O, I]` (CPU, any float dtype) -> `weights [O, Ip] uint8`, `scales [O, Ip / g]` in `scale_dtype`:
+    the bits of `kernels.quant.quantize_int8` for finite `w`."""
+    if w.dim() != 2 or w.device.type != "cpu" or not w.is_floating_point():
+        raise ValueError(f"expected a 2-D floating-point CPU tensor, got {w.dtype} {tuple(w.shape)} on {w.device}")
+    if group <= 0:
+        raise ValueError(f"group must be positive, got {group}")
+    if scale_dtype not in SCALE_KINDS:
+        raise ValueError(f"scale dtype must be torch.bfloat16 or torch.float16, got {scale_dtype}")
+    if w.dtype not in SOURCES:
+        w = w.float()
+    w = w.detach().contiguous()
+    source = SOURCES[w.dtype]
+    bits = w.numpy().view(np.uint32) if source == SOURCE_F32 else w.view(torch.uint16).numpy()
+    out_dim, in_dim = w.shape
+    groups = -(-in_dim // group)
+    weights = torch.empty(out_dim, groups * group, dtype=torch.uint8)
+    scales = torch.empty(out_dim, groups, dtype=scale_dtype)
+    kind = SCALE_KINDS[scale_dtype]
+    quantize_rows8(bits, group, source, kind, decoding_table(), weights.numpy(), scales.view(torch.uint16).numpy())
+    return weights, scales
+
+
+# float32 kernels for CPUs without AVX2 (`float` backend): activations stay float32, zero-padded to Ip.
+
+
+@njit(nogil=True, cache=True)
+def float_activations(x, g):
+    """`x [T, I]` -> `(xp [T, Ip], xsum [T, Ip / g])` float32, the inputs of `int4.gate_up` / `int4.down`."""
+    t, n_in = x.shape
+    ip = (n_in + g - 1) // g * g
+    xp = np.zeros((t, ip), np.float32)
+    xsum = np.zeros((t, ip // g), np.float32)
+    for i in range(t):
+        for j in range(n_in):
+            xp[i, j] = x[i, j]
+        for k in range(ip // g):
+            xsum[i, k] = np.sum(xp[i, k * g : (k + 1) * g])
+    return xp, xsum
+
+
+@njit(inline="always", fastmath=True, cache=True)
+def _dot_row8(wrow, scales, x, g: int) -> float:
+    """One INT8 row `wrow [Ip]` times `x [Ip]`; `scales` float32."""
+    total = np.float32(0.0)
+    for k in range(scales.shape[0]):
+        acc = np.float32(0.0)
+        for j in range(k * g, (k + 1) * g):
+            acc += (np.float32(wrow[j]) - np.float32(128.0)) * x[j]
+        total += scales[k] * acc
+    return total
+
+
+@njit(inline="always", fastmath=True, cache=True)
+def _decode_row8(wrow, scales, g: int, values) -> None:
+    for k in range(scales.shape[0]):
+        for j in range(k * g, (k + 1) * g):
+            values[j] = scales[k] * (np.float32(wrow[j]) - np.float32(128.0))
+
+
+@njit(inline="always", fastmath=True, cache=True)
+def _float_row(fmt: int, wrow, scales, g: int, x, xsum) -> float:
+    if fmt == INT4:
+        return int4.dot_row(wrow, scales, x, xsum, g // 2)
+    return _dot_row8(wrow, scales, x, g)
+
+
+@njit(parallel=True, nogil=True, fastmath=True, cache=True)
+def float_gate_up8(x, pair_token, seg, seg_expert, w13, s13, g, kind, fp16, rows_per_task, h):
+    """`gate_up` for INT8 weights in float32: `x [T, Hp]` from `float_activations`, the rest as `gate_up`."""
+    inter = h.shape[1]
+    chunks = (inter + rows_per_task - 1) // rows_per_task
+    for task in prange(seg_expert.shape[0] * chunks):
+        u, c = task // chunks, task % chunks
+        e = seg_expert[u]
+        gbits = np.empty(s13.shape[2], np.uint32)
+        ubits = np.empty(s13.shape[2], np.uint32)
+        gscale, uscale = gbits.view(np.float32), ubits.view(np.float32)
+        shared = seg[u + 1] - seg[u] > 1
+        gate_w = np.empty(x.shape[1] if shared else 0, np.float32)
+        up_w = np.empty(x.shape[1] if shared else 0, np.float32)
+        for r in range(c * rows_per_task, min((c + 1) * rows_per_task, inter)):
+            decode_scales(s13[e, r], kind, fp16, gbits, gscale)
+            decode_scales(s13[e, inter + r], kind, fp16, ubits, uscale)
+            if shared:
+                _decode_row8(w13[e, r], gscale, g, gate_w)
+                _decode_row8(w13[e, inter + r], uscale, g, up_w)
+            for p in range(seg[u], seg[u + 1]):
+                t = pair_token[p]
+                if shared:
+                    gate, up = dot(gate_w, x[t]), dot(up_w, x[t])
+                else:
+                    gate = _dot_row8(w13[e, r], gscale, x[t], g)
+                    up = _dot_row8(w13[e, inter + r], uscale, x[t], g)
+                h[p, r] = silu_mul(gate, up)
+
+
+@njit(parallel=True, nogil=True, fastmath=True, cache=True)
+def float_down8(h, seg, seg_expert, w2, s2, g, kind, fp16, rows_per_task, y):
+    """`down` for INT8 weights in float32: `h [P, Ip]` from `float_activations`."""
+    hidden = y.shape[1]
+    chunks = (hidden + rows_per_task - 1) // rows_per_task
+    for task in prange(seg_expert.shape[0] * chunks):
+        u, c = task // chunks, task % chunks
+        e = seg_expert[u]
+        bits = np.empty(s2.shape[2], np.uint32)
+        scales = bits.view(np.float32)
+        shared = seg[u + 1] - seg[u] > 1
+        weights = np.empty(h.shape[1] if shared else 0, np.float32)
+        for r in range(c * rows_per_task, min((c + 1) * rows_per_task, hidden)):
+            decode_scales(s2[e, r], kind, fp16, bits, scales)
+            if shared:
+                _decode_row8(w2[e, r], scales, g, weights)
+            for p in range(seg[u], seg[u + 1]):
+                y[p, r] = dot(weights, h[p]) if shared else _dot_row8(w2[e, r], scales, h[p], g)
+
+
+@njit(parallel=True, nogil=True, fastmath=True, cache=True)
+def float_linear(fmt, x, xsum, weights, scales, g, kind, fp16, rows_per_task):
+    """`linear` in float32 for INT4 (`fmt` = INT4) or INT8 weights: `x [T, Ip]`, `xsum [T, Ip / g]` from
+    `float_activations` -> `y [T, O]`."""
+    t, out_dim = x.shape[0], weights.shape[0]
+    if x.shape[1] != (2 * weights.shape[1] if fmt == INT4 else weights.shape[1]) or x.shape[1] != g * scales.shape[1]:
+        raise ValueError("activations, weights and scales do not fit")
+    y = np.empty((t, out_dim), np.float32)
+    chunks = (out_dim + rows_per_task - 1) // rows_per_task
+    for c in prange(chunks):
+        bits = np.empty(scales.shape[1], np.uint32)
+        sw = bits.view(np.float32)
+        for r in range(c * rows_per_task, min((c + 1) * rows_per_task, out_dim)):
+            decode_scales(scales[r], kind, fp16, bits, sw)
+            for i in range(t):
+                y[i, r] = _float_row(fmt, weights[r], sw, g, x[i], xsum[i])
+    return y
+
+
+# Backends: the kernels of one instruction set, bound to a weight format, group size and scale dtype.
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """Kernels of one weight format on one backend. `act` is what `activations` returns (a tuple of
+    arrays whose contents depend on the backend); pass it on unchanged:
+
+    - `activations(x [T, I] float32) -> act`
+    - `gate_up(act, pair_token, seg, seg_expert, w13, s13, rows_per_task, h [P, I])` (see `gate_up`)
+    - `down(act_h, seg, seg_expert, w2, s2, rows_per_task, y [P, H])`, `act_h = activations(h)`
+    - `linear(act, weights, scales, rows_per_task) -> y [T, O]`
+    """
+
+    activations: Callable[[np.ndarray], tuple]
+    gate_up: Callable[..., None]
+    down: Callable[..., None]
+    linear: Callable[..., np.ndarray]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An instruction set chosen once (`select_backend`); `kernels` binds its kernels to a format."""
+
+    name: str
+
+    def kernels(self, fmt: str, g: int, kind: int) -> Kernels:
+        """`fmt` "int4" or "int8", group size `g` (32, 64, 128), `kind` int4.SCALE_BF16 or SCALE_FP16."""
+        if fmt not in FORMATS or g not in (32, 64, 128) or kind not in (SCALE_BF16, SCALE_FP16):
+            raise ValueError(f"no kernels for format {fmt!r}, group {g!r}, scale kind {kind!r}")
+        return _kernels(self.name, FORMATS[fmt], g, kind)
+
+
+def select_backend(name: str | None = None) -> Backend:
+    """The best backend for the CPU Numba compiles for, or `name` (avx512vnni, avxvnni, avx2, float);
+    a ValueError names the features a forced backend lacks. Nothing is compiled here."""
+    return Backend(choose_isa(name))
+
+
+@functools.cache
+def _fp16(kind: int) -> np.ndarray:
+    return fp16_table() if kind == SCALE_FP16 else np.zeros(1, np.float32)
+
+
+@functools.cache
+def _kernels(isa: str, fmt: int, g: int, kind: int) -> Kernels:
+    fp16 = _fp16(kind)
+    if isa == "float":
+        return _float_kernels(fmt, g, kind, fp16)
+    simd = Simd(isa, fmt, g, kind)
+
+    def activations(x: np.ndarray) -> tuple:
+        quantize = quantize_activations_parallel if len(x) >= PARALLEL_TOKENS else quantize_activations
+        return quantize(x, g, fmt)
+
+    def gate_up_(act, pair_token, seg, seg_expert, w13, s13, rows_per_task, h) -> None:
+        gate_up(simd, *act, pair_token, seg, seg_expert, w13, s13, rows_per_task, h)
+
+    def down_(act, seg, seg_expert, w2, s2, rows_per_task, y) -> None:
+        down(simd, *act, seg, seg_expert, w2, s2, rows_per_task, y)
+
+    def linear_(act, weights, scales, rows_per_task) -> np.ndarray:
+        return linear(simd, *act, weights, scales, rows_per_task)
+
+    return Kernels(activations, gate_up_, down_, linear_)
+
+
+def _float_kernels(fmt: int, g: int, kind: int, fp16: np.ndarray) -> Kernels:
+    def activations(x: np.ndarray) -> tuple:
+        return float_activations(x, g)
+
+    def gate_up_(act, pair_token, seg, seg_expert, w13, s13, rows_per_task, h) -> None:
+        if fmt == INT4:
+            int4.gate_up(*act, pair_token, seg, seg_expert, w13, s13, g, kind, fp16, rows_per_task, h)
+        else:
+            float_gate_up8(act[0], pair_token, seg, seg_expert, w13, s13, g, kind, fp16, rows_per_task, h)
+
+    def down_(act, seg, seg_expert, w2, s2, rows_per_task, y) -> None:
+        if fmt == INT4:
+            int4.down(*act, seg, seg_expert, w2, s2, g, kind, fp16, rows_per_task, y)
+        else:
+            float_down8(act[0], seg, seg_expert, w2, s2, g, kind, fp16, rows_per_task, y)
+
+    def linear_(act, weights, scales, rows_per_task) -> np.ndarray:
+        return float_linear(fmt, *act, weights, scales, g, kind, fp16, rows_per_task)
+
+    return Kernels(activations, gate_up_, down_, linear_)

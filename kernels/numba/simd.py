@@ -1,0 +1,471 @@
+"""Integer dot products in LLVM IR, one code generator per instruction set, for `int8dot.py`.
+
+Instruction sets ("isa"), best first, with the CPU features each needs:
+
+- `avx512vnni`: `vpdpbusd` on 512-bit registers (64 u8 x s8 products into 16 int32 lanes).
+- `avxvnni`: the VEX `vpdpbusd` on 256-bit registers (Alder Lake and later, Zen 5).
+- `avx2`: `vpmaddubsw` (pairs into int16) then `vpmaddwd` by ones (int32 lanes of 4 bytes).
+- `float`: no intrinsics; `int8dot.py` falls back to float32 kernels.
+
+The instruction set is a compile-time fact: a `Simd` token (isa, weight format, group size, scale dtype)
+is passed to the kernels as their first argument, and its Numba type selects the code `span_dots` emits, so each
+backend is its own specialization of the same `@njit` source, cached like any other, with no branch on
+hardware at run time. Compiling an instruction the target CPU lacks aborts the process inside LLVM:
+`choose_isa` checks the features of the CPU Numba compiles for before any token is made.
+
+Canonical arithmetic (the same bits from every isa; `int8dot.py` has the formats):
+
+- A weight row is cut in spans: 64 bytes for INT4 (128 elements), `max(64, g)` bytes for INT8.
+- Integer lane `i` (0..15) of a span is exact: the sum, over the weight bytes `4i..4i+3` of the span (and
+  `64 + 4i..` when an INT8 span has 128 bytes), of `(code - offset) * xq` for every element those bytes
+  hold (both nibbles for INT4). The kernels compute `code * xq` with unsigned codes and start each lane at
+  `bias = -offset * (sum of the lane's xq)`, precomputed per token.
+- `S = sw[k] * a[k]` (float32) for the lane's group `k`; `acc[i] = fma(float(lane), S, acc[i])`, spans in
+  order, accumulators starting at +0.
+- One row result: `v8 = acc[0:8] + acc[8:16]`, `v4 = v8[0:4] + v8[4:8]`, `v2 = v4[0:2] + v4[2:4]`,
+  `v2[0] + v2[1]`.
+
+Lanes are exact in float32 (|lane| < 2^24), so these float operations fix the result bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import llvmlite.binding as llvm
+from hetero_moe.kernels.numba.int4 import SCALE_BF16, SCALE_FP16
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils, config
+from numba.extending import NativeValue, intrinsic, models, overload_attribute, register_model, unbox
+
+ISAS: dict[str, tuple[str, ...]] = {  # best first; the LLVM feature names each one needs
+    "avx512vnni": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni"),
+    "avxvnni": ("avx2", "fma", "f16c", "avxvnni"),
+    "avx2": ("avx2", "fma", "f16c"),
+    "float": (),
+}
+INT4 = 4
+INT8 = 8
+GROUPS = (32, 64, 128)
+TILE = 4  # most tokens one `span_dots` call multiplies with a weight row
+PREFETCH = 4096  # weight bytes ahead to prefetch (measured on Zen 3: the hardware prefetcher alone left ~35 % idle)
+
+I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+F32 = ir.FloatType()
+
+
+def target_features() -> frozenset[str]:
+    """CPU features of the target Numba compiles for: NUMBA_CPU_FEATURES when set (its `+` entries),
+    else the host's (none of the `avx*` ones when NUMBA_ENABLE_AVX is off), as Numba itself does."""
+    if config.CPU_FEATURES is not None:
+        return frozenset(f[1:] for f in config.CPU_FEATURES.split(",") if f.startswith("+"))
+    features = {name for name, on in llvm.get_host_cpu_features().items() if on}
+    if not config.ENABLE_AVX:
+        features = {name for name in features if not name.startswith("avx")}
+    return frozenset(features)
+
+
+def choose_isa(name: str | None = None, features: frozenset[str] | None = None) -> str:
+    """The best instruction set `features` (default: `target_features()`) allow, or `name` if given and
+    allowed; a ValueError names an unknown set or the features a forced one lacks."""
+    have = target_features() if features is None else features
+    if name is None:
+        return next(isa for isa, needs in ISAS.items() if set(needs) <= have)
+    if name not in ISAS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(ISAS)}")
+    missing = [f for f in ISAS[name] if f not in have]
+    if missing:
+        raise ValueError(f"backend {name!r} needs CPU features this CPU lacks: {', '.join(missing)}")
+    return name
+
+
+def spans(fmt: int, g: int) -> tuple[int, int, int]:
+    """(weight bytes, input elements, groups) of one span of a row."""
+    if fmt == INT4:
+        return 64, 128, 128 // g
+    return max(64, g), max(64, g), max(64, g) // g
+
+
+@functools.cache
+def codegen_version() -> str:
+    """Hash of this file, part of every token's Numba type: cached kernels compiled from an older
+    code generator no longer match."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+
+
+class SimdType(types.Dummy):
+    def __init__(self, isa: str, fmt: int, g: int, kind: int) -> None:
+        self.isa, self.fmt, self.g, self.kind = isa, fmt, g, kind
+        scale = "bf16" if kind == SCALE_BF16 else "fp16"
+        super().__init__(name=f"Simd({isa}, int{fmt}, g={g}, {scale}, {codegen_version()})")
+
+
+@dataclass(frozen=True)
+class Simd:
+    """Compile-time token: instruction set, weight format (INT4 or INT8), group size and scale kind
+    (`SCALE_BF16` or `SCALE_FP16`). Make it through `choose_isa` (or a test that only compiles):
+    running code for an instruction set the CPU lacks crashes."""
+
+    isa: str
+    fmt: int
+    g: int
+    kind: int = SCALE_BF16
+
+    def __post_init__(self) -> None:
+        ok = self.isa in CODEGEN and self.fmt in (INT4, INT8) and self.g in GROUPS
+        if not ok or self.kind not in (SCALE_BF16, SCALE_FP16):
+            raise ValueError(f"no integer kernels for {self}")
+
+    @property
+    def _numba_type_(self) -> SimdType:
+        return SimdType(self.isa, self.fmt, self.g, self.kind)
+
+
+register_model(SimdType)(models.OpaqueModel)
+
+
+@overload_attribute(SimdType, "span")
+def _span(simd):
+    """`simd.span` in jitted code: the constant `spans(fmt, g)`."""
+    shape = spans(simd.fmt, simd.g)
+    return lambda simd: shape
+
+
+@unbox(SimdType)
+def _unbox_simd(typ, obj, c):
+    return NativeValue(c.context.get_dummy_value())
+
+
+def _declare(builder: ir.IRBuilder, name: str, ret: ir.Type, args: list[ir.Type]) -> ir.Function:
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+
+def _vec(t: ir.Type, n: int) -> ir.VectorType:
+    return ir.VectorType(t, n)
+
+
+def _splat(t: ir.Type, n: int, value) -> ir.Constant:
+    return ir.Constant(_vec(t, n), [value] * n)
+
+
+class Isa:
+    """Integer lanes of one instruction set: `width` int32 lanes per register of `width * 4` bytes."""
+
+    width = 8
+    int8_bias = True  # INT8 lanes start at the activations' bias (else they come out exact without it)
+
+    @property
+    def vbytes(self) -> int:
+        return 4 * self.width
+
+    def nibbles(self, b: ir.IRBuilder, w: ir.Value) -> tuple[ir.Value, ir.Value]:
+        n = self.vbytes
+        return b.and_(w, _splat(I8, n, 15)), b.and_(b.lshr(w, _splat(I8, n, 4)), _splat(I8, n, 15))
+
+    def int4_lanes(self, b, lo, hi, xlo, xhi, bias):
+        raise NotImplementedError
+
+    def unpack_int8(self, b: ir.IRBuilder, w: ir.Value) -> tuple[ir.Value, ...]:
+        raise NotImplementedError
+
+    def int8_lanes(self, b, weights, xs, bias):
+        raise NotImplementedError
+
+
+class Avx2(Isa):
+    """`vpmaddubsw` then `vpmaddwd` by ones. The int16 step must not saturate. INT4: nibble products (at
+    most 15 * 127, four to an int16) are safe. INT8: `q = u - 128` multiplies as `|q| * sign(x, q)`
+    (`vpsignb`), at most 128 * 127 two to an int16, so the lanes hold `(u - 128) * x` without a bias."""
+
+    int8_bias = False
+
+    def _maddubs(self, b, u, s):
+        fn = _declare(b, "llvm.x86.avx2.pmadd.ub.sw", _vec(I16, 16), [_vec(I8, 32), _vec(I8, 32)])
+        return b.call(fn, [u, s])
+
+    def _maddwd(self, b, v, factor):
+        fn = _declare(b, "llvm.x86.avx2.pmadd.wd", _vec(I32, 8), [_vec(I16, 16), _vec(I16, 16)])
+        return b.call(fn, [v, _splat(I16, 16, factor)])
+
+    def int4_lanes(self, b, lo, hi, xlo, xhi, bias):
+        pairs = b.add(self._maddubs(b, lo, xlo), self._maddubs(b, hi, xhi))
+        return b.add(self._maddwd(b, pairs, 1), bias)
+
+    def unpack_int8(self, b, w):
+        q = b.xor(w, _splat(I8, 32, -128))  # u - 128 as signed bytes
+        fn = _declare(b, "llvm.abs.v32i8", _vec(I8, 32), [_vec(I8, 32), ir.IntType(1)])
+        return b.call(fn, [q, ir.Constant(ir.IntType(1), 0)]), q  # |q| (128 for u = 0, read unsigned)
+
+    def int8_lanes(self, b, weights, xs, bias):
+        sign = _declare(b, "llvm.x86.avx2.psign.b", _vec(I8, 32), [_vec(I8, 32), _vec(I8, 32)])
+        lanes = None
+        for (magnitude, q), x in zip(weights, xs, strict=True):
+            part = self._maddwd(b, self._maddubs(b, magnitude, b.call(sign, [x, q])), 1)
+            lanes = part if lanes is None else b.add(lanes, part)
+        return lanes
+
+
+class Vnni(Isa):
+    """`vpdpbusd`: 4 u8 x s8 products added to each int32 lane, exact."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+
+    def _dpbusd(self, b, acc, u, s):
+        n = self.width
+        name = f"llvm.x86.avx512.vpdpbusd.{32 * n}"
+        if llvm.llvm_version_info >= (22,):  # byte vectors since LLVM 22; int32 vectors before
+            fn = _declare(b, name, _vec(I32, n), [_vec(I32, n), _vec(I8, 4 * n), _vec(I8, 4 * n)])
+            return b.call(fn, [acc, u, s])
+        wide = _vec(I32, n)
+        fn = _declare(b, name, wide, [wide, wide, wide])
+        return b.call(fn, [acc, b.bitcast(u, wide), b.bitcast(s, wide)])
+
+    def int4_lanes(self, b, lo, hi, xlo, xhi, bias):
+        return self._dpbusd(b, self._dpbusd(b, bias, lo, xlo), hi, xhi)
+
+    def unpack_int8(self, b, w):
+        return (w,)
+
+    def int8_lanes(self, b, weights, xs, bias):
+        acc = bias
+        for (w,), x in zip(weights, xs, strict=True):
+            acc = self._dpbusd(b, acc, w, x)
+        return acc
+
+
+class VnniEmulated(Vnni):
+    """`vpdpbusd` spelled in plain IR, which LLVM lowers for any CPU: the VNNI code paths, runnable here
+    for tests (slow; never chosen by `choose_isa`)."""
+
+    def _dpbusd(self, b, acc, u, s):
+        n = self.width
+        wide = _vec(I32, 4 * n)
+        products = b.mul(b.zext(u, wide), b.sext(s, wide))
+        for c in range(4):
+            acc = b.add(acc, b.shuffle_vector(products, products, ir.Constant(_vec(I32, n), list(range(c, 4 * n, 4)))))
+        return acc
+
+
+CODEGEN = {  # plus the emulated VNNI sets, for tests on CPUs without VNNI
+    "avx512vnni": Vnni(16),
+    "avxvnni": Vnni(8),
+    "avx2": Avx2(),
+    "avx512vnni-emulated": VnniEmulated(16),
+    "avxvnni-emulated": VnniEmulated(8),
+}
+
+
+class _Loads:
+    """Unaligned loads at byte offsets from byte pointers, and the masked weight loads of a tail span."""
+
+    def __init__(self, builder: ir.IRBuilder, w: ir.Value, row_bytes: ir.Value) -> None:
+        self.b, self.w, self.row_bytes = builder, w, row_bytes
+
+    def load(self, base: ir.Value, offset: ir.Value, vtype: ir.Type, align: int = 1) -> ir.Value:
+        b = self.b
+        return b.load(b.bitcast(b.gep(base, [offset]), vtype.as_pointer()), align=align)
+
+    def weights(self, offset: ir.Value, nbytes: int, tail: bool) -> ir.Value:
+        """`nbytes` weight bytes from row byte `offset`; in the tail span, bytes past the row read as 0
+        (masked loads of whole dwords: rows are a multiple of 16 bytes)."""
+        if not tail:
+            return self.load(self.w, offset, _vec(I8, nbytes))
+        b = self.b
+        fn = _declare(b, "llvm.x86.avx2.maskload.d.256", _vec(I32, 8), [I8.as_pointer(), _vec(I32, 8)])
+        pieces = []
+        for k in range(nbytes // 32):
+            start = b.add(offset, ir.Constant(I64, 32 * k))
+            left = b.trunc(b.sub(self.row_bytes, start), I32)  # bytes of the row from this piece on
+            room = b.shuffle_vector(
+                b.insert_element(ir.Constant(_vec(I32, 8), None), left, ir.Constant(I32, 0)),
+                ir.Constant(_vec(I32, 8), None),
+                ir.Constant(_vec(I32, 8), [0] * 8),
+            )
+            inside = b.icmp_signed(">", room, ir.Constant(_vec(I32, 8), [4 * d for d in range(8)]))
+            pieces.append(b.bitcast(b.call(fn, [b.gep(self.w, [start]), b.sext(inside, _vec(I32, 8))]), _vec(I8, 32)))
+        if len(pieces) == 1:
+            return pieces[0]
+        return b.shuffle_vector(pieces[0], pieces[1], ir.Constant(_vec(I32, 64), list(range(64))))
+
+
+def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
+    """The LLVM function of `span_dots` for `n` tokens, defined once per module:
+    `(w, rows, row_stride, row_bytes, s, s_stride, groups, xq_0.., ascale_0.., bias_0.., out, out_stride)`,
+    byte pointers and byte strides. A function of its own, so its loops get the registers to themselves
+    inside a big parallel kernel."""
+    name = f"hetero_moe_span_dots_{simd.isa}_int{simd.fmt}_g{simd.g}_s{simd.kind}_n{n}"
+    if name in module.globals:
+        return module.globals[name]
+    p8 = I8.as_pointer()
+    args = [p8, I64, I64, I64, p8, I64, I64, *[p8] * (3 * n), p8, I64]
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), args), name)
+    fn.linkage = "internal"
+    fn.attributes.add("noinline")
+    fn.attributes.add("nounwind")
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    w, n_rows, row_stride, row_bytes, s_ptr, s_stride, groups, *ptrs, out, out_stride = fn.args
+    tokens = [(ptrs[j], ptrs[n + j], ptrs[2 * n + j]) for j in range(n)]
+    isa = CODEGEN[simd.isa]
+    fmt = simd.fmt
+    span_bytes, span_elems, gps = spans(fmt, simd.g)
+    width, vbytes = isa.width, isa.vbytes
+    parts = 16 // width
+    lanes_per_group = 16 // gps
+    fma = _declare(b, f"llvm.fma.v{width}f32", _vec(F32, width), [_vec(F32, width)] * 3)
+    zero = ir.Constant(_vec(F32, width), [0.0] * width)
+    acc = [[cgutils.alloca_once_value(b, zero) for _ in range(parts)] for _ in range(n)]
+
+    def const(v: int) -> ir.Constant:
+        return ir.Constant(I64, v)
+
+    def row_scales(srow: ir.Value, s: ir.Value, tail: bool) -> ir.Value:
+        """float32 `<gps>` scales of span `s`; in the tail span, 0 for groups past the row."""
+        first = b.mul(s, const(gps))
+        if not tail:
+            bits = b.load(b.bitcast(b.gep(srow, [b.mul(first, const(2))]), _vec(I16, gps).as_pointer()), align=2)
+        else:  # groups past the row may be past the array: load those from group 0, then zero them
+            bits = ir.Constant(_vec(I16, gps), [0] * gps)
+            for q in range(gps):
+                k = b.add(first, const(q))
+                inside = b.icmp_signed("<", k, groups)
+                where = b.select(inside, b.mul(k, const(2)), const(0))
+                v = b.load(b.bitcast(b.gep(srow, [where]), I16.as_pointer()), align=2)
+                bits = b.insert_element(bits, b.select(inside, v, ir.Constant(I16, 0)), ir.Constant(I32, q))
+        if simd.kind == SCALE_BF16:
+            wide = b.shl(b.zext(bits, _vec(I32, gps)), ir.Constant(_vec(I32, gps), [16] * gps))
+            return b.bitcast(wide, _vec(F32, gps))
+        return b.fpext(b.bitcast(bits, _vec(ir.HalfType(), gps)), _vec(F32, gps))
+
+    prefetch = _declare(
+        b,
+        "llvm.prefetch.p0" if llvm.llvm_version_info >= (17,) else "llvm.prefetch.p0i8",
+        ir.VoidType(),
+        [I8.as_pointer(), I32, I32, I32],
+    )
+
+    def span(wrow: ir.Value, srow: ir.Value, loads: _Loads, s: ir.Value, tail: bool) -> None:
+        wbase = b.mul(s, const(span_bytes))
+        if PREFETCH and not tail:  # the bytes PREFETCH ahead (of the next rows, or the next call's: rows and
+            # tasks run in memory order); a prefetch past the array is harmless
+            for c in range(span_bytes // 64):
+                ahead = b.gep(wrow, [b.add(wbase, const(64 * c + PREFETCH))])
+                b.call(prefetch, [ahead, ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+        xbase = b.mul(s, const(span_elems))
+        bbase = b.mul(s, const(64))  # 16 int32 bias lanes per span
+        abase = b.mul(s, const(4 * gps))  # float32 activation scales of the span's groups
+        sw = row_scales(srow, s, tail)
+        for p in range(parts):
+            if fmt == INT4:
+                lo, hi = isa.nibbles(b, loads.weights(b.add(wbase, const(p * vbytes)), vbytes, tail))
+            else:
+                chunks = range(span_bytes // 64)
+                weights = [
+                    isa.unpack_int8(b, loads.weights(b.add(wbase, const(64 * m + p * vbytes)), vbytes, tail))
+                    for m in chunks
+                ]
+            mask = ir.Constant(_vec(I32, width), [(p * width + lane) // lanes_per_group for lane in range(width)])
+            for j, (xrow, arow, brow) in enumerate(tokens):
+                bias = None
+                if fmt == INT4 or isa.int8_bias:
+                    bias = loads.load(brow, b.add(bbase, const(4 * p * width)), _vec(I32, width), align=4)
+                if fmt == INT4:
+                    xlo = loads.load(xrow, b.add(xbase, const(p * vbytes)), _vec(I8, vbytes))
+                    xhi = loads.load(xrow, b.add(xbase, const(64 + p * vbytes)), _vec(I8, vbytes))
+                    lanes = isa.int4_lanes(b, lo, hi, xlo, xhi, bias)
+                else:
+                    xs = [loads.load(xrow, b.add(xbase, const(64 * m + p * vbytes)), _vec(I8, vbytes)) for m in chunks]
+                    lanes = isa.int8_lanes(b, weights, xs, bias)
+                a = loads.load(arow, abase, _vec(F32, gps), align=4)
+                scale = b.shuffle_vector(b.fmul(sw, a), ir.Constant(_vec(F32, gps), None), mask)
+                b.store(b.call(fma, [b.sitofp(lanes, _vec(F32, width)), scale, b.load(acc[j][p])]), acc[j][p])
+
+    def halves(v: ir.Value, k: int) -> list[ir.Value]:
+        return [b.shuffle_vector(v, v, ir.Constant(_vec(I32, k), list(range(i, i + k)))) for i in (0, k)]
+
+    full = b.udiv(row_bytes, const(span_bytes))
+    has_tail = b.icmp_unsigned("!=", b.mul(full, const(span_bytes)), row_bytes)
+    with cgutils.for_range(b, n_rows) as row:
+        r = row.index
+        wrow = b.gep(w, [b.mul(r, row_stride)])
+        srow = b.gep(s_ptr, [b.mul(r, s_stride)])
+        loads = _Loads(b, wrow, row_bytes)
+        for j in range(n):
+            for p in range(parts):
+                b.store(zero, acc[j][p])
+        with cgutils.for_range(b, full) as loop:
+            span(wrow, srow, loads, loop.index, tail=False)
+        with b.if_then(has_tail, likely=False):
+            span(wrow, srow, loads, full, tail=True)
+        for j in range(n):
+            vals = [b.load(a) for a in acc[j]]
+            v8 = b.fadd(*(halves(vals[0], 8) if width == 16 else vals))
+            v4 = b.fadd(*halves(v8, 4))
+            v2 = b.fadd(*halves(v4, 2))
+            total = b.fadd(b.extract_element(v2, ir.Constant(I32, 0)), b.extract_element(v2, ir.Constant(I32, 1)))
+            at = b.add(b.mul(const(j), out_stride), b.mul(r, const(4)))
+            b.store(total, b.bitcast(b.gep(out, [at]), F32.as_pointer()))
+    b.ret_void()
+    return fn
+
+
+def _emit(simd: SimdType, n: int, context, builder: ir.IRBuilder, sig, args) -> None:
+    """Call the row function with the data pointers of `span_dots`' arrays."""
+    b = builder
+    w, scales, xq, ascale, bias, rows, out = (
+        context.make_array(t)(context, builder, v) for t, v in zip(sig.args[2:], args[2:], strict=True)
+    )
+    p8 = I8.as_pointer()
+    per_token = []
+    for a in (xq, ascale, bias):
+        stride = b.extract_value(a.strides, 0)
+        base = b.bitcast(a.data, p8)
+        for j in range(n):
+            t = b.load(b.gep(rows.data, [ir.Constant(I64, j)]))
+            per_token.append(b.gep(base, [b.mul(t, stride)]))
+    fn = _row_function(b.module, simd, n)
+    n_rows, row_bytes = (b.extract_value(w.shape, i) for i in (0, 1))
+    call = [b.bitcast(w.data, p8), n_rows, b.extract_value(w.strides, 0), row_bytes]
+    call += [b.bitcast(scales.data, p8), b.extract_value(scales.strides, 0), b.extract_value(scales.shape, 1)]
+    b.call(fn, [*call, *per_token, b.bitcast(out.data, p8), b.extract_value(out.strides, 0)])
+
+
+def _is(t, dtype, ndim: int) -> bool:
+    return isinstance(t, types.Array) and t.dtype == dtype and t.ndim == ndim
+
+
+@intrinsic
+def span_dots(typingctx, simd, n, w, scales, xq, ascale, bias, rows, out):
+    """`out[j, r] = w[r] . xq[rows[j]]` for `j < n` (a constant from 1 to TILE) and every row r of w, in
+    the canonical order.
+
+    `w [R, B]` uint8, rows of packed weights (B a multiple of 16); `scales [R, G]` uint16, their bf16 or
+    fp16 bits (`simd.kind`); `xq [T, >= spans * span_elems]` int8, `ascale [T, >= spans * gps]` float32
+    and `bias [T, >= spans * 16]` int32, from `int8dot.quantize_activations`; `rows [>= n]` int64;
+    `out [>= n, >= R]` float32. Rows may be strided; within a row, elements must be contiguous (the
+    caller checks: the code here reads them so).
+    """
+    if not isinstance(simd, SimdType) or not isinstance(n, types.IntegerLiteral) or not 1 <= n.literal_value <= TILE:
+        return None
+    wanted = [
+        (w, types.uint8, 2),
+        (scales, types.uint16, 2),
+        (xq, types.int8, 2),
+        (ascale, types.float32, 2),
+        (bias, types.int32, 2),
+        (rows, types.int64, 1),
+        (out, types.float32, 2),
+    ]
+    if not all(_is(t, dtype, ndim) for t, dtype, ndim in wanted):
+        return None
+    count = n.literal_value
+
+    def codegen(context, builder, sig, args):
+        _emit(simd, count, context, builder, sig, args)
+        return context.get_dummy_value()
+
+    return types.none(simd, n, w, scales, xq, ascale, bias, rows, out), codegen

@@ -1,0 +1,496 @@
+"""Kernels with int8 activations (`kernels/numba/int8dot.py`, `simd.py`).
+
+Every integer backend this CPU runs gives the bits of a plain numpy reference that follows the canonical
+order of `simd.py` (int64 lanes, float32 operations, fma emulated exactly), over awkward shapes, every
+group size, bf16 and fp16 scales; a token's result does not depend on the tokens tiled with it; results
+are close to float64 dequantize-then-matmul (which catches a mistake the same-order reference shares).
+The AVX-512 VNNI and AVX-VNNI code is compiled for CPUs this machine is not, in a subprocess, and its
+assembly checked. The INT8 weight quantizers agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from hetero_moe.kernels.numba import int8dot
+from hetero_moe.kernels.numba.common import group_by_expert, silu_mul
+from hetero_moe.kernels.numba.int4 import SCALE_BF16, SCALE_FP16
+from hetero_moe.kernels.numba.simd import INT4, INT8, ISAS, choose_isa, target_features
+from hetero_moe.kernels.quant import dequantize_int4, dequantize_int8, quantize_int8
+from numba import njit
+
+INTEGER = [isa for isa in ISAS if isa != "float"]
+RUNNABLE = [isa for isa in INTEGER if set(ISAS[isa]) <= target_features()]
+# the VNNI code paths with vpdpbusd spelled in plain IR: bit-exactness of their lanes on any AVX2 CPU
+EMULATED = [f"{isa}-emulated" for isa in ("avx512vnni", "avxvnni") if isa not in RUNNABLE and "avx2" in RUNNABLE]
+GROUPS = [32, 64, 128]
+FORMATS = {INT4: "int4", INT8: "int8"}
+OFFSET = {INT4: 8, INT8: 128}
+# Each (format, group, scale kind) is its own compiled specialization of every kernel, per backend, and
+# compiling dominates this file's time. The best backend here gets every group (the group and scale code
+# is the same IR for every backend) and both scale kinds; the others (and the float fallback) one spec per
+# format: the shipped rules' own (INT4 g64, INT8 g32, bf16), which the other test files compile anyway.
+SPECS = [(INT4, 64, SCALE_BF16), (INT8, 32, SCALE_BF16), (INT4, 32, SCALE_FP16), (INT8, 128, SCALE_FP16)]
+SHIPPED = SPECS[:2]
+PRIMARY = RUNNABLE[:1]
+OTHERS = RUNNABLE[1:] + EMULATED
+SHAPES = [(40, 72), (97, 200), (13, 130), (5, 1000)]  # (out, in): odd sizes, ragged groups and spans
+
+
+# --- the reference ------------------------------------------------------------------------------
+
+
+def fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """float32 `a * b + c` rounded once: the product is exact in float64, the sum's error is recovered
+    (TwoSum) and the float64 sum rounded to odd, which then rounds to float32 correctly."""
+    p = a.astype(np.float64) * b.astype(np.float64)
+    c = c.astype(np.float64)
+    s = p + c
+    v = s - p
+    err = (p - (s - v)) + (c - v)
+    even = (s.view(np.int64) & 1) == 0
+    s = np.where((err != 0) & even, np.nextafter(s, np.where(err > 0, np.inf, -np.inf)), s)
+    return s.astype(np.float32)
+
+
+def ref_activations(x: np.ndarray, g: int) -> tuple[np.ndarray, np.ndarray]:
+    """`x [T, I]` -> natural-order `xq [T, Ip]` int64 and `a [T, Ip / g]` float32."""
+    t, n = x.shape
+    ip = -(-n // g) * g
+    blocks = np.zeros((t, ip), np.float32)
+    blocks[:, :n] = x
+    blocks = blocks.reshape(t, ip // g, g)
+    a = np.abs(blocks).max(axis=-1) / np.float32(127.0)
+    safe = np.where(a > 0, a, np.float32(1.0))
+    q = np.clip(np.rint(blocks / safe[..., None]), -127, 127)
+    q = np.where(a[..., None] > 0, q, 0).astype(np.int64)
+    return q.reshape(t, ip), a
+
+
+def lane_map(fmt: int, g: int, ip: int) -> tuple[np.ndarray, np.ndarray]:
+    """`[L, E]` inputs of every integer lane (`ip` for padding) and `[L]` each lane's group, derived from
+    the weight layouts: INT4 byte `k g/2 + j` holds inputs `k g + j` (low) and `k g + g/2 + j` (high)."""
+    span_bytes = 64 if fmt == INT4 else max(64, g)
+    row_bytes = ip // 2 if fmt == INT4 else ip
+    elems, groups = [], []
+    for s in range(-(-row_bytes // span_bytes)):
+        for i in range(16):
+            if fmt == INT4:
+                lane = []
+                for b in range(64 * s + 4 * i, 64 * s + 4 * i + 4):
+                    k, j = divmod(b, g // 2)
+                    lane += [k * g + j, k * g + g // 2 + j]
+                group = (64 * s + 4 * i) // (g // 2)
+            else:
+                lane = [span_bytes * s + 64 * m + 4 * i + c for m in range(span_bytes // 64) for c in range(4)]
+                group = lane[0] // g
+            elems.append([min(e, ip) for e in lane])
+            groups.append(group)
+    return np.array(elems), np.array(groups)
+
+
+def natural_codes(fmt: int, g: int, weights: np.ndarray) -> np.ndarray:
+    """Unsigned weight codes `[O, Ip]` in input order."""
+    if fmt == INT8:
+        return weights.astype(np.int64)
+    o = weights.shape[0]
+    grouped = weights.reshape(o, -1, g // 2).astype(np.int64)
+    return np.concatenate([grouped & 15, grouped >> 4], axis=-1).reshape(o, -1)
+
+
+def scale_values(bits: np.ndarray, kind: int) -> np.ndarray:
+    if kind == SCALE_BF16:
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    return bits.view(np.float16).astype(np.float32)
+
+
+def pad_column(a: np.ndarray, value=0) -> np.ndarray:
+    return np.concatenate([a, np.full((a.shape[0], 1), value, a.dtype)], axis=1)
+
+
+def ref_dots(fmt: int, g: int, weights: np.ndarray, bits: np.ndarray, kind: int, xq: np.ndarray, a: np.ndarray):
+    """`[T, O]` float32: rows `weights [O, B]` (scales `bits [O, G]`) times tokens `xq [T, Ip]` (natural
+    order, scales `a [T, G]`), in the canonical order."""
+    ip = xq.shape[1]
+    elems, groups = lane_map(fmt, g, ip)
+    codes = pad_column(natural_codes(fmt, g, weights) - OFFSET[fmt])[:, elems]  # [O, L, E]
+    xl = pad_column(xq)[:, elems]  # [T, L, E]
+    # exact: |products| <= 128 * 255 and a lane has at most 8 of them
+    lanes = np.matmul(xl.transpose(1, 0, 2).astype(np.float64), codes.transpose(1, 2, 0).astype(np.float64))
+    lanes = lanes.transpose(1, 2, 0).astype(np.float32)  # [T, O, L], exact
+    n_groups = bits.shape[1]
+    sw = pad_column(scale_values(bits, kind))[:, np.minimum(groups, n_groups)]  # [O, L]
+    sa = pad_column(a)[:, np.minimum(groups, n_groups)]  # [T, L]
+    scale = sw[None, :, :] * sa[:, None, :]  # float32 products
+    acc = np.zeros((*lanes.shape[:2], 16), np.float32)
+    for s in range(lanes.shape[2] // 16):
+        acc = fma32(lanes[..., 16 * s : 16 * s + 16], scale[..., 16 * s : 16 * s + 16], acc)
+    v8 = acc[..., :8] + acc[..., 8:]
+    v4 = v8[..., :4] + v8[..., 4:]
+    v2 = v4[..., :2] + v4[..., 2:]
+    return v2[..., 0] + v2[..., 1]
+
+
+def ref_layout(fmt: int, g: int, xq: np.ndarray, a: np.ndarray):
+    """The kernels' `(xq, ascale, bias)` expected for natural-order `xq`, `a`."""
+    t, ip = xq.shape
+    elems, _ = lane_map(fmt, g, ip)
+    cols, ascale_cols, bias_cols = int8dot.activation_shape(fmt, g, ip)
+    laid = np.zeros((t, cols), np.int64)
+    padded = pad_column(xq)
+    if fmt == INT4:
+        for lane in range(elems.shape[0]):
+            s, i = divmod(lane, 16)
+            for c in range(4):
+                laid[:, 128 * s + 4 * i + c] = padded[:, elems[lane, 2 * c]]
+                laid[:, 128 * s + 64 + 4 * i + c] = padded[:, elems[lane, 2 * c + 1]]
+    else:
+        laid[:, :ip] = xq
+    ascale = np.zeros((t, ascale_cols), np.float32)
+    ascale[:, : a.shape[1]] = a
+    bias = -OFFSET[fmt] * padded[:, elems].sum(axis=2)
+    assert bias.shape[1] == bias_cols
+    return laid, ascale, bias
+
+
+def kernels(isa: str, fmt: int, g: int, kind: int) -> int8dot.Kernels:
+    backend = int8dot.Backend(isa) if isa in EMULATED else int8dot.select_backend(isa)
+    return backend.kernels(FORMATS[fmt], g, kind)
+
+
+@njit(cache=True)
+def silu_rows(gate, up):
+    out = np.empty(gate.shape, np.float32)
+    for i in range(gate.shape[0]):
+        for j in range(gate.shape[1]):
+            out[i, j] = silu_mul(gate[i, j], up[i, j])
+    return out
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def random_weights(rng, fmt: int, g: int, out_dim: int, in_dim: int, kind: int):
+    """Random codes (every byte value) and scales of a few magnitudes, some groups zero."""
+    ip = -(-in_dim // g) * g
+    weights = rng.integers(0, 256, (out_dim, ip // 2 if fmt == INT4 else ip), dtype=np.uint8)
+    mag = 10.0 ** rng.integers(-4, 1, (out_dim, ip // g))
+    values = (rng.random((out_dim, ip // g)) * mag).astype(np.float32)
+    values[rng.random(values.shape) < 0.05] = 0
+    if kind == SCALE_BF16:
+        bits = (values.view(np.uint32) >> 16).astype(np.uint16)
+    else:
+        bits = values.astype(np.float16).view(np.uint16)
+    return weights, bits
+
+
+def random_experts(rng, fmt: int, g: int, e: int, inter: int, hidden: int, kind: int):
+    """`w13 [E, 2I, B1]`, `s13`, `w2 [E, H, B2]`, `s2` of `random_weights`."""
+    up = [random_weights(rng, fmt, g, 2 * inter, hidden, kind) for _ in range(e)]
+    down = [random_weights(rng, fmt, g, hidden, inter, kind) for _ in range(e)]
+    return tuple(np.stack([m[i] for m in mats]) for mats in (up, down) for i in (0, 1))
+
+
+def random_tokens(rng, tokens: int, in_dim: int) -> np.ndarray:
+    x = rng.standard_normal((tokens, in_dim)).astype(np.float32) * (10.0 ** rng.integers(-3, 3, (tokens, 1)))
+    x[:, : min(32, in_dim)][rng.random(tokens) < 0.2] = 0  # zero blocks: a = 0
+    x[rng.random(x.shape) < 0.002] *= 300  # outliers
+    return x.astype(np.float32)
+
+
+def dequantized(fmt: int, g: int, weights: np.ndarray, bits: np.ndarray, kind: int, in_dim: int) -> np.ndarray:
+    sdtype = torch.bfloat16 if kind == SCALE_BF16 else torch.float16
+    scales = torch.from_numpy(bits.view(np.int16).copy()).view(sdtype)
+    fn = dequantize_int4 if fmt == INT4 else dequantize_int8
+    return fn(torch.from_numpy(weights.copy()), scales, g, in_dim).double().numpy()
+
+
+def assert_bits(ours: np.ndarray, ref: np.ndarray) -> None:
+    assert ours.dtype == np.float32 and ours.shape == ref.shape
+    diff = ours.view(np.uint32) != ref.astype(np.float32).view(np.uint32)
+    assert not diff.any(), f"{diff.sum()} of {diff.size} differ, first at {np.argwhere(diff)[0]}"
+
+
+def assert_close(ours: np.ndarray, w64: np.ndarray, xq: np.ndarray, a: np.ndarray, g: int) -> None:
+    """Against float64 `w64 [O, I]` times the dequantized activations, within float32 accumulation error."""
+    in_dim = w64.shape[1]
+    x64 = (xq * np.repeat(a, g, axis=1).astype(np.float64))[:, :in_dim]
+    exact = x64 @ w64.T
+    bound = np.abs(x64) @ np.abs(w64).T
+    assert np.all(np.abs(ours - exact) <= 1e-5 * bound + 1e-30)
+
+
+# --- tests --------------------------------------------------------------------------------------
+
+
+def test_fma_reference_is_correctly_rounded() -> None:
+    rng = np.random.default_rng(0)
+    n = 3000
+    a = (rng.standard_normal(n) * 2.0 ** rng.integers(-20, 20, n)).astype(np.float32)
+    b = (1 + rng.integers(0, 1 << 12, n) * 2.0**-12).astype(np.float32)  # short mantissas: many near-ties
+    c = (rng.standard_normal(n) * 2.0 ** rng.integers(-30, 30, n)).astype(np.float32)
+    ours = fma32(a, b, c)
+    for i in range(n):
+        exact = Fraction(float(a[i])) * Fraction(float(b[i])) + Fraction(float(c[i]))
+        near = np.float32(float(exact))
+        candidates = [near, np.nextafter(near, np.float32(np.inf)), np.nextafter(near, np.float32(-np.inf))]
+        best = min(candidates, key=lambda f: (abs(Fraction(float(f)) - exact), int(np.float32(f).view(np.uint32)) & 1))
+        assert ours[i] == best, (a[i], b[i], c[i])
+
+
+def test_backend_choice() -> None:
+    assert choose_isa(None, frozenset({"avx2", "fma", "f16c"})) == "avx2"
+    assert choose_isa(None, frozenset({"avx2", "fma"})) == "float"
+    assert choose_isa(None, frozenset({"avx2", "fma", "f16c", "avxvnni"})) == "avxvnni"
+    vnni512 = frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni"})
+    assert choose_isa(None, vnni512) == "avx512vnni"
+    assert choose_isa(None, frozenset({"avx", "sse4.2"})) == "float"
+    assert choose_isa(None, frozenset({"avx512f", "avx512vnni"})) == "float"  # no AVX2/FMA bits: not trusted
+    assert choose_isa("avx2", vnni512) == "avx2"
+    with pytest.raises(ValueError, match="avx512bw, avx512vl, avx512vnni"):
+        choose_isa("avx512vnni", frozenset({"avx2", "fma", "f16c", "avx512f"}))
+    with pytest.raises(ValueError, match="unknown backend 'sse'"):
+        int8dot.select_backend("sse")
+    assert int8dot.select_backend().name == choose_isa()
+    for isa in INTEGER:
+        if isa not in RUNNABLE:
+            with pytest.raises(ValueError, match="lacks"):
+                int8dot.select_backend(isa)
+
+
+@pytest.mark.parametrize("fmt", [INT4, INT8])
+@pytest.mark.parametrize("g", GROUPS)
+@pytest.mark.parametrize("in_dim", [1, 72, 130, 200, 257])
+def test_activation_layout(fmt: int, g: int, in_dim: int) -> None:
+    rng = np.random.default_rng(in_dim + g)
+    x = random_tokens(rng, 40, in_dim)
+    xq, a = ref_activations(x, g)
+    for quantize in (int8dot.quantize_activations, int8dot.quantize_activations_parallel):
+        ours = quantize(x, g, fmt)
+        for got, want in zip(ours, ref_layout(fmt, g, xq, a), strict=True):
+            assert got.shape == want.shape
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    ("isa", "fmt", "g", "kind", "out_dim", "in_dim"),
+    [(isa, *spec, *SHAPES[i]) for isa in PRIMARY for i, spec in enumerate(SPECS)]
+    + [(isa, *spec, *SHAPES[3 - i]) for isa in OTHERS for i, spec in enumerate(SHIPPED)],
+)
+def test_linear(isa: str, fmt: int, g: int, out_dim: int, in_dim: int, kind: int) -> None:
+    rng = np.random.default_rng(out_dim * 7 + g)
+    weights, bits = random_weights(rng, fmt, g, out_dim, in_dim, kind)
+    k = kernels(isa, fmt, g, kind)
+    w64 = dequantized(fmt, g, weights, bits, kind, in_dim)
+    for tokens in (1, 3, 17, 300):
+        x = random_tokens(rng, tokens, in_dim)
+        xq, a = ref_activations(x, g)
+        for rows in (1, 8):
+            y = k.linear(k.activations(x), weights, bits, rows)
+            assert_bits(y, ref_dots(fmt, g, weights, bits, kind, xq, a))
+        assert_close(y, w64, xq, a, g)
+
+
+def route(rng, tokens: int, top_k: int, e: int) -> np.ndarray:
+    """Top-k of a few experts only (some get no token); -1 marks a pair computed elsewhere."""
+    index = np.stack([rng.permutation(min(e, top_k + 2))[:top_k] for _ in range(tokens)]).astype(np.int64)
+    index[rng.random(index.shape) < 0.15] = -1
+    return index
+
+
+def run_experts(k, x, index, e, w13, s13, w2, s2, inter, rows: int = 3):
+    token, slot, seg, expert = group_by_expert(index, e)
+    h = np.empty((len(token), inter), np.float32)
+    k.gate_up(k.activations(x), token, seg, expert, w13, s13, rows, h)
+    y = np.empty((len(token), x.shape[1]), np.float32)
+    k.down(k.activations(h), seg, expert, w2, s2, rows, y)
+    return token, slot, seg, expert, h, y
+
+
+EXPERT_SHAPES = [(10, 40, 72), (6, 97, 200), (9, 260, 130)]  # (experts, inter, hidden)
+ROUTING = [(1, 1), (1, 8), (3, 2), (17, 6), (300, 3), (17, 4)]  # (tokens, top-k)
+
+
+@pytest.mark.parametrize(
+    ("isa", "fmt", "g", "kind", "e", "inter", "hidden", "tokens", "top_k"),
+    [(isa, *SPECS[i % 4], *EXPERT_SHAPES[i % 3], *ROUTING[i]) for isa in PRIMARY for i in range(len(ROUTING))]
+    + [(isa, *spec, *EXPERT_SHAPES[2], *ROUTING[3]) for isa in RUNNABLE[1:] for spec in SHIPPED],
+)
+def test_experts(isa: str, fmt: int, g: int, e: int, inter: int, hidden: int, tokens: int, top_k: int, kind: int):
+    check_experts(isa, fmt, g, e, inter, hidden, tokens, top_k, kind)
+
+
+@pytest.mark.parametrize(
+    ("isa", "fmt", "g", "kind"),
+    [(isa, fmt, g, kind) for isa in EMULATED for fmt, g, kind in SHIPPED],
+)
+def test_experts_emulated_vnni(isa: str, fmt: int, g: int, kind: int) -> None:
+    """The expert kernels around the VNNI row code (tiles of 4, 2 and 1 tokens included)."""
+    check_experts(isa, fmt, g, 9, 260, 130, 17, 6, kind)
+
+
+def check_experts(isa: str, fmt: int, g: int, e: int, inter: int, hidden: int, tokens: int, top_k: int, kind: int):
+    top_k = min(top_k, e)
+    rng = np.random.default_rng(e * 1000 + inter + tokens + g)
+    w13, s13, w2, s2 = random_experts(rng, fmt, g, e, inter, hidden, kind)
+    x = random_tokens(rng, tokens, hidden)
+    index = route(rng, tokens, top_k, e)
+    k = kernels(isa, fmt, g, kind)
+    token, _, seg, expert, h, y = run_experts(k, x, index, e, w13, s13, w2, s2, inter)
+
+    xq, a = ref_activations(x, g)
+    hq, ha = ref_activations(h, g)
+    for u, ex in enumerate(expert):
+        pairs = np.arange(seg[u], seg[u + 1])
+        t = token[pairs]
+        gate_up = ref_dots(fmt, g, w13[ex], s13[ex], kind, xq[t], a[t])  # [n, 2I]
+        assert_bits(h[pairs], silu_rows(gate_up[:, :inter], gate_up[:, inter:]))
+        assert_bits(y[pairs], ref_dots(fmt, g, w2[ex], s2[ex], kind, hq[pairs], ha[pairs]))
+        if u == 0:  # and the math, in float64
+            gu64 = dequantized(fmt, g, w13[ex], s13[ex], kind, hidden)
+            gate_up64 = (xq[t] * np.repeat(a[t], g, axis=1))[:, :hidden] @ gu64.T
+            assert np.allclose(gate_up, gate_up64, rtol=1e-4, atol=1e-4 * np.abs(gate_up64).max())
+            assert_close(y[pairs], dequantized(fmt, g, w2[ex], s2[ex], kind, inter), hq[pairs], ha[pairs], g)
+
+
+@pytest.mark.parametrize("isa", RUNNABLE)
+@pytest.mark.parametrize("fmt", [INT4, INT8])
+def test_token_alone_or_tiled_gives_the_same_bits(isa: str, fmt: int) -> None:
+    rng = np.random.default_rng(5)
+    _, g, kind = next(spec for spec in SPECS if spec[0] == fmt)
+    e, inter, hidden = 4, 97, 200
+    w13, s13, w2, s2 = random_experts(rng, fmt, g, e, inter, hidden, kind)
+    x = random_tokens(rng, 11, hidden)
+    index = np.tile(np.arange(3, dtype=np.int64), (11, 1))  # every token to experts 0, 1, 2: tiles of 4, 4, 2, 1
+    k = kernels(isa, fmt, g, kind)
+    token, _, _, _, h, y = run_experts(k, x, index, e, w13, s13, w2, s2, inter)
+    for t in range(11):
+        _, _, _, _, h1, y1 = run_experts(k, x[t : t + 1], index[t : t + 1], e, w13, s13, w2, s2, inter)
+        mine = np.flatnonzero(token == t)
+        assert_bits(h[mine], h1)
+        assert_bits(y[mine], y1)
+    linear_all = k.linear(k.activations(x), w2[0], s2[0], 4)
+    for t in range(11):
+        assert_bits(linear_all[t : t + 1], k.linear(k.activations(x[t : t + 1]), w2[0], s2[0], 4))
+
+
+@pytest.mark.parametrize(("fmt", "g", "kind"), SHIPPED)
+def test_float_backend_is_close(fmt: int, g: int, kind: int) -> None:
+    rng = np.random.default_rng(g)
+    e, inter, hidden = 5, 97, 130
+    w13, s13, w2, s2 = random_experts(rng, fmt, g, e, inter, hidden, kind)
+    x = rng.standard_normal((6, hidden)).astype(np.float32)
+    index = route(rng, 6, 3, e)
+    k = int8dot.select_backend("float").kernels(FORMATS[fmt], g, kind)
+    token, _, seg, expert, h, y = run_experts(k, x, index, e, w13, s13, w2, s2, inter)
+    for u, ex in enumerate(expert):
+        pairs = np.arange(seg[u], seg[u + 1])
+        gu = x[token[pairs]].astype(np.float64) @ dequantized(fmt, g, w13[ex], s13[ex], kind, hidden).T
+        with np.errstate(over="ignore"):  # exp of large negative gates: silu -> 0
+            h64 = gu[:, :inter] / (1 + np.exp(-gu[:, :inter])) * gu[:, inter:]
+        assert np.allclose(h[pairs], h64, rtol=1e-4, atol=1e-4 * np.abs(h64).max())
+        y64 = h[pairs].astype(np.float64) @ dequantized(fmt, g, w2[ex], s2[ex], kind, inter).T
+        assert np.allclose(y[pairs], y64, rtol=1e-4, atol=1e-4 * np.abs(y64).max())
+    x = rng.standard_normal((6, inter)).astype(np.float32)
+    y = k.linear(k.activations(x), w2[0], s2[0], 8)
+    y64 = x.astype(np.float64) @ dequantized(fmt, g, w2[0], s2[0], kind, inter).T
+    assert np.allclose(y, y64, rtol=1e-4, atol=1e-4 * np.abs(y64).max())
+
+
+def test_activations_must_fit_the_weights() -> None:
+    isa = RUNNABLE[0] if RUNNABLE else pytest.skip("no integer backend on this CPU")
+    k = int8dot.select_backend(isa).kernels("int8", 32, SCALE_BF16)
+    weights, bits = random_weights(np.random.default_rng(0), INT8, 32, 4, 256, SCALE_BF16)
+    with pytest.raises(ValueError, match="too short"):
+        k.linear(k.activations(np.ones((1, 64), np.float32)), weights, bits, 2)
+    with pytest.raises(ValueError, match="do not fit"):
+        k.linear(k.activations(np.ones((1, 256), np.float32)), weights, np.ascontiguousarray(bits[:, :4]), 2)
+    with pytest.raises(ValueError, match="contiguous"):
+        k.linear(k.activations(np.ones((1, 256), np.float32)), weights[:, ::-1], bits, 2)
+
+
+# --- INT8 weight format -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sdtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize(("out_dim", "in_dim"), [(1, 1), (7, 100), (40, 72), (130, 257)])
+def test_int8_quantizer_matches_reference(out_dim, in_dim, group, sdtype, wdtype) -> None:
+    gen = torch.Generator().manual_seed(out_dim + in_dim + group)
+    mags = torch.tensor([0.0, 1e-41, 1e-7, 3e-3, 1.0, 5e3, 1e6], dtype=torch.float64)
+    w = torch.randn(out_dim, in_dim, generator=gen, dtype=torch.float64) * mags[torch.arange(out_dim) % len(mags), None]
+    w = w.to(wdtype)
+    ours, ours_scales = int8dot.quantize_int8_fast(w, group, sdtype)
+    ref, ref_scales = quantize_int8(w, group, sdtype)
+    assert ours.shape == ref.shape == (out_dim, -(-in_dim // group) * group)
+    assert torch.equal(ours_scales.view(torch.uint16), ref_scales.view(torch.uint16))
+    assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("sdtype", [torch.bfloat16, torch.float16])
+def test_int8_round_trip(sdtype: torch.dtype) -> None:
+    w = torch.randn(33, 200, generator=torch.Generator().manual_seed(0))
+    weights, scales = quantize_int8(w, 64, sdtype)
+    assert int(weights.min()) >= 1  # q = -128 never occurs
+    back = dequantize_int8(weights, scales, 64, 200)
+    step = scales.float().repeat_interleave(64, dim=1)[:, :200]
+    assert torch.all((back - w).abs() <= 0.5 * step * (1 + 1e-6) + 1e-3 * step)
+
+
+# --- instruction sets this machine may lack: compiled, never run --------------------------------
+
+COMPILE_ONLY = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from numba import njit
+    from hetero_moe.kernels.numba.simd import Simd, span_dots
+
+    @njit
+    def dots(simd, w, scales, xq, ascale, bias, rows, out):
+        span_dots(simd, 1, w, scales, xq, ascale, bias, rows, out)
+        span_dots(simd, 2, w, scales, xq, ascale, bias, rows, out)
+        span_dots(simd, 4, w, scales, xq, ascale, bias, rows, out)
+
+    arrays = (np.zeros((2, 64), np.uint8), np.zeros((2, 4), np.uint16), np.zeros((2, 128), np.int8),
+              np.zeros((2, 4), np.float32), np.zeros((2, 16), np.int32), np.zeros(4, np.int64),
+              np.zeros((4, 2), np.float32))
+    from numba import typeof
+    for fmt, g in ((4, 32), (8, 128)):
+        sig = tuple(typeof(a) for a in (Simd(sys.argv[1], fmt, g, int(fmt == 8)), *arrays))
+        dots.compile(sig)
+        for line in dots.inspect_asm(sig).splitlines():
+            if "vpdpbusd" in line or "vpmaddubsw" in line:
+                print(fmt, g, line.strip())
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("isa", "cpu", "features", "register", "prefix"),
+    [
+        ("avx512vnni", "znver4", "+avx512f,+avx512bw,+avx512vl,+avx512vnni", "%zmm", "vpdpbusd"),
+        ("avxvnni", "alderlake", "+avxvnni,+avx2,+fma", "%ymm", "{vex}\tvpdpbusd"),
+        ("avx2", "haswell", "+avx2,+fma", "%ymm", "vpmaddubsw"),
+    ],
+)
+def test_compiles_for_other_cpus(tmp_path, isa: str, cpu: str, features: str, register: str, prefix: str) -> None:
+    env = {**os.environ, "NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": features, "NUMBA_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-c", COMPILE_ONLY, isa], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    for fmt, g in ((4, 32), (8, 128)):
+        mine = [line for line in lines if line.startswith(f"{fmt} {g} ")]
+        assert mine and all(prefix in line and register in line for line in mine), lines
+    if isa != "avx2":
+        assert not any("vpmaddubsw" in line for line in lines)
