@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from hetero_moe.arch import build_meta_model, config_dtype, load_config
@@ -25,8 +26,9 @@ from hetero_moe.loader.checkpoint import Checkpoint
 from hetero_moe.loader.converted import ConvertedCache
 from hetero_moe.loader.load import Progress, load_weights
 from hetero_moe.ops.base import Services
+from hetero_moe.ops.experts import TorchExperts
 from hetero_moe.prompt import PromptEncoder, load_tokenizer
-from hetero_moe.settings import cache_dir, physical_cores, triton_interpreted
+from hetero_moe.settings import cache_dir, cpu_isa, physical_cores, triton_interpreted
 from hetero_moe.tools import Tool, ToolCall, ToolRequest
 from hetero_moe.tools import parse as parse_tools
 
@@ -51,13 +53,26 @@ def place(
     cpu_threads: int | None = None,
     services: Services | None = None,
 ) -> PlacedModel:
-    """Build the model on the meta device and apply the rules; no weight is read."""
+    """Build the model on the meta device and apply the rules; no weight is read. `auto` is the checkpoint's
+    dtype, except float32 where the rules put everything on the CPU and quantize every linear and the routed
+    experts: the CPU kernels take float32 activations, torch's CPU paths for bf16 are slow, and only small
+    tensors (norms, routers) and the embedding, of which a token reads one row, stay unquantized."""
     config, arch = load_config(model_dir)
     torch_dtype = resolve_dtype(dtype, config)
     rule_set = load_rules(rules)
     threads = cpu_threads or physical_cores()
-    services = services or Services(triton_on_cpu=triton_interpreted())
-    return inject(build_meta_model(config, arch, torch_dtype), rule_set, config, arch, torch_dtype, threads, services)
+    services = services or Services(triton_on_cpu=triton_interpreted(), cpu_isa=cpu_isa())
+    placed = inject(build_meta_model(config, arch, torch_dtype), rule_set, config, arch, torch_dtype, threads, services)
+    if dtype == "auto" and torch_dtype != torch.float32 and _quantized_on_cpu(placed):
+        return place(model_dir, rules, "float32", cpu_threads, services)
+    return placed
+
+
+def _quantized_on_cpu(placed: PlacedModel) -> bool:
+    """Everything on the CPU, every linear and the routed experts quantized (no plain `nn.Linear` and not
+    the exact experts op left)."""
+    cpu_only = all(d.type == "cpu" for d in placed.devices())
+    return cpu_only and not any(isinstance(m, nn.Linear | TorchExperts) for m in placed.model.modules())
 
 
 def eos_token_ids(model_dir: Path, config, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
@@ -95,7 +110,7 @@ class LLM:
         self.model_dir = Path(model)
         if cpu_threads is not None and cpu_threads < 1:
             raise ValueError(f"cpu_threads must be at least 1, got {cpu_threads}")
-        services = Services(ConvertedCache(cache_dir() / "converted"), triton_on_cpu=triton_interpreted())
+        services = Services(ConvertedCache(cache_dir() / "converted"), triton_interpreted(), cpu_isa())
         self.placed = place(self.model_dir, rules, dtype, cpu_threads, services)
         for warning in self.placed.warnings:
             log.warning("%s", warning)

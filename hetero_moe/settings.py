@@ -33,6 +33,12 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def cpu_isa() -> str | None:
+    """The instruction set forced on the CPU kernels (`HETERO_MOE_CPU_ISA`: avx512vnni, avxvnni, avx2,
+    float), or None for the best this CPU has."""
+    return os.environ.get("HETERO_MOE_CPU_ISA") or None
+
+
 def available_memory() -> int | None:
     """Bytes of DRAM available to new allocations (MemAvailable), or None where /proc/meminfo is absent."""
     return _meminfo("MemAvailable")

@@ -17,6 +17,7 @@ from hetero_moe.kernels.quant import (
     quantize_fp8_blocks,
     quantize_int4,
 )
+from test_cpu_linear import int8_activations
 
 from hetero_moe.bench.teacher import TeacherForced
 from hetero_moe.llm import LLM
@@ -82,20 +83,27 @@ def make_experts(e: int, inter: int, hidden: int, seed: int, **kwargs) -> tuple[
     return op, weights
 
 
-def reference(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, w: list) -> torch.Tensor:
-    xd = x.double()
-    out = torch.zeros_like(xd)
+def reference(
+    x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, w: list, int8_group: int | None = None
+) -> torch.Tensor:
+    """The experts' math on their stored weights, in float64; with `int8_group`, on int8 activations (as
+    the INT4 and INT8 kernels quantize the input and the hidden state, per block of the group)."""
+    quantize = (
+        (lambda v: v.double()) if int8_group is None else (lambda v: int8_activations(v[None].float(), int8_group)[0])
+    )
+    out = torch.zeros_like(x, dtype=torch.float64)
     for t, j in itertools.product(range(index.shape[0]), range(index.shape[1])):
         gate, up, down = (m.double() for m in w[int(index[t, j])])
-        h = F.silu(gate @ xd[t]) * (up @ xd[t])
-        out[t] += weights[t, j].double() * (down @ h)
+        xt = quantize(x[t])
+        h = F.silu(gate @ xt) * (up @ xt)
+        out[t] += weights[t, j].double() * (down @ quantize(h))
     return out
 
 
 SHAPES = [(10, 40, 72), (6, 97, 200), (9, 260, 130)]  # (experts, inter, hidden): no multiple of 32 or 128
 
 
-@pytest.mark.parametrize("quant", ["int4", "fp8", "bf16"])
+@pytest.mark.parametrize("quant", ["int4", "int8", "fp8", "bf16"])
 @pytest.mark.parametrize(("e", "inter", "hidden"), SHAPES)
 @pytest.mark.parametrize(("tokens", "top_k"), [(1, 1), (1, 8), (3, 2), (17, 6), (300, 3)])
 def test_kernels_match_torch_reference(quant: str, e: int, inter: int, hidden: int, tokens: int, top_k: int) -> None:
@@ -107,9 +115,10 @@ def test_kernels_match_torch_reference(quant: str, e: int, inter: int, hidden: i
     index = torch.stack([torch.randperm(min(e, top_k + 2), generator=g)[:top_k] for _ in range(tokens)])
     weights = torch.rand(tokens, top_k, generator=g)
     ours = op(x, index, weights)
-    ref = reference(x, index, weights, w)
+    ref = reference(x, index, weights, w, 32 if quant in ("int4", "int8") else None)
     assert ours.dtype == torch.float32
-    assert ((ours.double() - ref).norm() / ref.norm()) < 1e-5
+    # float rounding only (int8 activations: a rare block whose hidden value rounds across a step)
+    assert ((ours.double() - ref).norm() / ref.norm()) < (5e-4 if quant in ("int4", "int8") else 1e-5)
 
 
 def test_torch_path_and_mixed_path_agree() -> None:
@@ -119,10 +128,16 @@ def test_torch_path_and_mixed_path_agree() -> None:
     index = torch.randint(0, 8, (64, 2), generator=g)
     index[:40, 0] = 3  # expert 3 gets many tokens
     weights = torch.rand(64, 2, generator=g)
-    ref = reference(x, index, weights, w)
+    kernels = reference(x, index, weights, w, 64)  # int8 activations
+    exact = reference(x, index, weights, w)  # torch's matmul of the dequantized weights
     for threshold in (1 << 30, 20, 1):
         op.torch_min_tokens = threshold
-        assert ((op(x, index, weights).double() - ref).norm() / ref.norm()) < 1e-5
+        ours = op(x, index, weights).double()
+        # expert 3 (40 tokens) on torch's path from threshold 20; every expert from 1
+        ref = kernels if threshold > 40 else exact if threshold == 1 else None
+        if ref is not None:
+            assert ((ours - ref).norm() / ref.norm()) < 5e-4
+        assert ((ours - exact).norm() / exact.norm()) < 0.03
 
 
 def test_crossover_is_measured_at_load() -> None:
@@ -139,10 +154,14 @@ def test_bad_kwargs() -> None:
 @pytest.mark.parametrize(
     "arch", ["DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM", "DeepseekV2ForCausalLM"]
 )
-def test_whole_model_with_int4_experts(tiny, arch: str) -> None:
+def test_whole_model_with_int4_experts(tiny, tmp_path, arch: str) -> None:
     t = tiny(arch, fp8=arch == "DeepseekV3ForCausalLM", block_size=(32, 32))
+    rules = tmp_path / "int4-experts.yaml"  # the routed experts in INT4, the rest exact
+    text = (resources.files("hetero_moe.rules") / "cpu-only.yaml").read_text()
+    int4_experts = "replace: {op: cpu_experts, device: cpu, kwargs: {quant: int4, group_size: 64}}"
+    rules.write_text(text.replace("replace: {op: experts, device: cpu}", int4_experts))
     exact = LLM(t.path, dtype="float32")
-    int4 = LLM(t.path, rules="cpu-only-int4.yaml", dtype="float32")
+    int4 = LLM(t.path, rules=str(rules), dtype="float32")
     assert type(int4.placed.model.model.layers[1].mlp.experts).__name__ == "CPUExperts"
     prompt = [0, 5, 17, 42, 99, 7, 3, 100]
     ref = TeacherForced(exact.runner, len(prompt)).feed(prompt)

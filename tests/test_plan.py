@@ -125,13 +125,18 @@ def test_profile_command_and_plan_cli(tiny, tmp_path, capsys) -> None:
     assert 'needs "prompt" (text) or "messages"' in capsys.readouterr().err
 
 
-def test_pinned_experts_give_the_same_model(tiny, tmp_path) -> None:
-    """Pinned experts (here on the CPU too, in the compute dtype) against all experts in the kernels."""
+def test_pinned_experts_give_the_same_model(tiny, tmp_path, monkeypatch) -> None:
+    """Pinned experts (here on the CPU too, dequantized to the compute dtype) against all experts in the
+    kernels; the kernels' float backend, so both sides multiply the same weights with float activations."""
+    monkeypatch.setenv("HETERO_MOE_CPU_ISA", "float")
     t = tiny("DeepseekV2ForCausalLM")
-    text = (resources.files("hetero_moe.rules") / "cpu-only-int4.yaml").read_text()
-    rules = tmp_path / "pinned.yaml"
-    rules.write_text(text.replace("group_size: 64}", "group_size: 64, pinned: [5, 0, 3], pinned_device: cpu}"))
-    plain = LLM(t.path, rules="cpu-only-int4.yaml", dtype="float32")
+    text = (resources.files("hetero_moe.rules") / "cpu-only.yaml").read_text()
+    experts = "replace: {op: cpu_experts, device: cpu, kwargs: {quant: int4, group_size: 64%s}}"
+    plain_rules, rules = tmp_path / "plain.yaml", tmp_path / "pinned.yaml"
+    plain_rules.write_text(text.replace("replace: {op: experts, device: cpu}", experts % ""))
+    pinned_kwargs = ", pinned: [5, 0, 3], pinned_device: cpu"
+    rules.write_text(text.replace("replace: {op: experts, device: cpu}", experts % pinned_kwargs))
+    plain = LLM(t.path, rules=str(plain_rules), dtype="float32")
     pinned = LLM(t.path, rules=str(rules), dtype="float32")
     experts = pinned.placed.model.model.layers[1].mlp.experts
     assert experts.pinned == (0, 3, 5) and experts.pinned_w13.shape[0] == 3

@@ -50,6 +50,7 @@ class DecodeBench:
     prefill: tuple[int, ...] = ()  # prompt lengths whose prefill (time to first token) is measured too
     routing_skew: float = 0.0  # synthetic routers that prefer some experts (synth_large), for pinning
     max_context: int | None = None  # KV pool and context at least this many tokens (GPU memory at that context)
+    dtype: str | None = None  # compute dtype; None: auto (`llm.place`: float32 CPU-only quantized, else bf16)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -160,7 +161,7 @@ def run(bench: DecodeBench, model_dir: Path) -> dict:
     llm = LLM(
         model_dir,
         rules=bench.rules,
-        dtype="bfloat16",
+        dtype=bench.dtype or "auto",
         max_context=context,
         cpu_threads=bench.threads,
         batching=batching,
@@ -196,6 +197,7 @@ def run(bench: DecodeBench, model_dir: Path) -> dict:
         "rules": bench.rules,
         "checkpoint": str(model_dir),
         "timed": TIMED,
+        "dtype": str(llm.placed.dtype).removeprefix("torch."),
         "layers_run": len(runner.layers),
         "moe_layers_run": len(shape.moe),
         "layers_full": layers_full,

@@ -39,6 +39,11 @@ def add_parsers(sub) -> None:
         )
         g.add_argument("--threads", type=int, help="CPU threads (default: the physical cores)")
         g.add_argument(
+            "--dtype",
+            choices=["float32", "bfloat16"],
+            help="compute dtype (default: float32 on the CPU only, bf16 with a GPU)",
+        )
+        g.add_argument(
             "--routing-skew", type=float, default=0.0, help="synthetic routers prefer some experts (e.g. 1.0)"
         )
         g.add_argument("--checkpoint-dir", help="where synthetic checkpoints are kept (default: the cache directory)")

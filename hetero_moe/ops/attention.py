@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetero_moe.ops.base import BuildContext, Op
+from hetero_moe.ops.cpu_linear import CPULinear, HeadLinear
 from hetero_moe.ops.rope import Rope
 
 SPLIT_ROWS = 256  # cache rows per program of the latent decode kernel (8K tokens: 32 splits per head group)
@@ -80,6 +81,8 @@ def attend(
     """Causal attention of `q [1, h, T, d]` (positions start..start+T-1) over `k, v [1, kv_h, L, d]`,
     each kv head shared by `h // kv_h` query heads."""
     t, length = q.shape[2], k.shape[2]
+    if t == 1 and q.device.type == "cpu":
+        return _decode_cpu(q, k, v, scale, window)
     if window is None or length <= window:
         gqa = k.shape[1] != q.shape[1]
         if t == 1:
@@ -92,6 +95,18 @@ def attend(
     if window is not None:
         mask &= q_pos - k_pos < window
     return F.scaled_dot_product_attention(q, _repeat(k, q), _repeat(v, q), attn_mask=mask, scale=scale)
+
+
+def _decode_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
+    """One query per head on the CPU: each kv head's group of query heads in two matmuls, float32 (SDPA's
+    grouped-query path is slow there)."""
+    _, h, _, d = q.shape
+    kv = k.shape[1]
+    if window is not None:  # the last `window` positions, the query's own included
+        k, v = k[:, :, -window:], v[:, :, -window:]
+    scores = torch.matmul(q.float().view(kv, h // kv, d), k[0].float().transpose(1, 2)) * scale  # [kv, g, L]
+    out = torch.matmul(torch.softmax(scores, dim=-1), v[0].float())  # [kv, g, dv]
+    return out.view(1, h, 1, -1).to(q.dtype)
 
 
 def _repeat(kv: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -154,12 +169,21 @@ class MLAAttention(Op):
         return cls(hf, ctx, kwargs)
 
     def finalize(self) -> None:
-        if self.absorb:
-            # views of kv_b_proj's own weight when it is unquantized; a dequantized copy otherwise
-            w = self.kv_b_proj.weight.to(self.dtype)
-            w = w.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-            self.w_uk = w[:, : self.nope_dim]  # [h, nope, r]
-            self.w_uv = w[:, self.nope_dim :]  # [h, v, r]
+        if not self.absorb:
+            return
+        # views of kv_b_proj's own weight when it is unquantized; a dequantized copy otherwise
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        if isinstance(self.kv_b_proj, CPULinear):  # quantized on the CPU: W_UK, W_UV in its format, int8 dots
+            kw, isa = self.kv_b_proj.kwargs, self.kv_b_proj.isa
+            uk = HeadLinear(w[:, : self.nope_dim].transpose(1, 2), kw, isa)  # [h, r, nope]
+            uv = HeadLinear(w[:, self.nope_dim :], kw, isa)  # [h, v, r]
+            self._uk = lambda q: uk(q).to(q.dtype)
+            self._uv = lambda o: uv(o).to(o.dtype)
+            return
+        w = w.to(self.dtype)
+        self.w_uk, self.w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # [h, nope, r], [h, v, r]
+        self._uk = lambda q: torch.einsum("bhn,hnr->bhr", q, self.w_uk)
+        self._uv = lambda o: torch.einsum("bhr,hvr->bhv", o, self.w_uv)
 
     def cache_bytes(self, capacity: int, dtype: torch.dtype) -> int:
         return capacity * (self.kv_lora_rank + self.rope_dim) * dtype.itemsize
@@ -215,10 +239,9 @@ class MLAAttention(Op):
     def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, pe: torch.Tensor):
         """One decode token: `q_nope [h, nope]`, `q_pe [h, rope]` over `latent [L, r]`, `pe [L, rope]` ->
         `[1, h * v]`."""
-        q_latent = torch.einsum("hn,hnr->hr", q_nope, self.w_uk)  # [h, r]
+        q_latent = self._uk(q_nope[None])[0]  # [h, r]
         out = self._latent_attend(q_latent, q_pe.contiguous(), latent, pe)  # [h, r]
-        out = torch.einsum("hr,hvr->hv", out, self.w_uv)  # [h, v]
-        return out.reshape(1, -1)
+        return self._uv(out[None]).reshape(1, -1)  # [1, h * v]
 
     def _decode_batch(self, q_nope, q_pe, kv_nope, k_pe, cache: MLACache, seqs: list[SeqSlice]) -> torch.Tensor:
         """One decode token of each of B sequences, `q_nope [B, h, nope]`, `q_pe [B, h, rope]`: their cache
@@ -227,10 +250,9 @@ class MLAAttention(Op):
         cache.latent[new], cache.k_pe[new] = kv_nope, k_pe
         rows = _index(s.all_rows for s in seqs).to(self.device)
         latent, pe = cache.latent[rows], cache.k_pe[rows]  # [sum L, r], [sum L, rope]
-        q_latent = torch.einsum("bhn,hnr->bhr", q_nope, self.w_uk)  # [B, h, r]
+        q_latent = self._uk(q_nope)  # [B, h, r]
         out = self._latent_kernel(q_latent, q_pe.contiguous(), latent, pe, [s.end for s in seqs])
-        out = torch.einsum("bhr,hvr->bhv", out, self.w_uv)  # [B, h, v]
-        return self.o_proj(out.reshape(len(seqs), -1))
+        return self.o_proj(self._uv(out).reshape(len(seqs), -1))  # [B, h * v]
 
     def _latent_attend_sdpa(self, q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, pe: torch.Tensor):
         end = latent.shape[0]

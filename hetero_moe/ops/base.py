@@ -35,12 +35,16 @@ class ConvertedStore(Protocol):
 class Services:
     """What the ops of one model share, given by whoever builds the model: a store for weights converted
     at load (None: convert at every load), whether Triton kernels may run on the CPU (its interpreter,
-    in tests), and the host staging of MoE blocks that overlap CPU experts with a GPU (made on first
-    use; `close` stops its worker thread)."""
+    in tests), the instruction set forced on the CPU kernels (a setting, for checks), and the host
+    staging of MoE blocks that overlap CPU experts with a GPU (made on first use; `close` stops its
+    worker thread)."""
 
-    def __init__(self, converted: ConvertedStore | None = None, triton_on_cpu: bool = False) -> None:
+    def __init__(
+        self, converted: ConvertedStore | None = None, triton_on_cpu: bool = False, cpu_isa: str | None = None
+    ) -> None:
         self.converted = converted
         self.triton_on_cpu = triton_on_cpu
+        self.cpu_isa = cpu_isa  # the CPU kernels' instruction set; None: the best this CPU has
         self._staging: HostStaging | None = None
 
     def staging(self, device: torch.device) -> HostStaging:

@@ -1,7 +1,8 @@
 """Routed experts on the CPU, quantized, run by the Numba kernels in `kernels/numba/`.
 
-The format (`quant: int4 | fp8 | bf16`) is a type chosen once at construction; it owns the weight
-arrays, converts checkpoint tensors into them at load and launches its kernels. Per call the
+The format (`quant: int4 | int8 | fp8 | bf16`) is a type chosen once at construction; it owns the weight
+arrays, converts checkpoint tensors into them at load and launches its kernels (INT4 and INT8: integer
+dot products with int8 activations, on the instruction set chosen at load). Per call the
 (token, expert) pairs are grouped by expert so each selected expert's weights are streamed from
 memory once; experts that receive many tokens (prefill) are dequantized and multiplied by torch
 instead, above a crossover measured at load.
@@ -22,14 +23,16 @@ from torch import nn
 
 from hetero_moe.kernels.numba import bf16 as bf16_kernels
 from hetero_moe.kernels.numba import fp8 as fp8_kernels
-from hetero_moe.kernels.numba import int4 as int4_kernels
 from hetero_moe.kernels.numba.common import combine, group_by_expert
+from hetero_moe.kernels.numba.int4 import SCALE_BF16, SCALE_FP16
+from hetero_moe.kernels.numba.int8dot import Kernels, quantize_int8_fast, select_backend
 from hetero_moe.kernels.numba.quantize import quantize_int4_fast
 from hetero_moe.kernels.quant import (
     INT4_SCALE_DTYPES,
     check_int4_settings,
     dequantize_fp8_blocks,
     dequantize_int4,
+    dequantize_int8,
     fp8_scale_shape,
     padded,
     quantize_fp8_blocks,
@@ -42,9 +45,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CPUExpertsKwargs:
-    quant: str = "int4"  # int4 | fp8 | bf16
-    group_size: int = 64  # int4: 32, 64 or 128 along the input dimension
-    scale_dtype: str = "bf16"  # int4 scales: bf16 or fp16
+    quant: str = "int4"  # int4 | int8 | fp8 | bf16
+    group_size: int = 64  # int4, int8: 32, 64 or 128 along the input dimension
+    scale_dtype: str = "bf16"  # int4, int8 scales: bf16 or fp16
     fp8_block: int = 128  # fp8 from a non-FP8 checkpoint: square block size
     torch_min_tokens: int = 0  # tokens per expert from which torch's matmul is used; 0 = measure at load
     pinned: tuple[int, ...] = ()  # experts kept (dequantized, in the compute dtype) on `pinned_device`
@@ -80,87 +83,81 @@ class Pairs:
     expert: np.ndarray  # [U] int64
 
 
-class Int4Format:
-    """Group-wise symmetric INT4, scales in bf16 or fp16 (layout in `kernels/numba/int4.py`)."""
+class GroupFormat:
+    """Group-wise symmetric INT4 or INT8 with bf16 or fp16 scales, in the layout of the int8-activation
+    kernels (`kernels/numba/int8dot.py`): per matrix `codes [E, O, B] uint8` (B = Ip / 2 for INT4, Ip for
+    INT8) and `scales [E, O, Ip / g] uint16`; gate and up rows stacked in `w13`."""
 
     def __init__(self, e: int, inter: int, hidden: int, kw: CPUExpertsKwargs) -> None:
-        self.g, self.sdtype = kw.group_size, INT4_SCALE_DTYPES[kw.scale_dtype]
-        self.kind = int4_kernels.SCALE_BF16 if kw.scale_dtype == "bf16" else int4_kernels.SCALE_FP16
-        self.fp16 = int4_kernels.fp16_table() if kw.scale_dtype == "fp16" else np.zeros(1, np.float32)
+        self.quant, self.g = kw.quant, kw.group_size
+        self.sdtype = INT4_SCALE_DTYPES[kw.scale_dtype]
+        self.kind = SCALE_BF16 if kw.scale_dtype == "bf16" else SCALE_FP16
         self.e, self.inter, self.hidden = e, inter, hidden
         self.hp, self.ip = padded(hidden, self.g), padded(inter, self.g)
+        self.per_byte = 2 if kw.quant == "int4" else 1  # elements per code byte
+        self.kernels: Kernels | None = None  # bound at finalize
 
     def nbytes(self) -> int:
-        per_expert = 2 * self.inter * (self.hp // 2 + 2 * self.hp // self.g)
-        per_expert += self.hidden * (self.ip // 2 + 2 * self.ip // self.g)
+        per_expert = 2 * self.inter * (self.hp // self.per_byte + 2 * self.hp // self.g)
+        per_expert += self.hidden * (self.ip // self.per_byte + 2 * self.ip // self.g)
         return self.e * per_expert
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {
+            "w13": (self.e, 2 * self.inter, self.hp // self.per_byte),
+            "s13": (self.e, 2 * self.inter, self.hp // self.g),
+            "w2": (self.e, self.hidden, self.ip // self.per_byte),
+            "s2": (self.e, self.hidden, self.ip // self.g),
+        }
+
     def allocate(self) -> None:
-        self.w13 = np.empty((self.e, 2 * self.inter, self.hp // 2), np.uint8)
-        self.s13 = np.empty((self.e, 2 * self.inter, self.hp // self.g), np.uint16)
-        self.w2 = np.empty((self.e, self.hidden, self.ip // 2), np.uint8)
-        self.s2 = np.empty((self.e, self.hidden, self.ip // self.g), np.uint16)
+        shapes = self.shapes()
+        self.w13, self.w2 = (np.empty(shapes[k], np.uint8) for k in ("w13", "w2"))
+        self.s13, self.s2 = (np.empty(shapes[k], np.uint16) for k in ("s13", "s2"))
 
     def store(self, expert: int, proj: int, w: torch.Tensor) -> None:
-        packed, scales = quantize_int4_fast(w, self.g, self.sdtype)
+        quantize = quantize_int4_fast if self.quant == "int4" else quantize_int8_fast
+        codes, scales = quantize(w, self.g, self.sdtype)
         bits = scales.view(torch.int16).numpy().view(np.uint16)
         if proj == 2:
-            self.w2[expert], self.s2[expert] = packed.numpy(), bits
+            self.w2[expert], self.s2[expert] = codes.numpy(), bits
         else:
             rows = slice(proj * self.inter, (proj + 1) * self.inter)
-            self.w13[expert, rows], self.s13[expert, rows] = packed.numpy(), bits
+            self.w13[expert, rows], self.s13[expert, rows] = codes.numpy(), bits
 
     def store_fp8(self, expert: int, proj: int, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> None:
         self.store(expert, proj, dequantize_fp8_blocks(w, scale, block))
 
     def dequantize(self, expert: int, proj: int) -> torch.Tensor:
         if proj == 2:
-            packed, bits, in_dim = self.w2[expert], self.s2[expert], self.inter
+            codes, bits, in_dim = self.w2[expert], self.s2[expert], self.inter
         else:
             rows = slice(proj * self.inter, (proj + 1) * self.inter)
-            packed, bits, in_dim = self.w13[expert, rows], self.s13[expert, rows], self.hidden
+            codes, bits, in_dim = self.w13[expert, rows], self.s13[expert, rows], self.hidden
+        dequantize = dequantize_int4 if self.quant == "int4" else dequantize_int8
         # copies: the cached arrays are read-only memory maps
         scales = torch.from_numpy(bits.view(np.int16).copy()).view(self.sdtype)
-        return dequantize_int4(torch.from_numpy(packed.copy()), scales, self.g, in_dim)
+        return dequantize(torch.from_numpy(codes.copy()), scales, self.g, in_dim)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"w13": self.w13, "s13": self.s13, "w2": self.w2, "s2": self.s2}
 
     def set_arrays(self, arrays: dict[str, np.ndarray]) -> bool:
-        expected = {
-            "w13": (self.e, 2 * self.inter, self.hp // 2),
-            "s13": (self.e, 2 * self.inter, self.hp // self.g),
-            "w2": (self.e, self.hidden, self.ip // 2),
-            "s2": (self.e, self.hidden, self.ip // self.g),
-        }
+        expected = self.shapes()
         if set(arrays) != set(expected) or any(arrays[k].shape != s for k, s in expected.items()):
             return False
         self.w13, self.s13, self.w2, self.s2 = (np.asarray(arrays[k]) for k in ("w13", "s13", "w2", "s2"))
         return True
 
+    def bind(self, isa: str | None) -> None:
+        self.kernels = select_backend(isa).kernels(self.quant, self.g, self.kind)
+
     def run(self, x: np.ndarray, pairs: Pairs, rows: int) -> np.ndarray:
-        t, g = x.shape[0], self.g
-        xp = np.zeros((t, self.hp), np.float32)
-        xp[:, : self.hidden] = x
-        xsum = xp.reshape(t, -1, g).sum(axis=2)
-        h = np.zeros((len(pairs.token), self.ip), np.float32)
-        int4_kernels.gate_up(
-            xp,
-            xsum,
-            pairs.token,
-            pairs.seg,
-            pairs.expert,
-            self.w13,
-            self.s13,
-            g,
-            self.kind,
-            self.fp16,
-            rows,
-            h[:, : self.inter],
-        )
-        hsum = h.reshape(len(h), -1, g).sum(axis=2)
+        k = self.kernels
+        h = np.empty((len(pairs.token), self.inter), np.float32)
+        k.gate_up(k.activations(x), pairs.token, pairs.seg, pairs.expert, self.w13, self.s13, rows, h)
         y = np.empty((len(pairs.token), self.hidden), np.float32)
-        int4_kernels.down(h, hsum, pairs.seg, pairs.expert, self.w2, self.s2, g, self.kind, self.fp16, rows, y)
+        k.down(k.activations(h), pairs.seg, pairs.expert, self.w2, self.s2, rows, y)
         return y
 
 
@@ -207,6 +204,9 @@ class FP8Format:
         w = torch.from_numpy(np.ascontiguousarray(bits)).view(torch.float8_e4m3fn)
         return dequantize_fp8_blocks(w, torch.from_numpy(np.ascontiguousarray(scale)), self.block)
 
+    def bind(self, isa: str | None) -> None:
+        """Float kernels: one version for every CPU."""
+
     def run(self, x: np.ndarray, pairs: Pairs, rows: int) -> np.ndarray:
         b0, b1 = self.block
         h = np.empty((len(pairs.token), self.inter), np.float32)
@@ -243,6 +243,9 @@ class BF16Format:
         bits = self.w2[expert] if proj == 2 else self.w13[expert, proj * self.inter : (proj + 1) * self.inter]
         return torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(torch.bfloat16).float()
 
+    def bind(self, isa: str | None) -> None:
+        """Float kernels: one version for every CPU."""
+
     def run(self, x: np.ndarray, pairs: Pairs, rows: int) -> np.ndarray:
         h = np.empty((len(pairs.token), self.inter), np.float32)
         bf16_kernels.gate_up(x, pairs.token, pairs.seg, pairs.expert, self.w13, rows, h)
@@ -251,7 +254,7 @@ class BF16Format:
         return y
 
 
-FORMATS = {"int4": Int4Format, "fp8": FP8Format, "bf16": BF16Format}
+FORMATS = {"int4": GroupFormat, "int8": GroupFormat, "fp8": FP8Format, "bf16": BF16Format}
 # Measured crossovers per (kwargs, shape, threads) in this process: a memo of measurements, filled at load.
 _CROSSOVERS: dict[tuple, int] = {}
 ROWS_PER_TASK = 8
@@ -272,6 +275,7 @@ class CPUExperts(Op):
         self.kwargs = kwargs
         self.format = FORMATS[kwargs.quant](e, self.inter, h, kwargs)
         self.threads = ctx.cpu_threads
+        self.isa = ctx.services.cpu_isa
         self.torch_min_tokens = kwargs.torch_min_tokens
         self.allocated = False
         self.converted = ctx.services.converted  # where converted weights are cached, if anywhere
@@ -323,7 +327,7 @@ class CPUExperts(Op):
 
     def restore(self, name: str, sources: list) -> bool:
         """INT4 weights are quantized at load: cache them, keyed by the sources and the settings."""
-        if not isinstance(self.format, Int4Format) or self.converted is None:
+        if not isinstance(self.format, GroupFormat) or self.converted is None:
             return False
         settings = {**asdict(self.kwargs), "shape": [self.num_experts, self.inter, self.hidden]}
         self.cache = self.converted.entry(name, sources, settings)
@@ -347,6 +351,7 @@ class CPUExperts(Op):
             slot[list(self.pinned)] = torch.arange(len(self.pinned))
             self.pinned_slot = slot.to(dev)
         numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
+        self.format.bind(self.isa)
         here = np.flatnonzero(self.unpinned >= 0)
         if len(here):  # one call through grouping, the kernels and the combine
             self.forward(torch.zeros(1, self.hidden), torch.full((1, 1), int(here[0])), torch.ones(1, 1))

@@ -1,11 +1,39 @@
-"""Gated MLP (SiLU(gate) * up, then down): dense layers and shared experts."""
+"""Gated MLP (SiLU(gate) * up, then down): dense layers and shared experts.
+
+Unquantized, it keeps transformers' linears (which rules may still replace one by one). With `quant`
+(on the CPU) it owns its weights in INT4 or INT8 and runs through the routed-expert kernels as one
+expert that every token goes to: gate and up in one pass over their rows, SiLU fused, then down."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Self
+
+import numpy as np
 import torch
 from torch import nn
 
+from hetero_moe.kernels.numba.int8dot import Kernels
+from hetero_moe.kernels.quant import dequantize_fp8_blocks
 from hetero_moe.ops.base import BuildContext, Op
+from hetero_moe.ops.cpu_linear import CPUQuantKwargs, QuantMatrix
+
+ROWS_PER_TASK = 8  # rows of gate/up or down per parallel task
+
+
+@dataclass(frozen=True)
+class MLPKwargs:
+    quant: str | None = None  # None: the checkpoint's dtype; int4 | int8: quantized, on the CPU
+    group_size: int = 64
+    scale_dtype: str = "bf16"
+
+    def __post_init__(self) -> None:
+        if self.quant is not None:
+            CPUQuantKwargs(self.quant, self.group_size, self.scale_dtype)  # validates them
+
+    @property
+    def cpu(self) -> CPUQuantKwargs:
+        return CPUQuantKwargs(self.quant, self.group_size, self.scale_dtype)
 
 
 class GatedMLP(Op):
@@ -14,5 +42,73 @@ class GatedMLP(Op):
         self.gate_proj, self.up_proj, self.down_proj = hf.gate_proj, hf.up_proj, hf.down_proj
         self.act_fn = hf.act_fn
 
+    @classmethod
+    def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Op:
+        if kwargs is None or kwargs.quant is None:
+            return cls(hf, ctx)
+        return QuantGatedMLP(hf, ctx, kwargs.cpu)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class QuantGatedMLP(Op):
+    """The gated MLP quantized on the CPU; `silu` is the activation (every supported architecture's)."""
+
+    _PROJ = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, hf: nn.Module, ctx: BuildContext, kwargs: CPUQuantKwargs) -> None:
+        super().__init__(ctx.device)
+        if ctx.device.type != "cpu":
+            raise ValueError(f"mlp with quant runs on the CPU; the rule places it on {ctx.device}")
+        if any(getattr(hf, p).bias is not None for p in self._PROJ):
+            raise ValueError("mlp with quant takes linears without bias")
+        self.hidden, self.inter = hf.gate_proj.in_features, hf.gate_proj.out_features
+        self.kwargs, self.dtype, self.isa = kwargs, ctx.dtype, ctx.services.cpu_isa
+        self.parts = {
+            "gate_proj": QuantMatrix(self.inter, self.hidden, kwargs),
+            "up_proj": QuantMatrix(self.inter, self.hidden, kwargs),
+            "down_proj": QuantMatrix(self.hidden, self.inter, kwargs),
+        }
+        self._kernels: Kernels | None = None
+
+    @classmethod
+    def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Self:
+        return cls(hf, ctx, kwargs)
+
+    def extra_repr(self) -> str:
+        return f"hidden={self.hidden}, inter={self.inter}, quant={self.kwargs.quant}"
+
+    def checkpoint_keys(self) -> dict[str, torch.Size]:
+        return {f"{name}.weight": torch.Size((m.out_dim, m.in_dim)) for name, m in self.parts.items()}
+
+    def nbytes(self) -> int:
+        return sum(m.nbytes() for m in self.parts.values())
+
+    def load_weight(self, key: str, tensor: torch.Tensor) -> None:
+        self.parts[key.removesuffix(".weight")].store(tensor)
+
+    def load_fp8(self, key: str, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> None:
+        self.load_weight(key, dequantize_fp8_blocks(weight, scale_inv, block))
+
+    def finalize(self) -> None:
+        gate, up, down = (self.parts[p] for p in self._PROJ)
+        self.w13 = np.concatenate([gate.codes, up.codes])[None]  # [1, 2I, B], gate rows first
+        self.s13 = np.concatenate([gate.scales, up.scales])[None]
+        self.w2, self.s2 = down.codes[None], down.scales[None]  # [1, H, B']
+        for m in self.parts.values():  # the stacked copies are what runs
+            m.codes, m.scales = m.codes[:0], m.scales[:0]
+        self._kernels = gate.kernels(self.isa)  # one format for all three
+        self.forward(torch.zeros(1, self.hidden, dtype=self.dtype))  # compile or load the cached kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., H]
+        flat = x.reshape(-1, self.hidden).float().contiguous().numpy()
+        t = flat.shape[0]
+        tokens = np.arange(t, dtype=np.int64)
+        seg, expert = np.array([0, t], np.int64), np.zeros(1, np.int64)
+        k = self._kernels
+        h = np.empty((t, self.inter), np.float32)
+        k.gate_up(k.activations(flat), tokens, seg, expert, self.w13, self.s13, ROWS_PER_TASK, h)
+        y = np.empty((t, self.hidden), np.float32)
+        k.down(k.activations(h), seg, expert, self.w2, self.s2, ROWS_PER_TASK, y)
+        return torch.from_numpy(y).to(x.dtype).view(x.shape)

@@ -15,9 +15,10 @@ from torch import nn
 from hetero_moe.ops.attention import AttentionKwargs, GQAAttention, MLAAttention
 from hetero_moe.ops.base import BuildContext, NoKwargs, Op, parse_kwargs
 from hetero_moe.ops.cpu_experts import CPUExperts, CPUExpertsKwargs
+from hetero_moe.ops.cpu_linear import CPULinear, CPUQuantKwargs
 from hetero_moe.ops.experts import TorchExperts
 from hetero_moe.ops.linear import LinearKwargs, QuantLinear
-from hetero_moe.ops.mlp import GatedMLP
+from hetero_moe.ops.mlp import GatedMLP, MLPKwargs
 from hetero_moe.ops.moe import DeepseekV2Router, DeepseekV3Router, MixtralRouter, MoEBlock, QwenRouter
 
 
@@ -97,14 +98,21 @@ OPS: Mapping[str, OpSpec] = {
         ),
         OpSpec(
             "mlp",
-            "gated MLP: dense layers and shared experts",
+            "gated MLP: dense layers and shared experts (quant: int4 | int8 on the CPU, int8 dot products)",
             {"DeepseekV3MLP": GatedMLP, "DeepseekV2MLP": GatedMLP, "Qwen3MoeMLP": GatedMLP},
+            MLPKwargs,
         ),
         OpSpec(
             "linear",
             "quantized linear on the GPU (quant: fp8 | int4), Triton kernels",
             {"Linear": QuantLinear},
             LinearKwargs,
+        ),
+        OpSpec(
+            "cpu_linear",
+            "quantized linear on the CPU (quant: int4 | int8), int8 dot products",
+            {"Linear": CPULinear},
+            CPUQuantKwargs,
         ),
     )
 }

@@ -1,0 +1,161 @@
+"""Quantized dense layers on the CPU: attention projections, dense MLPs, shared experts and lm_head in
+INT4 or INT8 (group-wise, bf16 or fp16 scales), run by the int8-activation kernels of
+`kernels/numba/int8dot.py` (integer dot products; the instruction set chosen once at load).
+
+`cpu_linear` replaces an `nn.Linear`; `mlp` with `quant` runs a whole gated MLP through the routed-expert
+kernels as one expert every token goes to (gate and up in one pass over the weights, SiLU fused)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Self
+
+import numpy as np
+import torch
+from torch import nn
+
+from hetero_moe.kernels.numba.int4 import SCALE_BF16, SCALE_FP16
+from hetero_moe.kernels.numba.int8dot import Kernels, quantize_int8_fast, select_backend
+from hetero_moe.kernels.numba.quantize import quantize_int4_fast
+from hetero_moe.kernels.quant import (
+    INT4_SCALE_DTYPES,
+    check_int4_settings,
+    dequantize_fp8_blocks,
+    dequantize_int4,
+    dequantize_int8,
+    padded,
+)
+from hetero_moe.ops.base import BuildContext, Op
+
+ROWS_PER_TASK = 16  # output rows per parallel task of a dense layer
+
+
+@dataclass(frozen=True)
+class CPUQuantKwargs:
+    quant: str = "int4"  # int4 | int8
+    group_size: int = 64  # 32, 64 or 128 along the input dimension
+    scale_dtype: str = "bf16"  # bf16 or fp16
+
+    def __post_init__(self) -> None:
+        if self.quant not in ("int4", "int8"):
+            raise ValueError(f"quant must be int4 or int8, got {self.quant!r}")
+        check_int4_settings(self.group_size, self.scale_dtype)
+
+
+class QuantMatrix:
+    """One weight `[O, I]` in the kernels' layout: `codes [O, B] uint8` (B = Ip / 2 for INT4, Ip for INT8)
+    and `scales [O, Ip / g] uint16` (bf16 or fp16 bits)."""
+
+    def __init__(self, out_dim: int, in_dim: int, kw: CPUQuantKwargs) -> None:
+        self.out_dim, self.in_dim, self.kw = out_dim, in_dim, kw
+        self.g, self.sdtype = kw.group_size, INT4_SCALE_DTYPES[kw.scale_dtype]
+        self.kind = SCALE_BF16 if kw.scale_dtype == "bf16" else SCALE_FP16
+        ip = padded(in_dim, self.g)
+        self.shape = (out_dim, ip // 2 if kw.quant == "int4" else ip)
+        self.codes = np.empty(0, np.uint8)
+        self.scales = np.empty(0, np.uint16)
+
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] + 2 * self.out_dim * padded(self.in_dim, self.g) // self.g
+
+    def store(self, w: torch.Tensor) -> None:
+        quantize = quantize_int4_fast if self.kw.quant == "int4" else quantize_int8_fast
+        codes, scales = quantize(w, self.g, self.sdtype)
+        self.codes, self.scales = codes.numpy(), scales.view(torch.int16).numpy().view(np.uint16)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 `[O, I]`."""
+        dequantize = dequantize_int4 if self.kw.quant == "int4" else dequantize_int8
+        scales = torch.from_numpy(self.scales.view(np.int16)).view(self.sdtype)
+        return dequantize(torch.from_numpy(self.codes), scales, self.g, self.in_dim)
+
+    def kernels(self, isa: str | None) -> Kernels:
+        return select_backend(isa).kernels(self.kw.quant, self.g, self.kind)
+
+
+class CPULinear(Op):
+    """`y = x W^T (+ b)` with W quantized; the bias stays in the compute dtype."""
+
+    def __init__(self, hf: nn.Linear, ctx: BuildContext, kwargs: CPUQuantKwargs) -> None:
+        super().__init__(ctx.device)
+        if ctx.device.type != "cpu":
+            raise ValueError(f"cpu_linear runs on the CPU; the rule places it on {ctx.device} (use op linear)")
+        self.out_features, self.in_features = hf.out_features, hf.in_features
+        self.kwargs = kwargs
+        self.matrix = QuantMatrix(hf.out_features, hf.in_features, kwargs)
+        self.isa = ctx.services.cpu_isa
+        self.dtype = ctx.dtype
+        self.bias = (
+            None if hf.bias is None else nn.Parameter(torch.empty_like(hf.bias, dtype=ctx.dtype), requires_grad=False)
+        )
+        self._kernels: Kernels | None = None  # bound once the weights are in (finalize)
+
+    @classmethod
+    def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Self:
+        return cls(hf, ctx, kwargs)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, quant={self.kwargs.quant}"
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The stored weight dequantized to float32 (for what needs it whole, e.g. MLA's absorbed
+        projections); not used by `forward`."""
+        return self.matrix.dequantize()
+
+    def checkpoint_keys(self) -> dict[str, torch.Size]:
+        keys = {"weight": torch.Size((self.out_features, self.in_features))}
+        if self.bias is not None:
+            keys["bias"] = self.bias.shape
+        return keys
+
+    def nbytes(self) -> int:
+        return self.matrix.nbytes() + (0 if self.bias is None else self.bias.numel() * self.dtype.itemsize)
+
+    def load_weight(self, key: str, tensor: torch.Tensor) -> None:
+        if key == "weight":
+            self.matrix.store(tensor)
+        else:
+            super().load_weight(key, tensor)
+
+    def load_fp8(self, key: str, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> None:
+        self.matrix.store(dequantize_fp8_blocks(weight, scale_inv, block))
+
+    def finalize(self) -> None:
+        self._kernels = self.matrix.kernels(self.isa)
+        self.forward(torch.zeros(1, self.in_features, dtype=self.dtype))  # compile or load the cached kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., I] -> [..., O]
+        flat = x.reshape(-1, self.in_features).float().contiguous().numpy()
+        k = self._kernels
+        y = torch.from_numpy(k.linear(k.activations(flat), self.matrix.codes, self.matrix.scales, ROWS_PER_TASK))
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class HeadLinear:
+    """Per-head matrices `w [h, O, I]` stored as a `cpu_linear` of `kw` stores one, applied to one input
+    row per (token, head) in a single call of the routed experts' down kernel, each head standing for an
+    expert: `y[t, j] = x[t, j] w[j]^T`. Absorbed latent attention's W_UK and W_UV on the CPU."""
+
+    def __init__(self, w: torch.Tensor, kw: CPUQuantKwargs, isa: str | None) -> None:
+        self.heads, self.out_dim, self.in_dim = w.shape
+        matrices = [QuantMatrix(self.out_dim, self.in_dim, kw) for _ in range(self.heads)]
+        for m, wj in zip(matrices, w, strict=True):
+            m.store(wj.contiguous())
+        self.codes = np.stack([m.codes for m in matrices])  # [h, O, B]
+        self.scales = np.stack([m.scales for m in matrices])  # [h, O, G]
+        self.kernels = matrices[0].kernels(isa)
+        self.experts = np.arange(self.heads, dtype=np.int64)
+
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scales.nbytes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [T, h, I] -> [T, h, O] float32
+        t = x.shape[0]
+        rows = x.transpose(0, 1).reshape(self.heads * t, self.in_dim).float().contiguous().numpy()  # head-major
+        seg = np.arange(self.heads + 1, dtype=np.int64) * t
+        y = np.empty((self.heads * t, self.out_dim), np.float32)
+        k = self.kernels
+        k.down(k.activations(rows), seg, self.experts, self.codes, self.scales, ROWS_PER_TASK, y)
+        return torch.from_numpy(y).view(self.heads, t, self.out_dim).transpose(0, 1)
