@@ -222,3 +222,14 @@ def test_out_of_range_expert_index_is_an_error() -> None:
     op, _ = make_experts(4, 40, 72, seed=3, quant="int4", torch_min_tokens=1 << 30)
     with pytest.raises(ValueError, match="expert index out of range"):
         op(torch.randn(2, 72), torch.tensor([[0, 4], [1, 2]]), torch.rand(2, 2))
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8", "fp8", "bf16"])
+def test_bench_experts_op_runs_each_format(quant: str) -> None:
+    """`bench experts` builds its op from random bytes, outside the loader: it must be bound and runnable."""
+    from hetero_moe.bench.experts import Shape, random_experts
+
+    shape = Shape(hidden=256, inter=128, experts=8, top_k=2, moe_layers=1)
+    op = random_experts(shape, quant, threads=2, experts=8)
+    y = op.forward(torch.randn(3, 256) * 0.1, torch.tensor([[0, 1], [2, 3], [7, 0]]), torch.ones(3, 2))
+    assert y.shape == (3, 256) and torch.isfinite(y).all()

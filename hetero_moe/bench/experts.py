@@ -77,8 +77,10 @@ def _median(fn: Callable[[], object], repeat: int) -> float:
     return statistics.median(times)
 
 
-def random_experts(shape: Shape, quant: str, threads: int, experts: int, group_size: int = 64) -> CPUExperts:
-    """A CPUExperts op at `shape` filled with random bytes in its format's layout."""
+def random_experts(shape: Shape, quant: str, threads: int, experts: int, group_size: int | None = None) -> CPUExperts:
+    """A CPUExperts op at `shape` filled with random bytes in its format's layout (INT4 group 64 and INT8
+    group 32 unless `group_size` says otherwise: the shipped rules' settings)."""
+    group_size = group_size or (32 if quant == "int8" else 64)
     hf = SimpleNamespace(gate_up_proj=torch.empty(experts, 2 * shape.inter, shape.hidden, device="meta"))
     ctx = BuildContext(config=None, dtype=torch.bfloat16, device=torch.device("cpu"), cpu_threads=threads)
     op = CPUExperts(hf, ctx, CPUExpertsKwargs(quant=quant, group_size=group_size, torch_min_tokens=1 << 30))
@@ -86,7 +88,7 @@ def random_experts(shape: Shape, quant: str, threads: int, experts: int, group_s
     fmt.allocate()
     op.allocated = True
     rng = np.random.default_rng(1)
-    if quant == "int4":
+    if quant in ("int4", "int8"):
         for a in (fmt.w13, fmt.w2):
             a[...] = rng.integers(0, 256, a.shape, dtype=np.uint8)
         for s in (fmt.s13, fmt.s2):  # bf16 bits of scales around 0.01
@@ -110,6 +112,7 @@ def random_experts(shape: Shape, quant: str, threads: int, experts: int, group_s
         for a in (fmt.w13, fmt.w2):
             a[...] = (torch.randn(a.shape) * 0.02).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    fmt.bind(op.isa)
     op.forward(torch.zeros(1, shape.hidden), torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, 1))  # compile
     return op
 

@@ -13,7 +13,7 @@ def add_parsers(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(required=True, metavar="WHAT")
     ex = bench.add_parser("experts", help="CPU experts at a real layer shape against the measured DRAM bandwidth")
     ex.add_argument("--arch", required=True, choices=["deepseek-v3", "deepseek-v2-lite", "qwen3-30b-a3b"])
-    ex.add_argument("--quant", default="int4", choices=["int4", "fp8", "bf16"])
+    ex.add_argument("--quant", default="int4", choices=["int4", "int8", "fp8", "bf16"])
     ex.add_argument("--tokens", default="1,8,64,512", help="comma-separated token counts per call")
     ex.add_argument("--threads", type=int, help="threads (default: the physical cores)")
     ex.add_argument("--experts", type=int, help="experts held in memory (default: the model's)")

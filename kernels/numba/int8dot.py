@@ -47,7 +47,7 @@ from hetero_moe.kernels.numba.quantize import (
 from hetero_moe.kernels.numba.simd import INT4, INT8, TILE, Simd, choose_isa, span_dots, spans
 from numba import njit, prange
 
-PARALLEL_TOKENS = 16  # activations of at least this many tokens are quantized in parallel
+PARALLEL_ELEMENTS = 1 << 16  # activations of at least this many values are quantized in parallel
 FORMATS = {"int4": INT4, "int8": INT8}
 
 
@@ -481,7 +481,7 @@ def _kernels(isa: str, fmt: int, g: int, kind: int) -> Kernels:
     simd = Simd(isa, fmt, g, kind)
 
     def activations(x: np.ndarray) -> tuple:
-        quantize = quantize_activations_parallel if len(x) >= PARALLEL_TOKENS else quantize_activations
+        quantize = quantize_activations_parallel if x.size >= PARALLEL_ELEMENTS else quantize_activations
         return quantize(x, g, fmt)
 
     def gate_up_(act, pair_token, seg, seg_expert, w13, s13, rows_per_task, h) -> None:
