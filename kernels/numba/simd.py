@@ -120,8 +120,8 @@ class Simd:
         if not ok or self.kind not in (SCALE_BF16, SCALE_FP16):
             raise ValueError(f"no integer kernels for {self}")
 
-    @property
-    def _numba_type_(self) -> SimdType:
+    @functools.cached_property
+    def _numba_type_(self) -> SimdType:  # once: every kernel call types its arguments
         return SimdType(self.isa, self.fmt, self.g, self.kind)
 
 
