@@ -1,4 +1,5 @@
-"""The Python API: `LLM(model_dir, rules=...)` loads a model placed by rules; `.generate(...)`, `.chat(...)`."""
+"""The Python API: `LLM(model, rules=...)` loads a model (a directory, or a GGUF file) placed by rules;
+`.generate(...)`, `.chat(...)`."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ from hetero_moe.inject.injector import InjectError, PlacedModel, inject
 from hetero_moe.inject.rules import load_rules
 from hetero_moe.loader.checkpoint import Checkpoint
 from hetero_moe.loader.converted import ConvertedCache
+from hetero_moe.loader.gguf_file import GGUFFile, is_gguf
+from hetero_moe.loader.gguf_load import load_gguf_weights, use_gguf_blocks
+from hetero_moe.loader.gguf_model import gguf_config, load_gguf_tokenizer
 from hetero_moe.loader.load import Progress, load_weights
 from hetero_moe.ops.base import Services
 from hetero_moe.ops.experts import TorchExperts
@@ -57,12 +61,15 @@ def place(
     dtype, except float32 where the rules put everything on the CPU and quantize every linear and the routed
     experts: the CPU kernels take float32 activations, torch's CPU paths for bf16 are slow, and only small
     tensors (norms, routers) and the embedding, of which a token reads one row, stay unquantized."""
-    config, arch = load_config(model_dir)
+    gguf = GGUFFile.open(model_dir) if is_gguf(model_dir) else None
+    config, arch = gguf_config(gguf) if gguf is not None else load_config(model_dir)
     torch_dtype = resolve_dtype(dtype, config)
     rule_set = load_rules(rules)
     threads = cpu_threads or physical_cores()
     services = services or Services(triton_on_cpu=triton_interpreted(), cpu_isa=cpu_isa())
     placed = inject(build_meta_model(config, arch, torch_dtype), rule_set, config, arch, torch_dtype, threads, services)
+    if gguf is not None:  # experts in the file's blocks run in them: their bytes count as such from here on
+        use_gguf_blocks(placed, gguf)
     if dtype == "auto" and torch_dtype != torch.float32 and _quantized_on_cpu(placed):
         return place(model_dir, rules, "float32", cpu_threads, services)
     return placed
@@ -125,10 +132,16 @@ class LLM:
         if max_context is not None and not 0 < max_context <= limit:
             raise ValueError(f"max_context must be in 1..{limit} for this model, got {max_context}")
         self.max_context = max_context or limit
-        checkpoint = Checkpoint.open(self.model_dir)
-        self.tokenizer = load_tokenizer(self.model_dir)  # never the folder's own code
-        self.prompts = PromptEncoder(self.tokenizer, self.model_dir)
-        load_weights(self.placed, checkpoint, progress)
+        if is_gguf(self.model_dir):
+            gguf = GGUFFile.open(self.model_dir)
+            self.tokenizer = load_gguf_tokenizer(self.model_dir, gguf.metadata)
+            self.prompts = PromptEncoder(self.tokenizer, self.model_dir)
+            load_gguf_weights(self.placed, gguf, progress)
+        else:
+            checkpoint = Checkpoint.open(self.model_dir)
+            self.tokenizer = load_tokenizer(self.model_dir)  # never the folder's own code
+            self.prompts = PromptEncoder(self.tokenizer, self.model_dir)
+            load_weights(self.placed, checkpoint, progress)
         self.runner = ModelRunner(self.placed)
         self.eos_ids = eos_token_ids(self.model_dir, config, self.tokenizer)
         self.engine = self.new_engine(batching or SchedulerConfig())

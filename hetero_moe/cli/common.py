@@ -21,7 +21,7 @@ def presets() -> list[str]:
 
 
 def model_dir(value: str) -> Path:
-    """A model directory, or the name of a built-in shape preset (`configs/`)."""
+    """A model directory or GGUF file, or the name of a built-in shape preset (`configs/`)."""
     path = Path(value).expanduser()
     if not path.exists() and value in presets():
         return Path(str(resources.files("hetero_moe.configs") / value))
@@ -30,7 +30,11 @@ def model_dir(value: str) -> Path:
 
 def add_model_args(p: argparse.ArgumentParser, batching: bool = False) -> None:
     """--model, --rules, --dtype, --max-context, --cpu-threads; with `batching`, the engine's batch flags."""
-    p.add_argument("--model", help="model directory (default: the built-in demo model, random weights)")
+    p.add_argument(
+        "--model",
+        help="model directory or .gguf file (the first part of a split set); default: the built-in demo model, "
+        "random weights",
+    )
     p.add_argument("--rules", default="cpu-only.yaml", help="rules file or built-in name (default cpu-only.yaml)")
     p.add_argument("--dtype", default="auto", choices=DTYPES)
     p.add_argument("--max-context", type=int, help="tokens of context (default: the model's)")

@@ -22,7 +22,8 @@ def add_parsers(sub) -> None:
     check.add_argument(
         "--model",
         required=True,
-        help="model directory (config.json is enough), or a built-in preset: " + ", ".join(presets()),
+        help="model directory (config.json is enough), a .gguf file (the first part of a split set), or a built-in "
+        "preset: " + ", ".join(presets()),
     )
     check.add_argument("--rules", required=True, help="rules file, or the name of a built-in one")
     check.add_argument("--dtype", default="auto", choices=DTYPES)

@@ -11,7 +11,11 @@ from hetero_moe.cli.common import DTYPES, model_dir
 
 def add_parsers(sub) -> None:
     pl = sub.add_parser("plan", help="write rules for this box: placement, quantization, pinned experts")
-    pl.add_argument("--model", required=True, help="model directory (config.json is enough), or a built-in preset")
+    pl.add_argument(
+        "--model",
+        required=True,
+        help="model directory (config.json is enough), a .gguf file (first part of a split set), or a preset",
+    )
     pl.add_argument("--gpu-memory", type=float, help="GB of GPU memory to use (default: free on cuda:0; 0: none)")
     pl.add_argument("--cpu-memory", type=float, help="GB of DRAM to use (default: available now)")
     pl.add_argument("--gpu-fp8", action=argparse.BooleanOptionalAction, help="FP8 tensor cores (default: probed)")
@@ -23,7 +27,7 @@ def add_parsers(sub) -> None:
     pl.set_defaults(func=plan)
 
     pr = sub.add_parser("profile", help="count how often each routed expert is chosen on a set of prompts")
-    pr.add_argument("--model", required=True, help="model directory")
+    pr.add_argument("--model", required=True, help="model directory or .gguf file")
     pr.add_argument("--rules", default="cpu-only.yaml", help="rules file or built-in name (default cpu-only.yaml)")
     pr.add_argument("--prompts", required=True, help='one prompt per line: text, or JSON {"prompt"} / {"messages"}')
     pr.add_argument("--max-tokens", type=int, default=32, help="tokens generated per prompt (default 32)")

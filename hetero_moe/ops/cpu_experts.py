@@ -2,7 +2,8 @@
 
 The format (`quant: int4 | int8 | fp8 | bf16`) is a type chosen once at construction; it owns the weight
 arrays, converts checkpoint tensors into them at load and launches its kernels (INT4 and INT8: integer
-dot products with int8 activations, on the instruction set chosen at load). Per call the
+dot products with int8 activations, on the instruction set chosen at load). Experts that come from a
+GGUF file as Q4_0 or Q8_0 blocks run in those (`BlockFormat`, set by `use_blocks` before loading). Per call the
 (token, expert) pairs are grouped by expert so each selected expert's weights are streamed from
 memory once; experts that receive many tokens (prefill) are dequantized and multiplied by torch
 instead, above a crossover measured at load.
@@ -12,8 +13,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Self
+from dataclasses import asdict, dataclass, replace
+from typing import Any, ClassVar, Self
 
 import numba
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hetero_moe.kernels.ggml_blocks import REPACK
 from hetero_moe.kernels.numba import bf16 as bf16_kernels
 from hetero_moe.kernels.numba import fp8 as fp8_kernels
 from hetero_moe.kernels.numba.common import combine, group_by_expert
@@ -161,6 +163,36 @@ class GroupFormat:
         return y
 
 
+class BlockFormat(GroupFormat):
+    """llama.cpp's Q4_0 or Q8_0 experts from a GGUF file, repacked once at load, losslessly, into
+    `GroupFormat`'s layout with group 32 and fp16 scales (`kernels/ggml_blocks.py`): Q4_0 runs as INT4
+    (the same code bytes), Q8_0 as INT8. No value is requantized: the kernels read the file's own codes
+    and scales."""
+
+    QUANTS: ClassVar[dict[str, str]] = {"Q4_0": "int4", "Q8_0": "int8"}  # block type -> the kernels that run it
+
+    def __init__(self, e: int, inter: int, hidden: int, kw: CPUExpertsKwargs, block_type: str) -> None:
+        kw = replace(kw, quant=self.QUANTS[block_type], group_size=32, scale_dtype="fp16")
+        super().__init__(e, inter, hidden, kw)
+        self.block_type = block_type
+
+    def store(self, expert: int, proj: int, w: torch.Tensor) -> None:
+        raise ValueError(f"experts in {self.block_type} blocks take the file's blocks, not float weights")
+
+    def store_blocks(self, proj: int, raw: np.ndarray) -> None:
+        """One projection of every expert: `raw [E, O, row bytes]` (the file's blocks, memory-mapped)."""
+        nbytes, _, repack = REPACK[self.block_type]
+        out_dim, in_dim = (self.hidden, self.inter) if proj == 2 else (self.inter, self.hidden)
+        if raw.shape != (self.e, out_dim, in_dim // 32 * nbytes):
+            raise ValueError(f"{self.block_type} blocks {raw.shape} do not fit {self.e} experts [{out_dim}, {in_dim}]")
+        for e in range(self.e):
+            if proj == 2:
+                repack(raw[e], self.w2[e], self.s2[e])
+            else:
+                rows = slice(proj * self.inter, (proj + 1) * self.inter)
+                repack(raw[e], self.w13[e, rows], self.s13[e, rows])
+
+
 class FP8Format:
     """e4m3 weights with float32 block scales, kept as the DeepSeek checkpoint has them."""
 
@@ -295,7 +327,8 @@ class CPUExperts(Op):
         return cls(hf, ctx, kwargs)
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, hidden={self.hidden}, inter={self.inter}, quant={self.kwargs.quant}"
+        quant = self.block_type or self.kwargs.quant
+        return f"experts={self.num_experts}, hidden={self.hidden}, inter={self.inter}, quant={quant}"
 
     def checkpoint_keys(self) -> dict[str, torch.Size]:
         return expert_checkpoint_keys(self.num_experts, self.inter, self.hidden)
@@ -322,14 +355,44 @@ class CPUExperts(Op):
     def load_weight(self, key: str, tensor: torch.Tensor) -> None:
         self.format.store(*self._target(key), tensor)
 
+    @property
+    def block_type(self) -> str | None:
+        """The GGUF block type the experts run in, when they came as blocks (`use_blocks`)."""
+        return self.format.block_type if isinstance(self.format, BlockFormat) else None
+
+    def use_blocks(self, block_type: str, tensor: str) -> None:
+        """Before loading: the experts come as GGUF blocks of `block_type` (from `tensor`, named in errors)
+        and run in them, whatever the rules' `quant`. Types the kernels cannot run are an error: turning them
+        into another format would requantize the user's weights."""
+        if block_type not in BlockFormat.QUANTS:
+            raise ValueError(
+                f"{tensor}: routed experts in {block_type} cannot run on the CPU kernels yet (they run Q4_0 and "
+                f"Q8_0 blocks, and F32/F16/BF16 experts quantized as the rules say); use a GGUF whose experts are "
+                f"Q4_0 or Q8_0, or place the experts on a GPU (dequantized there)"
+            )
+        if self.allocated:
+            raise ValueError("use_blocks must come before any weight is loaded")
+        self.format = BlockFormat(self.num_experts, self.inter, self.hidden, self.kwargs, block_type)
+        self.kwargs = replace(self.kwargs, quant=self.format.quant, group_size=32, scale_dtype="fp16")
+
+    def load_blocks(self, proj: int, raw: np.ndarray) -> None:
+        """Projection `proj` (0 gate, 1 up, 2 down) of every expert, as the GGUF's blocks `[E, O, row bytes]`."""
+        if not self.allocated:
+            self.format.allocate()
+            self.allocated = True
+        self.format.store_blocks(proj, raw)
+
     def load_fp8(self, key: str, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> None:
         self.format.store_fp8(*self._target(key), weight, scale_inv, block)
 
     def restore(self, name: str, sources: list) -> bool:
-        """INT4 weights are quantized at load: cache them, keyed by the sources and the settings."""
+        """INT4 and INT8 weights are quantized (or GGUF blocks repacked) at load: cache them, keyed by the
+        sources and the settings."""
         if not isinstance(self.format, GroupFormat) or self.converted is None:
             return False
         settings = {**asdict(self.kwargs), "shape": [self.num_experts, self.inter, self.hidden]}
+        if self.block_type is not None:
+            settings["block_type"] = self.block_type
         self.cache = self.converted.entry(name, sources, settings)
         arrays = self.cache.load()
         if arrays is None or not self.format.set_arrays(arrays):

@@ -173,9 +173,14 @@ def model_details(s: ServerState) -> dict:
 
 def model_entry(s: ServerState) -> dict:
     details = model_details(s)
-    config_file = s.llm.model_dir / "config.json"
-    modified = datetime.fromtimestamp(config_file.stat().st_mtime, UTC).isoformat().replace("+00:00", "Z")
-    digest = hashlib.sha256(config_file.read_bytes() + s.config.served_model_name.encode()).hexdigest()
+    source = s.llm.model_dir  # a GGUF file (identified by name, size and time: it may be hundreds of GB)
+    stat = source.stat()
+    identity = f"{source.name}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+    if source.is_dir():
+        source = source / "config.json"
+        stat, identity = source.stat(), source.read_bytes()
+    modified = datetime.fromtimestamp(stat.st_mtime, UTC).isoformat().replace("+00:00", "Z")
+    digest = hashlib.sha256(identity + s.config.served_model_name.encode()).hexdigest()
     name = s.config.served_model_name
     public = {k: v for k, v in details.items() if not k.startswith("_")}
     size = sum(s.llm.placed.bytes_per_device().values())

@@ -25,6 +25,10 @@ from hetero_moe.engine.kv_cache import GB, RESERVES
 from hetero_moe.inject.injector import PlacedModel, inject
 from hetero_moe.inject.rules import parse_rules
 from hetero_moe.llm import resolve_dtype
+from hetero_moe.loader.gguf_file import GGUFFile, is_gguf
+from hetero_moe.loader.gguf_load import use_gguf_blocks
+from hetero_moe.loader.gguf_model import gguf_config
+from hetero_moe.ops.cpu_experts import CPUExperts
 from hetero_moe.ops.moe import MoEBlock
 from hetero_moe.ops.registry import OPS
 from hetero_moe.settings import available_memory
@@ -84,7 +88,8 @@ def plan(
     experts_quant: str = "int4",
     dtype: str = "auto",
 ) -> Plan:
-    config, arch = load_config(model_dir)
+    gguf = GGUFFile.open(model_dir) if is_gguf(model_dir) else None
+    config, arch = gguf_config(gguf) if gguf is not None else load_config(model_dir)
     torch_dtype = resolve_dtype(dtype, config)
     if max_context is None:
         max_context = min(DEFAULT_CONTEXT, config.max_position_embeddings)
@@ -101,7 +106,7 @@ def plan(
     choice = None
     for gpu_linears in _gpu_candidates(box, dtype_name):
         text = _rules(arch.name, gpu_linears, experts_quant, {}, has_mlp, moe_layers)
-        placed = _place(config, arch, torch_dtype, text)
+        placed = _place(config, arch, torch_dtype, text, gguf)
         weights, cache = placed.bytes_per_device(), placed.kv_cache_bytes(max_context)
         gpu = weights.get("cuda:0", 0) + cache.get("cuda:0", 0)
         tried.append((gpu_linears, gpu))
@@ -116,6 +121,7 @@ def plan(
             "tokens; use a smaller --max-context, a larger GPU, or no GPU (--gpu-memory 0)"
         )
     gpu_linears, text, placed, weights, cache = choice
+    experts_quant = _experts_format(placed, experts_quant)
     cpu = weights.get("cpu", 0) + cache.get("cpu", 0)
     if cpu > cpu_budget:
         raise PlanError(
@@ -127,7 +133,7 @@ def plan(
         pinned, share = _pin(placed, profile, gpu_budget - weights.get("cuda:0", 0) - cache.get("cuda:0", 0))
         if pinned:
             text = _rules(arch.name, gpu_linears, experts_quant, pinned, has_mlp, moe_layers)
-            placed = _place(config, arch, torch_dtype, text)
+            placed = _place(config, arch, torch_dtype, text, gguf)
             weights = placed.bytes_per_device()
             result = Plan(text, gpu_linears, experts_quant, weights, cache, pinned, share, max_context)
     return result
@@ -139,8 +145,17 @@ def _gpu_candidates(box: Box, dtype_name: str) -> list[str]:
     return [dtype_name, *(["fp8"] if box.gpu_fp8 else []), "int4"]
 
 
-def _place(config, arch, dtype: torch.dtype, text: str) -> PlacedModel:
-    return inject(build_meta_model(config, arch, dtype), parse_rules(text, "<plan>"), config, arch, dtype)
+def _place(config, arch, dtype: torch.dtype, text: str, gguf: GGUFFile | None = None) -> PlacedModel:
+    placed = inject(build_meta_model(config, arch, dtype), parse_rules(text, "<plan>"), config, arch, dtype)
+    if gguf is not None:  # experts in the file's Q4_0/Q8_0 blocks run (and weigh) as such
+        use_gguf_blocks(placed, gguf)
+    return placed
+
+
+def _experts_format(placed: PlacedModel, experts_quant: str) -> str:
+    """`experts_quant`, or the GGUF block type the CPU experts run in instead."""
+    blocks = {m.block_type for m in placed.model.modules() if isinstance(m, CPUExperts) and m.block_type}
+    return f"{'/'.join(sorted(blocks))} (the GGUF's own blocks)" if blocks else experts_quant
 
 
 def _pin(placed: PlacedModel, profile: dict, free: float) -> tuple[dict[str, list[int]], float]:

@@ -1,0 +1,160 @@
+"""Load a GGUF file into a placed model.
+
+Before loading (`use_gguf_blocks`, called where the model is placed, so `rules check` and `plan` count
+the same bytes): CPU experts whose stacked tensors are Q4_0 or Q8_0 blocks are told to run them as they
+are; experts of other block types on the CPU are an error (no silent requantization). Then every check
+the headers allow: names through the table, shapes, missing and unexpected tensors. Loading dequantizes
+the dense tensors (and experts an op takes as floats) one at a time, and hands block experts to their op.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hetero_moe.inject.injector import PlacedModel
+from hetero_moe.loader.gguf_file import GGUFError, GGUFFile, GGUFTensor, dequantize
+from hetero_moe.loader.gguf_model import ExpertStack, Mapped, name_table
+from hetero_moe.loader.load import Progress
+from hetero_moe.ops.base import Op, assign_direct
+from hetero_moe.ops.cpu_experts import CPUExperts
+
+log = logging.getLogger(__name__)
+
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def use_gguf_blocks(placed: PlacedModel, g: GGUFFile) -> None:
+    """Tell each CPU experts op whose layer's experts are GGUF blocks to run those blocks."""
+    g.check_types()
+    _, stacks, _ = name_table(g, placed.config)
+    by_module: dict[str, list[ExpertStack]] = {}
+    for s in stacks:
+        by_module.setdefault(s.module, []).append(s)
+    modules = dict(placed.model.named_modules())
+    for name, group in by_module.items():
+        op = modules.get(name)
+        if not isinstance(op, CPUExperts):
+            continue
+        types = {s.tensor.type.name for s in group}
+        if types <= set(FLOAT_TYPES):
+            continue  # float experts: quantized as the rules say, like a safetensors checkpoint's
+        if len(types) > 1:
+            listed = ", ".join(f"{s.tensor.name} {s.tensor.type.name}" for s in group)
+            raise GGUFError(f"{g.path}: the routed experts of one layer mix types ({listed}); the CPU kernels run one")
+        op.use_blocks(types.pop(), group[0].tensor.name)
+
+
+@dataclass(frozen=True)
+class _Item:
+    owner_name: str
+    owner: nn.Module
+    rel: str
+    device: torch.device
+
+
+def load_gguf_weights(placed: PlacedModel, g: GGUFFile, progress: Progress | None = None) -> None:
+    mapped, stacks, blocks = _plan(placed, g)
+    restored = _restore_cached(blocks, g)
+    todo = [*mapped, *stacks, *[b for b in blocks if b[0].module not in restored]]
+    total = sum(sum(s.nbytes for s in _sources(x)) for x in todo)
+    done = 0
+    for entry in todo:
+        _load_one(entry)
+        done += sum(s.nbytes for s in _sources(entry))
+        if progress is not None:
+            progress(done, total)
+    if "lm_head.weight" not in {m.key for m, _ in mapped} and placed.config.tie_word_embeddings:
+        model = placed.model
+        device = placed.placements["lm_head"].device
+        model.lm_head.weight = nn.Parameter(model.model.embed_tokens.weight.to(device), requires_grad=False)
+    for module in reversed(list(placed.model.modules())):
+        if isinstance(module, Op):
+            module.finalize()
+
+
+def _sources(entry) -> tuple[GGUFTensor, ...]:
+    return entry[0].sources if isinstance(entry[0], Mapped) else (entry[0].tensor,)
+
+
+def _load_one(entry) -> None:
+    what, target = entry
+    if isinstance(what, Mapped):
+        tensor = what.build(*[dequantize(s) for s in what.sources])
+        if isinstance(target.owner, Op):
+            target.owner.load_weight(target.rel, tensor)
+        else:
+            assign_direct(target.owner, target.rel, tensor, target.device)
+    elif isinstance(target, CPUExperts) and target.block_type is not None:
+        target.load_blocks(what.proj, what.tensor.data)
+    else:  # experts the op takes as floats, one expert at a time
+        values = dequantize(what.tensor)
+        for e in range(values.shape[0]):
+            target.load_weight(what.rel(e), values[e])
+
+
+def _restore_cached(blocks: list[tuple[ExpertStack, CPUExperts]], g: GGUFFile) -> set[str]:
+    """Ops whose repacked blocks are in the converted-weights cache take them from there."""
+    by_module: dict[str, list[tuple[ExpertStack, CPUExperts]]] = {}
+    for stack, op in blocks:
+        by_module.setdefault(stack.module, []).append((stack, op))
+    restored = set()
+    for name, group in by_module.items():
+        if group[0][1].restore(name, [stack.tensor.info() for stack, _ in group]):
+            restored.add(name)
+    if restored:
+        log.info("%d expert layers took their repacked blocks from the cache", len(restored))
+    return restored
+
+
+def _plan(placed: PlacedModel, g: GGUFFile) -> tuple[list, list, list]:
+    """(mapped tensors, float expert stacks, block expert stacks), each with its target, all checked."""
+    g.check_types()
+    mapped, stacks, unknown = name_table(g, placed.config)
+    expected = placed.owned_keys()
+    if placed.config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    dense, floats, blocks = [], [], []
+    for m in mapped:
+        target = expected.pop(m.key, None)
+        if target is None:
+            unknown.extend(m.sources)
+            continue
+        owner_name, owner, rel, shape = target
+        value_shape = _built_shape(m)
+        if value_shape != tuple(shape):
+            raise GGUFError(
+                f"{g.path}: {m.sources[0].name} gives {m.key} of shape {list(value_shape)}, not {list(shape)}"
+            )
+        dense.append((m, _Item(owner_name, owner, rel, placed.placements[owner_name].device)))
+    for s in stacks:
+        targets = [expected.pop(s.key(e), None) for e in range(s.tensor.shape[0])]
+        if not targets or any(t is None for t in targets):
+            unknown.append(s.tensor)
+            continue
+        owner = targets[0][1]
+        if tuple(targets[0][3]) != s.tensor.shape[1:]:
+            raise GGUFError(
+                f"{g.path}: {s.tensor.name} has experts of shape {list(s.tensor.shape[1:])}, not {list(targets[0][3])}"
+            )
+        (blocks if isinstance(owner, CPUExperts) and owner.block_type is not None else floats).append((s, owner))
+    _report(g, placed, unknown, expected)
+    return dense, floats, blocks
+
+
+def _built_shape(m: Mapped) -> tuple[int, ...]:
+    return tuple(m.build(*[torch.empty(s.shape, device="meta") for s in m.sources]).shape)
+
+
+def _report(g: GGUFFile, placed: PlacedModel, unknown: list[GGUFTensor], missing: dict) -> None:
+    if unknown:
+        listed = "; ".join(t.name for t in unknown[:5])
+        more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
+        raise GGUFError(f"{g.path}: {len(unknown)} tensor(s) not expected for {placed.arch.name}: {listed}{more}")
+    if missing:
+        keys = list(missing)
+        more = f" (and {len(keys) - 5} more)" if len(keys) > 5 else ""
+        raise GGUFError(f"{g.path}: {len(keys)} tensor(s) of the model not in the file: {', '.join(keys[:5])}{more}")
