@@ -516,3 +516,11 @@ def test_k_quant_experts_on_the_cpu_are_an_error_not_a_requantization(tmp_path) 
     with pytest.raises(ValueError, match=r"blk.1.ffn_gate_exps.weight: routed experts in Q4_K cannot run on the CPU"):
         place(tmp_path / "k.gguf", rules)
     assert place(tmp_path / "k.gguf", "cpu-only.yaml", "float32") is not None  # torch experts: dequantized
+
+
+def test_generate_command_takes_a_gguf_file(pair, capsys) -> None:
+    path, _, rules = pair(CASES[1])
+    argv = ["generate", "--model", str(path), "--rules", str(rules), "--dtype", "float32", "--prompt", "Hello"]
+    assert main([*argv, "--max-tokens", "3", "--temperature", "0", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prompt_token_ids"][0] == 0 and len(out["token_ids"]) == 3
