@@ -32,6 +32,10 @@ def _deepseek_v3(config: PretrainedConfig, out: Any) -> Rope:
     return InterleavedRope(*out) if config.rope_interleave else HalfRope(*out)
 
 
+def _interleaved(config: PretrainedConfig, out: Any) -> Rope:
+    return InterleavedRope(*out)
+
+
 def _complex(config: PretrainedConfig, out: Any) -> Rope:
     return ComplexRope(out)
 
@@ -43,6 +47,8 @@ class Architecture:
     rope: Callable[[PretrainedConfig, Any], Rope]  # rotary module output -> Rope
     renames: tuple[tuple[str, str], ...] = ()  # checkpoint key regex -> our key, applied in order
     has_mtp: bool = False  # DeepSeek-V3's multi-token-prediction layers follow the decoder layers
+    # releases that name their own model_type for transformers' config (Kimi-K2: "kimi_k2", read as DeepSeek-V3)
+    release_model_types: tuple[str, ...] = ()
 
     def module_key(self, checkpoint_key: str) -> str:
         for pattern, repl in self.renames:
@@ -57,22 +63,31 @@ class Architecture:
         return m is not None and int(m.group(1)) >= config.num_hidden_layers
 
 
+# The original Mixtral release's MoE names (MiniMax-M2's release keeps them): block_sparse_moe, w1 / w3 / w2.
+_MIXTRAL_NAMES = (
+    (r"\.block_sparse_moe\.", ".mlp."),
+    (r"(\.experts\.\d+)\.w1\.", r"\1.gate_proj."),
+    (r"(\.experts\.\d+)\.w3\.", r"\1.up_proj."),
+    (r"(\.experts\.\d+)\.w2\.", r"\1.down_proj."),
+)
+
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
     for a in (
-        Architecture("DeepseekV3ForCausalLM", "deepseek_v3", _deepseek_v3, has_mtp=True),
+        Architecture(
+            "DeepseekV3ForCausalLM", "deepseek_v3", _deepseek_v3, has_mtp=True, release_model_types=("kimi_k2",)
+        ),
+        Architecture("DeepseekV32ForCausalLM", "deepseek_v32", _interleaved, has_mtp=True),
         Architecture("DeepseekV2ForCausalLM", "deepseek_v2", _complex),
         Architecture("Qwen3MoeForCausalLM", "qwen3_moe", _half),
+        Architecture("MixtralForCausalLM", "mixtral", _half, renames=_MIXTRAL_NAMES),
+        Architecture("Glm4MoeForCausalLM", "glm4_moe", _half, has_mtp=True),
         Architecture(
-            "MixtralForCausalLM",
-            "mixtral",
+            "MiniMaxM2ForCausalLM",
+            "minimax_m2",
             _half,
-            renames=(
-                (r"\.block_sparse_moe\.", ".mlp."),
-                (r"(\.experts\.\d+)\.w1\.", r"\1.gate_proj."),
-                (r"(\.experts\.\d+)\.w3\.", r"\1.up_proj."),
-                (r"(\.experts\.\d+)\.w2\.", r"\1.down_proj."),
-            ),
+            # the correction bias sits on the MoE block in the release, on the router in ours
+            renames=(*_MIXTRAL_NAMES, (r"\.mlp\.e_score_correction_bias$", ".mlp.gate.e_score_correction_bias")),
         ),
     )
 }
@@ -115,8 +130,9 @@ def load_config(model_dir: str | Path) -> tuple[PretrainedConfig, Architecture]:
             f"{path}: unsupported architecture {shown!r} (one name in 'architectures'); "
             f"supported: {', '.join(ARCHITECTURES)}"
         )
-    if data.get("model_type") != arch.model_type:
+    if data.get("model_type") not in (arch.model_type, *arch.release_model_types):
         raise ModelError(f"{path}: model_type {data.get('model_type')!r} does not match {arch.name}")
+    data = {**data, "model_type": arch.model_type}
     for field in POSITIVE_FIELDS:
         value = data.get(field)
         if field in data and not (type(value) is int and value > 0):

@@ -28,6 +28,9 @@ LAYOUT = {
     "DeepseekV2ForCausalLM": ([1, 2], 10, "mlp", ("gate_proj", "up_proj", "down_proj")),
     "Qwen3MoeForCausalLM": ([1, 2], 8, "mlp", ("gate_proj", "up_proj", "down_proj")),
     "MixtralForCausalLM": ([0, 1, 2], 6, "block_sparse_moe", ("w1", "w3", "w2")),
+    "DeepseekV32ForCausalLM": ([1, 2], 8, "mlp", ("gate_proj", "up_proj", "down_proj")),
+    "Glm4MoeForCausalLM": ([1, 2], 8, "mlp", ("gate_proj", "up_proj", "down_proj")),
+    "MiniMaxM2ForCausalLM": ([0, 1, 2], 8, "block_sparse_moe", ("w1", "w3", "w2")),
 }
 
 

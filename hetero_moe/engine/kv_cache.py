@@ -2,8 +2,8 @@
 writes it, its default size, and the one memory-reserve policy (`serve`, `plan`, `rules check`).
 
 Per decoder layer the pool holds one cache buffer of `pages x page_tokens` token rows (the attention
-op's own layout: latent and rope key for MLA, keys and values for GQA). A request owns whole pages,
-taken as its tokens arrive; its tokens live in its pages, in order.
+op's own layout: latent and rope key for MLA, plus the indexer's key for DeepSeek-V3.2; keys and values
+for GQA). A request owns whole pages, taken as its tokens arrive; its tokens live in its pages, in order.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Attention ops with a KV cache: multi-head latent attention (DeepSeek-V2/V3) and grouped-query
-attention (Qwen3-MoE, Mixtral).
+"""Attention ops with a KV cache: multi-head latent attention (DeepSeek-V2/V3, Kimi-K2; DeepSeek-V3.2
+with its lightning indexer) and grouped-query attention (Qwen3-MoE, Mixtral, GLM-4.5, MiniMax-M2).
 
 Tokens of one or several sequences arrive flattened as `[N, H]`; each `SeqSlice` says which rows
 of them belong to one sequence, the position of its first token, and which rows of the cache buffers
@@ -20,7 +20,7 @@ from torch import nn
 
 from hetero_moe.ops.base import BuildContext, Op
 from hetero_moe.ops.cpu_linear import CPULinear, HeadLinear
-from hetero_moe.ops.rope import Rope
+from hetero_moe.ops.rope import HalfRope, Rope
 
 SPLIT_ROWS = 256  # cache rows per program of the latent decode kernel (8K tokens: 32 splits per head group)
 Rows = slice | torch.Tensor  # cache rows: a range (a view, no copy) or int64 indices (gathered)
@@ -66,6 +66,11 @@ class MLACache(PagedRows):
     ROW_DIM = 0
     latent: torch.Tensor  # [capacity, kv_lora_rank], after kv_a_layernorm
     k_pe: torch.Tensor  # [capacity, qk_rope_head_dim], rotated
+
+
+@dataclass
+class DSACache(MLACache):
+    index_k: torch.Tensor  # [capacity, index_head_dim], the indexer's rotated key
 
 
 @dataclass
@@ -130,6 +135,43 @@ class AttentionKwargs:
             raise ValueError(f"absorb must be true or false, got {self.absorb!r}")
 
 
+class LightningIndexer(nn.Module):
+    """DeepSeek-V3.2's lightning indexer (DeepSeek Sparse Attention), part of the latent attention op: its
+    own small heads score every earlier token for each query (per head ReLU(q . k), summed with weights the
+    token's hidden state gives each head), and attention then reads only the `topk` best. Its rotated key
+    per token lives in the paged cache beside the latent. The math is transformers' DeepseekV32Indexer:
+    the release's Hadamard rotation and FP8 scoring are precision tricks it leaves out too."""
+
+    def __init__(self, hf: nn.Module) -> None:
+        super().__init__()
+        self.wq_b, self.wk, self.k_norm, self.weights_proj = hf.wq_b, hf.wk, hf.k_norm, hf.weights_proj
+        self.n_heads, self.head_dim, self.rope_dim = hf.n_heads, hf.head_dim, hf.qk_rope_head_dim
+        self.topk, self.scale = hf.index_topk, hf.softmax_scale
+
+    def project(self, x: torch.Tensor, q_resid: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, ...]:
+        """`x [N, H]`, `q_resid [N, q_lora_rank]` -> queries `[N, h, d]`, keys `[N, d]` (the first rope dims
+        rotated, halves paired, unlike the latent attention's interleaved pairs), head weights `[N, h]` fp32."""
+        n = x.shape[0]
+        half = HalfRope(rope.cos, rope.sin)
+        q = half.apply(self.wq_b(q_resid).view(1, n, self.n_heads, self.head_dim).transpose(1, 2))  # [1, h, N, d]
+        k = half.apply(self.k_norm(self.wk(x)).view(1, 1, n, self.head_dim))[0, 0]  # [N, d]
+        weights = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * self.n_heads**-0.5
+        return q[0].transpose(0, 1), k, weights
+
+    def select(self, q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, start: int) -> torch.Tensor | None:
+        """Queries `q [T, h, d]` at positions start.. over the cached `keys [L, d]` -> `[T, L]` bool, the
+        earlier tokens each keeps (its `topk` best); None when every query keeps all of them."""
+        t, length = q.shape[0], keys.shape[0]
+        if length <= self.topk:
+            return None
+        scores = F.relu(torch.matmul(q.float(), keys.float().t()) * self.scale)  # [T, h, L]
+        index = torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)  # [T, L]
+        q_pos = torch.arange(start, start + t, device=q.device)[:, None]
+        causal = torch.arange(length, device=q.device)[None, :] <= q_pos  # [T, L]
+        top = index.masked_fill(~causal, float("-inf")).topk(self.topk, dim=-1).indices
+        return torch.zeros_like(causal).scatter_(1, top, True) & causal
+
+
 class MLAAttention(Op):
     """DeepSeek multi-head latent attention. The cache holds only the normalised latent and the rotated
     rope key per token. Keys and values are re-expanded through `kv_b_proj`, exactly as transformers
@@ -137,7 +179,9 @@ class MLAAttention(Op):
     `[h, nope, r]` and W_UV `[h, v, r]`, the query's nope part becomes `q W_UK` in latent space, the
     attention is one multi-query attention over `[latent, k_pe]` with the latent as value (a Triton
     kernel on a GPU), and W_UV maps its output back per head. Prefill keeps the expanded form, which
-    costs fewer operations when the queries are as many as the keys."""
+    costs fewer operations when the queries are as many as the keys. DeepSeek-V3.2's lightning indexer
+    picks the tokens each query attends to once a context is longer than its `index_topk`: prefill masks
+    the rest, absorbed decode reads only the rows it kept."""
 
     def __init__(self, hf: nn.Module, ctx: BuildContext, kwargs: AttentionKwargs | None = None) -> None:
         super().__init__(ctx.device)
@@ -160,6 +204,7 @@ class MLAAttention(Op):
         self.kv_a_layernorm = hf.kv_a_layernorm
         self.kv_b_proj = hf.kv_b_proj
         self.o_proj = hf.o_proj
+        self.indexer = LightningIndexer(hf.indexer) if hasattr(hf, "indexer") else None  # DeepSeek-V3.2
         # the Triton latent kernel on a GPU (or on the CPU under Triton's interpreter, in tests)
         self.kernel = (ctx.device.type == "cuda" or ctx.services.triton_on_cpu) and importlib.util.find_spec("triton")
         self._latent_attend = self._latent_attend_triton if self.kernel else self._latent_attend_sdpa
@@ -186,21 +231,24 @@ class MLAAttention(Op):
         self._uv = lambda o: torch.einsum("bhr,hvr->bhv", o, self.w_uv)
 
     def cache_bytes(self, capacity: int, dtype: torch.dtype) -> int:
-        return capacity * (self.kv_lora_rank + self.rope_dim) * dtype.itemsize
+        index_dim = 0 if self.indexer is None else self.indexer.head_dim
+        return capacity * (self.kv_lora_rank + self.rope_dim + index_dim) * dtype.itemsize
 
     def new_cache(self, capacity: int, dtype: torch.dtype, device: torch.device | None = None) -> MLACache:
         device = device or self.device
-        return MLACache(
-            latent=torch.empty(capacity, self.kv_lora_rank, dtype=dtype, device=device),
-            k_pe=torch.empty(capacity, self.rope_dim, dtype=dtype, device=device),
-        )
+        latent = torch.empty(capacity, self.kv_lora_rank, dtype=dtype, device=device)
+        k_pe = torch.empty(capacity, self.rope_dim, dtype=dtype, device=device)
+        if self.indexer is None:
+            return MLACache(latent, k_pe)
+        return DSACache(latent, k_pe, torch.empty(capacity, self.indexer.head_dim, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor, rope: Rope, cache: MLACache, seqs: list[SeqSlice]) -> torch.Tensor:
         n = x.shape[0]
         if self.q_lora_rank is None:
-            q = self.q_proj(x)
+            q_resid, q = None, self.q_proj(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q_resid = self.q_a_layernorm(self.q_a_proj(x))  # [N, q_lora_rank], the indexer's input too
+            q = self.q_b_proj(q_resid)
         q = q.view(1, n, self.num_heads, self.nope_dim + self.rope_dim).transpose(1, 2)  # [1, h, N, qk]
         q_nope, q_pe = torch.split(q, [self.nope_dim, self.rope_dim], dim=-1)
 
@@ -208,23 +256,40 @@ class MLAAttention(Op):
         kv_nope = self.kv_a_layernorm(kv_nope)  # [N, r]
         q_pe = rope.apply(q_pe)
         k_pe = rope.apply(k_pe.view(1, 1, n, self.rope_dim))[0, 0]  # [N, rope]
+        keeps = self._select(x, q_resid, rope, cache, seqs) if self.indexer is not None else [None] * len(seqs)
         if self.absorb and self.kernel and len(seqs) > 1 and n == len(seqs):  # a batch of decode tokens
-            return self._decode_batch(q_nope[0].transpose(0, 1), q_pe[0].transpose(0, 1), kv_nope, k_pe, cache, seqs)
+            q_nope, q_pe = q_nope[0].transpose(0, 1), q_pe[0].transpose(0, 1)
+            return self._decode_batch(q_nope, q_pe, kv_nope, k_pe, cache, seqs, keeps)
         outs = []
-        for s in seqs:
+        for s, keep in zip(seqs, keeps, strict=True):
             cache.latent[s.new_rows] = kv_nope[s.tokens]
             cache.k_pe[s.new_rows] = k_pe[s.tokens]
             latent, pe = cache.latent[s.all_rows], cache.k_pe[s.all_rows]  # [L, r], [L, rope]
             qn, qp = q_nope[:, :, s.tokens], q_pe[:, :, s.tokens]
             if self.absorb and s.count == 1:
+                if keep is not None:  # only the tokens the indexer kept: decode reads topk rows, not L
+                    kept = keep[0].nonzero()[:, 0]
+                    latent, pe = latent[kept], pe[kept]
                 outs.append(self._absorbed(qn[0, :, 0], qp[0, :, 0], latent, pe))
             else:
-                outs.append(self._expanded(qn, qp, latent, pe, s.start))
+                outs.append(self._expanded(qn, qp, latent, pe, s.start, keep))
         return self.o_proj(outs[0] if len(outs) == 1 else torch.cat(outs))
 
-    def _expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, pe: torch.Tensor, start: int):
+    def _select(self, x, q_resid, rope: Rope, cache: DSACache, seqs: list[SeqSlice]) -> list[torch.Tensor | None]:
+        """The indexer's keys into the cache, and per sequence the `[count, L]` mask of the earlier tokens
+        each query attends to (None: all of them)."""
+        if q_resid is None:
+            raise ValueError("the lightning indexer reads the query's low-rank input: q_lora_rank must be set")
+        q, k, weights = self.indexer.project(x, q_resid, rope)
+        keeps = []
+        for s in seqs:
+            cache.index_k[s.new_rows] = k[s.tokens]
+            keeps.append(self.indexer.select(q[s.tokens], cache.index_k[s.all_rows], weights[s.tokens], s.start))
+        return keeps
+
+    def _expanded(self, q_nope, q_pe, latent: torch.Tensor, pe: torch.Tensor, start: int, keep=None):
         """`q_nope [1, h, T, nope]`, `q_pe [1, h, T, rope]` over the cached `latent [L, r]`, `pe [L, rope]`
-        re-expanded through kv_b_proj -> `[T, h * v]`."""
+        re-expanded through kv_b_proj -> `[T, h * v]`; with `keep [T, L]`, only the tokens it marks."""
         t, end = q_nope.shape[2], latent.shape[0]
         kv = self.kv_b_proj(latent.view(1, 1, end, self.kv_lora_rank))
         kv = kv.view(1, end, -1, self.nope_dim + self.v_dim).transpose(1, 2)
@@ -233,7 +298,10 @@ class MLAAttention(Op):
         k[..., : self.nope_dim].copy_(k_nope)
         k[..., self.nope_dim :].copy_(pe.view(1, 1, end, self.rope_dim))
         q = torch.cat((q_nope, q_pe), dim=-1)
-        out = attend(q, k, v, start, self.scaling)  # [1, h, T, v]
+        if keep is None:
+            out = attend(q, k, v, start, self.scaling)  # [1, h, T, v]
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=self.scaling)
         return out.transpose(1, 2).reshape(t, -1)
 
     def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, pe: torch.Tensor):
@@ -243,15 +311,18 @@ class MLAAttention(Op):
         out = self._latent_attend(q_latent, q_pe.contiguous(), latent, pe)  # [h, r]
         return self._uv(out[None]).reshape(1, -1)  # [1, h * v]
 
-    def _decode_batch(self, q_nope, q_pe, kv_nope, k_pe, cache: MLACache, seqs: list[SeqSlice]) -> torch.Tensor:
+    def _decode_batch(self, q_nope, q_pe, kv_nope, k_pe, cache: MLACache, seqs: list[SeqSlice], keeps) -> torch.Tensor:
         """One decode token of each of B sequences, `q_nope [B, h, nope]`, `q_pe [B, h, rope]`: their cache
-        rows gathered into one buffer and one kernel launch over all of them -> `[B, hidden]`."""
+        rows (those the indexer kept, where it did) gathered into one buffer and one kernel launch over all
+        of them -> `[B, hidden]`."""
         new = _index(s.new_rows for s in seqs).to(self.device)  # one row each, in order
         cache.latent[new], cache.k_pe[new] = kv_nope, k_pe
-        rows = _index(s.all_rows for s in seqs).to(self.device)
+        parts = [_index([s.all_rows]) for s in seqs]
+        parts = [p if keep is None else p[keep[0].cpu()] for p, keep in zip(parts, keeps, strict=True)]
+        rows = torch.cat(parts).to(self.device)
         latent, pe = cache.latent[rows], cache.k_pe[rows]  # [sum L, r], [sum L, rope]
         q_latent = self._uk(q_nope)  # [B, h, r]
-        out = self._latent_kernel(q_latent, q_pe.contiguous(), latent, pe, [s.end for s in seqs])
+        out = self._latent_kernel(q_latent, q_pe.contiguous(), latent, pe, [len(p) for p in parts])
         return self.o_proj(self._uv(out).reshape(len(seqs), -1))  # [B, h * v]
 
     def _latent_attend_sdpa(self, q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, pe: torch.Tensor):
@@ -286,7 +357,8 @@ def _index(rows) -> torch.Tensor:
 
 
 class GQAAttention(Op):
-    """Grouped-query attention with rotary embeddings and, for Qwen3-MoE, per-head q/k RMSNorm."""
+    """Grouped-query attention with rotary embeddings (partial in GLM-4.5 and MiniMax-M2) and, where the
+    model has it, q/k RMSNorm."""
 
     def __init__(self, hf: nn.Module, ctx: BuildContext, kwargs: AttentionKwargs | None = None) -> None:
         super().__init__(ctx.device)
@@ -299,8 +371,11 @@ class GQAAttention(Op):
         self.scaling = hf.scaling
         self.window = getattr(hf, "sliding_window", None) or getattr(config, "sliding_window", None)
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = hf.q_proj, hf.k_proj, hf.v_proj, hf.o_proj
+        # QK norm: per head (Qwen3-MoE, GLM-4.5) or over all heads at once (MiniMax-M2), as wide as its weight
         self.q_norm = getattr(hf, "q_norm", None)
         self.k_norm = getattr(hf, "k_norm", None)
+        if self.q_norm is not None:
+            self.q_norm_width, self.k_norm_width = self.q_norm.weight.shape[-1], self.k_norm.weight.shape[-1]
 
     @classmethod
     def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Self:
@@ -319,10 +394,10 @@ class GQAAttention(Op):
 
     def forward(self, x: torch.Tensor, rope: Rope, cache: GQACache, seqs: list[SeqSlice]) -> torch.Tensor:
         n = x.shape[0]
-        q = self.q_proj(x).view(1, n, -1, self.head_dim)
-        k = self.k_proj(x).view(1, n, -1, self.head_dim)
+        q, k = self.q_proj(x), self.k_proj(x)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.q_norm(q.view(n, -1, self.q_norm_width)), self.k_norm(k.view(n, -1, self.k_norm_width))
+        q, k = q.view(1, n, -1, self.head_dim), k.view(1, n, -1, self.head_dim)
         q, k = rope.apply(q.transpose(1, 2)), rope.apply(k.transpose(1, 2))  # [1, h, N, d]
         v = self.v_proj(x).view(1, n, -1, self.head_dim).transpose(1, 2)
         outs = []

@@ -9,6 +9,7 @@ their inputs while the GPU computes the shared experts (`HostStaging`).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -104,30 +105,55 @@ class Router(Op):
         self.weight = nn.Parameter(torch.empty(hf.weight.shape, dtype=ctx.dtype, device="meta"), requires_grad=False)
 
 
-class DeepseekV3Router(Router):
-    """Sigmoid scores; group-limited top-k on scores plus the fp32 correction bias (group score = sum
-    of its top 2); weights are the unbiased scores, renormalised, times `routed_scaling_factor`."""
+@dataclass(frozen=True)
+class SigmoidRouting:
+    """What differs between the sigmoid routers with a correction bias; group-limited choice, the
+    renormalisation and the scaling are read from each module (absent: one group, renormalised, scale 1)."""
+
+    logits_fp32: bool = True  # logits from float32 weight and input; else in the weight's dtype (MiniMax-M2)
+    eps: float = 1e-20  # added to the renormalising sum (DeepSeek-V3's; MiniMax-M2 adds none)
+
+
+# One entry per transformers router class the `router` op replaces with `SigmoidRouter`.
+SIGMOID_ROUTING = {
+    "DeepseekV3TopkRouter": SigmoidRouting(),
+    "DeepseekV32TopkRouter": SigmoidRouting(),
+    "Glm4MoeTopkRouter": SigmoidRouting(),
+    "MiniMaxM2TopKRouter": SigmoidRouting(logits_fp32=False, eps=0.0),
+}
+
+
+class SigmoidRouter(Router):
+    """Sigmoid scores (DeepSeek-V3, Kimi-K2, V3.2, GLM-4.5, MiniMax-M2); top-k, group-limited where the
+    model groups experts (group score = sum of its top 2), on scores plus the fp32 correction bias; weights
+    are the unbiased scores, renormalised, times `routed_scaling_factor`. MiniMax-M2 keeps the bias on its
+    MoE block: the checkpoint key is renamed to the router's (`arch.py`)."""
 
     def __init__(self, hf: nn.Module, ctx: BuildContext) -> None:
         super().__init__(hf, ctx)
-        self.num_group, self.topk_group = hf.num_group, hf.topk_group
-        self.norm_topk_prob = hf.norm_topk_prob
-        self.scaling = hf.routed_scaling_factor
+        self.routing = SIGMOID_ROUTING[type(hf).__name__]
+        self.num_group, self.topk_group = getattr(hf, "num_group", 1), getattr(hf, "topk_group", 1)
+        self.norm_topk_prob = getattr(hf, "norm_topk_prob", True)
+        self.scaling = getattr(hf, "routed_scaling_factor", 1.0)
         self.register_buffer("e_score_correction_bias", torch.empty(self.num_experts, device="meta"))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [T, E]
+        if self.routing.logits_fp32:
+            scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [T, E]
+        else:
+            scores = F.linear(x.to(self.weight.dtype), self.weight).float().sigmoid()
         choice = scores + self.e_score_correction_bias
-        per_group = self.num_experts // self.num_group
-        group_scores = choice.view(-1, self.num_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)
-        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
-        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-        score_mask = group_mask.unsqueeze(-1).expand(-1, self.num_group, per_group).reshape(-1, self.num_experts)
-        choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+        if self.topk_group < self.num_group:
+            per_group = self.num_experts // self.num_group
+            group_scores = choice.view(-1, self.num_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)
+            group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+            score_mask = group_mask.unsqueeze(-1).expand(-1, self.num_group, per_group).reshape(-1, self.num_experts)
+            choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
         index = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)[1]
         weights = scores.gather(1, index)
         if self.norm_topk_prob:
-            weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
+            weights /= weights.sum(dim=-1, keepdim=True) + self.routing.eps
         return weights * self.scaling, index
 
 

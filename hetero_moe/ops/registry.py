@@ -19,7 +19,7 @@ from hetero_moe.ops.cpu_linear import CPULinear, CPUQuantKwargs
 from hetero_moe.ops.experts import TorchExperts
 from hetero_moe.ops.linear import LinearKwargs, QuantLinear
 from hetero_moe.ops.mlp import GatedMLP, MLPKwargs
-from hetero_moe.ops.moe import DeepseekV2Router, DeepseekV3Router, MixtralRouter, MoEBlock, QwenRouter
+from hetero_moe.ops.moe import SIGMOID_ROUTING, DeepseekV2Router, MixtralRouter, MoEBlock, QwenRouter, SigmoidRouter
 
 
 @dataclass(frozen=True)
@@ -46,12 +46,15 @@ OPS: Mapping[str, OpSpec] = {
     for spec in (
         OpSpec(
             "attention",
-            "attention with a KV cache: latent attention for DeepSeek, grouped-query for Qwen3-MoE/Mixtral",
+            "attention with a KV cache: latent for DeepSeek (V3.2 with its indexer), grouped-query for the others",
             {
                 "DeepseekV3Attention": MLAAttention,
+                "DeepseekV32Attention": MLAAttention,
                 "DeepseekV2Attention": MLAAttention,
                 "Qwen3MoeAttention": GQAAttention,
                 "MixtralAttention": GQAAttention,
+                "Glm4MoeAttention": GQAAttention,
+                "MiniMaxM2Attention": GQAAttention,
             },
             AttentionKwargs,
         ),
@@ -60,16 +63,19 @@ OPS: Mapping[str, OpSpec] = {
             "MoE block: router, routed experts and shared experts, each on its own device",
             {
                 "DeepseekV3MoE": MoEBlock,
+                "DeepseekV32MoE": MoEBlock,
                 "DeepseekV2Moe": MoEBlock,
                 "Qwen3MoeSparseMoeBlock": MoEBlock,
                 "MixtralSparseMoeBlock": MoEBlock,
+                "Glm4MoeMoE": MoEBlock,
+                "MiniMaxM2SparseMoeBlock": MoEBlock,
             },
         ),
         OpSpec(
             "router",
             "top-k router, exactly as each architecture defines it",
             {
-                "DeepseekV3TopkRouter": DeepseekV3Router,
+                **dict.fromkeys(SIGMOID_ROUTING, SigmoidRouter),
                 "DeepseekV2TopkRouter": DeepseekV2Router,
                 "Qwen3MoeTopKRouter": QwenRouter,
                 "MixtralTopKRouter": MixtralRouter,
@@ -80,9 +86,12 @@ OPS: Mapping[str, OpSpec] = {
             "routed experts in plain torch (reference speed), stacked in our layout",
             {
                 "DeepseekV3Experts": TorchExperts,
+                "DeepseekV32Experts": TorchExperts,
                 "DeepseekV2Experts": TorchExperts,
                 "Qwen3MoeExperts": TorchExperts,
                 "MixtralExperts": TorchExperts,
+                "Glm4MoeExperts": TorchExperts,
+                "MiniMaxM2Experts": TorchExperts,
             },
         ),
         OpSpec(
@@ -90,16 +99,25 @@ OPS: Mapping[str, OpSpec] = {
             "routed experts on the CPU, quantized (quant: int4 | fp8 | bf16), Numba kernels",
             {
                 "DeepseekV3Experts": CPUExperts,
+                "DeepseekV32Experts": CPUExperts,
                 "DeepseekV2Experts": CPUExperts,
                 "Qwen3MoeExperts": CPUExperts,
                 "MixtralExperts": CPUExperts,
+                "Glm4MoeExperts": CPUExperts,
+                "MiniMaxM2Experts": CPUExperts,
             },
             CPUExpertsKwargs,
         ),
         OpSpec(
             "mlp",
             "gated MLP: dense layers and shared experts (quant: int4 | int8 on the CPU, int8 dot products)",
-            {"DeepseekV3MLP": GatedMLP, "DeepseekV2MLP": GatedMLP, "Qwen3MoeMLP": GatedMLP},
+            {
+                "DeepseekV3MLP": GatedMLP,
+                "DeepseekV32MLP": GatedMLP,
+                "DeepseekV2MLP": GatedMLP,
+                "Qwen3MoeMLP": GatedMLP,
+                "Glm4MoeMLP": GatedMLP,
+            },
             MLPKwargs,
         ),
         OpSpec(

@@ -18,12 +18,17 @@ class Rope(Protocol):
 
 @dataclass(frozen=True)
 class HalfRope:
-    """Llama layout: the first and second halves of the head dim form the rotated pairs."""
+    """Llama layout: the first and second halves of the rotated dims form the pairs. Partial rotary (GLM-4.5,
+    MiniMax-M2, DeepSeek-V3.2's indexer): when cos and sin cover fewer dims than the head, only the first
+    ones rotate and the rest pass through."""
 
-    cos: torch.Tensor  # [1, T, d]
-    sin: torch.Tensor  # [1, T, d]
+    cos: torch.Tensor  # [1, T, d_rot]
+    sin: torch.Tensor  # [1, T, d_rot]
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
+        rot = self.cos.shape[-1]
+        if rot < x.shape[-1]:
+            return torch.cat((self.apply(x[..., :rot]), x[..., rot:]), dim=-1)
         cos, sin = self.cos.unsqueeze(1), self.sin.unsqueeze(1)
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)

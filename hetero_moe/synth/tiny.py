@@ -33,7 +33,15 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM")
+SUPPORTED = (
+    "DeepseekV3ForCausalLM",
+    "DeepseekV2ForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "MixtralForCausalLM",
+    "DeepseekV32ForCausalLM",
+    "Glm4MoeForCausalLM",
+    "MiniMaxM2ForCausalLM",
+)
 
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
 EOS_TOKEN = "<｜end▁of▁sentence｜>"
@@ -192,22 +200,28 @@ class ChatFormat:
     eos_token: str = EOS_TOKEN
 
 
-CHAT_FORMATS = {
-    "DeepseekV3ForCausalLM": ChatFormat(
-        CHAT_TEMPLATE,
-        plain=(
-            TOOL_CALLS_BEGIN,
-            TOOL_CALLS_END,
-            TOOL_CALL_BEGIN,
-            TOOL_CALL_END,
-            TOOL_SEP,
-            TOOL_OUTPUTS_BEGIN,
-            TOOL_OUTPUTS_END,
-            TOOL_OUTPUT_BEGIN,
-            TOOL_OUTPUT_END,
-        ),
+_DEEPSEEK_V3_CHAT = ChatFormat(
+    CHAT_TEMPLATE,
+    plain=(
+        TOOL_CALLS_BEGIN,
+        TOOL_CALLS_END,
+        TOOL_CALL_BEGIN,
+        TOOL_CALL_END,
+        TOOL_SEP,
+        TOOL_OUTPUTS_BEGIN,
+        TOOL_OUTPUTS_END,
+        TOOL_OUTPUT_BEGIN,
+        TOOL_OUTPUT_END,
     ),
+)
+
+CHAT_FORMATS = {
+    "DeepseekV3ForCausalLM": _DEEPSEEK_V3_CHAT,
+    "DeepseekV32ForCausalLM": _DEEPSEEK_V3_CHAT,
     "DeepseekV2ForCausalLM": ChatFormat(PLAIN_CHAT_TEMPLATE),
+    # GLM-4.5 and MiniMax-M2: plain turns; their own templates and tool-call formats are not built here
+    "Glm4MoeForCausalLM": ChatFormat(PLAIN_CHAT_TEMPLATE),
+    "MiniMaxM2ForCausalLM": ChatFormat(PLAIN_CHAT_TEMPLATE),
     "Qwen3MoeForCausalLM": ChatFormat(
         QWEN3_CHAT_TEMPLATE,
         special=("<|im_start|>", "<|im_end|>"),
@@ -363,6 +377,83 @@ _TINY: dict[str, tuple[type[transformers.PreTrainedConfig], dict[str, Any]]] = {
             "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
         },
     ),
+    # DeepSeek-V3 at the V3 row's shapes plus the lightning indexer: index_topk 8, so the 11-token test
+    # prompt and every decoded token past it attend to a subset; 6 index heads make exact zero scores
+    # (every head's ReLU at 0), whose ties would make the top-k choice arbitrary, rare.
+    "DeepseekV32ForCausalLM": (
+        transformers.DeepseekV32Config,
+        {
+            "vocab_size": 419,
+            "hidden_size": 72,
+            "intermediate_size": 120,
+            "moe_intermediate_size": 40,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 3,
+            "n_group": 4,
+            "topk_group": 2,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 1,
+            "q_lora_rank": 48,
+            "kv_lora_rank": 24,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 12,
+            "routed_scaling_factor": 2.5,
+            "norm_topk_prob": True,
+            "index_topk": 8,
+            "index_n_heads": 6,
+            "index_head_dim": 20,
+            "rms_norm_eps": 1e-6,
+            "max_position_embeddings": _YARN_MAX_POSITIONS,
+            "rope_parameters": {**_YARN_BASE, "mscale": 1.0, "mscale_all_dim": 1.0},
+        },
+    ),
+    # GLM-4.5: half the head dim rotates, QK norm per head, q/k/v biases, one sigmoid group, shared expert.
+    "Glm4MoeForCausalLM": (
+        transformers.Glm4MoeConfig,
+        {
+            "vocab_size": 401,
+            "hidden_size": 72,
+            "intermediate_size": 112,
+            "moe_intermediate_size": 36,
+            "num_attention_heads": 6,
+            "num_key_value_heads": 2,
+            "head_dim": 20,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 3,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 1,
+            "n_group": 1,
+            "topk_group": 1,
+            "routed_scaling_factor": 2.5,
+            "norm_topk_prob": True,
+            "use_qk_norm": True,
+            "attention_bias": True,
+            "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 576,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "partial_rotary_factor": 0.5},
+        },
+    ),
+    # MiniMax-M2: half the head dim rotates, QK norm over all heads at once, sigmoid router with the bias
+    # on the block, no shared expert and no dense layer.
+    "MiniMaxM2ForCausalLM": (
+        transformers.MiniMaxM2Config,
+        {
+            "vocab_size": 389,
+            "hidden_size": 72,
+            "intermediate_size": 40,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 24,
+            "num_local_experts": 8,
+            "num_experts_per_tok": 3,
+            "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 576,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "partial_rotary_factor": 0.5},
+        },
+    ),
 }
 
 
@@ -410,7 +501,11 @@ class Role(enum.Enum):
 def tensor_roles(model: nn.Module) -> dict[str, Role]:
     """The role of every state-dict tensor of ``model``, from module types and shapes only (so a model
     on the meta device works)."""
-    norm_weights = {f"{name}.weight" for name, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")}
+    norm_weights = {
+        f"{name}.weight"
+        for name, m in model.named_modules()
+        if type(m).__name__.endswith("RMSNorm") or isinstance(m, nn.LayerNorm)
+    }
     embeddings = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
     roles: dict[str, Role] = {}
     for name, tensor in model.state_dict().items():
@@ -478,14 +573,17 @@ _HF_NAMING = ExpertNaming(block="mlp", gate="gate_proj", up="up_proj", down="dow
 # The original Mixtral release: block_sparse_moe.gate / block_sparse_moe.experts.E.{w1,w3,w2}.
 _MIXTRAL_LEGACY_NAMING = ExpertNaming(block="block_sparse_moe", gate="w1", up="w3", down="w2")
 
+_LEGACY_NAMED = ("MixtralForCausalLM", "MiniMaxM2ForCausalLM")  # releases with Mixtral's names
 _MLP_KEY = re.compile(r"^(model\.layers\.\d+)\.mlp\.(.+)$")
+# Linear weights the FP8 releases keep in bf16: DeepSeek-V3.2's indexer head weights.
+_NOT_FP8 = re.compile(r"\.indexer\.weights_proj\.weight$")
 
 
 def expert_naming(config: transformers.PreTrainedConfig, legacy_mixtral_names: bool = True) -> ExpertNaming:
     """The on-disk naming of ``config``'s routed experts: the original Mixtral release's
     ``block_sparse_moe.experts.E.w1`` names when ``legacy_mixtral_names``, else transformers' own."""
     arch = _architecture(config)
-    return _MIXTRAL_LEGACY_NAMING if arch == "MixtralForCausalLM" and legacy_mixtral_names else _HF_NAMING
+    return _MIXTRAL_LEGACY_NAMING if arch in _LEGACY_NAMED and legacy_mixtral_names else _HF_NAMING
 
 
 @dataclass(frozen=True)
@@ -521,12 +619,14 @@ def write_checkpoint(
     legacy_mixtral_names: bool = True,
     dtype: torch.dtype = torch.bfloat16,
     tokenizer: bool = True,
+    model_type: str | None = None,
 ) -> WrittenCheckpoint:
     """Write ``model`` to ``out_dir`` in the real release layout and return the expected state dict.
 
     Writes ``config.json`` (with the FP8 ``quantization_config`` when ``fp8``), the weights as
     ``model.safetensors`` or ``shards`` files plus ``model.safetensors.index.json``, and, when
-    ``tokenizer``, a tokenizer (``build_tokenizer``). Stale ``model*.safetensors`` files and index in
+    ``tokenizer``, a tokenizer (``build_tokenizer``); ``model_type`` replaces transformers' own in ``config.json``,
+    as releases that name their own do (Kimi-K2: ``kimi_k2``). Stale ``model*.safetensors`` files and index in
     ``out_dir`` are removed first. The output bytes are a function of the arguments only.
     """
     if dtype not in _DTYPE_NAMES:
@@ -556,7 +656,7 @@ def write_checkpoint(
             loaded[entry.name] = stored.to(torch.float32, copy=True)  # never aliases the model
 
     _write_weights(out, groups, shards)
-    write_config(model.config, out, dtype=dtype, fp8_block=block_size if fp8 else None)
+    write_config(model.config, out, dtype=dtype, fp8_block=block_size if fp8 else None, model_type=model_type)
     if tokenizer:
         build_tokenizer(out, vocab_size=model.config.vocab_size, arch=_architecture(model.config))
     state_dict = _assemble_state_dict(model, naming, loaded)
@@ -631,7 +731,7 @@ def disk_layout(model: nn.Module, naming: ExpertNaming) -> list[DiskEntry]:
                     None,
                     tuple(value.shape),
                     roles[key],
-                    quantizable=key in linear_weights and value.dim() == 2,
+                    quantizable=key in linear_weights and value.dim() == 2 and not _NOT_FP8.search(key),
                     keep_fp32=key in buffers,
                 )
             )
@@ -758,11 +858,19 @@ def _write_weights(out: Path, groups: list[dict[str, torch.Tensor]], shards: int
 
 
 def write_config(
-    config: transformers.PreTrainedConfig, out: Path, *, dtype: torch.dtype, fp8_block: tuple[int, int] | None
+    config: transformers.PreTrainedConfig,
+    out: Path,
+    *,
+    dtype: torch.dtype,
+    fp8_block: tuple[int, int] | None,
+    model_type: str | None = None,
 ) -> None:
     """Write ``config.json`` as ``save_pretrained`` would, declaring ``dtype`` as the checkpoint's and,
-    when ``fp8_block`` is given, the DeepSeek-V3 release's FP8 ``quantization_config`` with that block."""
+    when ``fp8_block`` is given, the DeepSeek-V3 release's FP8 ``quantization_config`` with that block;
+    ``model_type``, when given, in place of transformers' own."""
     data = config.to_diff_dict()  # what save_pretrained writes: every model key, no generic noise
+    if model_type is not None:
+        data["model_type"] = model_type
     data["dtype"] = _DTYPE_NAMES[dtype]  # the model object is float32; the files are not
     data.pop("quantization_config", None)
     if fp8_block is not None:
