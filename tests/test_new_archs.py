@@ -232,3 +232,13 @@ def test_batched_equals_alone_through_the_server(tiny, kimi) -> None:
             for th in threads:
                 th.join(timeout=120)
         assert [results.get(i) for i in range(len(prompts))] == alone, name
+
+
+@pytest.mark.parametrize("model", ["deepseek-v32", "glm-4.5", "minimax-m2"])
+def test_plan_writes_rules_for_the_real_configs(capsys, tmp_path, model: str) -> None:
+    out = tmp_path / "plan.yaml"
+    argv = ["plan", "--model", model, "--gpu-memory", "48", "--cpu-memory", "400", "--gpu-fp8", "--out", str(out)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    report = real_config_report(capsys, model, str(out))
+    assert [m["op"] for m in report["modules"] if m["name"].endswith(".mlp.experts")].count("cpu_experts") > 50

@@ -34,7 +34,7 @@ from hetero_moe.ops.registry import OPS
 from hetero_moe.settings import available_memory
 
 DEFAULT_CONTEXT = 8192  # tokens of KV cache planned for, when not given (or the model's own limit)
-MLA = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
+MLA = ("DeepseekV3ForCausalLM", "DeepseekV32ForCausalLM", "DeepseekV2ForCausalLM")
 
 EXPERTS = r"^model\.layers\.\d+\.mlp\.experts$"
 LINEARS = (
@@ -218,7 +218,7 @@ def _rules(
         pattern = LINEARS if gpu_linears == "fp8" else LINEARS + "|^lm_head$"
         lines += [f"- match: {{name: '{pattern}'}}", f"  replace: {{op: linear, kwargs: {{{quant}}}}}"]
     lines += [
-        "- match: {class: 'DeepseekV3MoE|DeepseekV2Moe|Qwen3MoeSparseMoeBlock|MixtralSparseMoeBlock'}",
+        f"- match: {{class: '{'|'.join(OPS['moe'].impls)}'}}",
         "  replace: {op: moe}",
         "- match: {name: '^model\\.layers\\.\\d+\\.mlp\\.gate$'}",
         "  replace: {op: router}",
