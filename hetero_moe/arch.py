@@ -77,10 +77,10 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture(
             "DeepseekV3ForCausalLM", "deepseek_v3", _deepseek_v3, has_mtp=True, release_model_types=("kimi_k2",)
         ),
-        Architecture("DeepseekV32ForCausalLM", "deepseek_v32", _interleaved, has_mtp=True),
         Architecture("DeepseekV2ForCausalLM", "deepseek_v2", _complex),
         Architecture("Qwen3MoeForCausalLM", "qwen3_moe", _half),
         Architecture("MixtralForCausalLM", "mixtral", _half, renames=_MIXTRAL_NAMES),
+        Architecture("DeepseekV32ForCausalLM", "deepseek_v32", _interleaved, has_mtp=True),
         Architecture("Glm4MoeForCausalLM", "glm4_moe", _half, has_mtp=True),
         Architecture(
             "MiniMaxM2ForCausalLM",

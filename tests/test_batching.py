@@ -234,7 +234,7 @@ def test_default_pool_fits_the_free_memory(tiny) -> None:
     assert llm.engine.pool.capacity == min(16 * llm.max_context, huge)
 
 
-@pytest.mark.parametrize("arch", ["DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM"])
+@pytest.mark.parametrize("arch", ["DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV32ForCausalLM"])
 def test_absorbed_latent_decode_batched_in_one_kernel_launch_equals_alone(tiny, tmp_path, arch: str) -> None:
     """With `absorb`, the decode tokens of a step go through one launch of the latent kernel (Triton; its
     interpreter here) over their gathered cache rows, with a fixed number of rows per split, so each

@@ -248,9 +248,10 @@ def test_routing_skew_changes_one_router_tensor_per_layer(arch: str, tmp_path: P
     assert (tmp_path / "plain/config.json").read_text() == (tmp_path / "skewed/config.json").read_text()
     assert {k: (t.dtype, t.shape) for k, t in plain.items()} == {k: (t.dtype, t.shape) for k, t in skewed.items()}
     changed = {k for k in plain if not torch.equal(plain[k].view(torch.uint8), skewed[k].view(torch.uint8))}
-    lever = "e_score_correction_bias" if arch == "DeepseekV3ForCausalLM" else "weight"  # V3: selection only
+    biased = ("DeepseekV3ForCausalLM", "DeepseekV32ForCausalLM", "Glm4MoeForCausalLM")  # a bias on the router
+    lever = "e_score_correction_bias" if arch in biased else "weight"  # the bias moves selection only
     assert changed == {k for k in plain if (m := ROUTER_KEY.fullmatch(k)) and m[2] == lever}
-    assert len(changed) == (3 if arch == "MixtralForCausalLM" else 2)  # every MoE layer
+    assert len(changed) == (3 if arch in ("MixtralForCausalLM", "MiniMaxM2ForCausalLM") else 2)  # every MoE layer
     for key in changed:
         rank = expert_ranks(int(ROUTER_KEY.fullmatch(key)[1]), plain[key].shape[0])
         if lever == "weight":  # [E, H]: the row of rank r times (1 + r) ** -2; rank 0 unchanged
@@ -274,6 +275,9 @@ EXPERTS = {  # config field of the routed expert count
     "DeepseekV2ForCausalLM": "n_routed_experts",
     "Qwen3MoeForCausalLM": "num_experts",
     "MixtralForCausalLM": "num_local_experts",
+    "DeepseekV32ForCausalLM": "n_routed_experts",
+    "Glm4MoeForCausalLM": "n_routed_experts",
+    "MiniMaxM2ForCausalLM": "num_local_experts",
 }
 PROMPTS = [
     "The router picks",
