@@ -154,6 +154,7 @@ def test_every_type_dequantizes_bit_exactly_as_gguf_quants(every_type) -> None:
         want = torch.from_numpy(gguf.quants.dequantize(raw, qtype).astype(np.float32))
         got = dequantize(t).float()
         assert got.shape == want.shape and torch.equal(got.view(torch.int32), want.view(torch.int32)), name
+        assert torch.equal(dequantize(t, 3).float(), want[3]), name  # one row (one expert of a stack)
 
 
 def test_q4_0_and_q8_0_experts_repack_bit_exactly(pair) -> None:

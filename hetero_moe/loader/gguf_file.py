@@ -51,17 +51,18 @@ class GGUFTensor:
         return TensorInfo(self.name, self.file, torch.uint8, torch.Size(self.data.shape), self.nbytes, self.offset)
 
 
-def dequantize(t: GGUFTensor) -> torch.Tensor:
-    """The tensor's values: F32, F16 and BF16 as they are (copied out of the map), block types as float32
-    through `gguf.quants.dequantize`, all in `t.shape`."""
+def dequantize(t: GGUFTensor, index: int | None = None) -> torch.Tensor:
+    """The tensor's values (or those of `t[index]`, e.g. one expert of a stack): F32, F16 and BF16 as they
+    are (copied out of the map), block types as float32 through `gguf.quants.dequantize`."""
+    data, shape = (t.data, t.shape) if index is None else (t.data[index], t.shape[1:])
     if t.type == QT.F32:
-        return torch.from_numpy(np.array(t.data, dtype=np.float32)).reshape(t.shape)
+        return torch.from_numpy(np.array(data, dtype=np.float32)).reshape(shape)
     if t.type == QT.F16:
-        return torch.from_numpy(np.array(t.data, dtype=np.float16)).reshape(t.shape)
+        return torch.from_numpy(np.array(data, dtype=np.float16)).reshape(shape)
     if t.type == QT.BF16:
-        bits = np.array(t.data).view(np.int16)
-        return torch.from_numpy(bits).view(torch.bfloat16).reshape(t.shape)
-    return torch.from_numpy(gguf.quants.dequantize(t.data, t.type)).reshape(t.shape)
+        bits = np.array(data).view(np.int16)
+        return torch.from_numpy(bits).view(torch.bfloat16).reshape(shape)
+    return torch.from_numpy(gguf.quants.dequantize(data, t.type)).reshape(shape)
 
 
 class _Reader(gguf.GGUFReader):

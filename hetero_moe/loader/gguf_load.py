@@ -90,10 +90,9 @@ def _load_one(entry) -> None:
             assign_direct(target.owner, target.rel, tensor, target.device)
     elif isinstance(target, CPUExperts) and target.block_type is not None:
         target.load_blocks(what.proj, what.tensor.data)
-    else:  # experts the op takes as floats, one expert at a time
-        values = dequantize(what.tensor)
-        for e in range(values.shape[0]):
-            target.load_weight(what.rel(e), values[e])
+    else:  # experts the op takes as floats, one expert at a time (a whole stack may not fit in memory)
+        for e in range(what.tensor.shape[0]):
+            target.load_weight(what.rel(e), dequantize(what.tensor, e))
 
 
 def _restore_cached(blocks: list[tuple[ExpertStack, CPUExperts]], g: GGUFFile) -> set[str]:
