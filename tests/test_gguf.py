@@ -11,6 +11,7 @@ import struct
 from pathlib import Path
 
 import gguf
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -270,3 +271,15 @@ def test_generate_command_takes_a_gguf_file(pair, capsys) -> None:
     assert main([*argv, "--max-tokens", "3", "--temperature", "0", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["prompt_token_ids"][0] == 0 and len(out["token_ids"]) == 3
+
+
+def test_serve_a_gguf_file(pair) -> None:
+    from test_server import MODEL, serving
+
+    path, _, rules = pair(CASES[0])
+    with LLM(path, rules=rules, dtype="float32") as llm, serving(llm) as url:
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        reply = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=60)
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
+        (entry,) = httpx.get(f"{url}/api/tags", timeout=60).json()["models"]
+        assert entry["name"] == MODEL and entry["size"] > 0
