@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import httpx
@@ -143,6 +144,32 @@ def test_seed_reproducible(client) -> None:
 
     assert sample(3) == sample(3)
     assert sample(3) != sample(4)
+
+
+def test_the_python_api_while_serving_goes_through_the_worker(llm) -> None:
+    """`LLM.chat` while a server runs on the model: its requests are handed to the server's worker and
+    batched beside the HTTP ones (one thread runs the model), with the same answers; so also when the
+    server has an engine of its own settings."""
+    messages = [{"role": "user", "content": "Tell me about experts."}]
+    with serving(llm, batching=SchedulerConfig(max_batch=4)) as u:
+        client = openai.OpenAI(base_url=f"{u}/v1", api_key="unused", max_retries=0, timeout=60)
+
+        def http() -> str:
+            r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+            return r.choices[0].message.content
+
+        alone = http()
+        assert llm.engine.driver is not None
+        with ThreadPoolExecutor(3) as pool:
+            remote = [pool.submit(http) for _ in range(3)]
+            local = llm.chat([messages] * 3, max_tokens=12, temperature=0)
+            assert [f.result() for f in remote] == [alone] * 3
+        assert [c.text for c in local] == [alone] * 3
+        steps = llm.stream([messages[0]["content"]] * 2, max_tokens=4, temperature=0)
+        next(steps)
+        steps.close()  # closing early cancels what is left; the server keeps serving
+        assert http() == alone
+    assert llm.engine.driver is None and llm.chat(messages, max_tokens=12, temperature=0).text == alone
 
 
 def test_multi_turn_chat(client, llm) -> None:

@@ -14,6 +14,7 @@ import itertools
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -25,6 +26,14 @@ from hetero_moe.engine.sampler import SamplingParams
 from hetero_moe.engine.scheduler import Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
+
+
+class Driver(Protocol):
+    """A thread that alone steps an engine (the server's worker) and takes other threads' requests."""
+
+    def stream(
+        self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
+    ) -> Iterator[tuple[int, StepOutput]]: ...
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,8 @@ class Engine:
             host=host_tier(runner, config),
         )
         self.scheduler = Scheduler(config, self.pool)
+        # a thread that steps this engine for everyone (the server's worker): `stream` hands its requests over
+        self.driver: Driver | None = None
         self._ids = itertools.count()
         self._requests: dict[int, Request] = {}
         self._counts = dict.fromkeys(
@@ -180,7 +191,15 @@ class Engine:
         self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
     ) -> Iterator[tuple[int, StepOutput]]:
         """Run `prompts` (token ids) together; yields (prompt index, step) as tokens come. Closing the
-        iterator early aborts what is left."""
+        iterator early aborts what is left. While a driver steps this engine (a server is running on it),
+        the requests go to the driver and are batched with everyone else's: one thread steps an engine."""
+        if self.driver is not None:
+            return self.driver.stream(prompts, params)
+        return self._stream(prompts, params)
+
+    def _stream(
+        self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
+    ) -> Iterator[tuple[int, StepOutput]]:
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
         index = {rid: i for i, rid in enumerate(ids)}
         left = set(ids)

@@ -39,7 +39,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        worker.start()
+        worker.start(*(() if engine is llm.engine else (llm.engine,)))  # the Python API's calls go there too
         yield
         worker.stop()
         tokenizers.shutdown(wait=False, cancel_futures=True)

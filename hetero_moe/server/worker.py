@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from hetero_moe.engine.engine import Engine, EngineStats
@@ -39,8 +39,9 @@ DONE = _Done()
 class Job:
     prompt_ids: list[int]
     params: SamplingParams
-    loop: asyncio.AbstractEventLoop
+    loop: asyncio.AbstractEventLoop | None  # the HTTP handler's; None for a job of another thread (`sink`)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    sink: queue.Queue | None = None  # (job, item) pairs, for a job of the Python API while serving
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.monotonic)
     first: float | None = None  # when its first token was sent
@@ -51,7 +52,10 @@ class Job:
         return fmt.usage(len(self.prompt_ids), completion_tokens, self.cached_tokens)
 
     def push(self, item: StepOutput | BaseException | _Done) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        if self.sink is not None:
+            self.sink.put((self, item))
+        else:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
     async def steps(self) -> AsyncIterator[StepOutput]:
         """The job's steps as they come; cancels the job if the consumer stops early."""
@@ -75,13 +79,46 @@ class EngineWorker:
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._active: dict[int, Job] = {}  # request id -> job, for the requests in the engine
         self._thread = threading.Thread(target=self._run, name="hetero-moe-engine", daemon=True)
+        self._driven: tuple[Engine, ...] = ()
 
-    def start(self) -> None:
+    def start(self, *others: Engine) -> None:
+        """Start stepping; from now on `stream` on this engine, and on `others` (engines over the same model),
+        comes here: one thread runs the model."""
+        self._driven = (self.engine, *others)
+        for engine in self._driven:
+            engine.driver = self
         self._thread.start()
 
     def stop(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=10)
+        for engine in self._driven:
+            engine.driver = None
+
+    def stream(
+        self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
+    ) -> Iterator[tuple[int, StepOutput]]:
+        """`Engine.stream` for another thread of this process (the Python API while a server runs on the same
+        engine): its requests wait in the queue (for room, if it is full) and run in the batch beside the
+        server's. Closing the iterator early cancels what is left."""
+        sink: queue.Queue = queue.Queue()
+        jobs = [Job(list(p), sp, None, sink=sink) for p, sp in zip(prompts, params, strict=True)]
+        index = {id(job): i for i, job in enumerate(jobs)}
+        try:
+            for job in jobs:
+                self._jobs.put(job)
+            left = len(jobs)
+            while left:
+                job, item = sink.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, _Done):
+                    left -= 1
+                else:
+                    yield index[id(job)], item
+        finally:
+            for job in jobs:
+                job.cancelled.set()
 
     @property
     def queued(self) -> int:
