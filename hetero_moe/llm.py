@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from hetero_moe.arch import build_meta_model, config_dtype, load_config
+from hetero_moe.arch import ModelError, build_meta_model, config_dtype, load_config
 from hetero_moe.engine.engine import Engine
 from hetero_moe.engine.grammar import Grammar
 from hetero_moe.engine.request import Completion, StepOutput
@@ -87,7 +87,13 @@ def eos_token_ids(model_dir: Path, config, tokenizer: PreTrainedTokenizerBase) -
     sources = [getattr(config, "eos_token_id", None), tokenizer.eos_token_id]
     gen = model_dir / "generation_config.json"
     if gen.is_file():
-        sources.append(json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id"))
+        try:
+            data = json.loads(gen.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ModelError(f"{gen}: not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise ModelError(f"{gen}: expected a JSON object, got a {type(data).__name__}")
+        sources.append(data.get("eos_token_id"))
     for value in sources:
         if isinstance(value, int):
             ids.add(value)

@@ -309,3 +309,13 @@ def test_bad_configs_are_one_line_errors(tiny, tmp_path, config: object, fragmen
         place(copy, "cpu-only.yaml")
     message = str(info.value)
     assert message.startswith(str(copy / "config.json")) and fragment in message and "\n" not in message
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
+def test_a_malformed_generation_config_is_one_line(tiny, tmp_path, text: str) -> None:
+    from hetero_moe.llm import LLM
+
+    copy = shutil.copytree(tiny("Qwen3MoeForCausalLM").path, tmp_path / "c")
+    (copy / "generation_config.json").write_text(text)
+    with pytest.raises(ModelError, match=r"generation_config.json: (not valid JSON|expected a JSON object)"):
+        LLM(copy, dtype="float32")
