@@ -26,23 +26,7 @@ from gguf import GGMLQuantizationType as QT
 from hetero_moe.bench.teacher import TeacherForced
 from hetero_moe.llm import LLM
 from hetero_moe.synth import tiny as synth
-from hetero_moe.synth.gguf import GGUF_SIZES, from_gguf_layout, write_gguf
-
-RULES = """\
-- match: {{name: '^model\\.layers\\.\\d+\\.mlp\\.experts$'}}
-  replace: {{op: {experts}, device: cpu{kwargs}}}
-  recursive: false
-- match: {{name: '^model\\.layers\\.\\d+\\.self_attn$'}}
-  replace: {{op: attention}}
-- match: {{class: 'DeepseekV3MoE|DeepseekV2Moe|Qwen3MoeSparseMoeBlock|MixtralSparseMoeBlock'}}
-  replace: {{op: moe}}
-- match: {{name: '^model\\.layers\\.\\d+\\.mlp\\.gate$'}}
-  replace: {{op: router}}
-- match: {{name: '^model\\.layers\\.\\d+\\.mlp(\\.shared_experts)?$'}}
-  replace: {{op: mlp}}
-- match: {{name: '^$'}}
-  replace: {{device: cpu}}
-"""
+from hetero_moe.synth.gguf import GGUF_SIZES, cpu_rules, from_gguf_layout, write_gguf
 
 
 def llama_logits(path: Path, ids: list[int], threads: int) -> np.ndarray:
@@ -87,14 +71,13 @@ def main() -> None:
             write_gguf(Path(tmp) / "f32.gguf", model, [QT.F32], QT.F32)
             ours = llama_logits(Path(tmp) / "f32.gguf", ids, args.threads)
         else:
-            kwargs = {
-                "Q4_0": ", kwargs: {quant: int4, group_size: 32, scale_dtype: fp16}",
-                "Q8_0": ", kwargs: {quant: int8, group_size: 32, scale_dtype: fp16}",
-                "F32": "",
+            replace = {
+                "Q4_0": "{op: cpu_experts, device: cpu, kwargs: {quant: int4, group_size: 32, scale_dtype: fp16}}",
+                "Q8_0": "{op: cpu_experts, device: cpu, kwargs: {quant: int8, group_size: 32, scale_dtype: fp16}}",
+                "F32": "{op: experts, device: cpu}",
             }[args.experts]
             rules = Path(tmp) / "rules.yaml"
-            op = "experts" if experts == QT.F32 else "cpu_experts"
-            rules.write_text(RULES.format(experts=op, kwargs=kwargs))
+            rules.write_text(cpu_rules(replace))
             ours = our_logits(path, ids, rules, args.threads)
     corr = [float(np.corrcoef(a, b)[0, 1]) for a, b in zip(ours, theirs, strict=True)]
     report = {

@@ -26,32 +26,24 @@ from hetero_moe.ops.cpu_experts import CPUExperts
 from hetero_moe.synth import tiny as synth
 from hetero_moe.synth.gguf import (
     GGUF_SIZES,
+    cpu_rules,
     encode,
     from_gguf_layout,
     random_blocks,
     write_gguf,
 )
 
-RULES = """\
-- match: {{name: '^model\\.layers\\.\\d+\\.mlp\\.experts$'}}
-  replace: {{op: cpu_experts, device: cpu, kwargs: {{{experts}, torch_min_tokens: 1000000}}}}
-  recursive: false
-- match: {{name: '^model\\.layers\\.\\d+\\.self_attn$'}}
-  replace: {{op: attention}}
-- match: {{class: 'DeepseekV3MoE|DeepseekV2Moe|Qwen3MoeSparseMoeBlock|MixtralSparseMoeBlock'}}
-  replace: {{op: moe}}
-- match: {{name: '^model\\.layers\\.\\d+\\.mlp\\.gate$'}}
-  replace: {{op: router}}
-- match: {{name: '^model\\.layers\\.\\d+\\.mlp(\\.shared_experts)?$'}}
-  replace: {{op: mlp}}
-- match: {{name: '^$'}}
-  replace: {{device: cpu}}
-"""
 EXPERT_KWARGS = {
     QT.Q4_0: "quant: int4, group_size: 32, scale_dtype: fp16",
     QT.Q8_0: "quant: int8, group_size: 32, scale_dtype: fp16",
     QT.F32: "quant: bf16",
 }
+
+
+def experts_rules(experts: QT) -> str:
+    return cpu_rules(
+        f"{{op: cpu_experts, device: cpu, kwargs: {{{EXPERT_KWARGS[experts]}, torch_min_tokens: 1000000}}}}"
+    )
 
 
 CASES = [  # architecture, dense types, experts type, split parts
@@ -80,7 +72,7 @@ def pair(tmp_path_factory):
             model.load_state_dict(state)
             synth.write_checkpoint(model, root / "st", dtype=torch.float32)
             rules = root / "rules.yaml"
-            rules.write_text(RULES.format(experts=EXPERT_KWARGS[experts]))
+            rules.write_text(experts_rules(experts))
             built[arch] = (path, root / "st", rules)
         return built[arch]
 
@@ -259,7 +251,7 @@ def test_k_quant_experts_on_the_cpu_are_an_error_not_a_requantization(tmp_path) 
     model = synth.random_model(synth.tiny_config("Qwen3MoeForCausalLM", **sizes))
     write_gguf(tmp_path / "k.gguf", model, [QT.F16], QT.Q4_K)
     rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES.format(experts=EXPERT_KWARGS[QT.Q4_0]))
+    rules.write_text(experts_rules(QT.Q4_0))
     with pytest.raises(ValueError, match=r"blk.1.ffn_gate_exps.weight: routed experts in Q4_K cannot run on the CPU"):
         place(tmp_path / "k.gguf", rules)
     assert place(tmp_path / "k.gguf", "cpu-only.yaml", "float32") is not None  # torch experts: dequantized

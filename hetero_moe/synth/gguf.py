@@ -279,3 +279,26 @@ GGUF_SIZES = {  # rows that fit 32-value blocks, hidden 256 for the K-quants; od
     "Qwen3MoeForCausalLM": {"hidden_size": 256, "intermediate_size": 256, "moe_intermediate_size": 96},
     "MixtralForCausalLM": {"hidden_size": 256, "intermediate_size": 96},
 }
+
+
+_CPU_RULES = """\
+- match: {{name: '^model\\.layers\\.\\d+\\.mlp\\.experts$'}}
+  replace: {experts}
+  recursive: false
+- match: {{name: '^model\\.layers\\.\\d+\\.self_attn$'}}
+  replace: {{op: attention}}
+- match: {{class: 'DeepseekV3MoE|DeepseekV2Moe|Qwen3MoeSparseMoeBlock|MixtralSparseMoeBlock'}}
+  replace: {{op: moe}}
+- match: {{name: '^model\\.layers\\.\\d+\\.mlp\\.gate$'}}
+  replace: {{op: router}}
+- match: {{name: '^model\\.layers\\.\\d+\\.mlp(\\.shared_experts)?$'}}
+  replace: {{op: mlp}}
+- match: {{name: '^$'}}
+  replace: {{device: cpu}}
+"""
+
+
+def cpu_rules(experts: str) -> str:
+    """Rules that run a GGUF model of these tests on the CPU in float: everything exact but the routed
+    experts, which take `experts` (a rule's `replace` mapping, YAML flow style)."""
+    return _CPU_RULES.format(experts=experts)
