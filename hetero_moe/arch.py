@@ -109,18 +109,24 @@ POSITIVE_FIELDS = (  # config fields that must be positive integers where the ar
 )
 
 
-def load_config(model_dir: str | Path) -> tuple[PretrainedConfig, Architecture]:
-    """Read `config.json` with transformers' own config class for its model type (never remote code:
-    an `auto_map` in it is ignored). Every problem is one `ModelError` line naming the file."""
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise ModelError(f"{model_dir}: no config.json (is this a model directory?)")
+def read_json_object(path: Path) -> dict:
+    """A model folder's JSON file that must hold an object; anything else is one `ModelError` line."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ModelError(f"{path}: not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise ModelError(f"{path}: expected a JSON object, got a {type(data).__name__}")
+    return data
+
+
+def load_config(model_dir: str | Path) -> tuple[PretrainedConfig, Architecture]:
+    """Read `config.json` with transformers' own config class for its model type (never remote code:
+    an `auto_map` in it is ignored). Every problem is one `ModelError` line naming the file."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ModelError(f"{model_dir}: no config.json (is this a model directory?)")
+    data = read_json_object(path)
     names = data.get("architectures")
     name = names[0] if isinstance(names, list) and len(names) == 1 and isinstance(names[0], str) else None
     arch = ARCHITECTURES.get(name) if name is not None else None

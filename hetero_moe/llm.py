@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from hetero_moe.arch import ModelError, build_meta_model, config_dtype, load_config
+from hetero_moe.arch import build_meta_model, config_dtype, load_config, read_json_object
 from hetero_moe.engine.engine import Engine
 from hetero_moe.engine.grammar import Grammar
 from hetero_moe.engine.request import Completion, StepOutput
@@ -87,13 +86,7 @@ def eos_token_ids(model_dir: Path, config, tokenizer: PreTrainedTokenizerBase) -
     sources = [getattr(config, "eos_token_id", None), tokenizer.eos_token_id]
     gen = model_dir / "generation_config.json"
     if gen.is_file():
-        try:
-            data = json.loads(gen.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            raise ModelError(f"{gen}: not valid JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise ModelError(f"{gen}: expected a JSON object, got a {type(data).__name__}")
-        sources.append(data.get("eos_token_id"))
+        sources.append(read_json_object(gen).get("eos_token_id"))
     for value in sources:
         if isinstance(value, int):
             ids.add(value)
