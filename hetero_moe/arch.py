@@ -47,6 +47,7 @@ class Architecture:
     rope: Callable[[PretrainedConfig, Any], Rope]  # rotary module output -> Rope
     renames: tuple[tuple[str, str], ...] = ()  # checkpoint key regex -> our key, applied in order
     has_mtp: bool = False  # DeepSeek-V3's multi-token-prediction layers follow the decoder layers
+    mtp_prefix: str | None = None  # or a module of their own (Qwen3-Next's and Qwen3.5's "mtp.")
     # releases that name their own model_type for transformers' config (Kimi-K2: "kimi_k2", read as DeepSeek-V3)
     release_model_types: tuple[str, ...] = ()
 
@@ -56,7 +57,10 @@ class Architecture:
         return checkpoint_key
 
     def is_mtp(self, key: str, config: PretrainedConfig) -> bool:
-        """Keys of the MTP module (layers past `num_hidden_layers`), which decoding does not use."""
+        """Keys of the MTP module (layers past `num_hidden_layers`, or under `mtp_prefix`), which decoding
+        does not use."""
+        if self.mtp_prefix is not None and key.startswith(self.mtp_prefix):
+            return True
         if not self.has_mtp or not getattr(config, "num_nextn_predict_layers", 0):
             return False
         m = re.match(r"model\.layers\.(\d+)\.", key)
@@ -89,6 +93,8 @@ ARCHITECTURES: dict[str, Architecture] = {
             # the correction bias sits on the MoE block in the release, on the router in ours
             renames=(*_MIXTRAL_NAMES, (r"\.mlp\.e_score_correction_bias$", ".mlp.gate.e_score_correction_bias")),
         ),
+        Architecture("Qwen3_5MoeForCausalLM", "qwen3_5_moe_text", _half, mtp_prefix="mtp."),
+        Architecture("Qwen3NextForCausalLM", "qwen3_next", _half, mtp_prefix="mtp."),
     )
 }
 

@@ -31,6 +31,8 @@ LAYOUT = {
     "DeepseekV32ForCausalLM": ([1, 2], 8, "mlp", ("gate_proj", "up_proj", "down_proj")),
     "Glm4MoeForCausalLM": ([1, 2], 8, "mlp", ("gate_proj", "up_proj", "down_proj")),
     "MiniMaxM2ForCausalLM": ([0, 1, 2], 8, "block_sparse_moe", ("w1", "w3", "w2")),
+    "Qwen3_5MoeForCausalLM": ([0, 1, 2], 8, "mlp", ("gate_proj", "up_proj", "down_proj")),
+    "Qwen3NextForCausalLM": ([1, 2], 8, "mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 
 

@@ -251,7 +251,8 @@ def test_routing_skew_changes_one_router_tensor_per_layer(arch: str, tmp_path: P
     biased = ("DeepseekV3ForCausalLM", "DeepseekV32ForCausalLM", "Glm4MoeForCausalLM")  # a bias on the router
     lever = "e_score_correction_bias" if arch in biased else "weight"  # the bias moves selection only
     assert changed == {k for k in plain if (m := ROUTER_KEY.fullmatch(k)) and m[2] == lever}
-    assert len(changed) == (3 if arch in ("MixtralForCausalLM", "MiniMaxM2ForCausalLM") else 2)  # every MoE layer
+    every_layer = ("MixtralForCausalLM", "MiniMaxM2ForCausalLM", "Qwen3_5MoeForCausalLM")  # no dense layer
+    assert len(changed) == (3 if arch in every_layer else 2)  # every MoE layer
     for key in changed:
         rank = expert_ranks(int(ROUTER_KEY.fullmatch(key)[1]), plain[key].shape[0])
         if lever == "weight":  # [E, H]: the row of rank r times (1 + r) ** -2; rank 0 unchanged
@@ -278,6 +279,8 @@ EXPERTS = {  # config field of the routed expert count
     "DeepseekV32ForCausalLM": "n_routed_experts",
     "Glm4MoeForCausalLM": "n_routed_experts",
     "MiniMaxM2ForCausalLM": "num_local_experts",
+    "Qwen3_5MoeForCausalLM": "num_experts",
+    "Qwen3NextForCausalLM": "num_experts",
 }
 PROMPTS = [
     "The router picks",

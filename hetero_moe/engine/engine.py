@@ -24,6 +24,8 @@ from hetero_moe.engine.request import ContextLengthError, Decoding, Event, Reque
 from hetero_moe.engine.runner import ModelRunner
 from hetero_moe.engine.sampler import SamplingParams
 from hetero_moe.engine.scheduler import Scheduler, SchedulerConfig
+from hetero_moe.engine.state import StateSlots
+from hetero_moe.ops.linear_attention import token_mixer
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +71,20 @@ class Engine:
         config: SchedulerConfig,
     ) -> None:
         self.runner, self.tokenizer, self.eos_ids, self.max_context = runner, tokenizer, eos_ids, max_context
+        if runner.recurrent and config.prefix_cache:
+            log.info(
+                "prefix cache off: this model's linear-attention layers keep a state per sequence, "
+                "which cached pages do not hold"
+            )
+            config = dataclasses.replace(config, prefix_cache=False)
         tokens = config.kv_cache_tokens
         if tokens is None:
             per_token = cache_bytes_per_token(runner.layers, runner.dtype)
-            tokens = default_pool_tokens(per_token, config.max_batch * max_context, runner.placed.mapped_bytes())
+            wanted, mapped = config.max_batch * max_context, runner.placed.mapped_bytes()
+            tokens = default_pool_tokens(per_token, wanted, mapped, runner.state_bytes(config.max_batch))
         self.config = config = dataclasses.replace(config, kv_cache_tokens=tokens)
         pages = tokens // config.page_tokens
-        buffers = runner.new_buffers(pages * config.page_tokens)
+        buffers = runner.new_buffers(pages * config.page_tokens, slots=config.max_batch)
         self.pool = KVPool(
             buffers,
             pages,
@@ -85,7 +94,8 @@ class Engine:
             salt=cache_salt(runner),
             host=host_tier(runner, config),
         )
-        self.scheduler = Scheduler(config, self.pool)
+        # the linear-attention layers' state: a slot for each request of the running batch
+        self.scheduler = Scheduler(config, self.pool, StateSlots(config.max_batch) if runner.recurrent else None)
         # a thread that steps this engine for everyone (the server's worker): `stream` hands its requests over
         self.driver: Driver | None = None
         self._ids = itertools.count()
@@ -147,7 +157,8 @@ class Engine:
         planned = self.scheduler.schedule()
         if not planned:
             return []
-        batch = Batch.of(self.pool, [(r.tokens, r.pages, r.computed, n) for r, n in planned])
+        parts = [(r.tokens, r.pages, r.computed, n) for r, n in planned]
+        batch = Batch.of(self.pool, parts, [r.slot or 0 for r, _ in planned])
         streamed = self.runner.routed_bytes()
         try:
             logits = self.runner.forward(batch, self.pool.buffers)
@@ -250,10 +261,7 @@ class Engine:
 def cache_salt(runner: ModelRunner) -> bytes:
     """What the content of a cache page depends on besides its tokens: the model (its config), the cache
     dtype, and each layer's attention op and placement."""
-    attention = [
-        (type(x.self_attn).__name__, str(x.self_attn.device), getattr(x.self_attn, "absorb", False))
-        for x in runner.layers
-    ]
+    attention = [(type(m).__name__, str(m.device), getattr(m, "absorb", False)) for m in runner.mixers]
     text = repr((runner.config.to_json_string(), str(runner.dtype), attention))
     return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
@@ -271,5 +279,5 @@ def host_tier(runner: ModelRunner, config: SchedulerConfig) -> HostTier | None:
     if not config.prefix_cache or pages == 0:
         return None
     cpu = torch.device("cpu")
-    buffers = [x.self_attn.new_cache(pages * config.page_tokens, runner.dtype, cpu) for x in runner.layers]
+    buffers = [token_mixer(x).new_cache(pages * config.page_tokens, runner.dtype, cpu) for x in runner.layers]
     return HostTier(buffers, pages, config.page_tokens)

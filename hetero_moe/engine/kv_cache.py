@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from hetero_moe.ops.attention import Rows, SeqSlice
+from hetero_moe.ops.linear_attention import token_mixer
 from hetero_moe.settings import available_memory, total_memory
 
 GB = 1e9
@@ -233,15 +234,18 @@ class Batch:
     sample_rows: list[int]
 
     @classmethod
-    def of(cls, pool: KVPool, parts: list[tuple[list[int], list[int], int, int]]) -> Batch:
+    def of(
+        cls, pool: KVPool, parts: list[tuple[list[int], list[int], int, int]], slots: list[int] | None = None
+    ) -> Batch:
         """`parts`: per sequence (its tokens, the pages holding them, tokens already cached, tokens to run
-        now); a sequence whose run reaches its last token samples."""
+        now); a sequence whose run reaches its last token samples. `slots`: per sequence, its slot in the
+        linear-attention layers' state (none: slot 0, one sequence)."""
         ids: list[int] = []
         positions: list[int] = []
         seqs, rows = [], []
-        for tokens, pages, start, n in parts:
+        for i, (tokens, pages, start, n) in enumerate(parts):
             new_rows, all_rows = pool.rows(pages, start, start + n), pool.rows(pages, 0, start + n)
-            seqs.append(SeqSlice(len(ids), n, start, new_rows, all_rows))
+            seqs.append(SeqSlice(len(ids), n, start, new_rows, all_rows, slots[i] if slots is not None else 0))
             ids += tokens[start : start + n]
             positions += range(start, start + n)
             if start + n == len(tokens):
@@ -255,19 +259,29 @@ class Batch:
 
 
 def cache_bytes_per_token(layers, dtype: torch.dtype) -> dict[torch.device, int]:
-    """Bytes of KV cache one token takes on each device, over all decoder layers' attention ops."""
+    """Bytes of KV cache one token takes on each device, over all decoder layers' attention ops (none in
+    linear-attention layers)."""
     per_token: dict[torch.device, int] = {}
     for layer in layers:
-        attn = layer.self_attn
-        per_token[attn.device] = per_token.get(attn.device, 0) + attn.cache_bytes(1, dtype)
+        attn = token_mixer(layer)
+        nbytes = attn.cache_bytes(1, dtype)
+        if nbytes:
+            per_token[attn.device] = per_token.get(attn.device, 0) + nbytes
     return per_token
 
 
-def default_pool_tokens(per_token: dict[torch.device, int], wanted: int, mapped_cpu_bytes: int = 0) -> int:
+def default_pool_tokens(
+    per_token: dict[torch.device, int],
+    wanted: int,
+    mapped_cpu_bytes: int = 0,
+    fixed: dict[torch.device, int] | None = None,
+) -> int:
     """`wanted` tokens of KV cache, or fewer if this box's free memory, less the reserve, holds fewer; whole
     pages of 16 tokens. On the CPU, weights memory-mapped from files (`mapped_cpu_bytes`) count as taken,
-    although the system reports their page cache as available."""
+    although the system reports their page cache as available; `fixed`: bytes per device that the pool's
+    companions take whatever its size (the linear-attention layers' state slots)."""
     tokens = wanted
+    fixed = fixed or {}
     for dev, nbytes in per_token.items():
         if dev.type == "cuda":
             free, total = torch.cuda.mem_get_info(dev)
@@ -277,7 +291,7 @@ def default_pool_tokens(per_token: dict[torch.device, int], wanted: int, mapped_
             if available is None or total is None:
                 continue  # no /proc/meminfo: only the wanted size bounds the pool
             usable = RESERVES["cpu"].usable(available - mapped_cpu_bytes, total)
-        tokens = min(tokens, int(usable // nbytes))
+        tokens = min(tokens, int(max(usable - fixed.get(dev, 0), 0) // nbytes))
     if tokens < 16:
         raise ValueError(
             "no memory is left for the KV cache after loading the model; give --kv-cache-tokens, "

@@ -123,6 +123,7 @@ class Request:
     pages: list[int] = field(default_factory=list)
     keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full pages so far
     cached_tokens: int = 0  # of its prompt, taken from the prefix cache when it was (last) admitted
+    slot: int | None = None  # its slot in the linear-attention layers' state, while it runs (`engine/state.py`)
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt_ids)

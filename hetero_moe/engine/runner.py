@@ -2,7 +2,9 @@
 embeddings, then per decoder layer norm → attention op → residual → norm → MLP or MoE op → residual,
 then norm and lm_head for the tokens whose logits are wanted.
 
-Every supported architecture has this shape; the ops placed by the rules do the rest. The residual
+Every supported architecture has this shape; the ops placed by the rules do the rest. The attention is
+`self_attn`, or `linear_attn` in the linear-attention layers of Qwen3.5-MoE and Qwen3-Next, whose
+buffers hold a state per sequence slot instead of KV rows. The residual
 stream stays on each decoder layer's device; modules on other devices get their input moved there.
 """
 
@@ -14,6 +16,7 @@ from torch import nn
 from hetero_moe.engine.kv_cache import Batch
 from hetero_moe.inject.injector import PlacedModel
 from hetero_moe.ops.base import module_device
+from hetero_moe.ops.linear_attention import is_recurrent, token_mixer
 from hetero_moe.ops.moe import MoEBlock
 from hetero_moe.ops.rope import Rope
 from hetero_moe.ops.staging import OverlapStats
@@ -27,6 +30,8 @@ class ModelRunner:
         core = placed.model.model
         self.embed = core.embed_tokens
         self.layers: list[nn.Module] = list(core.layers)
+        self.mixers: list[nn.Module] = [token_mixer(x) for x in self.layers]  # each layer's attention op
+        self.recurrent = any(is_recurrent(m) for m in self.mixers)  # a state per sequence in some layers
         self.norm = core.norm
         self.lm_head = placed.model.lm_head
         # The rotary module's inv_freq is a non-persistent buffer left on meta: rebuild it.
@@ -36,13 +41,14 @@ class ModelRunner:
         self.embed_device = module_device(self.embed)
         # per layer: (input norm, attention, post-attention norm, mlp) devices; the residual stays on the first
         self.devices = [
-            tuple(module_device(m) for m in (x.input_layernorm, x.self_attn, x.post_attention_layernorm, x.mlp))
-            for x in self.layers
+            tuple(module_device(m) for m in (x.input_layernorm, attn, x.post_attention_layernorm, x.mlp))
+            for x, attn in zip(self.layers, self.mixers, strict=True)
         ]
         self.head_device = module_device(self.lm_head)
         self.norm_device = module_device(self.norm)
         self.vocab_size = self.lm_head.out_features
-        self.cache_device = module_device(self.layers[0].self_attn)  # where the KV cache pool lives
+        paged = [m for m in self.mixers if not is_recurrent(m)] or self.mixers
+        self.cache_device = module_device(paged[0])  # where the KV cache pool lives
         self.routed_experts = [m.experts for m in placed.model.modules() if isinstance(m, MoEBlock)]
 
     def routed_bytes(self) -> int:
@@ -54,9 +60,20 @@ class ModelRunner:
         staging = self.placed.services.overlap
         return staging.stats if staging is not None else None
 
-    def new_buffers(self, rows: int) -> list:
-        """Per decoder layer, KV cache buffers of `rows` token rows (one sequence's cache, or a pool)."""
-        return [layer.self_attn.new_cache(rows, self.dtype) for layer in self.layers]
+    def new_buffers(self, rows: int, slots: int = 1) -> list:
+        """Per decoder layer, KV cache buffers of `rows` token rows (one sequence's cache, or a pool), or in
+        a linear-attention layer the state of `slots` sequences."""
+        return [
+            m.new_state(slots, self.dtype) if is_recurrent(m) else m.new_cache(rows, self.dtype) for m in self.mixers
+        ]
+
+    def state_bytes(self, slots: int) -> dict[torch.device, int]:
+        """Bytes of the linear-attention layers' state for `slots` sequences, per device."""
+        per_device: dict[torch.device, int] = {}
+        for m in self.mixers:
+            if is_recurrent(m):
+                per_device[m.device] = per_device.get(m.device, 0) + m.state_bytes(slots, self.dtype)
+        return per_device
 
     @torch.inference_mode()
     def forward(self, batch: Batch, buffers: list) -> torch.Tensor:
@@ -72,7 +89,7 @@ class ModelRunner:
                 ropes[attn_dev] = self.placed.arch.rope(self.config, _to(rope_out, attn_dev))
             h = h.to(dev)
             x = layer.input_layernorm(h)
-            h = h + layer.self_attn(x.to(attn_dev), ropes[attn_dev], buffers[i], batch.seqs).to(dev)
+            h = h + self.mixers[i](x.to(attn_dev), ropes[attn_dev], buffers[i], batch.seqs).to(dev)
             x = layer.post_attention_layernorm(h.to(post_dev))
             h = h + layer.mlp(x.to(mlp_dev)).to(dev)
         h = h[batch.sample_rows]

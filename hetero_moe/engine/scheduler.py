@@ -9,6 +9,9 @@ A request starts from the longest run of cached pages its tokens begin with (the
 request is preempted: its pages are released and it goes back to the front of the queue, to recompute
 its cache from its tokens (what is still cached excepted) when it is admitted again (its output so far
 stays sent).
+
+A model with linear-attention layers also gives each running request a slot of their per-sequence state
+(`engine/state.py`), from admission into the running batch until it leaves it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 
 from hetero_moe.engine.kv_cache import KVPool
 from hetero_moe.engine.request import Request
+from hetero_moe.engine.state import StateSlots
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +53,9 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pool: KVPool) -> None:
+    def __init__(self, config: SchedulerConfig, pool: KVPool, slots: StateSlots | None = None) -> None:
         self.config, self.pool = config, pool
+        self.slots = slots  # one per request the running batch holds; None: the model keeps no such state
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
         self.preempted_total = 0
@@ -66,7 +71,10 @@ class Scheduler:
         with their pages reserved: decodes and prefill chunks in admission order, preempting the youngest
         requests when the pool runs out."""
         while self.waiting and len(self.running) < self.config.max_batch:
-            self.running.append(self.waiting.popleft())
+            request = self.waiting.popleft()
+            if self.slots is not None:
+                request.slot = self.slots.take()
+            self.running.append(request)
         planned: list[tuple[Request, int]] = []
         budget = self.config.prefill_chunk
         for request in list(self.running):
@@ -96,13 +104,20 @@ class Scheduler:
                 if request.id == request_id:
                     queue.remove(request)
                     self.pool.release(request.pages)
+                    self._release_slot(request)
                     return request
         return None
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.pool.release(request.pages)
+        self._release_slot(request)
         request.computed, request.keys = 0, []
         self.waiting.appendleft(request)
         self.preempted_total += 1
         log.info("preempted a request of %d tokens: the KV cache pool is full", len(request.tokens))
+
+    def _release_slot(self, request: Request) -> None:
+        if request.slot is not None:
+            self.slots.release(request.slot)
+            request.slot = None

@@ -18,6 +18,7 @@ from transformers import PretrainedConfig
 from hetero_moe.arch import Architecture
 from hetero_moe.inject.rules import Rule, Rules
 from hetero_moe.ops.base import BuildContext, Op, Services, direct_tensors
+from hetero_moe.ops.linear_attention import is_recurrent, token_mixer
 from hetero_moe.ops.registry import MUST_REPLACE
 
 
@@ -75,11 +76,14 @@ class PlacedModel:
         return sum(m.mapped_bytes() for m in self.model.modules() if isinstance(m, Op))
 
     def kv_cache_bytes(self, capacity: int) -> dict[str, int]:
-        """Bytes of one sequence's KV cache for `capacity` tokens, per device."""
+        """Bytes of one sequence's KV cache for `capacity` tokens, per device (with the linear-attention
+        layers' state, whatever the capacity)."""
         totals: dict[str, int] = defaultdict(int)
         for layer in self.model.model.layers:
-            attn = layer.self_attn
+            attn = token_mixer(layer)
             totals[str(attn.device)] += attn.cache_bytes(capacity, self.dtype)
+            if is_recurrent(attn):
+                totals[str(attn.device)] += attn.state_bytes(1, self.dtype)
         return dict(sorted(totals.items()))
 
     def devices(self) -> set[torch.device]:

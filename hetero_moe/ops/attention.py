@@ -30,13 +30,14 @@ Rows = slice | torch.Tensor  # cache rows: a range (a view, no copy) or int64 in
 class SeqSlice:
     """One sequence's share of a batch: tokens `begin .. begin + count - 1` of the flattened input, at
     positions `start .. start + count - 1`; its cache rows for those new tokens, and for all of its
-    `start + count` tokens."""
+    `start + count` tokens; and its slot in the state buffers of linear-attention layers."""
 
     begin: int
     count: int
     start: int
     new_rows: Rows
     all_rows: Rows
+    slot: int = 0
 
     @property
     def tokens(self) -> slice:
@@ -357,8 +358,9 @@ def _index(rows) -> torch.Tensor:
 
 
 class GQAAttention(Op):
-    """Grouped-query attention with rotary embeddings (partial in GLM-4.5 and MiniMax-M2) and, where the
-    model has it, q/k RMSNorm."""
+    """Grouped-query attention with rotary embeddings (partial in GLM-4.5, MiniMax-M2 and Qwen3.5) and, where
+    the model has them, q/k RMSNorm and an output gate (Qwen3.5-MoE, Qwen3-Next: q_proj makes each head's
+    query and gate, and the output is multiplied by the gate's sigmoid)."""
 
     def __init__(self, hf: nn.Module, ctx: BuildContext, kwargs: AttentionKwargs | None = None) -> None:
         super().__init__(ctx.device)
@@ -371,6 +373,7 @@ class GQAAttention(Op):
         self.scaling = hf.scaling
         self.window = getattr(hf, "sliding_window", None) or getattr(config, "sliding_window", None)
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = hf.q_proj, hf.k_proj, hf.v_proj, hf.o_proj
+        self.output_gate = hf.q_proj.weight.shape[0] == 2 * self.num_heads * self.head_dim
         # QK norm: per head (Qwen3-MoE, GLM-4.5) or over all heads at once (MiniMax-M2), as wide as its weight
         self.q_norm = getattr(hf, "q_norm", None)
         self.k_norm = getattr(hf, "k_norm", None)
@@ -395,6 +398,9 @@ class GQAAttention(Op):
     def forward(self, x: torch.Tensor, rope: Rope, cache: GQACache, seqs: list[SeqSlice]) -> torch.Tensor:
         n = x.shape[0]
         q, k = self.q_proj(x), self.k_proj(x)
+        if self.output_gate:  # per head: its query, then its gate
+            q, gate = q.view(n, -1, 2 * self.head_dim).chunk(2, dim=-1)
+            q, gate = q.reshape(n, -1), gate.reshape(n, -1)
         if self.q_norm is not None:
             q, k = self.q_norm(q.view(n, -1, self.q_norm_width)), self.k_norm(k.view(n, -1, self.k_norm_width))
         q, k = q.view(1, n, -1, self.head_dim), k.view(1, n, -1, self.head_dim)
@@ -407,4 +413,5 @@ class GQAAttention(Op):
             keys, values = cache.k[:, :, s.all_rows], cache.v[:, :, s.all_rows]  # [1, kv_h, L, d]
             out = attend(q[:, :, s.tokens], keys, values, s.start, self.scaling, self.window)
             outs.append(out.transpose(1, 2).reshape(s.count, -1))
-        return self.o_proj(outs[0] if len(outs) == 1 else torch.cat(outs))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return self.o_proj(out * torch.sigmoid(gate) if self.output_gate else out)

@@ -20,7 +20,9 @@ from hetero_moe.ops.staging import HostStaging
 
 
 class MoEBlock(Op):
-    """router → routed experts (+ shared experts), combined on the block's own device."""
+    """router → routed experts (+ shared experts), combined on the block's own device. Qwen3.5-MoE and
+    Qwen3-Next name their one shared expert `shared_expert` and scale its output per token by the sigmoid
+    of `shared_expert_gate` (a linear to one value), computed beside it."""
 
     container = True
 
@@ -28,15 +30,20 @@ class MoEBlock(Op):
         super().__init__(ctx.device)
         self.gate = hf.gate
         self.experts = hf.experts
-        self.shared_experts = getattr(hf, "shared_experts", None)
+        # the shared experts under the checkpoint's name: `shared_experts`, or Qwen's one `shared_expert`
+        self.shared_name = "shared_expert" if getattr(hf, "shared_expert", None) is not None else "shared_experts"
+        setattr(self, self.shared_name, getattr(hf, self.shared_name, None))
+        self.shared_expert_gate = getattr(hf, "shared_expert_gate", None)  # [1, H] linear
         self.services = ctx.services
         self.staging: HostStaging | None = None
         self._forward = self._sequential
 
     def finalize(self) -> None:
         self.experts_device = self.experts.device
-        if self.shared_experts is not None:
-            self.shared_device = module_device(self.shared_experts)
+        if self.shared is not None:
+            self.shared_device = module_device(self.shared)
+        if self.shared_expert_gate is not None:
+            self.shared_gate_device = module_device(self.shared_expert_gate)
         # routed experts kept on another device (cpu_experts' `pinned`): computed there, added here
         self.pinned_device = self.experts.pinned_device if getattr(self.experts, "pinned", ()) else None
         if self.experts_device.type == "cpu" and self.device.type != "cpu":
@@ -44,6 +51,10 @@ class MoEBlock(Op):
             # block's device does the rest
             self.staging = self.services.staging(self.device)
             self._forward = self._overlapped
+
+    @property
+    def shared(self) -> nn.Module | None:
+        return getattr(self, self.shared_name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H]
         return self._forward(x)
@@ -54,9 +65,16 @@ class MoEBlock(Op):
         out = self.experts(x.to(dev), index.to(dev), weights.to(dev)).to(self.device)
         if self.pinned_device is not None:
             out = out + self._pinned(x, index, weights)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x.to(self.shared_device)).to(self.device)
+        if self.shared is not None:
+            out = out + self._shared(x).to(self.device)
         return out
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared experts' output on their device, gated where the model gates it."""
+        out = self.shared(x.to(self.shared_device))
+        if self.shared_expert_gate is None:
+            return out
+        return torch.sigmoid(self.shared_expert_gate(x.to(self.shared_gate_device))).to(out.device) * out
 
     def _pinned(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         dev = self.pinned_device
@@ -72,7 +90,7 @@ class MoEBlock(Op):
         job = st.executor.submit(self._host_experts, ready, hx, hi, hw)
         # meanwhile on this device: the pinned routed experts and the shared experts
         pinned = None if self.pinned_device is None else self._pinned(x, index, weights)
-        shared = None if self.shared_experts is None else self.shared_experts(x.to(self.shared_device))
+        shared = None if self.shared is None else self._shared(x)
         start = time.perf_counter()
         y = job.result()  # [T, H] in the pinned output buffer
         st.stats.wait_s += time.perf_counter() - start
@@ -183,12 +201,13 @@ class DeepseekV2Router(Router):
 
 
 class QwenRouter(Router):
-    """Softmax (in float32) over logits in the activation dtype, top-k, optionally renormalised; the
-    weights return in the activation dtype (Qwen3-MoE)."""
+    """Softmax (in float32) over logits in the activation dtype, top-k, optionally renormalised (always in
+    Qwen3.5-MoE, whose router has no such setting); the weights return in the activation dtype (Qwen3-MoE,
+    Qwen3-Next, Qwen3.5-MoE)."""
 
     def __init__(self, hf: nn.Module, ctx: BuildContext) -> None:
         super().__init__(hf, ctx)
-        self.norm_topk_prob = hf.norm_topk_prob
+        self.norm_topk_prob = getattr(hf, "norm_topk_prob", True)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = F.linear(x, self.weight)  # [T, E]

@@ -18,6 +18,7 @@ from hetero_moe.ops.cpu_experts import CPUExperts, CPUExpertsKwargs
 from hetero_moe.ops.cpu_linear import CPULinear, CPUQuantKwargs
 from hetero_moe.ops.experts import TorchExperts
 from hetero_moe.ops.linear import LinearKwargs, QuantLinear
+from hetero_moe.ops.linear_attention import GatedDeltaNet
 from hetero_moe.ops.mlp import GatedMLP, MLPKwargs
 from hetero_moe.ops.moe import SIGMOID_ROUTING, DeepseekV2Router, MixtralRouter, MoEBlock, QwenRouter, SigmoidRouter
 
@@ -55,8 +56,15 @@ OPS: Mapping[str, OpSpec] = {
                 "MixtralAttention": GQAAttention,
                 "Glm4MoeAttention": GQAAttention,
                 "MiniMaxM2Attention": GQAAttention,
+                "Qwen3_5MoeAttention": GQAAttention,
+                "Qwen3NextAttention": GQAAttention,
             },
             AttentionKwargs,
+        ),
+        OpSpec(
+            "linear_attention",
+            "gated linear attention (Gated DeltaNet) with a conv and recurrent state per sequence",
+            {"Qwen3_5MoeGatedDeltaNet": GatedDeltaNet, "Qwen3NextGatedDeltaNet": GatedDeltaNet},
         ),
         OpSpec(
             "moe",
@@ -69,6 +77,8 @@ OPS: Mapping[str, OpSpec] = {
                 "MixtralSparseMoeBlock": MoEBlock,
                 "Glm4MoeMoE": MoEBlock,
                 "MiniMaxM2SparseMoeBlock": MoEBlock,
+                "Qwen3_5MoeSparseMoeBlock": MoEBlock,
+                "Qwen3NextSparseMoeBlock": MoEBlock,
             },
         ),
         OpSpec(
@@ -78,6 +88,8 @@ OPS: Mapping[str, OpSpec] = {
                 **dict.fromkeys(SIGMOID_ROUTING, SigmoidRouter),
                 "DeepseekV2TopkRouter": DeepseekV2Router,
                 "Qwen3MoeTopKRouter": QwenRouter,
+                "Qwen3_5MoeTopKRouter": QwenRouter,
+                "Qwen3NextTopKRouter": QwenRouter,
                 "MixtralTopKRouter": MixtralRouter,
             },
         ),
@@ -92,6 +104,8 @@ OPS: Mapping[str, OpSpec] = {
                 "MixtralExperts": TorchExperts,
                 "Glm4MoeExperts": TorchExperts,
                 "MiniMaxM2Experts": TorchExperts,
+                "Qwen3_5MoeExperts": TorchExperts,
+                "Qwen3NextExperts": TorchExperts,
             },
         ),
         OpSpec(
@@ -105,6 +119,8 @@ OPS: Mapping[str, OpSpec] = {
                 "MixtralExperts": CPUExperts,
                 "Glm4MoeExperts": CPUExperts,
                 "MiniMaxM2Experts": CPUExperts,
+                "Qwen3_5MoeExperts": CPUExperts,
+                "Qwen3NextExperts": CPUExperts,
             },
             CPUExpertsKwargs,
         ),
@@ -117,6 +133,8 @@ OPS: Mapping[str, OpSpec] = {
                 "DeepseekV2MLP": GatedMLP,
                 "Qwen3MoeMLP": GatedMLP,
                 "Glm4MoeMLP": GatedMLP,
+                "Qwen3_5MoeMLP": GatedMLP,
+                "Qwen3NextMLP": GatedMLP,
             },
             MLPKwargs,
         ),
@@ -139,6 +157,6 @@ OPS: Mapping[str, OpSpec] = {
 MUST_REPLACE: Mapping[str, str] = {
     cls: spec.name
     for spec in OPS.values()
-    if spec.name in ("attention", "moe", "router", "experts")
+    if spec.name in ("attention", "linear_attention", "moe", "router", "experts")
     for cls in spec.impls
 }

@@ -41,6 +41,8 @@ SUPPORTED = (
     "DeepseekV32ForCausalLM",
     "Glm4MoeForCausalLM",
     "MiniMaxM2ForCausalLM",
+    "Qwen3_5MoeForCausalLM",
+    "Qwen3NextForCausalLM",
 )
 
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
@@ -215,6 +217,14 @@ _DEEPSEEK_V3_CHAT = ChatFormat(
     ),
 )
 
+# Qwen3's ChatML with tool calls, shared by Qwen3.5-MoE and Qwen3-Next
+_QWEN3_CHAT = ChatFormat(
+    QWEN3_CHAT_TEMPLATE,
+    special=("<|im_start|>", "<|im_end|>"),
+    plain=("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"),
+    eos_token="<|im_end|>",
+)
+
 CHAT_FORMATS = {
     "DeepseekV3ForCausalLM": _DEEPSEEK_V3_CHAT,
     "DeepseekV32ForCausalLM": _DEEPSEEK_V3_CHAT,
@@ -222,12 +232,9 @@ CHAT_FORMATS = {
     # GLM-4.5 and MiniMax-M2: plain turns; their own templates and tool-call formats are not built here
     "Glm4MoeForCausalLM": ChatFormat(PLAIN_CHAT_TEMPLATE),
     "MiniMaxM2ForCausalLM": ChatFormat(PLAIN_CHAT_TEMPLATE),
-    "Qwen3MoeForCausalLM": ChatFormat(
-        QWEN3_CHAT_TEMPLATE,
-        special=("<|im_start|>", "<|im_end|>"),
-        plain=("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"),
-        eos_token="<|im_end|>",
-    ),
+    "Qwen3MoeForCausalLM": _QWEN3_CHAT,
+    "Qwen3_5MoeForCausalLM": _QWEN3_CHAT,
+    "Qwen3NextForCausalLM": _QWEN3_CHAT,
     "MixtralForCausalLM": ChatFormat(
         MIXTRAL_CHAT_TEMPLATE,
         special=(
@@ -305,6 +312,24 @@ _V3_SHAPES: dict[str, Any] = {
     "rms_norm_eps": 1e-6,
     "max_position_embeddings": _YARN_MAX_POSITIONS,
     "rope_parameters": {**_YARN_BASE, "mscale": 1.0, "mscale_all_dim": 1.0},
+}
+
+# Qwen3.5-MoE's and Qwen3-Next's shared tiny shapes: linear attention, full attention, linear attention.
+_QWEN_LINEAR_SHAPES: dict[str, Any] = {
+    "hidden_size": 72,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 2,
+    "head_dim": 24,  # 6 dims rotate
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 6,
+    "linear_key_head_dim": 12,
+    "linear_value_head_dim": 10,
+    "linear_conv_kernel_dim": 4,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "full_attention_interval": 2,  # every second layer: linear, full, linear at three layers
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 576,
 }
 
 # Tiny but awkward shapes: nothing a multiple of 128, q/k/v head dims all different, GQA, a dense layer
@@ -438,6 +463,39 @@ _TINY: dict[str, tuple[type[transformers.PreTrainedConfig], dict[str, Any]]] = {
             "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "partial_rotary_factor": 0.5},
         },
     ),
+    # Qwen3.5-MoE: linear attention (Gated DeltaNet: 2 key heads, 3 value heads each, a 4-wide causal conv)
+    # around a full-attention layer (output gate, QK norm, a quarter of the head dim rotates), softmax router,
+    # one shared expert behind a sigmoid gate, every layer MoE.
+    "Qwen3_5MoeForCausalLM": (
+        transformers.Qwen3_5MoeTextConfig,
+        {
+            **_QWEN_LINEAR_SHAPES,
+            "vocab_size": 443,
+            "moe_intermediate_size": 44,
+            "shared_expert_intermediate_size": 36,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000000.0,
+                "partial_rotary_factor": 0.25,
+                "mrope_section": [1, 1, 1],
+                "mrope_interleaved": True,
+            },
+        },
+    ),
+    # Qwen3-Next: the same layers with q/k/v/z and b/a projected together per key head, a dense first layer.
+    "Qwen3NextForCausalLM": (
+        transformers.Qwen3NextConfig,
+        {
+            **_QWEN_LINEAR_SHAPES,
+            "vocab_size": 421,
+            "intermediate_size": 100,
+            "moe_intermediate_size": 40,
+            "shared_expert_intermediate_size": 52,
+            "mlp_only_layers": [0],
+            "norm_topk_prob": True,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
+        },
+    ),
 }
 
 
@@ -488,7 +546,7 @@ def tensor_roles(model: nn.Module) -> dict[str, Role]:
     norm_weights = {
         f"{name}.weight"
         for name, m in model.named_modules()
-        if type(m).__name__.endswith("RMSNorm") or isinstance(m, nn.LayerNorm)
+        if type(m).__name__.endswith(("RMSNorm", "RMSNormGated")) or isinstance(m, nn.LayerNorm)
     }
     embeddings = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
     roles: dict[str, Role] = {}
