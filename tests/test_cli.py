@@ -132,7 +132,7 @@ def test_bad_rules_file_names_rule_and_line(capsys, tiny, tmp_path) -> None:
     rules.write_text("- match: {name: '^$'}\n  replace: {device: cpu}\n- match: {name: x}\n  replace: {op: expertz}\n")
     assert main(["rules", "check", "--model", str(tiny("Qwen3MoeForCausalLM").path), "--rules", str(rules)]) == 2
     err = capsys.readouterr().err
-    known = "attention, cpu_experts, cpu_linear, experts, linear, mlp, moe, router"
+    known = "attention, cpu_experts, cpu_linear, experts, linear, linear_attention, mlp, moe, router"
     assert f"{rules}: rule 1 (line 3): unknown op 'expertz'; known ops: {known}" in err
 
 

@@ -208,3 +208,19 @@ def test_real_configs_on_the_shipped_rules(capsys, model, layers, experts, hidde
     assert main(["rules", "check", "--model", model, "--rules", "qwen3.5-moe.yaml", "--json",
                  "--max-context", "8192"]) == 0  # fmt: skip
     assert json.loads(capsys.readouterr().out)["kv_cache"] == {"cuda:0": cache}
+
+
+@pytest.mark.parametrize(("model", "gpu"), [("qwen3.5-moe", "16"), ("qwen3-next", "5")])
+def test_plan_writes_rules_for_the_real_configs(capsys, tmp_path, model: str, gpu: str) -> None:
+    """GPUs too small for bf16 linears: FP8 ones, the linear-attention layers' projections among them."""
+    from hetero_moe.cli import main
+
+    out = tmp_path / "plan.yaml"
+    argv = ["plan", "--model", model, "--gpu-memory", gpu, "--cpu-memory", "400", "--gpu-fp8", "--out", str(out)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    report = real_config_report(capsys, model, str(out))
+    ops = {m["name"]: m["op"] for m in report["modules"]}
+    assert ops["model.layers.0.linear_attn"] == "linear_attention"
+    assert ops["model.layers.0.linear_attn.out_proj"] == "linear" and ops["model.layers.0.mlp.shared_expert"] == "mlp"
+    assert [op for name, op in ops.items() if name.endswith(".mlp.experts")].count("cpu_experts") > 40

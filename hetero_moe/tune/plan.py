@@ -39,7 +39,7 @@ MLA = ("DeepseekV3ForCausalLM", "DeepseekV32ForCausalLM", "DeepseekV2ForCausalLM
 EXPERTS = r"^model\.layers\.\d+\.mlp\.experts$"
 LINEARS = (
     r"^model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa)"
-    r"|mlp(\.shared_experts)?\.(gate|up|down)_proj)$"
+    r"|linear_attn\.(in_proj_qkv|in_proj_z|in_proj_qkvz|out_proj)|mlp(\.shared_experts?)?\.(gate|up|down)_proj)$"
 )
 
 
@@ -101,11 +101,12 @@ def plan(
     # dense MLP layers or shared experts: a rule for them only where the model has some (no unused rules)
     classes = [type(m).__name__ for m in build_meta_model(config, arch, torch_dtype).modules()]
     has_mlp = any(c in OPS["mlp"].impls for c in classes)
+    linear = any(c in OPS["linear_attention"].impls for c in classes)  # Qwen3.5-MoE's, Qwen3-Next's
     moe_layers = sum(c in OPS["moe"].impls for c in classes)
     tried = []
     choice = None
     for gpu_linears in _gpu_candidates(box, dtype_name):
-        text = _rules(arch.name, gpu_linears, experts_quant, {}, has_mlp, moe_layers)
+        text = _rules(arch.name, gpu_linears, experts_quant, {}, has_mlp, moe_layers, linear)
         placed = _place(config, arch, torch_dtype, text, gguf)
         weights, cache = placed.bytes_per_device(), placed.kv_cache_bytes(max_context)
         gpu = weights.get("cuda:0", 0) + cache.get("cuda:0", 0)
@@ -132,7 +133,7 @@ def plan(
     if profile is not None and gpu_linears != "none":
         pinned, share = _pin(placed, profile, gpu_budget - weights.get("cuda:0", 0) - cache.get("cuda:0", 0))
         if pinned:
-            text = _rules(arch.name, gpu_linears, experts_quant, pinned, has_mlp, moe_layers)
+            text = _rules(arch.name, gpu_linears, experts_quant, pinned, has_mlp, moe_layers, linear)
             placed = _place(config, arch, torch_dtype, text, gguf)
             weights = placed.bytes_per_device()
             result = Plan(text, gpu_linears, experts_quant, weights, cache, pinned, share, max_context)
@@ -191,7 +192,13 @@ def _layer(name: str) -> int:
 
 
 def _rules(
-    arch: str, gpu_linears: str, experts_quant: str, pinned: dict[str, list[int]], has_mlp: bool, moe_layers: int
+    arch: str,
+    gpu_linears: str,
+    experts_quant: str,
+    pinned: dict[str, list[int]],
+    has_mlp: bool,
+    moe_layers: int,
+    linear_attention: bool = False,
 ) -> str:
     """The rules text of one candidate; per-layer experts rules for pinned experts come first."""
     device = "cpu" if gpu_linears == "none" else "'cuda:0'"
@@ -213,6 +220,8 @@ def _rules(
         lines += ["- match: {name: '^model\\.embed_tokens$'}", "  replace: {device: cpu}"]
     absorb = ", kwargs: {absorb: true}" if arch in MLA and gpu_linears != "none" else ""
     lines += ["- match: {name: '^model\\.layers\\.\\d+\\.self_attn$'}", f"  replace: {{op: attention{absorb}}}"]
+    if linear_attention:
+        lines += ["- match: {name: '^model\\.layers\\.\\d+\\.linear_attn$'}", "  replace: {op: linear_attention}"]
     if gpu_linears in ("fp8", "int4"):
         quant = "quant: fp8" if gpu_linears == "fp8" else "quant: int4, group_size: 64"
         pattern = LINEARS if gpu_linears == "fp8" else LINEARS + "|^lm_head$"
@@ -224,7 +233,7 @@ def _rules(
         "  replace: {op: router}",
     ]
     if has_mlp:
-        lines += ["- match: {name: '^model\\.layers\\.\\d+\\.mlp(\\.shared_experts)?$'}", "  replace: {op: mlp}"]
+        lines += ["- match: {name: '^model\\.layers\\.\\d+\\.mlp(\\.shared_experts?)?$'}", "  replace: {op: mlp}"]
     lines += [
         "- match: {name: '^$'}",
         f"  replace: {{device: {device}}}",
