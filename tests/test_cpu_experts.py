@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from importlib import resources
 from types import SimpleNamespace
 
@@ -182,6 +183,7 @@ def test_fp8_row_decode_is_exact_for_every_code() -> None:
 
 
 def test_int4_weights_are_cached_and_memory_mapped(tiny, monkeypatch, caplog) -> None:
+    from hetero_moe.loader import converted
     from hetero_moe.ops import cpu_experts
 
     t = tiny("Qwen3MoeForCausalLM", shards=2)
@@ -195,10 +197,22 @@ def test_int4_weights_are_cached_and_memory_mapped(tiny, monkeypatch, caplog) ->
         raise AssertionError("quantized again although the cache is valid")
 
     monkeypatch.setattr(cpu_experts, "quantize_int4_fast", no_quantizing)
+    faulted = []
+    read_in = converted.prefault
+    monkeypatch.setattr(converted, "prefault", lambda path, arrays: (faulted.append(path), read_in(path, arrays)))
     second = LLM(t.path, rules="cpu-only-int4.yaml", dtype="float32")
     experts = second.placed.model.model.layers[1].mlp.experts
     assert experts.restored and not experts.format.w13.flags.writeable  # memory-mapped, read-only
+    assert experts.cache.path in faulted  # it fits in memory: read in at load, not at the first decode steps
     assert second.generate(prompt, max_tokens=6, temperature=0, ignore_eos=True).token_ids == expected
+
+    # larger than the memory left: mapped without reading it in, and decoding pages it in as it goes
+    faulted.clear()
+    monkeypatch.setattr(converted, "available_memory", lambda: 0)
+    with caplog.at_level(logging.INFO, logger="hetero_moe.loader.converted"):
+        paged = LLM(t.path, rules="cpu-only-int4.yaml", dtype="float32")
+    assert faulted == [] and "does not fit in the memory left" in caplog.text
+    assert paged.generate(prompt, max_tokens=6, temperature=0, ignore_eos=True).token_ids == expected
     monkeypatch.undo()
 
     # corrupt: a truncated cache file is detected and rebuilt

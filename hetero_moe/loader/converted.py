@@ -1,4 +1,5 @@
-"""A disk cache of weights converted at load (INT4 experts): written once, memory-mapped after.
+"""A disk cache of weights converted at load (INT4 experts): written once, memory-mapped after, and read
+into memory at load when it fits there (else decoding reads it from disk through the page cache).
 
 Each cached op is one safetensors file whose metadata holds the key it was built from (the source
 files' names, sizes and modification times, the tensor names, the quant settings). A file whose key
@@ -19,7 +20,9 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from hetero_moe.loader.checkpoint import CheckpointError, TensorInfo, memory_map, read_header
+from hetero_moe.engine.kv_cache import RESERVES
+from hetero_moe.loader.checkpoint import CheckpointError, TensorInfo, memory_map, prefault, read_header
+from hetero_moe.settings import available_memory, total_memory
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,18 @@ def load(path: Path, key: str) -> dict[str, np.ndarray] | None:
     if meta.get("key") != key:
         log.info("converted-weights cache %s is stale; rebuilding it", path)
         return None
-    return {info.key: memory_map(info) for info in infos}
+    arrays = {info.key: memory_map(info) for info in infos}
+    if _fits_in_memory(path.stat().st_size):
+        prefault(path, arrays.values())
+    else:
+        log.info("%s does not fit in the memory left: its weights are read from disk as decoding needs them", path)
+    return arrays
+
+
+def _fits_in_memory(nbytes: int) -> bool:
+    """Whether `nbytes` more fit in DRAM beside the host's reserve (True where the OS does not say)."""
+    available, total = available_memory(), total_memory()
+    return available is None or total is None or nbytes <= RESERVES["cpu"].usable(available, total)
 
 
 def save(path: Path, key: str, arrays: Mapping[str, np.ndarray]) -> None:

@@ -208,7 +208,10 @@ class MLAAttention(Op):
         self.indexer = LightningIndexer(hf.indexer) if hasattr(hf, "indexer") else None  # DeepSeek-V3.2
         # the Triton latent kernel on a GPU (or on the CPU under Triton's interpreter, in tests)
         self.kernel = (ctx.device.type == "cuda" or ctx.services.triton_on_cpu) and importlib.util.find_spec("triton")
-        self._latent_attend = self._latent_attend_triton if self.kernel else self._latent_attend_sdpa
+        if self.kernel:
+            self._latent_attend = self._latent_attend_triton
+        else:
+            self._latent_attend = self._latent_attend_cpu if ctx.device.type == "cpu" else self._latent_attend_sdpa
 
     @classmethod
     def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Self:
@@ -332,6 +335,13 @@ class MLAAttention(Op):
         k = torch.cat((latent, pe), dim=-1).view(1, 1, end, -1)  # one kv head
         out = attend(q, k, latent.view(1, 1, end, self.kv_lora_rank), end - 1, self.scaling)
         return out[0, :, 0]
+
+    def _latent_attend_cpu(self, q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, pe: torch.Tensor):
+        """One decode token on the CPU, in float32: the scores of the latent and the rotary parts in two
+        matmuls (the cache is not copied into one key tensor first), softmax, the latent as the values."""
+        scores = torch.addmm(q_pe.float() @ pe.float().T, q_latent.float(), latent.float().T)  # [h, L]
+        probs = torch.softmax(scores.mul_(self.scaling), dim=-1)
+        return (probs @ latent.float()).to(q_latent.dtype)
 
     def _latent_attend_triton(self, q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, pe: torch.Tensor):
         return self._latent_kernel(q_latent[None], q_pe[None], latent, pe, [latent.shape[0]])[0]

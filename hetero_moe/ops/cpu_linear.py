@@ -28,6 +28,8 @@ from hetero_moe.kernels.quant import (
 from hetero_moe.ops.base import BuildContext, Op
 
 ROWS_PER_TASK = 16  # output rows per parallel task of a dense layer
+# per-head matrices have short rows (128 or 512 inputs): more rows a task, or the tasks' setup dominates
+HEAD_ROWS_PER_TASK = 64
 
 
 @dataclass(frozen=True)
@@ -157,5 +159,5 @@ class HeadLinear:
         seg = np.arange(self.heads + 1, dtype=np.int64) * t
         y = np.empty((self.heads * t, self.out_dim), np.float32)
         k = self.kernels
-        k.down(k.activations(rows), seg, self.experts, self.codes, self.scales, ROWS_PER_TASK, y)
+        k.down(k.activations(rows), seg, self.experts, self.codes, self.scales, HEAD_ROWS_PER_TASK, y)
         return torch.from_numpy(y).view(self.heads, t, self.out_dim).transpose(0, 1)

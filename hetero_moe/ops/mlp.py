@@ -18,7 +18,7 @@ from hetero_moe.kernels.quant import dequantize_fp8_blocks
 from hetero_moe.ops.base import BuildContext, Op
 from hetero_moe.ops.cpu_linear import CPUQuantKwargs, QuantMatrix
 
-ROWS_PER_TASK = 8  # rows of gate/up or down per parallel task
+ROWS_PER_TASK = 32  # rows of gate/up or down per parallel task
 
 
 @dataclass(frozen=True)
