@@ -17,7 +17,7 @@ from transformers import PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from hetero_moe.ops.rope import ComplexRope, HalfRope, InterleavedRope, Rope
+from hetero_moe.ops.rope import ComplexRope, HalfRope, InterleavedRope, Rope, SplitHalfRope
 
 
 class ModelError(ValueError):
@@ -38,6 +38,10 @@ def _interleaved(config: PretrainedConfig, out: Any) -> Rope:
 
 def _complex(config: PretrainedConfig, out: Any) -> Rope:
     return ComplexRope(out)
+
+
+def _split_half(config: PretrainedConfig, out: Any) -> Rope:
+    return SplitHalfRope(*out)
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,8 @@ ARCHITECTURES: dict[str, Architecture] = {
             # the correction bias sits on the MoE block in the release, on the router in ours
             renames=(*_MIXTRAL_NAMES, (r"\.mlp\.e_score_correction_bias$", ".mlp.gate.e_score_correction_bias")),
         ),
+        # the MoE block's `router` is our MoE op's `gate`, as in every other architecture
+        Architecture("GptOssForCausalLM", "gpt_oss", _split_half, renames=((r"\.mlp\.router\.", ".mlp.gate."),)),
         Architecture("Qwen3_5MoeForCausalLM", "qwen3_5_moe_text", _half, mtp_prefix="mtp."),
         Architecture("Qwen3NextForCausalLM", "qwen3_next", _half, mtp_prefix="mtp."),
     )

@@ -111,7 +111,7 @@ def test_tiny_config_other_architectures() -> None:
 def test_random_model_forward(arch: str, models: dict[str, transformers.PreTrainedModel]) -> None:
     model = models[arch]
     assert not model.training
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == ("eager" if arch == "GptOssForCausalLM" else "sdpa")  # sinks
     assert all(p.dtype == torch.float32 for p in model.parameters())
     with torch.no_grad():
         logits = model(torch.tensor([[0, 17, 42, 5, 99]])).logits
@@ -148,7 +148,7 @@ def test_random_model_is_deterministic_and_pure() -> None:
 # --- on-disk layout ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", SUPPORTED)
+@pytest.mark.parametrize("arch", [a for a in SUPPORTED if a != "GptOssForCausalLM"])  # MXFP4: test_gpt_oss.py
 def test_layout_per_expert_keys(arch: str, models: dict[str, transformers.PreTrainedModel], tmp_path: Path) -> None:
     model = models[arch]
     written = write_checkpoint(model, tmp_path, tokenizer=False)
@@ -248,6 +248,9 @@ def test_state_dict_is_rounded_and_loads_strict(
     assert set(written.state_dict) == set(original)
     for key, value in written.state_dict.items():
         assert value.dtype == torch.float32 and value.shape == original[key].shape, key
+        if arch == "GptOssForCausalLM" and key.endswith(("experts.gate_up_proj", "experts.down_proj")):  # MXFP4
+            assert (value - original[key]).abs().max() <= original[key].abs().max() / 3, key
+            continue
         torch.testing.assert_close(value, original[key], rtol=2**-4, atol=1e-2)
     # Unquantized tensors are exactly the bf16-rounded originals; buffers are exact.
     for key in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):

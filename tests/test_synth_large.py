@@ -231,7 +231,9 @@ UNSKEWED_SHA256 = {
     ("MixtralForCausalLM", True): "fa50c8a9043e5f0e9b54c161ca50ed5a11aa506cefa8260cac0e710ac3ab79e5",
 }
 
-ROUTER_KEY = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.gate\.(weight|e_score_correction_bias)")
+ROUTER_KEY = re.compile(
+    r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.(?:gate|router)\.(weight|e_score_correction_bias)"
+)
 
 
 @pytest.mark.parametrize(("arch", "fp8"), list(UNSKEWED_SHA256))
@@ -251,7 +253,7 @@ def test_routing_skew_changes_one_router_tensor_per_layer(arch: str, tmp_path: P
     biased = ("DeepseekV3ForCausalLM", "DeepseekV32ForCausalLM", "Glm4MoeForCausalLM")  # a bias on the router
     lever = "e_score_correction_bias" if arch in biased else "weight"  # the bias moves selection only
     assert changed == {k for k in plain if (m := ROUTER_KEY.fullmatch(k)) and m[2] == lever}
-    every_layer = ("MixtralForCausalLM", "MiniMaxM2ForCausalLM", "Qwen3_5MoeForCausalLM")  # no dense layer
+    every_layer = ("MixtralForCausalLM", "MiniMaxM2ForCausalLM", "Qwen3_5MoeForCausalLM", "GptOssForCausalLM")
     assert len(changed) == (3 if arch in every_layer else 2)  # every MoE layer
     for key in changed:
         rank = expert_ranks(int(ROUTER_KEY.fullmatch(key)[1]), plain[key].shape[0])
@@ -281,6 +283,7 @@ EXPERTS = {  # config field of the routed expert count
     "MiniMaxM2ForCausalLM": "num_local_experts",
     "Qwen3_5MoeForCausalLM": "num_experts",
     "Qwen3NextForCausalLM": "num_experts",
+    "GptOssForCausalLM": "num_local_experts",
 }
 PROMPTS = [
     "The router picks",

@@ -1,8 +1,9 @@
 """Stream a checkpoint's tensors, one at a time, into the ops and modules of a placed model.
 
 Every check that can be made from the headers is made before the first weight is read: names
-(after the architecture's renames), shapes, dtypes, FP8 scales. Missing and unexpected tensors are
-errors; only the MTP layer of DeepSeek-V3 is skipped, explicitly.
+(after the architecture's renames), shapes, dtypes, FP8 scales, MXFP4 scales (gpt-oss's experts: each
+`*_blocks` tensor with its `*_scales`, both uint8, handed together to the op that owns them). Missing
+and unexpected tensors are errors; only the MTP layer of DeepSeek-V3 is skipped, explicitly.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from hetero_moe.ops.base import Op, assign_direct
 log = logging.getLogger(__name__)
 
 SCALE_SUFFIX = "_scale_inv"
+MXFP4_BLOCKS, MXFP4_SCALES = "_blocks", "_scales"
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -34,6 +36,7 @@ class _Item:
     rel: str
     device: torch.device
     scale: TensorInfo | None  # the FP8 block scale, if the tensor is FP8
+    mxfp4_scales: TensorInfo | None = None  # the e8m0 scales, if the tensor is MXFP4 blocks
 
 
 def load_weights(placed: PlacedModel, checkpoint: Checkpoint, progress: Progress | None = None) -> None:
@@ -49,7 +52,10 @@ def load_weights(placed: PlacedModel, checkpoint: Checkpoint, progress: Progress
     scales = {info.key: t for info, t in checkpoint.read([i.scale.key for i in items if i.scale is not None])}
     for info, tensor in checkpoint.read([i.info.key for i in items]):
         item = by_key[info.key]
-        if isinstance(item.owner, Op) and item.scale is not None:
+        if item.mxfp4_scales is not None:  # read beside its blocks: a model's scales are GBs
+            _, mx_scales = next(checkpoint.read([item.mxfp4_scales.key]))
+            item.owner.load_mxfp4(item.rel, tensor, mx_scales)
+        elif isinstance(item.owner, Op) and item.scale is not None:
             item.owner.load_fp8(item.rel, tensor, scales.pop(item.scale.key), block)
         elif isinstance(item.owner, Op):
             item.owner.load_weight(item.rel, tensor)
@@ -74,7 +80,7 @@ def _restore_cached(items: list[_Item]) -> list[_Item]:
             by_owner.setdefault(item.owner_name, []).append(item)
     restored = set()
     for name, owned in by_owner.items():
-        sources = [i.info for i in owned] + [i.scale for i in owned if i.scale is not None]
+        sources = [i.info for i in owned] + [s for i in owned for s in (i.scale, i.mxfp4_scales) if s is not None]
         if owned[0].owner.restore(name, sources):
             restored.add(name)
     if restored:
@@ -95,6 +101,8 @@ def _plan(placed: PlacedModel, checkpoint: Checkpoint) -> tuple[list[_Item], int
             if key[: -len(SCALE_SUFFIX)] not in checkpoint.tensors:
                 unexpected.append(info)
             continue
+        if key.endswith(MXFP4_SCALES) and key.removesuffix(MXFP4_SCALES) + MXFP4_BLOCKS in checkpoint.tensors:
+            continue  # goes with its blocks
         if arch.is_mtp(key, config):
             skipped += 1
             continue
@@ -108,6 +116,9 @@ def _plan(placed: PlacedModel, checkpoint: Checkpoint) -> tuple[list[_Item], int
                 f"{info.file}: tensor {key} has shape {list(info.shape)}, the model expects {list(shape)}"
             )
         scale = checkpoint.tensors.get(key + SCALE_SUFFIX)
+        if key.endswith(MXFP4_BLOCKS) and info.dtype == torch.uint8:
+            items.append(_mxfp4_item(checkpoint, info, owner_name, owner, rel, placed.placements[owner_name].device))
+            continue
         if info.dtype == torch.float8_e4m3fn:
             if scale is None:
                 raise CheckpointError(f"{info.file}: FP8 tensor {key} has no {key + SCALE_SUFFIX}")
@@ -138,6 +149,22 @@ def _plan(placed: PlacedModel, checkpoint: Checkpoint) -> tuple[list[_Item], int
                     f"{list(i.info.shape)} with block {list(block)} needs {list(fp8_scale_shape(i.info.shape, block))}"
                 )
     return items, skipped
+
+
+def _mxfp4_item(checkpoint: Checkpoint, info: TensorInfo, owner_name: str, owner: nn.Module, rel, device) -> _Item:
+    """MXFP4 blocks `[..., G, 16]` and their scales `[..., G]`, both uint8, for an op that takes them."""
+    key = info.key
+    scales = checkpoint.tensors.get(key.removesuffix(MXFP4_BLOCKS) + MXFP4_SCALES)
+    if scales is None:
+        raise CheckpointError(f"{info.file}: MXFP4 tensor {key} has no {key.removesuffix(MXFP4_BLOCKS)}{MXFP4_SCALES}")
+    if scales.dtype != torch.uint8 or scales.shape != info.shape[:-1]:
+        raise CheckpointError(
+            f"{scales.file}: {scales.key} is {scales.dtype} {list(scales.shape)}; the MXFP4 blocks "
+            f"{list(info.shape)} need uint8 scales {list(info.shape[:-1])}"
+        )
+    if not isinstance(owner, Op):
+        raise CheckpointError(f"{info.file}: {key} is MXFP4; only an op that takes MXFP4 loads it, not {owner_name}")
+    return _Item(info, owner_name, owner, rel, device, None, scales)
 
 
 def _block_size(placed: PlacedModel) -> tuple[int, int]:

@@ -1,5 +1,6 @@
 """Attention ops with a KV cache: multi-head latent attention (DeepSeek-V2/V3, Kimi-K2; DeepSeek-V3.2
-with its lightning indexer) and grouped-query attention (Qwen3-MoE, Mixtral, GLM-4.5, MiniMax-M2).
+with its lightning indexer) and grouped-query attention (Qwen3-MoE, Mixtral, GLM-4.5, MiniMax-M2, gpt-oss
+with its attention sinks and sliding-window layers).
 
 Tokens of one or several sequences arrive flattened as `[N, H]`; each `SeqSlice` says which rows
 of them belong to one sequence, the position of its first token, and which rows of the cache buffers
@@ -82,13 +83,22 @@ class GQACache(PagedRows):
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float, window: int | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    start: int,
+    scale: float,
+    window: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of `q [1, h, T, d]` (positions start..start+T-1) over `k, v [1, kv_h, L, d]`,
-    each kv head shared by `h // kv_h` query heads."""
+    each kv head shared by `h // kv_h` query heads; with `window`, each query sees its last `window` positions
+    (its own included); `sinks [h]` (gpt-oss) are one more logit per head in the softmax's denominator."""
     t, length = q.shape[2], k.shape[2]
     if t == 1 and q.device.type == "cpu":
-        return _decode_cpu(q, k, v, scale, window)
+        return _decode_cpu(q, k, v, scale, window, sinks)
+    if sinks is not None:
+        return _attend_sinks(q, k, v, start, scale, window, sinks)
     if window is None or length <= window:
         gqa = k.shape[1] != q.shape[1]
         if t == 1:
@@ -103,7 +113,9 @@ def attend(
     return F.scaled_dot_product_attention(q, _repeat(k, q), _repeat(v, q), attn_mask=mask, scale=scale)
 
 
-def _decode_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
+def _decode_cpu(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None, sinks: torch.Tensor | None
+) -> torch.Tensor:
     """One query per head on the CPU: each kv head's group of query heads in two matmuls, float32 (SDPA's
     grouped-query path is slow there)."""
     _, h, _, d = q.shape
@@ -111,8 +123,36 @@ def _decode_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     if window is not None:  # the last `window` positions, the query's own included
         k, v = k[:, :, -window:], v[:, :, -window:]
     scores = torch.matmul(q.float().view(kv, h // kv, d), k[0].float().transpose(1, 2)) * scale  # [kv, g, L]
-    out = torch.matmul(torch.softmax(scores, dim=-1), v[0].float())  # [kv, g, dv]
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        probs = _softmax_with_sinks(scores, sinks.float().view(kv, h // kv, 1))
+    out = torch.matmul(probs, v[0].float())  # [kv, g, dv]
     return out.view(1, h, 1, -1).to(q.dtype)
+
+
+def _softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """Softmax of `scores [..., L]` with one more logit per row, `sinks [..., 1]`, whose probability is dropped:
+    transformers' gpt-oss eager attention, step by step (the max subtracted before the softmax too)."""
+    logits = torch.cat((scores, sinks.expand(*scores.shape[:-1], 1).to(scores.dtype)), dim=-1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    return F.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1]
+
+
+def _attend_sinks(q, k, v, start: int, scale: float, window: int | None, sinks: torch.Tensor) -> torch.Tensor:
+    """`attend` with attention sinks, in matmuls: `[1, h, T, d]` queries, keys before the window dropped."""
+    t, length = q.shape[2], k.shape[2]
+    first = 0 if window is None else max(0, start - window + 1)  # earliest position any query sees
+    k, v = k[:, :, first:], v[:, :, first:]
+    q_pos = torch.arange(start, start + t, device=q.device)[:, None]
+    k_pos = torch.arange(first, length, device=q.device)[None, :]
+    mask = k_pos <= q_pos  # [T, L']
+    if window is not None:
+        mask &= q_pos - k_pos < window
+    scores = torch.matmul(q, _repeat(k, q).transpose(2, 3)) * scale  # [1, h, T, L']
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = _softmax_with_sinks(scores, sinks.view(1, -1, 1, 1))
+    return torch.matmul(probs.to(v.dtype), _repeat(v, q))
 
 
 def _repeat(kv: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -370,7 +410,8 @@ def _index(rows) -> torch.Tensor:
 class GQAAttention(Op):
     """Grouped-query attention with rotary embeddings (partial in GLM-4.5, MiniMax-M2 and Qwen3.5) and, where
     the model has them, q/k RMSNorm and an output gate (Qwen3.5-MoE, Qwen3-Next: q_proj makes each head's
-    query and gate, and the output is multiplied by the gate's sigmoid)."""
+    query and gate, and the output is multiplied by the gate's sigmoid). gpt-oss: a learned logit per head (the
+    sink) in every softmax's denominator, and a sliding window on every other layer (each module's own)."""
 
     def __init__(self, hf: nn.Module, ctx: BuildContext, kwargs: AttentionKwargs | None = None) -> None:
         super().__init__(ctx.device)
@@ -381,7 +422,9 @@ class GQAAttention(Op):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.scaling = hf.scaling
-        self.window = getattr(hf, "sliding_window", None) or getattr(config, "sliding_window", None)
+        # per layer where the module says (gpt-oss alternates sliding and full layers), else the model's
+        self.window = hf.sliding_window if hasattr(hf, "sliding_window") else getattr(config, "sliding_window", None)
+        self.sinks = hf.sinks if hasattr(hf, "sinks") else None  # [h] (gpt-oss), a parameter of this op
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = hf.q_proj, hf.k_proj, hf.v_proj, hf.o_proj
         self.output_gate = hf.q_proj.weight.shape[0] == 2 * self.num_heads * self.head_dim
         # QK norm: per head (Qwen3-MoE, GLM-4.5) or over all heads at once (MiniMax-M2), as wide as its weight
@@ -421,7 +464,7 @@ class GQAAttention(Op):
             cache.k[:, :, s.new_rows] = k[:, :, s.tokens]
             cache.v[:, :, s.new_rows] = v[:, :, s.tokens]
             keys, values = cache.k[:, :, s.all_rows], cache.v[:, :, s.all_rows]  # [1, kv_h, L, d]
-            out = attend(q[:, :, s.tokens], keys, values, s.start, self.scaling, self.window)
+            out = attend(q[:, :, s.tokens], keys, values, s.start, self.scaling, self.window, self.sinks)
             outs.append(out.transpose(1, 2).reshape(s.count, -1))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return self.o_proj(out * torch.sigmoid(gate) if self.output_gate else out)

@@ -113,6 +113,11 @@ class Op(nn.Module):
         """An FP8 checkpoint tensor with its block scales; ops that keep FP8 override this."""
         self.load_weight(key, dequantize_fp8_blocks(weight, scale_inv, block))
 
+    def load_mxfp4(self, key: str, blocks: torch.Tensor, scales: torch.Tensor) -> None:
+        """An MXFP4 checkpoint tensor (`key` ends in `_blocks`) with its e8m0 scales; ops that take MXFP4 (the
+        routed experts of gpt-oss) override this."""
+        raise ValueError(f"{type(self).__name__} cannot take MXFP4 tensors ({key})")
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for _, t in direct_tensors(self))
 

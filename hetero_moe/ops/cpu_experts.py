@@ -1,12 +1,13 @@
 """Routed experts on the CPU, quantized, run by the Numba kernels in `kernels/numba/`.
 
-The format (`quant: int4 | int8 | fp8 | bf16`) is a type chosen once at construction; it owns the weight
+The format (`quant: int4 | int8 | fp8 | bf16 | mxfp4`) is a type chosen once at construction; it owns the weight
 arrays, converts checkpoint tensors into them at load and launches its kernels (INT4 and INT8: integer
 dot products with int8 activations, on the instruction set chosen at load). Experts that come from a
 GGUF file as Q4_0 or Q8_0 blocks run in those (`BlockFormat`, set by `use_blocks` before loading). Per call the
 (token, expert) pairs are grouped by expert so each selected expert's weights are streamed from
 memory once; experts that receive many tokens (prefill) are dequantized and multiplied by torch
-instead, above a crossover measured at load.
+instead, above a crossover measured at load. gpt-oss's experts (MXFP4 with biases and a clamped SwiGLU)
+run in `mxfp4`, the release's own bytes, and only in it.
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetero_moe.kernels.ggml_blocks import REPACK
+from hetero_moe.kernels.mxfp4 import BLOCK, check_shapes, dequantize_mxfp4
 from hetero_moe.kernels.numba import bf16 as bf16_kernels
 from hetero_moe.kernels.numba import fp8 as fp8_kernels
+from hetero_moe.kernels.numba import mxfp4 as mxfp4_kernels
 from hetero_moe.kernels.numba.common import combine, group_by_expert
 from hetero_moe.kernels.numba.int4 import SCALE_BF16, SCALE_FP16
 from hetero_moe.kernels.numba.int8dot import Kernels, quantize_int8_fast, select_backend
 from hetero_moe.kernels.numba.quantize import quantize_int4_fast
+from hetero_moe.kernels.numba.simd import choose_isa
 from hetero_moe.kernels.quant import (
     INT4_SCALE_DTYPES,
     check_int4_settings,
@@ -40,14 +44,21 @@ from hetero_moe.kernels.quant import (
     quantize_fp8_blocks,
 )
 from hetero_moe.ops.base import BuildContext, ConvertedEntry, Op
-from hetero_moe.ops.experts import expert_checkpoint_keys, parse_expert_key
+from hetero_moe.ops.experts import (
+    GptOssStyle,
+    expert_checkpoint_keys,
+    expert_dims,
+    expert_style,
+    parse_expert_key,
+    split_gate_up,
+)
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class CPUExpertsKwargs:
-    quant: str = "int4"  # int4 | int8 | fp8 | bf16
+    quant: str = "int4"  # int4 | int8 | fp8 | bf16 | mxfp4 (gpt-oss's release format, its experts only)
     group_size: int = 64  # int4, int8: 32, 64 or 128 along the input dimension
     scale_dtype: str = "bf16"  # int4, int8 scales: bf16 or fp16
     fp8_block: int = 128  # fp8 from a non-FP8 checkpoint: square block size
@@ -286,7 +297,75 @@ class BF16Format:
         return y
 
 
-FORMATS = {"int4": GroupFormat, "int8": GroupFormat, "fp8": FP8Format, "bf16": BF16Format}
+class Mxfp4Format:
+    """gpt-oss's MXFP4 experts kept as its release stores them (`kernels/numba/mxfp4.py`): the checkpoint's
+    code bytes `w13 [E, 2I, H / 2]`, `w2 [E, H, I / 2]` and e8m0 scales `s13 [E, 2I, H / 32]`, `s2 [E, H, I / 32]`
+    (gate and up rows interleaved), float32 biases `b13 [E, 2I]`, `b2 [E, H]`; integer dot products with int8
+    activations, then the biases and the clamped SwiGLU."""
+
+    def __init__(self, e: int, inter: int, hidden: int, kw: CPUExpertsKwargs, style: GptOssStyle) -> None:
+        if inter % BLOCK or hidden % BLOCK:
+            raise ValueError(f"MXFP4 experts need hidden and intermediate sizes that are multiples of {BLOCK}")
+        self.e, self.inter, self.hidden = e, inter, hidden
+        self.alpha, self.limit = np.float32(style.alpha), np.float32(style.limit)
+        self.kernels: mxfp4_kernels.Kernels | None = None  # bound at finalize
+
+    def nbytes(self) -> int:
+        codes = 3 * self.inter * self.hidden
+        return self.e * (codes // 2 + codes // BLOCK + 4 * (2 * self.inter + self.hidden))
+
+    def allocate(self) -> None:
+        e, i, h = self.e, self.inter, self.hidden
+        self.w13, self.w2 = np.empty((e, 2 * i, h // 2), np.uint8), np.empty((e, h, i // 2), np.uint8)
+        self.s13, self.s2 = np.empty((e, 2 * i, h // BLOCK), np.uint8), np.empty((e, h, i // BLOCK), np.uint8)
+        self.b13, self.b2 = np.empty((e, 2 * i), np.float32), np.empty((e, h), np.float32)
+
+    def store(self, expert: int, proj: int, w: torch.Tensor) -> None:
+        raise ValueError("mxfp4 experts take the checkpoint's MXFP4 blocks, not float weights")
+
+    def store_fp8(self, expert: int, proj: int, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> None:
+        raise ValueError("mxfp4 experts take the checkpoint's MXFP4 blocks, not FP8 weights")
+
+    def store_mxfp4(self, key: str, blocks: torch.Tensor, scales: torch.Tensor) -> None:
+        """`gate_up_proj_blocks [E, 2I, H / 32, 16]` or `down_proj_blocks [E, H, I / 32, 16]`, and scales."""
+        check_shapes(blocks, scales)
+        codes, bits = (self.w13, self.s13) if key == "gate_up_proj_blocks" else (self.w2, self.s2)
+        codes[:] = blocks.reshape(codes.shape).numpy()
+        bits[:] = scales.numpy()
+
+    def store_bias(self, key: str, bias: torch.Tensor) -> None:
+        (self.b13 if key == "gate_up_proj_bias" else self.b2)[:] = bias.float().numpy()
+
+    def dequantize(self, expert: int, proj: int) -> torch.Tensor:
+        """float32 `[O, in]`: gate (0), up (1) or down (2) of one expert."""
+        if proj == 2:
+            codes, bits = self.w2[expert], self.s2[expert]
+        else:
+            codes, bits = self.w13[expert, proj::2], self.s13[expert, proj::2]
+        blocks = torch.from_numpy(np.ascontiguousarray(codes)).view(codes.shape[0], -1, BLOCK // 2)
+        return dequantize_mxfp4(blocks, torch.from_numpy(np.ascontiguousarray(bits)))
+
+    def biases(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[2I]` gate then up, `[H]`, float32."""
+        b13 = split_gate_up(torch.from_numpy(self.b13[expert : expert + 1]))[0]
+        return b13, torch.from_numpy(self.b2[expert])
+
+    def bind(self, isa: str | None) -> None:
+        self.kernels = mxfp4_kernels.kernels(choose_isa(isa))
+
+    def run(self, x: np.ndarray, pairs: Pairs, rows: int) -> np.ndarray:
+        k = self.kernels
+        h = np.empty((len(pairs.token), self.inter), np.float32)
+        k.gate_up(
+            k.activations(x), pairs.token, pairs.seg, pairs.expert, self.w13, self.s13, self.b13, self.alpha,
+            self.limit, rows, h,
+        )  # fmt: skip
+        y = np.empty((len(pairs.token), self.hidden), np.float32)
+        k.down(k.activations(h), pairs.seg, pairs.expert, self.w2, self.s2, self.b2, rows, y)
+        return y
+
+
+FORMATS = {"int4": GroupFormat, "int8": GroupFormat, "fp8": FP8Format, "bf16": BF16Format, "mxfp4": Mxfp4Format}
 # Measured crossovers per (kwargs, shape, threads) in this process: a memo of measurements, filled at load.
 _CROSSOVERS: dict[tuple, int] = {}
 ROWS_PER_TASK = 32  # rows of one expert per parallel task (fewer, larger tasks measured faster on Zen 5 at 1 token)
@@ -302,10 +381,26 @@ class CPUExperts(Op):
         super().__init__(ctx.device)
         if ctx.device.type != "cpu":
             raise ValueError(f"cpu_experts runs on the CPU; the rule places it on {ctx.device}")
-        e, two_i, h = hf.gate_up_proj.shape
-        self.num_experts, self.inter, self.hidden = e, two_i // 2, h
+        e, self.inter, h = expert_dims(hf)
+        self.num_experts, self.hidden = e, h
         self.kwargs = kwargs
-        self.format = FORMATS[kwargs.quant](e, self.inter, h, kwargs)
+        self.style = expert_style(hf)
+        if self.style is not None:
+            if kwargs.quant != "mxfp4":
+                raise ValueError(
+                    f"{type(hf).__name__} (MXFP4 with biases and a clamped SwiGLU) runs on the CPU kernels in "
+                    f"quant mxfp4, its release's own format, not {kwargs.quant}; or use op experts (float)"
+                )
+            if kwargs.pinned:
+                raise ValueError(f"pinned experts are not supported for {type(hf).__name__}")
+            self.format = Mxfp4Format(e, self.inter, h, kwargs, self.style)
+        elif kwargs.quant == "mxfp4":
+            raise ValueError(
+                f"quant mxfp4 runs gpt-oss's MXFP4 experts as its release stores them; {type(hf).__name__} "
+                f"experts take int4, int8, fp8 or bf16"
+            )
+        else:
+            self.format = FORMATS[kwargs.quant](e, self.inter, h, kwargs)
         self.threads = ctx.cpu_threads
         self.isa = ctx.services.cpu_isa
         self.torch_min_tokens = kwargs.torch_min_tokens
@@ -331,6 +426,8 @@ class CPUExperts(Op):
         return f"experts={self.num_experts}, hidden={self.hidden}, inter={self.inter}, quant={quant}"
 
     def checkpoint_keys(self) -> dict[str, torch.Size]:
+        if self.style is not None:
+            return self.style.checkpoint_keys(self.num_experts, self.inter, self.hidden)
         return expert_checkpoint_keys(self.num_experts, self.inter, self.hidden)
 
     def nbytes(self) -> int:
@@ -346,14 +443,27 @@ class CPUExperts(Op):
             out[str(self.pinned_device)] = out.get(str(self.pinned_device), 0) + pinned
         return out
 
-    def _target(self, key: str) -> tuple[int, int]:
+    def _allocate(self) -> None:
         if not self.allocated:
             self.format.allocate()
             self.allocated = True
+
+    def _target(self, key: str) -> tuple[int, int]:
+        self._allocate()
         return parse_expert_key(key)
 
     def load_weight(self, key: str, tensor: torch.Tensor) -> None:
+        if self.style is not None:  # the biases; the matrices come as MXFP4 (`load_mxfp4`)
+            self._allocate()
+            self.format.store_bias(key, tensor)
+            return
         self.format.store(*self._target(key), tensor)
+
+    def load_mxfp4(self, key: str, blocks: torch.Tensor, scales: torch.Tensor) -> None:
+        if self.style is None:
+            raise ValueError(f"{key}: these experts take float weights, not MXFP4 blocks")
+        self._allocate()
+        self.format.store_mxfp4(key, blocks, scales)
 
     @property
     def block_type(self) -> str | None:
@@ -439,7 +549,11 @@ class CPUExperts(Op):
     def _torch_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate = F.linear(x, self.format.dequantize(e, 0).to(x.dtype))
         up = F.linear(x, self.format.dequantize(e, 1).to(x.dtype))
-        return F.linear(F.silu(gate) * up, self.format.dequantize(e, 2).to(x.dtype))
+        if self.style is None:
+            return F.linear(F.silu(gate) * up, self.format.dequantize(e, 2).to(x.dtype))
+        b13, b2 = self.format.biases(e)
+        gate, up = gate + b13[: self.inter].to(x.dtype), up + b13[self.inter :].to(x.dtype)
+        return F.linear(self.style.activation(gate, up), self.format.dequantize(e, 2).to(x.dtype)) + b2.to(x.dtype)
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """`x [T, H]`, `index [T, k]`, `weights [T, k]` -> `sum_j weights[t, j] * expert_{index[t, j]}(x[t])`

@@ -28,7 +28,7 @@ class MoEBlock(Op):
 
     def __init__(self, hf: nn.Module, ctx: BuildContext) -> None:
         super().__init__(ctx.device)
-        self.gate = hf.gate
+        self.gate = hf.gate if hasattr(hf, "gate") else hf.router  # gpt-oss's `router`, renamed (arch.py)
         self.experts = hf.experts
         # the shared experts under the checkpoint's name: `shared_experts`, or Qwen's one `shared_expert`
         self.shared_name = "shared_expert" if getattr(hf, "shared_expert", None) is not None else "shared_experts"
@@ -215,6 +215,20 @@ class QwenRouter(Router):
         if self.norm_topk_prob:
             weights /= weights.sum(dim=-1, keepdim=True)
         return weights.to(logits.dtype), index
+
+
+class TopkSoftmaxRouter(Router):
+    """Top-k of the logits first, then the softmax over the chosen ones only, all in the activation dtype; the
+    router's linear has a bias (gpt-oss)."""
+
+    def __init__(self, hf: nn.Module, ctx: BuildContext) -> None:
+        super().__init__(hf, ctx)
+        self.bias = nn.Parameter(torch.empty(self.num_experts, dtype=ctx.dtype, device="meta"), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.weight, self.bias)  # [T, E]
+        top, index = torch.topk(logits, self.top_k, dim=-1)
+        return F.softmax(top, dim=1, dtype=top.dtype), index
 
 
 class MixtralRouter(Router):

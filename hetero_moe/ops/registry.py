@@ -20,7 +20,15 @@ from hetero_moe.ops.experts import TorchExperts
 from hetero_moe.ops.linear import LinearKwargs, QuantLinear
 from hetero_moe.ops.linear_attention import GatedDeltaNet
 from hetero_moe.ops.mlp import GatedMLP, MLPKwargs
-from hetero_moe.ops.moe import SIGMOID_ROUTING, DeepseekV2Router, MixtralRouter, MoEBlock, QwenRouter, SigmoidRouter
+from hetero_moe.ops.moe import (
+    SIGMOID_ROUTING,
+    DeepseekV2Router,
+    MixtralRouter,
+    MoEBlock,
+    QwenRouter,
+    SigmoidRouter,
+    TopkSoftmaxRouter,
+)
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,7 @@ OPS: Mapping[str, OpSpec] = {
                 "MixtralAttention": GQAAttention,
                 "Glm4MoeAttention": GQAAttention,
                 "MiniMaxM2Attention": GQAAttention,
+                "GptOssAttention": GQAAttention,
                 "Qwen3_5MoeAttention": GQAAttention,
                 "Qwen3NextAttention": GQAAttention,
             },
@@ -77,6 +86,7 @@ OPS: Mapping[str, OpSpec] = {
                 "MixtralSparseMoeBlock": MoEBlock,
                 "Glm4MoeMoE": MoEBlock,
                 "MiniMaxM2SparseMoeBlock": MoEBlock,
+                "GptOssMLP": MoEBlock,
                 "Qwen3_5MoeSparseMoeBlock": MoEBlock,
                 "Qwen3NextSparseMoeBlock": MoEBlock,
             },
@@ -91,6 +101,7 @@ OPS: Mapping[str, OpSpec] = {
                 "Qwen3_5MoeTopKRouter": QwenRouter,
                 "Qwen3NextTopKRouter": QwenRouter,
                 "MixtralTopKRouter": MixtralRouter,
+                "GptOssTopKRouter": TopkSoftmaxRouter,
             },
         ),
         OpSpec(
@@ -104,13 +115,14 @@ OPS: Mapping[str, OpSpec] = {
                 "MixtralExperts": TorchExperts,
                 "Glm4MoeExperts": TorchExperts,
                 "MiniMaxM2Experts": TorchExperts,
+                "GptOssExperts": TorchExperts,
                 "Qwen3_5MoeExperts": TorchExperts,
                 "Qwen3NextExperts": TorchExperts,
             },
         ),
         OpSpec(
             "cpu_experts",
-            "routed experts on the CPU, quantized (quant: int4 | fp8 | bf16), Numba kernels",
+            "routed experts on the CPU, quantized (quant: int4 | int8 | fp8 | bf16 | mxfp4), Numba kernels",
             {
                 "DeepseekV3Experts": CPUExperts,
                 "DeepseekV32Experts": CPUExperts,
@@ -119,6 +131,7 @@ OPS: Mapping[str, OpSpec] = {
                 "MixtralExperts": CPUExperts,
                 "Glm4MoeExperts": CPUExperts,
                 "MiniMaxM2Experts": CPUExperts,
+                "GptOssExperts": CPUExperts,
                 "Qwen3_5MoeExperts": CPUExperts,
                 "Qwen3NextExperts": CPUExperts,
             },

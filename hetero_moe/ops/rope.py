@@ -1,4 +1,4 @@
-"""Rotary position embeddings in the three layouts the supported models use.
+"""Rotary position embeddings in the four layouts the supported models use.
 
 Each is built once per forward from the model's rotary module output and applied to `[1, h, T, d]`
 query or key tensors; the arithmetic follows transformers' functions exactly.
@@ -33,6 +33,20 @@ class HalfRope:
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return (x * cos) + (rotated * sin)
+
+
+@dataclass(frozen=True)
+class SplitHalfRope:
+    """gpt-oss's layout: the halves pair up as in Llama's, but the rotary module gives each frequency once
+    (cos and sin `[1, T, d / 2]`): `(x1 cos - x2 sin, x2 cos + x1 sin)`."""
+
+    cos: torch.Tensor  # [1, T, d / 2]
+    sin: torch.Tensor
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.cos.unsqueeze(1), self.sin.unsqueeze(1)
+        first, second = torch.chunk(x, 2, dim=-1)
+        return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ Values (honest enough for benchmarks, not a trained model):
 - FP8 weights: e4m3 codes from the pool at std 100, clamped to +-448 (a block's largest code is then
   about 430, close to the 448 a real block quantizer gives, and a NaN code 0x7F/0xFF never occurs),
   with every ``weight_scale_inv`` block equal to std/100, so dequantized values match the bf16 case.
+- MXFP4 experts (gpt-oss): code bytes from the pool's bytes (every e2m1 code, about 2.9 std), every
+  e8m0 scale the power of two nearest std/2.9.
 - Routing skew (``routing_skew`` s > 0; s = 0 writes exactly the values above). Random routers spread
   tokens near uniformly over the experts; real ones prefer some, which pinning the busiest experts on a
   GPU exploits. Each MoE layer ranks its routed experts in an order hashed from the seed and the layer
@@ -79,11 +81,12 @@ _POOL_MIN = 1 << 16
 _EMBED_STD = 1.0
 _BIAS_STD = 0.02
 _FP8_STD = 100.0  # of the e4m3 codes, in quantized units
+_E2M1_STD = 2.9  # of e2m1 values from uniform random nibbles (the root mean square of 0, 0.5, .. 6)
 _CONSTANT_CHUNK = 1 << 20  # elements of a constant tensor written per call
 _SKEW_BIAS = 0.1  # routing_skew's correction bias per unit of s * ln(1 + rank)
 
-# A router tensor, by transformers key: the weight [E, H] and DeepSeek-V3's correction bias [E].
-_ROUTER_KEY = re.compile(r"^model\.layers\.\d+\.mlp\.gate\.(weight|e_score_correction_bias)$")
+# A router tensor, by transformers key: the weight [E, H] and DeepSeek-V3's correction bias [E] (gpt-oss: router).
+_ROUTER_KEY = re.compile(r"^model\.layers\.\d+\.mlp\.(?:gate|router)\.(weight|e_score_correction_bias)$")
 _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 
 # The synthetic tokenizer's special tokens, by config field.
@@ -94,6 +97,7 @@ _SAFETENSORS_DTYPES = {
     torch.float16: "F16",
     torch.bfloat16: "BF16",
     torch.float8_e4m3fn: "F8_E4M3",
+    torch.uint8: "U8",
 }
 
 
@@ -102,6 +106,7 @@ class Fill(enum.Enum):
 
     RANDOM = "random"  # pool values times ``value`` (the std), in the tensor's dtype
     FP8 = "fp8"  # e4m3 codes from the pool; the scales are a separate CONSTANT tensor
+    BYTES = "bytes"  # the pool's own bytes (MXFP4 codes); the scales are a separate CONSTANT tensor
     CONSTANT = "constant"  # every element ``value``
     # routing_skew (see the module docstring); r is an expert's rank in its layer (``expert_ranks``)
     SKEWED_ROWS = "skewed_rows"  # RANDOM, then the row of the expert of rank r times (1 + r) ** -skew
@@ -202,6 +207,15 @@ def _plan_groups(
     groups: list[tuple[PlannedTensor, ...]] = []
     for entry in entries:
         skew = routing_skew if routers.get(entry.source) == lever else 0.0
+        if entry.mxfp4:  # [E, out, in] as blocks [E, out, in / 32, 16] and e8m0 scales [E, out, in / 32]
+            *rows, cols = entry.shape
+            exponent = round(math.log2(1.0 / math.sqrt(cols) / _E2M1_STD))
+            blocks = PlannedTensor(f"{entry.name}_blocks", torch.uint8, (*rows, cols // 32, 16), Fill.BYTES, 0.0)
+            scales = PlannedTensor(
+                f"{entry.name}_scales", torch.uint8, (*rows, cols // 32), Fill.CONSTANT, 127 + exponent
+            )
+            groups.append((blocks, scales))
+            continue
         if entry.role is synth.Role.MATRIX:
             std = 1.0 / math.sqrt(entry.shape[-1])  # [out, in]
             if skew:  # a router weight [E, H]: never a Linear, so never FP8
@@ -302,6 +316,8 @@ class _Pool:
         if key not in self._bytes:
             if tensor.fill is Fill.FP8:
                 codes = (self._normal * _FP8_STD).clamp_(-synth.FP8_MAX, synth.FP8_MAX).to(torch.float8_e4m3fn)
+            elif tensor.fill is Fill.BYTES:  # a byte of each value's mantissa: near-uniform bytes
+                codes = self._normal.view(torch.uint8)[1::4].contiguous()
             else:
                 codes = (self._normal * tensor.value).to(tensor.dtype)
             self._bytes[key] = codes.view(torch.uint8).numpy()

@@ -4,7 +4,8 @@ No model weights can be downloaded, so tests, the built-in demo model and benchm
 real-size) models built from transformers' own config classes with deterministic random weights, and
 write them the way the real releases are laid out: per-expert safetensors keys (Mixtral's legacy
 ``block_sparse_moe.experts.E.w1`` names), optional shards with an index, FP8 e4m3 weights with
-block-wise ``weight_scale_inv`` (the DeepSeek-V3 release format), a ``config.json`` and an offline
+block-wise ``weight_scale_inv`` (the DeepSeek-V3 release format), gpt-oss's stacked MXFP4 experts
+(``gate_up_proj_blocks`` and ``_scales``), a ``config.json`` and an offline
 byte-level BPE tokenizer with a chat template mirroring each architecture's (tool calls included).
 
 ``write_checkpoint`` also returns the transformers-layout state dict a correct loader must produce
@@ -31,6 +32,8 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from torch import nn
 
+from hetero_moe.kernels.mxfp4 import quantize_mxfp4
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED = (
@@ -41,6 +44,7 @@ SUPPORTED = (
     "DeepseekV32ForCausalLM",
     "Glm4MoeForCausalLM",
     "MiniMaxM2ForCausalLM",
+    "GptOssForCausalLM",
     "Qwen3_5MoeForCausalLM",
     "Qwen3NextForCausalLM",
 )
@@ -229,9 +233,11 @@ CHAT_FORMATS = {
     "DeepseekV3ForCausalLM": _DEEPSEEK_V3_CHAT,
     "DeepseekV32ForCausalLM": _DEEPSEEK_V3_CHAT,
     "DeepseekV2ForCausalLM": ChatFormat(PLAIN_CHAT_TEMPLATE),
-    # GLM-4.5 and MiniMax-M2: plain turns; their own templates and tool-call formats are not built here
+    # GLM-4.5, MiniMax-M2 and gpt-oss: plain turns; their own templates (gpt-oss's harmony) and tool-call
+    # formats are not built here
     "Glm4MoeForCausalLM": ChatFormat(PLAIN_CHAT_TEMPLATE),
     "MiniMaxM2ForCausalLM": ChatFormat(PLAIN_CHAT_TEMPLATE),
+    "GptOssForCausalLM": ChatFormat(PLAIN_CHAT_TEMPLATE),
     "Qwen3MoeForCausalLM": _QWEN3_CHAT,
     "Qwen3_5MoeForCausalLM": _QWEN3_CHAT,
     "Qwen3NextForCausalLM": _QWEN3_CHAT,
@@ -463,6 +469,35 @@ _TINY: dict[str, tuple[type[transformers.PreTrainedConfig], dict[str, Any]]] = {
             "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "partial_rotary_factor": 0.5},
         },
     ),
+    # gpt-oss: attention sinks, sliding-window layers between full ones (a window of 6, shorter than the test
+    # prompts), q/k/v/o biases, top-k-then-softmax routing with a bias, MXFP4 experts (sizes multiples of 32:
+    # 3 and 5 blocks) with biases and the clamped SwiGLU (limit 2, which this model's activations reach), YaRN.
+    "GptOssForCausalLM": (
+        transformers.GptOssConfig,
+        {
+            "vocab_size": 409,
+            "hidden_size": 96,
+            "intermediate_size": 160,
+            "num_attention_heads": 6,
+            "num_key_value_heads": 2,
+            "head_dim": 20,
+            "num_local_experts": 6,
+            "num_experts_per_tok": 2,
+            "sliding_window": 6,
+            "swiglu_limit": 2.0,
+            "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 32 * 64,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "factor": 32.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 64,
+                "rope_theta": 150000.0,
+            },
+        },
+    ),
     # Qwen3.5-MoE: linear attention (Gated DeltaNet: 2 key heads, 3 value heads each, a 4-wide causal conv)
     # around a full-attention layer (output gate, QK norm, a quarter of the head dim rotates), softmax router,
     # one shared expert behind a sigmoid gate, every layer MoE.
@@ -519,9 +554,24 @@ def random_model(config: transformers.PreTrainedConfig, seed: int = 0) -> transf
     config = copy.deepcopy(config)  # _from_config writes dtype and attn implementation into it
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = model_cls._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        model = model_cls._from_config(config, attn_implementation=_ATTENTION.get(arch, "sdpa"), dtype=torch.float32)
     _randomize(model, torch.Generator().manual_seed(seed))
     return model.eval()
+
+
+# transformers' attention for the reference models: SDPA, or eager where SDPA lacks the model's math (sinks)
+_ATTENTION = {"GptOssForCausalLM": "eager"}
+# Releases whose routed experts are stacked MXFP4 blocks with their scales (gpt-oss), not per-expert floats
+_MXFP4_RELEASES = ("GptOssForCausalLM",)
+_MXFP4_QUANTIZATION = {  # gpt-oss's config.json
+    "modules_to_not_convert": [
+        "model.layers.*.self_attn",
+        "model.layers.*.mlp.router",
+        "model.embed_tokens",
+        "lm_head",
+    ],
+    "quant_method": "mxfp4",
+}
 
 
 def _architecture(config: transformers.PreTrainedConfig) -> str:
@@ -566,6 +616,13 @@ def tensor_roles(model: nn.Module) -> dict[str, Role]:
 def _randomize(model: nn.Module, generator: torch.Generator) -> None:
     """Overwrite every parameter and persistent buffer, in state-dict order."""
     roles = tensor_roles(model)
+    # experts transformers keeps as [E, in, out] (gpt-oss): their fan-in is the middle dim
+    transposed = {
+        f"{name}.{proj}"
+        for name, m in model.named_modules()
+        if getattr(m, "is_transposed", False)
+        for proj in ("gate_up_proj", "down_proj")
+    }
     seen: set[int] = set()
     for name, tensor in model.state_dict().items():
         if tensor.data_ptr() in seen:  # tied weights: initialise once
@@ -579,7 +636,7 @@ def _randomize(model: nn.Module, generator: torch.Generator) -> None:
             value = _EMBED_STD * noise
         elif role is Role.MATRIX:
             # [out, in] or fused experts [E, out, in]: fan-in is the last dim
-            value = _LINEAR_GAIN / math.sqrt(tensor.shape[-1]) * noise
+            value = _LINEAR_GAIN / math.sqrt(tensor.shape[-2 if name in transposed else -1]) * noise
         else:
             value = _VECTOR_STD * noise
         tensor.copy_(value)
@@ -640,10 +697,13 @@ class DiskEntry:
     role: Role
     quantizable: bool  # a Linear weight inside the decoder layers: FP8 in the DeepSeek-V3 release
     keep_fp32: bool  # persistent buffers such as e_score_correction_bias stay float32 on disk
+    mxfp4: bool = False  # stacked experts [E, out, in] in MXFP4: ``{name}_blocks`` and ``{name}_scales`` (gpt-oss)
 
     def take(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """This tensor's values, a view of the transformers state dict ``state``."""
         value = state[self.source]
+        if self.mxfp4:  # transformers keeps these [E, in, out]
+            value = value.transpose(1, 2)
         if self.expert is not None:
             value = value[self.expert]
         if self.rows is not None:
@@ -688,7 +748,14 @@ def write_checkpoint(
     loaded: dict[str, torch.Tensor] = {}  # disk name -> what a loader must produce, float32
     for entry in entries:
         value = entry.take(state).detach().to(torch.float32).contiguous()
-        if fp8 and entry.quantizable:
+        if entry.mxfp4:
+            from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+            blocks, scales = quantize_mxfp4(value)
+            groups.append({f"{entry.name}_blocks": blocks, f"{entry.name}_scales": scales})
+            # transformers' own dequantization, in its [E, in, out] layout
+            loaded[entry.name] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+        elif fp8 and entry.quantizable:
             q, scale_inv = _quantize_fp8_blockwise(value, block_size)
             groups.append({entry.name: q, f"{entry.name}{SCALE_SUFFIX}": scale_inv})
             loaded[entry.name] = dequantize_fp8_reference(q, scale_inv, block_size)
@@ -746,11 +813,15 @@ def disk_layout(model: nn.Module, naming: ExpertNaming) -> list[DiskEntry]:
     roles = tensor_roles(model)
     state = model.state_dict()  # persistent tensors only: rotary inv_freq is not in it
     tied = getattr(model.config, "tie_word_embeddings", False)
+    mxfp4 = _architecture(model.config) in _MXFP4_RELEASES
     entries: list[DiskEntry] = []
     for key, value in state.items():
         if tied and key == "lm_head.weight":
             continue
-        if key.endswith(".experts.gate_up_proj"):
+        if mxfp4 and key.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            shape = (value.shape[0], value.shape[2], value.shape[1])  # [E, out, in]
+            entries.append(DiskEntry(_disk_name(key, naming), key, None, None, shape, Role.MATRIX, False, False, True))
+        elif key.endswith(".experts.gate_up_proj"):
             # [E, 2I, H]: gate rows first, then up
             layer = _layer_prefix(key)
             n_experts, two_inter, hidden = value.shape
@@ -792,8 +863,11 @@ def _assemble_state_dict(
     """Back from disk names to the transformers layout, fusing experts again."""
     state = model.state_dict()
     result: dict[str, torch.Tensor] = {}
+    mxfp4 = _architecture(model.config) in _MXFP4_RELEASES
     for key, value in state.items():
-        if key.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+        if mxfp4 and key.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            result[key] = loaded[_disk_name(key, naming)]
+        elif key.endswith((".experts.gate_up_proj", ".experts.down_proj")):
             layer = _layer_prefix(key)
             per_expert = [_expert_names(layer, naming, e) for e in range(value.shape[0])]
             if key.endswith("gate_up_proj"):
@@ -915,6 +989,8 @@ def write_config(
         data["model_type"] = model_type
     data["dtype"] = _DTYPE_NAMES[dtype]  # the model object is float32; the files are not
     data.pop("quantization_config", None)
+    if _architecture(config) in _MXFP4_RELEASES:
+        data["quantization_config"] = copy.deepcopy(_MXFP4_QUANTIZATION)
     if fp8_block is not None:
         data["quantization_config"] = {
             "activation_scheme": "dynamic",

@@ -4,7 +4,8 @@
    lm_head, and the KV cache for `max_context` tokens) goes there in the most precise form that fits:
    the model's dtype, else FP8 linears (on a GPU with FP8 tensor cores), else INT4 linears with INT4
    lm_head and the embedding in DRAM. Without a GPU everything stays in DRAM.
-2. The routed experts go to DRAM in INT4 (or `experts_quant`), and must fit there.
+2. The routed experts go to DRAM in INT4 (or `experts_quant`; gpt-oss's in its release's MXFP4, the only
+   format their kernels take), and must fit there.
 3. With a routing profile (`hetero-moe profile`), the most-routed experts are pinned on the GPU, in
    the compute dtype, with the GPU memory left over.
 
@@ -29,6 +30,7 @@ from hetero_moe.loader.gguf_file import GGUFFile, is_gguf
 from hetero_moe.loader.gguf_load import use_gguf_blocks
 from hetero_moe.loader.gguf_model import gguf_config
 from hetero_moe.ops.cpu_experts import CPUExperts
+from hetero_moe.ops.experts import MXFP4_EXPERTS
 from hetero_moe.ops.moe import MoEBlock
 from hetero_moe.ops.registry import OPS
 from hetero_moe.settings import available_memory
@@ -103,6 +105,9 @@ def plan(
     has_mlp = any(c in OPS["mlp"].impls for c in classes)
     linear = any(c in OPS["linear_attention"].impls for c in classes)  # Qwen3.5-MoE's, Qwen3-Next's
     moe_layers = sum(c in OPS["moe"].impls for c in classes)
+    mxfp4 = any(c in MXFP4_EXPERTS for c in classes)  # gpt-oss: its own MXFP4, never pinned (not supported)
+    if mxfp4:
+        experts_quant = "mxfp4"
     tried = []
     choice = None
     for gpu_linears in _gpu_candidates(box, dtype_name):
@@ -130,7 +135,7 @@ def plan(
             f"model needs {cpu / GB:.1f} GB there with {experts_quant.upper()} experts"
         )
     result = Plan(text, gpu_linears, experts_quant, weights, cache, max_context=max_context)
-    if profile is not None and gpu_linears != "none":
+    if profile is not None and gpu_linears != "none" and not mxfp4:
         pinned, share = _pin(placed, profile, gpu_budget - weights.get("cuda:0", 0) - cache.get("cuda:0", 0))
         if pinned:
             text = _rules(arch.name, gpu_linears, experts_quant, pinned, has_mlp, moe_layers, linear)
