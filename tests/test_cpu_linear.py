@@ -4,6 +4,7 @@ close to the exact model and give the same tokens batched as alone."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from hetero_moe.engine.sampler import SamplingParams
 from hetero_moe.engine.scheduler import SchedulerConfig
 from hetero_moe.llm import LLM
 from hetero_moe.ops.base import BuildContext
-from hetero_moe.ops.cpu_linear import CPULinear, CPUQuantKwargs
+from hetero_moe.ops.cpu_linear import CPULinear, CPUQuantKwargs, stacked
 from hetero_moe.ops.mlp import MLPKwargs, QuantGatedMLP
 
 ARCHS = ["DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM"]
@@ -61,6 +62,34 @@ def test_cpu_linear_is_its_stored_weights(out_dim: int, in_dim: int, quant: str,
         + 2 * out_dim * (-(-in_dim // group))
         + 4 * out_dim
     )
+
+
+def cpu_linear(out_dim: int, in_dim: int, kw: CPUQuantKwargs, bias: bool = False, seed: int = 0) -> CPULinear:
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        hf = nn.Linear(in_dim, out_dim, bias=bias)
+    op = CPULinear.from_hf(hf, CTX, kw)
+    op.load_weight("weight", torch.randn(out_dim, in_dim))
+    if bias:
+        op.load_weight("bias", torch.randn(out_dim))
+    op.finalize()
+    return op
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_linears_of_one_input_run_stacked_as_each_alone(quant: str) -> None:
+    """Attention's projections of x in one call: the same bits as each linear alone, its weights a view of
+    the stack; linears that differ (a bias, another format) are not stacked."""
+    kw = CPUQuantKwargs(quant, 64)
+    a, b = cpu_linear(130, 300, kw, seed=1), cpu_linear(40, 300, kw, seed=2)
+    x = torch.randn(3, 300)
+    alone = [a(x), b(x)]
+    run = stacked([a, b])
+    assert all(torch.equal(ours, theirs) for ours, theirs in zip(run(x), alone, strict=True))
+    assert all(torch.equal(m(x), y) for m, y in zip((a, b), alone, strict=True))  # each still runs alone
+    assert np.shares_memory(a.matrix.codes, b.matrix.codes) is False and a.matrix.codes.base is b.matrix.codes.base
+    assert stacked([a, cpu_linear(40, 300, kw, bias=True)]) is None
+    assert stacked([a, cpu_linear(40, 300, CPUQuantKwargs(quant, 32))]) is None
 
 
 @pytest.mark.parametrize("quant", ["int4", "int8"])

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetero_moe.ops.base import BuildContext, Op
-from hetero_moe.ops.cpu_linear import CPULinear, HeadLinear
+from hetero_moe.ops.cpu_linear import CPULinear, HeadLinear, stacked
 from hetero_moe.ops.rope import HalfRope, Rope
 
 SPLIT_ROWS = 256  # cache rows per program of the latent decode kernel (8K tokens: 32 splits per head group)
@@ -258,6 +258,9 @@ class MLAAttention(Op):
         return cls(hf, ctx, kwargs)
 
     def finalize(self) -> None:
+        # the projections of x (the query's, or its low-rank one, and the latent's) in one call where they can be
+        first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        self._project = stacked([first, self.kv_a_proj_with_mqa]) or (lambda x: [first(x), self.kv_a_proj_with_mqa(x)])
         if not self.absorb:
             return
         # views of kv_b_proj's own weight when it is unquantized; a dequantized copy otherwise
@@ -288,15 +291,16 @@ class MLAAttention(Op):
 
     def forward(self, x: torch.Tensor, rope: Rope, cache: MLACache, seqs: list[SeqSlice]) -> torch.Tensor:
         n = x.shape[0]
+        q, kv = self._project(x)
         if self.q_lora_rank is None:
-            q_resid, q = None, self.q_proj(x)
+            q_resid = None
         else:
-            q_resid = self.q_a_layernorm(self.q_a_proj(x))  # [N, q_lora_rank], the indexer's input too
+            q_resid = self.q_a_layernorm(q)  # [N, q_lora_rank], the indexer's input too
             q = self.q_b_proj(q_resid)
         q = q.view(1, n, self.num_heads, self.nope_dim + self.rope_dim).transpose(1, 2)  # [1, h, N, qk]
         q_nope, q_pe = torch.split(q, [self.nope_dim, self.rope_dim], dim=-1)
 
-        kv_nope, k_pe = torch.split(self.kv_a_proj_with_mqa(x), [self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv_nope, k_pe = torch.split(kv, [self.kv_lora_rank, self.rope_dim], dim=-1)
         kv_nope = self.kv_a_layernorm(kv_nope)  # [N, r]
         q_pe = rope.apply(q_pe)
         k_pe = rope.apply(k_pe.view(1, 1, n, self.rope_dim))[0, 0]  # [N, rope]

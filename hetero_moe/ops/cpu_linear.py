@@ -7,6 +7,7 @@ kernels as one expert every token goes to (gate and up in one pass over the weig
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -133,6 +134,37 @@ class CPULinear(Op):
         y = torch.from_numpy(k.linear(k.activations(flat), self.matrix.codes, self.matrix.scales, ROWS_PER_TASK))
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+
+def stacked(linears: Sequence[nn.Module]) -> Callable[[torch.Tensor], list[torch.Tensor]] | None:
+    """Linears of one input run as one: `x -> [m(x) for m in linears]` with their rows stacked, so the input
+    is quantized once and the kernel called once; each linear's weights become a view of the stack (no second
+    copy). None unless all are `cpu_linear`s without bias of one format and input size."""
+    first = linears[0]
+    same = all(
+        isinstance(m, CPULinear)
+        and m.bias is None
+        and (m.kwargs, m.isa, m.in_features, m.dtype) == (first.kwargs, first.isa, first.in_features, first.dtype)
+        for m in linears
+    )
+    if not same:
+        return None
+    codes = np.concatenate([m.matrix.codes for m in linears])
+    scales = np.concatenate([m.matrix.scales for m in linears])
+    sizes, start = [], 0
+    for m in linears:
+        rows = slice(start, start + m.out_features)
+        m.matrix.codes, m.matrix.scales = codes[rows], scales[rows]
+        sizes.append(m.out_features)
+        start += m.out_features
+    k = first._kernels
+
+    def run(x: torch.Tensor) -> list[torch.Tensor]:
+        flat = x.reshape(-1, first.in_features).float().contiguous().numpy()
+        y = torch.from_numpy(k.linear(k.activations(flat), codes, scales, ROWS_PER_TASK)).to(x.dtype)
+        return [part.view(*x.shape[:-1], part.shape[-1]) for part in torch.split(y, sizes, dim=-1)]
+
+    return run
 
 
 class HeadLinear:
