@@ -142,14 +142,15 @@ class TorchExperts(Op):
         """`gate_up_proj_blocks` or `down_proj_blocks` with their scales, dequantized to this op's dtype."""
         if self.style is None:
             raise ValueError(f"{key}: these experts take float weights, not MXFP4 blocks")
-        self._materialize()
-        w = dequantize_mxfp4(blocks, scales, self.w13.dtype)  # [E, O, in]
-        if key == "gate_up_proj_blocks":
-            self.w13.copy_(split_gate_up(w))
-        elif key == "down_proj_blocks":
-            self.w2.copy_(w)
-        else:
+        if key not in ("gate_up_proj_blocks", "down_proj_blocks"):
             raise KeyError(key)
+        self._materialize()
+        for e in range(self.num_experts):  # one expert at a time: a whole layer in float32 is GBs
+            w = dequantize_mxfp4(blocks[e], scales[e], self.w13.dtype)  # [O, in]
+            if key == "gate_up_proj_blocks":
+                self.w13[e].copy_(torch.cat((w[0::2], w[1::2])))
+            else:
+                self.w2[e].copy_(w)
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """`x [T, H]`, `index [T, k]`, `weights [T, k]` -> `sum_j weights[t, j] * expert_{index[t, j]}(x[t])`."""
