@@ -45,6 +45,12 @@ def test_decode_report_is_consistent(tmp_path, rules: str, monkeypatch) -> None:
     else:  # INT4: over a quarter of bf16 (scales, and rows padded to the group at these tiny widths)
         assert 0.25 < r["routed_bytes_per_token"] / (26 * config.num_experts_per_tok * per_expert) < 0.6
     assert r["gpu_memory_gb"] is None and r["step_overhead"] is None and r["cpu_peak_rss_gb"] > 0
+    # CPU only, every other weight is read each token too: the attention, the shared experts, lm_head...
+    lm_head = config.vocab_size * config.hidden_size
+    per_weight = {"float32": 4, "bfloat16": 2}[r["dtype"]] if rules == "cpu-only.yaml" else 0.5  # INT4: 0.5 and scales
+    assert r["other_cpu_bytes_per_token"] > lm_head * per_weight
+    total = r["routed_bytes_per_token"] + r["other_cpu_bytes_per_token"]
+    assert r["cpu_roofline_tok_s"] == pytest.approx(r["dram_read_gbps"]["best"] * 1e9 / total)
 
 
 def test_decode_cli_writes_its_checkpoint_once(tmp_path, capsys, monkeypatch) -> None:

@@ -26,6 +26,7 @@ from hetero_moe.bench.experts import dram_read_gbps
 from hetero_moe.engine.sampler import SamplingParams
 from hetero_moe.engine.scheduler import SchedulerConfig
 from hetero_moe.llm import LLM
+from hetero_moe.ops.base import Op, direct_tensors
 from hetero_moe.ops.cpu_experts import CPUExperts
 from hetero_moe.ops.experts import TorchExperts
 from hetero_moe.ops.moe import MoEBlock
@@ -145,9 +146,23 @@ class Extrapolation:
         return moe_s, dense_s, max(seconds - sum(layer_s), 0.0)
 
     def full(self, seconds: float, layer_s: list[float]) -> float:
-        """The pass's time for the full model: outside + its MoE layers and dense layers at the means."""
+        """A pass's total (time, or bytes) for the full model: outside + its MoE and dense layers at the means."""
         moe_s, dense_s, outside_s = self.split(seconds, layer_s)
         return outside_s + self.full_moe * moe_s + self.full_dense * dense_s
+
+
+def cpu_weight_bytes(module: nn.Module) -> int:
+    """Bytes of the weights in `module` placed on the CPU that a decode token reads whole: all of them but
+    the routed experts' (counted per expert chosen) and the embedding's (one row a token)."""
+    total = 0
+    for m in module.modules():
+        if isinstance(m, (CPUExperts, TorchExperts, nn.Embedding)):
+            continue
+        if isinstance(m, Op):
+            total += m.nbytes() if m.device.type == "cpu" else 0
+        else:
+            total += sum(t.numel() * t.element_size() for _, t in direct_tensors(m) if t.device.type == "cpu")
+    return total
 
 
 def run(bench: DecodeBench, model_dir: Path) -> dict:
@@ -188,6 +203,10 @@ def run(bench: DecodeBench, model_dir: Path) -> dict:
     prefill = [_prefill(engine, runner, experts, sync, n, shape) for n in bench.prefill]
     routed_bytes = shape.full_moe * top_k * per_expert
     roofline = dram["best"] * 1e9 / routed_bytes
+    # the whole step's CPU share: the routed experts and every other weight on the CPU (CPU-only placements)
+    per_layer = [cpu_weight_bytes(layer) for layer in runner.layers]
+    outside_bytes = cpu_weight_bytes(llm.placed.model) - sum(per_layer)
+    other_bytes = shape.full(outside_bytes + sum(per_layer), per_layer)
     tok_s = 1.0 / full_step_s
     wait_per_layer = overlap["wait_s"] / len(shape.moe) if overlap else experts_s
     layers_full = shape.full_moe + shape.full_dense
@@ -218,6 +237,8 @@ def run(bench: DecodeBench, model_dir: Path) -> dict:
         "dram_read_gbps": dram,
         "roofline_tok_s": roofline,
         "share_of_roofline": tok_s / roofline,
+        "other_cpu_bytes_per_token": other_bytes,
+        "cpu_roofline_tok_s": dram["best"] * 1e9 / (routed_bytes + other_bytes),
         "step_overhead": overhead,
         "prefill": prefill,
         "pcie_h2d_gbps": pcie_h2d_gbps() if gpu is not None else None,
@@ -350,6 +371,14 @@ def format_report(r: dict) -> str:
         + (f" (extrapolated to {r['layers_full']} layers)" if r["extrapolated"] else ""),
         f"roofline {r['roofline_tok_s']:.2f} tok/s ({r['routed_bytes_per_token'] / 1e9:.2f} GB routed per token): "
         f"{r['share_of_roofline']:.0%}",
+        *(
+            [
+                f"CPU roofline {r['cpu_roofline_tok_s']:.2f} tok/s (also {r['other_cpu_bytes_per_token'] / 1e9:.2f} GB "
+                f"of other weights on the CPU per token): {r['decode_tok_s'] / r['cpu_roofline_tok_s']:.0%}"
+            ]
+            if r["other_cpu_bytes_per_token"]
+            else []
+        ),
         f"per MoE layer {m['total']:.3f} ms: CPU experts {m['cpu_experts']:.3f}, waiting {m['waiting']:.3f}, "
         f"GPU and host {m['gpu_and_host']:.3f}; dense layer {r['per_dense_layer_ms']:.3f} ms; "
         f"outside layers {r['outside_layers_ms']:.3f} ms",
