@@ -345,3 +345,22 @@ def test_plan_writes_mxfp4_rules_for_gpt_oss(capsys, tmp_path) -> None:
     assert "quant: mxfp4" in out.read_text()
     report = real_config_report(capsys, "gpt-oss-120b", str(out))
     assert report["devices"]["cpu"] == 36 * 128 * mxfp4_expert_bytes(2880, 2880)
+
+
+@pytest.mark.parametrize("rules", ["cpu-only-int4.yaml", "cpu-only-int8.yaml"])
+def test_gpt_oss_on_the_quantized_cpu_rules(gpt_oss, rules: str) -> None:
+    """The all-quantized CPU rules serve gpt-oss too: its experts in their MXFP4, the attention's projections
+    (with their biases) in INT4 or INT8; the logits follow transformers' float ones (loosely: in a tiny random
+    model the quantization flips near ties in the routers' top-k)."""
+    from hetero_moe.bench.teacher import TeacherForced
+    from hetero_moe.ops.cpu_experts import CPUExperts, Mxfp4Format
+    from hetero_moe.ops.cpu_linear import CPULinear
+
+    llm = LLM(gpt_oss.path, rules=rules, dtype="float32")
+    modules = list(llm.placed.model.modules())
+    assert all(isinstance(m.format, Mxfp4Format) for m in modules if isinstance(m, CPUExperts))
+    assert sum(isinstance(m, CPULinear) and m.bias is not None for m in modules) == 3 * 4  # q, k, v, o
+    ours = TeacherForced(llm.runner, len(LONG_PROMPT)).feed(LONG_PROMPT)
+    with torch.no_grad():
+        ref = gpt_oss.reference(torch.tensor([LONG_PROMPT])).logits[0, -1]
+    assert float(torch.corrcoef(torch.stack([ours, ref]))[0, 1]) > 0.9
