@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -37,6 +38,25 @@ def cpu_isa() -> str | None:
     """The instruction set forced on the CPU kernels (`HETERO_MOE_CPU_ISA`: avx512vnni, avxvnni, avx2,
     float), or None for the best this CPU has."""
     return os.environ.get("HETERO_MOE_CPU_ISA") or None
+
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Reserve:
+    """Memory a device keeps free beyond the weights and the KV cache: a fixed amount for the runtime
+    (the CUDA context or the OS and Python, activations) plus a share of the device (allocator slack)."""
+
+    fixed: float
+    share: float = 0.05
+
+    def usable(self, free: float, total: float) -> float:
+        """Bytes of `free` that weights and KV cache may take, on a device of `total` bytes."""
+        return max(free - self.fixed - self.share * total, 0.0)
+
+
+RESERVES = {"cuda": Reserve(1 * GB), "cpu": Reserve(4 * GB)}
 
 
 def available_memory() -> int | None:

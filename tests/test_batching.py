@@ -221,8 +221,8 @@ def test_bench_serve_against_a_running_server(tiny, capsys) -> None:
 
 
 def test_default_pool_fits_the_free_memory(tiny) -> None:
-    from hetero_moe.engine.kv_cache import RESERVES, cache_bytes_per_token, default_pool_tokens
-    from hetero_moe.settings import available_memory, total_memory
+    from hetero_moe.engine.kv_cache import cache_bytes_per_token, default_pool_tokens
+    from hetero_moe.settings import RESERVES, available_memory, total_memory
 
     llm = LLM(tiny("MixtralForCausalLM").path, dtype="float32")
     per_token = cache_bytes_per_token(llm.runner.layers, torch.float32)

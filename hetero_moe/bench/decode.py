@@ -153,7 +153,8 @@ class Extrapolation:
 
 def cpu_weight_bytes(module: nn.Module) -> int:
     """Bytes of the weights in `module` placed on the CPU that a decode token reads whole: all of them but
-    the routed experts' (counted per expert chosen) and the embedding's (one row a token)."""
+    the routed experts' (counted per expert chosen) and the embedding's (one row a token). Beside the routed
+    experts, they are the whole step's share of DRAM in a CPU-only placement."""
     total = 0
     for m in module.modules():
         if isinstance(m, (CPUExperts, TorchExperts, nn.Embedding)):
@@ -203,10 +204,7 @@ def run(bench: DecodeBench, model_dir: Path) -> dict:
     prefill = [_prefill(engine, runner, experts, sync, n, shape) for n in bench.prefill]
     routed_bytes = shape.full_moe * top_k * per_expert
     roofline = dram["best"] * 1e9 / routed_bytes
-    # the whole step's CPU share: the routed experts and every other weight on the CPU (CPU-only placements)
-    per_layer = [cpu_weight_bytes(layer) for layer in runner.layers]
-    outside_bytes = cpu_weight_bytes(llm.placed.model) - sum(per_layer)
-    other_bytes = shape.full(outside_bytes + sum(per_layer), per_layer)
+    other_bytes = shape.full(cpu_weight_bytes(llm.placed.model), [cpu_weight_bytes(x) for x in runner.layers])
     tok_s = 1.0 / full_step_s
     wait_per_layer = overlap["wait_s"] / len(shape.moe) if overlap else experts_s
     layers_full = shape.full_moe + shape.full_dense

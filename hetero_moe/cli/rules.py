@@ -11,9 +11,8 @@ from collections import defaultdict
 import torch
 
 from hetero_moe.cli.common import DTYPES, gb, model_dir, presets
-from hetero_moe.engine.kv_cache import RESERVES
 from hetero_moe.inject.injector import PlacedModel, collapse_layers
-from hetero_moe.settings import available_memory, total_memory
+from hetero_moe.settings import RESERVES, available_memory, total_memory
 
 
 def add_parsers(sub) -> None:

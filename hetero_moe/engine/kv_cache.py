@@ -17,25 +17,7 @@ import torch
 
 from hetero_moe.ops.attention import Rows, SeqSlice
 from hetero_moe.ops.linear_attention import token_mixer
-from hetero_moe.settings import available_memory, total_memory
-
-GB = 1e9
-
-
-@dataclass(frozen=True)
-class Reserve:
-    """Memory a device keeps free beyond the weights and the KV cache: a fixed amount for the runtime
-    (the CUDA context or the OS and Python, activations) plus a share of the device (allocator slack)."""
-
-    fixed: float
-    share: float = 0.05
-
-    def usable(self, free: float, total: float) -> float:
-        """Bytes of `free` that weights and KV cache may take, on a device of `total` bytes."""
-        return max(free - self.fixed - self.share * total, 0.0)
-
-
-RESERVES = {"cuda": Reserve(1 * GB), "cpu": Reserve(4 * GB)}
+from hetero_moe.settings import RESERVES, available_memory, total_memory
 
 
 class KVPool:

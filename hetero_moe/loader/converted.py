@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from hetero_moe.engine.kv_cache import RESERVES
 from hetero_moe.loader.checkpoint import CheckpointError, TensorInfo, memory_map, prefault, read_header
-from hetero_moe.settings import available_memory, total_memory
+from hetero_moe.settings import RESERVES, available_memory, total_memory
 
 log = logging.getLogger(__name__)
 

@@ -368,6 +368,7 @@ class Mxfp4Format:
 FORMATS = {"int4": GroupFormat, "int8": GroupFormat, "fp8": FP8Format, "bf16": BF16Format, "mxfp4": Mxfp4Format}
 # Measured crossovers per (kwargs, shape, threads) in this process: a memo of measurements, filled at load.
 _CROSSOVERS: dict[tuple, int] = {}
+CROSSOVER_MARGIN = 1.5  # how much faster torch's matmul must be to take over from the kernels
 ROWS_PER_TASK = 32  # rows of one expert per parallel task (fewer, larger tasks measured faster on Zen 5 at 1 token)
 
 
@@ -535,13 +536,15 @@ class CPUExperts(Op):
             self.torch_min_tokens = _CROSSOVERS[key]
 
     def _measure_crossover(self) -> int:
-        """Smallest tokens-per-expert count at which dequantize + torch matmul beats our kernel."""
+        """Smallest tokens-per-expert count at which dequantize + torch matmul beats our kernel clearly (by
+        `CROSSOVER_MARGIN`: on a busy machine a near tie would flip from one load to the next, and with it
+        the rounding of a token's output, batched or alone)."""
         for n in (4, 16, 64, 256):
             x = torch.randn(n, self.hidden) * 0.1
             pairs = group_pairs(np.zeros((n, 1), np.int64), self.num_experts)
             ours = _best_time(lambda x=x, pairs=pairs: self.format.run(x.numpy(), pairs, ROWS_PER_TASK))
             theirs = _best_time(lambda x=x: self._torch_expert(0, x))
-            if theirs < ours:
+            if theirs * CROSSOVER_MARGIN < ours:
                 log.info("cpu_experts: torch matmul from %d tokens per expert", n)
                 return n
         return 1 << 30
@@ -606,7 +609,7 @@ def _subset(pairs: Pairs, mask: np.ndarray) -> Pairs:
     return Pairs(pairs.token[pos], pairs.slot[pos], seg, pairs.expert[mask])
 
 
-def _best_time(fn, repeat: int = 3) -> float:
+def _best_time(fn, repeat: int = 5) -> float:
     best = float("inf")
     for _ in range(repeat):
         start = time.perf_counter()

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 from hetero_moe.arch import build_meta_model, load_config
-from hetero_moe.engine.kv_cache import GB, RESERVES
 from hetero_moe.inject.injector import PlacedModel, inject
 from hetero_moe.inject.rules import parse_rules
 from hetero_moe.llm import resolve_dtype
@@ -33,7 +32,7 @@ from hetero_moe.ops.cpu_experts import CPUExperts
 from hetero_moe.ops.experts import MXFP4_EXPERTS
 from hetero_moe.ops.moe import MoEBlock
 from hetero_moe.ops.registry import OPS
-from hetero_moe.settings import available_memory
+from hetero_moe.settings import GB, RESERVES, available_memory
 
 DEFAULT_CONTEXT = 8192  # tokens of KV cache planned for, when not given (or the model's own limit)
 MLA = ("DeepseekV3ForCausalLM", "DeepseekV32ForCausalLM", "DeepseekV2ForCausalLM")
