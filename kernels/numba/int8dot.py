@@ -126,13 +126,14 @@ def quantize_activations_parallel(x, g, fmt):
 
 
 @njit(inline="always", cache=True)
-def _tile(n: int) -> int:
+def tile(n: int) -> int:
     """Tokens the next `span_dots` call takes, of `n` left: 4, 2 or 1."""
     return TILE if n >= TILE else (2 if n >= 2 else 1)
 
 
 @njit(inline="always", cache=True)
-def _dots(simd, n, w, scales, xq, ascale, bias, rows, out) -> None:
+def dots(simd, n, w, scales, xq, ascale, bias, rows, out) -> None:
+    """`simd.span_dots` of the `n` (4, 2 or 1, from `tile`) tokens in `rows` with every row of `w`."""
     if n == TILE:
         span_dots(simd, 4, w, scales, xq, ascale, bias, rows, out)
     elif n == 2:
@@ -185,11 +186,11 @@ def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w13, s13, rows_
         up = np.empty((TILE, r1 - r0), np.float32)
         p = seg[u]
         while p < seg[u + 1]:
-            n = _tile(seg[u + 1] - p)
+            n = tile(seg[u + 1] - p)
             for j in range(n):
                 rows[j] = pair_token[p + j]
-            _dots(simd, n, w13[e, r0:r1], s13[e, r0:r1], xq, ascale, bias, rows, gate)
-            _dots(simd, n, w13[e, inter + r0 : inter + r1], s13[e, inter + r0 : inter + r1], xq, ascale, bias, rows, up)
+            dots(simd, n, w13[e, r0:r1], s13[e, r0:r1], xq, ascale, bias, rows, gate)
+            dots(simd, n, w13[e, inter + r0 : inter + r1], s13[e, inter + r0 : inter + r1], xq, ascale, bias, rows, up)
             for j in range(n):
                 for r in range(r1 - r0):
                     h[p + j, r0 + r] = silu_mul(gate[j, r], up[j, r])
@@ -214,10 +215,10 @@ def down(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, y):
         out = np.empty((TILE, r1 - r0), np.float32)
         p = seg[u]
         while p < seg[u + 1]:
-            n = _tile(seg[u + 1] - p)
+            n = tile(seg[u + 1] - p)
             for j in range(n):
                 rows[j] = p + j
-            _dots(simd, n, w2[e, r0:r1], s2[e, r0:r1], xq, ascale, bias, rows, out)
+            dots(simd, n, w2[e, r0:r1], s2[e, r0:r1], xq, ascale, bias, rows, out)
             for j in range(n):
                 y[p + j, r0:r1] = out[j]
             p += n
@@ -238,10 +239,10 @@ def linear(simd, xq, ascale, bias, weights, scales, rows_per_task):
         out = np.empty((TILE, r1 - r0), np.float32)
         p = 0
         while p < t:
-            n = _tile(t - p)
+            n = tile(t - p)
             for j in range(n):
                 rows[j] = p + j
-            _dots(simd, n, weights[r0:r1], scales[r0:r1], xq, ascale, bias, rows, out)
+            dots(simd, n, weights[r0:r1], scales[r0:r1], xq, ascale, bias, rows, out)
             for j in range(n):
                 y[p + j, r0:r1] = out[j]
             p += n

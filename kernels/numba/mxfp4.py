@@ -29,25 +29,19 @@ the float32 sums clamped in float32 and the rest computed in float64, rounded on
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-from hetero_moe.kernels.numba import simd as simd_codegen
-from hetero_moe.kernels.numba.simd import CODEGEN, F32, I8, I32, I64, TILE, _declare, _Loads, _splat, _vec
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import NativeValue, intrinsic, models, register_model, unbox
+from hetero_moe.kernels.numba.int8dot import dots, tile
+from hetero_moe.kernels.numba.simd import LOOKUP, MXFP4, SCALE_E8M0, TILE, Simd
+from numba import njit, prange
 
 SPAN_BYTES = 64  # weight bytes per span
 SPAN_ELEMS = 128  # inputs per span
 SPAN_GROUPS = 4  # blocks of 32 per span
-OFFSET = 12  # looked-up codes are c + 12
-LOOKUP = tuple(c + OFFSET for c in (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12))  # nibble -> c + 12
+OFFSET = LOOKUP[0]  # looked-up codes are c + 12 (`simd.LOOKUP`): the integer lanes start at -12 * sum(xq)
 PARALLEL_ELEMENTS = 1 << 16  # activations of at least this many values are quantized in parallel
 
 
@@ -55,44 +49,6 @@ def activation_shape(in_dim: int) -> tuple[int, int, int]:
     """Columns of (xq, ascale, bias) for inputs of `in_dim` (a multiple of 32)."""
     n = -(-in_dim // SPAN_ELEMS)
     return n * SPAN_ELEMS, n * SPAN_GROUPS, n * 16
-
-
-@functools.cache
-def codegen_version() -> str:
-    """Hash of this file and of `simd.py`, part of the token's Numba type: cached kernels compiled from an
-    older code generator no longer match."""
-    digest = hashlib.sha256(Path(__file__).read_bytes() + Path(simd_codegen.__file__).read_bytes())
-    return digest.hexdigest()[:12]
-
-
-class MxSimdType(types.Dummy):
-    def __init__(self, isa: str) -> None:
-        self.isa = isa
-        super().__init__(name=f"MxSimd({isa}, {codegen_version()})")
-
-
-@dataclass(frozen=True)
-class MxSimd:
-    """Compile-time token of the MXFP4 kernels: the instruction set (a `simd.CODEGEN` name). Make it through
-    `kernels` (which checks the CPU's features): running code for an instruction set the CPU lacks crashes."""
-
-    isa: str
-
-    def __post_init__(self) -> None:
-        if self.isa not in CODEGEN:
-            raise ValueError(f"no integer MXFP4 kernels for {self.isa!r}; choose one of {', '.join(CODEGEN)}")
-
-    @functools.cached_property
-    def _numba_type_(self) -> MxSimdType:
-        return MxSimdType(self.isa)
-
-
-register_model(MxSimdType)(models.OpaqueModel)
-
-
-@unbox(MxSimdType)
-def _unbox_simd(typ, obj, c):
-    return NativeValue(c.context.get_dummy_value())
 
 
 # --- activations ---------------------------------------------------------------------------------
@@ -151,183 +107,7 @@ def quantize_activations_parallel(x):
     return xq, ascale, bias
 
 
-# --- the row dots, in LLVM IR ---------------------------------------------------------------------
-
-
-def _lookup(b: ir.IRBuilder, isa: str, nibbles: ir.Value, nbytes: int) -> ir.Value:
-    """`c + 12` for each nibble of `nibbles <nbytes x i8>` (values 0..15): `vpshufb` on a table repeated in
-    every 16-byte lane (512-bit on AVX-512, else 256-bit pieces)."""
-    if isa == "avx512vnni":
-        fn = _declare(b, "llvm.x86.avx512.pshuf.b.512", _vec(I8, 64), [_vec(I8, 64)] * 2)
-        return b.call(fn, [ir.Constant(_vec(I8, 64), list(LOOKUP) * 4), nibbles])
-    fn = _declare(b, "llvm.x86.avx2.pshuf.b", _vec(I8, 32), [_vec(I8, 32)] * 2)
-    table = ir.Constant(_vec(I8, 32), list(LOOKUP) * 2)
-    pieces = []
-    for k in range(nbytes // 32):
-        piece = b.shuffle_vector(nibbles, nibbles, ir.Constant(_vec(I32, 32), list(range(32 * k, 32 * k + 32))))
-        pieces.append(b.call(fn, [table, piece]))
-    if len(pieces) == 1:
-        return pieces[0]
-    return b.shuffle_vector(pieces[0], pieces[1], ir.Constant(_vec(I32, 64), list(range(64))))
-
-
-def _block_scales(b: ir.IRBuilder, e: ir.Value) -> ir.Value:
-    """e8m0 bytes `<4 x i8>` -> float32 `2^(e - 128)` (subnormal for e < 2; 255 reads as 2^127)."""
-    wide = b.zext(e, _vec(I32, 4))
-    normal = b.shl(b.sub(wide, _splat(I32, 4, 1)), _splat(I32, 4, 23))
-    low = b.select(b.icmp_unsigned("==", wide, _splat(I32, 4, 1)), _splat(I32, 4, 1 << 22), _splat(I32, 4, 1 << 21))
-    bits = b.select(b.icmp_unsigned(">=", wide, _splat(I32, 4, 2)), normal, low)
-    return b.bitcast(bits, _vec(F32, 4))
-
-
-def _row_function(module: ir.Module, isa_name: str, n: int) -> ir.Function:
-    """The LLVM function of `mx_dots` for `n` tokens, defined once per module:
-    `(w, rows, row_stride, row_bytes, s, s_stride, groups, xq_0.., ascale_0.., bias_0.., out, out_stride)`."""
-    name = f"hetero_moe_mxfp4_dots_{isa_name}_n{n}"
-    if name in module.globals:
-        return module.globals[name]
-    p8 = I8.as_pointer()
-    args = [p8, I64, I64, I64, p8, I64, I64, *[p8] * (3 * n), p8, I64]
-    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), args), name)
-    fn.linkage = "internal"
-    fn.attributes.add("noinline")
-    fn.attributes.add("nounwind")
-    b = ir.IRBuilder(fn.append_basic_block("entry"))
-    w, n_rows, row_stride, row_bytes, s_ptr, s_stride, groups, *ptrs, out, out_stride = fn.args
-    tokens = [(ptrs[j], ptrs[n + j], ptrs[2 * n + j]) for j in range(n)]
-    isa = CODEGEN[isa_name]
-    width, vbytes = isa.width, isa.vbytes
-    parts = 16 // width
-    fma = _declare(b, f"llvm.fma.v{width}f32", _vec(F32, width), [_vec(F32, width)] * 3)
-    zero = ir.Constant(_vec(F32, width), [0.0] * width)
-    acc = [[cgutils.alloca_once_value(b, zero) for _ in range(parts)] for _ in range(n)]
-
-    def const(v: int) -> ir.Constant:
-        return ir.Constant(I64, v)
-
-    def row_scales(srow: ir.Value, s: ir.Value, tail: bool) -> ir.Value:
-        first = b.mul(s, const(SPAN_GROUPS))
-        if not tail:
-            e = b.load(b.bitcast(b.gep(srow, [first]), _vec(I8, SPAN_GROUPS).as_pointer()), align=1)
-        else:  # blocks past the row may be past the array: read those from block 0, then zero them
-            e = ir.Constant(_vec(I8, SPAN_GROUPS), [0] * SPAN_GROUPS)
-            for q in range(SPAN_GROUPS):
-                k = b.add(first, const(q))
-                inside = b.icmp_signed("<", k, groups)
-                v = b.load(b.gep(srow, [b.select(inside, k, const(0))]))
-                e = b.insert_element(e, b.select(inside, v, ir.Constant(I8, 0)), ir.Constant(I32, q))
-        return _block_scales(b, e)
-
-    def span(srow: ir.Value, loads: _Loads, s: ir.Value, tail: bool) -> None:
-        wbase = b.mul(s, const(SPAN_BYTES))
-        xbase = b.mul(s, const(SPAN_ELEMS))
-        bbase = b.mul(s, const(64))  # 16 int32 bias lanes per span
-        abase = b.mul(s, const(4 * SPAN_GROUPS))
-        sw = row_scales(srow, s, tail)  # zero past the row, so padded activations add +0 * 0
-        for p in range(parts):
-            lo, hi = isa.nibbles(b, loads.weights(b.add(wbase, const(p * vbytes)), vbytes, tail))
-            lo, hi = _lookup(b, isa_name, lo, vbytes), _lookup(b, isa_name, hi, vbytes)
-            mask = ir.Constant(_vec(I32, width), [(p * width + lane) // 4 for lane in range(width)])
-            for j, (xrow, arow, brow) in enumerate(tokens):
-                bias = loads.load(brow, b.add(bbase, const(4 * p * width)), _vec(I32, width), align=4)
-                xlo = loads.load(xrow, b.add(xbase, const(p * vbytes)), _vec(I8, vbytes))
-                xhi = loads.load(xrow, b.add(xbase, const(64 + p * vbytes)), _vec(I8, vbytes))
-                lanes = isa.int4_lanes(b, lo, hi, xlo, xhi, bias)
-                a = loads.load(arow, abase, _vec(F32, SPAN_GROUPS), align=4)
-                scale = b.shuffle_vector(b.fmul(sw, a), ir.Constant(_vec(F32, SPAN_GROUPS), None), mask)
-                b.store(b.call(fma, [b.sitofp(lanes, _vec(F32, width)), scale, b.load(acc[j][p])]), acc[j][p])
-
-    def halves(v: ir.Value, k: int) -> list[ir.Value]:
-        return [b.shuffle_vector(v, v, ir.Constant(_vec(I32, k), list(range(i, i + k)))) for i in (0, k)]
-
-    full = b.udiv(row_bytes, const(SPAN_BYTES))
-    has_tail = b.icmp_unsigned("!=", b.mul(full, const(SPAN_BYTES)), row_bytes)
-    with cgutils.for_range(b, n_rows) as row:
-        r = row.index
-        wrow = b.gep(w, [b.mul(r, row_stride)])
-        srow = b.gep(s_ptr, [b.mul(r, s_stride)])
-        loads = _Loads(b, wrow, row_bytes)
-        for j in range(n):
-            for p in range(parts):
-                b.store(zero, acc[j][p])
-        with cgutils.for_range(b, full) as loop:
-            span(srow, loads, loop.index, tail=False)
-        with b.if_then(has_tail, likely=False):
-            span(srow, loads, full, tail=True)
-        for j in range(n):
-            vals = [b.load(a) for a in acc[j]]
-            v8 = b.fadd(*(halves(vals[0], 8) if width == 16 else vals))
-            v4 = b.fadd(*halves(v8, 4))
-            v2 = b.fadd(*halves(v4, 2))
-            total = b.fadd(b.extract_element(v2, ir.Constant(I32, 0)), b.extract_element(v2, ir.Constant(I32, 1)))
-            at = b.add(b.mul(const(j), out_stride), b.mul(r, const(4)))
-            b.store(total, b.bitcast(b.gep(out, [at]), F32.as_pointer()))
-    b.ret_void()
-    return fn
-
-
-def _is(t, dtype, ndim: int) -> bool:
-    return isinstance(t, types.Array) and t.dtype == dtype and t.ndim == ndim
-
-
-@intrinsic
-def mx_dots(typingctx, simd, n, w, scales, xq, ascale, bias, rows, out):
-    """`out[j, r] = w[r] . x[rows[j]]` for `j < n` (a constant from 1 to TILE) and every row r of `w [R, B]`
-    uint8 (MXFP4 codes, B a multiple of 16) with `scales [R, B / 16]` uint8, over the tokens' `xq`, `ascale`,
-    `bias` from `quantize_activations`; `rows [>= n]` int64, `out [>= n, >= R]` float32. Rows may be
-    strided; within a row, elements must be contiguous (the caller checks)."""
-    if not isinstance(simd, MxSimdType) or not isinstance(n, types.IntegerLiteral) or not 1 <= n.literal_value <= TILE:
-        return None
-    wanted = [
-        (w, types.uint8, 2),
-        (scales, types.uint8, 2),
-        (xq, types.int8, 2),
-        (ascale, types.float32, 2),
-        (bias, types.int32, 2),
-        (rows, types.int64, 1),
-        (out, types.float32, 2),
-    ]
-    if not all(_is(t, dtype, ndim) for t, dtype, ndim in wanted):
-        return None
-    count = n.literal_value
-
-    def codegen(context, builder, sig, args):
-        arrays = [context.make_array(t)(context, builder, v) for t, v in zip(sig.args[2:], args[2:], strict=True)]
-        wa, sa, xqa, aa, ba, rowsa, outa = arrays
-        p8 = I8.as_pointer()
-        per_token = []
-        for a in (xqa, aa, ba):
-            stride = builder.extract_value(a.strides, 0)
-            base = builder.bitcast(a.data, p8)
-            for j in range(count):
-                t = builder.load(builder.gep(rowsa.data, [ir.Constant(I64, j)]))
-                per_token.append(builder.gep(base, [builder.mul(t, stride)]))
-        fn = _row_function(builder.module, simd.isa, count)
-        call = [builder.bitcast(wa.data, p8), builder.extract_value(wa.shape, 0), builder.extract_value(wa.strides, 0)]
-        call += [builder.extract_value(wa.shape, 1), builder.bitcast(sa.data, p8)]
-        call += [builder.extract_value(sa.strides, 0), builder.extract_value(sa.shape, 1)]
-        builder.call(fn, [*call, *per_token, builder.bitcast(outa.data, p8), builder.extract_value(outa.strides, 0)])
-        return context.get_dummy_value()
-
-    return types.none(simd, n, w, scales, xq, ascale, bias, rows, out), codegen
-
-
 # --- the kernels ----------------------------------------------------------------------------------
-
-
-@njit(inline="always", cache=True)
-def _tile(n: int) -> int:
-    return TILE if n >= TILE else (2 if n >= 2 else 1)
-
-
-@njit(inline="always", cache=True)
-def _dots(simd, n, w, scales, xq, ascale, bias, rows, out) -> None:
-    if n == TILE:
-        mx_dots(simd, 4, w, scales, xq, ascale, bias, rows, out)
-    elif n == 2:
-        mx_dots(simd, 2, w, scales, xq, ascale, bias, rows, out)
-    else:
-        mx_dots(simd, 1, w, scales, xq, ascale, bias, rows, out)
 
 
 @njit(inline="always", cache=True)
@@ -374,10 +154,10 @@ def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w13, s13, b13, 
         both = np.empty((TILE, 2 * (r1 - r0)), np.float32)  # gate and up, interleaved
         p = seg[u]
         while p < seg[u + 1]:
-            n = _tile(seg[u + 1] - p)
+            n = tile(seg[u + 1] - p)
             for j in range(n):
                 rows[j] = pair_token[p + j]
-            _dots(simd, n, w13[e, 2 * r0 : 2 * r1], s13[e, 2 * r0 : 2 * r1], xq, ascale, bias, rows, both)
+            dots(simd, n, w13[e, 2 * r0 : 2 * r1], s13[e, 2 * r0 : 2 * r1], xq, ascale, bias, rows, both)
             for j in range(n):
                 for r in range(r1 - r0):
                     g = both[j, 2 * r] + b13[e, 2 * (r0 + r)]
@@ -403,10 +183,10 @@ def down(simd, xq, ascale, bias, seg, seg_expert, w2, s2, b2, rows_per_task, y):
         out = np.empty((TILE, r1 - r0), np.float32)
         p = seg[u]
         while p < seg[u + 1]:
-            n = _tile(seg[u + 1] - p)
+            n = tile(seg[u + 1] - p)
             for j in range(n):
                 rows[j] = p + j
-            _dots(simd, n, w2[e, r0:r1], s2[e, r0:r1], xq, ascale, bias, rows, out)
+            dots(simd, n, w2[e, r0:r1], s2[e, r0:r1], xq, ascale, bias, rows, out)
             for j in range(n):
                 for r in range(r1 - r0):
                     y[p + j, r0 + r] = out[j, r] + b2[e, r0 + r]
@@ -490,7 +270,7 @@ def kernels(isa: str) -> Kernels:
             float_down(act, seg, seg_expert, w2, s2, b2, values, table, y)
 
         return Kernels(isa, lambda x: x, float_gate_up_, float_down_)
-    simd = MxSimd(isa)
+    simd = Simd(isa, MXFP4, 32, SCALE_E8M0)
 
     def activations(x: np.ndarray) -> tuple:
         return (quantize_activations_parallel if x.size >= PARALLEL_ELEMENTS else quantize_activations)(x)

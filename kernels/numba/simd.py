@@ -15,7 +15,8 @@ hardware at run time. Compiling an instruction the target CPU lacks aborts the p
 
 Canonical arithmetic (the same bits from every isa; `int8dot.py` has the formats):
 
-- A weight row is cut in spans: 64 bytes for INT4 (128 elements), `max(64, g)` bytes for INT8.
+- A weight row is cut in spans: 64 bytes for INT4 and MXFP4 (128 elements), `max(64, g)` bytes for INT8.
+  MXFP4's nibbles are first looked up into unsigned bytes (`LOOKUP`), then multiplied as INT4's are.
 - Integer lane `i` (0..15) of a span is exact: the sum, over the weight bytes `4i..4i+3` of the span (and
   `64 + 4i..` when an INT8 span has 128 bytes), of `(code - offset) * xq` for every element those bytes
   hold (both nibbles for INT4). The kernels compute `code * xq` with unsigned codes and start each lane at
@@ -50,7 +51,13 @@ ISAS: dict[str, tuple[str, ...]] = {  # best first; the LLVM feature names each 
 }
 INT4 = 4
 INT8 = 8
+MXFP4 = 2  # gpt-oss's e2m1 codes, two to a byte like INT4, looked up into `c + 12` (see `LOOKUP`)
+FORMATS = {INT4: "int4", INT8: "int8", MXFP4: "mxfp4"}
+SCALE_E8M0 = 2  # MXFP4's scales: one byte a block of 32, the power of two 2^(s - 127)
+SCALES = {SCALE_BF16: "bf16", SCALE_FP16: "fp16", SCALE_E8M0: "e8m0"}
 GROUPS = (32, 64, 128)
+# an e2m1 nibble -> `c + 12`, c twice its value (-12..12): an unsigned byte for the integer dot products
+LOOKUP = tuple(c + 12 for c in (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12))
 TILE = 4  # most tokens one `span_dots` call multiplies with a weight row
 PREFETCH = 4096  # weight bytes ahead to prefetch (measured on Zen 3: the hardware prefetcher alone left ~35 % idle)
 
@@ -85,7 +92,7 @@ def choose_isa(name: str | None = None, features: frozenset[str] | None = None) 
 
 def spans(fmt: int, g: int) -> tuple[int, int, int]:
     """(weight bytes, input elements, groups) of one span of a row."""
-    if fmt == INT4:
+    if fmt in (INT4, MXFP4):
         return 64, 128, 128 // g
     return max(64, g), max(64, g), max(64, g) // g
 
@@ -100,14 +107,14 @@ def codegen_version() -> str:
 class SimdType(types.Dummy):
     def __init__(self, isa: str, fmt: int, g: int, kind: int) -> None:
         self.isa, self.fmt, self.g, self.kind = isa, fmt, g, kind
-        scale = "bf16" if kind == SCALE_BF16 else "fp16"
-        super().__init__(name=f"Simd({isa}, int{fmt}, g={g}, {scale}, {codegen_version()})")
+        super().__init__(name=f"Simd({isa}, {FORMATS[fmt]}, g={g}, {SCALES[kind]}, {codegen_version()})")
 
 
 @dataclass(frozen=True)
 class Simd:
-    """Compile-time token: instruction set, weight format (INT4 or INT8), group size and scale kind
-    (`SCALE_BF16` or `SCALE_FP16`). Make it through `choose_isa` (or a test that only compiles):
+    """Compile-time token: instruction set, weight format (INT4 or INT8, with `SCALE_BF16` or `SCALE_FP16`
+    scales; or MXFP4, group 32, `SCALE_E8M0`), group size and scale kind. Make it through `choose_isa` (or a
+    test that only compiles):
     running code for an instruction set the CPU lacks crashes."""
 
     isa: str
@@ -116,8 +123,11 @@ class Simd:
     kind: int = SCALE_BF16
 
     def __post_init__(self) -> None:
-        ok = self.isa in CODEGEN and self.fmt in (INT4, INT8) and self.g in GROUPS
-        if not ok or self.kind not in (SCALE_BF16, SCALE_FP16):
+        if self.fmt == MXFP4:
+            ok = self.g == 32 and self.kind == SCALE_E8M0
+        else:
+            ok = self.fmt in (INT4, INT8) and self.g in GROUPS and self.kind in (SCALE_BF16, SCALE_FP16)
+        if not ok or self.isa not in CODEGEN:
             raise ValueError(f"no integer kernels for {self}")
 
     @functools.cached_property
@@ -293,12 +303,39 @@ class _Loads:
         return b.shuffle_vector(pieces[0], pieces[1], ir.Constant(_vec(I32, 64), list(range(64))))
 
 
+def _lookup(b: ir.IRBuilder, isa: str, nibbles: ir.Value, nbytes: int) -> ir.Value:
+    """`LOOKUP` of each nibble of `nibbles <nbytes x i8>` (values 0..15): `vpshufb` on a table repeated in
+    every 16-byte lane (512-bit on AVX-512, else 256-bit pieces)."""
+    if isa == "avx512vnni":
+        fn = _declare(b, "llvm.x86.avx512.pshuf.b.512", _vec(I8, 64), [_vec(I8, 64)] * 2)
+        return b.call(fn, [ir.Constant(_vec(I8, 64), list(LOOKUP) * 4), nibbles])
+    fn = _declare(b, "llvm.x86.avx2.pshuf.b", _vec(I8, 32), [_vec(I8, 32)] * 2)
+    table = ir.Constant(_vec(I8, 32), list(LOOKUP) * 2)
+    pieces = []
+    for k in range(nbytes // 32):
+        piece = b.shuffle_vector(nibbles, nibbles, ir.Constant(_vec(I32, 32), list(range(32 * k, 32 * k + 32))))
+        pieces.append(b.call(fn, [table, piece]))
+    if len(pieces) == 1:
+        return pieces[0]
+    return b.shuffle_vector(pieces[0], pieces[1], ir.Constant(_vec(I32, 64), list(range(64))))
+
+
+def _e8m0_scales(b: ir.IRBuilder, e: ir.Value, n: int) -> ir.Value:
+    """e8m0 bytes `<n x i8>` -> float32 `2^(e - 128)` (the half of `c` folded in; subnormal for e < 2; 255
+    reads as 2^127)."""
+    wide = b.zext(e, _vec(I32, n))
+    normal = b.shl(b.sub(wide, _splat(I32, n, 1)), _splat(I32, n, 23))
+    low = b.select(b.icmp_unsigned("==", wide, _splat(I32, n, 1)), _splat(I32, n, 1 << 22), _splat(I32, n, 1 << 21))
+    bits = b.select(b.icmp_unsigned(">=", wide, _splat(I32, n, 2)), normal, low)
+    return b.bitcast(bits, _vec(F32, n))
+
+
 def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
     """The LLVM function of `span_dots` for `n` tokens, defined once per module:
     `(w, rows, row_stride, row_bytes, s, s_stride, groups, xq_0.., ascale_0.., bias_0.., out, out_stride)`,
     byte pointers and byte strides. A function of its own, so its loops get the registers to themselves
     inside a big parallel kernel."""
-    name = f"hetero_moe_span_dots_{simd.isa}_int{simd.fmt}_g{simd.g}_s{simd.kind}_n{n}"
+    name = f"hetero_moe_span_dots_{simd.isa}_{FORMATS[simd.fmt]}_g{simd.g}_s{simd.kind}_n{n}"
     if name in module.globals:
         return module.globals[name]
     p8 = I8.as_pointer()
@@ -323,19 +360,23 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
     def const(v: int) -> ir.Constant:
         return ir.Constant(I64, v)
 
+    size, item = (1, I8) if simd.kind == SCALE_E8M0 else (2, I16)  # bytes and type of one stored scale
+
     def row_scales(srow: ir.Value, s: ir.Value, tail: bool) -> ir.Value:
         """float32 `<gps>` scales of span `s`; in the tail span, 0 for groups past the row."""
         first = b.mul(s, const(gps))
         if not tail:
-            bits = b.load(b.bitcast(b.gep(srow, [b.mul(first, const(2))]), _vec(I16, gps).as_pointer()), align=2)
+            bits = b.load(b.bitcast(b.gep(srow, [b.mul(first, const(size))]), _vec(item, gps).as_pointer()), align=size)
         else:  # groups past the row may be past the array: load those from group 0, then zero them
-            bits = ir.Constant(_vec(I16, gps), [0] * gps)
+            bits = ir.Constant(_vec(item, gps), [0] * gps)
             for q in range(gps):
                 k = b.add(first, const(q))
                 inside = b.icmp_signed("<", k, groups)
-                where = b.select(inside, b.mul(k, const(2)), const(0))
-                v = b.load(b.bitcast(b.gep(srow, [where]), I16.as_pointer()), align=2)
-                bits = b.insert_element(bits, b.select(inside, v, ir.Constant(I16, 0)), ir.Constant(I32, q))
+                where = b.select(inside, b.mul(k, const(size)), const(0))
+                v = b.load(b.bitcast(b.gep(srow, [where]), item.as_pointer()), align=size)
+                bits = b.insert_element(bits, b.select(inside, v, ir.Constant(item, 0)), ir.Constant(I32, q))
+        if simd.kind == SCALE_E8M0:
+            return _e8m0_scales(b, bits, gps)
         if simd.kind == SCALE_BF16:
             wide = b.shl(b.zext(bits, _vec(I32, gps)), ir.Constant(_vec(I32, gps), [16] * gps))
             return b.bitcast(wide, _vec(F32, gps))
@@ -360,8 +401,10 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
         abase = b.mul(s, const(4 * gps))  # float32 activation scales of the span's groups
         sw = row_scales(srow, s, tail)
         for p in range(parts):
-            if fmt == INT4:
+            if fmt != INT8:
                 lo, hi = isa.nibbles(b, loads.weights(b.add(wbase, const(p * vbytes)), vbytes, tail))
+                if fmt == MXFP4:
+                    lo, hi = _lookup(b, simd.isa, lo, vbytes), _lookup(b, simd.isa, hi, vbytes)
             else:
                 chunks = range(span_bytes // 64)
                 weights = [
@@ -371,9 +414,9 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
             mask = ir.Constant(_vec(I32, width), [(p * width + lane) // lanes_per_group for lane in range(width)])
             for j, (xrow, arow, brow) in enumerate(tokens):
                 bias = None
-                if fmt == INT4 or isa.int8_bias:
+                if fmt != INT8 or isa.int8_bias:
                     bias = loads.load(brow, b.add(bbase, const(4 * p * width)), _vec(I32, width), align=4)
-                if fmt == INT4:
+                if fmt != INT8:
                     xlo = loads.load(xrow, b.add(xbase, const(p * vbytes)), _vec(I8, vbytes))
                     xhi = loads.load(xrow, b.add(xbase, const(64 + p * vbytes)), _vec(I8, vbytes))
                     lanes = isa.int4_lanes(b, lo, hi, xlo, xhi, bias)
@@ -444,8 +487,9 @@ def span_dots(typingctx, simd, n, w, scales, xq, ascale, bias, rows, out):
     the canonical order.
 
     `w [R, B]` uint8, rows of packed weights (B a multiple of 16); `scales [R, G]` uint16, their bf16 or
-    fp16 bits (`simd.kind`); `xq [T, >= spans * span_elems]` int8, `ascale [T, >= spans * gps]` float32
-    and `bias [T, >= spans * 16]` int32, from `int8dot.quantize_activations`; `rows [>= n]` int64;
+    fp16 bits (`simd.kind`), or uint8 e8m0 bytes (MXFP4); `xq [T, >= spans * span_elems]` int8, `ascale
+    [T, >= spans * gps]` float32 and `bias [T, >= spans * 16]` int32, from `int8dot.quantize_activations`
+    (MXFP4: `mxfp4.quantize_activations`); `rows [>= n]` int64;
     `out [>= n, >= R]` float32. Rows may be strided; within a row, elements must be contiguous (the
     caller checks: the code here reads them so).
     """
@@ -453,7 +497,7 @@ def span_dots(typingctx, simd, n, w, scales, xq, ascale, bias, rows, out):
         return None
     wanted = [
         (w, types.uint8, 2),
-        (scales, types.uint16, 2),
+        (scales, types.uint8 if simd.kind == SCALE_E8M0 else types.uint16, 2),
         (xq, types.int8, 2),
         (ascale, types.float32, 2),
         (bias, types.int32, 2),
