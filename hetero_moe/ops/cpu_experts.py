@@ -536,10 +536,10 @@ class CPUExperts(Op):
             self.torch_min_tokens = _CROSSOVERS[key]
 
     def _measure_crossover(self) -> int:
-        """Smallest tokens-per-expert count at which dequantize + torch matmul beats our kernel clearly (by
-        `CROSSOVER_MARGIN`: on a busy machine a near tie would flip from one load to the next, and with it
-        the rounding of a token's output, batched or alone)."""
-        for n in (4, 16, 64, 256):
+        """Smallest tokens-per-expert count, of 64 and 256, at which dequantize + torch matmul beats our kernel
+        clearly (by `CROSSOVER_MARGIN`: on a busy machine a near tie would flip from one load to the next).
+        Only long prefills reach it: below, a token's rounding never depends on the batch it is in."""
+        for n in (64, 256):
             x = torch.randn(n, self.hidden) * 0.1
             pairs = group_pairs(np.zeros((n, 1), np.int64), self.num_experts)
             ours = _best_time(lambda x=x, pairs=pairs: self.format.run(x.numpy(), pairs, ROWS_PER_TASK))
