@@ -11,22 +11,18 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 from importlib import resources
 
 import numpy as np
-import openai
 import pytest
 import torch
 from hetero_moe.kernels.mxfp4 import E2M1_TWICE, dequantize_mxfp4, quantize_mxfp4
 from hetero_moe.kernels.numba import mxfp4 as mx
 from hetero_moe.kernels.numba.common import group_by_expert
 from test_int8_kernels import EMULATED, RUNNABLE, fma32
-from test_new_archs import PROMPT, real_config_report
-from test_server import MODEL, serving
+from test_new_archs import PROMPT, assert_batched_equals_alone, real_config_report
 
 from hetero_moe.cli import main
-from hetero_moe.engine.scheduler import SchedulerConfig
 from hetero_moe.llm import LLM
 from hetero_moe.loader.checkpoint import CheckpointError
 
@@ -317,24 +313,7 @@ def test_gpt_oss_batched_equals_alone_through_the_server(gpt_oss, tmp_path) -> N
     # every expert on the kernels (no torch crossover), whose results per token do not depend on the batch
     kernels_only = "replace: {op: cpu_experts, device: cpu, kwargs: {quant: mxfp4, torch_min_tokens: 1000000}}"
     llm = LLM(gpt_oss.path, rules=rules_with_experts(tmp_path, kernels_only), dtype="float32")
-    llm.eos_ids = llm.engine.eos_ids = frozenset()  # every request runs to max_tokens
-    prompts = [f"client {i} says {'hello ' * (2 * i)}" for i in range(4)]
-    alone = [llm.generate(p, max_tokens=12, temperature=0).text for p in prompts]
-    batching = SchedulerConfig(max_batch=4, kv_cache_tokens=512, prefill_chunk=7, page_tokens=4)
-    with serving(llm, batching=batching) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-        results: dict[int, str] = {}
-
-        def one(i: int) -> None:
-            r = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=12, temperature=0)
-            results[i] = r.choices[0].text
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(timeout=120)
-    assert [results.get(i) for i in range(len(prompts))] == alone
+    assert_batched_equals_alone(llm)
 
 
 def test_plan_writes_mxfp4_rules_for_gpt_oss(capsys, tmp_path) -> None:

@@ -43,6 +43,29 @@ KIMI_K2 = {
 }
 
 
+def assert_batched_equals_alone(llm: LLM, name: str = "") -> None:
+    """Four concurrent clients through the server, with 4-token pages and 7-token prefill chunks (prompts
+    prefilled in pieces beside other requests' decode steps): each gets the 12 greedy tokens it gets alone."""
+    llm.eos_ids = llm.engine.eos_ids = frozenset()  # every request runs to max_tokens
+    prompts = [f"client {i} says {'hello ' * (2 * i)}" for i in range(4)]
+    alone = [llm.generate(p, max_tokens=12, temperature=0).text for p in prompts]
+    batching = SchedulerConfig(max_batch=4, kv_cache_tokens=512, prefill_chunk=7, page_tokens=4)
+    with serving(llm, batching=batching) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        results: dict[int, str] = {}
+
+        def one(i: int) -> None:
+            r = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=12, temperature=0)
+            results[i] = r.choices[0].text
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=120)
+    assert [results.get(i) for i in range(len(prompts))] == alone, name
+
+
 @pytest.fixture(scope="module")
 def kimi(tmp_path_factory):
     """A tiny Kimi-K2: FP8 with ragged 32x32 blocks, three shards, model_type kimi_k2."""
@@ -212,26 +235,8 @@ def test_batched_equals_alone_through_the_server(tiny, kimi) -> None:
         "kimi-k2": kimi[0],
         **{a: tiny(a).path for a in ("DeepseekV32ForCausalLM", "Glm4MoeForCausalLM", "MiniMaxM2ForCausalLM")},
     }
-    prompts = [f"client {i} says {'hello ' * (2 * i)}" for i in range(4)]
-    batching = SchedulerConfig(max_batch=4, kv_cache_tokens=512, prefill_chunk=7, page_tokens=4)
     for name, path in paths.items():
-        llm = LLM(path, dtype="float32")
-        llm.eos_ids = llm.engine.eos_ids = frozenset()  # every request runs to max_tokens
-        alone = [llm.generate(p, max_tokens=12, temperature=0).text for p in prompts]
-        with serving(llm, batching=batching) as url:
-            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-            results: dict[int, str] = {}
-
-            def one(i: int, client=client, results=results) -> None:
-                r = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=12, temperature=0)
-                results[i] = r.choices[0].text
-
-            threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join(timeout=120)
-        assert [results.get(i) for i in range(len(prompts))] == alone, name
+        assert_batched_equals_alone(LLM(path, dtype="float32"), name)
 
 
 @pytest.mark.parametrize("model", ["deepseek-v32", "glm-4.5", "minimax-m2"])

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 
-import openai
 import pytest
 import torch
 from hetero_moe.kernels import gated_delta as gd
-from test_new_archs import int4_expert_bytes, real_config_report
-from test_server import MODEL, serving
+from test_new_archs import assert_batched_equals_alone, int4_expert_bytes, real_config_report
 
 from hetero_moe.engine.sampler import SamplingParams
 from hetero_moe.engine.scheduler import SchedulerConfig
@@ -158,25 +155,8 @@ def test_preempted_requests_resume_with_identical_output(models) -> None:
 def test_batched_equals_alone_through_the_server(models) -> None:
     """Four concurrent clients per architecture, through 4-token pages and 7-token prefill chunks: prompts
     prefilled in pieces beside other requests' decode steps, decodes of several sequences in one step."""
-    prompts = [f"client {i} says {'hello ' * (2 * i)}" for i in range(4)]
-    batching = SchedulerConfig(max_batch=4, kv_cache_tokens=512, prefill_chunk=7, page_tokens=4)
     for arch, (_, llm) in models.items():
-        llm.eos_ids = llm.engine.eos_ids = frozenset()  # every request runs to max_tokens
-        alone = [llm.generate(p, max_tokens=12, temperature=0).text for p in prompts]
-        with serving(llm, batching=batching) as url:
-            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-            results: dict[int, str] = {}
-
-            def one(i: int, client=client, results=results) -> None:
-                r = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=12, temperature=0)
-                results[i] = r.choices[0].text
-
-            threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join(timeout=120)
-        assert [results.get(i) for i in range(len(prompts))] == alone, arch
+        assert_batched_equals_alone(llm, arch)
 
 
 def test_op_refuses_what_it_cannot_run(tiny) -> None:
