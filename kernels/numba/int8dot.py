@@ -143,7 +143,7 @@ def dots(simd, n, w, scales, xq, ascale, bias, rows, out) -> None:
 
 
 @njit(inline="always", cache=True)
-def _check(simd, w, scales, xq, ascale, bias) -> None:
+def check(simd, w, scales, xq, ascale, bias) -> None:
     """Weights `w [..., B]` with `scales [..., G]` fit the token's format and the activations."""
     span_bytes, span_elems, gps = simd.span
     row_bytes = w.shape[-1]
@@ -154,7 +154,7 @@ def _check(simd, w, scales, xq, ascale, bias) -> None:
         raise ValueError("activations are too short for the weights (quantized for another format or size?)")
     if (
         w.strides[-1] != 1
-        or scales.strides[-1] != 2
+        or scales.strides[-1] != scales.itemsize
         or xq.strides[1] != 1
         or ascale.strides[1] != 4
         or bias.strides[1] != 4
@@ -173,7 +173,7 @@ def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w13, s13, rows_
     blocks of `rows_per_task` rows of one expert.
     """
     inter = h.shape[1]
-    _check(simd, w13, s13, xq, ascale, bias)
+    check(simd, w13, s13, xq, ascale, bias)
     if w13.shape[1] != 2 * inter or h.shape[0] < pair_token.shape[0]:
         raise ValueError("w13 must hold 2 * I rows and h one row per pair")
     chunks = (inter + rows_per_task - 1) // rows_per_task
@@ -203,7 +203,7 @@ def down(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, y):
     quantize `h [P, I]` (one row per pair); `w2 [E, H, B]` uint8 (B = Ip / 2 or Ip), `s2 [E, H, Ip / g]`,
     `y [P, H]` float32."""
     hidden = y.shape[1]
-    _check(simd, w2, s2, xq, ascale, bias)
+    check(simd, w2, s2, xq, ascale, bias)
     if w2.shape[1] != hidden or xq.shape[0] < seg[-1] or y.shape[0] < seg[-1]:
         raise ValueError("w2 must hold H rows, and h and y one row per pair")
     chunks = (hidden + rows_per_task - 1) // rows_per_task
@@ -230,7 +230,7 @@ def linear(simd, xq, ascale, bias, weights, scales, rows_per_task):
     (B = Ip / 2 for INT4, Ip for INT8), `scales [O, Ip / g]` uint16 bits. Parallel over blocks of
     `rows_per_task` output rows; tiles of up to 4 tokens share each weight load."""
     t, out_dim = xq.shape[0], weights.shape[0]
-    _check(simd, weights, scales, xq, ascale, bias)
+    check(simd, weights, scales, xq, ascale, bias)
     y = np.empty((t, out_dim), np.float32)
     chunks = (out_dim + rows_per_task - 1) // rows_per_task
     for c in prange(chunks):

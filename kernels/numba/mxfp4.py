@@ -34,7 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from hetero_moe.kernels.numba.int8dot import dots, tile
+from hetero_moe.kernels.numba import int8dot
+from hetero_moe.kernels.numba.int8dot import check, dots, tile
 from hetero_moe.kernels.numba.simd import LOOKUP, MXFP4, SCALE_E8M0, TILE, Simd
 from numba import njit, prange
 
@@ -111,20 +112,6 @@ def quantize_activations_parallel(x):
 
 
 @njit(inline="always", cache=True)
-def _check(w, scales, xq, ascale, bias) -> None:
-    row_bytes = w.shape[-1]
-    n = (row_bytes + SPAN_BYTES - 1) // SPAN_BYTES
-    if row_bytes % 16 or scales.shape[-1] * 16 != row_bytes or w.shape[:-1] != scales.shape[:-1]:
-        raise ValueError("MXFP4 weights [.., B] need scales [.., B / 16], B a multiple of 16")
-    if xq.shape[1] < n * SPAN_ELEMS or ascale.shape[1] < n * SPAN_GROUPS or bias.shape[1] < n * 16:
-        raise ValueError("activations are too short for the weights")
-    if w.strides[-1] != 1 or scales.strides[-1] != 1 or xq.strides[1] != 1 or ascale.strides[1] != 4:
-        raise ValueError("rows of weights, scales and activations must be contiguous")
-    if bias.strides[1] != 4:
-        raise ValueError("rows of weights, scales and activations must be contiguous")
-
-
-@njit(inline="always", cache=True)
 def clamped_swiglu(gate, up, alpha, limit):
     """gpt-oss's activation of the float32 sums `gate`, `up` (module docstring); float32."""
     g = min(gate, limit)
@@ -142,7 +129,7 @@ def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w13, s13, b13, 
     float32. Tasks are blocks of `rows_per_task` outputs of one expert; tiles of up to 4 pairs share each
     weight load."""
     inter = h.shape[1]
-    _check(w13, s13, xq, ascale, bias)
+    check(simd, w13, s13, xq, ascale, bias)
     if w13.shape[1] != 2 * inter or b13.shape[1] != 2 * inter or h.shape[0] < pair_token.shape[0]:
         raise ValueError("w13 and b13 must hold 2 * I rows and h one row per pair")
     chunks = (inter + rows_per_task - 1) // rows_per_task
@@ -163,33 +150,6 @@ def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w13, s13, b13, 
                     g = both[j, 2 * r] + b13[e, 2 * (r0 + r)]
                     up = both[j, 2 * r + 1] + b13[e, 2 * (r0 + r) + 1]
                     h[p + j, r0 + r] = clamped_swiglu(g, up, alpha, limit)
-            p += n
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def down(simd, xq, ascale, bias, seg, seg_expert, w2, s2, b2, rows_per_task, y):
-    """`y[p] = h[p] W_down[e]^T + b_down[e]` for every pair, grouped by expert as in `gate_up`; `xq, ascale,
-    bias` quantize `h [P, I]`; `w2 [E, H, I / 2]`, `s2 [E, H, I / 32]` uint8, `b2 [E, H]` float32, `y [P, H]`."""
-    hidden = y.shape[1]
-    _check(w2, s2, xq, ascale, bias)
-    if w2.shape[1] != hidden or b2.shape[1] != hidden or xq.shape[0] < seg[-1] or y.shape[0] < seg[-1]:
-        raise ValueError("w2 and b2 must hold H rows, and h and y one row per pair")
-    chunks = (hidden + rows_per_task - 1) // rows_per_task
-    for task in prange(seg_expert.shape[0] * chunks):
-        u, c = task // chunks, task % chunks
-        e = seg_expert[u]
-        r0, r1 = c * rows_per_task, min((c + 1) * rows_per_task, hidden)
-        rows = np.empty(TILE, np.int64)
-        out = np.empty((TILE, r1 - r0), np.float32)
-        p = seg[u]
-        while p < seg[u + 1]:
-            n = tile(seg[u + 1] - p)
-            for j in range(n):
-                rows[j] = p + j
-            dots(simd, n, w2[e, r0:r1], s2[e, r0:r1], xq, ascale, bias, rows, out)
-            for j in range(n):
-                for r in range(r1 - r0):
-                    y[p + j, r0 + r] = out[j, r] + b2[e, r0 + r]
             p += n
 
 
@@ -279,6 +239,7 @@ def kernels(isa: str) -> Kernels:
         gate_up(simd, *act, pair_token, seg, seg_expert, w13, s13, b13, alpha, limit, rows_per_task, h)
 
     def down_(act, seg, seg_expert, w2, s2, b2, rows_per_task, y):
-        down(simd, *act, seg, seg_expert, w2, s2, b2, rows_per_task, y)
+        int8dot.down(simd, *act, seg, seg_expert, w2, s2, rows_per_task, y)  # the INT4 kernel: same spans
+        y[: seg[-1]] += b2[np.repeat(seg_expert, np.diff(seg))]  # each pair's expert's bias
 
     return Kernels(isa, activations, gate_up_, down_)
