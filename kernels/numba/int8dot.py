@@ -13,6 +13,7 @@ spans (`simd.spans`: 128 inputs for INT4, `max(64, g)` for INT8) and padded with
 - `xq [T, spans * span_elems] int8`. INT8: input order. INT4: the order of the nibbles, so a load of
   weight bytes and one of `xq` line up: within span `s`, `xq[128 s + b]` is the input in the low nibble of
   the span's byte `b` and `xq[128 s + 64 + b]` the one in its high nibble.
+  MXFP4 (`mxfp4.py`, group 32, offset 12) alike: its byte `b` holds inputs `128 s + 2 b` and `128 s + 2 b + 1`.
 - `ascale [T, spans * groups_per_span] float32`, zero past the last block.
 - `bias [T, spans * 16] int32`: `-offset` times the sum of `xq` over each integer lane's inputs, so the
   lanes hold `(code - offset) * xq` exactly (lane definition in `simd.py`).
@@ -44,7 +45,7 @@ from hetero_moe.kernels.numba.quantize import (
     fp16_bits,
     widen_group,
 )
-from hetero_moe.kernels.numba.simd import INT4, INT8, TILE, Simd, choose_isa, span_dots, spans
+from hetero_moe.kernels.numba.simd import INT4, INT8, LOOKUP, MXFP4, TILE, Simd, choose_isa, span_dots, spans
 from numba import njit, prange
 
 PARALLEL_ELEMENTS = 1 << 16  # activations of at least this many values are quantized in parallel
@@ -55,7 +56,7 @@ def activation_shape(fmt: int, g: int, in_dim: int) -> tuple[int, int, int]:
     """Columns of (xq, ascale, bias) for inputs of `in_dim` and weights of format `fmt`, group `g`."""
     span_bytes, span_elems, gps = spans(fmt, g)
     ip = -(-in_dim // g) * g
-    row_bytes = ip // 2 if fmt == INT4 else ip
+    row_bytes = ip // 2 if fmt != INT8 else ip
     n = -(-row_bytes // span_bytes)
     return n * span_elems, n * gps, n * 16
 
@@ -80,10 +81,12 @@ def _quantize_token(x, g, fmt, xq, ascale, bias) -> None:
                 j = i - start
                 byte = k * half + j % half
                 xq[128 * (byte // 64) + 64 * (j // half) + byte % 64] = np.int8(q)
+            elif fmt == MXFP4:  # inputs 2b and 2b + 1 of a span in the low and high nibble of its byte b
+                xq[128 * (i // 128) + 64 * (i % 2) + (i % 128) // 2] = np.int8(q)
             else:
                 xq[i] = np.int8(q)
-    span_elems = 128 if fmt == INT4 else max(64, g)
-    offset = 8 if fmt == INT4 else 128
+    span_elems = 128 if fmt != INT8 else max(64, g)
+    offset = 8 if fmt == INT4 else (LOOKUP[0] if fmt == MXFP4 else 128)
     for s in range(bias.shape[0] // 16):
         for lane in range(16):
             total = 0
@@ -97,9 +100,9 @@ def _quantize_token(x, g, fmt, xq, ascale, bias) -> None:
 def _activation_arrays(x, g, fmt):
     t, n_in = x.shape
     ip = (n_in + g - 1) // g * g
-    span_bytes = 64 if fmt == INT4 else max(64, g)
-    span_elems = 128 if fmt == INT4 else max(64, g)
-    n = ((ip // 2 if fmt == INT4 else ip) + span_bytes - 1) // span_bytes
+    span_bytes = 64 if fmt != INT8 else max(64, g)
+    span_elems = 128 if fmt != INT8 else max(64, g)
+    n = ((ip // 2 if fmt != INT8 else ip) + span_bytes - 1) // span_bytes
     xq = np.zeros((t, n * span_elems), np.int8)
     ascale = np.zeros((t, n * span_elems // g), np.float32)
     bias = np.zeros((t, n * 16), np.int32)
@@ -123,6 +126,11 @@ def quantize_activations_parallel(x, g, fmt):
     for t in prange(x.shape[0]):
         _quantize_token(x[t], g, fmt, xq[t], ascale[t], bias[t])
     return xq, ascale, bias
+
+
+def quantize(x: np.ndarray, g: int, fmt: int) -> tuple:
+    """`quantize_activations`, in parallel over tokens from `PARALLEL_ELEMENTS` values up."""
+    return (quantize_activations_parallel if x.size >= PARALLEL_ELEMENTS else quantize_activations)(x, g, fmt)
 
 
 @njit(inline="always", cache=True)
@@ -482,7 +490,6 @@ def _kernels(isa: str, fmt: int, g: int, kind: int) -> Kernels:
     simd = Simd(isa, fmt, g, kind)
 
     def activations(x: np.ndarray) -> tuple:
-        quantize = quantize_activations_parallel if x.size >= PARALLEL_ELEMENTS else quantize_activations
         return quantize(x, g, fmt)
 
     def gate_up_(act, pair_token, seg, seg_expert, w13, s13, rows_per_task, h) -> None:

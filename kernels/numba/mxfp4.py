@@ -36,79 +36,18 @@ from dataclasses import dataclass
 import numpy as np
 from hetero_moe.kernels.numba import int8dot
 from hetero_moe.kernels.numba.int8dot import check, dots, tile
-from hetero_moe.kernels.numba.simd import LOOKUP, MXFP4, SCALE_E8M0, TILE, Simd
+from hetero_moe.kernels.numba.simd import MXFP4, SCALE_E8M0, TILE, Simd
 from numba import njit, prange
-
-SPAN_BYTES = 64  # weight bytes per span
-SPAN_ELEMS = 128  # inputs per span
-SPAN_GROUPS = 4  # blocks of 32 per span
-OFFSET = LOOKUP[0]  # looked-up codes are c + 12 (`simd.LOOKUP`): the integer lanes start at -12 * sum(xq)
-PARALLEL_ELEMENTS = 1 << 16  # activations of at least this many values are quantized in parallel
 
 
 def activation_shape(in_dim: int) -> tuple[int, int, int]:
     """Columns of (xq, ascale, bias) for inputs of `in_dim` (a multiple of 32)."""
-    n = -(-in_dim // SPAN_ELEMS)
-    return n * SPAN_ELEMS, n * SPAN_GROUPS, n * 16
+    return int8dot.activation_shape(MXFP4, 32, in_dim)
 
 
-# --- activations ---------------------------------------------------------------------------------
-
-
-@njit(inline="always", cache=True)
-def _quantize_token(x, xq, ascale, bias) -> None:
-    """One token `x [I]` -> `xq`, `ascale`, `bias` (rows, zeroed by the caller)."""
-    n_in = x.shape[0]
-    for k in range((n_in + 31) // 32):
-        start, stop = 32 * k, min(32 * k + 32, n_in)
-        amax = np.float32(0.0)
-        for i in range(start, stop):
-            amax = max(amax, abs(x[i]))
-        a = amax / np.float32(127.0)
-        ascale[k] = a
-        if not a > 0:
-            continue
-        for i in range(start, stop):
-            q = min(max(np.rint(x[i] / a), np.float32(-127.0)), np.float32(127.0))
-            s, j = i // SPAN_ELEMS, i % SPAN_ELEMS
-            xq[SPAN_ELEMS * s + 64 * (j % 2) + j // 2] = np.int8(q)
-    for s in range(bias.shape[0] // 16):
-        for lane in range(16):
-            total = 0
-            for c in range(4):
-                total += xq[SPAN_ELEMS * s + 4 * lane + c] + xq[SPAN_ELEMS * s + 64 + 4 * lane + c]
-            bias[16 * s + lane] = -OFFSET * total
-
-
-@njit(inline="always", cache=True)
-def _activation_arrays(x):
-    t, n_in = x.shape
-    n = (n_in + SPAN_ELEMS - 1) // SPAN_ELEMS
-    xq = np.zeros((t, n * SPAN_ELEMS), np.int8)
-    ascale = np.zeros((t, n * SPAN_GROUPS), np.float32)
-    bias = np.zeros((t, n * 16), np.int32)
-    return xq, ascale, bias
-
-
-@njit(nogil=True, cache=True)
-def quantize_activations(x):
-    """`x [T, I]` float32 -> `(xq, ascale, bias)`, layout in the module docstring. One thread."""
-    xq, ascale, bias = _activation_arrays(x)
-    for t in range(x.shape[0]):
-        _quantize_token(x[t], xq[t], ascale[t], bias[t])
-    return xq, ascale, bias
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def quantize_activations_parallel(x):
-    """`quantize_activations`, parallel over tokens."""
-    xq, ascale, bias = _activation_arrays(x)
-    for t in prange(x.shape[0]):
-        _quantize_token(x[t], xq[t], ascale[t], bias[t])
-    return xq, ascale, bias
-
-
-# --- the kernels ----------------------------------------------------------------------------------
+def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`x [T, I]` float32 -> `(xq, ascale, bias)`, layout in the module docstring (`int8dot`'s quantizer)."""
+    return int8dot.quantize(x, 32, MXFP4)
 
 
 @njit(inline="always", cache=True)
@@ -233,7 +172,7 @@ def kernels(isa: str) -> Kernels:
     simd = Simd(isa, MXFP4, 32, SCALE_E8M0)
 
     def activations(x: np.ndarray) -> tuple:
-        return (quantize_activations_parallel if x.size >= PARALLEL_ELEMENTS else quantize_activations)(x)
+        return quantize_activations(x)
 
     def gate_up_(act, pair_token, seg, seg_expert, w13, s13, b13, alpha, limit, rows_per_task, h):
         gate_up(simd, *act, pair_token, seg, seg_expert, w13, s13, b13, alpha, limit, rows_per_task, h)
