@@ -22,7 +22,20 @@ import torch
 from hetero_moe.kernels.numba import int8dot
 from hetero_moe.kernels.numba.common import group_by_expert, silu_mul
 from hetero_moe.kernels.numba.int4 import SCALE_BF16, SCALE_FP16
-from hetero_moe.kernels.numba.simd import INT4, INT8, ISAS, choose_isa, target_features
+from hetero_moe.kernels.numba.simd import (
+    AFFINE,
+    INT4,
+    INT8,
+    IQ4_VALUES,
+    IQ4NL,
+    ISAS,
+    SCALE_F32,
+    UINT4,
+    UINT8,
+    choose_isa,
+    spans,
+    target_features,
+)
 from hetero_moe.kernels.quant import dequantize_int4, dequantize_int8, quantize_int8
 from numba import njit
 
@@ -31,14 +44,18 @@ RUNNABLE = [isa for isa in INTEGER if set(ISAS[isa]) <= target_features()]
 # the VNNI code paths with vpdpbusd spelled in plain IR: bit-exactness of their lanes on any AVX2 CPU
 EMULATED = [f"{isa}-emulated" for isa in ("avx512vnni", "avxvnni") if isa not in RUNNABLE and "avx2" in RUNNABLE]
 GROUPS = [32, 64, 128]
-FORMATS = {INT4: "int4", INT8: "int8"}
-OFFSET = {INT4: 8, INT8: 128}
+FORMATS = {INT4: "int4", INT8: "int8", IQ4NL: "iq4nl", UINT4: "uint4", UINT8: "uint8"}
+OFFSET = {INT4: 8, INT8: 128, IQ4NL: 128, UINT4: 0, UINT8: 0}
+NIBBLES = (INT4, IQ4NL, UINT4)
 # Each (format, group, scale kind) is its own compiled specialization of every kernel, per backend, and
 # compiling dominates this file's time. The best backend here gets every group (the group and scale code
 # is the same IR for every backend) and both scale kinds; the others (and the float fallback) one spec per
 # format: the shipped rules' own (INT4 g64, INT8 g32, bf16), which the other test files compile anyway.
 SPECS = [(INT4, 64, SCALE_BF16), (INT8, 32, SCALE_BF16), (INT4, 32, SCALE_FP16), (INT8, 128, SCALE_FP16)]
 SHIPPED = SPECS[:2]
+# the formats GGUF blocks are repacked into (`kernels/ggml_blocks.py`)
+BLOCK_SPECS = [(UINT4, 32, SCALE_F32), (UINT8, 32, SCALE_F32), (IQ4NL, 32, SCALE_FP16), (IQ4NL, 32, SCALE_F32)]
+BLOCK_SPECS += [(INT8, 16, SCALE_F32)]
 PRIMARY = RUNNABLE[:1]
 OTHERS = RUNNABLE[1:] + EMULATED
 SHAPES = [(40, 72), (97, 200), (13, 130), (5, 1000)]  # (out, in): odd sizes, ragged groups and spans
@@ -77,12 +94,12 @@ def ref_activations(x: np.ndarray, g: int) -> tuple[np.ndarray, np.ndarray]:
 def lane_map(fmt: int, g: int, ip: int) -> tuple[np.ndarray, np.ndarray]:
     """`[L, E]` inputs of every integer lane (`ip` for padding) and `[L]` each lane's group, derived from
     the weight layouts: INT4 byte `k g/2 + j` holds inputs `k g + j` (low) and `k g + g/2 + j` (high)."""
-    span_bytes = 64 if fmt == INT4 else max(64, g)
-    row_bytes = ip // 2 if fmt == INT4 else ip
+    span_bytes = 64 if fmt in NIBBLES else max(64, g)
+    row_bytes = ip // 2 if fmt in NIBBLES else ip
     elems, groups = [], []
     for s in range(-(-row_bytes // span_bytes)):
         for i in range(16):
-            if fmt == INT4:
+            if fmt in NIBBLES:
                 lane = []
                 for b in range(64 * s + 4 * i, 64 * s + 4 * i + 4):
                     k, j = divmod(b, g // 2)
@@ -97,15 +114,37 @@ def lane_map(fmt: int, g: int, ip: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def natural_codes(fmt: int, g: int, weights: np.ndarray) -> np.ndarray:
-    """Unsigned weight codes `[O, Ip]` in input order."""
-    if fmt == INT8:
+    """Unsigned weight codes `[O, Ip]` in input order (IQ4NL's looked up)."""
+    if fmt not in NIBBLES:
         return weights.astype(np.int64)
     o = weights.shape[0]
     grouped = weights.reshape(o, -1, g // 2).astype(np.int64)
-    return np.concatenate([grouped & 15, grouped >> 4], axis=-1).reshape(o, -1)
+    codes = np.concatenate([grouped & 15, grouped >> 4], axis=-1).reshape(o, -1)
+    return np.array(IQ4_VALUES)[codes] + 128 if fmt == IQ4NL else codes
+
+
+def affine_rows(fmt: int, g: int, row_bytes: int, scales: np.ndarray, mins: np.ndarray) -> np.ndarray:
+    """`[O, G]` float32 scales and mins -> the affine formats' rows: per span its scales, then its mins."""
+    span_bytes, _, gps = spans(fmt, g)
+    n = -(-row_bytes // span_bytes)
+    out = np.zeros((scales.shape[0], n, 2, gps), np.float32)
+    for i, v in enumerate((scales, mins)):
+        padded = np.zeros((scales.shape[0], n * gps), np.float32)
+        padded[:, : v.shape[1]] = v
+        out[:, :, i] = padded.reshape(-1, n, gps)
+    return out.reshape(scales.shape[0], -1)
+
+
+def split_affine(fmt: int, g: int, rows: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """`affine_rows` back to `[O, G]` scales and mins."""
+    gps = spans(fmt, g)[2]
+    r = rows.reshape(rows.shape[0], -1, 2, gps)
+    return r[:, :, 0].reshape(rows.shape[0], -1)[:, :groups], r[:, :, 1].reshape(rows.shape[0], -1)[:, :groups]
 
 
 def scale_values(bits: np.ndarray, kind: int) -> np.ndarray:
+    if kind == SCALE_F32:
+        return bits
     if kind == SCALE_BF16:
         return (bits.astype(np.uint32) << 16).view(np.float32)
     return bits.view(np.float16).astype(np.float32)
@@ -120,6 +159,9 @@ def ref_dots(fmt: int, g: int, weights: np.ndarray, bits: np.ndarray, kind: int,
     order, scales `a [T, G]`), in the canonical order."""
     ip = xq.shape[1]
     elems, groups = lane_map(fmt, g, ip)
+    mins = None
+    if fmt in AFFINE:
+        bits, mins = split_affine(fmt, g, bits, ip // g)
     codes = pad_column(natural_codes(fmt, g, weights) - OFFSET[fmt])[:, elems]  # [O, L, E]
     xl = pad_column(xq)[:, elems]  # [T, L, E]
     # exact: |products| <= 128 * 255 and a lane has at most 8 of them
@@ -135,7 +177,21 @@ def ref_dots(fmt: int, g: int, weights: np.ndarray, bits: np.ndarray, kind: int,
     v8 = acc[..., :8] + acc[..., 8:]
     v4 = v8[..., :4] + v8[..., 4:]
     v2 = v4[..., :2] + v4[..., 2:]
-    return v2[..., 0] + v2[..., 1]
+    total = v2[..., 0] + v2[..., 1]
+    if mins is None:
+        return total
+    gps = spans(fmt, g)[2]
+    xsum = (xq.reshape(xq.shape[0], -1, g).sum(axis=2) * a).astype(np.float32)  # a X, float32 products
+    m = np.zeros((*total.shape, gps), np.float32)
+    for s in range(-(-mins.shape[1] // gps)):
+        k = slice(gps * s, gps * s + gps)
+        mw, ax = mins[:, k], xsum[:, k]
+        if mw.shape[1] < gps:  # past the row: zero
+            mw, ax = np.pad(mw, ((0, 0), (0, gps - mw.shape[1]))), np.pad(ax, ((0, 0), (0, gps - ax.shape[1])))
+        m = fma32(mw[None, :, :], ax[:, None, :], m)
+    if gps == 4:
+        m = m[..., :2] + m[..., 2:]
+    return total - (m[..., 0] + m[..., 1])
 
 
 def ref_layout(fmt: int, g: int, xq: np.ndarray, a: np.ndarray):
@@ -145,7 +201,7 @@ def ref_layout(fmt: int, g: int, xq: np.ndarray, a: np.ndarray):
     cols, ascale_cols, bias_cols = int8dot.activation_shape(fmt, g, ip)
     laid = np.zeros((t, cols), np.int64)
     padded = pad_column(xq)
-    if fmt == INT4:
+    if fmt in NIBBLES:
         for lane in range(elems.shape[0]):
             s, i = divmod(lane, 16)
             for c in range(4):
@@ -155,6 +211,9 @@ def ref_layout(fmt: int, g: int, xq: np.ndarray, a: np.ndarray):
         laid[:, :ip] = xq
     ascale = np.zeros((t, ascale_cols), np.float32)
     ascale[:, : a.shape[1]] = a
+    if fmt in AFFINE:
+        ax = (xq.reshape(t, -1, g).sum(axis=2) * a).astype(np.float32)
+        ascale = affine_rows(fmt, g, laid.shape[1] // (2 if fmt in NIBBLES else 1), a, ax)
     bias = -OFFSET[fmt] * padded[:, elems].sum(axis=2)
     assert bias.shape[1] == bias_cols
     return laid, ascale, bias
@@ -180,10 +239,16 @@ def silu_rows(gate, up):
 def random_weights(rng, fmt: int, g: int, out_dim: int, in_dim: int, kind: int):
     """Random codes (every byte value) and scales of a few magnitudes, some groups zero."""
     ip = -(-in_dim // g) * g
-    weights = rng.integers(0, 256, (out_dim, ip // 2 if fmt == INT4 else ip), dtype=np.uint8)
+    row_bytes = ip // 2 if fmt in NIBBLES else ip
+    weights = rng.integers(0, 128 if fmt == UINT8 else 256, (out_dim, row_bytes), dtype=np.uint8)
     mag = 10.0 ** rng.integers(-4, 1, (out_dim, ip // g))
     values = (rng.random((out_dim, ip // g)) * mag).astype(np.float32)
     values[rng.random(values.shape) < 0.05] = 0
+    if fmt in AFFINE:
+        mins = (rng.standard_normal(values.shape) * mag).astype(np.float32)
+        return weights, affine_rows(fmt, g, row_bytes, values, mins)
+    if kind == SCALE_F32:
+        return weights, values
     if kind == SCALE_BF16:
         bits = (values.view(np.uint32) >> 16).astype(np.uint16)
     else:
@@ -206,6 +271,14 @@ def random_tokens(rng, tokens: int, in_dim: int) -> np.ndarray:
 
 
 def dequantized(fmt: int, g: int, weights: np.ndarray, bits: np.ndarray, kind: int, in_dim: int) -> np.ndarray:
+    if fmt not in (INT4, INT8) or kind == SCALE_F32:  # float64 from the codes
+        groups = -(-in_dim // g)
+        mins = np.zeros((weights.shape[0], groups))
+        if fmt in AFFINE:
+            bits, mins = split_affine(fmt, g, bits, groups)
+        codes = natural_codes(fmt, g, weights) - OFFSET[fmt]
+        scales = scale_values(bits, kind).astype(np.float64)
+        return (codes * np.repeat(scales, g, axis=1) - np.repeat(mins, g, axis=1))[:, :in_dim]
     sdtype = torch.bfloat16 if kind == SCALE_BF16 else torch.float16
     scales = torch.from_numpy(bits.view(np.int16).copy()).view(sdtype)
     fn = dequantize_int4 if fmt == INT4 else dequantize_int8
@@ -265,8 +338,9 @@ def test_backend_choice() -> None:
                 int8dot.select_backend(isa)
 
 
-@pytest.mark.parametrize("fmt", [INT4, INT8])
-@pytest.mark.parametrize("g", GROUPS)
+@pytest.mark.parametrize(
+    ("fmt", "g"), [(f, g) for f in (INT4, INT8) for g in GROUPS] + [(IQ4NL, 32), (UINT4, 32), (UINT8, 32), (INT8, 16)]
+)
 @pytest.mark.parametrize("in_dim", [1, 72, 130, 200, 257])
 def test_activation_layout(fmt: int, g: int, in_dim: int) -> None:
     rng = np.random.default_rng(in_dim + g)
@@ -298,6 +372,28 @@ def test_linear(isa: str, fmt: int, g: int, out_dim: int, in_dim: int, kind: int
         assert_close(y, w64, xq, a, g)
 
 
+@pytest.mark.parametrize(
+    ("isa", "fmt", "g", "kind"), [(isa, *spec) for isa in RUNNABLE + EMULATED for spec in BLOCK_SPECS]
+)
+def test_block_formats_linear(isa: str, fmt: int, g: int, kind: int) -> None:
+    """The formats of GGUF's blocks, bit-exact per backend, on rows with and without a ragged last span."""
+    rng = np.random.default_rng(fmt * 100 + g + kind)
+    k = kernels(isa, fmt, g, kind)
+    for out_dim, in_dim in ((13, 200), (40, 256)):
+        weights, bits = random_weights(rng, fmt, g, out_dim, in_dim, kind)
+        w64 = dequantized(fmt, g, weights, bits, kind, in_dim)
+        for tokens in (1, 3, 17):
+            x = random_tokens(rng, tokens, in_dim)
+            xq, a = ref_activations(x, g)
+            y = k.linear(k.activations(x), weights, bits, 8)
+            assert_bits(y, ref_dots(fmt, g, weights, bits, kind, xq, a))
+            if fmt not in AFFINE:  # the mins' products are rounded once more
+                assert_close(y, w64, xq, a, g)
+            else:
+                exact = (xq * np.repeat(a, g, axis=1))[:, :in_dim] @ w64.T
+                assert np.allclose(y, exact, rtol=1e-4, atol=1e-5 * np.abs(exact).max())
+
+
 def route(rng, tokens: int, top_k: int, e: int) -> np.ndarray:
     """Top-k of a few experts only (some get no token); -1 marks a pair computed elsewhere."""
     index = np.stack([rng.permutation(min(e, top_k + 2))[:top_k] for _ in range(tokens)]).astype(np.int64)
@@ -325,6 +421,11 @@ ROUTING = [(1, 1), (1, 8), (3, 2), (17, 6), (300, 3), (17, 4)]  # (tokens, top-k
 )
 def test_experts(isa: str, fmt: int, g: int, e: int, inter: int, hidden: int, tokens: int, top_k: int, kind: int):
     check_experts(isa, fmt, g, e, inter, hidden, tokens, top_k, kind)
+
+
+@pytest.mark.parametrize(("isa", "fmt", "g", "kind"), [(isa, *spec) for isa in PRIMARY for spec in BLOCK_SPECS])
+def test_block_formats_experts(isa: str, fmt: int, g: int, kind: int) -> None:
+    check_experts(isa, fmt, g, 6, 97, 200, 17, 4, kind)
 
 
 @pytest.mark.parametrize(

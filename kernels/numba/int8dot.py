@@ -6,6 +6,11 @@ Weights (per row, groups of g = 32, 64 or 128 along the input, zero-padded to `I
 - INT8: `weights [O, Ip] uint8`, `u = q + 128` with `q` in -127..127 (offset 128).
 - Both: `scales [O, Ip / g] uint16`, bf16 or fp16 bits; `w = s * (code - offset)`.
 
+llama.cpp's other block types run in formats of their own, repacked losslessly (`kernels/ggml_blocks.py`):
+IQ4NL (INT4's nibbles, each looked up into INT8's byte; fp16 or float32 scales), INT8 with group 16 and
+float32 scales (Q6_K), and the affine UINT4 and UINT8 (`w = s * code - m`, INT4's and INT8's layouts,
+float32 scales and mins; see `simd.py`).
+
 Activations (`quantize_activations`), per token and block of g inputs: `a = amax / 127` (float32),
 `xq = rint(x / a)` clamped to [-127, 127], all zero where `a == 0`. They are laid out for the weights'
 spans (`simd.spans`: 128 inputs for INT4, `max(64, g)` for INT8) and padded with zeros to whole spans:
@@ -45,20 +50,42 @@ from hetero_moe.kernels.numba.quantize import (
     fp16_bits,
     widen_group,
 )
-from hetero_moe.kernels.numba.simd import INT4, INT8, LOOKUP, MXFP4, TILE, Simd, choose_isa, span_dots, spans
+from hetero_moe.kernels.numba.simd import (
+    AFFINE,
+    INT4,
+    INT8,
+    IQ4NL,
+    LOOKUP,
+    MXFP4,
+    NIBBLES,
+    SCALE_F32,
+    TILE,
+    UINT4,
+    UINT8,
+    VALID,
+    Simd,
+    choose_isa,
+    span_dots,
+    spans,
+)
 from numba import njit, prange
 
 PARALLEL_ELEMENTS = 1 << 16  # activations of at least this many values are quantized in parallel
-FORMATS = {"int4": INT4, "int8": INT8}
+FORMATS = {"int4": INT4, "int8": INT8, "iq4nl": IQ4NL, "uint4": UINT4, "uint8": UINT8}
 
 
 def activation_shape(fmt: int, g: int, in_dim: int) -> tuple[int, int, int]:
     """Columns of (xq, ascale, bias) for inputs of `in_dim` and weights of format `fmt`, group `g`."""
     span_bytes, span_elems, gps = spans(fmt, g)
     ip = -(-in_dim // g) * g
-    row_bytes = ip // 2 if fmt != INT8 else ip
+    row_bytes = ip // 2 if fmt in NIBBLES else ip
     n = -(-row_bytes // span_bytes)
-    return n * span_elems, n * gps, n * 16
+    return n * span_elems, n * gps * (2 if fmt in AFFINE else 1), n * 16
+
+
+@njit(inline="always", cache=True)
+def _nibbles(fmt) -> bool:
+    return fmt in (INT4, MXFP4, IQ4NL, UINT4)
 
 
 @njit(inline="always", cache=True)
@@ -66,27 +93,40 @@ def _quantize_token(x, g, fmt, xq, ascale, bias) -> None:
     """One token `x [I]` -> `xq`, `ascale`, `bias` (rows, zeroed by the caller)."""
     n_in = x.shape[0]
     half = g // 2
+    span_elems = 128 if _nibbles(fmt) else max(64, g)
+    gps = span_elems // g
+    affine = fmt in (UINT4, UINT8)
     for k in range((n_in + g - 1) // g):
         start, stop = k * g, min(k * g + g, n_in)
         amax = np.float32(0.0)
         for i in range(start, stop):
             amax = max(amax, abs(x[i]))
         a = amax / np.float32(127.0)
-        ascale[k] = a
+        at = (k // gps) * 2 * gps + k % gps if affine else k
+        ascale[at] = a
         if not a > 0:
             continue
+        total = 0
         for i in range(start, stop):
             q = min(max(np.rint(x[i] / a), np.float32(-127.0)), np.float32(127.0))
-            if fmt == INT4:
+            total += np.int64(q)
+            if fmt == MXFP4:  # inputs 2b and 2b + 1 of a span in the low and high nibble of its byte b
+                xq[128 * (i // 128) + 64 * (i % 2) + (i % 128) // 2] = np.int8(q)
+            elif _nibbles(fmt):
                 j = i - start
                 byte = k * half + j % half
                 xq[128 * (byte // 64) + 64 * (j // half) + byte % 64] = np.int8(q)
-            elif fmt == MXFP4:  # inputs 2b and 2b + 1 of a span in the low and high nibble of its byte b
-                xq[128 * (i // 128) + 64 * (i % 2) + (i % 128) // 2] = np.int8(q)
             else:
                 xq[i] = np.int8(q)
-    span_elems = 128 if fmt != INT8 else max(64, g)
-    offset = 8 if fmt == INT4 else (LOOKUP[0] if fmt == MXFP4 else 128)
+        if affine:
+            ascale[at + gps] = a * np.float32(total)
+    offset = 0
+    if fmt == INT4:
+        offset = 8
+    elif fmt == MXFP4:
+        offset = LOOKUP[0]
+    elif fmt in (INT8, IQ4NL):
+        offset = 128
     for s in range(bias.shape[0] // 16):
         for lane in range(16):
             total = 0
@@ -100,11 +140,11 @@ def _quantize_token(x, g, fmt, xq, ascale, bias) -> None:
 def _activation_arrays(x, g, fmt):
     t, n_in = x.shape
     ip = (n_in + g - 1) // g * g
-    span_bytes = 64 if fmt != INT8 else max(64, g)
-    span_elems = 128 if fmt != INT8 else max(64, g)
-    n = ((ip // 2 if fmt != INT8 else ip) + span_bytes - 1) // span_bytes
+    span_bytes = 64 if _nibbles(fmt) else max(64, g)
+    span_elems = 128 if _nibbles(fmt) else max(64, g)
+    n = ((ip // 2 if _nibbles(fmt) else ip) + span_bytes - 1) // span_bytes
     xq = np.zeros((t, n * span_elems), np.int8)
-    ascale = np.zeros((t, n * span_elems // g), np.float32)
+    ascale = np.zeros((t, n * span_elems // g * (2 if fmt in (UINT4, UINT8) else 1)), np.float32)
     bias = np.zeros((t, n * 16), np.int32)
     return xq, ascale, bias
 
@@ -156,7 +196,12 @@ def check(simd, w, scales, xq, ascale, bias) -> None:
     span_bytes, span_elems, gps = simd.span
     row_bytes = w.shape[-1]
     n = (row_bytes + span_bytes - 1) // span_bytes
-    if row_bytes % 16 or scales.shape[-1] * span_bytes != gps * row_bytes or w.shape[:-1] != scales.shape[:-1]:
+    if simd.affine:  # whole spans of (scales, mins)
+        fits = scales.shape[-1] == 2 * gps * n
+        gps *= 2
+    else:
+        fits = scales.shape[-1] * span_bytes == gps * row_bytes
+    if row_bytes % 16 or not fits or w.shape[:-1] != scales.shape[:-1]:
         raise ValueError("weights and scales do not fit the backend's format and group size")
     if xq.shape[1] < n * span_elems or ascale.shape[1] < n * gps or bias.shape[1] < n * 16:
         raise ValueError("activations are too short for the weights (quantized for another format or size?)")
@@ -465,9 +510,18 @@ class Backend:
     name: str
 
     def kernels(self, fmt: str, g: int, kind: int) -> Kernels:
-        """`fmt` "int4" or "int8", group size `g` (32, 64, 128), `kind` int4.SCALE_BF16 or SCALE_FP16."""
-        if fmt not in FORMATS or g not in (32, 64, 128) or kind not in (SCALE_BF16, SCALE_FP16):
+        """`fmt` one of `FORMATS`, with a group size `g` and scale `kind` (int4.SCALE_BF16, SCALE_FP16, or
+        simd.SCALE_F32) that `simd.VALID` allows for it. The formats beyond INT4 and INT8 (GGUF blocks
+        repacked, `kernels/ggml_blocks.py`) have integer kernels only: on the `float` backend they are a
+        ValueError."""
+        groups, kinds = VALID.get(FORMATS.get(fmt, -1), ((), ()))
+        if g not in groups or kind not in kinds:
             raise ValueError(f"no kernels for format {fmt!r}, group {g!r}, scale kind {kind!r}")
+        if self.name == "float" and (fmt not in ("int4", "int8") or kind == SCALE_F32 or g not in (32, 64, 128)):
+            raise ValueError(
+                f"{fmt} weights with group {g} run on the integer kernels, which need AVX2; this CPU has only "
+                f"the float backend"
+            )
         return _kernels(self.name, FORMATS[fmt], g, kind)
 
 

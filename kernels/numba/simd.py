@@ -15,8 +15,9 @@ hardware at run time. Compiling an instruction the target CPU lacks aborts the p
 
 Canonical arithmetic (the same bits from every isa; `int8dot.py` has the formats):
 
-- A weight row is cut in spans: 64 bytes for INT4 and MXFP4 (128 elements), `max(64, g)` bytes for INT8.
-  MXFP4's nibbles are first looked up into unsigned bytes (`LOOKUP`), then multiplied as INT4's are.
+- A weight row is cut in spans: 64 bytes for the formats of nibbles (128 elements), `max(64, g)` bytes
+  for INT8 and UINT8. MXFP4's nibbles are first looked up into unsigned bytes (`LOOKUP`), then multiplied
+  as INT4's are; IQ4NL's are looked up into INT8's bytes (`IQ4_LOOKUP`), then multiplied as INT8's are.
 - Integer lane `i` (0..15) of a span is exact: the sum, over the weight bytes `4i..4i+3` of the span (and
   `64 + 4i..` when an INT8 span has 128 bytes), of `(code - offset) * xq` for every element those bytes
   hold (both nibbles for INT4). The kernels compute `code * xq` with unsigned codes and start each lane at
@@ -27,6 +28,13 @@ Canonical arithmetic (the same bits from every isa; `int8dot.py` has the formats
   `v2[0] + v2[1]`.
 
 Lanes are exact in float32 (|lane| < 2^24), so these float operations fix the result bit for bit.
+
+Affine formats (UINT4, UINT8: llama.cpp's Q4_1, Q5_1, Q4_K, Q5_K repacked without loss): `w = s * code - m`
+per group, offset 0, float32 `s` and `m`. Their scale rows hold, per span, the span's `gps` scales then its
+`gps` mins (zero past the row); the activations' `ascale` holds, per span, the `gps` activation scales `a`
+then `gps` products `a * X` (float32), X the sum of the group's `xq`. Besides the lanes, each token keeps a
+float32 vector `mins[q] = fma(m[q], (a X)[q], mins[q])` over the spans; its sum (`m2 = mins[0:2] + mins[2:4]`
+for 4 groups a span, then `m2[0] + m2[1]`) is subtracted from the row result.
 """
 
 from __future__ import annotations
@@ -52,12 +60,23 @@ ISAS: dict[str, tuple[str, ...]] = {  # best first; the LLVM feature names each 
 INT4 = 4
 INT8 = 8
 MXFP4 = 2  # gpt-oss's e2m1 codes, two to a byte like INT4, looked up into `c + 12` (see `LOOKUP`)
-FORMATS = {INT4: "int4", INT8: "int8", MXFP4: "mxfp4"}
+IQ4NL = 3  # llama.cpp's IQ4_NL codes, nibbles in INT4's order, looked up into INT8's bytes (see `IQ4_LOOKUP`)
+UINT4 = 5  # affine: nibbles in INT4's order, `w = s * code - m` (see "Affine formats" above)
+UINT8 = 9  # affine: bytes 0..127 in INT8's order, `w = s * code - m`
+FORMATS = {INT4: "int4", INT8: "int8", MXFP4: "mxfp4", IQ4NL: "iq4nl", UINT4: "uint4", UINT8: "uint8"}
+NIBBLES = (INT4, MXFP4, IQ4NL, UINT4)  # formats of two codes a byte
+AFFINE = (UINT4, UINT8)
+OFFSETS = {INT4: 8, INT8: 128, MXFP4: 12, IQ4NL: 128, UINT4: 0, UINT8: 0}  # w = s * (code - offset) [- m]
 SCALE_E8M0 = 2  # MXFP4's scales: one byte a block of 32, the power of two 2^(s - 127)
-SCALES = {SCALE_BF16: "bf16", SCALE_FP16: "fp16", SCALE_E8M0: "e8m0"}
+SCALE_F32 = 3  # float32 scales (and, in the affine formats, float32 mins)
+SCALES = {SCALE_BF16: "bf16", SCALE_FP16: "fp16", SCALE_E8M0: "e8m0", SCALE_F32: "f32"}
 GROUPS = (32, 64, 128)
+INT8_GROUPS = (16, *GROUPS)
 # an e2m1 nibble -> `c + 12`, c twice its value (-12..12): an unsigned byte for the integer dot products
 LOOKUP = tuple(c + 12 for c in (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12))
+# an IQ4_NL nibble -> its value k (llama.cpp's `kvalues_iq4nl`) as INT8's byte `k + 128`
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+IQ4_LOOKUP = tuple(k + 128 for k in IQ4_VALUES)
 TILE = 4  # most tokens one `span_dots` call multiplies with a weight row
 PREFETCH = 4096  # weight bytes ahead to prefetch (measured on Zen 3: the hardware prefetcher alone left ~35 % idle)
 
@@ -92,7 +111,7 @@ def choose_isa(name: str | None = None, features: frozenset[str] | None = None) 
 
 def spans(fmt: int, g: int) -> tuple[int, int, int]:
     """(weight bytes, input elements, groups) of one span of a row."""
-    if fmt in (INT4, MXFP4):
+    if fmt in NIBBLES:
         return 64, 128, 128 // g
     return max(64, g), max(64, g), max(64, g) // g
 
@@ -112,10 +131,9 @@ class SimdType(types.Dummy):
 
 @dataclass(frozen=True)
 class Simd:
-    """Compile-time token: instruction set, weight format (INT4 or INT8, with `SCALE_BF16` or `SCALE_FP16`
-    scales; or MXFP4, group 32, `SCALE_E8M0`), group size and scale kind. Make it through `choose_isa` (or a
-    test that only compiles):
-    running code for an instruction set the CPU lacks crashes."""
+    """Compile-time token: instruction set, weight format, group size and scale kind (`VALID`). Make it
+    through `choose_isa` (or a test that only compiles): running code for an instruction set the CPU lacks
+    crashes."""
 
     isa: str
     fmt: int
@@ -123,17 +141,23 @@ class Simd:
     kind: int = SCALE_BF16
 
     def __post_init__(self) -> None:
-        if self.fmt == MXFP4:
-            ok = self.g == 32 and self.kind == SCALE_E8M0
-        else:
-            ok = self.fmt in (INT4, INT8) and self.g in GROUPS and self.kind in (SCALE_BF16, SCALE_FP16)
-        if not ok or self.isa not in CODEGEN:
+        groups, kinds = VALID.get(self.fmt, ((), ()))
+        if self.g not in groups or self.kind not in kinds or self.isa not in CODEGEN:
             raise ValueError(f"no integer kernels for {self}")
 
     @functools.cached_property
     def _numba_type_(self) -> SimdType:  # once: every kernel call types its arguments
         return SimdType(self.isa, self.fmt, self.g, self.kind)
 
+
+VALID = {  # format -> (group sizes, scale kinds)
+    INT4: (GROUPS, (SCALE_BF16, SCALE_FP16)),
+    INT8: (INT8_GROUPS, (SCALE_BF16, SCALE_FP16, SCALE_F32)),
+    MXFP4: ((32,), (SCALE_E8M0,)),
+    IQ4NL: ((32,), (SCALE_FP16, SCALE_F32)),
+    UINT4: ((32,), (SCALE_F32,)),
+    UINT8: ((32,), (SCALE_F32,)),
+}
 
 register_model(SimdType)(models.OpaqueModel)
 
@@ -143,6 +167,13 @@ def _span(simd):
     """`simd.span` in jitted code: the constant `spans(fmt, g)`."""
     shape = spans(simd.fmt, simd.g)
     return lambda simd: shape
+
+
+@overload_attribute(SimdType, "affine")
+def _affine(simd):
+    """`simd.affine` in jitted code: whether scale rows hold (scales, mins) per span."""
+    affine = simd.fmt in AFFINE
+    return lambda simd: affine
 
 
 @unbox(SimdType)
@@ -185,6 +216,10 @@ class Isa:
     def int8_lanes(self, b, weights, xs, bias):
         raise NotImplementedError
 
+    def uint8_lanes(self, b, weights, xs, bias):
+        """Lanes of unsigned codes 0..127 (UINT8) times `xs`, from `bias`."""
+        raise NotImplementedError
+
 
 class Avx2(Isa):
     """`vpmaddubsw` then `vpmaddwd` by ones. The int16 step must not saturate. INT4: nibble products (at
@@ -218,6 +253,11 @@ class Avx2(Isa):
             lanes = part if lanes is None else b.add(lanes, part)
         return lanes
 
+    def uint8_lanes(self, b, weights, xs, bias):  # codes below 128: a pair is at most 2 * 127 * 127
+        for w, x in zip(weights, xs, strict=True):
+            bias = b.add(bias, self._maddwd(b, self._maddubs(b, w, x), 1))
+        return bias
+
 
 class Vnni(Isa):
     """`vpdpbusd`: 4 u8 x s8 products added to each int32 lane, exact."""
@@ -242,10 +282,12 @@ class Vnni(Isa):
         return (w,)
 
     def int8_lanes(self, b, weights, xs, bias):
-        acc = bias
-        for (w,), x in zip(weights, xs, strict=True):
-            acc = self._dpbusd(b, acc, w, x)
-        return acc
+        return self.uint8_lanes(b, [w for (w,) in weights], xs, bias)
+
+    def uint8_lanes(self, b, weights, xs, bias):
+        for w, x in zip(weights, xs, strict=True):
+            bias = self._dpbusd(b, bias, w, x)
+        return bias
 
 
 class VnniEmulated(Vnni):
@@ -303,14 +345,15 @@ class _Loads:
         return b.shuffle_vector(pieces[0], pieces[1], ir.Constant(_vec(I32, 64), list(range(64))))
 
 
-def _lookup(b: ir.IRBuilder, isa: str, nibbles: ir.Value, nbytes: int) -> ir.Value:
-    """`LOOKUP` of each nibble of `nibbles <nbytes x i8>` (values 0..15): `vpshufb` on a table repeated in
-    every 16-byte lane (512-bit on AVX-512, else 256-bit pieces)."""
+def _lookup(b: ir.IRBuilder, isa: str, nibbles: ir.Value, nbytes: int, values: tuple[int, ...]) -> ir.Value:
+    """`values[n]` for each nibble n of `nibbles <nbytes x i8>` (values 0..15): `vpshufb` on the table
+    repeated in every 16-byte lane (512-bit on AVX-512, else 256-bit pieces)."""
+    values = [v - 256 if v > 127 else v for v in values]  # as signed bytes
     if isa == "avx512vnni":
         fn = _declare(b, "llvm.x86.avx512.pshuf.b.512", _vec(I8, 64), [_vec(I8, 64)] * 2)
-        return b.call(fn, [ir.Constant(_vec(I8, 64), list(LOOKUP) * 4), nibbles])
+        return b.call(fn, [ir.Constant(_vec(I8, 64), values * 4), nibbles])
     fn = _declare(b, "llvm.x86.avx2.pshuf.b", _vec(I8, 32), [_vec(I8, 32)] * 2)
-    table = ir.Constant(_vec(I8, 32), list(LOOKUP) * 2)
+    table = ir.Constant(_vec(I8, 32), values * 2)
     pieces = []
     for k in range(nbytes // 32):
         piece = b.shuffle_vector(nibbles, nibbles, ir.Constant(_vec(I32, 32), list(range(32 * k, 32 * k + 32))))
@@ -356,25 +399,33 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
     fma = _declare(b, f"llvm.fma.v{width}f32", _vec(F32, width), [_vec(F32, width)] * 3)
     zero = ir.Constant(_vec(F32, width), [0.0] * width)
     acc = [[cgutils.alloca_once_value(b, zero) for _ in range(parts)] for _ in range(n)]
+    affine = fmt in AFFINE
+    if affine:
+        gfma = _declare(b, f"llvm.fma.v{gps}f32", _vec(F32, gps), [_vec(F32, gps)] * 3)
+        gzero = ir.Constant(_vec(F32, gps), [0.0] * gps)
+        mins = [cgutils.alloca_once_value(b, gzero) for _ in range(n)]
 
     def const(v: int) -> ir.Constant:
         return ir.Constant(I64, v)
 
-    size, item = (1, I8) if simd.kind == SCALE_E8M0 else (2, I16)  # bytes and type of one stored scale
+    size, item = {SCALE_E8M0: (1, I8), SCALE_F32: (4, F32)}.get(simd.kind, (2, I16))  # one stored scale
 
     def row_scales(srow: ir.Value, s: ir.Value, tail: bool) -> ir.Value:
-        """float32 `<gps>` scales of span `s`; in the tail span, 0 for groups past the row."""
-        first = b.mul(s, const(gps))
-        if not tail:
+        """float32 `<gps>` scales of span `s`; in the tail span, 0 for groups past the row (affine rows
+        hold whole spans)."""
+        first = b.mul(s, const(2 * gps if affine else gps))
+        if not tail or affine:
             bits = b.load(b.bitcast(b.gep(srow, [b.mul(first, const(size))]), _vec(item, gps).as_pointer()), align=size)
         else:  # groups past the row may be past the array: load those from group 0, then zero them
-            bits = ir.Constant(_vec(item, gps), [0] * gps)
+            bits = ir.Constant(_vec(item, gps), [0.0 if item == F32 else 0] * gps)
             for q in range(gps):
                 k = b.add(first, const(q))
                 inside = b.icmp_signed("<", k, groups)
                 where = b.select(inside, b.mul(k, const(size)), const(0))
                 v = b.load(b.bitcast(b.gep(srow, [where]), item.as_pointer()), align=size)
                 bits = b.insert_element(bits, b.select(inside, v, ir.Constant(item, 0)), ir.Constant(I32, q))
+        if simd.kind == SCALE_F32:
+            return bits
         if simd.kind == SCALE_E8M0:
             return _e8m0_scales(b, bits, gps)
         if simd.kind == SCALE_BF16:
@@ -398,28 +449,43 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
                 b.call(prefetch, [ahead, ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
         xbase = b.mul(s, const(span_elems))
         bbase = b.mul(s, const(64))  # 16 int32 bias lanes per span
-        abase = b.mul(s, const(4 * gps))  # float32 activation scales of the span's groups
+        abase = b.mul(s, const(4 * gps * (2 if affine else 1)))  # float32 activation scales of the span's groups
         sw = row_scales(srow, s, tail)
+        if affine:  # the span's mins, after its scales
+            mw = loads.load(srow, b.mul(b.add(b.mul(s, const(2 * gps)), const(gps)), const(4)), _vec(F32, gps), 4)
+            for j, (_, arow, _) in enumerate(tokens):
+                ax = loads.load(arow, b.add(abase, const(4 * gps)), _vec(F32, gps), align=4)
+                b.store(b.call(gfma, [mw, ax, b.load(mins[j])]), mins[j])
         for p in range(parts):
-            if fmt != INT8:
+            if fmt in NIBBLES:
                 lo, hi = isa.nibbles(b, loads.weights(b.add(wbase, const(p * vbytes)), vbytes, tail))
                 if fmt == MXFP4:
-                    lo, hi = _lookup(b, simd.isa, lo, vbytes), _lookup(b, simd.isa, hi, vbytes)
+                    lo, hi = _lookup(b, simd.isa, lo, vbytes, LOOKUP), _lookup(b, simd.isa, hi, vbytes, LOOKUP)
+                if fmt == IQ4NL:
+                    lo, hi = _lookup(b, simd.isa, lo, vbytes, IQ4_LOOKUP), _lookup(b, simd.isa, hi, vbytes, IQ4_LOOKUP)
+                    weights = [isa.unpack_int8(b, lo), isa.unpack_int8(b, hi)]
             else:
                 chunks = range(span_bytes // 64)
-                weights = [
-                    isa.unpack_int8(b, loads.weights(b.add(wbase, const(64 * m + p * vbytes)), vbytes, tail))
-                    for m in chunks
-                ]
+                raw = [loads.weights(b.add(wbase, const(64 * m + p * vbytes)), vbytes, tail) for m in chunks]
+                weights = raw if fmt == UINT8 else [isa.unpack_int8(b, w) for w in raw]
             mask = ir.Constant(_vec(I32, width), [(p * width + lane) // lanes_per_group for lane in range(width)])
             for j, (xrow, arow, brow) in enumerate(tokens):
-                bias = None
-                if fmt != INT8 or isa.int8_bias:
+                if affine:  # offset 0: lanes start at 0
+                    bias = ir.Constant(_vec(I32, width), [0] * width)
+                elif fmt in (INT8, IQ4NL) and not isa.int8_bias:
+                    bias = None
+                else:
                     bias = loads.load(brow, b.add(bbase, const(4 * p * width)), _vec(I32, width), align=4)
-                if fmt != INT8:
+                if fmt in NIBBLES:
                     xlo = loads.load(xrow, b.add(xbase, const(p * vbytes)), _vec(I8, vbytes))
                     xhi = loads.load(xrow, b.add(xbase, const(64 + p * vbytes)), _vec(I8, vbytes))
-                    lanes = isa.int4_lanes(b, lo, hi, xlo, xhi, bias)
+                    if fmt == IQ4NL:
+                        lanes = isa.int8_lanes(b, weights, [xlo, xhi], bias)
+                    else:
+                        lanes = isa.int4_lanes(b, lo, hi, xlo, xhi, bias)
+                elif fmt == UINT8:
+                    xs = [loads.load(xrow, b.add(xbase, const(64 * m + p * vbytes)), _vec(I8, vbytes)) for m in chunks]
+                    lanes = isa.uint8_lanes(b, weights, xs, bias)
                 else:
                     xs = [loads.load(xrow, b.add(xbase, const(64 * m + p * vbytes)), _vec(I8, vbytes)) for m in chunks]
                     lanes = isa.int8_lanes(b, weights, xs, bias)
@@ -440,6 +506,8 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
         for j in range(n):
             for p in range(parts):
                 b.store(zero, acc[j][p])
+            if affine:
+                b.store(gzero, mins[j])
         with cgutils.for_range(b, full) as loop:
             span(wrow, srow, loads, loop.index, tail=False)
         with b.if_then(has_tail, likely=False):
@@ -450,6 +518,11 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
             v4 = b.fadd(*halves(v8, 4))
             v2 = b.fadd(*halves(v4, 2))
             total = b.fadd(b.extract_element(v2, ir.Constant(I32, 0)), b.extract_element(v2, ir.Constant(I32, 1)))
+            if affine:
+                m = b.load(mins[j])
+                m = b.fadd(*halves(m, gps // 2)) if gps == 4 else m
+                pair = [b.extract_element(m, ir.Constant(I32, i)) for i in (0, 1)]
+                total = b.fsub(total, b.fadd(*pair))
             at = b.add(b.mul(const(j), out_stride), b.mul(r, const(4)))
             b.store(total, b.bitcast(b.gep(out, [at]), F32.as_pointer()))
     b.ret_void()
@@ -487,17 +560,19 @@ def span_dots(typingctx, simd, n, w, scales, xq, ascale, bias, rows, out):
     the canonical order.
 
     `w [R, B]` uint8, rows of packed weights (B a multiple of 16); `scales [R, G]` uint16, their bf16 or
-    fp16 bits (`simd.kind`), or uint8 e8m0 bytes (MXFP4); `xq [T, >= spans * span_elems]` int8, `ascale
-    [T, >= spans * gps]` float32 and `bias [T, >= spans * 16]` int32, from `int8dot.quantize_activations`
+    fp16 bits (`simd.kind`), uint8 e8m0 bytes (MXFP4) or float32 (`[R, spans * 2 * gps]` with the mins in
+    the affine formats); `xq [T, >= spans * span_elems]` int8, `ascale [T, >= spans * gps]` (twice that
+    in the affine formats) float32 and `bias [T, >= spans * 16]` int32, from `int8dot.quantize_activations`
     (MXFP4: `mxfp4.quantize_activations`); `rows [>= n]` int64;
     `out [>= n, >= R]` float32. Rows may be strided; within a row, elements must be contiguous (the
     caller checks: the code here reads them so).
     """
     if not isinstance(simd, SimdType) or not isinstance(n, types.IntegerLiteral) or not 1 <= n.literal_value <= TILE:
         return None
+    scale_type = {SCALE_E8M0: types.uint8, SCALE_F32: types.float32}.get(simd.kind, types.uint16)
     wanted = [
         (w, types.uint8, 2),
-        (scales, types.uint8 if simd.kind == SCALE_E8M0 else types.uint16, 2),
+        (scales, scale_type, 2),
         (xq, types.int8, 2),
         (ascale, types.float32, 2),
         (bias, types.int32, 2),
