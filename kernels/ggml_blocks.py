@@ -1,62 +1,234 @@
-"""llama.cpp's Q4_0 and Q8_0 blocks, repacked losslessly into the layout of the int8-activation kernels.
+"""llama.cpp's block types, repacked losslessly into the layouts of the int8-activation kernels.
 
-A block holds 32 consecutive inputs of one row: its fp16 scale `d` (2 bytes), then the codes.
+Every weight of a block is `s * code - m` (or `s * (code - offset)`) with small integer codes and float
+scales that are exact in float32 (an fp16 times a 6- or 8-bit integer), so each type maps onto one
+kernel format (`kernels/numba/int8dot.py`, `simd.py`) without changing a value:
 
-- Q4_0 (18 bytes): 16 bytes of nibbles, byte `j` holding input `j` in its low nibble and input `j + 16` in
-  its high one; `w = d * (q - 8)`. That is byte for byte the INT4 layout of `numba/int8dot.py` with group
-  32 (offset 8, the first half of a group in the low nibbles): only the scales move out of the rows.
-- Q8_0 (34 bytes): 32 signed bytes `q`; `w = d * q`. The INT8 layout stores `u = q + 128` (offset 128),
-  the same byte with its top bit flipped; q = -128 becomes 0, which the kernels multiply exactly too.
+| type | block | runs as | group | scales |
+|---|---|---|---|---|
+| Q4_0 | 32 | int4 (offset 8) | 32 | fp16 `d` |
+| Q8_0 | 32 | int8 (offset 128) | 32 | fp16 `d` |
+| Q5_0 | 32 | int8 | 32 | fp16 `d` |
+| IQ4_NL | 32 | iq4nl (the nibble looked up) | 32 | fp16 `d` |
+| Q4_1 | 32 | uint4, `m = -min` | 32 | float32 |
+| Q5_1 | 32 | uint8, `m = -min` | 32 | float32 |
+| Q4_K | 256 | uint4, `s = d * sc`, `m = dmin * mn` | 32 | float32 |
+| Q5_K | 256 | uint8, as Q4_K | 32 | float32 |
+| Q6_K | 256 | int8, `s = d * sc` | 16 | float32 |
+| IQ4_XS | 256 | iq4nl, `s = d * (ls - 32)` | 32 | float32 |
 
-Both give `codes [R, nb * 16 | nb * 32] uint8` and `scales [R, nb] uint16` (fp16 bits), written into
-arrays the caller allocates (rows of the destination must be contiguous).
+The bit layouts are llama.cpp's (`ggml-common.h`); `gguf.quants` dequantizes them the same way, and the
+tests check every type against it. Nibble formats keep a group's inputs `j` and `j + g/2` in the low and
+high nibble of its byte `j` (Q4_0's order, which Q4_K's 64-input chunks are rearranged into); the others
+hold one code a byte. Where a type takes more bytes here than in the file (float32 scales, 5- and 6-bit codes
+widened to bytes), `Repack.row_bytes` says so and the memory counts it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
+from hetero_moe.kernels.numba.int4 import SCALE_FP16
+from hetero_moe.kernels.numba.simd import IQ4_LOOKUP, SCALE_F32, spans
 
-BLOCK = 32  # inputs per block
-Q4_0_BYTES = 18
-Q8_0_BYTES = 34
-
-
-def _blocks(raw: np.ndarray, nbytes: int) -> np.ndarray:
-    """`raw [R, nb * nbytes]` uint8 -> `[R, nb, nbytes]`."""
-    if raw.dtype != np.uint8 or raw.ndim != 2 or raw.shape[1] % nbytes:
-        raise ValueError(f"expected uint8 rows of whole {nbytes}-byte blocks, got {raw.dtype} {raw.shape}")
-    return raw.reshape(raw.shape[0], raw.shape[1] // nbytes, nbytes)
+BLOCK = 32  # inputs per block of the small types
+SUPER = 256  # inputs per block of the K-quants and IQ4_XS
+FORMAT_CODES = {"int4": 4, "int8": 8, "iq4nl": 3, "uint4": 5, "uint8": 9}  # simd's format numbers
+NIBBLE_FORMATS = ("int4", "iq4nl", "uint4")
+OFFSET = {"int4": 8, "int8": 128, "iq4nl": 0, "uint4": 0, "uint8": 0}  # IQ4NL: its looked-up byte minus 128
 
 
-def _check_out(codes: np.ndarray, scales: np.ndarray, rows: int, nb: int, per_block: int) -> None:
-    if codes.shape != (rows, nb * per_block) or scales.shape != (rows, nb):
-        raise ValueError(f"outputs {codes.shape}, {scales.shape} do not fit {rows} rows of {nb} blocks")
-    if codes.dtype != np.uint8 or scales.dtype != np.uint16 or not codes.flags.c_contiguous:
-        raise ValueError("codes must be C-contiguous uint8 and scales uint16")
+def _f16(b: np.ndarray, at: int) -> np.ndarray:
+    """The fp16 at bytes `at, at + 1` of each block `b [R, nb, bytes]`, as float32 `[R, nb]`."""
+    return np.ascontiguousarray(b[..., at : at + 2]).view(np.float16)[..., 0].astype(np.float32)
 
 
-def _scales(b: np.ndarray, scales: np.ndarray) -> None:
-    """The little-endian fp16 bits in bytes 0 and 1 of each block."""
-    np.left_shift(b[:, :, 1], 8, out=scales, dtype=np.uint16)
-    scales |= b[:, :, 0]
+def _pack(codes: np.ndarray) -> np.ndarray:
+    """Codes `[R, n]` (0..15, n a multiple of 32) -> nibbles in Q4_0's order `[R, n / 2]`."""
+    g = codes.reshape(*codes.shape[:-1], -1, 2, BLOCK // 2)
+    return (g[..., 0, :] | (g[..., 1, :] << 4)).reshape(*codes.shape[:-1], -1)
 
 
-def repack_q4_0(raw: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> None:
-    """Q4_0 rows `raw [R, nb * 18]` -> `codes [R, nb * 16]` (INT4, group 32) and `scales [R, nb]`."""
-    b = _blocks(raw, Q4_0_BYTES)
-    rows, nb = b.shape[:2]
-    _check_out(codes, scales, rows, nb, 16)
-    codes.reshape(rows, nb, 16)[...] = b[:, :, 2:]
-    _scales(b, scales)
+def _high_bits(qh: np.ndarray, count: int) -> np.ndarray:
+    """Bit `i` of the little-endian bytes `qh [..., count / 8]`, for `i < count`, as `[..., count]` 0/1."""
+    return np.unpackbits(qh, axis=-1, count=count, bitorder="little")
 
 
-def repack_q8_0(raw: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> None:
-    """Q8_0 rows `raw [R, nb * 34]` -> `codes [R, nb * 32]` (INT8, `q + 128`, group 32) and `scales [R, nb]`."""
-    b = _blocks(raw, Q8_0_BYTES)
-    rows, nb = b.shape[:2]
-    _check_out(codes, scales, rows, nb, 32)
-    np.bitwise_xor(b[:, :, 2:], np.uint8(0x80), out=codes.reshape(rows, nb, 32))
-    _scales(b, scales)
+def _k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K's 12 bytes `[R, nb, 12]` -> 6-bit scales and mins `[R, nb, 8]` (llama.cpp's get_scale_min_k4)."""
+    d, m, md = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc.astype(np.float32), mn.astype(np.float32)
 
 
-REPACK = {"Q4_0": (Q4_0_BYTES, 16, repack_q4_0), "Q8_0": (Q8_0_BYTES, 32, repack_q8_0)}
+def _k_nibbles(qs: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K's 128 bytes `[R, nb, 128]` -> codes `[R, nb, 256]` in input order: each 32-byte chunk
+    holds 64 inputs, the first 32 in its low nibbles."""
+    chunks = qs.reshape(*qs.shape[:-1], 4, 1, 32)
+    return ((chunks >> np.array([0, 4], np.uint8).reshape(2, 1)) & 15).reshape(*qs.shape[:-1], SUPER)
+
+
+# unpackers: blocks `[R, nb, bytes]` -> (codes in the kernel layout `[R, ...]` uint8, scales `[R, G]`
+# float32, mins `[R, G]` float32 or None)
+
+
+def _q4_0(b):
+    return b[..., 2:].reshape(b.shape[0], -1), _f16(b, 0), None
+
+
+def _q8_0(b):
+    return (b[..., 2:] ^ np.uint8(0x80)).reshape(b.shape[0], -1), _f16(b, 0), None
+
+
+def _q5_0(b):
+    nib = b[..., 6:]
+    low = np.concatenate([nib & 15, nib >> 4], axis=-1)  # inputs 0..15, 16..31
+    q = low | (_high_bits(b[..., 2:6], 32) << 4)  # 0..31, value q - 16
+    return (q + np.uint8(112)).reshape(b.shape[0], -1), _f16(b, 0), None
+
+
+def _q4_1(b):
+    return b[..., 4:].reshape(b.shape[0], -1), _f16(b, 0), -_f16(b, 2)
+
+
+def _q5_1(b):
+    nib = b[..., 8:]
+    low = np.concatenate([nib & 15, nib >> 4], axis=-1)
+    return (low | (_high_bits(b[..., 4:8], 32) << 4)).reshape(b.shape[0], -1), _f16(b, 0), -_f16(b, 2)
+
+
+def _k_affine(b):
+    sc, mn = _k_scales(b[..., 4:16])
+    d, dmin = _f16(b, 0)[..., None], _f16(b, 2)[..., None]
+    return (d * sc).reshape(b.shape[0], -1), (dmin * mn).reshape(b.shape[0], -1)
+
+
+def _q4_k(b):
+    scales, mins = _k_affine(b)
+    return _pack(_k_nibbles(b[..., 16:]).reshape(b.shape[0], -1)), scales, mins
+
+
+def _q5_k(b):
+    scales, mins = _k_affine(b)
+    high = _high_bits(b[..., 16:48], SUPER).reshape(*b.shape[:-1], 32, 8).swapaxes(-1, -2).reshape(*b.shape[:-1], -1)
+    return (_k_nibbles(b[..., 48:]) | (high << 4)).reshape(b.shape[0], -1), scales, mins
+
+
+def _q6_k(b):
+    ql, qh, sc = b[..., :128], b[..., 128:192], b[..., 192:208]
+    halves = []
+    for h in range(2):  # 128 inputs each: ql's 64 bytes (low nibbles first), qh's 32 (2 bits x 4)
+        low = ql[..., 64 * h : 64 * h + 64]
+        low = np.concatenate([low & 15, low >> 4], axis=-1)
+        high = qh[..., 32 * h : 32 * h + 32]
+        high = np.concatenate([(high >> s) & 3 for s in (0, 2, 4, 6)], axis=-1)
+        halves.append(low | (high << 4))
+    q = np.concatenate(halves, axis=-1)  # 0..63, value q - 32
+    scales = _f16(b, 208)[..., None] * sc.view(np.int8).astype(np.float32)
+    return (q + np.uint8(96)).reshape(b.shape[0], -1), scales.reshape(b.shape[0], -1), None
+
+
+def _iq4_xs(b):
+    low = b[..., 4:8]
+    low = np.stack([low & 15, low >> 4], axis=-1).reshape(*b.shape[:-1], 8)
+    high = np.ascontiguousarray(b[..., 2:4]).view(np.uint16)[..., 0:1] >> (2 * np.arange(8, dtype=np.uint16))
+    ls = (low | ((high & 3).astype(np.uint8) << 4)).astype(np.float32) - 32
+    return b[..., 8:].reshape(b.shape[0], -1), (_f16(b, 0)[..., None] * ls).reshape(b.shape[0], -1), None
+
+
+@dataclass(frozen=True)
+class Repack:
+    """How one block type runs on the int8-activation kernels."""
+
+    fmt: str  # int8dot's format
+    g: int  # inputs per scale
+    kind: int  # scale storage: SCALE_FP16 (uint16 bits) or SCALE_F32
+    elems: int  # inputs per block in the file
+    nbytes: int  # bytes per block in the file
+    unpack: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
+
+    @property
+    def affine(self) -> bool:
+        return self.fmt in ("uint4", "uint8")
+
+    @property
+    def scale_dtype(self) -> type:
+        return np.float32 if self.kind == SCALE_F32 else np.uint16
+
+    def code_bytes(self, in_dim: int) -> int:
+        return in_dim // 2 if self.fmt in NIBBLE_FORMATS else in_dim
+
+    def scale_cols(self, in_dim: int) -> int:
+        if not self.affine:
+            return in_dim // self.g
+        span_bytes, _, gps = spans(FORMAT_CODES[self.fmt], self.g)
+        return 2 * gps * -(-self.code_bytes(in_dim) // span_bytes)
+
+    def row_bytes(self, in_dim: int) -> int:
+        """Bytes of one repacked row of `in_dim` inputs."""
+        return self.code_bytes(in_dim) + self.scale_cols(in_dim) * np.dtype(self.scale_dtype).itemsize
+
+    def check(self, raw: np.ndarray, in_dim: int) -> None:
+        if (
+            raw.dtype != np.uint8
+            or raw.ndim != 2
+            or in_dim % self.elems
+            or raw.shape[1] != in_dim // self.elems * self.nbytes
+        ):
+            blocks = f"{in_dim // self.elems} blocks of {self.nbytes} bytes"
+            raise ValueError(f"expected uint8 rows of {blocks}, got {raw.dtype} {raw.shape}")
+
+    def repack(self, raw: np.ndarray, in_dim: int, codes: np.ndarray, scales: np.ndarray) -> None:
+        """Rows of blocks `raw [R, row bytes]` -> `codes [R, code_bytes]` and `scales [R, scale_cols]`."""
+        self.check(raw, in_dim)
+        c, s, m = self.unpack(raw.reshape(raw.shape[0], -1, self.nbytes))
+        codes[...] = c
+        if self.affine:
+            gps = spans(FORMAT_CODES[self.fmt], self.g)[2]
+            laid = scales.reshape(scales.shape[0], -1, 2, gps)
+            for i, v in enumerate((s, m)):
+                padded = np.zeros((v.shape[0], laid.shape[1] * gps), np.float32)
+                padded[:, : v.shape[1]] = v
+                laid[:, :, i] = padded.reshape(v.shape[0], -1, gps)
+        elif self.kind == SCALE_F32:
+            scales[...] = s
+        else:
+            scales[...] = s.astype(np.float16).view(np.uint16)
+
+    def dequantize(self, codes: np.ndarray, scales: np.ndarray, in_dim: int) -> np.ndarray:
+        """float32 `[R, in_dim]` of repacked rows, the values the file's blocks hold."""
+        rows = codes.shape[0]
+        if self.fmt in NIBBLE_FORMATS:
+            g = codes.reshape(rows, -1, BLOCK // 2)
+            q = np.concatenate([g & 15, g >> 4], axis=-1).reshape(rows, -1).astype(np.int64)
+            if self.fmt == "iq4nl":
+                q = np.array(IQ4_LOOKUP, np.int64)[q] - 128
+        else:
+            q = codes.astype(np.int64)
+        q = q - OFFSET[self.fmt]
+        if self.affine:
+            gps = spans(FORMAT_CODES[self.fmt], self.g)[2]
+            laid = scales.reshape(rows, -1, 2, gps)
+            s, m = (laid[:, :, i].reshape(rows, -1)[:, : in_dim // self.g] for i in (0, 1))
+        else:
+            s = scales if self.kind == SCALE_F32 else scales.view(np.float16).astype(np.float32)
+            m = np.zeros_like(s)
+        s64, m64 = (np.repeat(v.astype(np.float64), self.g, axis=1) for v in (s, m))
+        return (q * s64 - m64).astype(np.float32)
+
+
+REPACK = {
+    "Q4_0": Repack("int4", 32, SCALE_FP16, BLOCK, 18, _q4_0),
+    "Q8_0": Repack("int8", 32, SCALE_FP16, BLOCK, 34, _q8_0),
+    "Q5_0": Repack("int8", 32, SCALE_FP16, BLOCK, 22, _q5_0),
+    "IQ4_NL": Repack("iq4nl", 32, SCALE_FP16, BLOCK, 18, _q4_0),
+    "Q4_1": Repack("uint4", 32, SCALE_F32, BLOCK, 20, _q4_1),
+    "Q5_1": Repack("uint8", 32, SCALE_F32, BLOCK, 24, _q5_1),
+    "Q4_K": Repack("uint4", 32, SCALE_F32, SUPER, 144, _q4_k),
+    "Q5_K": Repack("uint8", 32, SCALE_F32, SUPER, 176, _q5_k),
+    "Q6_K": Repack("int8", 16, SCALE_F32, SUPER, 210, _q6_k),
+    "IQ4_XS": Repack("iq4nl", 32, SCALE_F32, SUPER, 136, _iq4_xs),
+}

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
+from hetero_moe.kernels.ggml_blocks import REPACK
 
 from hetero_moe.arch import ModelError
 from hetero_moe.cli import main
@@ -246,13 +247,52 @@ def test_split_sets_need_every_part_and_the_first(pair, tmp_path) -> None:
         GGUFFile.open(tmp_path / "model-00001-of-00002.gguf")
 
 
-def test_k_quant_experts_on_the_cpu_are_an_error_not_a_requantization(tmp_path) -> None:
-    sizes = {**GGUF_SIZES["Qwen3MoeForCausalLM"], "moe_intermediate_size": 256}
-    model = synth.random_model(synth.tiny_config("Qwen3MoeForCausalLM", **sizes))
-    write_gguf(tmp_path / "k.gguf", model, [QT.F16], QT.Q4_K)
+K_SIZES = {**GGUF_SIZES["Qwen3MoeForCausalLM"], "moe_intermediate_size": 256}  # rows of whole 256-value blocks
+EXPERT_TYPES = [  # (gate and up, down): every block type, and the mixes of llama.cpp's _K_M files
+    (t, t) for t in (QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.IQ4_NL, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_XS)
+] + [(QT.Q4_K, QT.Q6_K), (QT.Q5_K, QT.Q6_K), (QT.Q4_K, QT.Q8_0)]
+
+
+@pytest.mark.parametrize(
+    "types", EXPERT_TYPES, ids=["+".join(dict.fromkeys(t.name for t in ts)) for ts in EXPERT_TYPES]
+)
+def test_block_experts_run_the_files_own_values(types, tmp_path) -> None:
+    """Experts in each block type run on the CPU kernels: the repacked values are `gguf.quants`' bit for bit,
+    the layer's output is the float64 product of those values within the int8 activations' rounding, and
+    the model generates."""
+    model = synth.random_model(synth.tiny_config("Qwen3MoeForCausalLM", **K_SIZES), seed=1)
+    write_gguf(tmp_path / "k.gguf", model, [QT.F16], (types[0], types[0], types[1]))
     rules = tmp_path / "rules.yaml"
     rules.write_text(experts_rules(QT.Q4_0))
-    with pytest.raises(ValueError, match=r"blk.1.ffn_gate_exps.weight: routed experts in Q4_K cannot run on the CPU"):
+    g = GGUFFile.open(tmp_path / "k.gguf")
+    with LLM(tmp_path / "k.gguf", rules=rules, dtype="float32") as llm:
+        experts = llm.placed.model.model.layers[1].mlp.experts
+        up, down = (t.name for t in types)
+        assert experts.block_type == (up if up == down else f"{up}+{down}")
+        for proj, name in enumerate(("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")):
+            t = g.tensors[f"blk.1.{name}.weight"]
+            want = gguf.quants.dequantize(t.data[3], t.type)
+            assert np.array_equal(experts.format.dequantize(3, proj).numpy().view(np.uint32), want.view(np.uint32))
+        x = torch.randn(3, experts.hidden)
+        index, weights = torch.tensor([[0, 2], [1, 2], [3, 0]]), torch.full((3, 2), 0.5)
+        got = experts(x, index, weights).double()
+        ref = torch.zeros_like(got)
+        for t in range(3):
+            for j in range(2):
+                e = int(index[t, j])
+                w13 = [experts.format.dequantize(e, p).double() for p in (0, 1)]
+                h = torch.nn.functional.silu(x[t].double() @ w13[0].T) * (x[t].double() @ w13[1].T)
+                ref[t] += 0.5 * (h @ experts.format.dequantize(e, 2).double().T)
+        assert torch.allclose(got, ref, rtol=0.05, atol=0.03 * ref.abs().max().item())
+        assert len(llm.generate([[0, 17, 42]], max_tokens=4, temperature=0.0)[0].token_ids) == 4
+
+
+def test_experts_whose_gate_and_up_differ_are_an_error(tmp_path) -> None:
+    model = synth.random_model(synth.tiny_config("Qwen3MoeForCausalLM", **K_SIZES))
+    write_gguf(tmp_path / "k.gguf", model, [QT.F16], (QT.Q4_K, QT.Q6_K, QT.Q6_K))
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(experts_rules(QT.Q4_0))
+    with pytest.raises(GGUFError, match=r"gate and up must share a block type"):
         place(tmp_path / "k.gguf", rules)
     assert place(tmp_path / "k.gguf", "cpu-only.yaml", "float32") is not None  # torch experts: dequantized
 
@@ -275,3 +315,21 @@ def test_serve_a_gguf_file(pair) -> None:
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
         (entry,) = httpx.get(f"{url}/api/tags", timeout=60).json()["models"]
         assert entry["name"] == MODEL and entry["size"] > 0
+
+
+@pytest.mark.parametrize("name", list(REPACK))
+def test_every_block_type_repacks_to_gguf_quants_values(name) -> None:
+    """Rows with a ragged last kernel span (1408 inputs; 768 for the 256-value types) and whole ones."""
+    r, rng = REPACK[name], np.random.default_rng(len(name))
+    for in_dim in (256, 1408 if r.elems == 32 else 768):
+        raw = random_blocks((5, in_dim), QT[name], rng)
+        codes, scales = (
+            np.empty((5, r.code_bytes(in_dim)), np.uint8),
+            np.empty((5, r.scale_cols(in_dim)), r.scale_dtype),
+        )
+        r.repack(raw, in_dim, codes, scales)
+        want = gguf.quants.dequantize(raw, QT[name]).astype(np.float32)
+        assert np.array_equal(r.dequantize(codes, scales, in_dim).view(np.uint32), want.view(np.uint32))
+        assert codes.nbytes + scales.nbytes == 5 * r.row_bytes(in_dim)
+    with pytest.raises(ValueError, match="blocks of"):
+        r.repack(raw[:, :-1], in_dim, codes, scales)

@@ -23,7 +23,8 @@ from gguf import GGMLQuantizationType as QT
 from hetero_moe.loader.checkpoint import CheckpointError, TensorInfo
 
 # what we read: plain floats, and the block types whose dequantization `gguf.quants` has
-SUPPORTED = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_XS)
+SUPPORTED = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q6_K)
+SUPPORTED += (QT.IQ4_NL, QT.IQ4_XS)
 SPLIT = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 MIN_BYTES = 24  # magic, version, tensor count, metadata count
 

@@ -1,8 +1,9 @@
 """Load a GGUF file into a placed model.
 
 Before loading (`use_gguf_blocks`, called where the model is placed, so `rules check` and `plan` count
-the same bytes): CPU experts whose stacked tensors are Q4_0 or Q8_0 blocks are told to run them as they
-are; experts of other block types on the CPU are an error (no silent requantization). Then every check
+the same bytes): CPU experts whose stacked tensors are llama.cpp blocks are told to run them as they are
+(gate and up of one type, down of the same or another); block types the kernels lack are an error (no
+silent requantization). Then every check
 the headers allow: names through the table, shapes, missing and unexpected tensors. Loading dequantizes
 the dense tensors (and experts an op takes as floats) one at a time, and hands block experts to their op.
 """
@@ -39,13 +40,18 @@ def use_gguf_blocks(placed: PlacedModel, g: GGUFFile) -> None:
         op = modules.get(name)
         if not isinstance(op, CPUExperts):
             continue
-        types = {s.tensor.type.name for s in group}
-        if types <= set(FLOAT_TYPES):
-            continue  # float experts: quantized as the rules say, like a safetensors checkpoint's
-        if len(types) > 1:
+        types = {s.proj: s.tensor.type.name for s in group}
+        if len(types) < 3 or set(types.values()) <= set(FLOAT_TYPES):
+            # a projection missing (an error where the tensors are matched), or float experts: quantized as
+            # the rules say, like a safetensors checkpoint's
+            continue
+        if types.get(0) != types.get(1) or not set(types.values()).isdisjoint(FLOAT_TYPES):
             listed = ", ".join(f"{s.tensor.name} {s.tensor.type.name}" for s in group)
-            raise GGUFError(f"{g.path}: the routed experts of one layer mix types ({listed}); the CPU kernels run one")
-        op.use_blocks(types.pop(), group[0].tensor.name)
+            raise GGUFError(
+                f"{g.path}: the routed experts of one layer mix types the CPU kernels cannot run together "
+                f"({listed}): gate and up must share a block type, and down be blocks too"
+            )
+        op.use_blocks((types[0], types[2]), group[0].tensor.name)
 
 
 @dataclass(frozen=True)

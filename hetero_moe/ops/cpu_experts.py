@@ -3,7 +3,7 @@
 The format (`quant: int4 | int8 | fp8 | bf16 | mxfp4`) is a type chosen once at construction; it owns the weight
 arrays, converts checkpoint tensors into them at load and launches its kernels (INT4 and INT8: integer
 dot products with int8 activations, on the instruction set chosen at load). Experts that come from a
-GGUF file as Q4_0 or Q8_0 blocks run in those (`BlockFormat`, set by `use_blocks` before loading). Per call the
+GGUF file in llama.cpp's block types run in those (`BlockFormat`, set by `use_blocks` before loading). Per call the
 (token, expert) pairs are grouped by expert so each selected expert's weights are streamed from
 memory once; experts that receive many tokens (prefill) are dequantized and multiplied by torch
 instead, above a crossover measured at load. gpt-oss's experts (MXFP4 with biases and a clamped SwiGLU)
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
-from typing import Any, ClassVar, Self
+from dataclasses import asdict, dataclass
+from typing import Any, Self
 
 import numba
 import numpy as np
@@ -174,34 +174,92 @@ class GroupFormat:
         return y
 
 
-class BlockFormat(GroupFormat):
-    """llama.cpp's Q4_0 or Q8_0 experts from a GGUF file, repacked once at load, losslessly, into
-    `GroupFormat`'s layout with group 32 and fp16 scales (`kernels/ggml_blocks.py`): Q4_0 runs as INT4
-    (the same code bytes), Q8_0 as INT8. No value is requantized: the kernels read the file's own codes
-    and scales."""
+class BlockFormat:
+    """Experts from a GGUF file in llama.cpp's block types, repacked once at load, losslessly, into the
+    format of the int8-activation kernels each type runs as (`kernels/ggml_blocks.py`): gate and up rows
+    (`w13`, one type) and down rows (`w2`, possibly another: Q4_K_M files hold Q4_K and Q6_K) each with their
+    own kernels. No value is requantized: the kernels read the file's own codes and scales."""
 
-    QUANTS: ClassVar[dict[str, str]] = {"Q4_0": "int4", "Q8_0": "int8"}  # block type -> the kernels that run it
+    def __init__(self, e: int, inter: int, hidden: int, types: tuple[str, str]) -> None:
+        self.e, self.inter, self.hidden = e, inter, hidden
+        self.types = types
+        self.repacks = (REPACK[types[0]], REPACK[types[1]])
+        self.kernels: tuple[Kernels, Kernels] | None = None  # bound at finalize
 
-    def __init__(self, e: int, inter: int, hidden: int, kw: CPUExpertsKwargs, block_type: str) -> None:
-        kw = replace(kw, quant=self.QUANTS[block_type], group_size=32, scale_dtype="fp16")
-        super().__init__(e, inter, hidden, kw)
-        self.block_type = block_type
+    @property
+    def block_type(self) -> str:
+        up, down = self.types
+        return up if up == down else f"{up}+{down}"
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        r13, r2 = self.repacks
+        return {
+            "w13": (self.e, 2 * self.inter, r13.code_bytes(self.hidden)),
+            "s13": (self.e, 2 * self.inter, r13.scale_cols(self.hidden)),
+            "w2": (self.e, self.hidden, r2.code_bytes(self.inter)),
+            "s2": (self.e, self.hidden, r2.scale_cols(self.inter)),
+        }
+
+    def nbytes(self) -> int:
+        r13, r2 = self.repacks
+        return self.e * (2 * self.inter * r13.row_bytes(self.hidden) + self.hidden * r2.row_bytes(self.inter))
+
+    def allocate(self) -> None:
+        shapes = self.shapes()
+        r13, r2 = self.repacks
+        self.w13, self.w2 = (np.empty(shapes[k], np.uint8) for k in ("w13", "w2"))
+        self.s13, self.s2 = np.empty(shapes["s13"], r13.scale_dtype), np.empty(shapes["s2"], r2.scale_dtype)
 
     def store(self, expert: int, proj: int, w: torch.Tensor) -> None:
         raise ValueError(f"experts in {self.block_type} blocks take the file's blocks, not float weights")
 
+    def store_fp8(self, expert: int, proj: int, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> None:
+        self.store(expert, proj, w)
+
     def store_blocks(self, proj: int, raw: np.ndarray) -> None:
         """One projection of every expert: `raw [E, O, row bytes]` (the file's blocks, memory-mapped)."""
-        nbytes, _, repack = REPACK[self.block_type]
+        repack = self.repacks[proj == 2]
         out_dim, in_dim = (self.hidden, self.inter) if proj == 2 else (self.inter, self.hidden)
-        if raw.shape != (self.e, out_dim, in_dim // 32 * nbytes):
-            raise ValueError(f"{self.block_type} blocks {raw.shape} do not fit {self.e} experts [{out_dim}, {in_dim}]")
+        if raw.shape[:2] != (self.e, out_dim):
+            raise ValueError(
+                f"{self.types[proj == 2]} blocks {raw.shape} do not fit {self.e} experts [{out_dim}, {in_dim}]"
+            )
         for e in range(self.e):
             if proj == 2:
-                repack(raw[e], self.w2[e], self.s2[e])
+                repack.repack(raw[e], in_dim, self.w2[e], self.s2[e])
             else:
                 rows = slice(proj * self.inter, (proj + 1) * self.inter)
-                repack(raw[e], self.w13[e, rows], self.s13[e, rows])
+                repack.repack(raw[e], in_dim, self.w13[e, rows], self.s13[e, rows])
+
+    def dequantize(self, expert: int, proj: int) -> torch.Tensor:
+        if proj == 2:
+            values = self.repacks[1].dequantize(self.w2[expert], self.s2[expert], self.inter)
+        else:
+            rows = slice(proj * self.inter, (proj + 1) * self.inter)
+            values = self.repacks[0].dequantize(self.w13[expert, rows], self.s13[expert, rows], self.hidden)
+        return torch.from_numpy(values)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"w13": self.w13, "s13": self.s13, "w2": self.w2, "s2": self.s2}
+
+    def set_arrays(self, arrays: dict[str, np.ndarray]) -> bool:
+        expected = self.shapes()
+        if set(arrays) != set(expected) or any(arrays[k].shape != s for k, s in expected.items()):
+            return False
+        self.w13, self.s13, self.w2, self.s2 = (np.asarray(arrays[k]) for k in ("w13", "s13", "w2", "s2"))
+        return True
+
+    def bind(self, isa: str | None) -> None:
+        backend = select_backend(isa)
+        self.kernels = tuple(backend.kernels(r.fmt, r.g, r.kind) for r in self.repacks)
+
+    def run(self, x: np.ndarray, pairs: Pairs, rows: int) -> np.ndarray:
+        k13, k2 = self.kernels
+        h = np.empty((len(pairs.token), self.inter), np.float32)
+        k13.gate_up(k13.activations(x), pairs.token, pairs.seg, pairs.expert, self.w13, self.s13, rows, h)
+        y = np.empty((len(pairs.token), self.hidden), np.float32)
+        k2.down(k2.activations(h), pairs.seg, pairs.expert, self.w2, self.s2, rows, y)
+        return y
 
 
 class FP8Format:
@@ -471,20 +529,20 @@ class CPUExperts(Op):
         """The GGUF block type the experts run in, when they came as blocks (`use_blocks`)."""
         return self.format.block_type if isinstance(self.format, BlockFormat) else None
 
-    def use_blocks(self, block_type: str, tensor: str) -> None:
-        """Before loading: the experts come as GGUF blocks of `block_type` (from `tensor`, named in errors)
-        and run in them, whatever the rules' `quant`. Types the kernels cannot run are an error: turning them
-        into another format would requantize the user's weights."""
-        if block_type not in BlockFormat.QUANTS:
-            raise ValueError(
-                f"{tensor}: routed experts in {block_type} cannot run on the CPU kernels yet (they run Q4_0 and "
-                f"Q8_0 blocks, and F32/F16/BF16 experts quantized as the rules say); use a GGUF whose experts are "
-                f"Q4_0 or Q8_0, or place the experts on a GPU (dequantized there)"
-            )
+    def use_blocks(self, types: tuple[str, str], tensor: str) -> None:
+        """Before loading: the experts come as GGUF blocks, gate and up of `types[0]`, down of `types[1]` (from
+        `tensor`, named in errors), and run in them, whatever the rules' `quant`. Types the kernels cannot run
+        are an error: turning them into another format would requantize the user's weights."""
+        for block_type in types:
+            if block_type not in REPACK:
+                raise ValueError(
+                    f"{tensor}: routed experts in {block_type} cannot run on the CPU kernels (they run "
+                    f"{', '.join(REPACK)} blocks, and F32/F16/BF16 experts quantized as the rules say); use a GGUF "
+                    f"whose experts are of those types, or place the experts on a GPU (dequantized there)"
+                )
         if self.allocated:
             raise ValueError("use_blocks must come before any weight is loaded")
-        self.format = BlockFormat(self.num_experts, self.inter, self.hidden, self.kwargs, block_type)
-        self.kwargs = replace(self.kwargs, quant=self.format.quant, group_size=32, scale_dtype="fp16")
+        self.format = BlockFormat(self.num_experts, self.inter, self.hidden, types)
 
     def load_blocks(self, proj: int, raw: np.ndarray) -> None:
         """Projection `proj` (0 gate, 1 up, 2 down) of every expert, as the GGUF's blocks `[E, O, row bytes]`."""
@@ -499,7 +557,7 @@ class CPUExperts(Op):
     def restore(self, name: str, sources: list) -> bool:
         """INT4 and INT8 weights are quantized (or GGUF blocks repacked) at load: cache them, keyed by the
         sources and the settings."""
-        if not isinstance(self.format, GroupFormat) or self.converted is None:
+        if not isinstance(self.format, GroupFormat | BlockFormat) or self.converted is None:
             return False
         settings = {**asdict(self.kwargs), "shape": [self.num_experts, self.inter, self.hidden]}
         if self.block_type is not None:
@@ -530,7 +588,7 @@ class CPUExperts(Op):
         if len(here):  # one call through grouping, the kernels and the combine
             self.forward(torch.zeros(1, self.hidden), torch.full((1, 1), int(here[0])), torch.ones(1, 1))
         if self.torch_min_tokens == 0:
-            key = (self.kwargs, self.num_experts, self.inter, self.hidden, self.threads)
+            key = (self.kwargs, self.block_type, self.num_experts, self.inter, self.hidden, self.threads)
             if key not in _CROSSOVERS:  # every MoE layer of a model has the same shape: measure once
                 _CROSSOVERS[key] = self._measure_crossover()
             self.torch_min_tokens = _CROSSOVERS[key]

@@ -46,7 +46,19 @@ GGUF_ARCH = {
     "MixtralForCausalLM": "llama",
 }
 # block types' fp16 fields (byte offsets in a block), set to small scales in random blocks
-SCALE_FIELDS = {QT.Q4_1: (0, 2), QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (-2,), QT.IQ4_XS: (0,)}
+EXPERT_PROJS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+SCALE_FIELDS = {
+    QT.Q4_0: (0,),
+    QT.Q8_0: (0,),
+    QT.Q5_0: (0,),
+    QT.IQ4_NL: (0,),
+    QT.Q4_1: (0, 2),
+    QT.Q5_1: (0, 2),
+    QT.Q4_K: (0, 2),
+    QT.Q5_K: (0, 2),
+    QT.Q6_K: (-2,),
+    QT.IQ4_XS: (0,),
+}
 
 
 def fp16(x: np.ndarray) -> np.ndarray:
@@ -229,10 +241,12 @@ def add_tokenizer(w: gguf.GGUFWriter, tok, vocab_size: int) -> None:
     w.add_chat_template(tok.chat_template)
 
 
-def write_gguf(path: Path, model, dense: list[QT], experts: QT, split: int = 0, seed: int = 0) -> dict[str, np.ndarray]:
+def write_gguf(
+    path: Path, model, dense: list[QT], experts: QT | tuple[QT, QT, QT], split: int = 0, seed: int = 0
+) -> dict[str, np.ndarray]:
     """`model` as a GGUF: dense matrices in the `dense` types, taken in turn (F16 where a row does not fit
-    the blocks), experts in `experts`, norms, routers and biases F32. Returns every tensor dequantized by
-    `gguf.quants`, in llama.cpp's layout."""
+    the blocks), experts in `experts` (one type, or gate, up and down types), norms, routers and biases F32.
+    Returns every tensor dequantized by `gguf.quants`, in llama.cpp's layout."""
     rng = np.random.default_rng(seed)
     config = model.config
     w = gguf.GGUFWriter(path, GGUF_ARCH[config.architectures[0]], split_max_tensors=split)
@@ -243,7 +257,7 @@ def write_gguf(path: Path, model, dense: list[QT], experts: QT, split: int = 0, 
     values = {}
     for name, v in to_gguf_layout(model.state_dict(), config).items():
         if "_exps" in name:
-            qtype = experts
+            qtype = experts if isinstance(experts, QT) else experts[EXPERT_PROJS.index(name.split(".")[2])]
             raw = exact_blocks(v, qtype) if qtype in (QT.Q4_0, QT.Q8_0) else encode(v, qtype, rng)
         elif v.ndim == 1 or "ffn_gate_inp" in name:
             qtype, raw = QT.F32, v.astype(np.float32)

@@ -152,7 +152,7 @@ def _gpu_candidates(box: Box, dtype_name: str) -> list[str]:
 
 def _place(config, arch, dtype: torch.dtype, text: str, gguf: GGUFFile | None = None) -> PlacedModel:
     placed = inject(build_meta_model(config, arch, dtype), parse_rules(text, "<plan>"), config, arch, dtype)
-    if gguf is not None:  # experts in the file's Q4_0/Q8_0 blocks run (and weigh) as such
+    if gguf is not None:  # experts in the file's blocks run (and weigh) as such
         use_gguf_blocks(placed, gguf)
     return placed
 
