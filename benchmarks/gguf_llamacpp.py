@@ -6,6 +6,11 @@ llama-cpp-python (all logits, CPU) and with hetero-moe (float32, `TeacherForced`
 prints one JSON line: per-position correlation (min, mean) and top-1 agreement.
 
     LLAMA_CPP_LIB_PATH=DIR python benchmarks/gguf_llamacpp.py --arch DeepseekV3ForCausalLM --experts Q4_0
+    LLAMA_CPP_LIB_PATH=DIR python benchmarks/gguf_llamacpp.py --file ~/.cache/hetero-moe-peer/v2lite-q4_0.gguf
+
+`--experts` takes one block type, or two (gate and up, down: `Q4_K,Q6_K`). `--file` compares on an existing
+GGUF instead (the peer's V2-Lite-shaped files: no tokenizer, so the ids are random), experts in its blocks
+and the rest dequantized to float32.
 
 llama-cpp-python with llama.cpp's libraries built beside it: `CMAKE_ARGS=-DLLAMA_BUILD=OFF pip install
 --no-deps llama_cpp_python-0.3.36.tar.gz diskcache` and LLAMA_CPP_LIB_PATH pointing at the `build/bin` of
@@ -20,11 +25,16 @@ import json
 import tempfile
 from pathlib import Path
 
+import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
+from hetero_moe.kernels.ggml_blocks import REPACK
 
 from hetero_moe.bench.teacher import TeacherForced
-from hetero_moe.llm import LLM
+from hetero_moe.engine.runner import ModelRunner
+from hetero_moe.llm import place
+from hetero_moe.loader.gguf_file import GGUFFile
+from hetero_moe.loader.gguf_load import load_gguf_weights
 from hetero_moe.synth import tiny as synth
 from hetero_moe.synth.gguf import GGUF_SIZES, cpu_rules, from_gguf_layout, write_gguf
 
@@ -40,29 +50,47 @@ def llama_logits(path: Path, ids: list[int], threads: int) -> np.ndarray:
 
 
 def our_logits(path: Path, ids: list[int], rules: Path, threads: int) -> np.ndarray:
-    with LLM(path, rules=rules, dtype="float32", cpu_threads=threads) as llm:
-        tf = TeacherForced(llm.runner, 2 * len(ids))
-        return np.stack([tf.feed([t]).double().numpy() for t in ids])
+    placed = place(path, rules, "float32", threads)
+    load_gguf_weights(placed, GGUFFile.open(path))
+    tf = TeacherForced(ModelRunner(placed), 2 * len(ids))
+    return np.stack([tf.feed([t]).double().numpy() for t in ids])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="DeepseekV3ForCausalLM", choices=list(GGUF_SIZES))
-    p.add_argument("--experts", default="Q4_0", choices=["Q4_0", "Q8_0", "F32"])
+    p.add_argument("--experts", default="Q4_0", help=f"F32 or block types: {', '.join(REPACK)}; or gate/up,down")
+    p.add_argument("--file", type=Path, help="an existing GGUF file instead of a tiny one")
     p.add_argument("--dense", default="F32", help="comma-separated types, taken in turn (default F32)")
     p.add_argument("--layers", type=int, help="decoder layers (llama.cpp reads a deepseek2 of 26/27 as V2-Lite)")
     p.add_argument("--positions", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--self", action="store_true", help="llama.cpp on this file against llama.cpp on F32 values")
     args = p.parse_args()
-    extra = {"num_hidden_layers": args.layers} if args.layers else {}
-    if args.arch == "Qwen3MoeForCausalLM":
-        extra["mlp_only_layers"] = []  # llama.cpp's qwen3moe has no dense layers
-    model = synth.random_model(synth.tiny_config(args.arch, **GGUF_SIZES[args.arch], **extra), seed=3)
-    dense, experts = [QT[t] for t in args.dense.split(",")], QT[args.experts]
-    ids = [int(x) for x in np.random.default_rng(1).integers(5, model.config.vocab_size - 1, args.positions)]
-    ids[0] = model.config.bos_token_id
     with tempfile.TemporaryDirectory() as tmp:
+        rules = Path(tmp) / "rules.yaml"
+        if args.file is not None:
+            rules.write_text(cpu_rules("{op: cpu_experts, device: cpu}"))
+            g = GGUFFile.open(args.file)
+            vocab = g.tensors["token_embd.weight"].shape[0]
+            ids = [int(x) for x in np.random.default_rng(1).integers(5, vocab - 1, args.positions)]
+            theirs = llama_logits(args.file, ids, args.threads)
+            ours = our_logits(args.file, ids, rules, args.threads)
+            types = sorted({t.type.name for n, t in g.tensors.items() if "_exps" in n})
+            report = {"file": str(args.file), "layers": g.metadata.get(f"{g.architecture()}.block_count")}
+            report |= {"experts": "/".join(types), "dense": "the file's"}
+            print(json.dumps(report | compare(ours, theirs, "hetero-moe")))
+            return
+        extra = {"num_hidden_layers": args.layers} if args.layers else {}
+        if args.arch == "Qwen3MoeForCausalLM":
+            extra["mlp_only_layers"] = []  # llama.cpp's qwen3moe has no dense layers
+        dense, types = [QT[t] for t in args.dense.split(",")], [QT[t] for t in args.experts.split(",")]
+        if any(gguf.GGML_QUANT_SIZES[t][0] == 256 for t in types):  # expert rows of whole 256-value blocks
+            extra["intermediate_size" if args.arch == "MixtralForCausalLM" else "moe_intermediate_size"] = 256
+        model = synth.random_model(synth.tiny_config(args.arch, **{**GGUF_SIZES[args.arch], **extra}), seed=3)
+        experts = types[0] if len(types) == 1 else (types[0], types[0], types[1])
+        ids = [int(x) for x in np.random.default_rng(1).integers(5, model.config.vocab_size - 1, args.positions)]
+        ids[0] = model.config.bos_token_id
         path = Path(tmp) / "model.gguf"
         values = write_gguf(path, model, dense, experts)
         theirs = llama_logits(path, ids, args.threads)
@@ -70,29 +98,25 @@ def main() -> None:
             model.load_state_dict(from_gguf_layout(values, model.config, model.state_dict()))
             write_gguf(Path(tmp) / "f32.gguf", model, [QT.F32], QT.F32)
             ours = llama_logits(Path(tmp) / "f32.gguf", ids, args.threads)
-        else:
-            replace = {
-                "Q4_0": "{op: cpu_experts, device: cpu, kwargs: {quant: int4, group_size: 32, scale_dtype: fp16}}",
-                "Q8_0": "{op: cpu_experts, device: cpu, kwargs: {quant: int8, group_size: 32, scale_dtype: fp16}}",
-                "F32": "{op: experts, device: cpu}",
-            }[args.experts]
-            rules = Path(tmp) / "rules.yaml"
-            rules.write_text(cpu_rules(replace))
+        else:  # experts in blocks run in them, whatever the rule's quant
+            rules.write_text(
+                cpu_rules("{op: experts, device: cpu}" if args.experts == "F32" else "{op: cpu_experts, device: cpu}")
+            )
             ours = our_logits(path, ids, rules, args.threads)
+    report = {"arch": args.arch, "layers": model.config.num_hidden_layers, "experts": args.experts, "dense": args.dense}
+    print(json.dumps(report | compare(ours, theirs, "llama.cpp on F32 values" if args.self else "hetero-moe")))
+
+
+def compare(ours: np.ndarray, theirs: np.ndarray, against: str) -> dict:
     corr = [float(np.corrcoef(a, b)[0, 1]) for a, b in zip(ours, theirs, strict=True)]
-    report = {
-        "arch": args.arch,
-        "layers": model.config.num_hidden_layers,
-        "experts": args.experts,
-        "dense": args.dense,
-        "against": "llama.cpp on F32 values" if args.self else "hetero-moe",
-        "positions": args.positions,
+    return {
+        "against": against,
+        "positions": len(ours),
         "corr_min": round(min(corr), 5),
         "corr_mean": round(float(np.mean(corr)), 5),
         "top1": round(float(np.mean(ours.argmax(1) == theirs.argmax(1))), 4),
         "max_abs_diff": round(float(np.abs(ours - theirs).max()), 4),
     }
-    print(json.dumps(report))
 
 
 if __name__ == "__main__":
