@@ -6,8 +6,8 @@ kernel format (`kernels/numba/int8dot.py`, `simd.py`) without changing a value:
 
 | type | block | runs as | group | scales |
 |---|---|---|---|---|
-| Q4_0 | 32 | int4 (offset 8) | 32 | fp16 `d` |
-| Q8_0 | 32 | int8 (offset 128) | 32 | fp16 `d` |
+| Q4_0 | 32 | q4_0: int4 (offset 8), in place | 32 | fp16 `d` |
+| Q8_0 | 32 | q8_0: int8 (offset 128), in place | 32 | fp16 `d` |
 | Q5_0 | 32 | int8 | 32 | fp16 `d` |
 | IQ4_NL | 32 | iq4nl (the nibble looked up) | 32 | fp16 `d` |
 | Q4_1 | 32 | uint4, `m = -min` | 32 | float32 |
@@ -17,11 +17,12 @@ kernel format (`kernels/numba/int8dot.py`, `simd.py`) without changing a value:
 | Q6_K | 256 | int8, `s = d * sc` | 16 | float32 |
 | IQ4_XS | 256 | iq4nl, `s = d * (ls - 32)` | 32 | float32 |
 
-The bit layouts are llama.cpp's (`ggml-common.h`); `gguf.quants` dequantizes them the same way, and the
-tests check every type against it. Nibble formats keep a group's inputs `j` and `j + g/2` in the low and
-high nibble of its byte `j` (Q4_0's order, which Q4_K's 64-input chunks are rearranged into); the others
-hold one code a byte. Where a type takes more bytes here than in the file (float32 scales, 5- and 6-bit codes
-widened to bytes), `Repack.row_bytes` says so and the memory counts it.
+Q4_0 and Q8_0 are not repacked at all: their kernels read the rows of the file's memory map as they are
+(`simd.py`, "Rows of blocks"). The bit layouts are llama.cpp's (`ggml-common.h`); `gguf.quants`
+dequantizes them the same way, and the tests check every type against it. Nibble formats keep a group's
+inputs `j` and `j + g/2` in the low and high nibble of its byte `j` (Q4_0's order, which Q4_K's 64-input
+chunks are rearranged into); the others hold one code a byte. Where a type takes more bytes here than in
+the file (float32 scales, 5- and 6-bit codes widened to bytes), `Repack.row_bytes` says so and the memory counts it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from hetero_moe.kernels.numba.simd import IQ4_LOOKUP, SCALE_F32, spans
 BLOCK = 32  # inputs per block of the small types
 SUPER = 256  # inputs per block of the K-quants and IQ4_XS
 FORMAT_CODES = {"int4": 4, "int8": 8, "iq4nl": 3, "uint4": 5, "uint8": 9}  # simd's format numbers
+IN_PLACE = {"q4_0": "int4", "q8_0": "int8"}  # formats read from the file's rows -> the format of their codes
 NIBBLE_FORMATS = ("int4", "iq4nl", "uint4")
 OFFSET = {"int4": 8, "int8": 128, "iq4nl": 0, "uint4": 0, "uint8": 0}  # IQ4NL: its looked-up byte minus 128
 
@@ -155,13 +157,23 @@ class Repack:
         return self.fmt in ("uint4", "uint8")
 
     @property
+    def in_place(self) -> bool:
+        """Whether the kernels read the file's rows themselves (no repacked copy)."""
+        return self.fmt in IN_PLACE
+
+    @property
     def scale_dtype(self) -> type:
         return np.float32 if self.kind == SCALE_F32 else np.uint16
 
     def code_bytes(self, in_dim: int) -> int:
+        """Bytes of a row's codes (in place: of the file's row)."""
+        if self.in_place:
+            return in_dim // self.elems * self.nbytes
         return in_dim // 2 if self.fmt in NIBBLE_FORMATS else in_dim
 
     def scale_cols(self, in_dim: int) -> int:
+        if self.in_place:
+            return 0
         if not self.affine:
             return in_dim // self.g
         span_bytes, _, gps = spans(FORMAT_CODES[self.fmt], self.g)
@@ -183,6 +195,8 @@ class Repack:
 
     def repack(self, raw: np.ndarray, in_dim: int, codes: np.ndarray, scales: np.ndarray) -> None:
         """Rows of blocks `raw [R, row bytes]` -> `codes [R, code_bytes]` and `scales [R, scale_cols]`."""
+        if self.in_place:
+            raise ValueError(f"{self.fmt} rows are read in place, not repacked")
         self.check(raw, in_dim)
         c, s, m = self.unpack(raw.reshape(raw.shape[0], -1, self.nbytes))
         codes[...] = c
@@ -199,16 +213,21 @@ class Repack:
             scales[...] = s.astype(np.float16).view(np.uint16)
 
     def dequantize(self, codes: np.ndarray, scales: np.ndarray, in_dim: int) -> np.ndarray:
-        """float32 `[R, in_dim]` of repacked rows, the values the file's blocks hold."""
-        rows = codes.shape[0]
-        if self.fmt in NIBBLE_FORMATS:
+        """float32 `[R, in_dim]` of repacked rows (in place: `codes` the file's rows, `scales` ignored), the
+        values the file's blocks hold."""
+        rows, fmt = codes.shape[0], IN_PLACE.get(self.fmt, self.fmt)
+        if self.in_place:
+            self.check(codes, in_dim)
+            codes, s, _ = self.unpack(codes.reshape(rows, -1, self.nbytes))
+            scales = s.astype(np.float16).view(np.uint16)
+        if fmt in NIBBLE_FORMATS:
             g = codes.reshape(rows, -1, BLOCK // 2)
             q = np.concatenate([g & 15, g >> 4], axis=-1).reshape(rows, -1).astype(np.int64)
-            if self.fmt == "iq4nl":
+            if fmt == "iq4nl":
                 q = np.array(IQ4_LOOKUP, np.int64)[q] - 128
         else:
             q = codes.astype(np.int64)
-        q = q - OFFSET[self.fmt]
+        q = q - OFFSET[fmt]
         if self.affine:
             gps = spans(FORMAT_CODES[self.fmt], self.g)[2]
             laid = scales.reshape(rows, -1, 2, gps)
@@ -221,8 +240,8 @@ class Repack:
 
 
 REPACK = {
-    "Q4_0": Repack("int4", 32, SCALE_FP16, BLOCK, 18, _q4_0),
-    "Q8_0": Repack("int8", 32, SCALE_FP16, BLOCK, 34, _q8_0),
+    "Q4_0": Repack("q4_0", 32, SCALE_FP16, BLOCK, 18, _q4_0),
+    "Q8_0": Repack("q8_0", 32, SCALE_FP16, BLOCK, 34, _q8_0),
     "Q5_0": Repack("int8", 32, SCALE_FP16, BLOCK, 22, _q5_0),
     "IQ4_NL": Repack("iq4nl", 32, SCALE_FP16, BLOCK, 18, _q4_0),
     "Q4_1": Repack("uint4", 32, SCALE_F32, BLOCK, 20, _q4_1),

@@ -151,12 +151,21 @@ def test_every_type_dequantizes_bit_exactly_as_gguf_quants(every_type) -> None:
         assert torch.equal(dequantize(t, 3).float(), want[3]), name  # one row (one expert of a stack)
 
 
-def test_q4_0_and_q8_0_experts_repack_bit_exactly(pair) -> None:
+def mapped_from(a: np.ndarray, path: Path) -> bool:
+    """Whether `a` is a view of a memory map of the file `path`."""
+    while a is not None and not isinstance(a, np.memmap):
+        a = a.base
+    return isinstance(a, np.memmap) and Path(a.filename) == path
+
+
+def test_q4_0_and_q8_0_experts_are_read_in_place(pair) -> None:
     for case in (CASES[0], CASES[1]):
         path, _, rules = pair(case)
         g = GGUFFile.open(path)
         with LLM(path, rules=rules, dtype="float32") as llm:
             experts = llm.placed.model.model.layers[1].mlp.experts
+            assert all(mapped_from(experts.format.rows[p], path) for p in (0, 1, 2))
+            assert experts.cache is None and experts.mapped_bytes() == experts.nbytes()
             for proj, name in enumerate(("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")):
                 t = g.tensors[f"blk.1.{name}.weight"]
                 want = gguf.quants.dequantize(t.data[3], t.type)
@@ -319,17 +328,24 @@ def test_serve_a_gguf_file(pair) -> None:
 
 @pytest.mark.parametrize("name", list(REPACK))
 def test_every_block_type_repacks_to_gguf_quants_values(name) -> None:
-    """Rows with a ragged last kernel span (1408 inputs; 768 for the 256-value types) and whole ones."""
+    """Rows with a ragged last kernel span (1408 inputs; 768 for the 256-value types) and whole ones; Q4_0
+    and Q8_0 are read in place."""
     r, rng = REPACK[name], np.random.default_rng(len(name))
     for in_dim in (256, 1408 if r.elems == 32 else 768):
         raw = random_blocks((5, in_dim), QT[name], rng)
+        want = gguf.quants.dequantize(raw, QT[name]).astype(np.float32)
+        if r.in_place:
+            assert r.row_bytes(in_dim) == raw.shape[1]
+            assert np.array_equal(r.dequantize(raw, raw, in_dim).view(np.uint32), want.view(np.uint32))
+            with pytest.raises(ValueError, match="read in place"):
+                r.repack(raw, in_dim, raw, raw)
+            continue
         codes, scales = (
             np.empty((5, r.code_bytes(in_dim)), np.uint8),
             np.empty((5, r.scale_cols(in_dim)), r.scale_dtype),
         )
         r.repack(raw, in_dim, codes, scales)
-        want = gguf.quants.dequantize(raw, QT[name]).astype(np.float32)
         assert np.array_equal(r.dequantize(codes, scales, in_dim).view(np.uint32), want.view(np.uint32))
         assert codes.nbytes + scales.nbytes == 5 * r.row_bytes(in_dim)
-    with pytest.raises(ValueError, match="blocks of"):
-        r.repack(raw[:, :-1], in_dim, codes, scales)
+        with pytest.raises(ValueError, match="blocks of"):
+            r.repack(raw[:, :-1], in_dim, codes, scales)

@@ -394,6 +394,50 @@ def test_block_formats_linear(isa: str, fmt: int, g: int, kind: int) -> None:
                 assert np.allclose(y, exact, rtol=1e-4, atol=1e-5 * np.abs(exact).max())
 
 
+def block_rows(fmt: int, weights: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """INT4 or INT8 rows (group 32, fp16 scales) as llama.cpp's Q4_0 or Q8_0 rows: per block its scale's
+    two bytes, then its codes (Q8_0's signed: `u - 128`)."""
+    codes = weights.reshape(weights.shape[0], bits.shape[1], -1)
+    if fmt == INT8:
+        codes = codes ^ np.uint8(0x80)
+    scale = bits.astype("<u2").view(np.uint8).reshape(bits.shape[0], bits.shape[1], 2)
+    return np.concatenate([scale, codes], axis=2).reshape(weights.shape[0], -1)
+
+
+@pytest.mark.parametrize("isa", RUNNABLE + EMULATED)
+@pytest.mark.parametrize("fmt", [INT4, INT8])
+def test_rows_of_blocks_read_in_place(isa: str, fmt: int) -> None:
+    """Q4_0 / Q8_0 rows as a GGUF file holds them give INT4's / INT8's bits, ragged last spans included."""
+    rng = np.random.default_rng(fmt)
+    k = kernels(isa, fmt, 32, SCALE_FP16)
+    blocks = int8dot.select_backend(isa) if isa not in EMULATED else int8dot.Backend(isa)
+    kb = blocks.kernels("q4_0" if fmt == INT4 else "q8_0", 32, SCALE_FP16)
+    for out_dim, in_dim in ((13, 96), (40, 1440)):  # 3 and 45 blocks
+        weights, bits = random_weights(rng, fmt, 32, out_dim, in_dim, SCALE_FP16)
+        raw = block_rows(fmt, weights, bits)
+        for tokens in (1, 3, 17):
+            x = random_tokens(rng, tokens, in_dim)
+            xq, a = ref_activations(x, 32)
+            y = kb.linear(kb.activations(x), raw, raw, 8)
+            assert_bits(y, ref_dots(fmt, 32, weights, bits, SCALE_FP16, xq, a))
+    e, inter, hidden = 5, 64, 96
+    w13, s13, w2, s2 = random_experts(rng, fmt, 32, e, inter, hidden, SCALE_FP16)
+    x, index = random_tokens(rng, 9, hidden), route(rng, 9, 3, e)
+    _, _, _, _, h, y = run_experts(k, x, index, e, w13, s13, w2, s2, inter)
+    gate, up = (
+        np.stack([block_rows(fmt, w13[i, r], s13[i, r]) for i in range(e)])
+        for r in (slice(0, inter), slice(inter, None))
+    )
+    down = np.stack([block_rows(fmt, w2[i], s2[i]) for i in range(e)])
+    token, _, seg, expert = group_by_expert(index, e)
+    h2 = np.empty_like(h)
+    kb.gate_up(kb.activations(x), token, seg, expert, (gate, up), (gate, up), 3, h2)
+    y2 = np.empty_like(y)
+    kb.down(kb.activations(h2), seg, expert, down, down, 3, y2)
+    assert_bits(h2, h)
+    assert_bits(y2, y)
+
+
 def route(rng, tokens: int, top_k: int, e: int) -> np.ndarray:
     """Top-k of a few experts only (some get no token); -1 marks a pair computed elsewhere."""
     index = np.stack([rng.permutation(min(e, top_k + 2))[:top_k] for _ in range(tokens)]).astype(np.int64)

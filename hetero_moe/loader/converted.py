@@ -61,14 +61,14 @@ def load(path: Path, key: str) -> dict[str, np.ndarray] | None:
         log.info("converted-weights cache %s is stale; rebuilding it", path)
         return None
     arrays = {info.key: memory_map(info) for info in infos}
-    if _fits_in_memory(path.stat().st_size):
+    if fits_in_memory(path.stat().st_size):
         prefault(path, arrays.values())
     else:
         log.info("%s does not fit in the memory left: its weights are read from disk as decoding needs them", path)
     return arrays
 
 
-def _fits_in_memory(nbytes: int) -> bool:
+def fits_in_memory(nbytes: int) -> bool:
     """Whether `nbytes` more fit in DRAM beside the host's reserve (True where the OS does not say)."""
     available, total = available_memory(), total_memory()
     return available is None or total is None or nbytes <= RESERVES["cpu"].usable(available, total)
@@ -105,7 +105,9 @@ class ConvertedCache:
     root: Path
 
     def entry(self, name: str, sources: list[TensorInfo], settings: Mapping[str, object]) -> Entry:
-        """The cache entry of op `name` converted from `sources` (its checkpoint tensors) with `settings`."""
-        folder = hashlib.sha256(str(sources[0].file.parent.resolve()).encode()).hexdigest()[:16]
+        """The cache entry of op `name` converted from `sources` (its checkpoint tensors) with `settings`:
+        one folder per model directory, or per GGUF file (several often share a directory)."""
+        model = sources[0].file if sources[0].file.suffix == ".gguf" else sources[0].file.parent
+        folder = hashlib.sha256(str(model.resolve()).encode()).hexdigest()[:16]
         quant = settings.get("quant", "converted")
         return Entry(self.root / folder / f"{name}.{quant}.safetensors", cache_key(sources, settings))

@@ -5,7 +5,9 @@ the same bytes): CPU experts whose stacked tensors are llama.cpp blocks are told
 (gate and up of one type, down of the same or another); block types the kernels lack are an error (no
 silent requantization). Then every check
 the headers allow: names through the table, shapes, missing and unexpected tensors. Loading dequantizes
-the dense tensors (and experts an op takes as floats) one at a time, and hands block experts to their op.
+the dense tensors (and experts an op takes as floats) one at a time, and hands block experts to their op
+(which reads Q4_0 and Q8_0 rows in place, and repacks the others or takes them from the converted-weights
+cache); the rows read in place are then read into memory when they fit.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import torch
 from torch import nn
 
 from hetero_moe.inject.injector import PlacedModel
+from hetero_moe.loader.checkpoint import prefault
+from hetero_moe.loader.converted import fits_in_memory
 from hetero_moe.loader.gguf_file import GGUFError, GGUFFile, GGUFTensor, dequantize
 from hetero_moe.loader.gguf_model import ExpertStack, Mapped, name_table
 from hetero_moe.loader.load import Progress
@@ -65,7 +69,8 @@ class _Item:
 def load_gguf_weights(placed: PlacedModel, g: GGUFFile, progress: Progress | None = None) -> None:
     mapped, stacks, blocks = _plan(placed, g)
     restored = _restore_cached(blocks, g)
-    todo = [*mapped, *stacks, *[b for b in blocks if b[0].module not in restored]]
+    in_place = [b for b in blocks if b[1].format.in_place(b[0].proj)]
+    todo = [*mapped, *stacks, *[b for b in blocks if b[0].module not in restored or b in in_place]]
     total = sum(sum(s.nbytes for s in _sources(x)) for x in todo)
     done = 0
     for entry in todo:
@@ -73,6 +78,7 @@ def load_gguf_weights(placed: PlacedModel, g: GGUFFile, progress: Progress | Non
         done += sum(s.nbytes for s in _sources(entry))
         if progress is not None:
             progress(done, total)
+    _read_in(in_place)
     if "lm_head.weight" not in {m.key for m, _ in mapped} and placed.config.tie_word_embeddings:
         model = placed.model
         device = placed.placements["lm_head"].device
@@ -80,6 +86,24 @@ def load_gguf_weights(placed: PlacedModel, g: GGUFFile, progress: Progress | Non
     for module in reversed(list(placed.model.modules())):
         if isinstance(module, Op):
             module.finalize()
+
+
+def _read_in(in_place: list[tuple[ExpertStack, CPUExperts]]) -> None:
+    """Read the experts the kernels take from the memory map into memory now, when they fit (else decoding
+    reads them from disk as it needs them), as for the converted-weights cache."""
+    by_file: dict = {}
+    for stack, _ in in_place:
+        by_file.setdefault(stack.tensor.file, []).append(stack.tensor.data)
+    total = sum(a.nbytes for arrays in by_file.values() for a in arrays)
+    if not total:
+        return
+    if not fits_in_memory(total):
+        log.info(
+            "the experts read in place (%.1f GB) do not fit in the memory left: read from disk as needed", total / 1e9
+        )
+        return
+    for path, arrays in by_file.items():
+        prefault(path, arrays)
 
 
 def _sources(entry) -> tuple[GGUFTensor, ...]:

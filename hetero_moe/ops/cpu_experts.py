@@ -175,40 +175,55 @@ class GroupFormat:
 
 
 class BlockFormat:
-    """Experts from a GGUF file in llama.cpp's block types, repacked once at load, losslessly, into the
-    format of the int8-activation kernels each type runs as (`kernels/ggml_blocks.py`): gate and up rows
-    (`w13`, one type) and down rows (`w2`, possibly another: Q4_K_M files hold Q4_K and Q6_K) each with their
-    own kernels. No value is requantized: the kernels read the file's own codes and scales."""
+    """Experts from a GGUF file in llama.cpp's block types, run by the int8-activation kernels of the format
+    each type maps onto (`kernels/ggml_blocks.py`): Q4_0 and Q8_0 read in place from the file's memory map,
+    the others repacked once at load, losslessly. Gate and up (one type) and down (possibly another: Q4_K_M
+    files hold Q4_K and Q6_K) each have their own kernels. No value is requantized."""
 
     def __init__(self, e: int, inter: int, hidden: int, types: tuple[str, str]) -> None:
         self.e, self.inter, self.hidden = e, inter, hidden
         self.types = types
         self.repacks = (REPACK[types[0]], REPACK[types[1]])
         self.kernels: tuple[Kernels, Kernels] | None = None  # bound at finalize
+        self.rows: dict[int, np.ndarray] = {}  # projection -> the file's rows `[E, O, row bytes]`, in place
 
     @property
     def block_type(self) -> str:
         up, down = self.types
         return up if up == down else f"{up}+{down}"
 
+    def in_place(self, proj: int) -> bool:
+        return self.repacks[proj == 2].in_place
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
+        """The repacked arrays (none for projections read in place)."""
         r13, r2 = self.repacks
-        return {
-            "w13": (self.e, 2 * self.inter, r13.code_bytes(self.hidden)),
-            "s13": (self.e, 2 * self.inter, r13.scale_cols(self.hidden)),
-            "w2": (self.e, self.hidden, r2.code_bytes(self.inter)),
-            "s2": (self.e, self.hidden, r2.scale_cols(self.inter)),
-        }
+        out = {}
+        if not r13.in_place:
+            out["w13"] = (self.e, 2 * self.inter, r13.code_bytes(self.hidden))
+            out["s13"] = (self.e, 2 * self.inter, r13.scale_cols(self.hidden))
+        if not r2.in_place:
+            out["w2"] = (self.e, self.hidden, r2.code_bytes(self.inter))
+            out["s2"] = (self.e, self.hidden, r2.scale_cols(self.inter))
+        return out
+
+    def _bytes(self, proj: int) -> int:
+        """Bytes of gate and up (`proj` 0) or down (2)."""
+        if proj == 2:
+            return self.e * self.hidden * self.repacks[1].row_bytes(self.inter)
+        return self.e * 2 * self.inter * self.repacks[0].row_bytes(self.hidden)
 
     def nbytes(self) -> int:
-        r13, r2 = self.repacks
-        return self.e * (2 * self.inter * r13.row_bytes(self.hidden) + self.hidden * r2.row_bytes(self.inter))
+        return self._bytes(0) + self._bytes(2)
+
+    def mapped_bytes(self, restored: bool) -> int:
+        """Bytes mapped from files: the rows read in place, and the repacked ones when from the cache."""
+        return sum(self._bytes(p) for p in (0, 2) if self.in_place(p) or restored)
 
     def allocate(self) -> None:
-        shapes = self.shapes()
-        r13, r2 = self.repacks
-        self.w13, self.w2 = (np.empty(shapes[k], np.uint8) for k in ("w13", "w2"))
-        self.s13, self.s2 = np.empty(shapes["s13"], r13.scale_dtype), np.empty(shapes["s2"], r2.scale_dtype)
+        for name, shape in self.shapes().items():
+            dtype = np.uint8 if name[0] == "w" else self.repacks[name == "s2"].scale_dtype
+            setattr(self, name, np.empty(shape, dtype))
 
     def store(self, expert: int, proj: int, w: torch.Tensor) -> None:
         raise ValueError(f"experts in {self.block_type} blocks take the file's blocks, not float weights")
@@ -217,13 +232,18 @@ class BlockFormat:
         self.store(expert, proj, w)
 
     def store_blocks(self, proj: int, raw: np.ndarray) -> None:
-        """One projection of every expert: `raw [E, O, row bytes]` (the file's blocks, memory-mapped)."""
+        """One projection of every expert: `raw [E, O, row bytes]` (the file's blocks, memory-mapped): kept
+        as they are, or repacked."""
         repack = self.repacks[proj == 2]
         out_dim, in_dim = (self.hidden, self.inter) if proj == 2 else (self.inter, self.hidden)
-        if raw.shape[:2] != (self.e, out_dim):
+        if raw.shape != (self.e, out_dim, repack.code_bytes(in_dim) if repack.in_place else raw.shape[2]):
             raise ValueError(
                 f"{self.types[proj == 2]} blocks {raw.shape} do not fit {self.e} experts [{out_dim}, {in_dim}]"
             )
+        if repack.in_place:
+            repack.check(raw[0], in_dim)
+            self.rows[proj] = raw
+            return
         for e in range(self.e):
             if proj == 2:
                 repack.repack(raw[e], in_dim, self.w2[e], self.s2[e])
@@ -232,21 +252,26 @@ class BlockFormat:
                 repack.repack(raw[e], in_dim, self.w13[e, rows], self.s13[e, rows])
 
     def dequantize(self, expert: int, proj: int) -> torch.Tensor:
+        repack, in_dim = (self.repacks[1], self.inter) if proj == 2 else (self.repacks[0], self.hidden)
+        if repack.in_place:
+            rows = self.rows[proj][expert]
+            return torch.from_numpy(repack.dequantize(rows, rows, in_dim))
         if proj == 2:
-            values = self.repacks[1].dequantize(self.w2[expert], self.s2[expert], self.inter)
+            codes, scales = self.w2[expert], self.s2[expert]
         else:
             rows = slice(proj * self.inter, (proj + 1) * self.inter)
-            values = self.repacks[0].dequantize(self.w13[expert, rows], self.s13[expert, rows], self.hidden)
-        return torch.from_numpy(values)
+            codes, scales = self.w13[expert, rows], self.s13[expert, rows]
+        return torch.from_numpy(repack.dequantize(codes, scales, in_dim))
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"w13": self.w13, "s13": self.s13, "w2": self.w2, "s2": self.s2}
+        return {name: getattr(self, name) for name in self.shapes()}
 
     def set_arrays(self, arrays: dict[str, np.ndarray]) -> bool:
         expected = self.shapes()
         if set(arrays) != set(expected) or any(arrays[k].shape != s for k, s in expected.items()):
             return False
-        self.w13, self.s13, self.w2, self.s2 = (np.asarray(arrays[k]) for k in ("w13", "s13", "w2", "s2"))
+        for name in expected:
+            setattr(self, name, np.asarray(arrays[name]))
         return True
 
     def bind(self, isa: str | None) -> None:
@@ -255,10 +280,15 @@ class BlockFormat:
 
     def run(self, x: np.ndarray, pairs: Pairs, rows: int) -> np.ndarray:
         k13, k2 = self.kernels
+        if self.in_place(0):
+            w13 = s13 = (self.rows[0], self.rows[1])
+        else:
+            w13, s13 = self.w13, self.s13
+        w2, s2 = (self.rows[2], self.rows[2]) if self.in_place(2) else (self.w2, self.s2)
         h = np.empty((len(pairs.token), self.inter), np.float32)
-        k13.gate_up(k13.activations(x), pairs.token, pairs.seg, pairs.expert, self.w13, self.s13, rows, h)
+        k13.gate_up(k13.activations(x), pairs.token, pairs.seg, pairs.expert, w13, s13, rows, h)
         y = np.empty((len(pairs.token), self.hidden), np.float32)
-        k2.down(k2.activations(h), pairs.seg, pairs.expert, self.w2, self.s2, rows, y)
+        k2.down(k2.activations(h), pairs.seg, pairs.expert, w2, s2, rows, y)
         return y
 
 
@@ -493,6 +523,8 @@ class CPUExperts(Op):
         return self.format.nbytes()
 
     def mapped_bytes(self) -> int:
+        if isinstance(self.format, BlockFormat):
+            return self.format.mapped_bytes(self.restored)
         return self.nbytes() if self.restored else 0
 
     def device_bytes(self) -> dict[str, int]:
@@ -558,6 +590,8 @@ class CPUExperts(Op):
         """INT4 and INT8 weights are quantized (or GGUF blocks repacked) at load: cache them, keyed by the
         sources and the settings."""
         if not isinstance(self.format, GroupFormat | BlockFormat) or self.converted is None:
+            return False
+        if isinstance(self.format, BlockFormat) and not self.format.shapes():  # all read in place
             return False
         settings = {**asdict(self.kwargs), "shape": [self.num_experts, self.inter, self.hidden]}
         if self.block_type is not None:

@@ -52,12 +52,15 @@ from hetero_moe.kernels.numba.quantize import (
 )
 from hetero_moe.kernels.numba.simd import (
     AFFINE,
+    BLOCK_ROWS,
     INT4,
     INT8,
     IQ4NL,
     LOOKUP,
     MXFP4,
     NIBBLES,
+    Q4_0,
+    Q8_0,
     SCALE_F32,
     TILE,
     UINT4,
@@ -71,7 +74,7 @@ from hetero_moe.kernels.numba.simd import (
 from numba import njit, prange
 
 PARALLEL_ELEMENTS = 1 << 16  # activations of at least this many values are quantized in parallel
-FORMATS = {"int4": INT4, "int8": INT8, "iq4nl": IQ4NL, "uint4": UINT4, "uint8": UINT8}
+FORMATS = {"int4": INT4, "int8": INT8, "iq4nl": IQ4NL, "uint4": UINT4, "uint8": UINT8, "q4_0": Q4_0, "q8_0": Q8_0}
 
 
 def activation_shape(fmt: int, g: int, in_dim: int) -> tuple[int, int, int]:
@@ -196,12 +199,15 @@ def check(simd, w, scales, xq, ascale, bias) -> None:
     span_bytes, span_elems, gps = simd.span
     row_bytes = w.shape[-1]
     n = (row_bytes + span_bytes - 1) // span_bytes
-    if simd.affine:  # whole spans of (scales, mins)
-        fits = scales.shape[-1] == 2 * gps * n
+    if simd.block_bytes:  # rows of blocks of 32 inputs, their scales inside
+        n = (row_bytes // simd.block_bytes * 32 + span_elems - 1) // span_elems
+        fits = row_bytes % simd.block_bytes == 0 and scales.shape == w.shape
+    elif simd.affine:  # whole spans of (scales, mins)
+        fits = row_bytes % 16 == 0 and scales.shape[-1] == 2 * gps * n
         gps *= 2
     else:
-        fits = scales.shape[-1] * span_bytes == gps * row_bytes
-    if row_bytes % 16 or not fits or w.shape[:-1] != scales.shape[:-1]:
+        fits = row_bytes % 16 == 0 and scales.shape[-1] * span_bytes == gps * row_bytes
+    if not fits or w.shape[:-1] != scales.shape[:-1]:
         raise ValueError("weights and scales do not fit the backend's format and group size")
     if xq.shape[1] < n * span_elems or ascale.shape[1] < n * gps or bias.shape[1] < n * 16:
         raise ValueError("activations are too short for the weights (quantized for another format or size?)")
@@ -216,19 +222,20 @@ def check(simd, w, scales, xq, ascale, bias) -> None:
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w13, s13, rows_per_task, h):
+def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3, rows_per_task, h):
     """`h[p] = silu(x[t] W_gate[e]^T) * (x[t] W_up[e]^T)` for every pair p = (token t, expert e).
 
     Pairs are grouped by expert as in `int4.gate_up` (`pair_token [P]`, `seg [U + 1]`, `seg_expert [U]`);
     tiles of up to 4 pairs of an expert share each weight load. `xq, ascale, bias` of the tokens from
-    `quantize_activations`; `w13 [E, 2I, B]` uint8 (B = Hp / 2 for INT4, Hp for INT8), gate rows first;
-    `s13 [E, 2I, Hp / g]` uint16 scale bits (bf16 or fp16 as `simd.kind`); `h [P, I]` float32. Tasks are
-    blocks of `rows_per_task` rows of one expert.
+    `quantize_activations`; gate `w1 [E, I, B]` uint8 (B = Hp / 2 for INT4, Hp for INT8) and up `w3`, with
+    their scales `s1`, `s3` (`[E, I, Hp / g]` uint16 bf16 or fp16 bits as `simd.kind`); `h [P, I]` float32.
+    Tasks are blocks of `rows_per_task` rows of one expert.
     """
     inter = h.shape[1]
-    check(simd, w13, s13, xq, ascale, bias)
-    if w13.shape[1] != 2 * inter or h.shape[0] < pair_token.shape[0]:
-        raise ValueError("w13 must hold 2 * I rows and h one row per pair")
+    check(simd, w1, s1, xq, ascale, bias)
+    check(simd, w3, s3, xq, ascale, bias)
+    if w1.shape[1] != inter or w3.shape[:2] != w1.shape[:2] or h.shape[0] < pair_token.shape[0]:
+        raise ValueError("w1 and w3 must hold I rows of every expert and h one row per pair")
     chunks = (inter + rows_per_task - 1) // rows_per_task
     for task in prange(seg_expert.shape[0] * chunks):
         u, c = task // chunks, task % chunks
@@ -242,8 +249,8 @@ def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w13, s13, rows_
             n = tile(seg[u + 1] - p)
             for j in range(n):
                 rows[j] = pair_token[p + j]
-            dots(simd, n, w13[e, r0:r1], s13[e, r0:r1], xq, ascale, bias, rows, gate)
-            dots(simd, n, w13[e, inter + r0 : inter + r1], s13[e, inter + r0 : inter + r1], xq, ascale, bias, rows, up)
+            dots(simd, n, w1[e, r0:r1], s1[e, r0:r1], xq, ascale, bias, rows, gate)
+            dots(simd, n, w3[e, r0:r1], s3[e, r0:r1], xq, ascale, bias, rows, up)
             for j in range(n):
                 for r in range(r1 - r0):
                     h[p + j, r0 + r] = silu_mul(gate[j, r], up[j, r])
@@ -492,7 +499,8 @@ class Kernels:
     arrays whose contents depend on the backend); pass it on unchanged:
 
     - `activations(x [T, I] float32) -> act`
-    - `gate_up(act, pair_token, seg, seg_expert, w13, s13, rows_per_task, h [P, I])` (see `gate_up`)
+    - `gate_up(act, pair_token, seg, seg_expert, w13, s13, rows_per_task, h [P, I])` (see `gate_up`): `w13`
+      and `s13` gate rows then up rows `[E, 2I, ...]`, or (gate, up) pairs of `[E, I, ...]` arrays
     - `down(act_h, seg, seg_expert, w2, s2, rows_per_task, y [P, H])`, `act_h = activations(h)`
     - `linear(act, weights, scales, rows_per_task) -> y [T, O]`
     """
@@ -531,6 +539,11 @@ def select_backend(name: str | None = None) -> Backend:
     return Backend(choose_isa(name))
 
 
+def _halves(a, inter: int) -> tuple:
+    """(gate, up) of `a`: a pair already, or the first and last `inter` rows of `[E, 2I, ...]`."""
+    return a if isinstance(a, tuple) else (a[:, :inter], a[:, inter:])
+
+
 @functools.cache
 def _fp16(kind: int) -> np.ndarray:
     return fp16_table() if kind == SCALE_FP16 else np.zeros(1, np.float32)
@@ -542,12 +555,14 @@ def _kernels(isa: str, fmt: int, g: int, kind: int) -> Kernels:
     if isa == "float":
         return _float_kernels(fmt, g, kind, fp16)
     simd = Simd(isa, fmt, g, kind)
+    act_fmt = BLOCK_ROWS.get(fmt, (fmt,))[0]  # rows of blocks take their codes' activations
 
     def activations(x: np.ndarray) -> tuple:
-        return quantize(x, g, fmt)
+        return quantize(x, g, act_fmt)
 
     def gate_up_(act, pair_token, seg, seg_expert, w13, s13, rows_per_task, h) -> None:
-        gate_up(simd, *act, pair_token, seg, seg_expert, w13, s13, rows_per_task, h)
+        (w1, w3), (s1, s3) = (_halves(a, h.shape[1]) for a in (w13, s13))
+        gate_up(simd, *act, pair_token, seg, seg_expert, w1, s1, w3, s3, rows_per_task, h)
 
     def down_(act, seg, seg_expert, w2, s2, rows_per_task, y) -> None:
         down(simd, *act, seg, seg_expert, w2, s2, rows_per_task, y)

@@ -35,6 +35,12 @@ per group, offset 0, float32 `s` and `m`. Their scale rows hold, per span, the s
 then `gps` products `a * X` (float32), X the sum of the group's `xq`. Besides the lanes, each token keeps a
 float32 vector `mins[q] = fma(m[q], (a X)[q], mins[q])` over the spans; its sum (`m2 = mins[0:2] + mins[2:4]`
 for 4 groups a span, then `m2[0] + m2[1]`) is subtracted from the row result.
+
+Rows of blocks (Q4_0, Q8_0: the experts of a GGUF file read in place from its memory map): a row is llama.cpp's
+blocks of 32 inputs, each its fp16 scale and then its codes (16 bytes of INT4's nibbles, or 32 signed bytes,
+read as INT8's `q + 128`). The arithmetic is INT4's or INT8's with group 32 and fp16 scales, bit for bit: only
+the loads differ, a span's codes gathered from its blocks and its scales from their first bytes. `scales`
+is the weight array itself.
 """
 
 from __future__ import annotations
@@ -63,7 +69,11 @@ MXFP4 = 2  # gpt-oss's e2m1 codes, two to a byte like INT4, looked up into `c + 
 IQ4NL = 3  # llama.cpp's IQ4_NL codes, nibbles in INT4's order, looked up into INT8's bytes (see `IQ4_LOOKUP`)
 UINT4 = 5  # affine: nibbles in INT4's order, `w = s * code - m` (see "Affine formats" above)
 UINT8 = 9  # affine: bytes 0..127 in INT8's order, `w = s * code - m`
+Q4_0 = 6  # INT4 read from llama.cpp's Q4_0 rows as a GGUF file holds them (see "Rows of blocks" above)
+Q8_0 = 10  # INT8 read from Q8_0 rows
 FORMATS = {INT4: "int4", INT8: "int8", MXFP4: "mxfp4", IQ4NL: "iq4nl", UINT4: "uint4", UINT8: "uint8"}
+FORMATS |= {Q4_0: "q4_0", Q8_0: "q8_0"}
+BLOCK_ROWS = {Q4_0: (INT4, 18, 16), Q8_0: (INT8, 34, 32)}  # format -> (its codes' format, block bytes, code bytes)
 NIBBLES = (INT4, MXFP4, IQ4NL, UINT4)  # formats of two codes a byte
 AFFINE = (UINT4, UINT8)
 OFFSETS = {INT4: 8, INT8: 128, MXFP4: 12, IQ4NL: 128, UINT4: 0, UINT8: 0}  # w = s * (code - offset) [- m]
@@ -110,7 +120,8 @@ def choose_isa(name: str | None = None, features: frozenset[str] | None = None) 
 
 
 def spans(fmt: int, g: int) -> tuple[int, int, int]:
-    """(weight bytes, input elements, groups) of one span of a row."""
+    """(weight code bytes, input elements, groups) of one span of a row."""
+    fmt = BLOCK_ROWS.get(fmt, (fmt,))[0]
     if fmt in NIBBLES:
         return 64, 128, 128 // g
     return max(64, g), max(64, g), max(64, g) // g
@@ -157,6 +168,8 @@ VALID = {  # format -> (group sizes, scale kinds)
     IQ4NL: ((32,), (SCALE_FP16, SCALE_F32)),
     UINT4: ((32,), (SCALE_F32,)),
     UINT8: ((32,), (SCALE_F32,)),
+    Q4_0: ((32,), (SCALE_FP16,)),
+    Q8_0: ((32,), (SCALE_FP16,)),
 }
 
 register_model(SimdType)(models.OpaqueModel)
@@ -167,6 +180,13 @@ def _span(simd):
     """`simd.span` in jitted code: the constant `spans(fmt, g)`."""
     shape = spans(simd.fmt, simd.g)
     return lambda simd: shape
+
+
+@overload_attribute(SimdType, "block_bytes")
+def _block_bytes(simd):
+    """`simd.block_bytes` in jitted code: bytes of one block of a row of blocks, else 0."""
+    size = BLOCK_ROWS.get(simd.fmt, (0, 0))[1]
+    return lambda simd: size
 
 
 @overload_attribute(SimdType, "affine")
@@ -345,6 +365,36 @@ class _Loads:
         return b.shuffle_vector(pieces[0], pieces[1], ir.Constant(_vec(I32, 64), list(range(64))))
 
 
+class _BlockLoads(_Loads):
+    """`_Loads` of a row of blocks: `weights` takes offsets into the row's codes, as if they were contiguous,
+    and gathers them from the blocks (codes of blocks past the row are read from block 0: their scales are
+    zero)."""
+
+    def __init__(self, builder: ir.IRBuilder, w: ir.Value, row_bytes: ir.Value, fmt: int) -> None:
+        super().__init__(builder, w, row_bytes)
+        _, self.block, self.codes = BLOCK_ROWS[fmt]
+        self.signed = fmt == Q8_0
+        self.blocks = builder.udiv(row_bytes, ir.Constant(I64, self.block))
+
+    def weights(self, offset: ir.Value, nbytes: int, tail: bool) -> ir.Value:
+        b = self.b
+        first = b.udiv(offset, ir.Constant(I64, self.codes))
+        pieces = []
+        for i in range(nbytes // self.codes):
+            k = b.add(first, ir.Constant(I64, i))
+            at = b.add(b.mul(k, ir.Constant(I64, self.block)), ir.Constant(I64, 2))
+            if tail:
+                at = b.select(b.icmp_unsigned("<", k, self.blocks), at, ir.Constant(I64, 2))
+            pieces.append(self.load(self.w, at, _vec(I8, self.codes)))
+        while len(pieces) > 1:  # concatenate pairwise
+            n = 2 * pieces[0].type.count
+            pieces = [
+                b.shuffle_vector(x, y, ir.Constant(_vec(I32, n), list(range(n))))
+                for x, y in zip(pieces[::2], pieces[1::2], strict=True)
+            ]
+        return b.xor(pieces[0], _splat(I8, nbytes, -128)) if self.signed else pieces[0]
+
+
 def _lookup(b: ir.IRBuilder, isa: str, nibbles: ir.Value, nbytes: int, values: tuple[int, ...]) -> ir.Value:
     """`values[n]` for each nibble n of `nibbles <nbytes x i8>` (values 0..15): `vpshufb` on the table
     repeated in every 16-byte lane (512-bit on AVX-512, else 256-bit pieces)."""
@@ -391,8 +441,9 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
     w, n_rows, row_stride, row_bytes, s_ptr, s_stride, groups, *ptrs, out, out_stride = fn.args
     tokens = [(ptrs[j], ptrs[n + j], ptrs[2 * n + j]) for j in range(n)]
     isa = CODEGEN[simd.isa]
-    fmt = simd.fmt
+    fmt, block_bytes, code_bytes = BLOCK_ROWS.get(simd.fmt, (simd.fmt, 0, 0))
     span_bytes, span_elems, gps = spans(fmt, simd.g)
+    file_span = span_bytes // code_bytes * block_bytes if block_bytes else span_bytes  # a span's bytes in a row
     width, vbytes = isa.width, isa.vbytes
     parts = 16 // width
     lanes_per_group = 16 // gps
@@ -414,7 +465,20 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
         """float32 `<gps>` scales of span `s`; in the tail span, 0 for groups past the row (affine rows
         hold whole spans)."""
         first = b.mul(s, const(2 * gps if affine else gps))
-        if not tail or affine:
+        if block_bytes:  # each group's block starts with its scale
+            bits = ir.Constant(_vec(I16, gps), [0] * gps)
+            nb = b.udiv(row_bytes, const(block_bytes))
+            for q in range(gps):
+                k = b.add(first, const(q))
+                inside = b.icmp_unsigned("<", k, nb) if tail else None
+                where = b.mul(k, const(block_bytes))
+                v = b.load(
+                    b.bitcast(b.gep(srow, [b.select(inside, where, const(0)) if tail else where]), I16.as_pointer())
+                )
+                bits = b.insert_element(
+                    bits, b.select(inside, v, ir.Constant(I16, 0)) if tail else v, ir.Constant(I32, q)
+                )
+        elif not tail or affine:
             bits = b.load(b.bitcast(b.gep(srow, [b.mul(first, const(size))]), _vec(item, gps).as_pointer()), align=size)
         else:  # groups past the row may be past the array: load those from group 0, then zero them
             bits = ir.Constant(_vec(item, gps), [0.0 if item == F32 else 0] * gps)
@@ -444,8 +508,8 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
         wbase = b.mul(s, const(span_bytes))
         if PREFETCH and not tail:  # the bytes PREFETCH ahead (of the next rows, or the next call's: rows and
             # tasks run in memory order); a prefetch past the array is harmless
-            for c in range(span_bytes // 64):
-                ahead = b.gep(wrow, [b.add(wbase, const(64 * c + PREFETCH))])
+            for c in range(-(-file_span // 64)):
+                ahead = b.gep(wrow, [b.add(b.mul(s, const(file_span)), const(64 * c + PREFETCH))])
                 b.call(prefetch, [ahead, ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
         xbase = b.mul(s, const(span_elems))
         bbase = b.mul(s, const(64))  # 16 int32 bias lanes per span
@@ -496,13 +560,13 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
     def halves(v: ir.Value, k: int) -> list[ir.Value]:
         return [b.shuffle_vector(v, v, ir.Constant(_vec(I32, k), list(range(i, i + k)))) for i in (0, k)]
 
-    full = b.udiv(row_bytes, const(span_bytes))
-    has_tail = b.icmp_unsigned("!=", b.mul(full, const(span_bytes)), row_bytes)
+    full = b.udiv(row_bytes, const(file_span))
+    has_tail = b.icmp_unsigned("!=", b.mul(full, const(file_span)), row_bytes)
     with cgutils.for_range(b, n_rows) as row:
         r = row.index
         wrow = b.gep(w, [b.mul(r, row_stride)])
         srow = b.gep(s_ptr, [b.mul(r, s_stride)])
-        loads = _Loads(b, wrow, row_bytes)
+        loads = _BlockLoads(b, wrow, row_bytes, simd.fmt) if block_bytes else _Loads(b, wrow, row_bytes)
         for j in range(n):
             for p in range(parts):
                 b.store(zero, acc[j][p])
@@ -570,6 +634,8 @@ def span_dots(typingctx, simd, n, w, scales, xq, ascale, bias, rows, out):
     if not isinstance(simd, SimdType) or not isinstance(n, types.IntegerLiteral) or not 1 <= n.literal_value <= TILE:
         return None
     scale_type = {SCALE_E8M0: types.uint8, SCALE_F32: types.float32}.get(simd.kind, types.uint16)
+    if simd.fmt in BLOCK_ROWS:
+        scale_type = types.uint8  # the rows themselves
     wanted = [
         (w, types.uint8, 2),
         (scales, scale_type, 2),
