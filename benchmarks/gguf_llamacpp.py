@@ -116,6 +116,9 @@ def compare(ours: np.ndarray, theirs: np.ndarray, against: str) -> dict:
         "corr_mean": round(float(np.mean(corr)), 5),
         "top1": round(float(np.mean(ours.argmax(1) == theirs.argmax(1))), 4),
         "max_abs_diff": round(float(np.abs(ours - theirs).max()), 4),
+        "worst": [  # (position, correlation, llama.cpp's logit spread there)
+            (int(i), round(corr[i], 4), round(float(theirs[i].std()), 4)) for i in np.argsort(corr)[:3]
+        ],
     }
 
 

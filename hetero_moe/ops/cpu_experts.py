@@ -618,14 +618,14 @@ class CPUExperts(Op):
             self.pinned_slot = slot.to(dev)
         numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
         self.format.bind(self.isa)
-        here = np.flatnonzero(self.unpinned >= 0)
-        if len(here):  # one call through grouping, the kernels and the combine
-            self.forward(torch.zeros(1, self.hidden), torch.full((1, 1), int(here[0])), torch.ones(1, 1))
         if self.torch_min_tokens == 0:
             key = (self.kwargs, self.block_type, self.num_experts, self.inter, self.hidden, self.threads)
             if key not in _CROSSOVERS:  # every MoE layer of a model has the same shape: measure once
                 _CROSSOVERS[key] = self._measure_crossover()
             self.torch_min_tokens = _CROSSOVERS[key]
+        here = np.flatnonzero(self.unpinned >= 0)
+        if len(here):  # one call through grouping, the kernels and the combine (not torch's: one token)
+            self.forward(torch.zeros(1, self.hidden), torch.full((1, 1), int(here[0])), torch.ones(1, 1))
 
     def _measure_crossover(self) -> int:
         """Smallest tokens-per-expert count, of 64 and 256, at which dequantize + torch matmul beats our kernel
