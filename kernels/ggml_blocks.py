@@ -212,6 +212,16 @@ class Repack:
         else:
             scales[...] = s.astype(np.float16).view(np.uint16)
 
+    def values(self, raw: np.ndarray, in_dim: int) -> np.ndarray:
+        """float32 `[R, in_dim]` of the file's rows of blocks `raw [R, row bytes]` (a few rows: an
+        embedding's lookups)."""
+        if self.in_place:
+            return self.dequantize(raw, raw, in_dim)
+        codes = np.empty((raw.shape[0], self.code_bytes(in_dim)), np.uint8)
+        scales = np.empty((raw.shape[0], self.scale_cols(in_dim)), self.scale_dtype)
+        self.repack(raw, in_dim, codes, scales)
+        return self.dequantize(codes, scales, in_dim)
+
     def dequantize(self, codes: np.ndarray, scales: np.ndarray, in_dim: int) -> np.ndarray:
         """float32 `[R, in_dim]` of repacked rows (in place: `codes` the file's rows, `scales` ignored), the
         values the file's blocks hold."""

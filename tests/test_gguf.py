@@ -24,6 +24,7 @@ from hetero_moe.llm import LLM, place
 from hetero_moe.loader.gguf_file import SUPPORTED, GGUFError, GGUFFile, dequantize
 from hetero_moe.loader.gguf_model import load_gguf_tokenizer
 from hetero_moe.ops.cpu_experts import CPUExperts
+from hetero_moe.ops.embedding import BlockEmbedding
 from hetero_moe.synth import tiny as synth
 from hetero_moe.synth.gguf import (
     GGUF_SIZES,
@@ -349,3 +350,20 @@ def test_every_block_type_repacks_to_gguf_quants_values(name) -> None:
         assert codes.nbytes + scales.nbytes == 5 * r.row_bytes(in_dim)
         with pytest.raises(ValueError, match="blocks of"):
             r.repack(raw[:, :-1], in_dim, codes, scales)
+
+
+def test_a_cpu_embedding_in_blocks_stays_in_the_file(pair) -> None:
+    """V3's case writes token_embd in Q8_0: the embedding reads the file's rows, and gives the values
+    `gguf.quants` does (generation equal to safetensors' is checked above)."""
+    path, _, rules = pair(CASES[0])
+    g = GGUFFile.open(path)
+    t = g.tensors["token_embd.weight"]
+    assert t.type == QT.Q8_0
+    with LLM(path, rules=rules, dtype="float32") as llm:
+        embed = llm.placed.model.model.embed_tokens
+        assert isinstance(embed, BlockEmbedding) and mapped_from(embed.rows, path)
+        ids = torch.tensor([[0, 5], [t.shape[0] - 1, 3]])
+        want = torch.from_numpy(gguf.quants.dequantize(t.data, t.type))[ids]
+        assert torch.equal(embed(ids), want)
+        with pytest.raises(IndexError, match="out of range"):
+            embed(torch.tensor([t.shape[0]]))

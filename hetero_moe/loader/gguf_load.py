@@ -26,6 +26,7 @@ from hetero_moe.loader.gguf_model import ExpertStack, Mapped, name_table
 from hetero_moe.loader.load import Progress
 from hetero_moe.ops.base import Op, assign_direct
 from hetero_moe.ops.cpu_experts import CPUExperts
+from hetero_moe.ops.embedding import BlockEmbedding
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,19 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
 def use_gguf_blocks(placed: PlacedModel, g: GGUFFile) -> None:
-    """Tell each CPU experts op whose layer's experts are GGUF blocks to run those blocks."""
+    """Tell each CPU experts op whose layer's experts are GGUF blocks to run those blocks; a CPU embedding
+    in blocks (untied) keeps them too (`BlockEmbedding`)."""
     g.check_types()
-    _, stacks, _ = name_table(g, placed.config)
+    mapped, stacks, _ = name_table(g, placed.config)
+    embed = next((m for m in mapped if m.key == "model.embed_tokens.weight"), None)
+    if (
+        embed is not None
+        and embed.sources[0].type.name not in FLOAT_TYPES
+        and placed.placements["model.embed_tokens"].device.type == "cpu"
+        and not placed.config.tie_word_embeddings
+    ):
+        vocab, hidden = embed.sources[0].shape
+        placed.model.model.embed_tokens = BlockEmbedding(vocab, hidden, embed.sources[0].type.name, placed.dtype)
     by_module: dict[str, list[ExpertStack]] = {}
     for s in stacks:
         by_module.setdefault(s.module, []).append(s)
@@ -112,7 +123,9 @@ def _sources(entry) -> tuple[GGUFTensor, ...]:
 
 def _load_one(entry) -> None:
     what, target = entry
-    if isinstance(what, Mapped):
+    if isinstance(what, Mapped) and isinstance(target.owner, BlockEmbedding):
+        target.owner.load_blocks(what.sources[0].data)
+    elif isinstance(what, Mapped):
         tensor = what.build(*[dequantize(s) for s in what.sources])
         if isinstance(target.owner, Op):
             target.owner.load_weight(target.rel, tensor)
