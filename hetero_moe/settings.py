@@ -60,13 +60,22 @@ RESERVES = {"cuda": Reserve(1 * GB), "cpu": Reserve(4 * GB)}
 
 
 def available_memory() -> int | None:
-    """Bytes of DRAM available to new allocations (MemAvailable), or None where /proc/meminfo is absent."""
-    return _meminfo("MemAvailable")
+    """Bytes of DRAM available to new allocations: MemAvailable, or less where this process's cgroup (a
+    container's memory limit, cgroup v2 or v1) leaves less; None where /proc/meminfo is absent."""
+    available = _meminfo("MemAvailable")
+    group = _cgroup_memory()
+    if available is None or group is None:
+        return available
+    limit, usage = group
+    return min(available, max(limit - usage, 0))
 
 
 def total_memory() -> int | None:
-    """Bytes of DRAM in all (MemTotal), or None where /proc/meminfo is absent."""
-    return _meminfo("MemTotal")
+    """Bytes of DRAM in all: MemTotal, or this process's cgroup limit where lower; None where /proc/meminfo
+    is absent."""
+    total = _meminfo("MemTotal")
+    group = _cgroup_memory()
+    return total if total is None or group is None else min(total, group[0])
 
 
 def _meminfo(field: str) -> int | None:
@@ -77,4 +86,34 @@ def _meminfo(field: str) -> int | None:
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
+    return None
+
+
+PROC_CGROUP = Path("/proc/self/cgroup")
+CGROUP_FILES = {  # hierarchy -> (its folder, limit file, usage file)
+    "v2": ("/sys/fs/cgroup", "memory.max", "memory.current"),
+    "v1": ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes"),
+}
+
+
+def _cgroup_memory() -> tuple[int, int] | None:
+    """(limit, usage) in bytes of this process's memory cgroup, or None where it has no limit (or none
+    can be read). A v1 "no limit" is a number near 2^63: anything above 2^60 counts as none."""
+    try:
+        lines = PROC_CGROUP.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        version = "v2" if controllers == "" else "v1" if "memory" in controllers.split(",") else None
+        if version is None:
+            continue
+        root, limit_file, usage_file = CGROUP_FILES[version]
+        folder = Path(root) / path.lstrip("/")
+        try:
+            limit, usage = ((folder / f).read_text().strip() for f in (limit_file, usage_file))
+        except OSError:
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:
+            return int(limit), int(usage)
     return None

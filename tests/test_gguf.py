@@ -25,6 +25,8 @@ from hetero_moe.loader.gguf_file import SUPPORTED, GGUFError, GGUFFile, dequanti
 from hetero_moe.loader.gguf_model import load_gguf_tokenizer
 from hetero_moe.ops.cpu_experts import CPUExperts
 from hetero_moe.ops.embedding import BlockEmbedding
+from hetero_moe import settings
+from hetero_moe.settings import RESERVES
 from hetero_moe.synth import tiny as synth
 from hetero_moe.synth.gguf import (
     GGUF_SIZES,
@@ -34,6 +36,8 @@ from hetero_moe.synth.gguf import (
     random_blocks,
     write_gguf,
 )
+from hetero_moe.tune.plan import Box
+from hetero_moe.tune.plan import plan as make_plan
 
 EXPERT_KWARGS = {
     QT.Q4_0: "quant: int4, group_size: 32, scale_dtype: fp16",
@@ -367,3 +371,52 @@ def test_a_cpu_embedding_in_blocks_stays_in_the_file(pair) -> None:
         assert torch.equal(embed(ids), want)
         with pytest.raises(IndexError, match="out of range"):
             embed(torch.tensor([t.shape[0]]))
+
+
+def test_plan_says_when_a_gguf_will_page_from_disk(pair, tmp_path, capsys) -> None:
+    """Experts read in place need no DRAM of their own: a box too small for them plans with a warning that
+    they page from disk; one too small for the rest is still an error."""
+    path, _, _ = pair(CASES[0])
+    roomy = make_plan(path, Box(0, 100e9))
+    rules = tmp_path / "planned.yaml"
+    rules.write_text(roomy.rules)
+    in_place = place(path, rules, "auto").mapped_bytes()
+    need = roomy.weights["cpu"] + roomy.kv_cache["cpu"]
+    assert in_place > 0 and roomy.paged == 0
+    reserve = RESERVES["cpu"]
+
+    def box(usable: float) -> float:  # GB of DRAM that leave `usable` bytes after the reserve
+        return (usable + reserve.fixed) / (1 - reserve.share) / 1e9
+
+    assert (
+        main(["plan", "--model", str(path), "--gpu-memory", "0", "--cpu-memory", f"{box(need - in_place / 2):.6f}"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "GB more than the usable DRAM: the weights read in place from the GGUF file page from disk" in out
+    assert (
+        main(["plan", "--model", str(path), "--gpu-memory", "0", "--cpu-memory", f"{box(need - in_place) - 0.01:.6f}"])
+        == 2
+    )
+    assert "read in place from the file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_memory_readings_respect_the_cgroup_limit(version, tmp_path, monkeypatch) -> None:
+    """In a container with a memory limit, DRAM is the limit (what is left of it), not the host's."""
+
+    _, limit_file, usage_file = settings.CGROUP_FILES[version]
+    folder = tmp_path / "group"
+    folder.mkdir()
+    (folder / limit_file).write_text(f"{6 * 2**30}\n")
+    (folder / usage_file).write_text(f"{2**30}\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/group\n" if version == "v2" else "7:pids:/\n4:memory:/group\n")
+    monkeypatch.setattr(settings, "PROC_CGROUP", proc)
+    monkeypatch.setitem(settings.CGROUP_FILES, version, (str(tmp_path), limit_file, usage_file))
+    if settings._meminfo("MemTotal") is None:
+        pytest.skip("no /proc/meminfo")
+    assert settings.total_memory() == min(6 * 2**30, settings._meminfo("MemTotal"))
+    assert settings.available_memory() <= 5 * 2**30
+    (folder / limit_file).write_text("max\n" if version == "v2" else "9223372036854771712\n")
+    assert settings.total_memory() == settings._meminfo("MemTotal")

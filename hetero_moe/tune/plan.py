@@ -79,6 +79,7 @@ class Plan:
     pinned: dict[str, list[int]] = field(default_factory=dict)  # experts module -> pinned experts
     pinned_share: float = 0.0  # of the profiled routings that land on pinned experts
     max_context: int = DEFAULT_CONTEXT  # tokens of the KV cache in `kv_cache`
+    paged: int = 0  # bytes beyond the usable DRAM, read from the GGUF file in place: they page from disk
 
 
 def plan(
@@ -128,19 +129,22 @@ def plan(
     gpu_linears, text, placed, weights, cache = choice
     experts_quant = _experts_format(placed, experts_quant)
     cpu = weights.get("cpu", 0) + cache.get("cpu", 0)
-    if cpu > cpu_budget:
+    in_place = placed.mapped_bytes()  # GGUF blocks the kernels read from the file: the page cache serves them
+    if cpu - in_place > cpu_budget:
+        mapped = f" ({in_place / GB:.1f} GB of it read in place from the file)" if in_place else ""
         raise PlanError(
             f"DRAM is too small: {box.cpu_bytes / GB:.1f} GB, of which {cpu_budget / GB:.1f} GB usable, but the "
-            f"model needs {cpu / GB:.1f} GB there with {experts_quant.upper()} experts"
+            f"model needs {cpu / GB:.1f} GB there{mapped} with {experts_quant.upper()} experts"
         )
-    result = Plan(text, gpu_linears, experts_quant, weights, cache, max_context=max_context)
+    paged = int(max(cpu - cpu_budget, 0))
+    result = Plan(text, gpu_linears, experts_quant, weights, cache, max_context=max_context, paged=paged)
     if profile is not None and gpu_linears != "none" and not mxfp4:
         pinned, share = _pin(placed, profile, gpu_budget - weights.get("cuda:0", 0) - cache.get("cuda:0", 0))
         if pinned:
             text = _rules(arch.name, gpu_linears, experts_quant, pinned, has_mlp, moe_layers, linear)
             placed = _place(config, arch, torch_dtype, text, gguf)
             weights = placed.bytes_per_device()
-            result = Plan(text, gpu_linears, experts_quant, weights, cache, pinned, share, max_context)
+            result = Plan(text, gpu_linears, experts_quant, weights, cache, pinned, share, max_context, paged)
     return result
 
 
@@ -262,4 +266,9 @@ def render(p: Plan, box: Box) -> str:
         + ".",
         f"# Predicted memory (weights and one {p.max_context}-token KV cache): {devices}.",
     ]
+    if p.paged:
+        header.append(
+            f"# {p.paged / GB:.1f} GB more than the usable DRAM: the weights read in place from the GGUF file "
+            "page from disk as decoding needs them, at the disk's read speed."
+        )
     return "\n".join(header) + "\n" + p.rules
