@@ -18,6 +18,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from hetero_moe.kernels.ggml_blocks import REPACK
 
+from hetero_moe import settings
 from hetero_moe.arch import ModelError
 from hetero_moe.cli import main
 from hetero_moe.llm import LLM, place
@@ -25,7 +26,6 @@ from hetero_moe.loader.gguf_file import SUPPORTED, GGUFError, GGUFFile, dequanti
 from hetero_moe.loader.gguf_model import load_gguf_tokenizer
 from hetero_moe.ops.cpu_experts import CPUExperts
 from hetero_moe.ops.embedding import BlockEmbedding
-from hetero_moe import settings
 from hetero_moe.settings import RESERVES
 from hetero_moe.synth import tiny as synth
 from hetero_moe.synth.gguf import (
