@@ -6,6 +6,7 @@ corrupt."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -22,6 +23,7 @@ from hetero_moe import settings
 from hetero_moe.arch import ModelError
 from hetero_moe.cli import main
 from hetero_moe.llm import LLM, place
+from hetero_moe.loader import gguf_load
 from hetero_moe.loader.gguf_file import SUPPORTED, GGUFError, GGUFFile, dequantize
 from hetero_moe.loader.gguf_model import load_gguf_tokenizer
 from hetero_moe.ops.cpu_experts import CPUExperts
@@ -420,3 +422,27 @@ def test_memory_readings_respect_the_cgroup_limit(version, tmp_path, monkeypatch
     assert settings.available_memory() <= 5 * 2**30
     (folder / limit_file).write_text("max\n" if version == "v2" else "9223372036854771712\n")
     assert settings.total_memory() == settings._meminfo("MemTotal")
+
+
+def test_experts_that_do_not_fit_are_read_ahead_from_disk(pair, monkeypatch) -> None:
+    """Where the experts read in place do not fit in memory, each call asks the kernel to read the rows of
+    the experts it routes to, all at once; the results are the same."""
+    path, _, rules = pair(CASES[0])
+    x = torch.randn(3, 256)
+    index, weights = torch.tensor([[0, 2], [1, 2], [3, 0]]), torch.full((3, 2), 0.5)
+    with LLM(path, rules=rules, dtype="float32") as llm:
+        want = llm.placed.model.model.layers[1].mlp.experts(x, index, weights)
+    monkeypatch.setattr(gguf_load, "fits_in_memory", lambda nbytes: False)
+    asked = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, n, advice: asked.append((offset, n, advice)))
+    g = GGUFFile.open(path)
+    with LLM(path, rules=rules, dtype="float32") as llm:
+        experts = llm.placed.model.model.layers[1].mlp.experts
+        asked.clear()
+        assert torch.equal(experts(x, index, weights), want)
+    expected = set()
+    for name in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
+        t = g.tensors[f"blk.1.{name}.weight"]
+        step = t.nbytes // t.shape[0]
+        expected |= {(t.offset + e * step, step, os.POSIX_FADV_WILLNEED) for e in (0, 1, 2, 3)}
+    assert set(asked) == expected

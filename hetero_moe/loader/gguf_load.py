@@ -100,8 +100,9 @@ def load_gguf_weights(placed: PlacedModel, g: GGUFFile, progress: Progress | Non
 
 
 def _read_in(in_place: list[tuple[ExpertStack, CPUExperts]]) -> None:
-    """Read the experts the kernels take from the memory map into memory now, when they fit (else decoding
-    reads them from disk as it needs them), as for the converted-weights cache."""
+    """Read the experts the kernels take from the memory map into memory now, when they fit; else decoding
+    reads them from disk as it needs them, each call asking the kernel to read its experts ahead
+    (`BlockFormat.page_from`)."""
     by_file: dict = {}
     for stack, _ in in_place:
         by_file.setdefault(stack.tensor.file, []).append(stack.tensor.data)
@@ -112,6 +113,8 @@ def _read_in(in_place: list[tuple[ExpertStack, CPUExperts]]) -> None:
         log.info(
             "the experts read in place (%.1f GB) do not fit in the memory left: read from disk as needed", total / 1e9
         )
+        for stack, op in in_place:
+            op.format.page_from(stack.proj, stack.tensor.file, stack.tensor.offset, stack.tensor.data.strides[0])
         return
     for path, arrays in by_file.items():
         prefault(path, arrays)

@@ -13,8 +13,10 @@ run in `mxfp4`, the release's own bytes, and only in it.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Self
 
 import numba
@@ -186,6 +188,7 @@ class BlockFormat:
         self.repacks = (REPACK[types[0]], REPACK[types[1]])
         self.kernels: tuple[Kernels, Kernels] | None = None  # bound at finalize
         self.rows: dict[int, np.ndarray] = {}  # projection -> the file's rows `[E, O, row bytes]`, in place
+        self.paging: dict[int, tuple[int, int, int]] = {}  # projection -> (file descriptor, offset, expert bytes)
 
     @property
     def block_type(self) -> str:
@@ -250,6 +253,17 @@ class BlockFormat:
             else:
                 rows = slice(proj * self.inter, (proj + 1) * self.inter)
                 repack.repack(raw[e], in_dim, self.w13[e, rows], self.s13[e, rows])
+
+    def page_from(self, proj: int, path: Path, offset: int, expert_bytes: int) -> None:
+        """Projection `proj`, read in place, pages from `path` (it does not fit in memory): from now on each
+        call first asks the kernel to read its experts' rows ahead (`will_need`)."""
+        self.paging[proj] = (os.open(path, os.O_RDONLY), offset, expert_bytes)
+
+    def will_need(self, experts: np.ndarray) -> None:
+        """Start reading the rows of `experts` from disk, all at once (a page fault reads a little at a time)."""
+        for fd, offset, nbytes in self.paging.values():
+            for e in experts.tolist():
+                os.posix_fadvise(fd, offset + e * nbytes, nbytes, os.POSIX_FADV_WILLNEED)
 
     def dequantize(self, expert: int, proj: int) -> torch.Tensor:
         repack, in_dim = (self.repacks[1], self.inter) if proj == 2 else (self.repacks[0], self.hidden)
@@ -661,6 +675,8 @@ class CPUExperts(Op):
         self.bytes_streamed += len(pairs.expert) * self.format.nbytes() // self.num_experts
         if len(pairs.token) == 0:  # every selected expert is pinned
             return torch.zeros_like(x)
+        if isinstance(self.format, BlockFormat) and self.format.paging:
+            self.format.will_need(pairs.expert)
         big = np.diff(pairs.seg) >= self.torch_min_tokens
         if not big.any():
             y = self.format.run(xf, pairs, ROWS_PER_TASK)
