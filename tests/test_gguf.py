@@ -27,6 +27,7 @@ from hetero_moe.loader import gguf_load
 from hetero_moe.loader.gguf_file import SUPPORTED, GGUFError, GGUFFile, dequantize
 from hetero_moe.loader.gguf_model import load_gguf_tokenizer
 from hetero_moe.ops.cpu_experts import CPUExperts
+from hetero_moe.ops.cpu_linear import BlockMatrix, CPULinear
 from hetero_moe.ops.embedding import BlockEmbedding
 from hetero_moe.settings import RESERVES
 from hetero_moe.synth import tiny as synth
@@ -446,3 +447,38 @@ def test_experts_that_do_not_fit_are_read_ahead_from_disk(pair, monkeypatch) -> 
         step = t.nbytes // t.shape[0]
         expected |= {(t.offset + e * step, step, os.POSIX_FADV_WILLNEED) for e in (0, 1, 2, 3)}
     assert set(asked) == expected
+
+
+def test_quantized_cpu_linears_run_the_files_blocks(pair) -> None:
+    """Under rules that quantize the dense layers on the CPU (`cpu-only-int4.yaml`), weights in blocks run
+    in the file's own types instead of being requantized: the values are `gguf.quants`' bit for bit, Q4_0
+    and Q8_0 read in place; the layers compute their float64 products within the int8 activations' error."""
+    path, _, _ = pair(CASES[0])
+    g = GGUFFile.open(path)
+    with LLM(path, rules="cpu-only-int4.yaml", dtype="float32") as llm:
+        modules = dict(llm.placed.model.named_modules())
+        checked = set()
+        for key, name in (
+            ("model.layers.1.self_attn.q_a_proj", "blk.1.attn_q_a.weight"),
+            ("model.layers.1.self_attn.o_proj", "blk.1.attn_output.weight"),
+            ("model.layers.0.mlp", "blk.0.ffn_down.weight"),
+            ("model.layers.1.mlp.shared_experts", "blk.1.ffn_down_shexp.weight"),
+            ("lm_head", "output.weight"),
+        ):
+            t, op = g.tensors[name], modules[key]
+            matrix = op.matrix if isinstance(op, CPULinear) else op.parts["down_proj"]
+            if t.type.name in ("F16", "BF16", "F32"):
+                assert not isinstance(matrix, BlockMatrix)
+                continue
+            assert isinstance(matrix, BlockMatrix) and matrix.block_type == t.type.name, key
+            want = gguf.quants.dequantize(t.data, t.type)
+            assert np.array_equal(matrix.dequantize().numpy().view(np.uint32), want.view(np.uint32)), key
+            if t.type in (QT.Q4_0, QT.Q8_0):
+                assert mapped_from(matrix.codes, path), key
+            if isinstance(op, CPULinear):
+                x = torch.randn(3, t.shape[1])
+                ref = x.double() @ torch.from_numpy(want).double().T
+                assert torch.allclose(op(x).double(), ref, rtol=0.05, atol=0.02 * ref.abs().max().item()), key
+            checked.add(t.type.name)
+        assert len(checked) >= 2
+        assert len(llm.generate([[0, 17, 42]], max_tokens=4, temperature=0.0)[0].token_ids) == 4

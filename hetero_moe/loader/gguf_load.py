@@ -26,7 +26,9 @@ from hetero_moe.loader.gguf_model import ExpertStack, Mapped, name_table
 from hetero_moe.loader.load import Progress
 from hetero_moe.ops.base import Op, assign_direct
 from hetero_moe.ops.cpu_experts import CPUExperts
+from hetero_moe.ops.cpu_linear import CPULinear
 from hetero_moe.ops.embedding import BlockEmbedding
+from hetero_moe.ops.mlp import QuantGatedMLP
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ def use_gguf_blocks(placed: PlacedModel, g: GGUFFile) -> None:
     ):
         vocab, hidden = embed.sources[0].shape
         placed.model.model.embed_tokens = BlockEmbedding(vocab, hidden, embed.sources[0].type.name, placed.dtype)
+    _dense_blocks(placed, [m for m in mapped if m.direct and m.sources[0].type.name not in FLOAT_TYPES])
     by_module: dict[str, list[ExpertStack]] = {}
     for s in stacks:
         by_module.setdefault(s.module, []).append(s)
@@ -67,6 +70,32 @@ def use_gguf_blocks(placed: PlacedModel, g: GGUFFile) -> None:
                 f"({listed}): gate and up must share a block type, and down be blocks too"
             )
         op.use_blocks((types[0], types[2]), group[0].tensor.name)
+
+
+BLOCK_OPS = (CPULinear, QuantGatedMLP, BlockEmbedding)  # ops that can take a GGUF tensor's blocks as they are
+
+
+def _dense_blocks(placed: PlacedModel, mapped: list[Mapped]) -> None:
+    """Quantized CPU linears and MLPs whose weights are GGUF blocks run those blocks (exact, and Q4_0/Q8_0 in
+    place) instead of requantizing their values; an MLP's gate and up only when of one type."""
+    keys = placed.owned_keys()
+    mlps: dict[str, dict[str, str]] = {}
+    for m in mapped:
+        target = keys.get(m.key)
+        if target is None:
+            continue  # an error where the tensors are matched
+        _, owner, rel, _ = target
+        if isinstance(owner, CPULinear):
+            owner.use_blocks(rel, m.sources[0].type.name)
+        elif isinstance(owner, QuantGatedMLP):
+            mlps.setdefault(target[0], {})[rel] = m.sources[0].type.name
+    modules = dict(placed.model.named_modules())
+    for name, types in mlps.items():
+        if types.get("gate_proj.weight") != types.get("up_proj.weight"):
+            types.pop("gate_proj.weight", None)
+            types.pop("up_proj.weight", None)
+        for rel, block_type in types.items():
+            modules[name].use_blocks(rel, block_type)
 
 
 @dataclass(frozen=True)
@@ -126,8 +155,8 @@ def _sources(entry) -> tuple[GGUFTensor, ...]:
 
 def _load_one(entry) -> None:
     what, target = entry
-    if isinstance(what, Mapped) and isinstance(target.owner, BlockEmbedding):
-        target.owner.load_blocks(what.sources[0].data)
+    if isinstance(what, Mapped) and isinstance(target.owner, BLOCK_OPS) and target.owner.takes_blocks(target.rel):
+        target.owner.load_blocks(target.rel, what.sources[0].data)
     elif isinstance(what, Mapped):
         tensor = what.build(*[dequantize(s) for s in what.sources])
         if isinstance(target.owner, Op):

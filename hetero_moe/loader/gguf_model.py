@@ -236,6 +236,11 @@ class Mapped:
     sources: tuple[GGUFTensor, ...]
     build: Callable[..., torch.Tensor]
 
+    @property
+    def direct(self) -> bool:
+        """One tensor taken as it is (its blocks can run as they are)."""
+        return len(self.sources) == 1 and self.build is _same
+
 
 @dataclass(frozen=True)
 class ExpertStack:

@@ -1,6 +1,7 @@
 """Quantized dense layers on the CPU: attention projections, dense MLPs, shared experts and lm_head in
-INT4 or INT8 (group-wise, bf16 or fp16 scales), run by the int8-activation kernels of
-`kernels/numba/int8dot.py` (integer dot products; the instruction set chosen once at load).
+INT4 or INT8 (group-wise, bf16 or fp16 scales), or a GGUF file's own block types (`BlockMatrix`), run by
+the int8-activation kernels of `kernels/numba/int8dot.py` (integer dot products; the instruction set
+chosen once at load).
 
 `cpu_linear` replaces an `nn.Linear`; `mlp` with `quant` runs a whole gated MLP through the routed-expert
 kernels as one expert every token goes to (gate and up in one pass over the weights, SiLU fused)."""
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hetero_moe.kernels.ggml_blocks import REPACK
 from hetero_moe.kernels.numba.int4 import SCALE_BF16, SCALE_FP16
 from hetero_moe.kernels.numba.int8dot import Kernels, quantize_int8_fast, select_backend
 from hetero_moe.kernels.numba.quantize import quantize_int4_fast
@@ -72,8 +74,60 @@ class QuantMatrix:
         scales = torch.from_numpy(self.scales.view(np.int16)).view(self.sdtype)
         return dequantize(torch.from_numpy(self.codes), scales, self.g, self.in_dim)
 
+    @property
+    def format(self) -> tuple[str, int, int]:
+        """(int8dot format, group, scale kind): matrices of one format run in one kernel call."""
+        return (self.kw.quant, self.g, self.kind)
+
+    def mapped_bytes(self) -> int:
+        return 0
+
     def kernels(self, isa: str | None) -> Kernels:
-        return select_backend(isa).kernels(self.kw.quant, self.g, self.kind)
+        return select_backend(isa).kernels(*self.format)
+
+
+class BlockMatrix:
+    """One weight `[O, I]` of a GGUF file in its own block type (`kernels/ggml_blocks.py`): Q4_0 and Q8_0
+    rows read in place from the memory map (`codes` and `scales` are both the file's rows), the other types
+    repacked once, losslessly. Nothing is requantized."""
+
+    def __init__(self, out_dim: int, in_dim: int, block_type: str) -> None:
+        self.out_dim, self.in_dim, self.block_type = out_dim, in_dim, block_type
+        self.repack = REPACK[block_type]
+        self.codes = np.empty(0, np.uint8)
+        self.scales = np.empty(0, self.repack.scale_dtype)
+
+    @property
+    def format(self) -> tuple[str, int, int]:
+        return (self.repack.fmt, self.repack.g, self.repack.kind)
+
+    def nbytes(self) -> int:
+        return self.out_dim * self.repack.row_bytes(self.in_dim)
+
+    def mapped_bytes(self) -> int:
+        return self.nbytes() if self.repack.in_place else 0
+
+    def store(self, w: torch.Tensor) -> None:
+        raise ValueError(f"a weight in {self.block_type} blocks takes the file's blocks, not float values")
+
+    def store_blocks(self, raw: np.ndarray) -> None:
+        """The file's rows `[O, row bytes]`, memory-mapped."""
+        r = self.repack
+        if raw.shape[0] != self.out_dim:
+            raise ValueError(f"{self.block_type} rows {raw.shape} do not fit a weight [{self.out_dim}, {self.in_dim}]")
+        if r.in_place:
+            r.check(raw, self.in_dim)
+            self.codes = self.scales = raw
+            return
+        self.codes = np.empty((self.out_dim, r.code_bytes(self.in_dim)), np.uint8)
+        self.scales = np.empty((self.out_dim, r.scale_cols(self.in_dim)), r.scale_dtype)
+        r.repack(raw, self.in_dim, self.codes, self.scales)
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.from_numpy(self.repack.dequantize(self.codes, self.scales, self.in_dim))
+
+    def kernels(self, isa: str | None) -> Kernels:
+        return select_backend(isa).kernels(*self.format)
 
 
 class CPULinear(Op):
@@ -98,7 +152,24 @@ class CPULinear(Op):
         return cls(hf, ctx, kwargs)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, quant={self.kwargs.quant}"
+        quant = self.matrix.block_type if isinstance(self.matrix, BlockMatrix) else self.kwargs.quant
+        return f"in={self.in_features}, out={self.out_features}, quant={quant}"
+
+    def use_blocks(self, rel: str, block_type: str) -> None:
+        """Before loading: the weight comes as GGUF blocks of `block_type` and runs in them, whatever the
+        rules' `quant` (requantizing would lose the file's precision)."""
+        if rel != "weight":
+            raise KeyError(rel)
+        self.matrix = BlockMatrix(self.out_features, self.in_features, block_type)
+
+    def takes_blocks(self, rel: str) -> bool:
+        return rel == "weight" and isinstance(self.matrix, BlockMatrix)
+
+    def load_blocks(self, rel: str, raw: np.ndarray) -> None:
+        self.matrix.store_blocks(raw)
+
+    def mapped_bytes(self) -> int:
+        return self.matrix.mapped_bytes()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -144,13 +215,15 @@ def stacked(linears: Sequence[nn.Module]) -> Callable[[torch.Tensor], list[torch
     same = all(
         isinstance(m, CPULinear)
         and m.bias is None
-        and (m.kwargs, m.isa, m.in_features, m.dtype) == (first.kwargs, first.isa, first.in_features, first.dtype)
+        and (m.matrix.format, m.isa, m.in_features, m.dtype)
+        == (first.matrix.format, first.isa, first.in_features, first.dtype)
         for m in linears
     )
     if not same:
         return None
-    codes = np.concatenate([m.matrix.codes for m in linears])
-    scales = np.concatenate([m.matrix.scales for m in linears])
+    codes = np.concatenate([m.matrix.codes for m in linears])  # GGUF rows read in place: copied here
+    in_place = first.matrix.scales is first.matrix.codes  # their scales inside
+    scales = codes if in_place else np.concatenate([m.matrix.scales for m in linears])
     sizes, start = [], 0
     for m in linears:
         rows = slice(start, start + m.out_features)

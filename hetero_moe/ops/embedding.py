@@ -33,7 +33,10 @@ class BlockEmbedding(Op):
     def mapped_bytes(self) -> int:
         return self.nbytes()
 
-    def load_blocks(self, raw: np.ndarray) -> None:
+    def takes_blocks(self, rel: str) -> bool:
+        return rel == "weight"
+
+    def load_blocks(self, rel: str, raw: np.ndarray) -> None:
         """The file's rows `[V, row bytes]`, memory-mapped."""
         if raw.shape != (self.vocab, self.nbytes() // self.vocab):
             raise ValueError(

@@ -1,8 +1,9 @@
 """Gated MLP (SiLU(gate) * up, then down): dense layers and shared experts.
 
 Unquantized, it keeps transformers' linears (which rules may still replace one by one). With `quant`
-(on the CPU) it owns its weights in INT4 or INT8 and runs through the routed-expert kernels as one
-expert that every token goes to: gate and up in one pass over their rows, SiLU fused, then down."""
+(on the CPU) it owns its weights in INT4 or INT8 (or a GGUF file's own block types) and runs through the
+routed-expert kernels as one expert that every token goes to: gate and up in one pass over their rows,
+SiLU fused, then down."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from torch import nn
 from hetero_moe.kernels.numba.int8dot import Kernels
 from hetero_moe.kernels.quant import dequantize_fp8_blocks
 from hetero_moe.ops.base import BuildContext, Op
-from hetero_moe.ops.cpu_linear import CPUQuantKwargs, QuantMatrix
+from hetero_moe.ops.cpu_linear import BlockMatrix, CPUQuantKwargs, QuantMatrix
 
 ROWS_PER_TASK = 32  # rows of gate/up or down per parallel task
 
@@ -77,7 +78,23 @@ class QuantGatedMLP(Op):
         return cls(hf, ctx, kwargs)
 
     def extra_repr(self) -> str:
-        return f"hidden={self.hidden}, inter={self.inter}, quant={self.kwargs.quant}"
+        types = {m.block_type for m in self.parts.values() if isinstance(m, BlockMatrix)}
+        return f"hidden={self.hidden}, inter={self.inter}, quant={'/'.join(sorted(types)) or self.kwargs.quant}"
+
+    def use_blocks(self, rel: str, block_type: str) -> None:
+        """Before loading: projection `rel` comes as GGUF blocks and runs in them (gate and up must end up
+        in one format: they run in one kernel call)."""
+        m = self.parts[rel.removesuffix(".weight")]
+        self.parts[rel.removesuffix(".weight")] = BlockMatrix(m.out_dim, m.in_dim, block_type)
+
+    def takes_blocks(self, rel: str) -> bool:
+        return isinstance(self.parts[rel.removesuffix(".weight")], BlockMatrix)
+
+    def load_blocks(self, rel: str, raw: np.ndarray) -> None:
+        self.parts[rel.removesuffix(".weight")].store_blocks(raw)
+
+    def mapped_bytes(self) -> int:
+        return sum(m.mapped_bytes() for m in self.parts.values())
 
     def checkpoint_keys(self) -> dict[str, torch.Size]:
         return {f"{name}.weight": torch.Size((m.out_dim, m.in_dim)) for name, m in self.parts.items()}
@@ -93,12 +110,12 @@ class QuantGatedMLP(Op):
 
     def finalize(self) -> None:
         gate, up, down = (self.parts[p] for p in self._PROJ)
-        self.w13 = np.concatenate([gate.codes, up.codes])[None]  # [1, 2I, B], gate rows first
-        self.s13 = np.concatenate([gate.scales, up.scales])[None]
+        if gate.format != up.format:
+            raise ValueError(f"gate_proj and up_proj must share a format to run together: {gate.format}, {up.format}")
+        self.w13 = (gate.codes[None], up.codes[None])  # one expert: [1, I, B] each
+        self.s13 = (gate.scales[None], up.scales[None])
         self.w2, self.s2 = down.codes[None], down.scales[None]  # [1, H, B']
-        for m in self.parts.values():  # the stacked copies are what runs
-            m.codes, m.scales = m.codes[:0], m.scales[:0]
-        self._kernels = gate.kernels(self.isa)  # one format for all three
+        self._kernels = (gate.kernels(self.isa), down.kernels(self.isa))
         self.forward(torch.zeros(1, self.hidden, dtype=self.dtype))  # compile or load the cached kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., H]
@@ -106,9 +123,9 @@ class QuantGatedMLP(Op):
         t = flat.shape[0]
         tokens = np.arange(t, dtype=np.int64)
         seg, expert = np.array([0, t], np.int64), np.zeros(1, np.int64)
-        k = self._kernels
+        k13, k2 = self._kernels
         h = np.empty((t, self.inter), np.float32)
-        k.gate_up(k.activations(flat), tokens, seg, expert, self.w13, self.s13, ROWS_PER_TASK, h)
+        k13.gate_up(k13.activations(flat), tokens, seg, expert, self.w13, self.s13, ROWS_PER_TASK, h)
         y = np.empty((t, self.hidden), np.float32)
-        k.down(k.activations(h), seg, expert, self.w2, self.s2, ROWS_PER_TASK, y)
+        k2.down(k2.activations(h), seg, expert, self.w2, self.s2, ROWS_PER_TASK, y)
         return torch.from_numpy(y).to(x.dtype).view(x.shape)
