@@ -35,6 +35,7 @@ from hetero_moe.kernels.numba.int4 import SCALE_FP16
 from hetero_moe.kernels.numba.simd import IQ4_LOOKUP, SCALE_F32, spans
 
 BLOCK = 32  # inputs per block of the small types
+CHUNK = 1 << 18  # bytes of blocks repacked at a time
 SUPER = 256  # inputs per block of the K-quants and IQ4_XS
 FORMAT_CODES = {"int4": 4, "int8": 8, "iq4nl": 3, "uint4": 5, "uint8": 9}  # simd's format numbers
 IN_PLACE = {"q4_0": "int4", "q8_0": "int8"}  # formats read from the file's rows -> the format of their codes
@@ -198,6 +199,12 @@ class Repack:
         if self.in_place:
             raise ValueError(f"{self.fmt} rows are read in place, not repacked")
         self.check(raw, in_dim)
+        step = max(1, CHUNK // raw.shape[1])  # rows at a time: the temporaries stay in the caches
+        for start in range(0, raw.shape[0], step):
+            rows = slice(start, start + step)
+            self._repack(raw[rows], codes[rows], scales[rows])
+
+    def _repack(self, raw: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> None:
         c, s, m = self.unpack(raw.reshape(raw.shape[0], -1, self.nbytes))
         codes[...] = c
         if self.affine:
