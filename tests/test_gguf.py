@@ -166,6 +166,25 @@ def mapped_from(a: np.ndarray, path: Path) -> bool:
     return isinstance(a, np.memmap) and Path(a.filename) == path
 
 
+def assert_experts_run_the_files_values(experts: CPUExperts, g: GGUFFile, x: torch.Tensor, atol: float) -> None:
+    """Layer 1's experts hold `gguf.quants`' values bit for bit, and compute their float64 products within
+    the int8 activations' rounding (`atol` of the largest output)."""
+    for proj, name in enumerate(("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")):
+        t = g.tensors[f"blk.1.{name}.weight"]
+        want = gguf.quants.dequantize(t.data[3], t.type)
+        assert np.array_equal(experts.format.dequantize(3, proj).numpy().view(np.uint32), want.view(np.uint32))
+    index, weights = torch.tensor([[0, 2], [1, 2], [3, 0]]), torch.full((3, 2), 0.5)
+    got = experts(x, index, weights).double()
+    ref = torch.zeros_like(got)
+    for t in range(3):
+        for j in range(2):
+            e = int(index[t, j])
+            w13 = [experts.format.dequantize(e, p).double() for p in (0, 1)]
+            h = torch.nn.functional.silu(x[t].double() @ w13[0].T) * (x[t].double() @ w13[1].T)
+            ref[t] += 0.5 * (h @ experts.format.dequantize(e, 2).double().T)
+    assert torch.allclose(got, ref, rtol=0.05, atol=atol * ref.abs().max().item())
+
+
 def test_q4_0_and_q8_0_experts_are_read_in_place(pair) -> None:
     for case in (CASES[0], CASES[1]):
         path, _, rules = pair(case)
@@ -174,21 +193,7 @@ def test_q4_0_and_q8_0_experts_are_read_in_place(pair) -> None:
             experts = llm.placed.model.model.layers[1].mlp.experts
             assert all(mapped_from(experts.format.rows[p], path) for p in (0, 1, 2))
             assert experts.cache is None and experts.mapped_bytes() == experts.nbytes()
-            for proj, name in enumerate(("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")):
-                t = g.tensors[f"blk.1.{name}.weight"]
-                want = gguf.quants.dequantize(t.data[3], t.type)
-                assert np.array_equal(experts.format.dequantize(3, proj).numpy(), want)
-            x = torch.randn(3, experts.hidden) * 0.5
-            index, weights = torch.tensor([[0, 2], [1, 2], [3, 0]]), torch.full((3, 2), 0.5)
-            got = experts(x, index, weights).double()
-            ref = torch.zeros_like(got)
-            for t in range(3):
-                for j in range(2):
-                    e = int(index[t, j])
-                    w13 = [experts.format.dequantize(e, p).double() for p in (0, 1)]
-                    h = torch.nn.functional.silu(x[t].double() @ w13[0].T) * (x[t].double() @ w13[1].T)
-                    ref[t] += 0.5 * (h @ experts.format.dequantize(e, 2).double().T)
-            assert torch.allclose(got, ref, rtol=0.05, atol=0.02 * ref.abs().max().item())
+            assert_experts_run_the_files_values(experts, g, torch.randn(3, experts.hidden) * 0.5, 0.02)
 
 
 def test_rules_check_and_plan_count_the_files_block_bytes(pair, capsys) -> None:
@@ -286,21 +291,7 @@ def test_block_experts_run_the_files_own_values(types, tmp_path) -> None:
         experts = llm.placed.model.model.layers[1].mlp.experts
         up, down = (t.name for t in types)
         assert experts.block_type == (up if up == down else f"{up}+{down}")
-        for proj, name in enumerate(("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")):
-            t = g.tensors[f"blk.1.{name}.weight"]
-            want = gguf.quants.dequantize(t.data[3], t.type)
-            assert np.array_equal(experts.format.dequantize(3, proj).numpy().view(np.uint32), want.view(np.uint32))
-        x = torch.randn(3, experts.hidden)
-        index, weights = torch.tensor([[0, 2], [1, 2], [3, 0]]), torch.full((3, 2), 0.5)
-        got = experts(x, index, weights).double()
-        ref = torch.zeros_like(got)
-        for t in range(3):
-            for j in range(2):
-                e = int(index[t, j])
-                w13 = [experts.format.dequantize(e, p).double() for p in (0, 1)]
-                h = torch.nn.functional.silu(x[t].double() @ w13[0].T) * (x[t].double() @ w13[1].T)
-                ref[t] += 0.5 * (h @ experts.format.dequantize(e, 2).double().T)
-        assert torch.allclose(got, ref, rtol=0.05, atol=0.03 * ref.abs().max().item())
+        assert_experts_run_the_files_values(experts, g, torch.randn(3, experts.hidden), 0.03)
         assert len(llm.generate([[0, 17, 42]], max_tokens=4, temperature=0.0)[0].token_ids) == 4
 
 

@@ -373,7 +373,9 @@ def test_linear(isa: str, fmt: int, g: int, out_dim: int, in_dim: int, kind: int
 
 
 @pytest.mark.parametrize(
-    ("isa", "fmt", "g", "kind"), [(isa, *spec) for isa in RUNNABLE + EMULATED for spec in BLOCK_SPECS]
+    ("isa", "fmt", "g", "kind"),
+    [(isa, *spec) for isa in PRIMARY for spec in BLOCK_SPECS]  # the other backends: the code paths that differ
+    + [(isa, *spec) for isa in OTHERS for spec in BLOCK_SPECS if spec[0] in (UINT4, UINT8) or spec[2] == SCALE_F32],
 )
 def test_block_formats_linear(isa: str, fmt: int, g: int, kind: int) -> None:
     """The formats of GGUF's blocks, bit-exact per backend, on rows with and without a ragged last span."""
@@ -407,7 +409,8 @@ def block_rows(fmt: int, weights: np.ndarray, bits: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("isa", RUNNABLE + EMULATED)
 @pytest.mark.parametrize("fmt", [INT4, INT8])
 def test_rows_of_blocks_read_in_place(isa: str, fmt: int) -> None:
-    """Q4_0 / Q8_0 rows as a GGUF file holds them give INT4's / INT8's bits, ragged last spans included."""
+    """Q4_0 / Q8_0 rows as a GGUF file holds them give INT4's / INT8's bits, ragged last spans included;
+    through the expert kernels too (on the first backend: the loads are the same code)."""
     rng = np.random.default_rng(fmt)
     k = kernels(isa, fmt, 32, SCALE_FP16)
     blocks = int8dot.select_backend(isa) if isa not in EMULATED else int8dot.Backend(isa)
@@ -420,6 +423,8 @@ def test_rows_of_blocks_read_in_place(isa: str, fmt: int) -> None:
             xq, a = ref_activations(x, 32)
             y = kb.linear(kb.activations(x), raw, raw, 8)
             assert_bits(y, ref_dots(fmt, 32, weights, bits, SCALE_FP16, xq, a))
+    if isa not in PRIMARY:
+        return
     e, inter, hidden = 5, 64, 96
     w13, s13, w2, s2 = random_experts(rng, fmt, 32, e, inter, hidden, SCALE_FP16)
     x, index = random_tokens(rng, 9, hidden), route(rng, 9, 3, e)
