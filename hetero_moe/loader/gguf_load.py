@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from hetero_moe.inject.injector import PlacedModel
+from hetero_moe.kernels.ggml_blocks import REPACK
 from hetero_moe.loader.checkpoint import prefault
 from hetero_moe.loader.converted import fits_in_memory
 from hetero_moe.loader.gguf_file import GGUFError, GGUFFile, GGUFTensor, dequantize
@@ -109,8 +110,8 @@ class _Item:
 def load_gguf_weights(placed: PlacedModel, g: GGUFFile, progress: Progress | None = None) -> None:
     mapped, stacks, blocks = _plan(placed, g)
     restored = _restore_cached(blocks, g)
-    in_place = [b for b in blocks if b[1].format.in_place(b[0].proj)]
-    todo = [*mapped, *stacks, *[b for b in blocks if b[0].module not in restored or b in in_place]]
+    in_place = [b for b in blocks if b[1].format.in_place(b[0].proj)]  # handed over even when restored
+    todo = [*mapped, *stacks, *[b for b in blocks if b[0].module not in restored or b[1].format.in_place(b[0].proj)]]
     total = sum(sum(s.nbytes for s in _sources(x)) for x in todo)
     done = 0
     for entry in todo:
@@ -118,7 +119,7 @@ def load_gguf_weights(placed: PlacedModel, g: GGUFFile, progress: Progress | Non
         done += sum(s.nbytes for s in _sources(entry))
         if progress is not None:
             progress(done, total)
-    _read_in(in_place)
+    _read_in(in_place, [m.sources[0] for m, target in mapped if _in_place(m, target)])
     if "lm_head.weight" not in {m.key for m, _ in mapped} and placed.config.tie_word_embeddings:
         model = placed.model
         device = placed.placements["lm_head"].device
@@ -128,19 +129,25 @@ def load_gguf_weights(placed: PlacedModel, g: GGUFFile, progress: Progress | Non
             module.finalize()
 
 
-def _read_in(in_place: list[tuple[ExpertStack, CPUExperts]]) -> None:
-    """Read the experts the kernels take from the memory map into memory now, when they fit; else decoding
-    reads them from disk as it needs them, each call asking the kernel to read its experts ahead
-    (`BlockFormat.page_from`)."""
+def _in_place(m: Mapped, target: _Item) -> bool:
+    """Whether `target` takes `m`'s blocks as they are from the memory map."""
+    owner = target.owner
+    return isinstance(owner, BLOCK_OPS) and owner.takes_blocks(target.rel) and REPACK[m.sources[0].type.name].in_place
+
+
+def _read_in(in_place: list[tuple[ExpertStack, CPUExperts]], dense: list[GGUFTensor]) -> None:
+    """Read the weights the kernels take from the memory map (`in_place` experts, `dense` tensors) into memory
+    now, when they fit; else decoding reads the experts from disk as it needs them, each call asking the
+    kernel to read its experts ahead (`BlockFormat.page_from`)."""
     by_file: dict = {}
-    for stack, _ in in_place:
-        by_file.setdefault(stack.tensor.file, []).append(stack.tensor.data)
+    for t in [stack.tensor for stack, _ in in_place] + dense:
+        by_file.setdefault(t.file, []).append(t.data)
     total = sum(a.nbytes for arrays in by_file.values() for a in arrays)
     if not total:
         return
     if not fits_in_memory(total):
         log.info(
-            "the experts read in place (%.1f GB) do not fit in the memory left: read from disk as needed", total / 1e9
+            "the weights read in place (%.1f GB) do not fit in the memory left: read from disk as needed", total / 1e9
         )
         for stack, op in in_place:
             op.format.page_from(stack.proj, stack.tensor.file, stack.tensor.offset, stack.tensor.data.strides[0])
