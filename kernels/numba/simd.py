@@ -379,6 +379,19 @@ class _BlockLoads(_Loads):
     def weights(self, offset: ir.Value, nbytes: int, tail: bool) -> ir.Value:
         b = self.b
         first = b.udiv(offset, ir.Constant(I64, self.codes))
+        count = nbytes // self.codes  # blocks of this load
+        if not tail and count > 1:  # two loads of `nbytes` inside the blocks, then one shuffle picks the codes
+            base = b.mul(first, ir.Constant(I64, self.block))
+            head = self.load(self.w, b.add(base, ir.Constant(I64, 2)), _vec(I8, nbytes))
+            back = count * self.block - nbytes  # where the second load starts, from the first block
+            tail_load = self.load(self.w, b.add(base, ir.Constant(I64, back)), _vec(I8, nbytes))
+            picks = []
+            for i in range(count):
+                at = i * self.block + 2  # block i's codes, from the first block
+                start = at - 2 if at - 2 + self.codes <= nbytes else nbytes + at - back
+                picks += range(start, start + self.codes)
+            codes = b.shuffle_vector(head, tail_load, ir.Constant(_vec(I32, nbytes), picks))
+            return b.xor(codes, _splat(I8, nbytes, -128)) if self.signed else codes
         pieces = []
         for i in range(nbytes // self.codes):
             k = b.add(first, ir.Constant(I64, i))
