@@ -94,11 +94,14 @@ CGROUP_FILES = {  # hierarchy -> (its folder, limit file, usage file)
     "v2": ("/sys/fs/cgroup", "memory.max", "memory.current"),
     "v1": ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes"),
 }
+# the page cache the kernel reclaims first, in memory.stat: usage counts it, but it is not in use
+INACTIVE_FILE = {"v2": "inactive_file", "v1": "total_inactive_file"}
 
 
 def _cgroup_memory() -> tuple[int, int] | None:
     """(limit, usage) in bytes of this process's memory cgroup, or None where it has no limit (or none
-    can be read). A v1 "no limit" is a number near 2^63: anything above 2^60 counts as none."""
+    can be read). Usage leaves out the inactive page cache (a file read once, say), as `docker stats`
+    does. A v1 "no limit" is a number near 2^63: anything above 2^60 counts as none."""
     try:
         lines = PROC_CGROUP.read_text().splitlines()
     except OSError:
@@ -115,5 +118,17 @@ def _cgroup_memory() -> tuple[int, int] | None:
         except OSError:
             continue
         if limit.isdigit() and int(limit) < 1 << 60:
-            return int(limit), int(usage)
+            return int(limit), max(int(usage) - _stat(folder / "memory.stat", INACTIVE_FILE[version]), 0)
     return None
+
+
+def _stat(path: Path, key: str) -> int:
+    """The value of `key` in a memory.stat file, 0 where absent."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        return 0
+    return 0

@@ -403,7 +403,9 @@ def test_memory_readings_respect_the_cgroup_limit(version, tmp_path, monkeypatch
     folder = tmp_path / "group"
     folder.mkdir()
     (folder / limit_file).write_text(f"{6 * 2**30}\n")
-    (folder / usage_file).write_text(f"{2**30}\n")
+    (folder / usage_file).write_text(f"{3 * 2**30}\n")
+    inactive = settings.INACTIVE_FILE[version]
+    (folder / "memory.stat").write_text(f"active_file 5\n{inactive} {2 * 2**30}\nshmem 0\n")  # 2 GiB reclaimable
     proc = tmp_path / "cgroup"
     proc.write_text("0::/group\n" if version == "v2" else "7:pids:/\n4:memory:/group\n")
     monkeypatch.setattr(settings, "PROC_CGROUP", proc)
@@ -411,6 +413,7 @@ def test_memory_readings_respect_the_cgroup_limit(version, tmp_path, monkeypatch
     if settings._meminfo("MemTotal") is None:
         pytest.skip("no /proc/meminfo")
     assert settings.total_memory() == min(6 * 2**30, settings._meminfo("MemTotal"))
+    assert settings._cgroup_memory() == (6 * 2**30, 2**30)
     assert settings.available_memory() <= 5 * 2**30
     (folder / limit_file).write_text("max\n" if version == "v2" else "9223372036854771712\n")
     assert settings.total_memory() == settings._meminfo("MemTotal")
