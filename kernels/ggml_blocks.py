@@ -32,15 +32,12 @@ from dataclasses import dataclass
 
 import numpy as np
 from hetero_moe.kernels.numba.int4 import SCALE_FP16
-from hetero_moe.kernels.numba.simd import IQ4_LOOKUP, SCALE_F32, spans
+from hetero_moe.kernels.numba.int8dot import FORMATS
+from hetero_moe.kernels.numba.simd import AFFINE, BLOCK_ROWS, IQ4_LOOKUP, IQ4NL, NIBBLES, OFFSETS, SCALE_F32, spans
 
 BLOCK = 32  # inputs per block of the small types
 CHUNK = 1 << 18  # bytes of blocks repacked at a time
 SUPER = 256  # inputs per block of the K-quants and IQ4_XS
-FORMAT_CODES = {"int4": 4, "int8": 8, "iq4nl": 3, "uint4": 5, "uint8": 9}  # simd's format numbers
-IN_PLACE = {"q4_0": "int4", "q8_0": "int8"}  # formats read from the file's rows -> the format of their codes
-NIBBLE_FORMATS = ("int4", "iq4nl", "uint4")
-OFFSET = {"int4": 8, "int8": 128, "iq4nl": 0, "uint4": 0, "uint8": 0}  # IQ4NL: its looked-up byte minus 128
 
 
 def _f16(b: np.ndarray, at: int) -> np.ndarray:
@@ -154,13 +151,18 @@ class Repack:
     unpack: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
 
     @property
+    def code(self) -> int:
+        """`fmt` as simd's format number."""
+        return FORMATS[self.fmt]
+
+    @property
     def affine(self) -> bool:
-        return self.fmt in ("uint4", "uint8")
+        return self.code in AFFINE
 
     @property
     def in_place(self) -> bool:
         """Whether the kernels read the file's rows themselves (no repacked copy)."""
-        return self.fmt in IN_PLACE
+        return self.code in BLOCK_ROWS
 
     @property
     def scale_dtype(self) -> type:
@@ -170,14 +172,14 @@ class Repack:
         """Bytes of a row's codes (in place: of the file's row)."""
         if self.in_place:
             return in_dim // self.elems * self.nbytes
-        return in_dim // 2 if self.fmt in NIBBLE_FORMATS else in_dim
+        return in_dim // 2 if self.code in NIBBLES else in_dim
 
     def scale_cols(self, in_dim: int) -> int:
         if self.in_place:
             return 0
         if not self.affine:
             return in_dim // self.g
-        span_bytes, _, gps = spans(FORMAT_CODES[self.fmt], self.g)
+        span_bytes, _, gps = spans(self.code, self.g)
         return 2 * gps * -(-self.code_bytes(in_dim) // span_bytes)
 
     def row_bytes(self, in_dim: int) -> int:
@@ -208,7 +210,7 @@ class Repack:
         c, s, m = self.unpack(raw.reshape(raw.shape[0], -1, self.nbytes))
         codes[...] = c
         if self.affine:
-            gps = spans(FORMAT_CODES[self.fmt], self.g)[2]
+            gps = spans(self.code, self.g)[2]
             laid = scales.reshape(scales.shape[0], -1, 2, gps)
             for i, v in enumerate((s, m)):
                 padded = np.zeros((v.shape[0], laid.shape[1] * gps), np.float32)
@@ -232,21 +234,21 @@ class Repack:
     def dequantize(self, codes: np.ndarray, scales: np.ndarray, in_dim: int) -> np.ndarray:
         """float32 `[R, in_dim]` of repacked rows (in place: `codes` the file's rows, `scales` ignored), the
         values the file's blocks hold."""
-        rows, fmt = codes.shape[0], IN_PLACE.get(self.fmt, self.fmt)
+        rows, fmt = codes.shape[0], BLOCK_ROWS.get(self.code, (self.code,))[0]  # the format of the codes
         if self.in_place:
             self.check(codes, in_dim)
             codes, s, _ = self.unpack(codes.reshape(rows, -1, self.nbytes))
             scales = s.astype(np.float16).view(np.uint16)
-        if fmt in NIBBLE_FORMATS:
+        if fmt in NIBBLES:
             g = codes.reshape(rows, -1, BLOCK // 2)
             q = np.concatenate([g & 15, g >> 4], axis=-1).reshape(rows, -1).astype(np.int64)
-            if fmt == "iq4nl":
-                q = np.array(IQ4_LOOKUP, np.int64)[q] - 128
+            if fmt == IQ4NL:  # a nibble -> INT8's byte
+                q = np.array(IQ4_LOOKUP, np.int64)[q]
         else:
             q = codes.astype(np.int64)
-        q = q - OFFSET[fmt]
+        q = q - OFFSETS[fmt]
         if self.affine:
-            gps = spans(FORMAT_CODES[self.fmt], self.g)[2]
+            gps = spans(self.code, self.g)[2]
             laid = scales.reshape(rows, -1, 2, gps)
             s, m = (laid[:, :, i].reshape(rows, -1)[:, : in_dim // self.g] for i in (0, 1))
         else:
