@@ -91,9 +91,37 @@ def _nibbles(fmt) -> bool:
     return fmt in (INT4, MXFP4, IQ4NL, UINT4)
 
 
+@njit(inline="always", fastmath={"nnan", "ninf"}, cache=True)
+def _amax(x, start: int, stop: int):
+    """max |x[start:stop]|; finite inputs assumed, so the loop may be reordered (a maximum is the same in any order)."""
+    amax = np.float32(0.0)
+    for i in range(start, stop):
+        v = abs(x[i])
+        amax = v if v > amax else amax
+    return amax
+
+
+@njit(inline="always", cache=True)
+def _round_into(x, start: int, stop: int, a, xq, at: int) -> int:
+    """`xq[at + i] = clamp(rint(x[start + i] / a), -127, 127)` for the inputs start..stop-1; their sum (int32: at
+    most 128 inputs). Two plain loops over contiguous runs."""
+    n = stop - start
+    for i in range(n):
+        v = np.rint(x[start + i] / a)
+        v = np.float32(-127.0) if v < np.float32(-127.0) else v
+        v = np.float32(127.0) if v > np.float32(127.0) else v
+        xq[at + i] = np.int8(np.int32(v))
+    total = np.int32(0)
+    for i in range(n):
+        total += np.int32(xq[at + i])
+    return total
+
+
 @njit(inline="always", cache=True)
 def _quantize_token(x, g, fmt, xq, ascale, bias) -> None:
-    """One token `x [I]` -> `xq`, `ascale`, `bias` (rows, zeroed by the caller)."""
+    """One token `x [I]` -> `xq`, `ascale`, `bias` (rows, zeroed by the caller). Each group's inputs go to
+    `xq` in runs that are contiguous there too (half a group per nibble for the formats of nibbles), so the
+    loops vectorize."""
     n_in = x.shape[0]
     half = g // 2
     span_elems = 128 if _nibbles(fmt) else max(64, g)
@@ -101,26 +129,25 @@ def _quantize_token(x, g, fmt, xq, ascale, bias) -> None:
     affine = fmt in (UINT4, UINT8)
     for k in range((n_in + g - 1) // g):
         start, stop = k * g, min(k * g + g, n_in)
-        amax = np.float32(0.0)
-        for i in range(start, stop):
-            amax = max(amax, abs(x[i]))
-        a = amax / np.float32(127.0)
+        a = _amax(x, start, stop) / np.float32(127.0)
         at = (k // gps) * 2 * gps + k % gps if affine else k
         ascale[at] = a
         if not a > 0:
             continue
         total = 0
-        for i in range(start, stop):
-            q = min(max(np.rint(x[i] / a), np.float32(-127.0)), np.float32(127.0))
-            total += np.int64(q)
-            if fmt == MXFP4:  # inputs 2b and 2b + 1 of a span in the low and high nibble of its byte b
+        if fmt == MXFP4:  # inputs 2b and 2b + 1 of a span in the low and high nibble of its byte b
+            for i in range(start, stop):
+                q = min(max(np.rint(x[i] / a), np.float32(-127.0)), np.float32(127.0))
                 xq[128 * (i // 128) + 64 * (i % 2) + (i % 128) // 2] = np.int8(q)
-            elif _nibbles(fmt):
-                j = i - start
-                byte = k * half + j % half
-                xq[128 * (byte // 64) + 64 * (j // half) + byte % 64] = np.int8(q)
-            else:
-                xq[i] = np.int8(q)
+                total += np.int64(q)
+        elif _nibbles(fmt):  # byte k * half + j holds input j of the group in its low nibble, half + j in its high
+            byte = k * half
+            for part in range(2):
+                lo = start + part * half
+                if lo < stop:
+                    total += _round_into(x, lo, min(lo + half, stop), a, xq, 128 * (byte // 64) + 64 * part + byte % 64)
+        else:
+            total = _round_into(x, start, stop, a, xq, start)
         if affine:
             ascale[at + gps] = a * np.float32(total)
     offset = 0
@@ -130,13 +157,15 @@ def _quantize_token(x, g, fmt, xq, ascale, bias) -> None:
         offset = LOOKUP[0]
     elif fmt in (INT8, IQ4NL):
         offset = 128
+    lanes = np.zeros(16, np.int32)
     for s in range(bias.shape[0] // 16):
+        lanes[:] = 0
+        for m in range(span_elems // 64):
+            base = span_elems * s + 64 * m
+            for i in range(64):
+                lanes[i // 4] += xq[base + i]
         for lane in range(16):
-            total = 0
-            for m in range(span_elems // 64):
-                for c in range(4):
-                    total += xq[span_elems * s + 64 * m + 4 * lane + c]
-            bias[16 * s + lane] = -offset * total
+            bias[16 * s + lane] = -offset * lanes[lane]
 
 
 @njit(inline="always", cache=True)
