@@ -478,7 +478,14 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
         """float32 `<gps>` scales of span `s`; in the tail span, 0 for groups past the row (affine rows
         hold whole spans)."""
         first = b.mul(s, const(2 * gps if affine else gps))
-        if block_bytes:  # each group's block starts with its scale
+        if block_bytes and not tail:  # each group's block starts with its scale: the span's scales lie in
+            # its first 64 bytes ((gps - 1) * block_bytes + 2 <= 64): one load, one shuffle of its 16-bit words
+            wide = b.load(
+                b.bitcast(b.gep(srow, [b.mul(first, const(block_bytes))]), _vec(I16, 32).as_pointer()), align=1
+            )
+            words = ir.Constant(_vec(I32, gps), [q * block_bytes // 2 for q in range(gps)])
+            bits = b.shuffle_vector(wide, ir.Constant(_vec(I16, 32), None), words)
+        elif block_bytes:  # the tail span: block by block, zero past the row
             bits = ir.Constant(_vec(I16, gps), [0] * gps)
             nb = b.udiv(row_bytes, const(block_bytes))
             for q in range(gps):
