@@ -27,8 +27,9 @@ def test_decode_report_is_consistent(tmp_path, rules: str, monkeypatch) -> None:
 
     monkeypatch.setattr(Engine, "step", counted)
     r = bench_decode.run(bench, path)
-    # it times the engine's step, as the server runs it: prefill and 2 warm-up steps, a timed and a profiled pass
-    assert r["timed"].startswith("Engine.step") and steps == [1] * (3 + 2 * 3)
+    # it times the engine's step, as the server runs it: prefill and 2 warm-up steps, a timed pass, the
+    # overhead pass and the per-layer pass
+    assert r["timed"].startswith("Engine.step") and steps == [1] * (3 + 3 * 3)
     assert r["layers_run"] == 3 and r["moe_layers_run"] == 2 and r["layers_full"] == 27 and r["extrapolated"]
     m = r["per_moe_layer_ms"]
     assert m["total"] > 0 and m["cpu_experts"] > 0 and m["total"] >= m["gpu_and_host"] >= 0
@@ -44,7 +45,14 @@ def test_decode_report_is_consistent(tmp_path, rules: str, monkeypatch) -> None:
         assert r["routed_bytes_per_token"] == 26 * config.num_experts_per_tok * per_expert
     else:  # INT4: over a quarter of bf16 (scales, and rows padded to the group at these tiny widths)
         assert 0.25 < r["routed_bytes_per_token"] / (26 * config.num_experts_per_tok * per_expert) < 0.6
-    assert r["gpu_memory_gb"] is None and r["step_overhead"] is None and r["cpu_peak_rss_gb"] > 0
+    assert r["gpu_memory_gb"] is None and r["cpu_peak_rss_gb"] > 0
+    o = r["step_overhead"]  # the time in the integer kernels, where any ran, and outside them
+    if rules == "cpu-only.yaml":
+        assert o is None  # bf16 experts and float linears: no integer kernel
+    else:
+        assert o["cpu_weight_kernels_ms"] > 0 and o["cpu_activations_ms"] > 0 and o["kernel_calls"] > 0
+        assert 0 <= o["outside_share"] < 1 and o["outside_kernels_ms"] >= 0
+        assert "outside them" in bench_decode.format_report(r)
     # CPU only, every other weight is read each token too: the attention, the shared experts, lm_head...
     lm_head = config.vocab_size * config.hidden_size
     per_weight = {"float32": 4, "bfloat16": 2}[r["dtype"]] if rules == "cpu-only.yaml" else 0.5  # INT4: 0.5 and scales

@@ -170,7 +170,7 @@ def run(bench: DecodeBench, model_dir: Path) -> dict:
     torch.set_num_threads(bench.threads)
     dram = dram_read_gbps()
     steps = bench.steps
-    decode_tokens = 2 + 3 * steps + 2  # warm-up, timed, profiled and (on a GPU) the overhead pass
+    decode_tokens = 2 + 3 * steps + 2  # warm-up, timed, per-layer hooks, and the overhead pass
     context = max(bench.prompt_tokens + decode_tokens + 8, max(bench.prefill, default=0) + 1, bench.max_context or 0)
     batching = SchedulerConfig(max_batch=1, kv_cache_tokens=-(-context // 16) * 16, prefill_chunk=context)
     load_start = time.perf_counter()
@@ -252,9 +252,9 @@ TIMED = "Engine.step: schedule, forward, sample, detokenize, one request (as the
 
 def _decode(engine, runner, experts, sync, bench: DecodeBench, decode_tokens: int, gpu: bool):
     """One greedy request stepped by the engine as the server steps it (the host waits for each token):
-    a timed pass, on a GPU a profiled pass for the overhead outside kernels, then a pass with per-layer
-    hooks. Returns (mean step seconds, the CPU-experts overlap per step or None, the overhead or None,
-    the layer timer)."""
+    a timed pass, a pass for the overhead outside kernels (on a GPU torch's profiler, on the CPU alone the
+    integer kernels' clock), then a pass with per-layer hooks. Returns (mean step seconds, the CPU-experts
+    overlap per step or None, the overhead or None, the layer timer)."""
     steps = bench.steps
     prompt = [i % 200 + 3 for i in range(bench.prompt_tokens)]
     request = engine.add_request(prompt, SamplingParams(max_tokens=decode_tokens, temperature=0, ignore_eos=True))
@@ -265,7 +265,7 @@ def _decode(engine, runner, experts, sync, bench: DecodeBench, decode_tokens: in
         stats.reset()
     step_s = statistics.mean(_timed_step(engine) for _ in range(steps))
     overlap = None if stats is None else {"experts_s": stats.experts_s / steps, "wait_s": stats.wait_s / steps}
-    overhead = _step_overhead(engine, steps, step_s, overlap) if gpu else None
+    overhead = _step_overhead(engine, steps, step_s, overlap) if gpu else _cpu_overhead(engine, steps)
     timer = LayerTimer(runner.layers, experts, sync)
     try:
         timer.step_s = statistics.mean(_timed_step(engine) for _ in range(steps))
@@ -314,6 +314,28 @@ def _step_overhead(engine, steps: int, step_s: float, overlap: dict | None) -> d
         "gpu_kernels_ms": kernel_s * 1e3,
         "waiting_for_cpu_experts_ms": wait_s * 1e3,
         "outside_kernels_and_experts_ms": max(step_s - kernel_s - wait_s, 0.0) * 1e3,
+    }
+
+
+def _cpu_overhead(engine, steps: int) -> dict | None:
+    """Per decode step of a CPU-only placement: the time in the integer kernels (`int8dot.timed`: the dot
+    products over weights, and the activations' quantization) and what is left of the step outside them
+    (norms, router, rope and latent attention in torch, Python, sampling; other kernels' formats count as
+    outside too). None when no integer kernel ran (experts in fp8 or bf16)."""
+    from hetero_moe.kernels.numba import int8dot
+
+    with int8dot.timed() as clock:
+        step_s = statistics.mean(_timed_step(engine) for _ in range(steps))
+    if not clock.calls:
+        return None
+    weights_s, activations_s = clock.weights_s / steps, clock.activations_s / steps
+    outside_s = max(step_s - weights_s - activations_s, 0.0)
+    return {
+        "cpu_weight_kernels_ms": weights_s * 1e3,
+        "cpu_activations_ms": activations_s * 1e3,
+        "kernel_calls": clock.calls / steps,
+        "outside_kernels_ms": outside_s * 1e3,
+        "outside_share": outside_s / step_s,
     }
 
 
@@ -389,7 +411,16 @@ def format_report(r: dict) -> str:
                 f"per step: GPU kernels {o['gpu_kernels_ms']:.2f} ms, waiting for CPU experts "
                 f"{o['waiting_for_cpu_experts_ms']:.2f} ms, outside both {o['outside_kernels_and_experts_ms']:.2f} ms"
             ]
-            if (o := r["step_overhead"])
+            if (o := r["step_overhead"]) and "gpu_kernels_ms" in o
+            else []
+        ),
+        *(
+            [
+                f"per step: integer kernels {o['cpu_weight_kernels_ms']:.2f} ms over weights and "
+                f"{o['cpu_activations_ms']:.2f} ms quantizing activations ({o['kernel_calls']:.0f} calls), "
+                f"outside them {o['outside_kernels_ms']:.2f} ms ({o['outside_share']:.0%} of the step)"
+            ]
+            if (o := r["step_overhead"]) and "cpu_weight_kernels_ms" in o
             else []
         ),
         "GPU memory "

@@ -31,8 +31,10 @@ with it. `select_backend` picks the instruction set once and binds the kernels; 
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -517,6 +519,43 @@ def float_linear(fmt, x, xsum, weights, scales, g, kind, fp16, rows_per_task):
             for i in range(t):
                 y[i, r] = _float_row(fmt, weights[r], sw, g, x[i], xsum[i])
     return y
+
+
+@dataclass
+class KernelClock:
+    """Seconds spent in this module's kernels while `timed` is on: `weights` (gate_up, down, linear: the
+    integer dot products over weights) and `activations` (quantizing the inputs), and the calls of both."""
+
+    weights_s: float = 0.0
+    activations_s: float = 0.0
+    calls: int = 0
+
+
+@contextlib.contextmanager
+def timed() -> Iterator[KernelClock]:
+    """For benchmarks: while inside, every call of this module's kernels (from any op, through `Kernels`, or
+    from `mxfp4.py`) adds its wall time to the yielded clock. It swaps the module's entry points for timing
+    wrappers and puts them back on exit, so the kernels themselves check nothing. One thread at a time."""
+    clock = KernelClock()
+    kinds = {"gate_up": "weights_s", "down": "weights_s", "linear": "weights_s", "quantize": "activations_s"}
+    saved = {name: globals()[name] for name in kinds}
+
+    def wrap(fn: Callable, field: str) -> Callable:
+        def timed_call(*args):
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                setattr(clock, field, getattr(clock, field) + time.perf_counter() - start)
+                clock.calls += 1
+
+        return timed_call
+
+    globals().update({name: wrap(fn, kinds[name]) for name, fn in saved.items()})
+    try:
+        yield clock
+    finally:
+        globals().update(saved)
 
 
 # Backends: the kernels of one instruction set, bound to a weight format, group size and scale dtype.
