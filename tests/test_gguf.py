@@ -6,6 +6,7 @@ corrupt."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import struct
@@ -278,7 +279,7 @@ EXPERT_TYPES = [  # (gate and up, down): every block type, and the mixes of llam
 @pytest.mark.parametrize(
     "types", EXPERT_TYPES, ids=["+".join(dict.fromkeys(t.name for t in ts)) for ts in EXPERT_TYPES]
 )
-def test_block_experts_run_the_files_own_values(types, tmp_path) -> None:
+def test_block_experts_run_the_files_own_values(types, tmp_path, caplog) -> None:
     """Experts in each block type run on the CPU kernels: the repacked values are `gguf.quants`' bit for bit,
     the layer's output is the float64 product of those values within the int8 activations' rounding, and
     the model generates."""
@@ -287,10 +288,16 @@ def test_block_experts_run_the_files_own_values(types, tmp_path) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text(experts_rules(QT.Q4_0))
     g = GGUFFile.open(tmp_path / "k.gguf")
-    with LLM(tmp_path / "k.gguf", rules=rules, dtype="float32") as llm:
+    with (
+        caplog.at_level(logging.INFO, "hetero_moe.loader.gguf_load"),
+        LLM(tmp_path / "k.gguf", rules=rules, dtype="float32") as llm,
+    ):
         experts = llm.placed.model.model.layers[1].mlp.experts
         up, down = (t.name for t in types)
         assert experts.block_type == (up if up == down else f"{up}+{down}")
+        # the rules ask for INT4 experts; the file's own blocks run, and the log says so
+        layers = sum(isinstance(m, CPUExperts) for m in llm.placed.model.modules())
+        assert f"{layers} x routed experts in {experts.block_type}" in caplog.text
         assert_experts_run_the_files_values(experts, g, torch.randn(3, experts.hidden), 0.03)
         assert len(llm.generate([[0, 17, 42]], max_tokens=4, temperature=0.0)[0].token_ids) == 4
 

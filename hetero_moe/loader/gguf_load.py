@@ -13,6 +13,7 @@ cache); the rows read in place are then read into memory when they fit.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +51,9 @@ def use_gguf_blocks(placed: PlacedModel, g: GGUFFile) -> None:
     ):
         vocab, hidden = embed.sources[0].shape
         placed.model.model.embed_tokens = BlockEmbedding(vocab, hidden, embed.sources[0].type.name, placed.dtype)
-    _dense_blocks(placed, [m for m in mapped if m.direct and m.sources[0].type.name not in FLOAT_TYPES])
+    kept = _dense_blocks(placed, [m for m in mapped if m.direct and m.sources[0].type.name not in FLOAT_TYPES])
+    if isinstance(placed.model.model.embed_tokens, BlockEmbedding):
+        kept[f"embedding in {embed.sources[0].type.name}"] += 1
     by_module: dict[str, list[ExpertStack]] = {}
     for s in stacks:
         by_module.setdefault(s.module, []).append(s)
@@ -71,15 +74,23 @@ def use_gguf_blocks(placed: PlacedModel, g: GGUFFile) -> None:
                 f"({listed}): gate and up must share a block type, and down be blocks too"
             )
         op.use_blocks((types[0], types[2]), group[0].tensor.name)
+        kept[f"routed experts in {op.block_type}"] += 1
+    if kept:
+        log.info(
+            "the file's quantized blocks run as it has them, whatever quant the rules name: %s",
+            ", ".join(f"{n} x {what}" for what, n in sorted(kept.items())),
+        )
 
 
 BLOCK_OPS = (CPULinear, QuantGatedMLP, BlockEmbedding)  # ops that can take a GGUF tensor's blocks as they are
 
 
-def _dense_blocks(placed: PlacedModel, mapped: list[Mapped]) -> None:
+def _dense_blocks(placed: PlacedModel, mapped: list[Mapped]) -> Counter[str]:
     """Quantized CPU linears and MLPs whose weights are GGUF blocks run those blocks (exact, and Q4_0/Q8_0 in
-    place) instead of requantizing their values; an MLP's gate and up only when of one type."""
+    place) instead of requantizing their values; an MLP's gate and up only when of one type. Returns how many
+    weights of each block type run so."""
     keys = placed.owned_keys()
+    kept: Counter[str] = Counter()
     mlps: dict[str, dict[str, str]] = {}
     for m in mapped:
         target = keys.get(m.key)
@@ -88,6 +99,7 @@ def _dense_blocks(placed: PlacedModel, mapped: list[Mapped]) -> None:
         _, owner, rel, _ = target
         if isinstance(owner, CPULinear):
             owner.use_blocks(rel, m.sources[0].type.name)
+            kept[f"dense weights in {m.sources[0].type.name}"] += 1
         elif isinstance(owner, QuantGatedMLP):
             mlps.setdefault(target[0], {})[rel] = m.sources[0].type.name
     modules = dict(placed.model.named_modules())
@@ -97,6 +109,8 @@ def _dense_blocks(placed: PlacedModel, mapped: list[Mapped]) -> None:
             types.pop("up_proj.weight", None)
         for rel, block_type in types.items():
             modules[name].use_blocks(rel, block_type)
+            kept[f"dense weights in {block_type}"] += 1
+    return kept
 
 
 @dataclass(frozen=True)
