@@ -122,8 +122,8 @@ def _round_into(x, start: int, stop: int, a, xq, at: int) -> int:
 @njit(inline="always", cache=True)
 def _quantize_token(x, g, fmt, xq, ascale, bias) -> None:
     """One token `x [I]` -> `xq`, `ascale`, `bias` (rows, zeroed by the caller). Each group's inputs go to
-    `xq` in runs that are contiguous there too (half a group per nibble for the formats of nibbles), so the
-    loops vectorize."""
+    `xq` in runs that are contiguous there too (half a group per nibble for the formats of nibbles): a branch
+    per run, not per input."""
     n_in = x.shape[0]
     half = g // 2
     span_elems = 128 if _nibbles(fmt) else max(64, g)
