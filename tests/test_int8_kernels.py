@@ -572,16 +572,16 @@ def test_timed_clocks_every_kernel_call_and_puts_the_entry_points_back() -> None
     weights, bits = random_weights(np.random.default_rng(1), INT4, 64, 40, 200, SCALE_BF16)
     x = random_tokens(np.random.default_rng(2), 3, 200)
     untimed = k.linear(k.activations(x), weights, bits, 8)
-    entry = (int8dot.gate_up, int8dot.down, int8dot.linear, int8dot.quantize)
+    entry = (int8dot.gate_up, int8dot.down, int8dot.quantize)
     with int8dot.timed() as clock:
         timed = k.linear(k.activations(x), weights, bits, 8)
         k.down(k.activations(x), np.array([0, 3]), np.zeros(1, np.int64), weights[None], bits[None], 8, timed)
     np.testing.assert_array_equal(timed, untimed)
     assert clock.calls == 4 and clock.weights_s > 0 and clock.activations_s > 0
-    assert (int8dot.gate_up, int8dot.down, int8dot.linear, int8dot.quantize) == entry
+    assert (int8dot.gate_up, int8dot.down, int8dot.quantize) == entry
     with pytest.raises(ValueError), int8dot.timed() as clock:  # an error inside: clocked, and put back too
         k.linear(k.activations(np.ones((1, 64), np.float32)), weights, bits, 8)
-    assert clock.calls == 2 and (int8dot.gate_up, int8dot.down, int8dot.linear, int8dot.quantize) == entry
+    assert clock.calls == 2 and (int8dot.gate_up, int8dot.down, int8dot.quantize) == entry
 
 
 # --- INT8 weight format -------------------------------------------------------------------------

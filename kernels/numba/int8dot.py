@@ -292,7 +292,7 @@ def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3,
 def down(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, y):
     """`y[p] = h[p] W_down[e]^T` for every pair, grouped by expert as in `gate_up`; `xq, ascale, bias`
     quantize `h [P, I]` (one row per pair); `w2 [E, H, B]` uint8 (B = Ip / 2 or Ip), `s2 [E, H, Ip / g]`,
-    `y [P, H]` float32."""
+    `y [P, H]` float32. A dense layer is one expert every token goes to (`Kernels.linear`)."""
     hidden = y.shape[1]
     check(simd, w2, s2, xq, ascale, bias)
     if w2.shape[1] != hidden or xq.shape[0] < seg[-1] or y.shape[0] < seg[-1]:
@@ -313,31 +313,6 @@ def down(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, y):
             for j in range(n):
                 y[p + j, r0:r1] = out[j]
             p += n
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def linear(simd, xq, ascale, bias, weights, scales, rows_per_task):
-    """`y [T, O] = x W^T` for a dense layer: `xq, ascale, bias` of `x [T, I]`, `weights [O, B]` uint8
-    (B = Ip / 2 for INT4, Ip for INT8), `scales [O, Ip / g]` uint16 bits. Parallel over blocks of
-    `rows_per_task` output rows; tiles of up to 4 tokens share each weight load."""
-    t, out_dim = xq.shape[0], weights.shape[0]
-    check(simd, weights, scales, xq, ascale, bias)
-    y = np.empty((t, out_dim), np.float32)
-    chunks = (out_dim + rows_per_task - 1) // rows_per_task
-    for c in prange(chunks):
-        r0, r1 = c * rows_per_task, min((c + 1) * rows_per_task, out_dim)
-        rows = np.empty(TILE, np.int64)
-        out = np.empty((TILE, r1 - r0), np.float32)
-        p = 0
-        while p < t:
-            n = tile(t - p)
-            for j in range(n):
-                rows[j] = p + j
-            dots(simd, n, weights[r0:r1], scales[r0:r1], xq, ascale, bias, rows, out)
-            for j in range(n):
-                y[p + j, r0:r1] = out[j]
-            p += n
-    return y
 
 
 # INT8 weights at load time: `kernels/quant.py:quantize_int8`, bit for bit (the rules of `quantize.py`).
@@ -523,8 +498,9 @@ def float_linear(fmt, x, xsum, weights, scales, g, kind, fp16, rows_per_task):
 
 @dataclass
 class KernelClock:
-    """Seconds spent in this module's kernels while `timed` is on: `weights` (gate_up, down, linear: the
-    integer dot products over weights) and `activations` (quantizing the inputs), and the calls of both."""
+    """Seconds spent in this module's kernels while `timed` is on: `weights` (gate_up and down, which also
+    runs the dense layers: the integer dot products over weights) and `activations` (quantizing the
+    inputs), and the calls of both."""
 
     weights_s: float = 0.0
     activations_s: float = 0.0
@@ -537,7 +513,7 @@ def timed() -> Iterator[KernelClock]:
     from `mxfp4.py`) adds its wall time to the yielded clock. It swaps the module's entry points for timing
     wrappers and puts them back on exit, so the kernels themselves check nothing. One thread at a time."""
     clock = KernelClock()
-    kinds = {"gate_up": "weights_s", "down": "weights_s", "linear": "weights_s", "quantize": "activations_s"}
+    kinds = {"gate_up": "weights_s", "down": "weights_s", "quantize": "activations_s"}
     saved = {name: globals()[name] for name in kinds}
 
     def wrap(fn: Callable, field: str) -> Callable:
@@ -612,6 +588,9 @@ def _halves(a, inter: int) -> tuple:
     return a if isinstance(a, tuple) else (a[:, :inter], a[:, inter:])
 
 
+_ONE_EXPERT = np.zeros(1, np.int64)  # `linear` runs as `down` with one expert, expert 0
+
+
 @functools.cache
 def _fp16(kind: int) -> np.ndarray:
     return fp16_table() if kind == SCALE_FP16 else np.zeros(1, np.float32)
@@ -636,7 +615,11 @@ def _kernels(isa: str, fmt: int, g: int, kind: int) -> Kernels:
         down(simd, *act, seg, seg_expert, w2, s2, rows_per_task, y)
 
     def linear_(act, weights, scales, rows_per_task) -> np.ndarray:
-        return linear(simd, *act, weights, scales, rows_per_task)
+        # one expert every token goes to: `down`'s code and compiled kernel, the same bits
+        t = act[0].shape[0]
+        y = np.empty((t, weights.shape[0]), np.float32)
+        down(simd, *act, np.array([0, t], np.int64), _ONE_EXPERT, weights[None], scales[None], rows_per_task, y)
+        return y
 
     return Kernels(activations, gate_up_, down_, linear_)
 
