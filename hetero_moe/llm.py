@@ -31,7 +31,7 @@ from hetero_moe.loader.load import Progress, load_weights
 from hetero_moe.ops.base import Services
 from hetero_moe.ops.experts import TorchExperts
 from hetero_moe.prompt import PromptEncoder, load_tokenizer
-from hetero_moe.settings import cache_dir, cpu_isa, physical_cores, triton_interpreted
+from hetero_moe.settings import cache_dir, cpu_isa, physical_cores, triton_on_cpu
 from hetero_moe.tools import Tool, ToolCall, ToolRequest
 from hetero_moe.tools import parse as parse_tools
 
@@ -65,7 +65,7 @@ def place(
     torch_dtype = resolve_dtype(dtype, config)
     rule_set = load_rules(rules)
     threads = cpu_threads or physical_cores()
-    services = services or Services(triton_on_cpu=triton_interpreted(), cpu_isa=cpu_isa())
+    services = services or Services(triton_on_cpu=triton_on_cpu(), cpu_isa=cpu_isa())
     placed = inject(build_meta_model(config, arch, torch_dtype), rule_set, config, arch, torch_dtype, threads, services)
     if gguf is not None:  # experts in the file's blocks run in them: their bytes count as such from here on
         use_gguf_blocks(placed, gguf)
@@ -116,7 +116,7 @@ class LLM:
         self.model_dir = Path(model)
         if cpu_threads is not None and cpu_threads < 1:
             raise ValueError(f"cpu_threads must be at least 1, got {cpu_threads}")
-        services = Services(ConvertedCache(cache_dir() / "converted"), triton_interpreted(), cpu_isa())
+        services = Services(ConvertedCache(cache_dir() / "converted"), triton_on_cpu(), cpu_isa())
         self.placed = place(self.model_dir, rules, dtype, cpu_threads, services)
         for warning in self.placed.warnings:
             log.warning("%s", warning)

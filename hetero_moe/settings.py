@@ -29,9 +29,11 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-def triton_interpreted() -> bool:
-    """True when Triton runs kernels on the CPU through its interpreter (`TRITON_INTERPRET=1`, tests)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def triton_on_cpu() -> bool:
+    """True when ops on the CPU take the GPU's Triton kernels, run by Triton's interpreter: tests of the GPU
+    path on a machine without one set `HETERO_MOE_TRITON_ON_CPU=1` (and `TRITON_INTERPRET=1` before triton
+    is imported). Otherwise CPU ops run their own CPU code, as users' CPUs do."""
+    return os.environ.get("HETERO_MOE_TRITON_ON_CPU", "0") not in ("", "0")
 
 
 def cpu_isa() -> str | None:

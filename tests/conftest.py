@@ -78,3 +78,11 @@ def hf_greedy() -> Callable[[PreTrainedModel, list[int], int], list[int]]:
         return out[0, len(prompt) :].tolist()
 
     return run
+
+
+@pytest.fixture
+def triton_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Models built in the test take the GPU's Triton kernels (latent decode, `op linear`): on a machine
+    without a GPU, run by Triton's interpreter. Other tests run the CPU's own paths, as users' CPUs do."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("HETERO_MOE_TRITON_ON_CPU", "1")

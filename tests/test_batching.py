@@ -20,7 +20,7 @@ from hetero_moe.engine.request import ContextLengthError
 from hetero_moe.engine.sampler import SamplingParams
 from hetero_moe.engine.scheduler import SchedulerConfig
 from hetero_moe.llm import LLM
-from hetero_moe.ops.moe import MoEBlock
+from hetero_moe.ops.moe import MoEBlock, router_logits
 
 PROMPTS = [
     [0, 5, 17, 42, 99, 7, 3, 100, 200, 11, 64],
@@ -50,6 +50,20 @@ CONFIGS = {
     # 3 at a time, 12 pages of 8 tokens for six requests of up to 48 tokens: preemption and recompute
     "tight": SchedulerConfig(max_batch=3, kv_cache_tokens=96, prefill_chunk=7, page_tokens=8),
 }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_tokens_router_logits_do_not_depend_on_its_batch(dtype: torch.dtype) -> None:
+    # torch's CPU GEMM sums one row differently from two or more (and from sixteen or more): routing on it
+    # let int8 activations turn a last bit into another token when requests were batched
+    g = torch.Generator().manual_seed(0)
+    x, w, bias = (torch.randn(*shape, generator=g).to(dtype) for shape in ((40, 2048), (64, 2048), (64,)))
+    every = router_logits(x, w, bias)
+    for n in (1, 2, 3, 16, 17, 40):
+        assert torch.equal(router_logits(x[:n], w, bias), every[:n])
+        assert torch.equal(router_logits(x[n - 1 : n], w, bias), every[n - 1 : n])
+    tol = 1e-4 if dtype == torch.float32 else 0.5
+    torch.testing.assert_close(every, torch.nn.functional.linear(x, w, bias), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize(
@@ -235,7 +249,9 @@ def test_default_pool_fits_the_free_memory(tiny) -> None:
 
 
 @pytest.mark.parametrize("arch", ["DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV32ForCausalLM"])
-def test_absorbed_latent_decode_batched_in_one_kernel_launch_equals_alone(tiny, tmp_path, arch: str) -> None:
+def test_absorbed_latent_decode_batched_in_one_kernel_launch_equals_alone(
+    tiny, tmp_path, triton_on_cpu, arch: str
+) -> None:
     """With `absorb`, the decode tokens of a step go through one launch of the latent kernel (Triton; its
     interpreter here) over their gathered cache rows, with a fixed number of rows per split, so each
     request's tokens are those it gets alone."""

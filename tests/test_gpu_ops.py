@@ -87,7 +87,7 @@ def test_fp8_checkpoint_weights_are_kept_as_they_are() -> None:
     assert torch.equal(op.weight.cpu(), dequantize_int4(packed, scales, 32, 72))
 
 
-def test_linear_kwargs_and_placement_are_checked(tiny, tmp_path, monkeypatch) -> None:
+def test_linear_kwargs_and_placement_are_checked(tiny, tmp_path) -> None:
     for bad, message in [
         ({"quant": "int3"}, "quant must be one of fp8, int4"),
         ({"block": 48}, "block must be a power of two"),
@@ -96,7 +96,6 @@ def test_linear_kwargs_and_placement_are_checked(tiny, tmp_path, monkeypatch) ->
         with pytest.raises(ValueError, match=message):
             LinearKwargs(**bad)
     if DEVICE.type == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
         rules = tmp_path / "r.yaml"
         rules.write_text(_rules("int4"))
         with pytest.raises(InjectError, match="op linear runs Triton kernels on a GPU, but the rule places it on cpu"):
@@ -115,7 +114,9 @@ def _rules(quant: str) -> str:
 
 
 @pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM"])
-def test_model_with_int4_linears_is_the_model_with_their_dequantized_weights(tiny, tmp_path, arch: str) -> None:
+def test_model_with_int4_linears_is_the_model_with_their_dequantized_weights(
+    tiny, tmp_path, triton_on_cpu, arch: str
+) -> None:
     """Through a whole model, prefill and decode: the Triton INT4 linears against `F.linear` with the very
     weights they hold, so only the kernels differ."""
     t = tiny(arch, fp8=arch.startswith("Deepseek"), shards=2, block_size=(32, 32))

@@ -113,6 +113,15 @@ class MoEBlock(Op):
         return out
 
 
+def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x [T, H]` times `weight [E, H]` transposed (plus `bias`) -> `[T, E]`, each row summed as it is when
+    its token runs alone: a BLAS picks its GEMM by T, and the last bits of a sum follow, which would let a
+    token's routing, and so its answer, depend on the tokens batched with it. T one-row products in one
+    batched call cost little at a router's size."""
+    out = torch.bmm(x[:, None], weight.t().expand(x.shape[0], *weight.t().shape))[:, 0]
+    return out if bias is None else out + bias
+
+
 class Router(Op):
     """Base of the routers: `forward(x [T, H]) -> (weights [T, k], expert index [T, k])`."""
 
@@ -157,9 +166,9 @@ class SigmoidRouter(Router):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.routing.logits_fp32:
-            scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [T, E]
+            scores = router_logits(x.float(), self.weight.float()).sigmoid()  # [T, E]
         else:
-            scores = F.linear(x.to(self.weight.dtype), self.weight).float().sigmoid()
+            scores = router_logits(x.to(self.weight.dtype), self.weight).float().sigmoid()
         choice = scores + self.e_score_correction_bias
         if self.topk_group < self.num_group:
             per_group = self.num_experts // self.num_group
@@ -188,7 +197,7 @@ class DeepseekV2Router(Router):
         self.scaling = hf.routed_scaling_factor
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1, dtype=torch.float32)  # [T, E]
+        scores = router_logits(x.float(), self.weight.float()).softmax(dim=-1, dtype=torch.float32)  # [T, E]
         if self.topk_method == "group_limited_greedy":
             per_group = self.num_experts // self.num_group
             group_scores = scores.view(-1, self.num_group, per_group).max(dim=-1).values
@@ -210,7 +219,7 @@ class QwenRouter(Router):
         self.norm_topk_prob = getattr(hf, "norm_topk_prob", True)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x, self.weight)  # [T, E]
+        logits = router_logits(x, self.weight)  # [T, E]
         weights, index = torch.topk(F.softmax(logits, dtype=torch.float, dim=-1), self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights /= weights.sum(dim=-1, keepdim=True)
@@ -226,7 +235,7 @@ class TopkSoftmaxRouter(Router):
         self.bias = nn.Parameter(torch.empty(self.num_experts, dtype=ctx.dtype, device="meta"), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x, self.weight, self.bias)  # [T, E]
+        logits = router_logits(x, self.weight, self.bias)  # [T, E]
         top, index = torch.topk(logits, self.top_k, dim=-1)
         return F.softmax(top, dim=1, dtype=top.dtype), index
 
@@ -235,7 +244,7 @@ class MixtralRouter(Router):
     """Softmax of the logits in float32, top-k, always renormalised; weights stay float32."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x, self.weight)  # [T, E]
+        logits = router_logits(x, self.weight)  # [T, E]
         weights, index = torch.topk(F.softmax(logits.float(), dim=-1), self.top_k, dim=-1)
         weights /= weights.sum(dim=-1, keepdim=True)
         return weights, index
