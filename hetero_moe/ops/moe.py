@@ -117,19 +117,29 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """`x [T, H]` times `weight [E, H]` transposed (plus `bias`) -> `[T, E]`, each row summed as it is when
     its token runs alone: a BLAS picks its GEMM by T, and the last bits of a sum follow, which would let a
     token's routing, and so its answer, depend on the tokens batched with it. T one-row products in one
-    batched call cost little at a router's size."""
-    out = torch.bmm(x[:, None], weight.t().expand(x.shape[0], *weight.t().shape))[:, 0]
+    batched call (the same bits as one token's product) cost little at a router's size."""
+    if x.shape[0] == 1:
+        out = F.linear(x, weight)
+    else:
+        out = torch.bmm(x[:, None], weight.t().expand(x.shape[0], *weight.t().shape))[:, 0]
     return out if bias is None else out + bias
 
 
 class Router(Op):
     """Base of the routers: `forward(x [T, H]) -> (weights [T, k], expert index [T, k])`."""
 
+    fp32_logits = False  # logits from the weight and the input in float32, whatever the model's dtype
+
     def __init__(self, hf: nn.Module, ctx: BuildContext) -> None:
         super().__init__(ctx.device)
         self.top_k = hf.top_k
         self.num_experts = hf.weight.shape[0]
         self.weight = nn.Parameter(torch.empty(hf.weight.shape, dtype=ctx.dtype, device="meta"), requires_grad=False)
+
+    def finalize(self) -> None:
+        # on the CPU, widening the weight on every call took as long as the logits themselves
+        if self.fp32_logits and self.device.type == "cpu":
+            self.weight = nn.Parameter(self.weight.float(), requires_grad=False)
 
 
 @dataclass(frozen=True)
@@ -159,13 +169,14 @@ class SigmoidRouter(Router):
     def __init__(self, hf: nn.Module, ctx: BuildContext) -> None:
         super().__init__(hf, ctx)
         self.routing = SIGMOID_ROUTING[type(hf).__name__]
+        self.fp32_logits = self.routing.logits_fp32
         self.num_group, self.topk_group = getattr(hf, "num_group", 1), getattr(hf, "topk_group", 1)
         self.norm_topk_prob = getattr(hf, "norm_topk_prob", True)
         self.scaling = getattr(hf, "routed_scaling_factor", 1.0)
         self.register_buffer("e_score_correction_bias", torch.empty(self.num_experts, device="meta"))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.routing.logits_fp32:
+        if self.fp32_logits:
             scores = router_logits(x.float(), self.weight.float()).sigmoid()  # [T, E]
         else:
             scores = router_logits(x.to(self.weight.dtype), self.weight).float().sigmoid()
@@ -187,6 +198,8 @@ class SigmoidRouter(Router):
 class DeepseekV2Router(Router):
     """Softmax scores; `greedy` or `group_limited_greedy` (group score = its max) top-k; weights times
     `routed_scaling_factor`, not renormalised (as transformers' DeepseekV2TopkRouter)."""
+
+    fp32_logits = True
 
     def __init__(self, hf: nn.Module, ctx: BuildContext) -> None:
         super().__init__(hf, ctx)
