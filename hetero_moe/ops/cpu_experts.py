@@ -32,7 +32,7 @@ from hetero_moe.kernels.numba import fp8 as fp8_kernels
 from hetero_moe.kernels.numba import mxfp4 as mxfp4_kernels
 from hetero_moe.kernels.numba.common import combine, group_by_expert
 from hetero_moe.kernels.numba.int4 import SCALE_BF16, SCALE_FP16
-from hetero_moe.kernels.numba.int8dot import Kernels, quantize_int8_fast, select_backend
+from hetero_moe.kernels.numba.int8dot import Kernels, quantize_int8_fast, read_only, select_backend
 from hetero_moe.kernels.numba.quantize import quantize_int4_fast
 from hetero_moe.kernels.numba.simd import choose_isa
 from hetero_moe.kernels.quant import (
@@ -166,6 +166,7 @@ class GroupFormat:
 
     def bind(self, isa: str | None) -> None:
         self.kernels = select_backend(isa).kernels(self.quant, self.g, self.kind)
+        self.w13, self.s13, self.w2, self.s2 = (read_only(a) for a in (self.w13, self.s13, self.w2, self.s2))
 
     def run(self, x: np.ndarray, pairs: Pairs, rows: int) -> np.ndarray:
         k = self.kernels
@@ -291,6 +292,8 @@ class BlockFormat:
     def bind(self, isa: str | None) -> None:
         backend = select_backend(isa)
         self.kernels = tuple(backend.kernels(r.fmt, r.g, r.kind) for r in self.repacks)
+        for name in self.shapes():  # the repacked arrays; rows read in place are read-only already
+            setattr(self, name, read_only(getattr(self, name)))
 
     def run(self, x: np.ndarray, pairs: Pairs, rows: int) -> np.ndarray:
         k13, k2 = self.kernels

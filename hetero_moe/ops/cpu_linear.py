@@ -18,7 +18,7 @@ from torch import nn
 
 from hetero_moe.kernels.ggml_blocks import REPACK
 from hetero_moe.kernels.numba.int4 import SCALE_BF16, SCALE_FP16
-from hetero_moe.kernels.numba.int8dot import Kernels, quantize_int8_fast, select_backend
+from hetero_moe.kernels.numba.int8dot import Kernels, quantize_int8_fast, read_only, select_backend
 from hetero_moe.kernels.numba.quantize import quantize_int4_fast
 from hetero_moe.kernels.quant import (
     INT4_SCALE_DTYPES,
@@ -71,8 +71,9 @@ class QuantMatrix:
     def dequantize(self) -> torch.Tensor:
         """float32 `[O, I]`."""
         dequantize = dequantize_int4 if self.kw.quant == "int4" else dequantize_int8
-        scales = torch.from_numpy(self.scales.view(np.int16)).view(self.sdtype)
-        return dequantize(torch.from_numpy(self.codes), scales, self.g, self.in_dim)
+        # copies: the kernels' weights are read-only
+        scales = torch.from_numpy(self.scales.view(np.int16).copy()).view(self.sdtype)
+        return dequantize(torch.from_numpy(self.codes.copy()), scales, self.g, self.in_dim)
 
     @property
     def format(self) -> tuple[str, int, int]:
@@ -83,6 +84,8 @@ class QuantMatrix:
         return 0
 
     def kernels(self, isa: str | None) -> Kernels:
+        """The kernels of this format; the weights become read-only (`read_only`)."""
+        self.codes, self.scales = read_only(self.codes), read_only(self.scales)
         return select_backend(isa).kernels(*self.format)
 
 
@@ -127,6 +130,9 @@ class BlockMatrix:
         return torch.from_numpy(self.repack.dequantize(self.codes, self.scales, self.in_dim))
 
     def kernels(self, isa: str | None) -> Kernels:
+        """The kernels of this format; repacked weights become read-only (rows read in place are already)."""
+        if self.scales is not self.codes:
+            self.codes, self.scales = read_only(self.codes), read_only(self.scales)
         return select_backend(isa).kernels(*self.format)
 
 
@@ -221,9 +227,9 @@ def stacked(linears: Sequence[nn.Module]) -> Callable[[torch.Tensor], list[torch
     )
     if not same:
         return None
-    codes = np.concatenate([m.matrix.codes for m in linears])  # GGUF rows read in place: copied here
+    codes = read_only(np.concatenate([m.matrix.codes for m in linears]))  # GGUF rows read in place: copied here
     in_place = first.matrix.scales is first.matrix.codes  # their scales inside
-    scales = codes if in_place else np.concatenate([m.matrix.scales for m in linears])
+    scales = codes if in_place else read_only(np.concatenate([m.matrix.scales for m in linears]))
     sizes, start = [], 0
     for m in linears:
         rows = slice(start, start + m.out_features)
@@ -250,8 +256,8 @@ class HeadLinear:
         matrices = [QuantMatrix(self.out_dim, self.in_dim, kw) for _ in range(self.heads)]
         for m, wj in zip(matrices, w, strict=True):
             m.store(wj.contiguous())
-        self.codes = np.stack([m.codes for m in matrices])  # [h, O, B]
-        self.scales = np.stack([m.scales for m in matrices])  # [h, O, G]
+        self.codes = read_only(np.stack([m.codes for m in matrices]))  # [h, O, B]
+        self.scales = read_only(np.stack([m.scales for m in matrices]))  # [h, O, G]
         self.kernels = matrices[0].kernels(isa)
         self.experts = np.arange(self.heads, dtype=np.int64)
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hetero_moe.kernels.numba.int8dot import Kernels
+from hetero_moe.kernels.numba.int8dot import Kernels, read_only
 from hetero_moe.kernels.quant import dequantize_fp8_blocks
 from hetero_moe.ops.base import BuildContext, Op
 from hetero_moe.ops.cpu_linear import BlockMatrix, CPUQuantKwargs, QuantMatrix
@@ -112,10 +112,15 @@ class QuantGatedMLP(Op):
         gate, up, down = (self.parts[p] for p in self._PROJ)
         if gate.format != up.format:
             raise ValueError(f"gate_proj and up_proj must share a format to run together: {gate.format}, {up.format}")
-        self.w13 = (gate.codes[None], up.codes[None])  # one expert: [1, I, B] each
-        self.s13 = (gate.scales[None], up.scales[None])
+        self._kernels = (gate.kernels(self.isa), down.kernels(self.isa))  # the weights read-only from here
+        if gate.scales is gate.codes:  # GGUF rows read in place: the pair, as the routed experts take them
+            self.w13 = self.s13 = (gate.codes[None], up.codes[None])  # one expert: [1, I, B] each
+        else:  # gate rows then up rows in one array, as the routed experts hold theirs: one compiled kernel
+            self.w13 = read_only(np.concatenate([gate.codes, up.codes])[None])  # [1, 2I, B]
+            self.s13 = read_only(np.concatenate([gate.scales, up.scales])[None])
+            gate.codes, up.codes = self.w13[0, : self.inter], self.w13[0, self.inter :]  # views: no second copy
+            gate.scales, up.scales = self.s13[0, : self.inter], self.s13[0, self.inter :]
         self.w2, self.s2 = down.codes[None], down.scales[None]  # [1, H, B']
-        self._kernels = (gate.kernels(self.isa), down.kernels(self.isa))
         self.forward(torch.zeros(1, self.hidden, dtype=self.dtype))  # compile or load the cached kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., H]

@@ -253,20 +253,24 @@ def check(simd, w, scales, xq, ascale, bias) -> None:
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3, rows_per_task, h):
+def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3, up_row, rows_per_task, h):
     """`h[p] = silu(x[t] W_gate[e]^T) * (x[t] W_up[e]^T)` for every pair p = (token t, expert e).
 
     Pairs are grouped by expert as in `int4.gate_up` (`pair_token [P]`, `seg [U + 1]`, `seg_expert [U]`);
     tiles of up to 4 pairs of an expert share each weight load. `xq, ascale, bias` of the tokens from
-    `quantize_activations`; gate `w1 [E, I, B]` uint8 (B = Hp / 2 for INT4, Hp for INT8) and up `w3`, with
-    their scales `s1`, `s3` (`[E, I, Hp / g]` uint16 bf16 or fp16 bits as `simd.kind`); `h [P, I]` float32.
-    Tasks are blocks of `rows_per_task` rows of one expert.
+    `quantize_activations`; gate rows `w1[e, :I]` uint8 (`[E, R, B]`, B = Hp / 2 for INT4, Hp for INT8) and
+    up rows `w3[e, up_row : up_row + I]`, with their scales in `s1`, `s3` (`[E, R, Hp / g]` uint16 bf16 or
+    fp16 bits as `simd.kind`); `h [P, I]` float32. One `[E, 2I, B]` array of gate rows then up rows is
+    passed twice with `up_row = I`; separate arrays with `up_row = 0`. Tasks are blocks of `rows_per_task`
+    rows of one expert.
     """
     inter = h.shape[1]
     check(simd, w1, s1, xq, ascale, bias)
     check(simd, w3, s3, xq, ascale, bias)
-    if w1.shape[1] != inter or w3.shape[:2] != w1.shape[:2] or h.shape[0] < pair_token.shape[0]:
-        raise ValueError("w1 and w3 must hold I rows of every expert and h one row per pair")
+    if w1.shape[1] < inter or w3.shape[1] < up_row + inter or w3.shape[0] != w1.shape[0] or up_row < 0:
+        raise ValueError("w1 and w3 must hold the I gate and up rows of every expert")
+    if h.shape[0] < pair_token.shape[0]:
+        raise ValueError("h must hold one row per pair")
     chunks = (inter + rows_per_task - 1) // rows_per_task
     for task in prange(seg_expert.shape[0] * chunks):
         u, c = task // chunks, task % chunks
@@ -281,7 +285,8 @@ def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3,
             for j in range(n):
                 rows[j] = pair_token[p + j]
             dots(simd, n, w1[e, r0:r1], s1[e, r0:r1], xq, ascale, bias, rows, gate)
-            dots(simd, n, w3[e, r0:r1], s3[e, r0:r1], xq, ascale, bias, rows, up)
+            u0, u1 = up_row + r0, up_row + r1
+            dots(simd, n, w3[e, u0:u1], s3[e, u0:u1], xq, ascale, bias, rows, up)
             for j in range(n):
                 for r in range(r1 - r0):
                     h[p + j, r0 + r] = silu_mul(gate[j, r], up[j, r])
@@ -583,9 +588,15 @@ def select_backend(name: str | None = None) -> Backend:
     return Backend(choose_isa(name))
 
 
-def _halves(a, inter: int) -> tuple:
-    """(gate, up) of `a`: a pair already, or the first and last `inter` rows of `[E, 2I, ...]`."""
-    return a if isinstance(a, tuple) else (a[:, :inter], a[:, inter:])
+def read_only(a: np.ndarray) -> np.ndarray:
+    """`a`, or a read-only view of it. Weights reach the kernels read-only, whether they come from a file's
+    memory map or from memory: Numba compiles a kernel once per argument type, and writability is part of
+    the type."""
+    if not a.flags.writeable:
+        return a
+    view = a.view()
+    view.flags.writeable = False
+    return view
 
 
 _ONE_EXPERT = np.zeros(1, np.int64)  # `linear` runs as `down` with one expert, expert 0
@@ -608,8 +619,11 @@ def _kernels(isa: str, fmt: int, g: int, kind: int) -> Kernels:
         return quantize(x, g, act_fmt)
 
     def gate_up_(act, pair_token, seg, seg_expert, w13, s13, rows_per_task, h) -> None:
-        (w1, w3), (s1, s3) = (_halves(a, h.shape[1]) for a in (w13, s13))
-        gate_up(simd, *act, pair_token, seg, seg_expert, w1, s1, w3, s3, rows_per_task, h)
+        if isinstance(w13, tuple):  # (gate, up) pairs
+            (w1, w3), (s1, s3), up_row = w13, s13, 0
+        else:  # gate rows then up rows: whole arrays, so that Numba types them alike for any E
+            w1, w3, s1, s3, up_row = w13, w13, s13, s13, h.shape[1]
+        gate_up(simd, *act, pair_token, seg, seg_expert, w1, s1, w3, s3, up_row, rows_per_task, h)
 
     def down_(act, seg, seg_expert, w2, s2, rows_per_task, y) -> None:
         down(simd, *act, seg, seg_expert, w2, s2, rows_per_task, y)
