@@ -416,8 +416,8 @@ def format_report(r: dict) -> str:
         ),
         *(
             [
-                f"per step: integer kernels {o['cpu_weight_kernels_ms']:.2f} ms over weights and "
-                f"{o['cpu_activations_ms']:.2f} ms quantizing activations ({o['kernel_calls']:.0f} calls), "
+                f"per step: integer kernels ({o['kernel_calls']:.0f} calls) {o['cpu_weight_kernels_ms']:.2f} ms "
+                f"over weights and {o['cpu_activations_ms']:.2f} ms quantizing activations, "
                 f"outside them {o['outside_kernels_ms']:.2f} ms ({o['outside_share']:.0%} of the step)"
             ]
             if (o := r["step_overhead"]) and "cpu_weight_kernels_ms" in o

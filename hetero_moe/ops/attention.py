@@ -383,8 +383,8 @@ class MLAAttention(Op):
     def _latent_attend_cpu(self, q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, pe: torch.Tensor):
         """One decode token on the CPU, in float32: the scores of the latent and the rotary parts in two
         matmuls (the cache is not copied into one key tensor first), softmax, the latent as the values. The
-        scores are computed as `[L, h]`, the cache's rows against the heads: torch's CPU GEMM runs over
-        twice as fast that way round, with the same bits."""
+        scores are computed as `[L, h]`, the cache's rows against the heads: torch's CPU GEMM runs that one
+        over twice as fast that way round, with the same bits."""
         latent = latent.float()
         scores = torch.addmm(pe.float() @ q_pe.float().T, latent, q_latent.float().T).T  # [h, L]
         probs = torch.softmax(scores.mul_(self.scaling), dim=-1)
