@@ -49,7 +49,9 @@ class CPUQuantKwargs:
 
 class QuantMatrix:
     """One weight `[O, I]` in the kernels' layout: `codes [O, B] uint8` (B = Ip / 2 for INT4, Ip for INT8)
-    and `scales [O, Ip / g] uint16` (bf16 or fp16 bits)."""
+    and `scales [O, Ip / g] uint16` (bf16 or fp16 bits), read-only once stored (`read_only`)."""
+
+    in_place = False  # codes and scales are separate arrays
 
     def __init__(self, out_dim: int, in_dim: int, kw: CPUQuantKwargs) -> None:
         self.out_dim, self.in_dim, self.kw = out_dim, in_dim, kw
@@ -66,7 +68,8 @@ class QuantMatrix:
     def store(self, w: torch.Tensor) -> None:
         quantize = quantize_int4_fast if self.kw.quant == "int4" else quantize_int8_fast
         codes, scales = quantize(w, self.g, self.sdtype)
-        self.codes, self.scales = codes.numpy(), scales.view(torch.int16).numpy().view(np.uint16)
+        self.codes = read_only(codes.numpy())
+        self.scales = read_only(scales.view(torch.int16).numpy().view(np.uint16))
 
     def dequantize(self) -> torch.Tensor:
         """float32 `[O, I]`."""
@@ -84,8 +87,6 @@ class QuantMatrix:
         return 0
 
     def kernels(self, isa: str | None) -> Kernels:
-        """The kernels of this format; the weights become read-only (`read_only`)."""
-        self.codes, self.scales = read_only(self.codes), read_only(self.scales)
         return select_backend(isa).kernels(*self.format)
 
 
@@ -104,6 +105,11 @@ class BlockMatrix:
     def format(self) -> tuple[str, int, int]:
         return (self.repack.fmt, self.repack.g, self.repack.kind)
 
+    @property
+    def in_place(self) -> bool:
+        """Rows read in place from the file's map: `codes` and `scales` are both the rows."""
+        return self.repack.in_place
+
     def nbytes(self) -> int:
         return self.out_dim * self.repack.row_bytes(self.in_dim)
 
@@ -120,19 +126,17 @@ class BlockMatrix:
             raise ValueError(f"{self.block_type} rows {raw.shape} do not fit a weight [{self.out_dim}, {self.in_dim}]")
         if r.in_place:
             r.check(raw, self.in_dim)
-            self.codes = self.scales = raw
+            self.codes = self.scales = read_only(raw)
             return
-        self.codes = np.empty((self.out_dim, r.code_bytes(self.in_dim)), np.uint8)
-        self.scales = np.empty((self.out_dim, r.scale_cols(self.in_dim)), r.scale_dtype)
-        r.repack(raw, self.in_dim, self.codes, self.scales)
+        codes = np.empty((self.out_dim, r.code_bytes(self.in_dim)), np.uint8)
+        scales = np.empty((self.out_dim, r.scale_cols(self.in_dim)), r.scale_dtype)
+        r.repack(raw, self.in_dim, codes, scales)
+        self.codes, self.scales = read_only(codes), read_only(scales)
 
     def dequantize(self) -> torch.Tensor:
         return torch.from_numpy(self.repack.dequantize(self.codes, self.scales, self.in_dim))
 
     def kernels(self, isa: str | None) -> Kernels:
-        """The kernels of this format; repacked weights become read-only (rows read in place are already)."""
-        if self.scales is not self.codes:
-            self.codes, self.scales = read_only(self.codes), read_only(self.scales)
         return select_backend(isa).kernels(*self.format)
 
 
@@ -228,8 +232,7 @@ def stacked(linears: Sequence[nn.Module]) -> Callable[[torch.Tensor], list[torch
     if not same:
         return None
     codes = read_only(np.concatenate([m.matrix.codes for m in linears]))  # GGUF rows read in place: copied here
-    in_place = first.matrix.scales is first.matrix.codes  # their scales inside
-    scales = codes if in_place else read_only(np.concatenate([m.matrix.scales for m in linears]))
+    scales = codes if first.matrix.in_place else read_only(np.concatenate([m.matrix.scales for m in linears]))
     sizes, start = [], 0
     for m in linears:
         rows = slice(start, start + m.out_features)

@@ -113,7 +113,7 @@ class QuantGatedMLP(Op):
         if gate.format != up.format:
             raise ValueError(f"gate_proj and up_proj must share a format to run together: {gate.format}, {up.format}")
         self._kernels = (gate.kernels(self.isa), down.kernels(self.isa))  # the weights read-only from here
-        if gate.scales is gate.codes:  # GGUF rows read in place: the pair, as the routed experts take them
+        if gate.in_place:  # GGUF rows read in place: the pair, as the routed experts take them
             self.w13 = self.s13 = (gate.codes[None], up.codes[None])  # one expert: [1, I, B] each
         else:  # gate rows then up rows in one array, as the routed experts hold theirs: one compiled kernel
             self.w13 = read_only(np.concatenate([gate.codes, up.codes])[None])  # [1, 2I, B]
