@@ -137,3 +137,39 @@ def test_whole_model_quantized_on_the_cpu(tiny, arch: str, rules: str) -> None:
     for i, step in engine.stream(prompts, [params] * len(prompts)):
         outs[i].append(step.token_id)
     assert outs == alone
+
+
+@pytest.mark.parametrize(
+    ("arch", "overrides"),
+    [
+        ("DeepseekV2ForCausalLM", {}),  # rotary pairs as complex numbers, no low-rank query
+        ("DeepseekV3ForCausalLM", {}),  # interleaved pairs, low-rank query
+        ("DeepseekV3ForCausalLM", {"rope_interleave": False}),  # halves
+    ],
+    ids=["v2", "v3", "v3-halves"],
+)
+def test_latent_decode_fused_on_the_cpu_is_its_per_op_path(tiny, arch: str, overrides: dict) -> None:
+    """Decode tokens of absorbed latent attention quantized on the CPU run from projections to o_proj on numpy
+    arrays (`_decode_fused`); teacher-forced, every step's logits stay those of the per-op path, within
+    float32 rounding (which may move an int8 activation by one step)."""
+    from hetero_moe.bench.teacher import TeacherForced
+    from hetero_moe.ops.attention import MLAAttention
+
+    t = tiny(arch, **overrides)
+    fused, per_op = (LLM(t.path, rules="cpu-only-int4.yaml", dtype="float32") for _ in range(2))
+    attns = [m for m in per_op.placed.model.modules() if isinstance(m, MLAAttention)]
+    assert attns and all(m._fused for m in attns)
+    for m in attns:
+        m._fused = False
+    calls = []
+    for m in fused.placed.model.modules():
+        if isinstance(m, MLAAttention):
+            m._decode_fused = lambda *args, run=m._decode_fused: calls.append(1) or run(*args)
+    ids = [0, 5, 17, 42, 99, 7, 3, 100, 200, 11, 64, 1, 2, 3, 250, 251, 9, 8, 30, 31]
+    caches = [TeacherForced(m.runner, len(ids)) for m in (per_op, fused)]
+    worst = 0.0
+    for chunk in (ids[:7], *[[tok] for tok in ids[7:]]):  # prefill, then decode
+        a, b = (c.feed(chunk) for c in caches)
+        worst = max(worst, rel(b, a))
+    assert len(calls) == len(attns) * (len(ids) - 7)  # every decode token, every layer
+    assert worst < 1e-4, worst  # measured 1.3e-7 to 3.2e-7

@@ -15,10 +15,12 @@ import importlib.util
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Self
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hetero_moe.kernels.numba import latent as latent_kernels
 from hetero_moe.ops.base import BuildContext, Op
 from hetero_moe.ops.cpu_linear import CPULinear, HeadLinear, stacked
 from hetero_moe.ops.rope import HalfRope, Rope
@@ -260,17 +262,20 @@ class MLAAttention(Op):
     def finalize(self) -> None:
         # the projections of x (the query's, or its low-rank one, and the latent's) in one call where they can be
         first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
-        self._project = stacked([first, self.kv_a_proj_with_mqa]) or (lambda x: [first(x), self.kv_a_proj_with_mqa(x)])
+        self._stack = stacked([first, self.kv_a_proj_with_mqa])
+        self._project = self._stack or (lambda x: [first(x), self.kv_a_proj_with_mqa(x)])
+        self._fused = False
         if not self.absorb:
             return
         # views of kv_b_proj's own weight when it is unquantized; a dequantized copy otherwise
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         if isinstance(self.kv_b_proj, CPULinear):  # quantized on the CPU: W_UK, W_UV in its format, int8 dots
             kw, isa = self.kv_b_proj.kwargs, self.kv_b_proj.isa
-            uk = HeadLinear(w[:, : self.nope_dim].transpose(1, 2), kw, isa)  # [h, r, nope]
-            uv = HeadLinear(w[:, self.nope_dim :], kw, isa)  # [h, v, r]
-            self._uk = lambda q: uk(q).to(q.dtype)
-            self._uv = lambda o: uv(o).to(o.dtype)
+            self._uk_heads = HeadLinear(w[:, : self.nope_dim].transpose(1, 2), kw, isa)  # [h, r, nope]
+            self._uv_heads = HeadLinear(w[:, self.nope_dim :], kw, isa)  # [h, v, r]
+            self._uk = lambda q: self._uk_heads(q).to(q.dtype)
+            self._uv = lambda o: self._uv_heads(o).to(o.dtype)
+            self._fused = self._fusable()
             return
         w = w.to(self.dtype)
         self.w_uk, self.w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # [h, nope, r], [h, v, r]
@@ -289,7 +294,76 @@ class MLAAttention(Op):
             return MLACache(latent, k_pe)
         return DSACache(latent, k_pe, torch.empty(capacity, self.indexer.head_dim, dtype=dtype, device=device))
 
+    def _fusable(self) -> bool:
+        """Whether decode tokens can take `_decode_fused`: float32 on the CPU, every projection quantized on
+        it (stacked, W_UK, W_UV, o_proj, and q_b_proj with the low-rank query), norms with a weight and an
+        epsilon, no indexer and no Triton kernel."""
+        norms = [self.kv_a_layernorm] + ([] if self.q_lora_rank is None else [self.q_a_layernorm])
+        linears = [self.o_proj] + ([] if self.q_lora_rank is None else [self.q_b_proj])
+        return (
+            self.device.type == "cpu"
+            and self.dtype == torch.float32
+            and not self.kernel
+            and self.indexer is None
+            and self._stack is not None
+            and all(isinstance(m, CPULinear) and m.bias is None for m in linears)
+            and all(hasattr(m, "weight") and hasattr(m, "variance_epsilon") for m in norms)
+        )
+
     def forward(self, x: torch.Tensor, rope: Rope, cache: MLACache, seqs: list[SeqSlice]) -> torch.Tensor:
+        """`x [N, H]` -> `[N, H]`. Decode tokens (a sequence's one token of the step) take `_decode_fused`
+        where the op allows it, whatever else the step holds, so a token's bits do not depend on its batch."""
+        pairs = getattr(rope, "pairs", None) if self._fused else None  # a layout the latent kernels rotate
+        if pairs is None or pairs[1].shape[1] * 2 != self.rope_dim:
+            return self._per_op(x, rope, cache, seqs)
+        one = [s for s in seqs if s.count == 1]
+        if len(one) == len(seqs):
+            return self._decode_fused(x, pairs, cache, seqs)
+        many = [s for s in seqs if s.count > 1]
+        if not one:
+            return self._per_op(x, rope, cache, seqs)
+        out = x.new_empty(x.shape[0], self.o_proj.out_features)
+        out[[s.begin for s in one]] = self._decode_fused(x, pairs, cache, one)
+        out[torch.cat([torch.arange(s.begin, s.begin + s.count) for s in many])] = self._per_op(x, rope, cache, many)
+        return out
+
+    def _decode_fused(self, x: torch.Tensor, pairs: tuple, cache: MLACache, seqs: list[SeqSlice]) -> torch.Tensor:
+        """One token of each of `seqs` (rows `s.begin` of `x`), absorbed, on numpy arrays from the projections
+        to o_proj: the quantized kernels and `kernels/numba/latent.py` between them -> `[len(seqs), H]`.
+        `pairs`: the rotary layout and per-pair tables of all N tokens (`Rope.pairs`)."""
+        tokens = [s.begin for s in seqs]
+        xs = x.detach().float().numpy()
+        if tokens != list(range(x.shape[0])):
+            xs = xs[tokens]
+        y = self._stack.run(np.ascontiguousarray(xs))
+        q_width = self.num_heads * (self.nope_dim + self.rope_dim)
+        if self.q_lora_rank is None:
+            q, kv = y[:, :q_width], y[:, q_width:]
+        else:
+            norm = self.q_a_layernorm
+            q_resid = latent_kernels.rms_norm(y[:, : self.q_lora_rank], _weight(norm), norm.variance_epsilon)
+            q, kv = self.q_b_proj.run(q_resid), y[:, self.q_lora_rank :]
+        layout, cos, sin = pairs
+        t = len(seqs)
+        new_rows = np.concatenate([_rows(s.new_rows) for s in seqs])
+        parts = [_rows(s.all_rows) for s in seqs]
+        seg = np.zeros(t + 1, np.int64)
+        np.cumsum([len(p) for p in parts], out=seg[1:])
+        latent, pe = cache.latent.numpy(), cache.k_pe.numpy()
+        q_nope = np.empty((self.num_heads * t, self.nope_dim), np.float32)
+        q_pe = np.empty((t, self.num_heads, self.rope_dim), np.float32)
+        norm = self.kv_a_layernorm
+        latent_kernels.prepare(
+            q, kv, self.num_heads, self.nope_dim, _weight(norm), norm.variance_epsilon,
+            cos[tokens], sin[tokens], layout, latent, pe, new_rows, q_nope, q_pe,
+        )  # fmt: skip
+        q_latent = self._uk_heads.rows(q_nope)  # [h * T, r], head-major
+        out = np.empty_like(q_latent)
+        latent_kernels.attend(q_latent, q_pe, latent, pe, np.concatenate(parts), seg, self.scaling, out)
+        v = self._uv_heads.rows(out).reshape(self.num_heads, t, self.v_dim).transpose(1, 0, 2)  # [T, h, v]
+        return torch.from_numpy(self.o_proj.run(np.ascontiguousarray(v).reshape(t, -1)))
+
+    def _per_op(self, x: torch.Tensor, rope: Rope, cache: MLACache, seqs: list[SeqSlice]) -> torch.Tensor:
         n = x.shape[0]
         q, kv = self._project(x)
         if self.q_lora_rank is None:
@@ -406,6 +480,18 @@ class MLAAttention(Op):
         row_len = torch.tensor(lengths, dtype=torch.int32, device=self.device)
         splits = -(-max(lengths) // SPLIT_ROWS)
         return mla_decode(q_latent, q_pe, latent, pe, row_start, row_len, self.scaling, splits, SPLIT_ROWS)
+
+
+def _rows(rows: Rows) -> np.ndarray:
+    """Cache rows as int64 numpy indices."""
+    if isinstance(rows, slice):
+        return np.arange(rows.start, rows.stop, dtype=np.int64)
+    return rows.numpy().astype(np.int64, copy=False)
+
+
+def _weight(norm: nn.Module) -> np.ndarray:
+    """An RMSNorm's weight as float32 numpy."""
+    return norm.weight.detach().float().numpy()
 
 
 def _index(rows) -> torch.Tensor:

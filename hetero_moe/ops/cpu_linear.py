@@ -8,7 +8,7 @@ kernels as one expert every token goes to (gate and up in one pass over the weig
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -210,17 +210,46 @@ class CPULinear(Op):
         self.forward(torch.zeros(1, self.in_features, dtype=self.dtype))  # compile or load the cached kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., I] -> [..., O]
-        flat = x.reshape(-1, self.in_features).float().contiguous().numpy()
-        k = self._kernels
-        y = torch.from_numpy(k.linear(k.activations(flat), self.matrix.codes, self.matrix.scales, ROWS_PER_TASK))
+        y = torch.from_numpy(self.run(x.reshape(-1, self.in_features).float().contiguous().numpy()))
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
+    def run(self, flat: np.ndarray) -> np.ndarray:
+        """`flat [T, I]` float32 -> `[T, O]` float32, without the bias."""
+        k = self._kernels
+        return k.linear(k.activations(flat), self.matrix.codes, self.matrix.scales, ROWS_PER_TASK)
 
-def stacked(linears: Sequence[nn.Module]) -> Callable[[torch.Tensor], list[torch.Tensor]] | None:
+
+class StackedLinear:
     """Linears of one input run as one: `x -> [m(x) for m in linears]` with their rows stacked, so the input
     is quantized once and the kernel called once; each linear's weights become a view of the stack (no second
-    copy). None unless all are `cpu_linear`s without bias of one format and input size."""
+    copy). Made by `stacked`."""
+
+    def __init__(self, linears: Sequence[CPULinear]) -> None:
+        first = linears[0]
+        codes = read_only(np.concatenate([m.matrix.codes for m in linears]))  # GGUF rows read in place: copied
+        scales = codes if first.matrix.in_place else read_only(np.concatenate([m.matrix.scales for m in linears]))
+        self.sizes, start = [], 0
+        for m in linears:
+            rows = slice(start, start + m.out_features)
+            m.matrix.codes, m.matrix.scales = codes[rows], scales[rows]
+            self.sizes.append(m.out_features)
+            start += m.out_features
+        self.codes, self.scales, self.kernels, self.in_features = codes, scales, first._kernels, first.in_features
+
+    def run(self, flat: np.ndarray) -> np.ndarray:
+        """`flat [T, I]` float32 -> the outputs side by side, `[T, sum O]` float32."""
+        k = self.kernels
+        return k.linear(k.activations(flat), self.codes, self.scales, ROWS_PER_TASK)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        y = torch.from_numpy(self.run(x.reshape(-1, self.in_features).float().contiguous().numpy())).to(x.dtype)
+        return [part.view(*x.shape[:-1], part.shape[-1]) for part in torch.split(y, self.sizes, dim=-1)]
+
+
+def stacked(linears: Sequence[nn.Module]) -> StackedLinear | None:
+    """The linears as one `StackedLinear`; None unless all are `cpu_linear`s without bias of one format and
+    input size."""
     first = linears[0]
     same = all(
         isinstance(m, CPULinear)
@@ -229,24 +258,7 @@ def stacked(linears: Sequence[nn.Module]) -> Callable[[torch.Tensor], list[torch
         == (first.matrix.format, first.isa, first.in_features, first.dtype)
         for m in linears
     )
-    if not same:
-        return None
-    codes = read_only(np.concatenate([m.matrix.codes for m in linears]))  # GGUF rows read in place: copied here
-    scales = codes if first.matrix.in_place else read_only(np.concatenate([m.matrix.scales for m in linears]))
-    sizes, start = [], 0
-    for m in linears:
-        rows = slice(start, start + m.out_features)
-        m.matrix.codes, m.matrix.scales = codes[rows], scales[rows]
-        sizes.append(m.out_features)
-        start += m.out_features
-    k = first._kernels
-
-    def run(x: torch.Tensor) -> list[torch.Tensor]:
-        flat = x.reshape(-1, first.in_features).float().contiguous().numpy()
-        y = torch.from_numpy(k.linear(k.activations(flat), codes, scales, ROWS_PER_TASK)).to(x.dtype)
-        return [part.view(*x.shape[:-1], part.shape[-1]) for part in torch.split(y, sizes, dim=-1)]
-
-    return run
+    return StackedLinear(linears) if same else None
 
 
 class HeadLinear:
@@ -270,8 +282,12 @@ class HeadLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [T, h, I] -> [T, h, O] float32
         t = x.shape[0]
         rows = x.transpose(0, 1).reshape(self.heads * t, self.in_dim).float().contiguous().numpy()  # head-major
-        seg = np.arange(self.heads + 1, dtype=np.int64) * t
-        y = np.empty((self.heads * t, self.out_dim), np.float32)
+        return torch.from_numpy(self.rows(rows)).view(self.heads, t, self.out_dim).transpose(0, 1)
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        """`rows [h * T, I]` float32, head-major (row `j * T + t` is token t's input to head j) -> `[h * T, O]`."""
+        seg = np.arange(self.heads + 1, dtype=np.int64) * (rows.shape[0] // self.heads)
+        y = np.empty((rows.shape[0], self.out_dim), np.float32)
         k = self.kernels
         k.down(k.activations(rows), seg, self.experts, self.codes, self.scales, HEAD_ROWS_PER_TASK, y)
-        return torch.from_numpy(y).view(self.heads, t, self.out_dim).transpose(0, 1)
+        return y

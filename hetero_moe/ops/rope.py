@@ -6,14 +6,24 @@ query or key tensors; the arithmetic follows transformers' functions exactly.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
+
+from hetero_moe.kernels.numba.latent import ROPE_HALVES, ROPE_PAIRS, ROPE_PAIRS_TO_HALVES
 
 
 class Rope(Protocol):
     def apply(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def _halves(cos: torch.Tensor, sin: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The first half of `[1, T, d]` tables whose halves repeat (one value per pair), `[T, d / 2]` float32."""
+    half = cos.shape[-1] // 2
+    return tuple(np.ascontiguousarray(t[0, :, :half].float().numpy()) for t in (cos, sin))
 
 
 @dataclass(frozen=True)
@@ -33,6 +43,12 @@ class HalfRope:
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return (x * cos) + (rotated * sin)
+
+    @functools.cached_property
+    def pairs(self) -> tuple[int, np.ndarray, np.ndarray]:
+        """For `kernels/numba/latent.py`: its layout code and per-pair cos and sin `[T, d_rot / 2]`, once per
+        forward (every layer reads them)."""
+        return (ROPE_HALVES, *_halves(self.cos, self.sin))
 
 
 @dataclass(frozen=True)
@@ -62,6 +78,10 @@ class InterleavedRope:
         x1, x2 = x[..., 0::2], x[..., 1::2]
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
+    @functools.cached_property
+    def pairs(self) -> tuple[int, np.ndarray, np.ndarray]:
+        return (ROPE_PAIRS_TO_HALVES, *_halves(self.cos, self.sin))
+
 
 @dataclass(frozen=True)
 class ComplexRope:
@@ -72,3 +92,8 @@ class ComplexRope:
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
         return torch.view_as_real(xc * self.freqs_cis.unsqueeze(1)).flatten(3).type_as(x)
+
+    @functools.cached_property
+    def pairs(self) -> tuple[int, np.ndarray, np.ndarray]:
+        f = self.freqs_cis[0]
+        return ROPE_PAIRS, np.ascontiguousarray(f.real.float().numpy()), np.ascontiguousarray(f.imag.float().numpy())

@@ -1,0 +1,76 @@
+"""The absorbed latent attention's CPU decode kernels (`kernels/numba/latent.py`) against plain float64
+references, and the rotary layouts against the torch `Rope`s the per-op path applies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hetero_moe.kernels.numba import latent
+
+from hetero_moe.ops.rope import ComplexRope, HalfRope, InterleavedRope
+
+
+def tables(t: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin `[1, T, d]` whose halves repeat, as the rotary modules make them."""
+    angles = torch.rand(1, t, d // 2, generator=torch.Generator().manual_seed(seed)) * 6.0
+    return torch.cat((angles.cos(), angles.cos()), -1), torch.cat((angles.sin(), angles.sin()), -1)
+
+
+def ropes(t: int, d: int) -> list:
+    cos, sin = tables(t, d)
+    half = d // 2
+    return [
+        ComplexRope(torch.polar(torch.ones(1, t, half), torch.atan2(sin[..., :half], cos[..., :half]))),
+        InterleavedRope(cos, sin),
+        HalfRope(cos, sin),
+    ]
+
+
+@pytest.mark.parametrize("rope", range(3), ids=["pairs", "pairs-to-halves", "halves"])
+@pytest.mark.parametrize("t", [1, 3])
+def test_prepare_normalises_rotates_and_splits_as_the_per_op_path(rope: int, t: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    heads, nope, rope_dim, r, cap = 3, 8, 6, 20, 12
+    q = torch.randn(t, heads * (nope + rope_dim), generator=g)
+    kv = torch.randn(t, r + rope_dim, generator=g)
+    w, eps = torch.rand(r, generator=g) + 0.5, 1e-6
+    rot = ropes(t, rope_dim)[rope]
+    layout, cos, sin = rot.pairs
+    cache_latent, cache_pe = np.zeros((cap, r), np.float32), np.zeros((cap, rope_dim), np.float32)
+    new_rows = np.array([7, 2, 10][:t], np.int64)
+    q_nope = np.empty((heads * t, nope), np.float32)
+    q_pe = np.empty((t, heads, rope_dim), np.float32)
+    latent.prepare(q.numpy(), kv.numpy(), heads, nope, w.numpy(), eps, cos, sin, layout,
+                   cache_latent, cache_pe, new_rows, q_nope, q_pe)  # fmt: skip
+    x = kv[:, :r].double()
+    normed = w.double() * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    torch.testing.assert_close(torch.from_numpy(cache_latent[new_rows]).double(), normed, rtol=1e-5, atol=1e-6)
+    k_pe = rot.apply(kv[:, r:].view(1, 1, t, rope_dim))[0, 0]
+    torch.testing.assert_close(torch.from_numpy(cache_pe[new_rows]), k_pe, rtol=1e-5, atol=1e-6)
+    qh = q.view(t, heads, nope + rope_dim)
+    torch.testing.assert_close(torch.from_numpy(q_nope), qh[..., :nope].transpose(0, 1).reshape(heads * t, nope))
+    want = rot.apply(qh[..., nope:].transpose(0, 1)[None])[0].transpose(0, 1)  # [T, h, rope]
+    torch.testing.assert_close(torch.from_numpy(q_pe), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lengths", [[1], [5], [200], [3, 70, 1]])
+def test_attend_is_the_softmax_over_each_tokens_rows(lengths: list[int]) -> None:
+    rng = np.random.default_rng(2)
+    heads, r, rope_dim, cap = 4, 130, 6, 300
+    t = len(lengths)
+    q_latent = rng.standard_normal((heads * t, r)).astype(np.float32)
+    q_pe = rng.standard_normal((t, heads, rope_dim)).astype(np.float32)
+    cache_latent = rng.standard_normal((cap, r)).astype(np.float32)
+    cache_pe = rng.standard_normal((cap, rope_dim)).astype(np.float32)
+    parts = [rng.choice(cap, n, replace=False) for n in lengths]  # rows anywhere in the pool, in any order
+    seg = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    scale = 0.125
+    out = np.empty_like(q_latent)
+    latent.attend(q_latent, q_pe, cache_latent, cache_pe, np.concatenate(parts).astype(np.int64), seg, scale, out)
+    for i, rows in enumerate(parts):
+        lat, pe = cache_latent[rows].astype(np.float64), cache_pe[rows].astype(np.float64)
+        for j in range(heads):
+            s = (lat @ q_latent[j * t + i] + pe @ q_pe[i, j]) * scale
+            p = np.exp(s - s.max())
+            np.testing.assert_allclose(out[j * t + i], (p / p.sum()) @ lat, rtol=1e-4, atol=1e-5)
