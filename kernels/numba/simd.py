@@ -88,9 +88,11 @@ LOOKUP = tuple(c + 12 for c in (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, 
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 IQ4_LOOKUP = tuple(k + 128 for k in IQ4_VALUES)
 TILE = 4  # most tokens one `span_dots` call multiplies with a weight row
-PREFETCH = 4096  # weight bytes ahead to prefetch (measured on Zen 3: the hardware prefetcher alone left ~35 % idle)
-# into L2, not L1 (prefetcht1): on Zen 4 the experts of one token streamed 1.12x faster (26 -> 29 GB/s, A/B
-# in one process), L1 being left to the activations every row reads again
+# Weight bytes ahead to prefetch, into L2 (prefetcht1), not L1: L1 is left to the activations every row reads
+# again. The hardware prefetcher alone left ~35 % idle on Zen 3; on Zen 4 (A/B in one process, one token's
+# experts from DRAM) L2 instead of L1 streamed 1.12x faster and 8 KB ahead instead of 4 KB 1.12x more for
+# INT4 (1.04x INT8; 2 and 12 KB were slower).
+PREFETCH = 8192
 PREFETCH_LOCALITY = 2
 # rows one `span_dots` loop takes side by side, by tokens (1 to TILE): a span's activations are loaded once
 # for them all (and its weights once for the tokens). Tiles of 2 to 4 tokens ran 1.2x faster with 2 rows
