@@ -1,5 +1,5 @@
-"""The absorbed latent attention's CPU decode kernels (`kernels/numba/latent.py`) against plain float64
-references, and the rotary layouts against the torch `Rope`s the per-op path applies."""
+"""The absorbed latent attention's CPU decode preparation (`kernels/numba/latent.py`) against plain float64
+references, and its rotary layouts against the torch `Rope`s the per-op path applies."""
 
 from __future__ import annotations
 
@@ -52,25 +52,3 @@ def test_prepare_normalises_rotates_and_splits_as_the_per_op_path(rope: int, t: 
     torch.testing.assert_close(torch.from_numpy(q_nope), qh[..., :nope].transpose(0, 1).reshape(heads * t, nope))
     want = rot.apply(qh[..., nope:].transpose(0, 1)[None])[0].transpose(0, 1)  # [T, h, rope]
     torch.testing.assert_close(torch.from_numpy(q_pe), want, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("lengths", [[1], [5], [200], [3, 70, 1]])
-def test_attend_is_the_softmax_over_each_tokens_rows(lengths: list[int]) -> None:
-    rng = np.random.default_rng(2)
-    heads, r, rope_dim, cap = 4, 130, 6, 300
-    t = len(lengths)
-    q_latent = rng.standard_normal((heads * t, r)).astype(np.float32)
-    q_pe = rng.standard_normal((t, heads, rope_dim)).astype(np.float32)
-    cache_latent = rng.standard_normal((cap, r)).astype(np.float32)
-    cache_pe = rng.standard_normal((cap, rope_dim)).astype(np.float32)
-    parts = [rng.choice(cap, n, replace=False) for n in lengths]  # rows anywhere in the pool, in any order
-    seg = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    scale = 0.125
-    out = np.empty_like(q_latent)
-    latent.attend(q_latent, q_pe, cache_latent, cache_pe, np.concatenate(parts).astype(np.int64), seg, scale, out)
-    for i, rows in enumerate(parts):
-        lat, pe = cache_latent[rows].astype(np.float64), cache_pe[rows].astype(np.float64)
-        for j in range(heads):
-            s = (lat @ q_latent[j * t + i] + pe @ q_pe[i, j]) * scale
-            p = np.exp(s - s.max())
-            np.testing.assert_allclose(out[j * t + i], (p / p.sum()) @ lat, rtol=1e-4, atol=1e-5)

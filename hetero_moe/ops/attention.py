@@ -329,7 +329,8 @@ class MLAAttention(Op):
 
     def _decode_fused(self, x: torch.Tensor, pairs: tuple, cache: MLACache, seqs: list[SeqSlice]) -> torch.Tensor:
         """One token of each of `seqs` (rows `s.begin` of `x`), absorbed, on numpy arrays from the projections
-        to o_proj: the quantized kernels and `kernels/numba/latent.py` between them -> `[len(seqs), H]`.
+        to o_proj: the quantized kernels, `kernels/numba/latent.py` for the norm, rotary, cache rows and query
+        split, and `_latent_attend_cpu` for the attention over the cache -> `[len(seqs), H]`.
         `pairs`: the rotary layout and per-pair tables of all N tokens (`Rope.pairs`)."""
         tokens = [s.begin for s in seqs]
         xs = x.detach().float().numpy()
@@ -344,23 +345,21 @@ class MLAAttention(Op):
             q_resid = latent_kernels.rms_norm(y[:, : self.q_lora_rank], _weight(norm), norm.variance_epsilon)
             q, kv = self.q_b_proj.run(q_resid), y[:, self.q_lora_rank :]
         layout, cos, sin = pairs
-        t = len(seqs)
+        t, h = len(seqs), self.num_heads
         new_rows = np.concatenate([_rows(s.new_rows) for s in seqs])
-        parts = [_rows(s.all_rows) for s in seqs]
-        seg = np.zeros(t + 1, np.int64)
-        np.cumsum([len(p) for p in parts], out=seg[1:])
-        latent, pe = cache.latent.numpy(), cache.k_pe.numpy()
-        q_nope = np.empty((self.num_heads * t, self.nope_dim), np.float32)
-        q_pe = np.empty((t, self.num_heads, self.rope_dim), np.float32)
+        q_nope = np.empty((h * t, self.nope_dim), np.float32)
+        q_pe = np.empty((t, h, self.rope_dim), np.float32)
         norm = self.kv_a_layernorm
         latent_kernels.prepare(
-            q, kv, self.num_heads, self.nope_dim, _weight(norm), norm.variance_epsilon,
-            cos[tokens], sin[tokens], layout, latent, pe, new_rows, q_nope, q_pe,
+            q, kv, h, self.nope_dim, _weight(norm), norm.variance_epsilon,
+            cos[tokens], sin[tokens], layout, cache.latent.numpy(), cache.k_pe.numpy(), new_rows, q_nope, q_pe,
         )  # fmt: skip
-        q_latent = self._uk_heads.rows(q_nope)  # [h * T, r], head-major
-        out = np.empty_like(q_latent)
-        latent_kernels.attend(q_latent, q_pe, latent, pe, np.concatenate(parts), seg, self.scaling, out)
-        v = self._uv_heads.rows(out).reshape(self.num_heads, t, self.v_dim).transpose(1, 0, 2)  # [T, h, v]
+        q_latent = torch.from_numpy(self._uk_heads.rows(q_nope).reshape(h, t, self.kv_lora_rank))
+        out = np.empty((h, t, self.kv_lora_rank), np.float32)  # head-major, as W_UV takes it
+        for i, s in enumerate(seqs):  # torch's GEMMs: the latent's matmuls at any context length
+            latent, pe = cache.latent[s.all_rows], cache.k_pe[s.all_rows]
+            out[:, i] = self._latent_attend_cpu(q_latent[:, i], torch.from_numpy(q_pe[i]), latent, pe).numpy()
+        v = self._uv_heads.rows(out.reshape(h * t, -1)).reshape(h, t, self.v_dim).transpose(1, 0, 2)  # [T, h, v]
         return torch.from_numpy(self.o_proj.run(np.ascontiguousarray(v).reshape(t, -1)))
 
     def _per_op(self, x: torch.Tensor, rope: Rope, cache: MLACache, seqs: list[SeqSlice]) -> torch.Tensor:
