@@ -99,6 +99,10 @@ PREFETCH_LOCALITY = 2
 # (Zen 4: 256-bit load ports, which the activations kept busy); one token kept one row, as two or four
 # interleaved rows of one page slowed its stream from DRAM.
 ROW_BLOCK = {1: 1, 2: 2, 3: 2, 4: 2}
+# Short rows (at most SHORT_ROW bytes, one after another: W_UK's and W_UV's per head) go SHORT_BLOCK at a time
+# for one token too: their block is one contiguous stream, and each row's own setup and sum are most of its work.
+SHORT_ROW = 256
+SHORT_BLOCK = 4
 
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 F32 = ir.FloatType()
@@ -473,7 +477,7 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
     lanes_per_group = 16 // gps
     fma = _declare(b, f"llvm.fma.v{width}f32", _vec(F32, width), [_vec(F32, width)] * 3)
     zero = ir.Constant(_vec(F32, width), [0.0] * width)
-    block = ROW_BLOCK[n]
+    block = max(ROW_BLOCK[n], SHORT_BLOCK)
     # per row of a block, per token: the accumulators (and the affine formats' mins)
     accs = [[[cgutils.alloca_once_value(b, zero) for _ in range(parts)] for _ in range(n)] for _ in range(block)]
     affine = fmt in AFFINE
@@ -631,12 +635,24 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
                 at = b.add(b.mul(const(j), out_stride), b.mul(r, const(4)))
                 b.store(total, b.bitcast(b.gep(out, [at]), F32.as_pointer()))
 
-    blocks = b.udiv(n_rows, const(block))
-    with cgutils.for_range(b, blocks) as loop:
-        rows_from(b.mul(loop.index, const(block)), block)
-    if block > 1:
-        with cgutils.for_range(b, b.sub(n_rows, b.mul(blocks, const(block)))) as loop:
-            rows_from(b.add(b.mul(blocks, const(block)), loop.index), 1)
+    def all_rows(size: int) -> None:
+        """Every row, `size` at a time, then the rest one by one."""
+        blocks = b.udiv(n_rows, const(size))
+        with cgutils.for_range(b, blocks) as loop:
+            rows_from(b.mul(loop.index, const(size)), size)
+        if size > 1:
+            with cgutils.for_range(b, b.sub(n_rows, b.mul(blocks, const(size)))) as loop:
+                rows_from(b.add(b.mul(blocks, const(size)), loop.index), 1)
+
+    if ROW_BLOCK[n] < SHORT_BLOCK:
+        short = b.and_(b.icmp_unsigned("<=", row_bytes, const(SHORT_ROW)), b.icmp_unsigned("==", row_stride, row_bytes))
+        with b.if_else(short) as (short_rows, long_rows):
+            with short_rows:
+                all_rows(SHORT_BLOCK)
+            with long_rows:
+                all_rows(ROW_BLOCK[n])
+    else:
+        all_rows(ROW_BLOCK[n])
     b.ret_void()
     return fn
 
