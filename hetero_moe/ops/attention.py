@@ -317,11 +317,11 @@ class MLAAttention(Op):
         if pairs is None or pairs[1].shape[1] * 2 != self.rope_dim:
             return self._per_op(x, rope, cache, seqs)
         one = [s for s in seqs if s.count == 1]
-        if len(one) == len(seqs):
-            return self._decode_fused(x, pairs, cache, seqs)
-        many = [s for s in seqs if s.count > 1]
         if not one:
             return self._per_op(x, rope, cache, seqs)
+        if len(one) == len(seqs):
+            return self._decode_fused(x, pairs, cache, seqs)
+        many = [s for s in seqs if s.count > 1]  # a step of decode tokens and prompt chunks: each its own way
         out = x.new_empty(x.shape[0], self.o_proj.out_features)
         out[[s.begin for s in one]] = self._decode_fused(x, pairs, cache, one)
         out[torch.cat([torch.arange(s.begin, s.begin + s.count) for s in many])] = self._per_op(x, rope, cache, many)

@@ -477,7 +477,8 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
     lanes_per_group = 16 // gps
     fma = _declare(b, f"llvm.fma.v{width}f32", _vec(F32, width), [_vec(F32, width)] * 3)
     zero = ir.Constant(_vec(F32, width), [0.0] * width)
-    block = max(ROW_BLOCK[n], SHORT_BLOCK)
+    short_too = ROW_BLOCK[n] == 1  # one row at a time, but short rows SHORT_BLOCK at a time
+    block = SHORT_BLOCK if short_too else ROW_BLOCK[n]
     # per row of a block, per token: the accumulators (and the affine formats' mins)
     accs = [[[cgutils.alloca_once_value(b, zero) for _ in range(parts)] for _ in range(n)] for _ in range(block)]
     affine = fmt in AFFINE
@@ -644,7 +645,7 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
             with cgutils.for_range(b, b.sub(n_rows, b.mul(blocks, const(size)))) as loop:
                 rows_from(b.add(b.mul(blocks, const(size)), loop.index), 1)
 
-    if ROW_BLOCK[n] < SHORT_BLOCK:
+    if short_too:
         short = b.and_(b.icmp_unsigned("<=", row_bytes, const(SHORT_ROW)), b.icmp_unsigned("==", row_stride, row_bytes))
         with b.if_else(short) as (short_rows, long_rows):
             with short_rows:
