@@ -276,6 +276,9 @@ class MLAAttention(Op):
             self._uk = lambda q: self._uk_heads(q).to(q.dtype)
             self._uv = lambda o: self._uv_heads(o).to(o.dtype)
             self._fused = self._fusable()
+            if self._fused:  # the norms' weights as the latent kernels read them, once
+                self._kv_norm = _weight(self.kv_a_layernorm)
+                self._q_norm = None if self.q_lora_rank is None else _weight(self.q_a_layernorm)
             return
         w = w.to(self.dtype)
         self.w_uk, self.w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # [h, nope, r], [h, v, r]
@@ -341,17 +344,16 @@ class MLAAttention(Op):
         if self.q_lora_rank is None:
             q, kv = y[:, :q_width], y[:, q_width:]
         else:
-            norm = self.q_a_layernorm
-            q_resid = latent_kernels.rms_norm(y[:, : self.q_lora_rank], _weight(norm), norm.variance_epsilon)
+            eps = self.q_a_layernorm.variance_epsilon
+            q_resid = latent_kernels.rms_norm(y[:, : self.q_lora_rank], self._q_norm, eps)
             q, kv = self.q_b_proj.run(q_resid), y[:, self.q_lora_rank :]
         layout, cos, sin = pairs
         t, h = len(seqs), self.num_heads
         new_rows = np.concatenate([_rows(s.new_rows) for s in seqs])
         q_nope = np.empty((h * t, self.nope_dim), np.float32)
         q_pe = np.empty((t, h, self.rope_dim), np.float32)
-        norm = self.kv_a_layernorm
         latent_kernels.prepare(
-            q, kv, h, self.nope_dim, _weight(norm), norm.variance_epsilon,
+            q, kv, h, self.nope_dim, self._kv_norm, self.kv_a_layernorm.variance_epsilon,
             cos[tokens], sin[tokens], layout, cache.latent.numpy(), cache.k_pe.numpy(), new_rows, q_nope, q_pe,
         )  # fmt: skip
         q_latent = torch.from_numpy(self._uk_heads.rows(q_nope).reshape(h, t, self.kv_lora_rank))
