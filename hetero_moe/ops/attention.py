@@ -349,7 +349,7 @@ class MLAAttention(Op):
             q, kv = self.q_b_proj.run(q_resid), y[:, self.q_lora_rank :]
         layout, cos, sin = pairs
         t, h = len(seqs), self.num_heads
-        new_rows = np.concatenate([_rows(s.new_rows) for s in seqs])
+        new_rows = _index(s.new_rows for s in seqs).numpy()
         q_nope = np.empty((h * t, self.nope_dim), np.float32)
         q_pe = np.empty((t, h, self.rope_dim), np.float32)
         latent_kernels.prepare(
@@ -481,13 +481,6 @@ class MLAAttention(Op):
         row_len = torch.tensor(lengths, dtype=torch.int32, device=self.device)
         splits = -(-max(lengths) // SPLIT_ROWS)
         return mla_decode(q_latent, q_pe, latent, pe, row_start, row_len, self.scaling, splits, SPLIT_ROWS)
-
-
-def _rows(rows: Rows) -> np.ndarray:
-    """Cache rows as int64 numpy indices."""
-    if isinstance(rows, slice):
-        return np.arange(rows.start, rows.stop, dtype=np.int64)
-    return rows.numpy().astype(np.int64, copy=False)
 
 
 def _weight(norm: nn.Module) -> np.ndarray:
