@@ -14,10 +14,10 @@ kernel format (`kernels/numba/int8dot.py`, `simd.py`) without changing a value:
 | Q5_1 | 32 | uint8, `m = -min` | 32 | float32 |
 | Q4_K | 256 | uint4, `s = d * sc`, `m = dmin * mn` | 32 | float32 |
 | Q5_K | 256 | uint8, as Q4_K | 32 | float32 |
-| Q6_K | 256 | int8, `s = d * sc` | 16 | float32 |
+| Q6_K | 256 | q6_k: int8 (`q + 96`), `s = d * sc`, in place | 16 | float32 |
 | IQ4_XS | 256 | iq4nl, `s = d * (ls - 32)` | 32 | float32 |
 
-Q4_0 and Q8_0 are not repacked at all: their kernels read the rows of the file's memory map as they are
+Q4_0, Q8_0 and Q6_K are not repacked at all: their kernels read the rows of the file's memory map as they are
 (`simd.py`, "Rows of blocks"). The bit layouts are llama.cpp's (`ggml-common.h`); `gguf.quants`
 dequantizes them the same way, and the tests check every type against it. Nibble formats keep a group's
 inputs `j` and `j + g/2` in the low and high nibble of its byte `j` (Q4_0's order, which Q4_K's 64-input
@@ -238,7 +238,7 @@ class Repack:
         if self.in_place:
             self.check(codes, in_dim)
             codes, s, _ = self.unpack(codes.reshape(rows, -1, self.nbytes))
-            scales = s.astype(np.float16).view(np.uint16)
+            scales = s if self.kind == SCALE_F32 else s.astype(np.float16).view(np.uint16)
         if fmt in NIBBLES:
             g = codes.reshape(rows, -1, BLOCK // 2)
             q = np.concatenate([g & 15, g >> 4], axis=-1).reshape(rows, -1).astype(np.int64)
@@ -267,6 +267,6 @@ REPACK = {
     "Q5_1": Repack("uint8", 32, SCALE_F32, BLOCK, 24, _q5_1),
     "Q4_K": Repack("uint4", 32, SCALE_F32, SUPER, 144, _q4_k),
     "Q5_K": Repack("uint8", 32, SCALE_F32, SUPER, 176, _q5_k),
-    "Q6_K": Repack("int8", 16, SCALE_F32, SUPER, 210, _q6_k),
+    "Q6_K": Repack("q6_k", 16, SCALE_F32, SUPER, 210, _q6_k),
     "IQ4_XS": Repack("iq4nl", 32, SCALE_F32, SUPER, 136, _iq4_xs),
 }

@@ -443,6 +443,66 @@ def test_rows_of_blocks_read_in_place(isa: str, fmt: int) -> None:
     assert_bits(y2, y)
 
 
+def q6_k_rows(q: np.ndarray, sc: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """llama.cpp's Q6_K rows (`ggml-common.h`'s block_q6_K: ql, qh, scales, d) of codes `q [R, n]` (0..63,
+    value q - 32), int8 scales `sc [R, n / 16]` and fp16 `d [R, n / 256]`."""
+    rows = q.shape[0]
+    q = q.reshape(rows, -1, 2, 4, 32)  # block, half of 128, quarter of 32, l
+    low = q & 15
+    ql = np.stack([low[:, :, :, 0] | (low[:, :, :, 2] << 4), low[:, :, :, 1] | (low[:, :, :, 3] << 4)], axis=3)
+    qh = sum((q[:, :, :, i] >> 4) << (2 * i) for i in range(4))
+    ql, qh = ql.astype(np.uint8).reshape(rows, -1, 128), qh.astype(np.uint8).reshape(rows, -1, 64)
+    scales = sc.astype(np.int8).view(np.uint8).reshape(rows, -1, 16)
+    dbytes = d.astype("<f2").view(np.uint8).reshape(rows, -1, 2)
+    return np.concatenate([ql, qh, scales, dbytes], axis=2).reshape(rows, -1)
+
+
+def random_q6_k(rng, rows: int, in_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q6_K rows, and the INT8 codes (`q + 96`) and float32 scales (`d * sc`, exact) they hold."""
+    q = rng.integers(0, 64, (rows, in_dim))
+    sc = rng.integers(-128, 128, (rows, in_dim // 16))
+    d = (rng.standard_normal((rows, in_dim // 256)) * 1e-3).astype(np.float16)
+    scales = np.repeat(d.astype(np.float32), 16, axis=1) * sc.astype(np.float32)
+    raw = q6_k_rows(q, sc, d)
+    raw.flags.writeable = False
+    return raw, (q + 96).astype(np.uint8), scales
+
+
+@pytest.mark.parametrize("isa", RUNNABLE + EMULATED)
+def test_q6_k_rows_read_in_place(isa: str) -> None:
+    """Q6_K rows as a GGUF file holds them give INT8's bits with group 16 and float32 scales `d * sc`: the
+    6-bit codes put together from `ql` and `qh` in the kernel; through the expert kernels too."""
+    rng = np.random.default_rng(6)
+    backend = int8dot.Backend(isa) if isa in EMULATED else int8dot.select_backend(isa)
+    kb = backend.kernels("q6_k", 16, SCALE_F32)
+    for out_dim, in_dim in ((5, 256), (13, 768)):
+        raw, codes, scales = random_q6_k(rng, out_dim, in_dim)
+        for tokens in (1, 3, 17):
+            x = random_tokens(rng, tokens, in_dim)
+            xq, a = ref_activations(x, 16)
+            y = kb.linear(kb.activations(x), raw, raw, 8)
+            assert_bits(y, ref_dots(INT8, 16, codes, scales, SCALE_F32, xq, a))
+    if isa not in PRIMARY:
+        return
+    e, inter, hidden = 4, 256, 512
+    gate, up, down = (
+        [random_q6_k(rng, rows, cols) for _ in range(e)] for rows, cols in ((inter, hidden),) * 2 + ((hidden, inter),)
+    )
+    w13 = np.stack([np.concatenate([gate[i][1], up[i][1]]) for i in range(e)])
+    s13 = np.stack([np.concatenate([gate[i][2], up[i][2]]) for i in range(e)])
+    w2, s2 = (np.stack([m[j] for m in down]) for j in (1, 2))
+    x, index = random_tokens(rng, 9, hidden), route(rng, 9, 3, e)
+    _, _, _, _, h, y = run_experts(kernels(isa, INT8, 16, SCALE_F32), x, index, e, w13, s13, w2, s2, inter)
+    g, u, dn = (np.stack([m[0] for m in mats]) for mats in (gate, up, down))
+    token, _, seg, expert = group_by_expert(index, e)
+    h2 = np.empty_like(h)
+    kb.gate_up(kb.activations(x), token, seg, expert, (g, u), (g, u), 3, h2)
+    y2 = np.empty_like(y)
+    kb.down(kb.activations(h2), seg, expert, dn, dn, 3, y2)
+    assert_bits(h2, h)
+    assert_bits(y2, y)
+
+
 def route(rng, tokens: int, top_k: int, e: int) -> np.ndarray:
     """Top-k of a few experts only (some get no token); -1 marks a pair computed elsewhere."""
     index = np.stack([rng.permutation(min(e, top_k + 2))[:top_k] for _ in range(tokens)]).astype(np.int64)

@@ -62,6 +62,7 @@ from hetero_moe.kernels.numba.simd import (
     MXFP4,
     NIBBLES,
     Q4_0,
+    Q6_K,
     Q8_0,
     SCALE_F32,
     TILE,
@@ -76,7 +77,16 @@ from hetero_moe.kernels.numba.simd import (
 from numba import njit, prange
 
 PARALLEL_ELEMENTS = 1 << 16  # activations of at least this many values are quantized in parallel
-FORMATS = {"int4": INT4, "int8": INT8, "iq4nl": IQ4NL, "uint4": UINT4, "uint8": UINT8, "q4_0": Q4_0, "q8_0": Q8_0}
+FORMATS = {
+    "int4": INT4,
+    "int8": INT8,
+    "iq4nl": IQ4NL,
+    "uint4": UINT4,
+    "uint8": UINT8,
+    "q4_0": Q4_0,
+    "q8_0": Q8_0,
+    "q6_k": Q6_K,
+}
 
 
 def activation_shape(fmt: int, g: int, in_dim: int) -> tuple[int, int, int]:

@@ -36,11 +36,14 @@ then `gps` products `a * X` (float32), X the sum of the group's `xq`. Besides th
 float32 vector `mins[q] = fma(m[q], (a X)[q], mins[q])` over the spans; its sum (`m2 = mins[0:2] + mins[2:4]`
 for 4 groups a span, then `m2[0] + m2[1]`) is subtracted from the row result.
 
-Rows of blocks (Q4_0, Q8_0: the experts of a GGUF file read in place from its memory map): a row is llama.cpp's
-blocks of 32 inputs, each its fp16 scale and then its codes (16 bytes of INT4's nibbles, or 32 signed bytes,
-read as INT8's `q + 128`). The arithmetic is INT4's or INT8's with group 32 and fp16 scales, bit for bit: only
-the loads differ, a span's codes gathered from its blocks and its scales from their first bytes. `scales`
-is the weight array itself.
+Rows of blocks (Q4_0, Q8_0, Q6_K: a GGUF file's weights read in place from its memory map): a row is llama.cpp's
+blocks as the file holds them, and `scales` is the weight array itself. Q4_0 and Q8_0: blocks of 32 inputs, each
+its fp16 scale and then its codes (16 bytes of INT4's nibbles, or 32 signed bytes, read as INT8's `q + 128`);
+the arithmetic is INT4's or INT8's with group 32 and fp16 scales, bit for bit: only the loads differ, a span's
+codes gathered from its blocks and its scales from their first bytes. Q6_K: blocks of 256 inputs (`ql` 128 bytes
+of low nibbles, `qh` 64 bytes of 2-bit high parts, 16 int8 scales, the fp16 `d`); a span's 6-bit codes `q` are
+put together from `ql` and `qh` and read as INT8's `q + 96` (`q - 32 + 128`), its scales are `d * sc` in float32
+(exact): INT8 with group 16 and float32 scales, bit for bit, reading 0.82 bytes a weight instead of 1.25.
 """
 
 from __future__ import annotations
@@ -71,9 +74,11 @@ UINT4 = 5  # affine: nibbles in INT4's order, `w = s * code - m` (see "Affine fo
 UINT8 = 9  # affine: bytes 0..127 in INT8's order, `w = s * code - m`
 Q4_0 = 6  # INT4 read from llama.cpp's Q4_0 rows as a GGUF file holds them (see "Rows of blocks" above)
 Q8_0 = 10  # INT8 read from Q8_0 rows
+Q6_K = 11  # INT8 (group 16, float32 scales) read from Q6_K rows
 FORMATS = {INT4: "int4", INT8: "int8", MXFP4: "mxfp4", IQ4NL: "iq4nl", UINT4: "uint4", UINT8: "uint8"}
-FORMATS |= {Q4_0: "q4_0", Q8_0: "q8_0"}
-BLOCK_ROWS = {Q4_0: (INT4, 18, 16), Q8_0: (INT8, 34, 32)}  # format -> (its codes' format, block bytes, code bytes)
+FORMATS |= {Q4_0: "q4_0", Q8_0: "q8_0", Q6_K: "q6_k"}
+# format -> (its codes' format, block bytes, code bytes: a block's codes in that format)
+BLOCK_ROWS = {Q4_0: (INT4, 18, 16), Q8_0: (INT8, 34, 32), Q6_K: (INT8, 210, 256)}
 NIBBLES = (INT4, MXFP4, IQ4NL, UINT4)  # formats of two codes a byte
 AFFINE = (UINT4, UINT8)
 OFFSETS = {INT4: 8, INT8: 128, MXFP4: 12, IQ4NL: 128, UINT4: 0, UINT8: 0}  # w = s * (code - offset) [- m]
@@ -184,6 +189,7 @@ VALID = {  # format -> (group sizes, scale kinds)
     UINT8: ((32,), (SCALE_F32,)),
     Q4_0: ((32,), (SCALE_FP16,)),
     Q8_0: ((32,), (SCALE_FP16,)),
+    Q6_K: ((16,), (SCALE_F32,)),
 }
 
 register_model(SimdType)(models.OpaqueModel)
@@ -422,6 +428,28 @@ class _BlockLoads(_Loads):
         return b.xor(pieces[0], _splat(I8, nbytes, -128)) if self.signed else pieces[0]
 
 
+class _Q6KLoads(_Loads):
+    """`_Loads` of a row of Q6_K blocks (whole blocks: no tail span). Span `4 k + i` of a row (64 weights, as INT8
+    codes) is weights `64 i ..` of block k; weight `128 n + 64 h + c` of a block (c < 64) is `ql[64 n + c]`'s low
+    (h = 0) or high nibble, with bits `4 h + 2 (c // 32)` and up of `qh[32 n + c % 32]` as its two high bits."""
+
+    def codes(self, s: ir.Value, i: int, c: int, nbytes: int) -> ir.Value:
+        """INT8's codes `q + 96` of weights `c .. c + nbytes - 1` of span `s`, the `i`-th of its block."""
+        b = self.b
+        n, h = divmod(i, 2)
+        block = b.mul(b.lshr(s, ir.Constant(I64, 2)), ir.Constant(I64, 210))
+        ql = self.load(self.w, b.add(block, ir.Constant(I64, 64 * n + c)), _vec(I8, nbytes))
+        qh = self.load(self.w, b.add(block, ir.Constant(I64, 128 + 32 * n)), _vec(I8, 32))
+        low = b.and_(b.lshr(ql, _splat(I8, nbytes, 4 * h)), _splat(I8, nbytes, 15))
+        if nbytes == 64:  # c = 0: qh's 32 bytes twice, shifted by 4 h and by 4 h + 2
+            first, second = (b.lshr(qh, _splat(I8, 32, 4 * h + k)) for k in (0, 2))
+            high = b.shuffle_vector(first, second, ir.Constant(_vec(I32, 64), list(range(64))))
+        else:
+            high = b.lshr(qh, _splat(I8, 32, 4 * h + 2 * (c // 32)))
+        high = b.shl(b.and_(high, _splat(I8, nbytes, 3)), _splat(I8, nbytes, 4))
+        return b.add(b.or_(low, high), _splat(I8, nbytes, 96))
+
+
 def _lookup(b: ir.IRBuilder, isa: str, nibbles: ir.Value, nbytes: int, values: tuple[int, ...]) -> ir.Value:
     """`values[n]` for each nibble n of `nibbles <nbytes x i8>` (values 0..15): `vpshufb` on the table
     repeated in every 16-byte lane (512-bit on AVX-512, else 256-bit pieces)."""
@@ -471,7 +499,8 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
     isa = CODEGEN[simd.isa]
     fmt, block_bytes, code_bytes = BLOCK_ROWS.get(simd.fmt, (simd.fmt, 0, 0))
     span_bytes, span_elems, gps = spans(fmt, simd.g)
-    file_span = span_bytes // code_bytes * block_bytes if block_bytes else span_bytes  # a span's bytes in a row
+    file_span = span_bytes * block_bytes / code_bytes if block_bytes else span_bytes  # a span's bytes in a row
+    tails = not block_bytes or code_bytes % span_bytes != 0  # rows of whole Q6_K blocks have no ragged span
     width, vbytes = isa.width, isa.vbytes
     parts = 16 // width
     lanes_per_group = 16 // gps
@@ -492,10 +521,17 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
 
     size, item = {SCALE_E8M0: (1, I8), SCALE_F32: (4, F32)}.get(simd.kind, (2, I16))  # one stored scale
 
-    def row_scales(srow: ir.Value, s: ir.Value, tail: bool) -> ir.Value:
+    def row_scales(srow: ir.Value, s: ir.Value, tail: bool, i: int) -> ir.Value:
         """float32 `<gps>` scales of span `s`; in the tail span, 0 for groups past the row (affine rows
         hold whole spans)."""
         first = b.mul(s, const(2 * gps if affine else gps))
+        if simd.fmt == Q6_K:  # the block's 4 int8 scales of this span (its `i`-th), times its fp16 `d`
+            block = b.mul(b.lshr(s, const(2)), const(block_bytes))
+            sc = b.load(b.bitcast(b.gep(srow, [b.add(block, const(192 + 4 * i))]), _vec(I8, 4).as_pointer()), align=1)
+            d = b.load(b.bitcast(b.gep(srow, [b.add(block, const(208))]), ir.HalfType().as_pointer()), align=1)
+            one = b.insert_element(ir.Constant(_vec(F32, 4), None), b.fpext(d, F32), ir.Constant(I32, 0))
+            d4 = b.shuffle_vector(one, ir.Constant(_vec(F32, 4), None), ir.Constant(_vec(I32, 4), [0] * 4))
+            return b.fmul(b.sitofp(sc, _vec(F32, 4)), d4)
         if block_bytes and not tail:  # each group's block starts with its scale: the span's scales lie in
             # its first 64 bytes ((gps - 1) * block_bytes + 2 <= 64): one load, one shuffle of its 16-bit words
             wide = b.load(
@@ -542,17 +578,19 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
         [I8.as_pointer(), I32, I32, I32],
     )
 
-    def span(wrow: ir.Value, srow: ir.Value, loads: _Loads, s: ir.Value, tail: bool, acc, mins) -> None:
+    def span(wrow: ir.Value, srow: ir.Value, loads: _Loads, s: ir.Value, tail: bool, acc, mins, i: int = 0) -> None:
+        """Span `s` of a row into its accumulators (Q6_K: the `i`-th span of its block)."""
         wbase = b.mul(s, const(span_bytes))
         if PREFETCH and not tail:  # the bytes PREFETCH ahead (of the next rows, or the next call's: rows and
             # tasks run in memory order); a prefetch past the array is harmless
-            for c in range(-(-file_span // 64)):
-                ahead = b.gep(wrow, [b.add(b.mul(s, const(file_span)), const(64 * c + PREFETCH))])
+            at = b.udiv(b.mul(s, const(span_bytes * block_bytes)), const(code_bytes)) if block_bytes else wbase
+            for c in range(-(-int(file_span) // 64)):
+                ahead = b.gep(wrow, [b.add(at, const(64 * c + PREFETCH))])
                 b.call(prefetch, [ahead, ir.Constant(I32, 0), ir.Constant(I32, PREFETCH_LOCALITY), ir.Constant(I32, 1)])
         xbase = b.mul(s, const(span_elems))
         bbase = b.mul(s, const(64))  # 16 int32 bias lanes per span
         abase = b.mul(s, const(4 * gps * (2 if affine else 1)))  # float32 activation scales of the span's groups
-        sw = row_scales(srow, s, tail)
+        sw = row_scales(srow, s, tail, i)
         if affine:  # the span's mins, after its scales
             mw = loads.load(srow, b.mul(b.add(b.mul(s, const(2 * gps)), const(gps)), const(4)), _vec(F32, gps), 4)
             for j, (_, arow, _) in enumerate(tokens):
@@ -568,7 +606,10 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
                     weights = [isa.unpack_int8(b, lo), isa.unpack_int8(b, hi)]
             else:
                 chunks = range(span_bytes // 64)
-                raw = [loads.weights(b.add(wbase, const(64 * m + p * vbytes)), vbytes, tail) for m in chunks]
+                if simd.fmt == Q6_K:
+                    raw = [loads.codes(s, i, p * vbytes, vbytes)]
+                else:
+                    raw = [loads.weights(b.add(wbase, const(64 * m + p * vbytes)), vbytes, tail) for m in chunks]
                 weights = raw if fmt == UINT8 else [isa.unpack_int8(b, w) for w in raw]
             mask = ir.Constant(_vec(I32, width), [(p * width + lane) // lanes_per_group for lane in range(width)])
             for j, (xrow, arow, brow) in enumerate(tokens):
@@ -598,8 +639,9 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
     def halves(v: ir.Value, k: int) -> list[ir.Value]:
         return [b.shuffle_vector(v, v, ir.Constant(_vec(I32, k), list(range(i, i + k)))) for i in (0, k)]
 
-    full = b.udiv(row_bytes, const(file_span))
-    has_tail = b.icmp_unsigned("!=", b.mul(full, const(file_span)), row_bytes)
+    codes = b.mul(b.udiv(row_bytes, const(block_bytes)), const(code_bytes)) if block_bytes else row_bytes
+    full = b.udiv(codes, const(span_bytes))  # whole spans of a row
+    has_tail = b.icmp_unsigned("!=", b.mul(full, const(span_bytes)), codes)
 
     def rows_from(first: ir.Value, count: int) -> None:
         """Rows `first .. first + count - 1`, their spans side by side in one loop: each token's activations
@@ -608,19 +650,29 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
         for i in range(count):
             r = b.add(first, const(i))
             wrow, srow = b.gep(w, [b.mul(r, row_stride)]), b.gep(s_ptr, [b.mul(r, s_stride)])
-            loads = _BlockLoads(b, wrow, row_bytes, simd.fmt) if block_bytes else _Loads(b, wrow, row_bytes)
+            if simd.fmt == Q6_K:
+                loads = _Q6KLoads(b, wrow, row_bytes)
+            else:
+                loads = _BlockLoads(b, wrow, row_bytes, simd.fmt) if block_bytes else _Loads(b, wrow, row_bytes)
             rows.append((r, wrow, srow, loads, accs[i], all_mins[i] if affine else None))
             for j in range(n):
                 for p in range(parts):
                     b.store(zero, accs[i][j][p])
                 if affine:
                     b.store(gzero, all_mins[i][j])
-        with cgutils.for_range(b, full) as loop:
-            for _, wrow, srow, loads, acc, mins in rows:
-                span(wrow, srow, loads, loop.index, False, acc, mins)
-        with b.if_then(has_tail, likely=False):
-            for _, wrow, srow, loads, acc, mins in rows:
-                span(wrow, srow, loads, full, True, acc, mins)
+        if simd.fmt == Q6_K:  # a block's four spans in one pass: their places in it are constants
+            with cgutils.for_range(b, b.udiv(full, const(4))) as loop:
+                for _, wrow, srow, loads, acc, mins in rows:
+                    for i in range(4):
+                        span(wrow, srow, loads, b.add(b.mul(loop.index, const(4)), const(i)), False, acc, mins, i)
+        else:
+            with cgutils.for_range(b, full) as loop:
+                for _, wrow, srow, loads, acc, mins in rows:
+                    span(wrow, srow, loads, loop.index, False, acc, mins)
+        if tails:
+            with b.if_then(has_tail, likely=False):
+                for _, wrow, srow, loads, acc, mins in rows:
+                    span(wrow, srow, loads, full, True, acc, mins)
         for r, _, _, _, acc, mins in rows:
             for j in range(n):
                 vals = [b.load(a) for a in acc[j]]
