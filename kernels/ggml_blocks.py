@@ -12,12 +12,12 @@ kernel format (`kernels/numba/int8dot.py`, `simd.py`) without changing a value:
 | IQ4_NL | 32 | iq4nl (the nibble looked up) | 32 | fp16 `d` |
 | Q4_1 | 32 | uint4, `m = -min` | 32 | float32 |
 | Q5_1 | 32 | uint8, `m = -min` | 32 | float32 |
-| Q4_K | 256 | uint4, `s = d * sc`, `m = dmin * mn` | 32 | float32 |
+| Q4_K | 256 | q4_k: uint4, `s = d * sc`, `m = dmin * mn`, in place | 32 | float32 |
 | Q5_K | 256 | uint8, as Q4_K | 32 | float32 |
 | Q6_K | 256 | q6_k: int8 (`q + 96`), `s = d * sc`, in place | 16 | float32 |
 | IQ4_XS | 256 | iq4nl, `s = d * (ls - 32)` | 32 | float32 |
 
-Q4_0, Q8_0 and Q6_K are not repacked at all: their kernels read the rows of the file's memory map as they are
+Q4_0, Q8_0, Q4_K and Q6_K are not repacked at all: their kernels read the rows of the file's memory map as they are
 (`simd.py`, "Rows of blocks"). The bit layouts are llama.cpp's (`ggml-common.h`); `gguf.quants`
 dequantizes them the same way, and the tests check every type against it. Nibble formats keep a group's
 inputs `j` and `j + g/2` in the low and high nibble of its byte `j` (Q4_0's order, which Q4_K's 64-input
@@ -235,9 +235,10 @@ class Repack:
         """float32 `[R, in_dim]` of repacked rows (in place: `codes` the file's rows, `scales` ignored), the
         values the file's blocks hold."""
         rows, fmt = codes.shape[0], BLOCK_ROWS.get(self.code, (self.code,))[0]  # the format of the codes
+        mins = None
         if self.in_place:
             self.check(codes, in_dim)
-            codes, s, _ = self.unpack(codes.reshape(rows, -1, self.nbytes))
+            codes, s, mins = self.unpack(codes.reshape(rows, -1, self.nbytes))
             scales = s if self.kind == SCALE_F32 else s.astype(np.float16).view(np.uint16)
         if fmt in NIBBLES:
             g = codes.reshape(rows, -1, BLOCK // 2)
@@ -247,7 +248,9 @@ class Repack:
         else:
             q = codes.astype(np.int64)
         q = q - OFFSETS[fmt]
-        if self.affine:
+        if mins is not None:  # read in place: the block's own scales and mins
+            s, m = scales, mins
+        elif self.affine:
             gps = spans(self.code, self.g)[2]
             laid = scales.reshape(rows, -1, 2, gps)
             s, m = (laid[:, :, i].reshape(rows, -1)[:, : in_dim // self.g] for i in (0, 1))
@@ -265,7 +268,7 @@ REPACK = {
     "IQ4_NL": Repack("iq4nl", 32, SCALE_FP16, BLOCK, 18, _q4_0),
     "Q4_1": Repack("uint4", 32, SCALE_F32, BLOCK, 20, _q4_1),
     "Q5_1": Repack("uint8", 32, SCALE_F32, BLOCK, 24, _q5_1),
-    "Q4_K": Repack("uint4", 32, SCALE_F32, SUPER, 144, _q4_k),
+    "Q4_K": Repack("q4_k", 32, SCALE_F32, SUPER, 144, _q4_k),
     "Q5_K": Repack("uint8", 32, SCALE_F32, SUPER, 176, _q5_k),
     "Q6_K": Repack("q6_k", 16, SCALE_F32, SUPER, 210, _q6_k),
     "IQ4_XS": Repack("iq4nl", 32, SCALE_F32, SUPER, 136, _iq4_xs),

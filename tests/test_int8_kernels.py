@@ -468,37 +468,69 @@ def random_q6_k(rng, rows: int, in_dim: int) -> tuple[np.ndarray, np.ndarray, np
     return raw, (q + 96).astype(np.uint8), scales
 
 
+def q4_k_rows(q: np.ndarray, sc: np.ndarray, mn: np.ndarray, d: np.ndarray, dmin: np.ndarray) -> np.ndarray:
+    """llama.cpp's Q4_K rows (`ggml-common.h`'s block_q4_K: d, dmin, 12 bytes of 6-bit scales and mins, qs) of
+    codes `q [R, n]` (0..15), scales and mins `sc`, `mn [R, n / 32]` (0..63), fp16 `d`, `dmin [R, n / 256]`:
+    `w = d * sc * q - dmin * mn`."""
+    rows = q.shape[0]
+    chunks = q.reshape(rows, -1, 4, 2, 32)  # block, chunk of 64 inputs, first or last 32, l
+    qs = (chunks[:, :, :, 0] | (chunks[:, :, :, 1] << 4)).astype(np.uint8).reshape(rows, -1, 128)
+    sc, mn = sc.reshape(rows, -1, 8), mn.reshape(rows, -1, 8)
+    packed = np.zeros((*sc.shape[:2], 12), np.int64)  # ggml's quantize_row_q4_K packing
+    packed[..., 0:4] = sc[..., :4] | ((sc[..., 4:] >> 4) << 6)
+    packed[..., 4:8] = mn[..., :4] | ((mn[..., 4:] >> 4) << 6)
+    packed[..., 8:12] = (sc[..., 4:] & 15) | ((mn[..., 4:] & 15) << 4)
+    head = [v.astype("<f2").view(np.uint8).reshape(rows, -1, 2) for v in (d, dmin)]
+    return np.concatenate([*head, packed.astype(np.uint8), qs], axis=2).reshape(rows, -1)
+
+
+def random_q4_k(rng, rows: int, in_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_K rows, and the UINT4 codes (INT4's order) and rows of scales `d * sc` and mins `dmin * mn` they hold."""
+    q = rng.integers(0, 16, (rows, in_dim))
+    sc, mn = (rng.integers(0, 64, (rows, in_dim // 32)) for _ in range(2))
+    d, dmin = ((rng.standard_normal((rows, in_dim // 256)) * 1e-3).astype(np.float16) for _ in range(2))
+    scales, mins = (np.repeat(v.astype(np.float32), 8, axis=1) * u.astype(np.float32) for v, u in ((d, sc), (dmin, mn)))
+    groups = q.reshape(rows, -1, 2, 16)
+    codes = (groups[:, :, 0] | (groups[:, :, 1] << 4)).astype(np.uint8).reshape(rows, -1)
+    raw = q4_k_rows(q, sc, mn, d, dmin)
+    raw.flags.writeable = False
+    return raw, codes, affine_rows(UINT4, 32, codes.shape[1], scales, mins)
+
+
 @pytest.mark.parametrize("isa", RUNNABLE + EMULATED)
-def test_q6_k_rows_read_in_place(isa: str) -> None:
-    """Q6_K rows as a GGUF file holds them give INT8's bits with group 16 and float32 scales `d * sc`: the
-    6-bit codes put together from `ql` and `qh` in the kernel; through the expert kernels too."""
+@pytest.mark.parametrize("block_type", ["q6_k", "q4_k"])
+def test_super_block_rows_read_in_place(isa: str, block_type: str) -> None:
+    """Q6_K and Q4_K rows as a GGUF file holds them give the bits of the formats they are repacked into (INT8
+    with group 16 and float32 scales `d * sc`; UINT4 with group 32, scales `d * sc` and mins `dmin * m`), the
+    codes and scales put together from the blocks in the kernel; through the expert kernels too."""
     rng = np.random.default_rng(6)
     backend = int8dot.Backend(isa) if isa in EMULATED else int8dot.select_backend(isa)
-    kb = backend.kernels("q6_k", 16, SCALE_F32)
+    kb = backend.kernels(block_type, 16 if block_type == "q6_k" else 32, SCALE_F32)
+    fmt, g, rows_of = (INT8, 16, random_q6_k) if block_type == "q6_k" else (UINT4, 32, random_q4_k)
     for out_dim, in_dim in ((5, 256), (13, 768)):
-        raw, codes, scales = random_q6_k(rng, out_dim, in_dim)
+        raw, codes, scales = rows_of(rng, out_dim, in_dim)
         for tokens in (1, 3, 17):
             x = random_tokens(rng, tokens, in_dim)
-            xq, a = ref_activations(x, 16)
+            xq, a = ref_activations(x, g)
             y = kb.linear(kb.activations(x), raw, raw, 8)
-            assert_bits(y, ref_dots(INT8, 16, codes, scales, SCALE_F32, xq, a))
+            assert_bits(y, ref_dots(fmt, g, codes, scales, SCALE_F32, xq, a))
     if isa not in PRIMARY:
         return
     e, inter, hidden = 4, 256, 512
     gate, up, down = (
-        [random_q6_k(rng, rows, cols) for _ in range(e)] for rows, cols in ((inter, hidden),) * 2 + ((hidden, inter),)
+        [rows_of(rng, rows, cols) for _ in range(e)] for rows, cols in ((inter, hidden),) * 2 + ((hidden, inter),)
     )
     w13 = np.stack([np.concatenate([gate[i][1], up[i][1]]) for i in range(e)])
     s13 = np.stack([np.concatenate([gate[i][2], up[i][2]]) for i in range(e)])
     w2, s2 = (np.stack([m[j] for m in down]) for j in (1, 2))
     x, index = random_tokens(rng, 9, hidden), route(rng, 9, 3, e)
-    _, _, _, _, h, y = run_experts(kernels(isa, INT8, 16, SCALE_F32), x, index, e, w13, s13, w2, s2, inter)
-    g, u, dn = (np.stack([m[0] for m in mats]) for mats in (gate, up, down))
+    _, _, _, _, h, y = run_experts(kernels(isa, fmt, g, SCALE_F32), x, index, e, w13, s13, w2, s2, inter)
+    gr, ur, dr = (np.stack([m[0] for m in mats]) for mats in (gate, up, down))
     token, _, seg, expert = group_by_expert(index, e)
     h2 = np.empty_like(h)
-    kb.gate_up(kb.activations(x), token, seg, expert, (g, u), (g, u), 3, h2)
+    kb.gate_up(kb.activations(x), token, seg, expert, (gr, ur), (gr, ur), 3, h2)
     y2 = np.empty_like(y)
-    kb.down(kb.activations(h2), seg, expert, dn, dn, 3, y2)
+    kb.down(kb.activations(h2), seg, expert, dr, dr, 3, y2)
     assert_bits(h2, h)
     assert_bits(y2, y)
 

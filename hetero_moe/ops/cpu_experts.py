@@ -179,7 +179,7 @@ class GroupFormat:
 
 class BlockFormat:
     """Experts from a GGUF file in llama.cpp's block types, run by the int8-activation kernels of the format
-    each type maps onto (`kernels/ggml_blocks.py`): Q4_0, Q8_0 and Q6_K read in place from the file's memory map,
+    each type maps onto (`kernels/ggml_blocks.py`): Q4_0, Q8_0, Q4_K and Q6_K read in place from the file's memory map,
     the others repacked once at load, losslessly. Gate and up (one type) and down (possibly another: Q4_K_M
     files hold Q4_K and Q6_K) each have their own kernels. No value is requantized."""
 

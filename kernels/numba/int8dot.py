@@ -62,6 +62,7 @@ from hetero_moe.kernels.numba.simd import (
     MXFP4,
     NIBBLES,
     Q4_0,
+    Q4_K,
     Q6_K,
     Q8_0,
     SCALE_F32,
@@ -86,6 +87,7 @@ FORMATS = {
     "q4_0": Q4_0,
     "q8_0": Q8_0,
     "q6_k": Q6_K,
+    "q4_k": Q4_K,
 }
 
 

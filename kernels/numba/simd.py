@@ -43,7 +43,11 @@ the arithmetic is INT4's or INT8's with group 32 and fp16 scales, bit for bit: o
 codes gathered from its blocks and its scales from their first bytes. Q6_K: blocks of 256 inputs (`ql` 128 bytes
 of low nibbles, `qh` 64 bytes of 2-bit high parts, 16 int8 scales, the fp16 `d`); a span's 6-bit codes `q` are
 put together from `ql` and `qh` and read as INT8's `q + 96` (`q - 32 + 128`), its scales are `d * sc` in float32
-(exact): INT8 with group 16 and float32 scales, bit for bit, reading 0.82 bytes a weight instead of 1.25.
+(exact): INT8 with group 16 and float32 scales, bit for bit, reading 0.82 bytes a weight instead of 1.25. Q4_K:
+blocks of 256 inputs (fp16 `d` and `dmin`, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles, each 32-byte
+chunk holding 64 inputs, the first 32 in its low nibbles); a span (half a block) has its nibbles rearranged into
+INT4's order in registers and its scales `d * sc` and mins `dmin * m` computed (exact): UINT4 with group 32,
+bit for bit, reading 0.5625 bytes a weight instead of 0.75.
 """
 
 from __future__ import annotations
@@ -75,10 +79,12 @@ UINT8 = 9  # affine: bytes 0..127 in INT8's order, `w = s * code - m`
 Q4_0 = 6  # INT4 read from llama.cpp's Q4_0 rows as a GGUF file holds them (see "Rows of blocks" above)
 Q8_0 = 10  # INT8 read from Q8_0 rows
 Q6_K = 11  # INT8 (group 16, float32 scales) read from Q6_K rows
+Q4_K = 12  # UINT4 (group 32, float32 scales and mins) read from Q4_K rows
 FORMATS = {INT4: "int4", INT8: "int8", MXFP4: "mxfp4", IQ4NL: "iq4nl", UINT4: "uint4", UINT8: "uint8"}
-FORMATS |= {Q4_0: "q4_0", Q8_0: "q8_0", Q6_K: "q6_k"}
+FORMATS |= {Q4_0: "q4_0", Q8_0: "q8_0", Q6_K: "q6_k", Q4_K: "q4_k"}
 # format -> (its codes' format, block bytes, code bytes: a block's codes in that format)
-BLOCK_ROWS = {Q4_0: (INT4, 18, 16), Q8_0: (INT8, 34, 32), Q6_K: (INT8, 210, 256)}
+BLOCK_ROWS = {Q4_0: (INT4, 18, 16), Q8_0: (INT8, 34, 32), Q6_K: (INT8, 210, 256), Q4_K: (UINT4, 144, 128)}
+SUPER_BLOCKS = (Q6_K, Q4_K)  # blocks of 256 inputs, whole spans each: a block's spans run in one pass
 NIBBLES = (INT4, MXFP4, IQ4NL, UINT4)  # formats of two codes a byte
 AFFINE = (UINT4, UINT8)
 OFFSETS = {INT4: 8, INT8: 128, MXFP4: 12, IQ4NL: 128, UINT4: 0, UINT8: 0}  # w = s * (code - offset) [- m]
@@ -190,6 +196,7 @@ VALID = {  # format -> (group sizes, scale kinds)
     Q4_0: ((32,), (SCALE_FP16,)),
     Q8_0: ((32,), (SCALE_FP16,)),
     Q6_K: ((16,), (SCALE_F32,)),
+    Q4_K: ((32,), (SCALE_F32,)),
 }
 
 register_model(SimdType)(models.OpaqueModel)
@@ -352,6 +359,13 @@ CODEGEN = {  # plus the emulated VNNI sets, for tests on CPUs without VNNI
 }
 
 
+def _broadcast(b: ir.IRBuilder, value: ir.Value, n: int) -> ir.Value:
+    """`<n>` copies of a run-time scalar."""
+    vtype = _vec(value.type, n)
+    one = b.insert_element(ir.Constant(vtype, None), value, ir.Constant(I32, 0))
+    return b.shuffle_vector(one, ir.Constant(vtype, None), ir.Constant(_vec(I32, n), [0] * n))
+
+
 class _Loads:
     """Unaligned loads at byte offsets from byte pointers, and the masked weight loads of a tail span."""
 
@@ -450,6 +464,51 @@ class _Q6KLoads(_Loads):
         return b.add(b.or_(low, high), _splat(I8, nbytes, 96))
 
 
+class _Q4KLoads(_Loads):
+    """`_Loads` of a row of Q4_K blocks (whole blocks: no tail span). Span `2 k + i` of a row is inputs
+    `128 i ..` of block k: chunks `2 i` and `2 i + 1` of its nibbles, 32 bytes each, whose first 16 bytes (A)
+    and last 16 (B) hold inputs `l` and `16 + l` of one group in their low nibbles and of the next group in
+    their high ones. INT4's order wants a group's inputs `l` and `16 + l` in the low and high nibble of one
+    byte: so the low nibbles are A's (twice: low, then high nibbles) and the high ones B's."""
+
+    def nibbles(self, s: ir.Value, i: int, c: int, nbytes: int) -> tuple[ir.Value, ir.Value]:
+        """Low and high nibble vectors, in INT4's order, of code bytes `c .. c + nbytes - 1` of span `s`."""
+        b = self.b
+        block = b.mul(b.lshr(s, ir.Constant(I64, 1)), ir.Constant(I64, 144))
+        raw = self.load(self.w, b.add(block, ir.Constant(I64, 16 + 64 * i + c)), _vec(I8, nbytes))
+        second = ir.Constant(_vec(ir.IntType(1), nbytes), [(k // 16) % 2 == 1 for k in range(nbytes)])
+        halves = []
+        for half in (0, 16):  # A, then B: each chunk's 16 bytes twice
+            picks = [32 * (k // 32) + half + k % 16 for k in range(nbytes)]
+            v = b.shuffle_vector(raw, raw, ir.Constant(_vec(I32, nbytes), picks))
+            low, high = b.and_(v, _splat(I8, nbytes, 15)), b.lshr(v, _splat(I8, nbytes, 4))
+            halves.append(b.select(second, high, low))
+        return halves[0], halves[1]
+
+
+def _q4k_scales(b: ir.IRBuilder, srow: ir.Value, s: ir.Value, i: int) -> tuple[ir.Value, ir.Value]:
+    """float32 `<4>` scales `d * sc` and mins `dmin * m` of span `s` of a row of Q4_K blocks, the `i`-th of its
+    block: groups `4 i .. 4 i + 3` of the block's 6-bit pairs (llama.cpp's get_scale_min_k4)."""
+    block = b.mul(b.lshr(s, ir.Constant(I64, 1)), ir.Constant(I64, 144))
+
+    def at(offset: int, vtype: ir.Type) -> ir.Value:
+        return b.load(b.bitcast(b.gep(srow, [b.add(block, ir.Constant(I64, offset))]), vtype.as_pointer()), align=1)
+
+    q = [at(4 + 4 * k, _vec(I8, 4)) for k in range(3)]  # bytes 0-3, 4-7, 8-11 of the 12
+
+    def bits(v: ir.Value, shift: int, mask: int) -> ir.Value:
+        return b.and_(b.lshr(v, _splat(I8, 4, shift)), _splat(I8, 4, mask))
+
+    if i == 0:
+        sc, m = bits(q[0], 0, 63), bits(q[1], 0, 63)
+    else:
+        six = _splat(I8, 4, 4)
+        sc = b.or_(bits(q[2], 0, 15), b.shl(bits(q[0], 6, 3), six))
+        m = b.or_(bits(q[2], 4, 15), b.shl(bits(q[1], 6, 3), six))
+    d, dmin = (_broadcast(b, b.fpext(at(offset, ir.HalfType()), F32), 4) for offset in (0, 2))
+    return b.fmul(b.uitofp(sc, _vec(F32, 4)), d), b.fmul(b.uitofp(m, _vec(F32, 4)), dmin)
+
+
 def _lookup(b: ir.IRBuilder, isa: str, nibbles: ir.Value, nbytes: int, values: tuple[int, ...]) -> ir.Value:
     """`values[n]` for each nibble n of `nibbles <nbytes x i8>` (values 0..15): `vpshufb` on the table
     repeated in every 16-byte lane (512-bit on AVX-512, else 256-bit pieces)."""
@@ -529,9 +588,7 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
             block = b.mul(b.lshr(s, const(2)), const(block_bytes))
             sc = b.load(b.bitcast(b.gep(srow, [b.add(block, const(192 + 4 * i))]), _vec(I8, 4).as_pointer()), align=1)
             d = b.load(b.bitcast(b.gep(srow, [b.add(block, const(208))]), ir.HalfType().as_pointer()), align=1)
-            one = b.insert_element(ir.Constant(_vec(F32, 4), None), b.fpext(d, F32), ir.Constant(I32, 0))
-            d4 = b.shuffle_vector(one, ir.Constant(_vec(F32, 4), None), ir.Constant(_vec(I32, 4), [0] * 4))
-            return b.fmul(b.sitofp(sc, _vec(F32, 4)), d4)
+            return b.fmul(b.sitofp(sc, _vec(F32, 4)), _broadcast(b, b.fpext(d, F32), 4))
         if block_bytes and not tail:  # each group's block starts with its scale: the span's scales lie in
             # its first 64 bytes ((gps - 1) * block_bytes + 2 <= 64): one load, one shuffle of its 16-bit words
             wide = b.load(
@@ -579,7 +636,7 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
     )
 
     def span(wrow: ir.Value, srow: ir.Value, loads: _Loads, s: ir.Value, tail: bool, acc, mins, i: int = 0) -> None:
-        """Span `s` of a row into its accumulators (Q6_K: the `i`-th span of its block)."""
+        """Span `s` of a row into its accumulators (Q6_K, Q4_K: the `i`-th span of its block)."""
         wbase = b.mul(s, const(span_bytes))
         if PREFETCH and not tail:  # the bytes PREFETCH ahead (of the next rows, or the next call's: rows and
             # tasks run in memory order); a prefetch past the array is harmless
@@ -590,15 +647,22 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
         xbase = b.mul(s, const(span_elems))
         bbase = b.mul(s, const(64))  # 16 int32 bias lanes per span
         abase = b.mul(s, const(4 * gps * (2 if affine else 1)))  # float32 activation scales of the span's groups
-        sw = row_scales(srow, s, tail, i)
-        if affine:  # the span's mins, after its scales
+        if simd.fmt == Q4_K:
+            sw, mw = _q4k_scales(b, srow, s, i)
+        else:
+            sw = row_scales(srow, s, tail, i)
+        if affine and simd.fmt != Q4_K:  # the span's mins, after its scales
             mw = loads.load(srow, b.mul(b.add(b.mul(s, const(2 * gps)), const(gps)), const(4)), _vec(F32, gps), 4)
+        if affine:
             for j, (_, arow, _) in enumerate(tokens):
                 ax = loads.load(arow, b.add(abase, const(4 * gps)), _vec(F32, gps), align=4)
                 b.store(b.call(gfma, [mw, ax, b.load(mins[j])]), mins[j])
         for p in range(parts):
             if fmt in NIBBLES:
-                lo, hi = isa.nibbles(b, loads.weights(b.add(wbase, const(p * vbytes)), vbytes, tail))
+                if simd.fmt == Q4_K:
+                    lo, hi = loads.nibbles(s, i, p * vbytes, vbytes)
+                else:
+                    lo, hi = isa.nibbles(b, loads.weights(b.add(wbase, const(p * vbytes)), vbytes, tail))
                 if fmt == MXFP4:
                     lo, hi = _lookup(b, simd.isa, lo, vbytes, LOOKUP), _lookup(b, simd.isa, hi, vbytes, LOOKUP)
                 if fmt == IQ4NL:
@@ -650,8 +714,8 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
         for i in range(count):
             r = b.add(first, const(i))
             wrow, srow = b.gep(w, [b.mul(r, row_stride)]), b.gep(s_ptr, [b.mul(r, s_stride)])
-            if simd.fmt == Q6_K:
-                loads = _Q6KLoads(b, wrow, row_bytes)
+            if simd.fmt in SUPER_BLOCKS:
+                loads = (_Q6KLoads if simd.fmt == Q6_K else _Q4KLoads)(b, wrow, row_bytes)
             else:
                 loads = _BlockLoads(b, wrow, row_bytes, simd.fmt) if block_bytes else _Loads(b, wrow, row_bytes)
             rows.append((r, wrow, srow, loads, accs[i], all_mins[i] if affine else None))
@@ -660,11 +724,13 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
                     b.store(zero, accs[i][j][p])
                 if affine:
                     b.store(gzero, all_mins[i][j])
-        if simd.fmt == Q6_K:  # a block's four spans in one pass: their places in it are constants
-            with cgutils.for_range(b, b.udiv(full, const(4))) as loop:
+        if simd.fmt in SUPER_BLOCKS:  # a block's spans in one pass: their places in it are constants
+            per_block = code_bytes // span_bytes
+            with cgutils.for_range(b, b.udiv(full, const(per_block))) as loop:
                 for _, wrow, srow, loads, acc, mins in rows:
-                    for i in range(4):
-                        span(wrow, srow, loads, b.add(b.mul(loop.index, const(4)), const(i)), False, acc, mins, i)
+                    for i in range(per_block):
+                        first = b.mul(loop.index, const(per_block))
+                        span(wrow, srow, loads, b.add(first, const(i)), False, acc, mins, i)
         else:
             with cgutils.for_range(b, full) as loop:
                 for _, wrow, srow, loads, acc, mins in rows:
