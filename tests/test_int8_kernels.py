@@ -434,6 +434,13 @@ def test_rows_of_blocks_read_in_place(isa: str, fmt: int) -> None:
         for r in (slice(0, inter), slice(inter, None))
     )
     down = np.stack([block_rows(fmt, w2[i], s2[i]) for i in range(e)])
+    assert_block_experts(kb, x, index, e, (gate, up, down), h, y)
+
+
+def assert_block_experts(kb, x, index, e: int, rows: tuple, h: np.ndarray, y: np.ndarray) -> None:
+    """The expert kernels `kb` of rows of blocks (gate, up, down `[E, O, row bytes]`; gate and up as a pair)
+    give the gate/up output `h` and the down output `y` of the same experts repacked."""
+    gate, up, down = rows
     token, _, seg, expert = group_by_expert(index, e)
     h2 = np.empty_like(h)
     kb.gate_up(kb.activations(x), token, seg, expert, (gate, up), (gate, up), 3, h2)
@@ -525,14 +532,7 @@ def test_super_block_rows_read_in_place(isa: str, block_type: str) -> None:
     w2, s2 = (np.stack([m[j] for m in down]) for j in (1, 2))
     x, index = random_tokens(rng, 9, hidden), route(rng, 9, 3, e)
     _, _, _, _, h, y = run_experts(kernels(isa, fmt, g, SCALE_F32), x, index, e, w13, s13, w2, s2, inter)
-    gr, ur, dr = (np.stack([m[0] for m in mats]) for mats in (gate, up, down))
-    token, _, seg, expert = group_by_expert(index, e)
-    h2 = np.empty_like(h)
-    kb.gate_up(kb.activations(x), token, seg, expert, (gr, ur), (gr, ur), 3, h2)
-    y2 = np.empty_like(y)
-    kb.down(kb.activations(h2), seg, expert, dr, dr, 3, y2)
-    assert_bits(h2, h)
-    assert_bits(y2, y)
+    assert_block_experts(kb, x, index, e, tuple(np.stack([m[0] for m in mats]) for mats in (gate, up, down)), h, y)
 
 
 def route(rng, tokens: int, top_k: int, e: int) -> np.ndarray:
