@@ -36,7 +36,7 @@ then `gps` products `a * X` (float32), X the sum of the group's `xq`. Besides th
 float32 vector `mins[q] = fma(m[q], (a X)[q], mins[q])` over the spans; its sum (`m2 = mins[0:2] + mins[2:4]`
 for 4 groups a span, then `m2[0] + m2[1]`) is subtracted from the row result.
 
-Rows of blocks (Q4_0, Q8_0, Q6_K: a GGUF file's weights read in place from its memory map): a row is llama.cpp's
+Rows of blocks (Q4_0, Q8_0, Q6_K, Q4_K: a GGUF file's weights read in place from its memory map): a row is llama.cpp's
 blocks as the file holds them, and `scales` is the weight array itself. Q4_0 and Q8_0: blocks of 32 inputs, each
 its fp16 scale and then its codes (16 bytes of INT4's nibbles, or 32 signed bytes, read as INT8's `q + 128`);
 the arithmetic is INT4's or INT8's with group 32 and fp16 scales, bit for bit: only the loads differ, a span's
@@ -559,7 +559,7 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
     fmt, block_bytes, code_bytes = BLOCK_ROWS.get(simd.fmt, (simd.fmt, 0, 0))
     span_bytes, span_elems, gps = spans(fmt, simd.g)
     file_span = span_bytes * block_bytes / code_bytes if block_bytes else span_bytes  # a span's bytes in a row
-    tails = not block_bytes or code_bytes % span_bytes != 0  # rows of whole Q6_K blocks have no ragged span
+    tails = not block_bytes or code_bytes % span_bytes != 0  # rows of whole 256-input blocks have no ragged span
     width, vbytes = isa.width, isa.vbytes
     parts = 16 // width
     lanes_per_group = 16 // gps
@@ -729,8 +729,8 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
             with cgutils.for_range(b, b.udiv(full, const(per_block))) as loop:
                 for _, wrow, srow, loads, acc, mins in rows:
                     for i in range(per_block):
-                        first = b.mul(loop.index, const(per_block))
-                        span(wrow, srow, loads, b.add(first, const(i)), False, acc, mins, i)
+                        s = b.add(b.mul(loop.index, const(per_block)), const(i))
+                        span(wrow, srow, loads, s, False, acc, mins, i)
         else:
             with cgutils.for_range(b, full) as loop:
                 for _, wrow, srow, loads, acc, mins in rows:
