@@ -15,10 +15,10 @@ kernel format (`kernels/numba/int8dot.py`, `simd.py`) without changing a value:
 | Q4_K | 256 | q4_k: uint4, `s = d * sc`, `m = dmin * mn`, in place | 32 | float32 |
 | Q5_K | 256 | uint8, as Q4_K | 32 | float32 |
 | Q6_K | 256 | q6_k: int8 (`q + 96`), `s = d * sc`, in place | 16 | float32 |
-| IQ4_XS | 256 | iq4nl, `s = d * (ls - 32)` | 32 | float32 |
+| IQ4_XS | 256 | iq4_xs: iq4nl, `s = d * (ls - 32)`, in place | 32 | float32 |
 
-Q4_0, Q8_0, Q4_K and Q6_K are not repacked at all: their kernels read the rows of the file's memory map as they are
-(`simd.py`, "Rows of blocks"). The bit layouts are llama.cpp's (`ggml-common.h`); `gguf.quants`
+Q4_0, Q8_0, Q4_K, Q6_K and IQ4_XS are not repacked at all: their kernels read the rows of the file's memory map
+as they are (`simd.py`, "Rows of blocks"). The bit layouts are llama.cpp's (`ggml-common.h`); `gguf.quants`
 dequantizes them the same way, and the tests check every type against it. Nibble formats keep a group's
 inputs `j` and `j + g/2` in the low and high nibble of its byte `j` (Q4_0's order, which Q4_K's 64-input
 chunks are rearranged into); the others hold one code a byte. Where a type takes more bytes here than in
@@ -271,5 +271,5 @@ REPACK = {
     "Q4_K": Repack("q4_k", 32, SCALE_F32, SUPER, 144, _q4_k),
     "Q5_K": Repack("uint8", 32, SCALE_F32, SUPER, 176, _q5_k),
     "Q6_K": Repack("q6_k", 16, SCALE_F32, SUPER, 210, _q6_k),
-    "IQ4_XS": Repack("iq4nl", 32, SCALE_F32, SUPER, 136, _iq4_xs),
+    "IQ4_XS": Repack("iq4_xs", 32, SCALE_F32, SUPER, 136, _iq4_xs),
 }

@@ -504,16 +504,50 @@ def random_q4_k(rng, rows: int, in_dim: int) -> tuple[np.ndarray, np.ndarray, np
     return raw, codes, affine_rows(UINT4, 32, codes.shape[1], scales, mins)
 
 
+def iq4_xs_rows(q: np.ndarray, ls: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """llama.cpp's IQ4_XS rows (block_iq4_xs: d, scales_h, scales_l, qs) of nibble indices `q [R, n]` (0..15, into
+    `IQ4_VALUES`), 6-bit scales `ls [R, n / 32]` (value `ls - 32`) and fp16 `d [R, n / 256]`."""
+    rows = q.shape[0]
+    groups = q.reshape(rows, -1, 8, 2, 16)  # block, group of 32, first or last 16, j
+    qs = (groups[:, :, :, 0] | (groups[:, :, :, 1] << 4)).astype(np.uint8).reshape(rows, -1, 128)
+    ls = ls.reshape(rows, -1, 8)
+    high = sum(((ls[..., j] >> 4) & 3) << (2 * j) for j in range(8)).astype("<u2")
+    low = (ls[..., 0::2] & 15) | ((ls[..., 1::2] & 15) << 4)
+    head = [d.astype("<f2").view(np.uint8).reshape(rows, -1, 2), high.view(np.uint8).reshape(rows, -1, 2)]
+    return np.concatenate([*head, low.astype(np.uint8), qs], axis=2).reshape(rows, -1)
+
+
+def random_iq4_xs(rng, rows: int, in_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IQ4_XS rows, and the IQ4NL codes (INT4's order) and float32 scales `d * (ls - 32)` (exact) they hold."""
+    q = rng.integers(0, 16, (rows, in_dim))
+    ls = rng.integers(0, 64, (rows, in_dim // 32))
+    d = (rng.standard_normal((rows, in_dim // 256)) * 1e-3).astype(np.float16)
+    scales = np.repeat(d.astype(np.float32), 8, axis=1) * (ls - 32).astype(np.float32)
+    groups = q.reshape(rows, -1, 2, 16)
+    codes = (groups[:, :, 0] | (groups[:, :, 1] << 4)).astype(np.uint8).reshape(rows, -1)
+    raw = iq4_xs_rows(q, ls, d)
+    raw.flags.writeable = False
+    return raw, codes, scales
+
+
+SUPER_BLOCK_TYPES = {  # in-place format -> (the format it runs as, group, rows and what they hold)
+    "q6_k": (INT8, 16, random_q6_k),
+    "q4_k": (UINT4, 32, random_q4_k),
+    "iq4_xs": (IQ4NL, 32, random_iq4_xs),
+}
+
+
 @pytest.mark.parametrize("isa", RUNNABLE + EMULATED)
-@pytest.mark.parametrize("block_type", ["q6_k", "q4_k"])
+@pytest.mark.parametrize("block_type", list(SUPER_BLOCK_TYPES))
 def test_super_block_rows_read_in_place(isa: str, block_type: str) -> None:
-    """Q6_K and Q4_K rows as a GGUF file holds them give the bits of the formats they are repacked into (INT8
-    with group 16 and float32 scales `d * sc`; UINT4 with group 32, scales `d * sc` and mins `dmin * m`), the
-    codes and scales put together from the blocks in the kernel; through the expert kernels too."""
+    """Q6_K, Q4_K and IQ4_XS rows as a GGUF file holds them give the bits of the formats they are repacked into
+    (INT8 with group 16 and float32 scales `d * sc`; UINT4 with group 32, scales `d * sc` and mins `dmin * m`;
+    IQ4NL with group 32 and scales `d * (ls - 32)`), the codes and scales put together from the blocks in the
+    kernel; through the expert kernels too."""
     rng = np.random.default_rng(6)
+    fmt, g, rows_of = SUPER_BLOCK_TYPES[block_type]
     backend = int8dot.Backend(isa) if isa in EMULATED else int8dot.select_backend(isa)
-    kb = backend.kernels(block_type, 16 if block_type == "q6_k" else 32, SCALE_F32)
-    fmt, g, rows_of = (INT8, 16, random_q6_k) if block_type == "q6_k" else (UINT4, 32, random_q4_k)
+    kb = backend.kernels(block_type, g, SCALE_F32)
     for out_dim, in_dim in ((5, 256), (13, 768)):
         raw, codes, scales = rows_of(rng, out_dim, in_dim)
         for tokens in (1, 3, 17):

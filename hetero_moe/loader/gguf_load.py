@@ -6,8 +6,8 @@ the same bytes): CPU experts whose stacked tensors are llama.cpp blocks are told
 silent requantization). Then every check
 the headers allow: names through the table, shapes, missing and unexpected tensors. Loading dequantizes
 the dense tensors (and experts an op takes as floats) one at a time, and hands block experts to their op
-(which reads Q4_0, Q8_0, Q4_K and Q6_K rows in place, and repacks the others or takes them from the converted-weights
-cache); the rows read in place are then read into memory when they fit.
+(which reads Q4_0, Q8_0, Q4_K, Q6_K and IQ4_XS rows in place, and repacks the others or takes them from the
+converted-weights cache); the rows read in place are then read into memory when they fit.
 """
 
 from __future__ import annotations
@@ -86,9 +86,9 @@ BLOCK_OPS = (CPULinear, QuantGatedMLP, BlockEmbedding)  # ops that can take a GG
 
 
 def _dense_blocks(placed: PlacedModel, mapped: list[Mapped]) -> Counter[str]:
-    """Quantized CPU linears and MLPs whose weights are GGUF blocks run those blocks (exact; Q4_0, Q8_0, Q4_K and
-    Q6_K in place) instead of requantizing their values; an MLP's gate and up only when of one type. Returns how many
-    weights of each block type run so."""
+    """Quantized CPU linears and MLPs whose weights are GGUF blocks run those blocks (exact; Q4_0, Q8_0, Q4_K,
+    Q6_K and IQ4_XS in place) instead of requantizing their values; an MLP's gate and up only when of one type.
+    Returns how many weights of each block type run so."""
     keys = placed.owned_keys()
     kept: Counter[str] = Counter()
     mlps: dict[str, dict[str, str]] = {}

@@ -179,9 +179,9 @@ class GroupFormat:
 
 class BlockFormat:
     """Experts from a GGUF file in llama.cpp's block types, run by the int8-activation kernels of the format
-    each type maps onto (`kernels/ggml_blocks.py`): Q4_0, Q8_0, Q4_K and Q6_K read in place from the file's memory map,
-    the others repacked once at load, losslessly. Gate and up (one type) and down (possibly another: Q4_K_M
-    files hold Q4_K and Q6_K) each have their own kernels. No value is requantized."""
+    each type maps onto (`kernels/ggml_blocks.py`): Q4_0, Q8_0, Q4_K, Q6_K and IQ4_XS read in place from the
+    file's memory map, the others repacked once at load, losslessly. Gate and up (one type) and down (possibly
+    another: Q4_K_M files hold Q4_K and Q6_K) each have their own kernels. No value is requantized."""
 
     def __init__(self, e: int, inter: int, hidden: int, types: tuple[str, str]) -> None:
         self.e, self.inter, self.hidden = e, inter, hidden

@@ -91,9 +91,9 @@ class QuantMatrix:
 
 
 class BlockMatrix:
-    """One weight `[O, I]` of a GGUF file in its own block type (`kernels/ggml_blocks.py`): Q4_0, Q8_0, Q4_K and
-    Q6_K rows read in place from the memory map (`codes` and `scales` are both the file's rows), the other types
-    repacked once, losslessly. Nothing is requantized."""
+    """One weight `[O, I]` of a GGUF file in its own block type (`kernels/ggml_blocks.py`): Q4_0, Q8_0, Q4_K,
+    Q6_K and IQ4_XS rows read in place from the memory map (`codes` and `scales` are both the file's rows), the
+    other types repacked once, losslessly. Nothing is requantized."""
 
     def __init__(self, out_dim: int, in_dim: int, block_type: str) -> None:
         self.out_dim, self.in_dim, self.block_type = out_dim, in_dim, block_type

@@ -57,6 +57,7 @@ from hetero_moe.kernels.numba.simd import (
     BLOCK_ROWS,
     INT4,
     INT8,
+    IQ4_XS,
     IQ4NL,
     LOOKUP,
     MXFP4,
@@ -88,6 +89,7 @@ FORMATS = {
     "q8_0": Q8_0,
     "q6_k": Q6_K,
     "q4_k": Q4_K,
+    "iq4_xs": IQ4_XS,
 }
 
 

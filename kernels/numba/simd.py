@@ -36,7 +36,8 @@ then `gps` products `a * X` (float32), X the sum of the group's `xq`. Besides th
 float32 vector `mins[q] = fma(m[q], (a X)[q], mins[q])` over the spans; its sum (`m2 = mins[0:2] + mins[2:4]`
 for 4 groups a span, then `m2[0] + m2[1]`) is subtracted from the row result.
 
-Rows of blocks (Q4_0, Q8_0, Q6_K, Q4_K: a GGUF file's weights read in place from its memory map): a row is llama.cpp's
+Rows of blocks (Q4_0, Q8_0, Q6_K, Q4_K, IQ4_XS: a GGUF file's weights read in place from its memory map): a row is
+llama.cpp's
 blocks as the file holds them, and `scales` is the weight array itself. Q4_0 and Q8_0: blocks of 32 inputs, each
 its fp16 scale and then its codes (16 bytes of INT4's nibbles, or 32 signed bytes, read as INT8's `q + 128`);
 the arithmetic is INT4's or INT8's with group 32 and fp16 scales, bit for bit: only the loads differ, a span's
@@ -47,7 +48,9 @@ put together from `ql` and `qh` and read as INT8's `q + 96` (`q - 32 + 128`), it
 blocks of 256 inputs (fp16 `d` and `dmin`, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles, each 32-byte
 chunk holding 64 inputs, the first 32 in its low nibbles); a span (half a block) has its nibbles rearranged into
 INT4's order in registers and its scales `d * sc` and mins `dmin * m` computed (exact): UINT4 with group 32,
-bit for bit, reading 0.5625 bytes a weight instead of 0.75.
+bit for bit, reading 0.5625 bytes a weight instead of 0.75. IQ4_XS: blocks of 256 inputs (fp16 `d`, the 6-bit
+scales' high 2 and low 4 bits, 128 bytes of nibbles in INT4's order); a span's scales are `d * (ls - 32)`
+(exact): IQ4NL with group 32, bit for bit, reading 0.53 bytes a weight instead of 0.625.
 """
 
 from __future__ import annotations
@@ -80,11 +83,13 @@ Q4_0 = 6  # INT4 read from llama.cpp's Q4_0 rows as a GGUF file holds them (see 
 Q8_0 = 10  # INT8 read from Q8_0 rows
 Q6_K = 11  # INT8 (group 16, float32 scales) read from Q6_K rows
 Q4_K = 12  # UINT4 (group 32, float32 scales and mins) read from Q4_K rows
+IQ4_XS = 13  # IQ4NL (group 32, float32 scales) read from IQ4_XS rows
 FORMATS = {INT4: "int4", INT8: "int8", MXFP4: "mxfp4", IQ4NL: "iq4nl", UINT4: "uint4", UINT8: "uint8"}
-FORMATS |= {Q4_0: "q4_0", Q8_0: "q8_0", Q6_K: "q6_k", Q4_K: "q4_k"}
+FORMATS |= {Q4_0: "q4_0", Q8_0: "q8_0", Q6_K: "q6_k", Q4_K: "q4_k", IQ4_XS: "iq4_xs"}
 # format -> (its codes' format, block bytes, code bytes: a block's codes in that format)
 BLOCK_ROWS = {Q4_0: (INT4, 18, 16), Q8_0: (INT8, 34, 32), Q6_K: (INT8, 210, 256), Q4_K: (UINT4, 144, 128)}
-SUPER_BLOCKS = (Q6_K, Q4_K)  # blocks of 256 inputs, whole spans each: a block's spans run in one pass
+BLOCK_ROWS[IQ4_XS] = (IQ4NL, 136, 128)
+SUPER_BLOCKS = (Q6_K, Q4_K, IQ4_XS)  # blocks of 256 inputs, whole spans each: a block's spans run in one pass
 NIBBLES = (INT4, MXFP4, IQ4NL, UINT4)  # formats of two codes a byte
 AFFINE = (UINT4, UINT8)
 OFFSETS = {INT4: 8, INT8: 128, MXFP4: 12, IQ4NL: 128, UINT4: 0, UINT8: 0}  # w = s * (code - offset) [- m]
@@ -197,6 +202,7 @@ VALID = {  # format -> (group sizes, scale kinds)
     Q8_0: ((32,), (SCALE_FP16,)),
     Q6_K: ((16,), (SCALE_F32,)),
     Q4_K: ((32,), (SCALE_F32,)),
+    IQ4_XS: ((32,), (SCALE_F32,)),
 }
 
 register_model(SimdType)(models.OpaqueModel)
@@ -486,6 +492,33 @@ class _Q4KLoads(_Loads):
         return halves[0], halves[1]
 
 
+class _IQ4XSLoads(_Loads):
+    """`_Loads` of a row of IQ4_XS blocks (whole blocks: no tail span): span `2 k + i` of a row is the 64 code bytes
+    `8 + 64 i ..` of block k, already in INT4's order."""
+
+    def codes(self, s: ir.Value, i: int, c: int, nbytes: int) -> ir.Value:
+        block = self.b.mul(self.b.lshr(s, ir.Constant(I64, 1)), ir.Constant(I64, 136))
+        return self.load(self.w, self.b.add(block, ir.Constant(I64, 8 + 64 * i + c)), _vec(I8, nbytes))
+
+
+def _iq4xs_scales(b: ir.IRBuilder, srow: ir.Value, s: ir.Value, i: int) -> ir.Value:
+    """float32 `<4>` scales `d * (ls - 32)` of span `s` of a row of IQ4_XS blocks, the `i`-th of its block: groups
+    `4 i .. 4 i + 3`, whose 6-bit `ls` have their low 4 bits in the nibbles of bytes `4 + 2 i`, `5 + 2 i` and their
+    high 2 bits in byte `2 + i`, two bits a group."""
+    block = b.mul(b.lshr(s, ir.Constant(I64, 1)), ir.Constant(I64, 136))
+
+    def at(offset: int, vtype: ir.Type) -> ir.Value:
+        return b.load(b.bitcast(b.gep(srow, [b.add(block, ir.Constant(I64, offset))]), vtype.as_pointer()), align=1)
+
+    low = at(4 + 2 * i, _vec(I8, 2))
+    low = b.shuffle_vector(low, low, ir.Constant(_vec(I32, 4), [0, 0, 1, 1]))
+    low = b.and_(b.lshr(low, ir.Constant(_vec(I8, 4), [0, 4, 0, 4])), _splat(I8, 4, 15))
+    high = b.lshr(_broadcast(b, at(2 + i, I8), 4), ir.Constant(_vec(I8, 4), [0, 2, 4, 6]))
+    ls = b.or_(low, b.shl(b.and_(high, _splat(I8, 4, 3)), _splat(I8, 4, 4)))
+    signed = b.sub(b.zext(ls, _vec(I32, 4)), ir.Constant(_vec(I32, 4), [32] * 4))
+    return b.fmul(b.sitofp(signed, _vec(F32, 4)), _broadcast(b, b.fpext(at(0, ir.HalfType()), F32), 4))
+
+
 def _q4k_scales(b: ir.IRBuilder, srow: ir.Value, s: ir.Value, i: int) -> tuple[ir.Value, ir.Value]:
     """float32 `<4>` scales `d * sc` and mins `dmin * m` of span `s` of a row of Q4_K blocks, the `i`-th of its
     block: groups `4 i .. 4 i + 3` of the block's 6-bit pairs (llama.cpp's get_scale_min_k4)."""
@@ -649,6 +682,8 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
         abase = b.mul(s, const(4 * gps * (2 if affine else 1)))  # float32 activation scales of the span's groups
         if simd.fmt == Q4_K:
             sw, mw = _q4k_scales(b, srow, s, i)
+        elif simd.fmt == IQ4_XS:
+            sw = _iq4xs_scales(b, srow, s, i)
         else:
             sw = row_scales(srow, s, tail, i)
         if affine and simd.fmt != Q4_K:  # the span's mins, after its scales
@@ -661,6 +696,8 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
             if fmt in NIBBLES:
                 if simd.fmt == Q4_K:
                     lo, hi = loads.nibbles(s, i, p * vbytes, vbytes)
+                elif simd.fmt == IQ4_XS:
+                    lo, hi = isa.nibbles(b, loads.codes(s, i, p * vbytes, vbytes))
                 else:
                     lo, hi = isa.nibbles(b, loads.weights(b.add(wbase, const(p * vbytes)), vbytes, tail))
                 if fmt == MXFP4:
@@ -715,7 +752,7 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
             r = b.add(first, const(i))
             wrow, srow = b.gep(w, [b.mul(r, row_stride)]), b.gep(s_ptr, [b.mul(r, s_stride)])
             if simd.fmt in SUPER_BLOCKS:
-                loads = (_Q6KLoads if simd.fmt == Q6_K else _Q4KLoads)(b, wrow, row_bytes)
+                loads = {Q6_K: _Q6KLoads, Q4_K: _Q4KLoads, IQ4_XS: _IQ4XSLoads}[simd.fmt](b, wrow, row_bytes)
             else:
                 loads = _BlockLoads(b, wrow, row_bytes, simd.fmt) if block_bytes else _Loads(b, wrow, row_bytes)
             rows.append((r, wrow, srow, loads, accs[i], all_mins[i] if affine else None))
