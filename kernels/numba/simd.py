@@ -501,45 +501,47 @@ class _IQ4XSLoads(_Loads):
         return self.load(self.w, self.b.add(block, ir.Constant(I64, 8 + 64 * i + c)), _vec(I8, nbytes))
 
 
-def _iq4xs_scales(b: ir.IRBuilder, srow: ir.Value, s: ir.Value, i: int) -> ir.Value:
-    """float32 `<4>` scales `d * (ls - 32)` of span `s` of a row of IQ4_XS blocks, the `i`-th of its block: groups
-    `4 i .. 4 i + 3`, whose 6-bit `ls` have their low 4 bits in the nibbles of bytes `4 + 2 i`, `5 + 2 i` and their
-    high 2 bits in byte `2 + i`, two bits a group."""
+def _iq4xs_scales(b: ir.IRBuilder, srow: ir.Value, s: ir.Value) -> ir.Value:
+    """float32 `<8>` scales `d * (ls - 32)` of the IQ4_XS block of span `s` (its 8 groups): the 6-bit `ls` have
+    their low 4 bits in the nibbles of bytes 4-7 and their high 2 bits in the uint16 at byte 2, two bits a group.
+    Worked in int32 lanes, where x86 shifts each lane by its own count."""
     block = b.mul(b.lshr(s, ir.Constant(I64, 1)), ir.Constant(I64, 136))
 
     def at(offset: int, vtype: ir.Type) -> ir.Value:
         return b.load(b.bitcast(b.gep(srow, [b.add(block, ir.Constant(I64, offset))]), vtype.as_pointer()), align=1)
 
-    low = at(4 + 2 * i, _vec(I8, 2))
-    low = b.shuffle_vector(low, low, ir.Constant(_vec(I32, 4), [0, 0, 1, 1]))
-    low = b.and_(b.lshr(low, ir.Constant(_vec(I8, 4), [0, 4, 0, 4])), _splat(I8, 4, 15))
-    high = b.lshr(_broadcast(b, at(2 + i, I8), 4), ir.Constant(_vec(I8, 4), [0, 2, 4, 6]))
-    ls = b.or_(low, b.shl(b.and_(high, _splat(I8, 4, 3)), _splat(I8, 4, 4)))
-    signed = b.sub(b.zext(ls, _vec(I32, 4)), ir.Constant(_vec(I32, 4), [32] * 4))
-    return b.fmul(b.sitofp(signed, _vec(F32, 4)), _broadcast(b, b.fpext(at(0, ir.HalfType()), F32), 4))
+    v8 = _vec(I32, 8)
+    low = b.zext(at(4, _vec(I8, 4)), _vec(I32, 4))
+    low = b.shuffle_vector(low, low, ir.Constant(_vec(I32, 8), [0, 0, 1, 1, 2, 2, 3, 3]))
+    low = b.and_(b.lshr(low, ir.Constant(v8, [0, 4] * 4)), ir.Constant(v8, [15] * 8))
+    high = b.lshr(_broadcast(b, b.zext(at(2, ir.IntType(16)), I32), 8), ir.Constant(v8, list(range(0, 16, 2))))
+    high = b.shl(b.and_(high, ir.Constant(v8, [3] * 8)), ir.Constant(v8, [4] * 8))
+    ls = b.sub(b.or_(low, high), ir.Constant(v8, [32] * 8))
+    return b.fmul(b.sitofp(ls, _vec(F32, 8)), _broadcast(b, b.fpext(at(0, ir.HalfType()), F32), 8))
 
 
-def _q4k_scales(b: ir.IRBuilder, srow: ir.Value, s: ir.Value, i: int) -> tuple[ir.Value, ir.Value]:
-    """float32 `<4>` scales `d * sc` and mins `dmin * m` of span `s` of a row of Q4_K blocks, the `i`-th of its
-    block: groups `4 i .. 4 i + 3` of the block's 6-bit pairs (llama.cpp's get_scale_min_k4)."""
+def _q4k_scales(b: ir.IRBuilder, srow: ir.Value, s: ir.Value) -> ir.Value:
+    """float32 `<16>`: the 8 scales `d * sc`, then the 8 mins `dmin * m`, of the Q4_K block of span `s`, from its 12
+    bytes of 6-bit pairs q (llama.cpp's get_scale_min_k4): group j < 4 `q[j] & 63`, `q[j + 4] & 63`; j >= 4
+    `q[j + 4] & 15 | (q[j - 4] >> 6) << 4`, `q[j + 4] >> 4 | (q[j] >> 6) << 4`. Worked in int32 lanes."""
     block = b.mul(b.lshr(s, ir.Constant(I64, 1)), ir.Constant(I64, 144))
 
     def at(offset: int, vtype: ir.Type) -> ir.Value:
         return b.load(b.bitcast(b.gep(srow, [b.add(block, ir.Constant(I64, offset))]), vtype.as_pointer()), align=1)
 
-    q = [at(4 + 4 * k, _vec(I8, 4)) for k in range(3)]  # bytes 0-3, 4-7, 8-11 of the 12
+    v4 = _vec(I32, 4)
 
-    def bits(v: ir.Value, shift: int, mask: int) -> ir.Value:
-        return b.and_(b.lshr(v, _splat(I8, 4, shift)), _splat(I8, 4, mask))
+    def const(v: int) -> ir.Constant:
+        return ir.Constant(v4, [v] * 4)
 
-    if i == 0:
-        sc, m = bits(q[0], 0, 63), bits(q[1], 0, 63)
-    else:
-        six = _splat(I8, 4, 4)
-        sc = b.or_(bits(q[2], 0, 15), b.shl(bits(q[0], 6, 3), six))
-        m = b.or_(bits(q[2], 4, 15), b.shl(bits(q[1], 6, 3), six))
-    d, dmin = (_broadcast(b, b.fpext(at(offset, ir.HalfType()), F32), 4) for offset in (0, 2))
-    return b.fmul(b.uitofp(sc, _vec(F32, 4)), d), b.fmul(b.uitofp(m, _vec(F32, 4)), dmin)
+    q = [b.zext(at(4 + 4 * k, _vec(I8, 4)), v4) for k in range(3)]  # bytes 0-3, 4-7, 8-11 of the 12
+    sc_high = b.or_(b.and_(q[2], const(15)), b.shl(b.lshr(q[0], const(6)), const(4)))
+    m_high = b.or_(b.lshr(q[2], const(4)), b.shl(b.lshr(q[1], const(6)), const(4)))
+    both = []
+    for low, high, offset in ((q[0], sc_high, 0), (q[1], m_high, 2)):
+        eight = b.shuffle_vector(b.and_(low, const(63)), high, ir.Constant(_vec(I32, 8), list(range(8))))
+        both.append(b.fmul(b.uitofp(eight, _vec(F32, 8)), _broadcast(b, b.fpext(at(offset, ir.HalfType()), F32), 8)))
+    return b.shuffle_vector(both[0], both[1], ir.Constant(_vec(I32, 16), list(range(16))))
 
 
 def _lookup(b: ir.IRBuilder, isa: str, nibbles: ir.Value, nbytes: int, values: tuple[int, ...]) -> ir.Value:
@@ -668,8 +670,9 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
         [I8.as_pointer(), I32, I32, I32],
     )
 
-    def span(wrow: ir.Value, srow: ir.Value, loads: _Loads, s: ir.Value, tail: bool, acc, mins, i: int = 0) -> None:
-        """Span `s` of a row into its accumulators (Q6_K, Q4_K: the `i`-th span of its block)."""
+    def span(wrow: ir.Value, srow: ir.Value, loads: _Loads, s: ir.Value, tail: bool, acc, mins, i=0, block=None):
+        """Span `s` of a row into its accumulators (Q6_K, Q4_K, IQ4_XS: the `i`-th span of its block, whose
+        scales `block` holds when computed for the whole block)."""
         wbase = b.mul(s, const(span_bytes))
         if PREFETCH and not tail:  # the bytes PREFETCH ahead (of the next rows, or the next call's: rows and
             # tasks run in memory order); a prefetch past the array is harmless
@@ -680,10 +683,13 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
         xbase = b.mul(s, const(span_elems))
         bbase = b.mul(s, const(64))  # 16 int32 bias lanes per span
         abase = b.mul(s, const(4 * gps * (2 if affine else 1)))  # float32 activation scales of the span's groups
-        if simd.fmt == Q4_K:
-            sw, mw = _q4k_scales(b, srow, s, i)
+        if simd.fmt == Q4_K:  # this span's 4 scales and 4 mins of the block's
+            sw, mw = (
+                b.shuffle_vector(block, block, ir.Constant(_vec(I32, 4), [k + 4 * i + j for j in range(4)]))
+                for k in (0, 8)
+            )
         elif simd.fmt == IQ4_XS:
-            sw = _iq4xs_scales(b, srow, s, i)
+            sw = b.shuffle_vector(block, block, ir.Constant(_vec(I32, 4), list(range(4 * i, 4 * i + 4))))
         else:
             sw = row_scales(srow, s, tail, i)
         if affine and simd.fmt != Q4_K:  # the span's mins, after its scales
@@ -765,9 +771,11 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
             per_block = code_bytes // span_bytes
             with cgutils.for_range(b, b.udiv(full, const(per_block))) as loop:
                 for _, wrow, srow, loads, acc, mins in rows:
+                    s0 = b.mul(loop.index, const(per_block))  # the block's first span
+                    block = {IQ4_XS: _iq4xs_scales, Q4_K: _q4k_scales}.get(simd.fmt)
+                    block = block(b, srow, s0) if block else None
                     for i in range(per_block):
-                        s = b.add(b.mul(loop.index, const(per_block)), const(i))
-                        span(wrow, srow, loads, s, False, acc, mins, i)
+                        span(wrow, srow, loads, b.add(s0, const(i)), False, acc, mins, i, block)
         else:
             with cgutils.for_range(b, full) as loop:
                 for _, wrow, srow, loads, acc, mins in rows:
