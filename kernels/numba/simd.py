@@ -501,15 +501,21 @@ class _IQ4XSLoads(_Loads):
         return self.load(self.w, self.b.add(block, ir.Constant(I64, 8 + 64 * i + c)), _vec(I8, nbytes))
 
 
+def _block_fields(b: ir.IRBuilder, row: ir.Value, s: ir.Value, spans: int, block_bytes: int):
+    """`at(offset, type)`: the field at byte `offset` of the block of span `s` in a row of blocks of `spans` spans."""
+    block = b.mul(b.udiv(s, ir.Constant(I64, spans)), ir.Constant(I64, block_bytes))
+
+    def at(offset: int, vtype: ir.Type) -> ir.Value:
+        return b.load(b.bitcast(b.gep(row, [b.add(block, ir.Constant(I64, offset))]), vtype.as_pointer()), align=1)
+
+    return at
+
+
 def _iq4xs_scales(b: ir.IRBuilder, srow: ir.Value, s: ir.Value) -> ir.Value:
     """float32 `<8>` scales `d * (ls - 32)` of the IQ4_XS block of span `s` (its 8 groups): the 6-bit `ls` have
     their low 4 bits in the nibbles of bytes 4-7 and their high 2 bits in the uint16 at byte 2, two bits a group.
     Worked in int32 lanes, where x86 shifts each lane by its own count."""
-    block = b.mul(b.lshr(s, ir.Constant(I64, 1)), ir.Constant(I64, 136))
-
-    def at(offset: int, vtype: ir.Type) -> ir.Value:
-        return b.load(b.bitcast(b.gep(srow, [b.add(block, ir.Constant(I64, offset))]), vtype.as_pointer()), align=1)
-
+    at = _block_fields(b, srow, s, 2, 136)
     v8 = _vec(I32, 8)
     low = b.zext(at(4, _vec(I8, 4)), _vec(I32, 4))
     low = b.shuffle_vector(low, low, ir.Constant(_vec(I32, 8), [0, 0, 1, 1, 2, 2, 3, 3]))
@@ -524,11 +530,7 @@ def _q4k_scales(b: ir.IRBuilder, srow: ir.Value, s: ir.Value) -> ir.Value:
     """float32 `<16>`: the 8 scales `d * sc`, then the 8 mins `dmin * m`, of the Q4_K block of span `s`, from its 12
     bytes of 6-bit pairs q (llama.cpp's get_scale_min_k4): group j < 4 `q[j] & 63`, `q[j + 4] & 63`; j >= 4
     `q[j + 4] & 15 | (q[j - 4] >> 6) << 4`, `q[j + 4] >> 4 | (q[j] >> 6) << 4`. Worked in int32 lanes."""
-    block = b.mul(b.lshr(s, ir.Constant(I64, 1)), ir.Constant(I64, 144))
-
-    def at(offset: int, vtype: ir.Type) -> ir.Value:
-        return b.load(b.bitcast(b.gep(srow, [b.add(block, ir.Constant(I64, offset))]), vtype.as_pointer()), align=1)
-
+    at = _block_fields(b, srow, s, 2, 144)
     v4 = _vec(I32, 4)
 
     def const(v: int) -> ir.Constant:
@@ -620,10 +622,9 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
         hold whole spans)."""
         first = b.mul(s, const(2 * gps if affine else gps))
         if simd.fmt == Q6_K:  # the block's 4 int8 scales of this span (its `i`-th), times its fp16 `d`
-            block = b.mul(b.lshr(s, const(2)), const(block_bytes))
-            sc = b.load(b.bitcast(b.gep(srow, [b.add(block, const(192 + 4 * i))]), _vec(I8, 4).as_pointer()), align=1)
-            d = b.load(b.bitcast(b.gep(srow, [b.add(block, const(208))]), ir.HalfType().as_pointer()), align=1)
-            return b.fmul(b.sitofp(sc, _vec(F32, 4)), _broadcast(b, b.fpext(d, F32), 4))
+            at = _block_fields(b, srow, s, 4, block_bytes)
+            d = _broadcast(b, b.fpext(at(208, ir.HalfType()), F32), 4)
+            return b.fmul(b.sitofp(at(192 + 4 * i, _vec(I8, 4)), _vec(F32, 4)), d)
         if block_bytes and not tail:  # each group's block starts with its scale: the span's scales lie in
             # its first 64 bytes ((gps - 1) * block_bytes + 2 <= 64): one load, one shuffle of its 16-bit words
             wide = b.load(
