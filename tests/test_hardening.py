@@ -243,6 +243,12 @@ def beside_health(url: str, send) -> tuple[httpx.Response, list[float]]:
     return response, times
 
 
+def encoded(body: dict) -> dict:
+    """`httpx.post`'s arguments for `body` as JSON bytes made beforehand: encoding 20 MB of JSON holds the GIL, which
+    the in-process server's threads share, and would stall them inside a measured window."""
+    return {"content": json.dumps(body).encode(), "headers": {"content-type": "application/json"}}
+
+
 def test_huge_prompts_never_freeze_the_event_loop(llm) -> None:
     huge = "lorem ipsum dolor sit amet " * (20_000_000 // 27)  # 20 MB
     # /health may wait at most half of what tokenizing 1 MB takes here and now (0.9 s on a quiet 2-core VM): a
@@ -251,11 +257,7 @@ def test_huge_prompts_never_freeze_the_event_loop(llm) -> None:
     llm.tokenizer(huge[: 1 << 20])
     limit = max(0.5, (time.perf_counter() - start) / 2)
     gc.collect()  # the token ids just made are not collected inside a measured window (a pause of ~0.5 s)
-    # the bodies encoded beforehand: encoding 20 MB of JSON holds the GIL, which the server's threads share here
-    refused = {
-        "content": json.dumps({"model": MODEL, "prompt": huge}).encode(),
-        "headers": {"content-type": "application/json"},
-    }
+    refused = encoded({"model": MODEL, "prompt": huge})
     with serving(llm) as url:  # the defaults: refused before it is read or tokenized
         r, times = beside_health(url, lambda: httpx.post(f"{url}/v1/completions", timeout=120, **refused))
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
@@ -270,7 +272,7 @@ def test_huge_prompts_never_freeze_the_event_loop(llm) -> None:
             ("/v1/completions", {"model": MODEL, "prompt": huge[: 1 << 20]}),
             ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": huge[: 1 << 20]}]}),
         ):
-            sent = {"content": json.dumps(body).encode(), "headers": {"content-type": "application/json"}}
+            sent = encoded(body)
             r, times = beside_health(url, lambda path=path, sent=sent: httpx.post(f"{url}{path}", timeout=120, **sent))
             assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
             assert len(times) > 5 and max(times) < limit, (len(times), max(times), limit)
