@@ -37,20 +37,19 @@ float32 vector `mins[q] = fma(m[q], (a X)[q], mins[q])` over the spans; its sum 
 for 4 groups a span, then `m2[0] + m2[1]`) is subtracted from the row result.
 
 Rows of blocks (Q4_0, Q8_0, Q6_K, Q4_K, IQ4_XS: a GGUF file's weights read in place from its memory map): a row is
-llama.cpp's
-blocks as the file holds them, and `scales` is the weight array itself. Q4_0 and Q8_0: blocks of 32 inputs, each
-its fp16 scale and then its codes (16 bytes of INT4's nibbles, or 32 signed bytes, read as INT8's `q + 128`);
-the arithmetic is INT4's or INT8's with group 32 and fp16 scales, bit for bit: only the loads differ, a span's
-codes gathered from its blocks and its scales from their first bytes. Q6_K: blocks of 256 inputs (`ql` 128 bytes
-of low nibbles, `qh` 64 bytes of 2-bit high parts, 16 int8 scales, the fp16 `d`); a span's 6-bit codes `q` are
+llama.cpp's blocks as the file holds them, and `scales` is the weight array itself. Q4_0 and Q8_0: blocks of 32
+inputs, each its fp16 scale and then its codes (16 bytes of INT4's nibbles, or 32 signed bytes, read as INT8's
+`q + 128`); the arithmetic is INT4's or INT8's with group 32 and fp16 scales, bit for bit: only the loads differ, a
+span's codes gathered from its blocks and its scales from their first bytes. Q6_K: blocks of 256 inputs (`ql` 128
+bytes of low nibbles, `qh` 64 bytes of 2-bit high parts, 16 int8 scales, the fp16 `d`); a span's 6-bit codes `q` are
 put together from `ql` and `qh` and read as INT8's `q + 96` (`q - 32 + 128`), its scales are `d * sc` in float32
 (exact): INT8 with group 16 and float32 scales, bit for bit, reading 0.82 bytes a weight instead of 1.25. Q4_K:
 blocks of 256 inputs (fp16 `d` and `dmin`, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles, each 32-byte
 chunk holding 64 inputs, the first 32 in its low nibbles); a span (half a block) has its nibbles rearranged into
-INT4's order in registers and its scales `d * sc` and mins `dmin * m` computed (exact): UINT4 with group 32,
-bit for bit, reading 0.5625 bytes a weight instead of 0.75. IQ4_XS: blocks of 256 inputs (fp16 `d`, the 6-bit
-scales' high 2 and low 4 bits, 128 bytes of nibbles in INT4's order); a span's scales are `d * (ls - 32)`
-(exact): IQ4NL with group 32, bit for bit, reading 0.53 bytes a weight instead of 0.625.
+INT4's order in registers and its scales `d * sc` and mins `dmin * m` computed (exact): UINT4 with group 32, bit for
+bit, reading 0.5625 bytes a weight instead of 0.75. IQ4_XS: blocks of 256 inputs (fp16 `d`, the 6-bit scales' high 2
+and low 4 bits, 128 bytes of nibbles in INT4's order); a span's scales are `d * (ls - 32)` (exact): IQ4NL with group
+32, bit for bit, reading 0.53 bytes a weight instead of 0.625.
 """
 
 from __future__ import annotations
@@ -87,8 +86,13 @@ IQ4_XS = 13  # IQ4NL (group 32, float32 scales) read from IQ4_XS rows
 FORMATS = {INT4: "int4", INT8: "int8", MXFP4: "mxfp4", IQ4NL: "iq4nl", UINT4: "uint4", UINT8: "uint8"}
 FORMATS |= {Q4_0: "q4_0", Q8_0: "q8_0", Q6_K: "q6_k", Q4_K: "q4_k", IQ4_XS: "iq4_xs"}
 # format -> (its codes' format, block bytes, code bytes: a block's codes in that format)
-BLOCK_ROWS = {Q4_0: (INT4, 18, 16), Q8_0: (INT8, 34, 32), Q6_K: (INT8, 210, 256), Q4_K: (UINT4, 144, 128)}
-BLOCK_ROWS[IQ4_XS] = (IQ4NL, 136, 128)
+BLOCK_ROWS = {
+    Q4_0: (INT4, 18, 16),
+    Q8_0: (INT8, 34, 32),
+    Q6_K: (INT8, 210, 256),
+    Q4_K: (UINT4, 144, 128),
+    IQ4_XS: (IQ4NL, 136, 128),
+}
 SUPER_BLOCKS = (Q6_K, Q4_K, IQ4_XS)  # blocks of 256 inputs, whole spans each: a block's spans run in one pass
 NIBBLES = (INT4, MXFP4, IQ4NL, UINT4)  # formats of two codes a byte
 AFFINE = (UINT4, UINT8)
@@ -372,6 +376,21 @@ def _broadcast(b: ir.IRBuilder, value: ir.Value, n: int) -> ir.Value:
     return b.shuffle_vector(one, ir.Constant(vtype, None), ir.Constant(_vec(I32, n), [0] * n))
 
 
+def _block_start(b: ir.IRBuilder, s: ir.Value, spans: int, block_bytes: int) -> ir.Value:
+    """Byte offset in its row of the block of span `s`, in a row of blocks of `spans` spans each."""
+    return b.mul(b.udiv(s, ir.Constant(I64, spans)), ir.Constant(I64, block_bytes))
+
+
+def _block_fields(b: ir.IRBuilder, row: ir.Value, s: ir.Value, spans: int, block_bytes: int):
+    """`at(offset, type)`: the field at byte `offset` of the block of span `s` in a row of blocks of `spans` spans."""
+    block = _block_start(b, s, spans, block_bytes)
+
+    def at(offset: int, vtype: ir.Type) -> ir.Value:
+        return b.load(b.bitcast(b.gep(row, [b.add(block, ir.Constant(I64, offset))]), vtype.as_pointer()), align=1)
+
+    return at
+
+
 class _Loads:
     """Unaligned loads at byte offsets from byte pointers, and the masked weight loads of a tail span."""
 
@@ -457,7 +476,7 @@ class _Q6KLoads(_Loads):
         """INT8's codes `q + 96` of weights `c .. c + nbytes - 1` of span `s`, the `i`-th of its block."""
         b = self.b
         n, h = divmod(i, 2)
-        block = b.mul(b.lshr(s, ir.Constant(I64, 2)), ir.Constant(I64, 210))
+        block = _block_start(b, s, 4, 210)
         ql = self.load(self.w, b.add(block, ir.Constant(I64, 64 * n + c)), _vec(I8, nbytes))
         qh = self.load(self.w, b.add(block, ir.Constant(I64, 128 + 32 * n)), _vec(I8, 32))
         low = b.and_(b.lshr(ql, _splat(I8, nbytes, 4 * h)), _splat(I8, nbytes, 15))
@@ -480,7 +499,7 @@ class _Q4KLoads(_Loads):
     def nibbles(self, s: ir.Value, i: int, c: int, nbytes: int) -> tuple[ir.Value, ir.Value]:
         """Low and high nibble vectors, in INT4's order, of code bytes `c .. c + nbytes - 1` of span `s`."""
         b = self.b
-        block = b.mul(b.lshr(s, ir.Constant(I64, 1)), ir.Constant(I64, 144))
+        block = _block_start(b, s, 2, 144)
         raw = self.load(self.w, b.add(block, ir.Constant(I64, 16 + 64 * i + c)), _vec(I8, nbytes))
         second = ir.Constant(_vec(ir.IntType(1), nbytes), [(k // 16) % 2 == 1 for k in range(nbytes)])
         halves = []
@@ -497,18 +516,8 @@ class _IQ4XSLoads(_Loads):
     `8 + 64 i ..` of block k, already in INT4's order."""
 
     def codes(self, s: ir.Value, i: int, c: int, nbytes: int) -> ir.Value:
-        block = self.b.mul(self.b.lshr(s, ir.Constant(I64, 1)), ir.Constant(I64, 136))
+        block = _block_start(self.b, s, 2, 136)
         return self.load(self.w, self.b.add(block, ir.Constant(I64, 8 + 64 * i + c)), _vec(I8, nbytes))
-
-
-def _block_fields(b: ir.IRBuilder, row: ir.Value, s: ir.Value, spans: int, block_bytes: int):
-    """`at(offset, type)`: the field at byte `offset` of the block of span `s` in a row of blocks of `spans` spans."""
-    block = b.mul(b.udiv(s, ir.Constant(I64, spans)), ir.Constant(I64, block_bytes))
-
-    def at(offset: int, vtype: ir.Type) -> ir.Value:
-        return b.load(b.bitcast(b.gep(row, [b.add(block, ir.Constant(I64, offset))]), vtype.as_pointer()), align=1)
-
-    return at
 
 
 def _iq4xs_scales(b: ir.IRBuilder, srow: ir.Value, s: ir.Value) -> ir.Value:
