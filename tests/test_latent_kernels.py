@@ -52,3 +52,22 @@ def test_prepare_normalises_rotates_and_splits_as_the_per_op_path(rope: int, t: 
     torch.testing.assert_close(torch.from_numpy(q_nope), qh[..., :nope].transpose(0, 1).reshape(heads * t, nope))
     want = rot.apply(qh[..., nope:].transpose(0, 1)[None])[0].transpose(0, 1)  # [T, h, rope]
     torch.testing.assert_close(torch.from_numpy(q_pe), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("length", [1, 3, 17])
+def test_attend_weights_the_cache_rows_by_each_heads_softmax(length: int) -> None:
+    g = torch.Generator().manual_seed(2)
+    heads, r, rope_dim, cap, scaling = 5, 24, 6, 40, 0.3
+    q_latent, q_pe = torch.randn(heads, r, generator=g), torch.randn(heads, rope_dim, generator=g)
+    cache_latent, cache_pe = torch.randn(cap, r, generator=g), torch.randn(cap, rope_dim, generator=g)
+    rows = torch.randperm(cap, generator=g)[:length]  # a paged sequence's rows, in no order
+    scores = (cache_latent[rows].double() @ q_latent.double().T + cache_pe[rows].double() @ q_pe.double().T).T
+    want = torch.softmax(scores * scaling, dim=-1) @ cache_latent[rows].double()  # [h, r]
+    outs = []
+    for groups in (1, 2, 3):
+        out = np.empty((heads, r), np.float32)
+        latent.attend(q_latent.numpy(), q_pe.numpy(), cache_latent.numpy(), cache_pe.numpy(), rows.numpy(),
+                      scaling, groups, out)  # fmt: skip
+        outs.append(out)
+        torch.testing.assert_close(torch.from_numpy(out).double(), want, rtol=1e-5, atol=1e-6)
+    assert all(np.array_equal(outs[0], o) for o in outs[1:]), "a head's result depends on the thread groups"

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, fields
+from functools import cached_property
 from typing import Any, ClassVar, Self
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -49,6 +51,16 @@ class SeqSlice:
     @property
     def end(self) -> int:
         return self.start + self.count
+
+    @cached_property
+    def new_index(self) -> np.ndarray:
+        """`new_rows` as int64 numpy indices, for the CPU latent kernels (once a step: every layer reads them)."""
+        return _index([self.new_rows]).numpy()
+
+    @cached_property
+    def all_index(self) -> np.ndarray:
+        """`all_rows` as int64 numpy indices, likewise."""
+        return _index([self.all_rows]).numpy()
 
 
 class PagedRows:
@@ -332,13 +344,14 @@ class MLAAttention(Op):
 
     def _decode_fused(self, x: torch.Tensor, pairs: tuple, cache: MLACache, seqs: list[SeqSlice]) -> torch.Tensor:
         """One token of each of `seqs` (rows `s.begin` of `x`), absorbed, on numpy arrays from the projections
-        to o_proj: the quantized kernels, `kernels/numba/latent.py` for the norm, rotary, cache rows and query
-        split, and `_latent_attend_cpu` for the attention over the cache -> `[len(seqs), H]`.
+        to o_proj: the quantized kernels, and `kernels/numba/latent.py` for the norm, rotary, cache rows and
+        query split, and for the attention over the cache -> `[len(seqs), H]`.
         `pairs`: the rotary layout and per-pair tables of all N tokens (`Rope.pairs`)."""
-        tokens = [s.begin for s in seqs]
+        layout, cos, sin = pairs
         xs = x.detach().float().numpy()
+        tokens = [s.begin for s in seqs]
         if tokens != list(range(x.shape[0])):
-            xs = xs[tokens]
+            xs, cos, sin = xs[tokens], cos[tokens], sin[tokens]
         y = self._stack.run(np.ascontiguousarray(xs))
         q_width = self.num_heads * (self.nope_dim + self.rope_dim)
         if self.q_lora_rank is None:
@@ -347,20 +360,20 @@ class MLAAttention(Op):
             eps = self.q_a_layernorm.variance_epsilon
             q_resid = latent_kernels.rms_norm(y[:, : self.q_lora_rank], self._q_norm, eps)
             q, kv = self.q_b_proj.run(q_resid), y[:, self.q_lora_rank :]
-        layout, cos, sin = pairs
         t, h = len(seqs), self.num_heads
-        new_rows = _index(s.new_rows for s in seqs).numpy()
+        new_rows = seqs[0].new_index if t == 1 else np.concatenate([s.new_index for s in seqs])
         q_nope = np.empty((h * t, self.nope_dim), np.float32)
         q_pe = np.empty((t, h, self.rope_dim), np.float32)
+        latent, k_pe = cache.latent.numpy(), cache.k_pe.numpy()
         latent_kernels.prepare(
             q, kv, h, self.nope_dim, self._kv_norm, self.kv_a_layernorm.variance_epsilon,
-            cos[tokens], sin[tokens], layout, cache.latent.numpy(), cache.k_pe.numpy(), new_rows, q_nope, q_pe,
+            cos, sin, layout, latent, k_pe, new_rows, q_nope, q_pe,
         )  # fmt: skip
-        q_latent = torch.from_numpy(self._uk_heads.rows(q_nope).reshape(h, t, self.kv_lora_rank))
+        q_latent = self._uk_heads.rows(q_nope).reshape(h, t, self.kv_lora_rank)
         out = np.empty((h, t, self.kv_lora_rank), np.float32)  # head-major, as W_UV takes it
-        for i, s in enumerate(seqs):  # torch's GEMMs: the latent's matmuls at any context length
-            latent, pe = cache.latent[s.all_rows], cache.k_pe[s.all_rows]
-            out[:, i] = self._latent_attend_cpu(q_latent[:, i], torch.from_numpy(q_pe[i]), latent, pe).numpy()
+        groups = numba.get_num_threads()
+        for i, s in enumerate(seqs):
+            latent_kernels.attend(q_latent[:, i], q_pe[i], latent, k_pe, s.all_index, self.scaling, groups, out[:, i])
         v = self._uv_heads.rows(out.reshape(h * t, -1)).reshape(h, t, self.v_dim).transpose(1, 0, 2)  # [T, h, v]
         return torch.from_numpy(self.o_proj.run(np.ascontiguousarray(v).reshape(t, -1)))
 

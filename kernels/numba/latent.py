@@ -1,8 +1,9 @@
 """Absorbed latent attention (DeepSeek's MLA) for decode tokens on the CPU, float32, in Numba: the small steps
 between the quantized projections (`int8dot.py`) in one call instead of dozens of small torch operations.
 `prepare`, per token: the latent's RMSNorm and the rotary key into the cache rows, and the query split per
-head, its nope part in the row order the per-head W_UK kernel takes, its rope part rotated. (The attention
-over the cache stays in torch's GEMMs, which a plain Numba loop was 2x slower than from 512 rows on.)
+head, its nope part in the row order the per-head W_UK kernel takes, its rope part rotated. `attend`, per
+token: the scores of every head against its sequence's cache rows, the softmax, and the latent rows weighted
+by it; each thread takes a group of heads and reads each cache row once for all of them.
 
 Rotary layouts (`ROPE_*`), `cos` and `sin` holding one value per pair: `ROPE_PAIRS` (DeepSeek-V2: adjacent
 pairs rotated in place), `ROPE_PAIRS_TO_HALVES` (DeepSeek-V3 interleaved: adjacent pairs in, the rotated
@@ -14,7 +15,7 @@ the same as, the per-op torch path's.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 ROPE_PAIRS = 0
 ROPE_PAIRS_TO_HALVES = 1
@@ -73,3 +74,70 @@ def prepare(q, kv, heads, nope, norm_w, eps, cos, sin, layout, latent, pe, new_r
         for j in range(heads):
             q_nope[j * t_count + t] = q[t, j * width : j * width + nope]
             _rotate(q[t, j * width + nope : (j + 1) * width], cos[t], sin[t], layout, q_pe[t, j])
+
+
+BLOCK = 4  # cache rows `attend` takes at a time: each head's query is loaded once for all of them
+
+
+@njit(inline="always", fastmath=True, cache=True)
+def _scores(q_latent, q_pe, latent, pe, rows, i, j, scores) -> None:
+    """Head j's scores against the cache rows `rows[i : i + BLOCK]`."""
+    r0, r1, r2, r3 = rows[i], rows[i + 1], rows[i + 2], rows[i + 3]
+    s0 = s1 = s2 = s3 = np.float32(0.0)
+    for c in range(latent.shape[1]):
+        q = q_latent[j, c]
+        s0 += latent[r0, c] * q
+        s1 += latent[r1, c] * q
+        s2 += latent[r2, c] * q
+        s3 += latent[r3, c] * q
+    for c in range(pe.shape[1]):
+        q = q_pe[j, c]
+        s0 += pe[r0, c] * q
+        s1 += pe[r1, c] * q
+        s2 += pe[r2, c] * q
+        s3 += pe[r3, c] * q
+    scores[j, i], scores[j, i + 1], scores[j, i + 2], scores[j, i + 3] = s0, s1, s2, s3
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _attend_heads(q_latent, q_pe, latent, pe, rows, length, scaling, first, last, scores, out) -> None:
+    """Heads `first .. last - 1` of `attend` over `rows[:length]`; `rows` padded to whole blocks (repeating
+    its last row), `scores [h, len(rows)]` their scratch."""
+    n = rows.shape[0]
+    for i in range(0, n, BLOCK):
+        for j in range(first, last):
+            _scores(q_latent, q_pe, latent, pe, rows, i, j, scores)
+    for j in range(first, last):
+        top = scores[j, 0]
+        for i in range(1, length):
+            top = max(top, scores[j, i])
+        total = np.float32(0.0)
+        for i in range(n):
+            scores[j, i] = np.exp((scores[j, i] - top) * scaling) if i < length else np.float32(0.0)
+            total += scores[j, i]
+        inv = np.float32(1.0) / total
+        for i in range(n):
+            scores[j, i] *= inv
+        out[j] = 0.0
+    for i in range(0, n, BLOCK):
+        r0, r1, r2, r3 = rows[i], rows[i + 1], rows[i + 2], rows[i + 3]
+        for j in range(first, last):
+            p0, p1, p2, p3 = scores[j, i], scores[j, i + 1], scores[j, i + 2], scores[j, i + 3]
+            for c in range(latent.shape[1]):
+                out[j, c] += p0 * latent[r0, c] + p1 * latent[r1, c] + p2 * latent[r2, c] + p3 * latent[r3, c]
+
+
+@njit(nogil=True, fastmath=True, parallel=True, cache=True)
+def attend(q_latent, q_pe, latent, pe, rows, scaling, groups, out) -> None:
+    """One decode token's absorbed attention, float32: `q_latent [h, r]` and `q_pe [h, rope]` (rotated) over
+    its sequence's cache rows `rows [L]` of `latent [R, r]` and `pe [R, rope]` -> `out [h, r]`, the latent rows
+    weighted by `softmax(scaling * (latent q_latent + pe q_pe))` per head. The heads in `groups` parallel
+    groups; a head's result does not depend on how many."""
+    heads, length = q_latent.shape[0], rows.shape[0]
+    padded = np.empty(-(-length // BLOCK) * BLOCK, np.int64)
+    padded[:length] = rows
+    padded[length:] = rows[length - 1]
+    scores = np.empty((heads, padded.shape[0]), np.float32)
+    for g in prange(groups):
+        first, last = g * heads // groups, (g + 1) * heads // groups
+        _attend_heads(q_latent, q_pe, latent, pe, padded, length, np.float32(scaling), first, last, scores, out)
