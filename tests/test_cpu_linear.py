@@ -150,17 +150,21 @@ def test_whole_model_quantized_on_the_cpu(tiny, arch: str, rules: str) -> None:
 )
 def test_latent_decode_fused_on_the_cpu_is_its_per_op_path(tiny, arch: str, overrides: dict) -> None:
     """Decode tokens of absorbed latent attention quantized on the CPU run from projections to o_proj on numpy
-    arrays (`_decode_fused`); teacher-forced, every step's logits stay those of the per-op path, within
-    float32 rounding (which may move an int8 activation by one step)."""
+    arrays (`_decode_fused`), and the layers' residual adds and norms in Numba; teacher-forced, every step's
+    logits stay those of the per-op path (torch's modules), within float32 rounding (which may move an int8
+    activation by one step)."""
     from hetero_moe.bench.teacher import TeacherForced
+    from hetero_moe.engine.runner import AddNorm
     from hetero_moe.ops.attention import MLAAttention
 
     t = tiny(arch, **overrides)
     fused, per_op = (LLM(t.path, rules="cpu-only-int4.yaml", dtype="float32") for _ in range(2))
     attns = [m for m in per_op.placed.model.modules() if isinstance(m, MLAAttention)]
-    assert attns and all(m._fused for m in attns)
+    assert attns and all(m.fused for m in attns)
+    assert all(n.fast for pair in fused.runner.add_norms for n in pair)
     for m in attns:
-        m._fused = False
+        m.fused = False
+    per_op.runner.add_norms = [tuple(AddNorm(n.norm, fast=False) for n in pair) for pair in per_op.runner.add_norms]
     calls = []
     for m in fused.placed.model.modules():
         if isinstance(m, MLAAttention):

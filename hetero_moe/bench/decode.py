@@ -84,17 +84,19 @@ def checkpoint(bench: DecodeBench, root: Path | None = None) -> Path:
 
 
 class LayerTimer:
-    """Wall time of each decoder layer (from its input norm to the end of its MLP or MoE block, as the
-    runner calls them) and of each routed experts call, on forward hooks that wait for the GPU first;
-    used in a separate profiled pass only."""
+    """Wall time of each decoder layer (from its input norm, or the module in `starts`, to the end of its MLP or
+    MoE block, as the runner calls them) and of each routed experts call, on forward hooks that wait for the
+    GPU first; used in a separate profiled pass only. Our runner's layers start at their attention: its
+    residual adds and norms need not be modules (`AddNorm`)."""
 
-    def __init__(self, layers: list[nn.Module], experts: list[nn.Module], sync) -> None:
+    def __init__(self, layers: list[nn.Module], experts: list[nn.Module], sync, starts=None) -> None:
         self.sync = sync
         self.layer_s = [0.0] * len(layers)
         self.experts_s = 0.0
         self.handles = []
-        for i, layer in enumerate(layers):
-            self.handles.append(layer.input_layernorm.register_forward_pre_hook(self._start(("layer", i))))
+        starts = starts or [layer.input_layernorm for layer in layers]
+        for i, (layer, start) in enumerate(zip(layers, starts, strict=True)):
+            self.handles.append(start.register_forward_pre_hook(self._start(("layer", i))))
             self.handles.append(layer.mlp.register_forward_hook(self._stop(("layer", i))))
         for e in experts:
             self.handles.append(e.register_forward_pre_hook(self._start(("experts", 0))))
@@ -266,7 +268,7 @@ def _decode(engine, runner, experts, sync, bench: DecodeBench, decode_tokens: in
     step_s = statistics.mean(_timed_step(engine) for _ in range(steps))
     overlap = None if stats is None else {"experts_s": stats.experts_s / steps, "wait_s": stats.wait_s / steps}
     overhead = _step_overhead(engine, steps, step_s, overlap) if gpu else _cpu_overhead(engine, steps)
-    timer = LayerTimer(runner.layers, experts, sync)
+    timer = LayerTimer(runner.layers, experts, sync, runner.mixers)
     try:
         timer.step_s = statistics.mean(_timed_step(engine) for _ in range(steps))
     finally:
@@ -287,7 +289,7 @@ def _prefill(engine, runner, experts, sync, n: int, shape: Extrapolation) -> dic
     """One prompt of `n` tokens in one engine step (its first token sampled), per-layer times from hooks,
     extrapolated like decode."""
     engine.add_request([i % 200 + 3 for i in range(n)], SamplingParams(max_tokens=1, temperature=0))
-    timer = LayerTimer(runner.layers, experts, sync)
+    timer = LayerTimer(runner.layers, experts, sync, runner.mixers)
     try:
         sync()
         seconds = _timed_step(engine)

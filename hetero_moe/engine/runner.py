@@ -6,6 +6,8 @@ Every supported architecture has this shape; the ops placed by the rules do the 
 `self_attn`, or `linear_attn` in the linear-attention layers of Qwen3.5-MoE and Qwen3-Next, whose
 buffers hold a state per sequence slot instead of KV rows. The residual
 stream stays on each decoder layer's device; modules on other devices get their input moved there.
+Each residual add goes with the norm after it; in a layer whose attention runs fused on the CPU (quantized,
+float32: already rounded apart from the per-op path) both are one Numba call (`kernels/numba/norm.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import nn
 
 from hetero_moe.engine.kv_cache import Batch
 from hetero_moe.inject.injector import PlacedModel
+from hetero_moe.kernels.numba import norm as norm_kernels
 from hetero_moe.ops.base import module_device
 from hetero_moe.ops.linear_attention import is_recurrent, token_mixer
 from hetero_moe.ops.moe import MoEBlock
@@ -44,6 +47,7 @@ class ModelRunner:
             tuple(module_device(m) for m in (x.input_layernorm, attn, x.post_attention_layernorm, x.mlp))
             for x, attn in zip(self.layers, self.mixers, strict=True)
         ]
+        self.add_norms = [_add_norms(x, attn) for x, attn in zip(self.layers, self.mixers, strict=True)]
         self.head_device = module_device(self.lm_head)
         self.norm_device = module_device(self.norm)
         self.vocab_size = self.lm_head.out_features
@@ -83,22 +87,60 @@ class ModelRunner:
         rope_device = self.rotary.inv_freq.device
         rope_out = self.rotary(h.to(rope_device)[None], batch.positions.to(rope_device)[None])
         ropes: dict[torch.device, Rope] = {}
+        delta = None  # the last layer's MLP output, added to the residual stream with the next norm
         for i, layer in enumerate(self.layers):
             dev, attn_dev, post_dev, mlp_dev = self.devices[i]
             if attn_dev not in ropes:
                 ropes[attn_dev] = self.placed.arch.rope(self.config, _to(rope_out, attn_dev))
-            h = h.to(dev)
-            x = layer.input_layernorm(h)
-            h = h + self.mixers[i](x.to(attn_dev), ropes[attn_dev], buffers[i], batch.seqs).to(dev)
-            x = layer.post_attention_layernorm(h.to(post_dev))
-            h = h + layer.mlp(x.to(mlp_dev)).to(dev)
-        h = h[batch.sample_rows]
+            pre, post = self.add_norms[i]
+            h, x = pre(h.to(dev), None if delta is None else delta.to(dev), dev)
+            attn = self.mixers[i](x.to(attn_dev), ropes[attn_dev], buffers[i], batch.seqs)
+            h, x = post(h, attn.to(dev), post_dev)
+            delta = layer.mlp(x.to(mlp_dev))
+        h = (h + delta.to(h.device))[batch.sample_rows]
         h = self.norm(h.to(self.norm_device))
         return self.lm_head(h.to(self.head_device)).float()
 
     def close(self) -> None:
         """Stop what the ops share (the CPU experts' worker thread)."""
         self.placed.services.close()
+
+
+class AddNorm:
+    """`(h, delta) -> (h + delta, norm(h + delta))`: the residual add (none when `delta` is None) and the
+    norm after it, the norm on `device` (the sum stays on h's). `fast`: in one Numba call, for a plain RMSNorm
+    on float32 CPU tensors."""
+
+    def __init__(self, norm: nn.Module, fast: bool) -> None:
+        self.norm = norm
+        self.fast = fast
+        if fast:
+            self.weight = norm.weight.detach().numpy()
+            self.eps = norm.variance_epsilon
+
+    def __call__(self, h: torch.Tensor, delta: torch.Tensor | None, device: torch.device):
+        if self.fast:
+            hs = h.numpy()
+            if delta is None:
+                return h, torch.from_numpy(norm_kernels.rms_norm(hs, self.weight, self.eps))
+            total, normed = norm_kernels.add_rms_norm(hs, delta.float().numpy(), self.weight, self.eps)
+            return torch.from_numpy(total), torch.from_numpy(normed)
+        if delta is not None:
+            h = h + delta
+        return h, self.norm(h.to(device))
+
+
+def _add_norms(layer: nn.Module, attn: nn.Module) -> tuple[AddNorm, AddNorm]:
+    """A decoder layer's input and post-attention norms as `AddNorm`s, in Numba where its attention is fused."""
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    fast = getattr(attn, "fused", False) and all(map(_plain, norms))
+    return AddNorm(norms[0], fast), AddNorm(norms[1], fast)
+
+
+def _plain(norm: nn.Module) -> bool:
+    """Whether `norm` is an RMSNorm `AddNorm` can run in Numba: float32 weight on the CPU, an epsilon."""
+    w = getattr(norm, "weight", None)
+    return w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and hasattr(norm, "variance_epsilon")
 
 
 def _to(value, device: torch.device):

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetero_moe.kernels.numba import latent as latent_kernels
+from hetero_moe.kernels.numba import norm as norm_kernels
 from hetero_moe.ops.base import BuildContext, Op
 from hetero_moe.ops.cpu_linear import CPULinear, HeadLinear, stacked
 from hetero_moe.ops.rope import HalfRope, Rope
@@ -276,7 +277,7 @@ class MLAAttention(Op):
         first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
         self._stack = stacked([first, self.kv_a_proj_with_mqa])
         self._project = self._stack or (lambda x: [first(x), self.kv_a_proj_with_mqa(x)])
-        self._fused = False
+        self.fused = False
         if not self.absorb:
             return
         # views of kv_b_proj's own weight when it is unquantized; a dequantized copy otherwise
@@ -287,8 +288,8 @@ class MLAAttention(Op):
             self._uv_heads = HeadLinear(w[:, self.nope_dim :], kw, isa)  # [h, v, r]
             self._uk = lambda q: self._uk_heads(q).to(q.dtype)
             self._uv = lambda o: self._uv_heads(o).to(o.dtype)
-            self._fused = self._fusable()
-            if self._fused:  # the norms' weights as the latent kernels read them, once
+            self.fused = self._fusable()
+            if self.fused:  # the norms' weights as the latent kernels read them, once
                 self._kv_norm = _weight(self.kv_a_layernorm)
                 self._q_norm = None if self.q_lora_rank is None else _weight(self.q_a_layernorm)
             return
@@ -328,7 +329,7 @@ class MLAAttention(Op):
     def forward(self, x: torch.Tensor, rope: Rope, cache: MLACache, seqs: list[SeqSlice]) -> torch.Tensor:
         """`x [N, H]` -> `[N, H]`. Decode tokens (a sequence's one token of the step) take `_decode_fused`
         where the op allows it, whatever else the step holds, so a token's bits do not depend on its batch."""
-        pairs = getattr(rope, "pairs", None) if self._fused else None  # a layout the latent kernels rotate
+        pairs = getattr(rope, "pairs", None) if self.fused else None  # a layout the latent kernels rotate
         if pairs is None or pairs[1].shape[1] * 2 != self.rope_dim:
             return self._per_op(x, rope, cache, seqs)
         one = [s for s in seqs if s.count == 1]
@@ -358,7 +359,7 @@ class MLAAttention(Op):
             q, kv = y[:, :q_width], y[:, q_width:]
         else:
             eps = self.q_a_layernorm.variance_epsilon
-            q_resid = latent_kernels.rms_norm(y[:, : self.q_lora_rank], self._q_norm, eps)
+            q_resid = norm_kernels.rms_norm(y[:, : self.q_lora_rank], self._q_norm, eps)
             q, kv = self.q_b_proj.run(q_resid), y[:, self.q_lora_rank :]
         t, h = len(seqs), self.num_heads
         new_rows = seqs[0].new_index if t == 1 else np.concatenate([s.new_index for s in seqs])

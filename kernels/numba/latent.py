@@ -15,6 +15,7 @@ the same as, the per-op torch path's.
 from __future__ import annotations
 
 import numpy as np
+from hetero_moe.kernels.numba.norm import rms_norm_row
 from numba import njit, prange
 
 ROPE_PAIRS = 0
@@ -39,25 +40,6 @@ def _rotate(x, cos, sin, layout: int, out) -> None:
             out[i], out[half + i] = first, second
 
 
-@njit(inline="always", fastmath=True, cache=True)
-def _rms_norm(x, w, eps, out) -> None:
-    total = np.float32(0.0)
-    for i in range(x.shape[0]):
-        total += x[i] * x[i]
-    inv = np.float32(1.0) / np.sqrt(total / np.float32(x.shape[0]) + np.float32(eps))
-    for i in range(x.shape[0]):
-        out[i] = w[i] * (x[i] * inv)
-
-
-@njit(nogil=True, fastmath=True, cache=True)
-def rms_norm(x, w, eps):
-    """RMSNorm of each row of `x [T, n]` float32 with weight `w [n]` -> `[T, n]`."""
-    out = np.empty_like(x)
-    for t in range(x.shape[0]):
-        _rms_norm(x[t], w, eps, out[t])
-    return out
-
-
 @njit(nogil=True, fastmath=True, cache=True)
 def prepare(q, kv, heads, nope, norm_w, eps, cos, sin, layout, latent, pe, new_rows, q_nope, q_pe) -> None:
     """Decode tokens t < T: `q [T, heads * (nope + rope)]` and `kv [T, r + rope]` from the projections;
@@ -69,7 +51,7 @@ def prepare(q, kv, heads, nope, norm_w, eps, cos, sin, layout, latent, pe, new_r
     width = nope + rope
     for t in range(t_count):
         row = new_rows[t]
-        _rms_norm(kv[t, :r], norm_w, eps, latent[row])
+        rms_norm_row(kv[t, :r], norm_w, eps, latent[row])
         _rotate(kv[t, r:], cos[t], sin[t], layout, pe[row])
         for j in range(heads):
             q_nope[j * t_count + t] = q[t, j * width : j * width + nope]

@@ -1,0 +1,27 @@
+"""The CPU decode lane's RMSNorm and residual add (`kernels/numba/norm.py`) against float64 references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hetero_moe.kernels.numba import norm
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.double()
+    return w.double() * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_add_rms_norm_sums_then_normalises_each_row(t: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    h, delta = torch.randn(t, 37, generator=g) * 3, torch.randn(t, 37, generator=g)
+    w, eps = torch.rand(37, generator=g) + 0.5, 1e-6
+    total, normed = norm.add_rms_norm(h.numpy(), delta.numpy(), w.numpy(), eps)
+    assert np.array_equal(total, (h + delta).numpy())  # one float32 add: the same bits as torch's
+    torch.testing.assert_close(torch.from_numpy(normed).double(), reference(h + delta, w, eps), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.from_numpy(norm.rms_norm(h.numpy(), w.numpy(), eps)).double(),
+                               reference(h, w, eps), rtol=1e-5, atol=1e-6)  # fmt: skip
+    alone = norm.add_rms_norm(h[-1:].numpy(), delta[-1:].numpy(), w.numpy(), eps)[1]
+    assert np.array_equal(alone[0], normed[-1]), "a row's norm depends on the rows beside it"
