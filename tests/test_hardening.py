@@ -112,9 +112,9 @@ def test_prompt_encoder_bounds_bytes_per_token(llm) -> None:
 # The server. `serving` runs a real uvicorn server on a loopback port.
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def url_default(llm):
-    with serving(llm) as url:
+    with serving(llm) as url:  # one test's: the tests' own servers on this model never overlap with it
         yield url
 
 

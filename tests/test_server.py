@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from fastapi.testclient import TestClient
 
 from hetero_moe.engine.scheduler import SchedulerConfig
 from hetero_moe.llm import LLM
@@ -35,7 +36,7 @@ def serving(llm: LLM, **config) -> Iterator[str]:
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
         time.sleep(0.05)
     try:
         yield f"http://127.0.0.1:{port}"
@@ -49,13 +50,15 @@ def llm(tiny) -> LLM:
     return LLM(tiny("DeepseekV3ForCausalLM").path, dtype="float32")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def url(llm) -> Iterator[str]:
+    """A server on the module's model for one test: tests that start servers of their own settings on it
+    never overlap with this one (one running server a model)."""
     with serving(llm) as u:
         yield u
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def client(url) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
 
@@ -170,6 +173,27 @@ def test_the_python_api_while_serving_goes_through_the_worker(llm) -> None:
         steps.close()  # closing early cancels what is left; the server keeps serving
         assert http() == alone
     assert llm.engine.driver is None and llm.chat(messages, max_tokens=12, temperature=0).text == alone
+
+
+def test_a_second_server_on_a_running_model_is_refused(llm) -> None:
+    """One thread runs a model: a second server on it (of any settings) does not start while the first
+    runs, and the first keeps the model, so the Python API still goes through it; after it stops, both work."""
+    messages = [{"role": "user", "content": "Hi"}]
+    alone = llm.chat(messages, max_tokens=4, temperature=0).text
+    with serving(llm) as u:
+        driver = llm.engine.driver
+        for config in ({}, {"batching": SchedulerConfig(max_batch=2)}):
+            app = create_app(llm, ServerConfig(served_model_name=MODEL, **config))
+            with pytest.raises(RuntimeError, match="already served by a running server"), TestClient(app):
+                pass  # its startup refuses
+            assert llm.engine.driver is driver
+        assert llm.chat(messages, max_tokens=4, temperature=0).text == alone
+        r = httpx.post(f"{u}/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 4,
+                                                         "temperature": 0}, timeout=60)  # fmt: skip
+        assert r.json()["choices"][0]["message"]["content"] == alone
+    assert llm.engine.driver is None
+    with serving(llm, batching=SchedulerConfig(max_batch=2)) as u:
+        assert llm.chat(messages, max_tokens=4, temperature=0).text == alone
 
 
 def test_multi_turn_chat(client, llm) -> None:
@@ -377,9 +401,10 @@ def test_api_key(llm) -> None:
         assert httpx.get(f"{u}/health", timeout=10).status_code == 200  # not a /v1 route
 
 
-def test_cors_only_when_asked(url, llm) -> None:
+def test_cors_only_when_asked(llm) -> None:
     headers = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"}
-    assert "access-control-allow-origin" not in httpx.options(f"{url}/v1/chat/completions", headers=headers).headers
+    with serving(llm) as u:
+        assert "access-control-allow-origin" not in httpx.options(f"{u}/v1/chat/completions", headers=headers).headers
     with serving(llm, allow_origins=("http://localhost:3000",)) as u:
         r = httpx.options(f"{u}/v1/chat/completions", headers=headers, timeout=10)
         assert r.headers["access-control-allow-origin"] == "http://localhost:3000"

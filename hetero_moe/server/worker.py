@@ -83,9 +83,13 @@ class EngineWorker:
 
     def start(self, *others: Engine) -> None:
         """Start stepping; from now on `stream` on this engine, and on `others` (engines over the same model),
-        comes here: one thread runs the model."""
-        self._driven = (self.engine, *others)
-        for engine in self._driven:
+        comes here: one thread runs the model. A model another running server steps is refused: two threads
+        would run it at once, and when one server stopped, the Python API would step it beside the other."""
+        driven = (self.engine, *others)
+        if any(engine.driver is not None for engine in driven):
+            raise RuntimeError("this model is already served by a running server in this process; stop that one first")
+        self._driven = driven
+        for engine in driven:
             engine.driver = self
         self._thread.start()
 
