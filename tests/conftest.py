@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+# The repository's root is no place to import from (`python -m pytest` puts it first on sys.path): its
+# kernels/ folder, installed as hetero_moe.kernels, would stand in for Hugging Face's `kernels` package,
+# which transformers 5.25 and later import.
+if Path(__file__).resolve().parents[1] in (Path(p or ".").resolve() for p in sys.path):
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parents[1]]
 
 import pytest
 import torch

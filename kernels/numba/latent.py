@@ -62,23 +62,24 @@ BLOCK = 4  # cache rows `attend` takes at a time: each head's query is loaded on
 
 
 @njit(inline="always", fastmath=True, cache=True)
+def _dots(cache, r0, r1, r2, r3, q):
+    """The dot products of `q [d]` with the cache rows r0..r3 of `cache [R, d]`."""
+    s0 = s1 = s2 = s3 = np.float32(0.0)
+    for c in range(q.shape[0]):
+        s0 += cache[r0, c] * q[c]
+        s1 += cache[r1, c] * q[c]
+        s2 += cache[r2, c] * q[c]
+        s3 += cache[r3, c] * q[c]
+    return s0, s1, s2, s3
+
+
+@njit(inline="always", fastmath=True, cache=True)
 def _scores(q_latent, q_pe, latent, pe, rows, i, j, scores) -> None:
     """Head j's scores against the cache rows `rows[i : i + BLOCK]`."""
     r0, r1, r2, r3 = rows[i], rows[i + 1], rows[i + 2], rows[i + 3]
-    s0 = s1 = s2 = s3 = np.float32(0.0)
-    for c in range(latent.shape[1]):
-        q = q_latent[j, c]
-        s0 += latent[r0, c] * q
-        s1 += latent[r1, c] * q
-        s2 += latent[r2, c] * q
-        s3 += latent[r3, c] * q
-    for c in range(pe.shape[1]):
-        q = q_pe[j, c]
-        s0 += pe[r0, c] * q
-        s1 += pe[r1, c] * q
-        s2 += pe[r2, c] * q
-        s3 += pe[r3, c] * q
-    scores[j, i], scores[j, i + 1], scores[j, i + 2], scores[j, i + 3] = s0, s1, s2, s3
+    a0, a1, a2, a3 = _dots(latent, r0, r1, r2, r3, q_latent[j])
+    b0, b1, b2, b3 = _dots(pe, r0, r1, r2, r3, q_pe[j])
+    scores[j, i], scores[j, i + 1], scores[j, i + 2], scores[j, i + 3] = a0 + b0, a1 + b1, a2 + b2, a3 + b3
 
 
 @njit(nogil=True, fastmath=True, cache=True)
