@@ -21,7 +21,7 @@ def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ},
+        env={**os.environ, "PYTHONSAFEPATH": "1"},  # `-m` would import the checkout's kernels/ as `kernels` (conftest)
     )
 
 
