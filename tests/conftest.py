@@ -11,8 +11,8 @@ from pathlib import Path
 # The repository's root is no place to import from (`python -m pytest` puts it first on sys.path): its
 # kernels/ folder, installed as hetero_moe.kernels, would stand in for Hugging Face's `kernels` package,
 # which transformers 5.25 and later import.
-if Path(__file__).resolve().parents[1] in (Path(p or ".").resolve() for p in sys.path):
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parents[1]]
+if (root := Path(__file__).resolve().parents[1]) in (Path(p or ".").resolve() for p in sys.path):
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
 
 import pytest
 import torch
