@@ -674,14 +674,21 @@ class CPUExperts(Op):
         idx = np.ascontiguousarray(index.numpy(), np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_experts):
             raise ValueError(f"expert index out of range: the layer has {self.num_experts} experts")
-        pairs = group_pairs(self.unpinned[idx], self.num_experts)
+        out = self.run(xf, self.unpinned[idx], np.ascontiguousarray(weights.float().numpy()))
+        return torch.from_numpy(out).to(x.dtype)
+
+    def run(self, xf: np.ndarray, idx: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """`forward` on numpy arrays: `xf [T, H]` float32 contiguous, `idx [T, k]` int64 experts in range (-1: none,
+        pinned), `weights [T, k]` float32 -> `[T, H]` float32."""
+        pairs = group_pairs(idx, self.num_experts)
         self.bytes_streamed += len(pairs.expert) * self.format.nbytes() // self.num_experts
         if len(pairs.token) == 0:  # every selected expert is pinned
-            return torch.zeros_like(x)
+            return np.zeros_like(xf)
         if isinstance(self.format, BlockFormat) and self.format.paging:
             self.format.will_need(pairs.expert)
-        big = np.diff(pairs.seg) >= self.torch_min_tokens
-        if not big.any():
+        # experts with torch_min_tokens tokens or more take torch's matmul (only long prefills have them)
+        big = np.diff(pairs.seg) >= self.torch_min_tokens if len(pairs.token) >= self.torch_min_tokens else None
+        if big is None or not big.any():
             y = self.format.run(xf, pairs, ROWS_PER_TASK)
         else:
             y = np.empty((len(pairs.token), self.hidden), np.float32)
@@ -692,8 +699,8 @@ class CPUExperts(Op):
                 tokens = torch.from_numpy(xf[pairs.token[rows]])
                 y[rows] = self._torch_expert(int(pairs.expert[u]), tokens).numpy()
         out = np.empty_like(xf)
-        combine(y, pairs.token, pairs.slot, np.ascontiguousarray(weights.float().numpy()), out)
-        return torch.from_numpy(out).to(x.dtype)
+        combine(y, pairs.token, pairs.slot, weights, out)
+        return out
 
     def pinned_forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The pinned experts' share of `forward`, on `pinned_device` (all three tensors there)."""

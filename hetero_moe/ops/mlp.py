@@ -124,7 +124,11 @@ class QuantGatedMLP(Op):
         self.forward(torch.zeros(1, self.hidden, dtype=self.dtype))  # compile or load the cached kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., H]
-        flat = x.reshape(-1, self.hidden).float().contiguous().numpy()
+        y = self.run(x.reshape(-1, self.hidden).float().contiguous().numpy())
+        return torch.from_numpy(y).to(x.dtype).view(x.shape)
+
+    def run(self, flat: np.ndarray) -> np.ndarray:
+        """`flat [T, H]` float32, contiguous -> `[T, H]` float32."""
         t = flat.shape[0]
         tokens = np.arange(t, dtype=np.int64)
         seg, expert = np.array([0, t], np.int64), np.zeros(1, np.int64)
@@ -133,4 +137,4 @@ class QuantGatedMLP(Op):
         k13.gate_up(k13.activations(flat), tokens, seg, expert, self.w13, self.s13, ROWS_PER_TASK, h)
         y = np.empty((t, self.hidden), np.float32)
         k2.down(k2.activations(h), seg, expert, self.w2, self.s2, ROWS_PER_TASK, y)
-        return torch.from_numpy(y).to(x.dtype).view(x.shape)
+        return y

@@ -11,18 +11,26 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hetero_moe.kernels.numba import router as router_kernels
 from hetero_moe.ops.base import BuildContext, Op, module_device
+from hetero_moe.ops.cpu_experts import BlockFormat, CPUExperts, GroupFormat
+from hetero_moe.ops.mlp import QuantGatedMLP
 from hetero_moe.ops.staging import HostStaging
 
 
 class MoEBlock(Op):
     """router → routed experts (+ shared experts), combined on the block's own device. Qwen3.5-MoE and
     Qwen3-Next name their one shared expert `shared_expert` and scale its output per token by the sigmoid
-    of `shared_expert_gate` (a linear to one value), computed beside it."""
+    of `shared_expert_gate` (a linear to one value), computed beside it.
+
+    A float32 block whose parts all run on the CPU, its routed experts (none pinned) and its shared experts on
+    the quantized kernels, runs on numpy arrays from end to end (`_numpy`), its router in Numba: every token,
+    prefill or decode, so a token's result does not depend on its batch."""
 
     container = True
 
@@ -35,6 +43,7 @@ class MoEBlock(Op):
         setattr(self, self.shared_name, getattr(hf, self.shared_name, None))
         self.shared_expert_gate = getattr(hf, "shared_expert_gate", None)  # [1, H] linear
         self.services = ctx.services
+        self.dtype = ctx.dtype
         self.staging: HostStaging | None = None
         self._forward = self._sequential
 
@@ -51,6 +60,27 @@ class MoEBlock(Op):
             # block's device does the rest
             self.staging = self.services.staging(self.device)
             self._forward = self._overlapped
+        elif self._numpy_lane() and self.gate.use_numba():
+            self._forward = self._numpy
+
+    def _numpy_lane(self) -> bool:
+        """Whether every part runs on the CPU in float32 numpy arrays: the experts' integer kernels (int4, int8
+        or GGUF blocks; none pinned) and shared experts, if any, on the quantized CPU kernels, ungated."""
+        experts = self.experts
+        return (
+            self.device.type == "cpu"
+            and self.dtype == torch.float32
+            and isinstance(experts, CPUExperts)
+            and isinstance(experts.format, GroupFormat | BlockFormat)
+            and not experts.pinned
+            and (self.shared is None or isinstance(self.shared, QuantGatedMLP))
+            and self.shared_expert_gate is None
+        )
+
+    @property
+    def numpy_lane(self) -> bool:
+        """Whether the block runs on numpy arrays, its router in Numba (see the class)."""
+        return self._forward == self._numpy
 
     @property
     def shared(self) -> nn.Module | None:
@@ -67,6 +97,17 @@ class MoEBlock(Op):
             out = out + self._pinned(x, index, weights)
         if self.shared is not None:
             out = out + self._shared(x).to(self.device)
+        return out
+
+    def _numpy(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.run(np.ascontiguousarray(x.detach().numpy())))
+
+    def run(self, xf: np.ndarray) -> np.ndarray:
+        """The block on numpy arrays (`numpy_lane` only): `xf [T, H]` float32, contiguous -> `[T, H]` float32."""
+        weights, index = self.gate.route(xf)
+        out = self.experts.run(xf, index, weights)
+        if self.shared is not None:
+            out += self.shared.run(xf)
         return out
 
     def _shared(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,8 +166,22 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out if bias is None else out + bias
 
 
+@dataclass(frozen=True)
+class Routing:
+    """A router's math as `kernels/numba/router.py` runs it (the arguments of its `route`)."""
+
+    scoring: int  # router_kernels.SOFTMAX or SIGMOID
+    num_group: int = 1
+    topk_group: int = 1  # groups kept; all of them: no group-limited choice
+    group_score: int = router_kernels.GROUP_MAX
+    renorm: bool = False  # the chosen weights divided by their sum + eps
+    eps: float = 0.0
+    scaling: float = 1.0
+
+
 class Router(Op):
-    """Base of the routers: `forward(x [T, H]) -> (weights [T, k], expert index [T, k])`."""
+    """Base of the routers: `forward(x [T, H]) -> (weights [T, k], expert index [T, k])`; `route`, the same in
+    Numba on numpy arrays, for the routers with a `numba_routing`."""
 
     fp32_logits = False  # logits from the weight and the input in float32, whatever the model's dtype
 
@@ -135,11 +190,41 @@ class Router(Op):
         self.top_k = hf.top_k
         self.num_experts = hf.weight.shape[0]
         self.weight = nn.Parameter(torch.empty(hf.weight.shape, dtype=ctx.dtype, device="meta"), requires_grad=False)
+        self.numba: tuple[Routing, np.ndarray, np.ndarray] | None = None  # set by `use_numba`
 
     def finalize(self) -> None:
         # on the CPU, widening the weight on every call took as long as the logits themselves
         if self.fp32_logits and self.device.type == "cpu":
             self.weight = nn.Parameter(self.weight.float(), requires_grad=False)
+
+    def numba_routing(self) -> Routing | None:
+        """This router's math for `route`; None where it has no Numba version."""
+        return None
+
+    def use_numba(self) -> bool:
+        """After `finalize`: make `route` ready where this router has a `numba_routing` and a float32 weight on the
+        CPU; whether it is."""
+        routing = self.numba_routing()
+        if routing is None or self.device.type != "cpu" or self.weight.dtype != torch.float32:
+            return False
+        bias = getattr(self, "e_score_correction_bias", None)
+        bias = np.zeros(self.num_experts, np.float32) if bias is None else bias.detach().float().numpy()
+        self.numba = (routing, self.weight.detach().numpy(), bias)
+        return True
+
+    def route(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`x [T, H]` float32, contiguous -> (weights `[T, k]` float32, expert index `[T, k]` int64), in Numba
+        (`use_numba` first)."""
+        r, w, bias = self.numba
+        logits = np.empty((x.shape[0], self.num_experts), np.float32)
+        router_kernels.logits(x, w, logits)
+        weights = np.empty((x.shape[0], self.top_k), np.float32)
+        index = np.empty((x.shape[0], self.top_k), np.int64)
+        router_kernels.route(
+            logits, bias, r.scoring, r.num_group, r.topk_group, r.group_score, r.renorm, r.eps, r.scaling,
+            weights, index,
+        )  # fmt: skip
+        return weights, index
 
 
 @dataclass(frozen=True)
@@ -175,6 +260,12 @@ class SigmoidRouter(Router):
         self.scaling = getattr(hf, "routed_scaling_factor", 1.0)
         self.register_buffer("e_score_correction_bias", torch.empty(self.num_experts, device="meta"))
 
+    def numba_routing(self) -> Routing:
+        return Routing(
+            router_kernels.SIGMOID, self.num_group, self.topk_group, router_kernels.GROUP_TOP2,
+            self.norm_topk_prob, self.routing.eps, self.scaling,
+        )  # fmt: skip
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fp32_logits:
             scores = router_logits(x.float(), self.weight.float()).sigmoid()  # [T, E]
@@ -209,6 +300,11 @@ class DeepseekV2Router(Router):
         self.num_group, self.topk_group = hf.num_group, hf.topk_group
         self.scaling = hf.routed_scaling_factor
 
+    def numba_routing(self) -> Routing:
+        # groups left out: their scores set to 0 here, -inf there; the same choice while k <= the experts kept
+        groups = (self.num_group, self.topk_group) if self.topk_method == "group_limited_greedy" else (1, 1)
+        return Routing(router_kernels.SOFTMAX, *groups, router_kernels.GROUP_MAX, scaling=self.scaling)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores = router_logits(x.float(), self.weight.float()).softmax(dim=-1, dtype=torch.float32)  # [T, E]
         if self.topk_method == "group_limited_greedy":
@@ -230,6 +326,9 @@ class QwenRouter(Router):
     def __init__(self, hf: nn.Module, ctx: BuildContext) -> None:
         super().__init__(hf, ctx)
         self.norm_topk_prob = getattr(hf, "norm_topk_prob", True)
+
+    def numba_routing(self) -> Routing:
+        return Routing(router_kernels.SOFTMAX, renorm=self.norm_topk_prob)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = router_logits(x, self.weight)  # [T, E]
@@ -255,6 +354,9 @@ class TopkSoftmaxRouter(Router):
 
 class MixtralRouter(Router):
     """Softmax of the logits in float32, top-k, always renormalised; weights stay float32."""
+
+    def numba_routing(self) -> Routing:
+        return Routing(router_kernels.SOFTMAX, renorm=True)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = router_logits(x, self.weight)  # [T, E]
