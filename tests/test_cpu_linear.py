@@ -150,7 +150,7 @@ def test_whole_model_quantized_on_the_cpu(tiny, arch: str, rules: str) -> None:
 )
 def test_latent_decode_fused_on_the_cpu_is_its_per_op_path(tiny, arch: str, overrides: dict) -> None:
     """Decode tokens of absorbed latent attention quantized on the CPU run from projections to o_proj on numpy
-    arrays (`_decode_fused`), and the layers' residual adds and norms in Numba; teacher-forced, every step's
+    arrays (`decode`), and the layers' residual adds and norms in Numba; teacher-forced, every step's
     logits stay those of the per-op path (torch's modules), within float32 rounding (which may move an int8
     activation by one step)."""
     from hetero_moe.bench.teacher import TeacherForced
@@ -168,7 +168,7 @@ def test_latent_decode_fused_on_the_cpu_is_its_per_op_path(tiny, arch: str, over
     calls = []
     for m in fused.placed.model.modules():
         if isinstance(m, MLAAttention):
-            m._decode_fused = lambda *args, run=m._decode_fused: calls.append(1) or run(*args)
+            m.decode = lambda *args, run=m.decode: calls.append(1) or run(*args)
     ids = [0, 5, 17, 42, 99, 7, 3, 100, 200, 11, 64, 1, 2, 3, 250, 251, 9, 8, 30, 31]
     caches = [TeacherForced(m.runner, len(ids)) for m in (per_op, fused)]
     worst = 0.0

@@ -146,9 +146,12 @@ def test_overlapped_moe_equals_sequential(tiny, arch: str, rules: str) -> None:
     """The worker-thread path with staging buffers (pinned on a GPU box, plain here) gives the very
     tokens of the sequential path, shared experts or not."""
     llm = LLM(tiny(arch).path, rules=rules, dtype="float32")
-    sequential = llm.generate(PROMPT, max_tokens=12, temperature=0, ignore_eos=True).token_ids
     blocks = [m for m in llm.placed.model.modules() if isinstance(m, MoEBlock)]
     assert blocks and not any(b.staging for b in blocks)  # all on the CPU: no overlap
+    for b in blocks:  # routed by torch, as a block beside a GPU routes (not the quantized blocks' numpy lane)
+        b._forward = b._sequential
+    llm.runner.numpy_decode = False
+    sequential = llm.generate(PROMPT, max_tokens=12, temperature=0, ignore_eos=True).token_ids
     staging = HostStaging(torch.device("cpu"))
     for b in blocks:  # what finalize does for a block on a GPU with its experts on the CPU
         b.staging, b._forward = staging, b._overlapped

@@ -87,32 +87,61 @@ class LayerTimer:
     """Wall time of each decoder layer (from its input norm, or the module in `starts`, to the end of its MLP or
     MoE block, as the runner calls them) and of each routed experts call, on forward hooks that wait for the
     GPU first; used in a separate profiled pass only. Our runner's layers start at their attention: its
-    residual adds and norms need not be modules (`AddNorm`)."""
+    residual adds and norms need not be modules (`AddNorm`). Where the runner calls no module (its numpy decode
+    lane: the attention's `decode`, the MLP's `run`), the timer wraps those methods, and it times the CPU
+    experts by their `run`, which both their module and a block's numpy lane call; a layer's clock starts at
+    whichever comes first and stops at whichever ends first."""
 
     def __init__(self, layers: list[nn.Module], experts: list[nn.Module], sync, starts=None) -> None:
         self.sync = sync
         self.layer_s = [0.0] * len(layers)
         self.experts_s = 0.0
         self.handles = []
+        self.wrapped: list[tuple[object, str]] = []
         starts = starts or [layer.input_layernorm for layer in layers]
         for i, (layer, start) in enumerate(zip(layers, starts, strict=True)):
             self.handles.append(start.register_forward_pre_hook(self._start(("layer", i))))
             self.handles.append(layer.mlp.register_forward_hook(self._stop(("layer", i))))
+            self._wrap(start, "decode", ("layer", i), stops=False)
+            self._wrap(layer.mlp, "run", ("layer", i), stops=True)
         for e in experts:
-            self.handles.append(e.register_forward_pre_hook(self._start(("experts", 0))))
-            self.handles.append(e.register_forward_hook(self._stop(("experts", 0))))
+            if not self._wrap(e, "run", ("experts", 0), starts=True, stops=True):
+                self.handles.append(e.register_forward_pre_hook(self._start(("experts", 0))))
+                self.handles.append(e.register_forward_hook(self._stop(("experts", 0))))
         self.started: dict[tuple, float] = {}
         self.step_s = 0.0  # mean wall time of a step of the pass it timed, set by whoever runs it
 
+    def _wrap(self, obj, name: str, key: tuple, starts: bool = True, stops: bool = True) -> bool:
+        """Time `obj.name(...)` (a method it may lack) under `key`: start before the call, stop after it."""
+        method = getattr(obj, name, None)
+        if method is None:
+            return False
+        start, stop = self._start(key), self._stop(key)
+
+        def timed(*args):
+            if starts:
+                start(obj, args)
+            out = method(*args)
+            if stops:
+                stop(obj, args, out)
+            return out
+
+        setattr(obj, name, timed)
+        self.wrapped.append((obj, name))
+        return True
+
     def _start(self, key):
         def hook(module, args):
-            self.sync()
-            self.started[key] = time.perf_counter()
+            if key not in self.started:
+                self.sync()
+                self.started[key] = time.perf_counter()
 
         return hook
 
     def _stop(self, key):
         def hook(module, args, out):
+            if key not in self.started:
+                return
             self.sync()
             seconds = time.perf_counter() - self.started.pop(key)
             if key[0] == "layer":
@@ -125,6 +154,8 @@ class LayerTimer:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        for obj, name in self.wrapped:
+            delattr(obj, name)
 
 
 @dataclass(frozen=True)

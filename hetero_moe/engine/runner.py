@@ -8,18 +8,24 @@ buffers hold a state per sequence slot instead of KV rows. The residual
 stream stays on each decoder layer's device; modules on other devices get their input moved there.
 Each residual add goes with the norm after it; in a layer whose attention runs fused on the CPU (quantized,
 float32: already rounded apart from the per-op path) both are one Numba call (`kernels/numba/norm.py`).
+When every layer runs so, its MLP or MoE block on the quantized CPU kernels too, a step of decode tokens goes
+through the layers on numpy arrays (`_numpy_layers`): the same calls and bits, without a torch tensor between
+them.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 from hetero_moe.engine.kv_cache import Batch
 from hetero_moe.inject.injector import PlacedModel
 from hetero_moe.kernels.numba import norm as norm_kernels
+from hetero_moe.ops.attention import MLAAttention
 from hetero_moe.ops.base import module_device
 from hetero_moe.ops.linear_attention import is_recurrent, token_mixer
+from hetero_moe.ops.mlp import QuantGatedMLP
 from hetero_moe.ops.moe import MoEBlock
 from hetero_moe.ops.rope import Rope
 from hetero_moe.ops.staging import OverlapStats
@@ -54,6 +60,8 @@ class ModelRunner:
         paged = [m for m in self.mixers if not is_recurrent(m)] or self.mixers
         self.cache_device = module_device(paged[0])  # where the KV cache pool lives
         self.routed_experts = [m.experts for m in placed.model.modules() if isinstance(m, MoEBlock)]
+        layers = zip(self.layers, self.mixers, self.add_norms, strict=True)
+        self.numpy_decode = self.embed_device.type == "cpu" and all(_numpy_layer(*x) for x in layers)
 
     def routed_bytes(self) -> int:
         """Weight bytes the routed experts have streamed so far: per call, those of the distinct experts."""
@@ -86,6 +94,11 @@ class ModelRunner:
         h = self.embed(batch.ids.to(self.embed_device))  # [N, H]
         rope_device = self.rotary.inv_freq.device
         rope_out = self.rotary(h.to(rope_device)[None], batch.positions.to(rope_device)[None])
+        if self.numpy_decode and all(s.count == 1 for s in batch.seqs):
+            rope = self.placed.arch.rope(self.config, _to(rope_out, torch.device("cpu")))
+            pairs = [m.decode_pairs(rope) for m in self.mixers]
+            if all(p is not None for p in pairs):
+                return self._head(torch.from_numpy(self._numpy_layers(h.numpy(), pairs, buffers, batch)), batch)
         ropes: dict[torch.device, Rope] = {}
         delta = None  # the last layer's MLP output, added to the residual stream with the next norm
         for i, layer in enumerate(self.layers):
@@ -97,8 +110,22 @@ class ModelRunner:
             attn = self.mixers[i](x.to(attn_dev), ropes[attn_dev], buffers[i], batch.seqs)
             h, x = post(h, attn.to(dev), post_dev)
             delta = layer.mlp(x.to(mlp_dev))
-        h = (h + delta.to(h.device))[batch.sample_rows]
-        h = self.norm(h.to(self.norm_device))
+        return self._head(h + delta.to(h.device), batch)
+
+    def _numpy_layers(self, h: np.ndarray, pairs: list[tuple], buffers: list, batch: Batch) -> np.ndarray:
+        """The decoder layers over decode tokens `h [N, H]` (float32) on numpy arrays (`numpy_decode`) -> the
+        residual stream after the last layer."""
+        delta = None
+        for i, layer in enumerate(self.layers):
+            pre, post = self.add_norms[i]
+            h, x = pre.numpy(h, delta)
+            attn = self.mixers[i].decode(x, pairs[i], buffers[i], batch.seqs)
+            h, x = post.numpy(h, attn)
+            delta = layer.mlp.run(x)
+        return h + delta
+
+    def _head(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
+        h = self.norm(h[batch.sample_rows].to(self.norm_device))
         return self.lm_head(h.to(self.head_device)).float()
 
     def close(self) -> None:
@@ -120,14 +147,17 @@ class AddNorm:
 
     def __call__(self, h: torch.Tensor, delta: torch.Tensor | None, device: torch.device):
         if self.fast:
-            hs = h.numpy()
-            if delta is None:
-                return h, torch.from_numpy(norm_kernels.rms_norm(hs, self.weight, self.eps))
-            total, normed = norm_kernels.add_rms_norm(hs, delta.float().numpy(), self.weight, self.eps)
+            total, normed = self.numpy(h.numpy(), None if delta is None else delta.float().numpy())
             return torch.from_numpy(total), torch.from_numpy(normed)
         if delta is not None:
             h = h + delta
         return h, self.norm(h.to(device))
+
+    def numpy(self, h: np.ndarray, delta: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """The `fast` step on float32 numpy arrays."""
+        if delta is None:
+            return h, norm_kernels.rms_norm(h, self.weight, self.eps)
+        return norm_kernels.add_rms_norm(h, delta, self.weight, self.eps)
 
 
 def _add_norms(layer: nn.Module, attn: nn.Module) -> tuple[AddNorm, AddNorm]:
@@ -135,6 +165,14 @@ def _add_norms(layer: nn.Module, attn: nn.Module) -> tuple[AddNorm, AddNorm]:
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
     fast = getattr(attn, "fused", False) and all(map(_plain, norms))
     return AddNorm(norms[0], fast), AddNorm(norms[1], fast)
+
+
+def _numpy_layer(layer: nn.Module, attn: nn.Module, norms: tuple[AddNorm, AddNorm]) -> bool:
+    """Whether a decoder layer's decode tokens can go through it on numpy arrays: Numba norms (so its latent
+    attention is fused), and its MLP or MoE block on the quantized CPU kernels."""
+    mlp = layer.mlp
+    numpy_mlp = isinstance(mlp, QuantGatedMLP) or (isinstance(mlp, MoEBlock) and mlp.numpy_lane)
+    return isinstance(attn, MLAAttention) and all(n.fast for n in norms) and numpy_mlp
 
 
 def _plain(norm: nn.Module) -> bool:

@@ -84,6 +84,11 @@ class MLACache(PagedRows):
     latent: torch.Tensor  # [capacity, kv_lora_rank], after kv_a_layernorm
     k_pe: torch.Tensor  # [capacity, qk_rope_head_dim], rotated
 
+    @cached_property
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """numpy views of `latent` and `k_pe` (CPU tensors only), made once."""
+        return self.latent.numpy(), self.k_pe.numpy()
+
 
 @dataclass
 class DSACache(MLACache):
@@ -329,8 +334,8 @@ class MLAAttention(Op):
     def forward(self, x: torch.Tensor, rope: Rope, cache: MLACache, seqs: list[SeqSlice]) -> torch.Tensor:
         """`x [N, H]` -> `[N, H]`. Decode tokens (a sequence's one token of the step) take `_decode_fused`
         where the op allows it, whatever else the step holds, so a token's bits do not depend on its batch."""
-        pairs = getattr(rope, "pairs", None) if self.fused else None  # a layout the latent kernels rotate
-        if pairs is None or pairs[1].shape[1] * 2 != self.rope_dim:
+        pairs = self.decode_pairs(rope)
+        if pairs is None:
             return self._per_op(x, rope, cache, seqs)
         one = [s for s in seqs if s.count == 1]
         if not one:
@@ -343,15 +348,22 @@ class MLAAttention(Op):
         out[torch.cat([torch.arange(s.begin, s.begin + s.count) for s in many])] = self._per_op(x, rope, cache, many)
         return out
 
+    def decode_pairs(self, rope: Rope) -> tuple | None:
+        """The rotary tables `decode` takes (`Rope.pairs`), or None where decode tokens take the per-op path."""
+        pairs = getattr(rope, "pairs", None) if self.fused else None  # a layout the latent kernels rotate
+        return None if pairs is None or pairs[1].shape[1] * 2 != self.rope_dim else pairs
+
     def _decode_fused(self, x: torch.Tensor, pairs: tuple, cache: MLACache, seqs: list[SeqSlice]) -> torch.Tensor:
-        """One token of each of `seqs` (rows `s.begin` of `x`), absorbed, on numpy arrays from the projections
-        to o_proj: the quantized kernels, and `kernels/numba/latent.py` for the norm, rotary, cache rows and
-        query split, and for the attention over the cache -> `[len(seqs), H]`.
-        `pairs`: the rotary layout and per-pair tables of all N tokens (`Rope.pairs`)."""
+        return torch.from_numpy(self.decode(x.detach().float().numpy(), pairs, cache, seqs))
+
+    def decode(self, xs: np.ndarray, pairs: tuple, cache: MLACache, seqs: list[SeqSlice]) -> np.ndarray:
+        """One token of each of `seqs` (rows `s.begin` of `xs [N, H]` float32), absorbed, on numpy arrays from
+        the projections to o_proj: the quantized kernels, and `kernels/numba/latent.py` for the norm, rotary,
+        cache rows and query split, and for the attention over the cache -> `[len(seqs), H]` float32.
+        `pairs`: the rotary layout and per-pair tables of all N tokens (`decode_pairs`)."""
         layout, cos, sin = pairs
-        xs = x.detach().float().numpy()
         tokens = [s.begin for s in seqs]
-        if tokens != list(range(x.shape[0])):
+        if tokens != list(range(xs.shape[0])):
             xs, cos, sin = xs[tokens], cos[tokens], sin[tokens]
         y = self._stack.run(np.ascontiguousarray(xs))
         q_width = self.num_heads * (self.nope_dim + self.rope_dim)
@@ -365,7 +377,7 @@ class MLAAttention(Op):
         new_rows = seqs[0].new_index if t == 1 else np.concatenate([s.new_index for s in seqs])
         q_nope = np.empty((h * t, self.nope_dim), np.float32)
         q_pe = np.empty((t, h, self.rope_dim), np.float32)
-        latent, k_pe = cache.latent.numpy(), cache.k_pe.numpy()
+        latent, k_pe = cache.arrays
         latent_kernels.prepare(
             q, kv, h, self.nope_dim, self._kv_norm, self.kv_a_layernorm.variance_epsilon,
             cos, sin, layout, latent, k_pe, new_rows, q_nope, q_pe,
@@ -376,7 +388,7 @@ class MLAAttention(Op):
         for i, s in enumerate(seqs):
             latent_kernels.attend(q_latent[:, i], q_pe[i], latent, k_pe, s.all_index, self.scaling, groups, out[:, i])
         v = self._uv_heads.rows(out.reshape(h * t, -1)).reshape(h, t, self.v_dim).transpose(1, 0, 2)  # [T, h, v]
-        return torch.from_numpy(self.o_proj.run(np.ascontiguousarray(v).reshape(t, -1)))
+        return self.o_proj.run(np.ascontiguousarray(v).reshape(t, -1))
 
     def _per_op(self, x: torch.Tensor, rope: Rope, cache: MLACache, seqs: list[SeqSlice]) -> torch.Tensor:
         n = x.shape[0]
