@@ -219,9 +219,9 @@ def ref_layout(fmt: int, g: int, xq: np.ndarray, a: np.ndarray):
     return laid, ascale, bias
 
 
-def kernels(isa: str, fmt: int, g: int, kind: int) -> int8dot.Kernels:
+def kernels(isa: str, fmt: int, g: int, kind: int, pairs: bool = False) -> int8dot.Kernels:
     backend = int8dot.Backend(isa) if isa in EMULATED else int8dot.select_backend(isa)
-    return backend.kernels(FORMATS[fmt], g, kind)
+    return backend.kernels(FORMATS[fmt], g, kind, pairs=pairs)
 
 
 @njit(cache=True)
@@ -655,6 +655,40 @@ def test_token_alone_or_tiled_gives_the_same_bits(isa: str, fmt: int) -> None:
     linear_all = k.linear(k.activations(x), w2[0], s2[0], 4)
     for t in range(11):
         assert_bits(linear_all[t : t + 1], k.linear(k.activations(x[t : t + 1]), w2[0], s2[0], 4))
+
+
+def in_pairs(w: np.ndarray, span: int) -> np.ndarray:
+    """`w [..., O, B]` with its rows in pairs (`simd.PAIRS`), built here from the layout's definition."""
+    *lead, rows, row_bytes = w.shape
+    paired = w.reshape(*lead, rows // 2, 2, row_bytes // span, span)
+    return np.ascontiguousarray(np.moveaxis(paired, -3, -2)).reshape(w.shape)
+
+
+@pytest.mark.parametrize(
+    ("isa", "fmt", "g", "kind"),
+    [(isa, *spec) for isa in PRIMARY for spec in SPECS] + [(isa, *SPECS[0]) for isa in OTHERS],
+)
+def test_rows_in_pairs_give_each_rows_bits(isa: str, fmt: int, g: int, kind: int) -> None:
+    """Experts whose rows are stored in pairs give the bits of the same rows stored one after another: 1 to 17
+    tokens (tiles of 1, 2 and 4), tasks of 2 and 6 rows (and of 3: an error, they would split pairs)."""
+    rng = np.random.default_rng(g + fmt)
+    span = spans(fmt, g)[0]
+    per_byte = 2 if fmt == INT4 else 1
+    e, inter, hidden = 3, 3 * span * per_byte, 2 * span * per_byte  # rows of 2 and 3 whole spans
+    w13, s13, w2, s2 = random_experts(rng, fmt, g, e, inter, hidden, kind)
+    p13, p2 = in_pairs(w13, span), in_pairs(w2, span)
+    assert not np.array_equal(p13, w13) and not np.array_equal(p2, w2)
+    k, kp = kernels(isa, fmt, g, kind), kernels(isa, fmt, g, kind, pairs=True)
+    for tokens in (1, 2, 3, 17):
+        x = random_tokens(rng, tokens, hidden)
+        index = route(rng, tokens, 2, e)
+        for rows in (2, 6):
+            *_, h, y = run_experts(k, x, index, e, w13, s13, w2, s2, inter, rows)
+            *_, hp, yp = run_experts(kp, x, index, e, p13, s13, p2, s2, inter, rows)
+            assert_bits(hp, h)
+            assert_bits(yp, y)
+    with pytest.raises(ValueError, match="even rows"):
+        run_experts(kp, x, index, e, p13, s13, p2, s2, inter, 3)
 
 
 @pytest.mark.parametrize(("fmt", "g", "kind"), SHIPPED)

@@ -32,9 +32,9 @@ from hetero_moe.kernels.numba import fp8 as fp8_kernels
 from hetero_moe.kernels.numba import mxfp4 as mxfp4_kernels
 from hetero_moe.kernels.numba.common import combine, group_by_expert
 from hetero_moe.kernels.numba.int4 import SCALE_BF16, SCALE_FP16
-from hetero_moe.kernels.numba.int8dot import Kernels, quantize_int8_fast, read_only, select_backend
+from hetero_moe.kernels.numba.int8dot import Kernels, pair_rows, quantize_int8_fast, read_only, select_backend
 from hetero_moe.kernels.numba.quantize import quantize_int4_fast
-from hetero_moe.kernels.numba.simd import choose_isa
+from hetero_moe.kernels.numba.simd import INT4, INT8, choose_isa, spans
 from hetero_moe.kernels.quant import (
     INT4_SCALE_DTYPES,
     check_int4_settings,
@@ -101,16 +101,27 @@ class Pairs:
 class GroupFormat:
     """Group-wise symmetric INT4 or INT8 with bf16 or fp16 scales, in the layout of the int8-activation
     kernels (`kernels/numba/int8dot.py`): per matrix `codes [E, O, B] uint8` (B = Ip / 2 for INT4, Ip for
-    INT8) and `scales [E, O, Ip / g] uint16`; gate and up rows stacked in `w13`."""
+    INT8) and `scales [E, O, Ip / g] uint16`; gate and up rows stacked in `w13`. With `pairs` (the integer
+    kernels' backends), each array whose rows are whole spans and whose matrices have an even number of
+    rows holds its codes with rows in pairs (`simd.PAIRS`, `int8dot.pair_rows`); `span13` and `span2` are
+    then their span bytes (None: rows as they are)."""
 
-    def __init__(self, e: int, inter: int, hidden: int, kw: CPUExpertsKwargs) -> None:
+    def __init__(self, e: int, inter: int, hidden: int, kw: CPUExpertsKwargs, pairs: bool = False) -> None:
         self.quant, self.g = kw.quant, kw.group_size
         self.sdtype = INT4_SCALE_DTYPES[kw.scale_dtype]
         self.kind = SCALE_BF16 if kw.scale_dtype == "bf16" else SCALE_FP16
         self.e, self.inter, self.hidden = e, inter, hidden
         self.hp, self.ip = padded(hidden, self.g), padded(inter, self.g)
         self.per_byte = 2 if kw.quant == "int4" else 1  # elements per code byte
-        self.kernels: Kernels | None = None  # bound at finalize
+        span = spans(INT4 if kw.quant == "int4" else INT8, self.g)[0]
+        self.span13 = span if pairs and inter % 2 == 0 and self.hp // self.per_byte % span == 0 else None
+        self.span2 = span if pairs and hidden % 2 == 0 and self.ip // self.per_byte % span == 0 else None
+        self.kernels: tuple[Kernels, Kernels] | None = None  # bound at finalize
+
+    @property
+    def row_pairs(self) -> tuple[bool, bool]:
+        """Whether `w13` and `w2` hold their rows in pairs."""
+        return self.span13 is not None, self.span2 is not None
 
     def nbytes(self) -> int:
         per_expert = 2 * self.inter * (self.hp // self.per_byte + 2 * self.hp // self.g)
@@ -135,20 +146,24 @@ class GroupFormat:
         codes, scales = quantize(w, self.g, self.sdtype)
         bits = scales.view(torch.int16).numpy().view(np.uint16)
         if proj == 2:
-            self.w2[expert], self.s2[expert] = codes.numpy(), bits
+            _write_rows(self.w2[expert], slice(0, self.hidden), codes.numpy(), self.span2)
+            self.s2[expert] = bits
         else:
             rows = slice(proj * self.inter, (proj + 1) * self.inter)
-            self.w13[expert, rows], self.s13[expert, rows] = codes.numpy(), bits
+            _write_rows(self.w13[expert], rows, codes.numpy(), self.span13)
+            self.s13[expert, rows] = bits
 
     def store_fp8(self, expert: int, proj: int, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> None:
         self.store(expert, proj, dequantize_fp8_blocks(w, scale, block))
 
     def dequantize(self, expert: int, proj: int) -> torch.Tensor:
         if proj == 2:
-            codes, bits, in_dim = self.w2[expert], self.s2[expert], self.inter
+            rows, bits, in_dim = slice(0, self.hidden), self.s2[expert], self.inter
+            codes = _read_rows(self.w2[expert], rows, self.span2)
         else:
             rows = slice(proj * self.inter, (proj + 1) * self.inter)
-            codes, bits, in_dim = self.w13[expert, rows], self.s13[expert, rows], self.hidden
+            bits, in_dim = self.s13[expert, rows], self.hidden
+            codes = _read_rows(self.w13[expert], rows, self.span13)
         dequantize = dequantize_int4 if self.quant == "int4" else dequantize_int8
         # copies: the cached arrays are read-only memory maps
         scales = torch.from_numpy(bits.view(np.int16).copy()).view(self.sdtype)
@@ -165,16 +180,34 @@ class GroupFormat:
         return True
 
     def bind(self, isa: str | None) -> None:
-        self.kernels = select_backend(isa).kernels(self.quant, self.g, self.kind)
+        backend = select_backend(isa)
+        self.kernels = tuple(backend.kernels(self.quant, self.g, self.kind, pairs=p) for p in self.row_pairs)
         self.w13, self.s13, self.w2, self.s2 = (read_only(a) for a in (self.w13, self.s13, self.w2, self.s2))
 
     def run(self, x: np.ndarray, pairs: Pairs, rows: int) -> np.ndarray:
-        k = self.kernels
+        k13, k2 = self.kernels
         h = np.empty((len(pairs.token), self.inter), np.float32)
-        k.gate_up(k.activations(x), pairs.token, pairs.seg, pairs.expert, self.w13, self.s13, rows, h)
+        k13.gate_up(k13.activations(x), pairs.token, pairs.seg, pairs.expert, self.w13, self.s13, rows, h)
         y = np.empty((len(pairs.token), self.hidden), np.float32)
-        k.down(k.activations(h), pairs.seg, pairs.expert, self.w2, self.s2, rows, y)
+        k2.down(k2.activations(h), pairs.seg, pairs.expert, self.w2, self.s2, rows, y)
         return y
+
+
+def _write_rows(a: np.ndarray, rows: slice, codes: np.ndarray, span: int | None) -> None:
+    """`codes [n, B]` into rows `rows` of `a [O, B]`: as they are, or (`span` bytes) in pairs (`rows.start` even)."""
+    if span is None:
+        a[rows] = codes
+        return
+    paired = codes.reshape(-1, 2, codes.shape[1] // span, span).transpose(0, 2, 1, 3)
+    pair_rows(a, span)[rows.start // 2 : rows.stop // 2] = paired
+
+
+def _read_rows(a: np.ndarray, rows: slice, span: int | None) -> np.ndarray:
+    """Rows `rows` of `a [O, B]` as written by `_write_rows`, `[n, B]` in row order."""
+    if span is None:
+        return a[rows]
+    paired = pair_rows(a, span)[rows.start // 2 : rows.stop // 2]
+    return paired.transpose(0, 2, 1, 3).reshape(rows.stop - rows.start, a.shape[1])
 
 
 class BlockFormat:
@@ -505,6 +538,8 @@ class CPUExperts(Op):
                 f"quant mxfp4 runs gpt-oss's MXFP4 experts as its release stores them; {type(hf).__name__} "
                 f"experts take int4, int8, fp8 or bf16"
             )
+        elif FORMATS[kwargs.quant] is GroupFormat:  # rows in pairs for the integer kernels (not the float ones)
+            self.format = GroupFormat(e, self.inter, h, kwargs, pairs=choose_isa(ctx.services.cpu_isa) != "float")
         else:
             self.format = FORMATS[kwargs.quant](e, self.inter, h, kwargs)
         self.threads = ctx.cpu_threads
@@ -611,6 +646,8 @@ class CPUExperts(Op):
         if isinstance(self.format, BlockFormat) and not self.format.shapes():  # all read in place
             return False
         settings = {**asdict(self.kwargs), "shape": [self.num_experts, self.inter, self.hidden]}
+        if isinstance(self.format, GroupFormat):
+            settings["row_pairs"] = list(self.format.row_pairs)
         if self.block_type is not None:
             settings["block_type"] = self.block_type
         self.cache = self.converted.entry(name, sources, settings)

@@ -62,6 +62,7 @@ from hetero_moe.kernels.numba.simd import (
     LOOKUP,
     MXFP4,
     NIBBLES,
+    PAIRS,
     Q4_0,
     Q4_K,
     Q6_K,
@@ -257,6 +258,8 @@ def check(simd, w, scales, xq, ascale, bias) -> None:
         gps *= 2
     else:
         fits = row_bytes % 16 == 0 and scales.shape[-1] * span_bytes == gps * row_bytes
+    if simd.pairs:  # rows in pairs: whole spans, whole pairs
+        fits = fits and row_bytes % span_bytes == 0 and w.shape[-2] % 2 == 0
     if not fits or w.shape[:-1] != scales.shape[:-1]:
         raise ValueError("weights and scales do not fit the backend's format and group size")
     if xq.shape[1] < n * span_elems or ascale.shape[1] < n * gps or bias.shape[1] < n * 16:
@@ -290,6 +293,8 @@ def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3,
         raise ValueError("w1 and w3 must hold the I gate and up rows of every expert")
     if h.shape[0] < pair_token.shape[0]:
         raise ValueError("h must hold one row per pair")
+    if simd.pairs and (rows_per_task % 2 or up_row % 2):
+        raise ValueError("rows in pairs take tasks and up rows that start at even rows")
     chunks = (inter + rows_per_task - 1) // rows_per_task
     for task in prange(seg_expert.shape[0] * chunks):
         u, c = task // chunks, task % chunks
@@ -321,6 +326,8 @@ def down(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, y):
     check(simd, w2, s2, xq, ascale, bias)
     if w2.shape[1] != hidden or xq.shape[0] < seg[-1] or y.shape[0] < seg[-1]:
         raise ValueError("w2 must hold H rows, and h and y one row per pair")
+    if simd.pairs and rows_per_task % 2:
+        raise ValueError("rows in pairs take tasks that start at even rows")
     chunks = (hidden + rows_per_task - 1) // rows_per_task
     for task in prange(seg_expert.shape[0] * chunks):
         u, c = task // chunks, task % chunks
@@ -585,20 +592,30 @@ class Backend:
 
     name: str
 
-    def kernels(self, fmt: str, g: int, kind: int) -> Kernels:
+    def kernels(self, fmt: str, g: int, kind: int, pairs: bool = False) -> Kernels:
         """`fmt` one of `FORMATS`, with a group size `g` and scale `kind` (int4.SCALE_BF16, SCALE_FP16, or
         simd.SCALE_F32) that `simd.VALID` allows for it. The formats beyond INT4 and INT8 (GGUF blocks
         repacked, `kernels/ggml_blocks.py`) have integer kernels only: on the `float` backend they are a
-        ValueError."""
+        ValueError. `pairs`: weights whose rows are stored in pairs (`simd.PAIRS`, `pair_rows`), which only
+        the integer kernels read."""
         groups, kinds = VALID.get(FORMATS.get(fmt, -1), ((), ()))
         if g not in groups or kind not in kinds:
             raise ValueError(f"no kernels for format {fmt!r}, group {g!r}, scale kind {kind!r}")
+        if pairs and (self.name == "float" or FORMATS[fmt] not in PAIRS):
+            raise ValueError(f"no kernels for {fmt} rows in pairs on the {self.name} backend")
         if self.name == "float" and (fmt not in ("int4", "int8") or kind == SCALE_F32 or g not in (32, 64, 128)):
             raise ValueError(
                 f"{fmt} weights with group {g} run on the integer kernels, which need AVX2; this CPU has only "
                 f"the float backend"
             )
-        return _kernels(self.name, FORMATS[fmt], g, kind)
+        return _kernels(self.name, FORMATS[fmt], g, kind, pairs)
+
+
+def pair_rows(a: np.ndarray, span_bytes: int) -> np.ndarray:
+    """A view of weights `a [..., O, B]` (C-contiguous) stored with rows in pairs (`simd.PAIRS`; O even, B a
+    multiple of `span_bytes`): `view[..., p, s, i]` holds the `span_bytes` bytes of span s of row 2p + i."""
+    *lead, rows, row_bytes = a.shape
+    return a.reshape(*lead, rows // 2, row_bytes // span_bytes, 2, span_bytes)
 
 
 def select_backend(name: str | None = None) -> Backend:
@@ -627,11 +644,11 @@ def _fp16(kind: int) -> np.ndarray:
 
 
 @functools.cache
-def _kernels(isa: str, fmt: int, g: int, kind: int) -> Kernels:
+def _kernels(isa: str, fmt: int, g: int, kind: int, pairs: bool = False) -> Kernels:
     fp16 = _fp16(kind)
     if isa == "float":
         return _float_kernels(fmt, g, kind, fp16)
-    simd = Simd(isa, fmt, g, kind)
+    simd = Simd(isa, fmt, g, kind, pairs)
     act_fmt = BLOCK_ROWS.get(fmt, (fmt,))[0]  # rows of blocks take their codes' activations
 
     def activations(x: np.ndarray) -> tuple:
