@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Downloads the pure-Python (and pydantic-core's binary) wheels the device box lacks into
+# Downloads the wheels the device box lacks (pure Python but pydantic-core and llguidance) into
 # benchmarks/device-wheels/ (ignored by git), for Python 3.12 on x86-64 Linux, so that a `run` call can
 # carry them: carry ["benchmarks/device-wheels"]. benchmarks/device-check.sh installs them with
 # `pip install --no-index --no-deps --target`. Run it here, where PyPI is reachable; it skips what is
-# already there. Only the server needs these (fastapi and its kin); the GPU tests and benches do not.
+# already there. Every step needs gguf (hetero_moe.llm imports the GGUF reader); only the server needs
+# the rest (fastapi and its kin, llguidance).
 # Usage: benchmarks/device-wheels.sh [DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,8 @@ wheels=(
   typing-inspection==0.4.5
   typing-extensions==4.16.0
   opentelemetry-api==1.45.2
+  gguf==0.19.0
+  llguidance==1.6.1
 )
 platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do

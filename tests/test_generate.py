@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -38,24 +36,12 @@ def test_prefill_logits_match_transformers(tiny, arch: str) -> None:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_bfloat16_agrees_with_transformers_in_bfloat16(tiny, arch: str) -> None:
-    """Teacher-forced: at each position of one sequence, our bf16 top-1 equals transformers' bf16 top-1
-    almost everywhere (rounding may flip near-ties)."""
+def test_bfloat16_is_as_close_to_float32_as_transformers_bfloat16(tiny, bf16_accuracy, arch: str) -> None:
+    """Teacher-forced over 256 positions (conftest's `bf16_accuracy` says why the measure is the distance
+    to float32, not agreement with transformers' bf16)."""
     t = tiny(arch)
     llm = LLM(t.path, dtype="bfloat16")
-    seq = llm.generate(PROMPT, max_tokens=40, temperature=0, ignore_eos=True).token_ids
-    ids = PROMPT + seq
-    cache = TeacherForced(llm.runner, len(ids))
-    n = len(PROMPT)
-    ours = [int(cache.feed(ids[:n]).argmax())]
-    ours += [int(cache.feed([tok]).argmax()) for tok in ids[n:-1]]
-    ref_model = copy.deepcopy(t.reference).to(torch.bfloat16)
-    # transformers' default grouped_mm fails in bf16 on the CPU when a row is not a multiple of 16 bytes
-    ref_model.set_experts_implementation("eager")
-    with torch.no_grad():
-        ref = ref_model(torch.tensor([ids])).logits[0, n - 1 : -1].argmax(-1).tolist()
-    agree = sum(a == b for a, b in zip(ours, ref, strict=True)) / len(ref)
-    assert agree >= 0.9, agree
+    bf16_accuracy(t, llm, PROMPT, "cpu")
     assert len(llm.generate(PROMPT, max_tokens=5, temperature=0, ignore_eos=True).token_ids) == 5
 
 

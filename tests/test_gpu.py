@@ -4,7 +4,6 @@ the same model with each kernel swapped for plain torch. Skipped without a GPU."
 
 from __future__ import annotations
 
-import copy
 from importlib import resources
 
 import pytest
@@ -48,21 +47,11 @@ def test_gpu_rules_match_transformers_in_float32(tiny, hf_greedy, arch: str, fp8
 
 
 @pytest.mark.parametrize("arch", list(SHIPPED))
-def test_gpu_rules_in_bfloat16_agree_with_transformers(tiny, hf_greedy, arch: str) -> None:
-    """Teacher-forced over 256 positions of transformers' own bf16 greedy sequence, both on the GPU."""
+def test_gpu_rules_in_bfloat16_are_as_close_to_float32_as_transformers(tiny, bf16_accuracy, arch: str) -> None:
+    """Both on the GPU, teacher-forced over 256 positions (conftest's `bf16_accuracy` says why the
+    measure is the distance to float32, not agreement with transformers' bf16)."""
     t = tiny(arch)
-    ref = copy.deepcopy(t.reference).to("cuda", torch.bfloat16)
-    ref.set_experts_implementation("eager")
-    seq = PROMPT + hf_greedy(ref, PROMPT, 256)
-    with torch.inference_mode():
-        ref_top = ref(torch.tensor([seq], device="cuda")).logits[0, len(PROMPT) - 1 : -1].argmax(-1).tolist()
-    llm = LLM(t.path, rules="gpu-exact.yaml", dtype="bfloat16")
-    cache = TeacherForced(llm.runner, len(seq))
-    ours = [int(cache.feed(PROMPT).argmax())]
-    for tok in seq[len(PROMPT) : -1]:
-        ours.append(int(cache.feed([tok]).argmax()))
-    agree = sum(a == b for a, b in zip(ours, ref_top, strict=True)) / len(ours)
-    assert agree >= 0.99
+    bf16_accuracy(t, LLM(t.path, rules="gpu-exact.yaml", dtype="bfloat16"), PROMPT, "cuda")
 
 
 def _act_quant_reference(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -91,12 +80,19 @@ def _logits(llm: LLM, steps: int = 8) -> torch.Tensor:
 
 @pytest.mark.parametrize(("arch", "rules"), [(a, r) for a, files in SHIPPED.items() for r in files])
 def test_shipped_gpu_rules_kernels_against_plain_torch(tiny, arch: str, rules: str) -> None:
-    """Float32: the Triton linears and the absorbed decode kernel against torch on the very same weights;
-    the routed experts are the same INT4 CPU experts on both sides, overlapped with the GPU."""
+    """Float32: the Triton INT4 linears and the absorbed decode kernel against torch on the very same
+    weights; the routed experts are the same INT4 CPU experts on both sides, overlapped with the GPU.
+    FP8 linears run torch's reference on both sides: Hopper's FP8 dot keeps about 14 bits within a
+    dot (the ops' own test bounds it), and the next layer's e4m3 activations turn a difference that small
+    into flipped roundings, one sixteenth of a value each, that no end-to-end bound survives (a relative
+    3e-5 on every linear's output moved a tiny model's logits by 7 %)."""
     t = tiny(arch, fp8=arch.startswith("DeepseekV3"), shards=2, block_size=(32, 32))
     llm = LLM(t.path, rules=rules, dtype="float32")
     assert llm.placed.placements["model.layers.1.mlp.experts"].op == "cpu_experts"
     assert llm.placed.services.overlap is not None
+    for m in llm.placed.model.modules():
+        if isinstance(m, QuantLinear) and isinstance(m.format, FP8Weight):
+            m._run = _torch_linear(m)
     ours = _logits(llm)
     assert llm.placed.services.overlap.stats.calls > 0
     assert all(b.is_pinned() for b in llm.placed.services.overlap.buffers.values())

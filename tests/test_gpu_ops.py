@@ -57,14 +57,17 @@ def test_quant_linear_is_its_dequantized_weight(out_dim: int, in_dim: int, bias:
     op.finalize()
     assert op.nbytes() == meta_bytes  # rules check counts exactly what loading allocates
     y = op(x.to(DEVICE))
-    wd = op.weight.double()  # the stored weight, dequantized
+    wd = op.weight.double().cpu()  # the stored weight, dequantized
     if kwargs["quant"] == "fp8":  # activations quantized per token per block as the kernel does
         xq, xs = act_quant(x.to(DEVICE), 128)
         x = dequantize_fp8_blocks(xq.cpu(), xs.cpu(), (1, 128))
         scales = -(-out_dim // 128) * -(-in_dim // 128)
         assert meta_bytes == out_dim * in_dim + 4 * scales + (4 * out_dim if bias else 0)  # float32 bias
     ref = x.double() @ wd.T + (b.double() if bias else 0)
-    assert y.shape == (5, out_dim) and rel(y, ref) < 1e-5
+    # Hopper's FP8 tensor cores accumulate with about 14 bits kept within a dot (Triton's default on sm_90,
+    # as DeepSeek-V3's report describes): 3e-5 to 1.1e-4 here on an H200; the interpreter is exact
+    tol = 3e-4 if kwargs["quant"] == "fp8" and DEVICE.type == "cuda" else 1e-5
+    assert y.shape == (5, out_dim) and rel(y.cpu(), ref) < tol
     assert rel(wd, w) < (0.15 if kwargs["quant"] == "int4" else 0.05)  # the weight itself survives quantization
 
 

@@ -77,3 +77,5 @@ def test_launchers_check_their_inputs() -> None:
     packed, scales = quantize_int4(torch.randn(40, 72), 32, torch.bfloat16)
     with pytest.raises(ValueError, match="shapes do not fit"):
         int4_linear(torch.randn(2, 200), packed, scales, 32)
+    with pytest.raises(ValueError, match="bf16, fp16 or fp32 activations"):
+        int4_linear(torch.randn(2, 72, dtype=torch.float64), packed, scales, 32)

@@ -9,10 +9,25 @@ import torch
 import triton
 import triton.language as tl
 
+# float32 activations get float32 products (a GPU's tl.dot would round them to TF32, ~1e-3 off); the
+# nibbles are exact in bf16/fp16, whose products TF32 holds exactly
+_DOT_PRECISION = {torch.float32: "ieee", torch.bfloat16: "tf32", torch.float16: "tf32"}
+
 
 @triton.jit
 def _int4_matmul(
-    x_ptr, w_ptr, s_ptr, c_ptr, M, N, K, n_groups, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    n_groups,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     HALF: tl.constexpr = GROUP // 2
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -32,7 +47,8 @@ def _int4_matmul(
         lo = ((packed & 15) - 8).to(x_lo.dtype)
         hi = ((packed >> 4) - 8).to(x_lo.dtype)
         s = tl.load(s_ptr + rn * n_groups + g, mask=rn < N, other=0.0).to(tl.float32)
-        part = tl.dot(x_lo, tl.trans(lo), out_dtype=tl.float32) + tl.dot(x_hi, tl.trans(hi), out_dtype=tl.float32)
+        part = tl.dot(x_lo, tl.trans(lo), input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        part += tl.dot(x_hi, tl.trans(hi), input_precision=DOT_PRECISION, out_dtype=tl.float32)
         acc += part * s[None, :]
     tl.store(
         c_ptr + rm[:, None] * N + rn[None, :],
@@ -49,6 +65,8 @@ def int4_linear(
         raise ValueError(
             f"int4_linear takes uint8 packed weights and bf16/fp16 scales, got {packed.dtype}, {scales.dtype}"
         )
+    if x.dtype not in _DOT_PRECISION:
+        raise ValueError(f"int4_linear takes bf16, fp16 or fp32 activations, got {x.dtype}")
     n, n_groups = scales.shape
     k = x.shape[-1]
     if packed.shape != (n, n_groups * group // 2) or k > n_groups * group or k <= (n_groups - 1) * group:
@@ -63,5 +81,18 @@ def int4_linear(
     m = x2.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _int4_matmul[grid](x2, packed, scales, out, m, n, k, n_groups, BLOCK_M=block_m, BLOCK_N=block_n, GROUP=group)
+    _int4_matmul[grid](
+        x2,
+        packed,
+        scales,
+        out,
+        m,
+        n,
+        k,
+        n_groups,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        GROUP=group,
+        DOT_PRECISION=_DOT_PRECISION[x.dtype],
+    )
     return out.reshape(*lead, n)
