@@ -227,10 +227,11 @@ def run(bench: DecodeBench, model_dir: Path) -> dict:
     per_expert = _bytes_per_expert(experts[0])
 
     step_s, overlap, overhead, timer = _decode(engine, runner, experts, sync, bench, decode_tokens, gpu is not None)
-    # per-layer times, scaled by what the hooks' synchronisations added to the whole step
+    # per-layer times, scaled by what the hooks' synchronisations added to the whole step; the experts' time,
+    # inside a layer's, by the same factor (so that it stays inside)
     scale = step_s / timer.step_s
     layer_s = [t / steps * scale for t in timer.layer_s]
-    experts_s = timer.experts_s / steps / len(shape.moe)
+    experts_s = timer.experts_s / steps / len(shape.moe) * scale
     # outside: embedding, final norm, lm_head, sampling, detokenizing, Python
     moe_s, dense_s, outside_s = shape.split(step_s, layer_s)
     full_step_s = shape.full(step_s, layer_s)
