@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hetero_moe.kernels.numba.common import combine
 from hetero_moe.kernels.quant import (
     dequantize_fp8_blocks,
     dequantize_int4,
@@ -23,7 +24,7 @@ from test_cpu_linear import int8_activations
 from hetero_moe.bench.teacher import TeacherForced
 from hetero_moe.llm import LLM
 from hetero_moe.ops.base import BuildContext
-from hetero_moe.ops.cpu_experts import CPUExperts, CPUExpertsKwargs
+from hetero_moe.ops.cpu_experts import ROWS_PER_TASK, CPUExperts, CPUExpertsKwargs, group_pairs
 
 
 @pytest.mark.parametrize(("group", "sdtype"), [(32, torch.bfloat16), (64, torch.float16), (128, torch.bfloat16)])
@@ -247,3 +248,26 @@ def test_bench_experts_op_runs_each_format(quant: str) -> None:
     op = random_experts(shape, quant, threads=2, experts=8)
     y = op.forward(torch.randn(3, 256) * 0.1, torch.tensor([[0, 1], [2, 3], [7, 0]]), torch.ones(3, 2))
     assert y.shape == (3, 256) and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+@pytest.mark.parametrize("tokens", [1, 3, 17])
+def test_the_block_in_one_kernel_call_is_its_calls_one_after_another(quant: str, tokens: int) -> None:
+    """`Kernels.experts` (a decode step's path) against grouping, quantizing, gate_up, down and the weighted sum
+    called one by one: the same bits, experts with no token and pairs computed elsewhere (-1) included; and one
+    expert with weight 1 for every token (how a shared expert runs) is that expert's output."""
+    op, _ = make_experts(9, 97, 200, seed=tokens, quant=quant, group_size=32, torch_min_tokens=1 << 30)
+    g = torch.Generator().manual_seed(tokens)
+    xf = torch.randn(tokens, 200, generator=g).numpy()
+    idx = torch.stack([torch.randperm(6, generator=g)[:3] for _ in range(tokens)]).numpy()
+    idx[0, 1] = -1
+    weights = torch.rand(tokens, 3, generator=g).numpy()
+    pairs = group_pairs(idx, 9)
+    separate = np.zeros_like(xf)
+    combine(op.format.run(xf, pairs, ROWS_PER_TASK), pairs.token, pairs.slot, weights, separate)
+    before = op.bytes_streamed
+    assert np.array_equal(op.run(xf, idx, weights), separate)
+    assert op.bytes_streamed - before == len(pairs.expert) * op.format.nbytes() // 9
+    one = np.full((tokens, 1), 4), np.ones((tokens, 1), np.float32)
+    alone = op.format.run(xf, group_pairs(one[0], 9), ROWS_PER_TASK)
+    assert np.array_equal(op.run(xf, *one), alone)

@@ -192,6 +192,14 @@ class GroupFormat:
         k2.down(k2.activations(h), pairs.seg, pairs.expert, self.w2, self.s2, rows, y)
         return y
 
+    def run_block(self, x: np.ndarray, idx: np.ndarray, weights: np.ndarray, rows: int, out: np.ndarray) -> int | None:
+        """The whole block, from the grouping by expert to the weighted sum into `out`, in one kernel call
+        (`Kernels.experts`): the number of experts used, or None on the float backend, which has no such call."""
+        k13, k2 = self.kernels
+        if k13.experts is None:
+            return None
+        return k13.experts(k2, x, idx, weights, self.w13, self.s13, self.inter, self.w2, self.s2, rows, out)
+
 
 def _write_rows(a: np.ndarray, rows: slice, codes: np.ndarray, span: int | None) -> None:
     """`codes [n, B]` into rows `rows` of `a [O, B]`: as they are, or (`span` bytes) in pairs (`rows.start` even)."""
@@ -328,18 +336,31 @@ class BlockFormat:
         for name in self.shapes():  # the repacked arrays; rows read in place are read-only already
             setattr(self, name, read_only(getattr(self, name)))
 
-    def run(self, x: np.ndarray, pairs: Pairs, rows: int) -> np.ndarray:
-        k13, k2 = self.kernels
+    def _weights(self) -> tuple:
+        """`(w13, s13, w2, s2)` as the kernels take them: rows read in place are their own scales."""
         if self.in_place(0):
             w13 = s13 = (self.rows[0], self.rows[1])
         else:
             w13, s13 = self.w13, self.s13
         w2, s2 = (self.rows[2], self.rows[2]) if self.in_place(2) else (self.w2, self.s2)
+        return w13, s13, w2, s2
+
+    def run(self, x: np.ndarray, pairs: Pairs, rows: int) -> np.ndarray:
+        k13, k2 = self.kernels
+        w13, s13, w2, s2 = self._weights()
         h = np.empty((len(pairs.token), self.inter), np.float32)
         k13.gate_up(k13.activations(x), pairs.token, pairs.seg, pairs.expert, w13, s13, rows, h)
         y = np.empty((len(pairs.token), self.hidden), np.float32)
         k2.down(k2.activations(h), pairs.seg, pairs.expert, w2, s2, rows, y)
         return y
+
+    def run_block(self, x: np.ndarray, idx: np.ndarray, weights: np.ndarray, rows: int, out: np.ndarray) -> int | None:
+        """`GroupFormat.run_block`; None also while rows page from disk (each call first reads its experts ahead)."""
+        k13, k2 = self.kernels
+        if k13.experts is None or self.paging:
+            return None
+        w13, s13, w2, s2 = self._weights()
+        return k13.experts(k2, x, idx, weights, w13, s13, self.inter, w2, s2, rows, out)
 
 
 class FP8Format:
@@ -717,6 +738,12 @@ class CPUExperts(Op):
     def run(self, xf: np.ndarray, idx: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """`forward` on numpy arrays: `xf [T, H]` float32 contiguous, `idx [T, k]` int64 experts in range (-1: none,
         pinned), `weights [T, k]` float32 -> `[T, H]` float32."""
+        if idx.size < self.torch_min_tokens and isinstance(self.format, GroupFormat | BlockFormat):
+            out = np.empty_like(xf)  # no expert can reach torch's matmul: the block in one kernel call
+            used = self.format.run_block(xf, idx, weights, ROWS_PER_TASK, out)
+            if used is not None:
+                self.bytes_streamed += used * self.format.nbytes() // self.num_experts
+                return out
         pairs = group_pairs(idx, self.num_experts)
         self.bytes_streamed += len(pairs.expert) * self.format.nbytes() // self.num_experts
         if len(pairs.token) == 0:  # every selected expert is pinned

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from hetero_moe.kernels.numba import int4
-from hetero_moe.kernels.numba.common import dot, silu_mul
+from hetero_moe.kernels.numba.common import combine, dot, group_by_expert, silu_mul
 from hetero_moe.kernels.numba.int4 import SCALE_BF16, SCALE_FP16, decode_scales, fp16_table
 from hetero_moe.kernels.numba.quantize import (
     SCALE_KINDS,
@@ -346,6 +346,43 @@ def down(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, y):
             p += n
 
 
+@njit(nogil=True, cache=True)
+def _quantize_any(x, g, fmt):
+    """`quantize` inside jitted code."""
+    if x.size >= PARALLEL_ELEMENTS:
+        return quantize_activations_parallel(x, g, fmt)
+    return quantize_activations(x, g, fmt)
+
+
+# The kernels `experts` calls: bound here, as `timed` swaps the module's public names for Python wrappers.
+_gate_up, _down = gate_up, down
+
+
+@njit(nogil=True, cache=True)
+def experts(
+    simd13, simd2, g13, fmt13, g2, fmt2, x, index, weights, w1, s1, w3, s3, up_row, inter, w2, s2, rows_per_task, out
+):
+    """A routed experts block in one call, the same calls and bits as one after another: `index [T, k]`
+    grouped by expert (`group_by_expert`; -1 is no pair), `x [T, H]` quantized for the gate and up rows
+    (group `g13`, codes of format `fmt13`), `gate_up` into `h [P, inter]`, `h` quantized for the down rows
+    (`g2`, `fmt2`), `down`, then `out [T, H] = sum_j weights[t, j] * y` (`combine`). Weights as `gate_up`
+    and `down` take them, for `w1.shape[0]` experts. Returns the number of experts used. Decode steps call
+    it once a layer: a dozen Python calls between kernels, each slow once streamed weights have evicted
+    the interpreter's code and data from the caches, become one."""
+    token, slot, seg, expert = group_by_expert(index, w1.shape[0])
+    if token.shape[0] == 0:
+        out[:] = 0.0
+        return 0
+    xq, ascale, bias = _quantize_any(x, g13, fmt13)
+    h = np.empty((token.shape[0], inter), np.float32)
+    _gate_up(simd13, xq, ascale, bias, token, seg, expert, w1, s1, w3, s3, up_row, rows_per_task, h)
+    hq, hscale, hbias = _quantize_any(h, g2, fmt2)
+    y = np.empty((token.shape[0], out.shape[1]), np.float32)
+    _down(simd2, hq, hscale, hbias, seg, expert, w2, s2, rows_per_task, y)
+    combine(y, token, slot, weights, out)
+    return expert.shape[0]
+
+
 # INT8 weights at load time: `kernels/quant.py:quantize_int8`, bit for bit (the rules of `quantize.py`).
 
 
@@ -530,8 +567,9 @@ def float_linear(fmt, x, xsum, weights, scales, g, kind, fp16, rows_per_task):
 @dataclass
 class KernelClock:
     """Seconds spent in this module's kernels while `timed` is on: `weights` (gate_up and down, which also
-    runs the dense layers: the integer dot products over weights) and `activations` (quantizing the
-    inputs), and the calls of both."""
+    runs the dense layers: the integer dot products over weights; and `experts`, a whole routed experts
+    block with its quantizing, grouping and combining) and `activations` (quantizing the inputs), and the
+    calls of both."""
 
     weights_s: float = 0.0
     activations_s: float = 0.0
@@ -544,7 +582,7 @@ def timed() -> Iterator[KernelClock]:
     from `mxfp4.py`) adds its wall time to the yielded clock. It swaps the module's entry points for timing
     wrappers and puts them back on exit, so the kernels themselves check nothing. One thread at a time."""
     clock = KernelClock()
-    kinds = {"gate_up": "weights_s", "down": "weights_s", "quantize": "activations_s"}
+    kinds = {"gate_up": "weights_s", "down": "weights_s", "experts": "weights_s", "quantize": "activations_s"}
     saved = {name: globals()[name] for name in kinds}
 
     def wrap(fn: Callable, field: str) -> Callable:
@@ -578,12 +616,17 @@ class Kernels:
       and `s13` gate rows then up rows `[E, 2I, ...]`, or (gate, up) pairs of `[E, I, ...]` arrays
     - `down(act_h, seg, seg_expert, w2, s2, rows_per_task, y [P, H])`, `act_h = activations(h)`
     - `linear(act, weights, scales, rows_per_task) -> y [T, O]`
+    - `experts(k2, x, index, weights, w13, s13, inter, w2, s2, rows_per_task, out [T, H]) -> experts used`:
+      a whole routed experts block in one call (see `experts`), `w13`/`s13` as `gate_up` takes them and the
+      down rows in `k2`'s format; None on the float backend
     """
 
     activations: Callable[[np.ndarray], tuple]
     gate_up: Callable[..., None]
     down: Callable[..., None]
     linear: Callable[..., np.ndarray]
+    experts: Callable[..., int] | None = None
+    simd: Simd | None = None
 
 
 @dataclass(frozen=True)
@@ -655,11 +698,7 @@ def _kernels(isa: str, fmt: int, g: int, kind: int, pairs: bool = False) -> Kern
         return quantize(x, g, act_fmt)
 
     def gate_up_(act, pair_token, seg, seg_expert, w13, s13, rows_per_task, h) -> None:
-        if isinstance(w13, tuple):  # (gate, up) pairs
-            (w1, w3), (s1, s3), up_row = w13, s13, 0
-        else:  # gate rows then up rows: whole arrays, so that Numba types them alike for any E
-            w1, w3, s1, s3, up_row = w13, w13, s13, s13, h.shape[1]
-        gate_up(simd, *act, pair_token, seg, seg_expert, w1, s1, w3, s3, up_row, rows_per_task, h)
+        gate_up(simd, *act, pair_token, seg, seg_expert, *_gate_up_rows(w13, s13, h.shape[1]), rows_per_task, h)
 
     def down_(act, seg, seg_expert, w2, s2, rows_per_task, y) -> None:
         down(simd, *act, seg, seg_expert, w2, s2, rows_per_task, y)
@@ -671,7 +710,21 @@ def _kernels(isa: str, fmt: int, g: int, kind: int, pairs: bool = False) -> Kern
         down(simd, *act, np.array([0, t], np.int64), _ONE_EXPERT, weights[None], scales[None], rows_per_task, y)
         return y
 
-    return Kernels(activations, gate_up_, down_, linear_)
+    def experts_(k2, x, index, weights, w13, s13, inter, w2, s2, rows_per_task, out) -> int:
+        s2_, rows = k2.simd, _gate_up_rows(w13, s13, inter)
+        g2, fmt2 = s2_.g, BLOCK_ROWS.get(s2_.fmt, (s2_.fmt,))[0]
+        return experts(simd, s2_, g, act_fmt, g2, fmt2, x, index, weights, *rows, inter, w2, s2, rows_per_task, out)
+
+    return Kernels(activations, gate_up_, down_, linear_, experts_, simd)
+
+
+def _gate_up_rows(w13, s13, inter: int) -> tuple:
+    """`(w1, s1, w3, s3, up_row)` for `gate_up` from `w13`, `s13`: (gate, up) pairs, or gate rows then up
+    rows in whole arrays (so that Numba types them alike for any E)."""
+    if isinstance(w13, tuple):
+        (w1, w3), (s1, s3) = w13, s13
+        return w1, s1, w3, s3, 0
+    return w13, s13, w13, s13, inter
 
 
 def _float_kernels(fmt: int, g: int, kind: int, fp16: np.ndarray) -> Kernels:
