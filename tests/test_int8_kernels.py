@@ -369,6 +369,11 @@ def test_linear(isa: str, fmt: int, g: int, out_dim: int, in_dim: int, kind: int
         for rows in (1, 8):
             y = k.linear(k.activations(x), weights, bits, rows)
             assert_bits(y, ref_dots(fmt, g, weights, bits, kind, xq, a))
+        assert_bits(k.linear_x(x, weights, bits, 8), y)  # quantizing in the same kernel call
+        half = tokens // 2  # down_x: two experts (the same weights twice), each on its own rows
+        y2 = np.empty_like(y)
+        k.down_x(x, np.array([0, half, tokens]), np.array([1, 0]), np.stack([weights] * 2), np.stack([bits] * 2), 8, y2)
+        assert_bits(y2, y)
         assert_close(y, w64, xq, a, g)
 
 

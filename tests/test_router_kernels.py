@@ -72,6 +72,21 @@ def test_route_chooses_and_weights_as_each_router(name: str, t: int) -> None:
     np.testing.assert_allclose(weights, ref_w, rtol=2e-6)
 
 
+@pytest.mark.parametrize("name", list(ROUTERS))
+def test_select_is_logits_then_route(name: str) -> None:
+    rng = np.random.default_rng(2)
+    x, w = rng.standard_normal((5, 200), np.float32), rng.standard_normal((64, 200), np.float32)
+    bias = (rng.standard_normal(64) * 0.1).astype(np.float32)
+    spec, k = ROUTERS[name], 6
+    logits = np.empty((5, 64), np.float32)
+    router.logits(x, w, logits)
+    weights, index = np.empty((5, k), np.float32), np.empty((5, k), np.int64)
+    router.route(logits, bias, *spec, weights, index)
+    weights2, index2 = np.empty((5, k), np.float32), np.empty((5, k), np.int64)
+    router.select(x, w, bias, *spec, weights2, index2)
+    assert np.array_equal(index2, index) and np.array_equal(weights2, weights)
+
+
 def test_route_keeps_only_the_best_groups_and_breaks_ties_by_the_lower_index() -> None:
     logits = np.zeros((1, 8), np.float32)
     logits[0, [1, 6]] = 5.0  # 4 groups of 2: groups 0 and 3 score best, and tie

@@ -217,7 +217,7 @@ class CPULinear(Op):
     def run(self, flat: np.ndarray) -> np.ndarray:
         """`flat [T, I]` float32 -> `[T, O]` float32, without the bias."""
         k = self._kernels
-        return k.linear(k.activations(flat), self.matrix.codes, self.matrix.scales, ROWS_PER_TASK)
+        return k.linear_x(flat, self.matrix.codes, self.matrix.scales, ROWS_PER_TASK)
 
 
 class StackedLinear:
@@ -240,7 +240,7 @@ class StackedLinear:
     def run(self, flat: np.ndarray) -> np.ndarray:
         """`flat [T, I]` float32 -> the outputs side by side, `[T, sum O]` float32."""
         k = self.kernels
-        return k.linear(k.activations(flat), self.codes, self.scales, ROWS_PER_TASK)
+        return k.linear_x(flat, self.codes, self.scales, ROWS_PER_TASK)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         y = torch.from_numpy(self.run(x.reshape(-1, self.in_features).float().contiguous().numpy())).to(x.dtype)
@@ -289,5 +289,5 @@ class HeadLinear:
         seg = np.arange(self.heads + 1, dtype=np.int64) * (rows.shape[0] // self.heads)
         y = np.empty((rows.shape[0], self.out_dim), np.float32)
         k = self.kernels
-        k.down(k.activations(rows), seg, self.experts, self.codes, self.scales, HEAD_ROWS_PER_TASK, y)
+        k.down_x(rows, seg, self.experts, self.codes, self.scales, HEAD_ROWS_PER_TASK, y)
         return y

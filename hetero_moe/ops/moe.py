@@ -216,12 +216,10 @@ class Router(Op):
         """`x [T, H]` float32, contiguous -> (weights `[T, k]` float32, expert index `[T, k]` int64), in Numba
         (`use_numba` first)."""
         r, w, bias = self.numba
-        logits = np.empty((x.shape[0], self.num_experts), np.float32)
-        router_kernels.logits(x, w, logits)
         weights = np.empty((x.shape[0], self.top_k), np.float32)
         index = np.empty((x.shape[0], self.top_k), np.int64)
-        router_kernels.route(
-            logits, bias, r.scoring, r.num_group, r.topk_group, r.group_score, r.renorm, r.eps, r.scaling,
+        router_kernels.select(
+            x, w, bias, r.scoring, r.num_group, r.topk_group, r.group_score, r.renorm, r.eps, r.scaling,
             weights, index,
         )  # fmt: skip
         return weights, index

@@ -383,6 +383,14 @@ def experts(
     return expert.shape[0]
 
 
+@njit(nogil=True, cache=True)
+def quantized_down(simd, g, fmt, x, seg, seg_expert, w2, s2, rows_per_task, y):
+    """`down` of `x [P, I]` float32, quantized first (group `g`, codes of format `fmt`): one call for both, as
+    `experts` (dense layers, heads' and attention projections in a decode step)."""
+    xq, ascale, bias = _quantize_any(x, g, fmt)
+    _down(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, y)
+
+
 # INT8 weights at load time: `kernels/quant.py:quantize_int8`, bit for bit (the rules of `quantize.py`).
 
 
@@ -567,9 +575,9 @@ def float_linear(fmt, x, xsum, weights, scales, g, kind, fp16, rows_per_task):
 @dataclass
 class KernelClock:
     """Seconds spent in this module's kernels while `timed` is on: `weights` (gate_up and down, which also
-    runs the dense layers: the integer dot products over weights; and `experts`, a whole routed experts
-    block with its quantizing, grouping and combining) and `activations` (quantizing the inputs), and the
-    calls of both."""
+    runs the dense layers: the integer dot products over weights; `experts`, a whole routed experts block
+    with its quantizing, grouping and combining, and `quantized_down`, `down` with its quantizing) and
+    `activations` (quantizing the inputs), and the calls of both."""
 
     weights_s: float = 0.0
     activations_s: float = 0.0
@@ -582,7 +590,8 @@ def timed() -> Iterator[KernelClock]:
     from `mxfp4.py`) adds its wall time to the yielded clock. It swaps the module's entry points for timing
     wrappers and puts them back on exit, so the kernels themselves check nothing. One thread at a time."""
     clock = KernelClock()
-    kinds = {"gate_up": "weights_s", "down": "weights_s", "experts": "weights_s", "quantize": "activations_s"}
+    kinds = {"gate_up": "weights_s", "down": "weights_s", "experts": "weights_s", "quantized_down": "weights_s"}
+    kinds["quantize"] = "activations_s"
     saved = {name: globals()[name] for name in kinds}
 
     def wrap(fn: Callable, field: str) -> Callable:
@@ -616,6 +625,8 @@ class Kernels:
       and `s13` gate rows then up rows `[E, 2I, ...]`, or (gate, up) pairs of `[E, I, ...]` arrays
     - `down(act_h, seg, seg_expert, w2, s2, rows_per_task, y [P, H])`, `act_h = activations(h)`
     - `linear(act, weights, scales, rows_per_task) -> y [T, O]`
+    - `down_x(x, seg, seg_expert, w2, s2, rows_per_task, y)` and `linear_x(x, weights, scales, rows_per_task)`:
+      `down` and `linear` of float32 `x`, quantized in the same kernel call where the backend has integer kernels
     - `experts(k2, x, index, weights, w13, s13, inter, w2, s2, rows_per_task, out [T, H]) -> experts used`:
       a whole routed experts block in one call (see `experts`), `w13`/`s13` as `gate_up` takes them and the
       down rows in `k2`'s format; None on the float backend
@@ -625,6 +636,8 @@ class Kernels:
     gate_up: Callable[..., None]
     down: Callable[..., None]
     linear: Callable[..., np.ndarray]
+    down_x: Callable[..., None]
+    linear_x: Callable[..., np.ndarray]
     experts: Callable[..., int] | None = None
     simd: Simd | None = None
 
@@ -710,12 +723,21 @@ def _kernels(isa: str, fmt: int, g: int, kind: int, pairs: bool = False) -> Kern
         down(simd, *act, np.array([0, t], np.int64), _ONE_EXPERT, weights[None], scales[None], rows_per_task, y)
         return y
 
+    def down_x(x, seg, seg_expert, w2, s2, rows_per_task, y) -> None:
+        quantized_down(simd, g, act_fmt, x, seg, seg_expert, w2, s2, rows_per_task, y)
+
+    def linear_x(x, weights, scales, rows_per_task) -> np.ndarray:
+        y = np.empty((x.shape[0], weights.shape[0]), np.float32)
+        seg = np.array([0, x.shape[0]], np.int64)
+        quantized_down(simd, g, act_fmt, x, seg, _ONE_EXPERT, weights[None], scales[None], rows_per_task, y)
+        return y
+
     def experts_(k2, x, index, weights, w13, s13, inter, w2, s2, rows_per_task, out) -> int:
         s2_, rows = k2.simd, _gate_up_rows(w13, s13, inter)
         g2, fmt2 = s2_.g, BLOCK_ROWS.get(s2_.fmt, (s2_.fmt,))[0]
         return experts(simd, s2_, g, act_fmt, g2, fmt2, x, index, weights, *rows, inter, w2, s2, rows_per_task, out)
 
-    return Kernels(activations, gate_up_, down_, linear_, experts_, simd)
+    return Kernels(activations, gate_up_, down_, linear_, down_x, linear_x, experts_, simd)
 
 
 def _gate_up_rows(w13, s13, inter: int) -> tuple:
@@ -746,4 +768,10 @@ def _float_kernels(fmt: int, g: int, kind: int, fp16: np.ndarray) -> Kernels:
     def linear_(act, weights, scales, rows_per_task) -> np.ndarray:
         return float_linear(fmt, *act, weights, scales, g, kind, fp16, rows_per_task)
 
-    return Kernels(activations, gate_up_, down_, linear_)
+    def down_x(x, seg, seg_expert, w2, s2, rows_per_task, y) -> None:
+        down_(activations(x), seg, seg_expert, w2, s2, rows_per_task, y)
+
+    def linear_x(x, weights, scales, rows_per_task) -> np.ndarray:
+        return linear_(activations(x), weights, scales, rows_per_task)
+
+    return Kernels(activations, gate_up_, down_, linear_, down_x, linear_x)

@@ -99,3 +99,12 @@ def route(logits, bias, scoring, num_group, topk_group, group_score, renorm, eps
             if renorm:
                 weights[t, j] = weights[t, j] / (total + np.float32(eps))
             weights[t, j] = weights[t, j] * np.float32(scaling)
+
+
+@njit(nogil=True, cache=True)
+def select(x, w, bias, scoring, num_group, topk_group, group_score, renorm, eps, scaling, weights, index) -> None:
+    """`logits` then `route`, in one call (a decode step makes one a layer): `x [T, H]`, `w [E, H]` float32;
+    the rest as `route` takes them."""
+    out = np.empty((x.shape[0], w.shape[0]), np.float32)
+    logits(x, w, out)
+    route(out, bias, scoring, num_group, topk_group, group_score, renorm, eps, scaling, weights, index)
