@@ -2,7 +2,7 @@
 # shellcheck disable=SC2317  # the step functions are called through run_step
 # The GPU path's first run, in one call of the device tool (issue 16). It installs the project from
 # this tree (and the wheels in benchmarks/device-wheels/, if carried), then runs these steps, each
-# within its own time limit and all within one budget (520 s: the script ends inside 9 minutes):
+# within its own time limit and all within one budget (570 s: the script ends inside 10 minutes):
 #   setup      copy the package, `pip install --no-index --no-deps --target`, check it, probe the box
 #   tests      tests/test_triton.py, test_triton_mla.py, test_gpu_ops.py, test_gpu.py: one pytest per
 #              file under `timeout` (and pytest-timeout per test where it is installed)
@@ -10,19 +10,21 @@
 #              (1 dense, 7 MoE), bf16 on disk, extrapolated to 27; tok/s against the DRAM roofline and
 #              the GPU / CPU experts / waiting split
 #   prefill    the same checkpoint, prompts of 512 and 2,048 tokens (time to first token)
+#   profile    the decode bench again under py-spy (carried as a wheel; `record --idle -f raw`): where a
+#              step's time goes, by frame (the GPU path's decode step was host-bound on the first run)
 #   v3-memory  DeepSeek-V3 on deepseek-v3-int4-gpu.yaml with a KV pool of 8,192 tokens: 2 real-size
 #              layers (1 dense, 1 MoE with 64 of its 256 routed experts: they live on the CPU), the
 #              GPU memory measured (torch's peak; nvidia-smi sampled meanwhile) and extrapolated to 61
 #              layers by `rules check`'s predictions
 # Each step writes $OUT/NN-step.json as it ends (status, time, commands, result, and the log's tail
 # when it failed), and $OUT/summary.json is rewritten after each step; $OUT/device-check.log holds
-# every command's output. 7 files at most (the device tool brings back 8). Exit code 0 when every
+# every command's output. 8 files at most (all the device tool brings back). Exit code 0 when every
 # step that ran is ok.
 #
 # Usage: benchmarks/device-check.sh [--dry-run] [--only STEP[,STEP...]]
 #   --dry-run   the same steps on the CPU at tiny sizes (tiny checkpoints, CPU rules, the GPU tests
 #               skipped), with the environment's own install: tests/test_device_check.py runs it in CI
-#   --only      run only these of: tests, decode, prefill, v3-memory (setup always runs)
+#   --only      run only these of: tests, decode, prefill, profile, v3-memory (setup always runs)
 # Environment: OUT (default /tmp/device-check-out), WORK (the scratch folder goes in WORK/hetero-moe-check,
 # default /tmp), PYTHON (default python3), DC_BUDGET (seconds for the whole run), DC_LIMIT_<STEP> (a
 # step's limit in seconds, e.g. DC_LIMIT_DECODE=60, DC_LIMIT_V3_MEMORY=100), KEEP_WORK=1 (keep the
@@ -58,7 +60,7 @@ while [[ $# -gt 0 ]]; do
   esac
   shift
 done
-steps=(tests decode prefill v3-memory)
+steps=(tests decode prefill profile v3-memory)
 if [[ -n $only ]]; then
   IFS=, read -r -a chosen <<< "$only"
   for s in "${chosen[@]}"; do
@@ -88,7 +90,7 @@ v2=(--arch "$a" --layers "$l" --disk "$d")
 IFS=, read -r a l d <<< "$v3_ck"
 v3=(--arch "$a" --layers "$l" --disk "$d")
 if [[ $mode == real ]]; then
-  budget=${DC_BUDGET:-520}
+  budget=${DC_BUDGET:-570}
   # file:seconds; the Triton kernels compile on first use
   test_files=(tests/test_triton.py:40 tests/test_triton_mla.py:40 tests/test_gpu_ops.py:70 tests/test_gpu.py:150)
   per_test=45
@@ -99,7 +101,7 @@ if [[ $mode == real ]]; then
   v3_context=8192
   v3_prefill=512 # the server's default prefill chunk
   v3_experts=64
-  declare -A limit=([setup]=60 [tests]=270 [decode]=110 [prefill]=70 [v3-memory]=140)
+  declare -A limit=([setup]=60 [tests]=270 [decode]=110 [prefill]=70 [profile]=70 [v3-memory]=140)
 else
   export CUDA_VISIBLE_DEVICES="" # the CPU, even on a box with a GPU
   budget=${DC_BUDGET:-900} # generous: CI never fails on a slow machine, only on a broken step
@@ -112,7 +114,7 @@ else
   v3_context=1024
   v3_prefill=16
   v3_experts=""
-  declare -A limit=([setup]=300 [tests]=300 [decode]=300 [prefill]=300 [v3-memory]=300)
+  declare -A limit=([setup]=300 [tests]=300 [decode]=300 [prefill]=300 [profile]=300 [v3-memory]=300)
 fi
 for s in setup "${steps[@]}"; do
   var=DC_LIMIT_$(tr 'a-z-' 'A-Z_' <<< "$s")
@@ -257,6 +259,20 @@ step_prefill() {
     --checkpoint-dir "$ck" --json > "$work/prefill.json"
 }
 
+step_profile() {
+  local spy
+  spy=$(command -v py-spy || true)
+  [[ -x $site/bin/py-spy ]] && spy=$site/bin/py-spy # the carried wheel's
+  if [[ -z $spy ]]; then
+    step_note="py-spy is not installed (benchmarks/device-wheels.sh carries it for the box): no profile"
+    return 0
+  fi
+  step_result=$work/profile.json
+  timed "$spy" record --idle -r 200 -f raw -o "$work/decode.folded" -- "${hm[@]}" bench decode "${v2[@]}" \
+    --rules "$v2_rules" --steps "$decode_steps" --checkpoint-dir "$ck" --json > /dev/null || return
+  timed "${helper[@]}" profile --folded "$work/decode.folded" > "$work/profile.json"
+}
+
 stop_smi() {
   if [[ -n $smi_pid ]]; then
     kill "$smi_pid" 2> /dev/null
@@ -303,6 +319,7 @@ else
   run_step tests step_tests
   run_step decode step_decode
   run_step prefill step_prefill
+  run_step profile step_profile
   run_step v3-memory step_v3_memory
 fi
 "${helper[@]}" table --out "$out" --mode "$mode" --started "$started" --env "$work/env.json" | tee -a "$log"

@@ -3,8 +3,8 @@
 # benchmarks/device-wheels/ (ignored by git), for Python 3.12 on x86-64 Linux, so that a `run` call can
 # carry them: carry ["benchmarks/device-wheels"]. benchmarks/device-check.sh installs them with
 # `pip install --no-index --no-deps --target`. Run it here, where PyPI is reachable; it skips what is
-# already there. Every step needs gguf (hetero_moe.llm imports the GGUF reader); only the server needs
-# the rest (fastapi and its kin, llguidance).
+# already there. Every step needs gguf (hetero_moe.llm imports the GGUF reader), the profile step
+# py-spy; only the server needs the rest (fastapi and its kin, llguidance).
 # Usage: benchmarks/device-wheels.sh [DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +25,7 @@ wheels=(
   opentelemetry-api==1.45.2
   gguf==0.19.0
   llguidance==1.6.1
+  py-spy==0.4.3
 )
 platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do

@@ -4,6 +4,8 @@
                changed config (tiny, for the dry run; or fewer routed experts), so the bench reuses it
     env        the box: Python, torch, CUDA, GPU, CPU, memory, disk (JSON on stdout)
     tests      the GPU tests' per-file results from their JUnit XML files (JSON on stdout)
+    profile    where a decode step's time goes, from py-spy's samples of `bench decode` (`record -f raw
+               --idle`): the frames the steps' samples end in, and our deepest frame in each (JSON on stdout)
     v3-memory  the DeepSeek-V3 GPU memory measured on a few layers, extrapolated to the full model
                with `rules check`'s predictions (JSON on stdout)
     record     one step's record in $OUT (NN-name.json) and the summary (summary.json) rewritten
@@ -29,7 +31,9 @@ from pathlib import Path
 GB = 1e9
 GPU = "cuda:0"
 V3_TARGET_GB = 12.0  # issue 4: DeepSeek-V3 on deepseek-v3-int4-gpu.yaml within 12 GB at 8K context
-STEPS = ("setup", "tests", "decode", "prefill", "v3-memory")
+STEPS = ("setup", "tests", "decode", "prefill", "profile", "v3-memory")
+STEP_FRAME = "_timed_step ("  # bench decode's timer of one engine step: samples under it are a step's
+TOP = 25  # frames listed in the profile
 EXPERT_FIELDS = ("n_routed_experts", "num_experts", "num_local_experts")  # DeepSeek, Qwen3-MoE, Mixtral
 
 
@@ -287,6 +291,36 @@ def _smi_peak_gb(path: str) -> float | None:
     return max(values) * 2**20 / GB if values else None
 
 
+def profile(args: argparse.Namespace) -> int:
+    """py-spy's raw output (one line a distinct stack: `frame;frame;... count`, outermost first) -> the
+    share of the decode steps' samples (those under `STEP_FRAME`) each leaf frame and each deepest
+    frame of ours (hetero_moe, kernels) takes, highest first; samples outside the steps (loading, the
+    other threads) are only counted."""
+    leaf: dict[str, int] = {}
+    ours: dict[str, int] = {}
+    total = steps = 0
+    for line in Path(args.folded).read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        if not any(STEP_FRAME in f for f in frames):
+            continue
+        steps += n
+        leaf[frames[-1]] = leaf.get(frames[-1], 0) + n
+        mine = [f for f in frames if "hetero_moe/" in f or "kernels/" in f]
+        if mine:
+            ours[mine[-1]] = ours.get(mine[-1], 0) + n
+
+    def top(counts: dict[str, int]) -> list:
+        return [[round(c / steps, 4), f] for f, c in sorted(counts.items(), key=lambda kv: -kv[1])[:TOP]]
+
+    print(json.dumps({"samples": total, "step_samples": steps, "leaf": top(leaf), "ours": top(ours)}, indent=1))
+    return 0 if steps else 1
+
+
 def _load(path: str | None) -> dict | None:
     if not path:
         return None
@@ -386,6 +420,9 @@ def _figures(steps: dict) -> dict:
     prefill = (steps.get("prefill") or {}).get("result")
     if prefill:
         fig["prefill"] = [{k: p[k] for k in ("tokens", "tok_s", "ttft_s")} for p in prefill["prefill"]]
+    prof = (steps.get("profile") or {}).get("result")
+    if prof and prof.get("step_samples"):
+        fig["profile"] = {"step_samples": prof["step_samples"], "leaf": prof["leaf"][:5], "ours": prof["ours"][:5]}
     v3 = (steps.get("v3-memory") or {}).get("result")
     if v3:
         fig["v3_memory"] = {
@@ -415,6 +452,10 @@ def table(args: argparse.Namespace) -> int:
         )
     for p in fig.get("prefill", []):
         print(f"  prefill {p['tokens']}: {p['tok_s']:.0f} tok/s, TTFT {p['ttft_s']:.2f} s")
+    if pr := fig.get("profile"):
+        print(f"  profile: {pr['step_samples']} samples in decode steps; ours, deepest frame:")
+        for share, frame in pr["ours"]:
+            print(f"    {share:6.1%} {frame}")
     if v := fig.get("v3_memory"):
         est = v["full_model_estimate_gb"]
         print(
@@ -451,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--table", required=True)
     s.add_argument("--junit-dir", required=True)
     s.set_defaults(func=tests)
+    s = sub.add_parser("profile")
+    s.add_argument("--folded", required=True, help="py-spy record -f raw's output")
+    s.set_defaults(func=profile)
     s = sub.add_parser("v3-memory")
     s.add_argument("--bench")
     s.add_argument("--predicted")

@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "device-check.sh"
-STEPS = ["setup", "tests", "decode", "prefill", "v3-memory"]
+STEPS = ["setup", "tests", "decode", "prefill", "profile", "v3-memory"]
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # what the device tool brings back from $OUT
 
 
@@ -50,7 +50,8 @@ def test_dry_run_passes_every_step_and_writes_what_comes_back(tmp_path) -> None:
         "01-tests.json",
         "02-decode.json",
         "03-prefill.json",
-        "04-v3-memory.json",
+        "04-profile.json",
+        "05-v3-memory.json",
         "device-check.log",
         "summary.json",
     ]
@@ -69,7 +70,12 @@ def test_dry_run_passes_every_step_and_writes_what_comes_back(tmp_path) -> None:
     assert d["arch"] == "deepseek-v2-lite" and d["layers_run"] == 8 and d["layers_full"] == 27
     assert d["decode_tok_s"] > 0 and d["gpu_memory_gb"] is None
     assert [p["tokens"] for p in load(out / "03-prefill.json")["result"]["prefill"]] == [16, 32]
-    v3 = load(out / "04-v3-memory.json")["result"]
+    prof = load(out / "04-profile.json")
+    if shutil.which("py-spy"):  # sampled where py-spy is installed (the box gets it as a carried wheel)
+        assert prof["result"]["step_samples"] > 0 and prof["result"]["ours"]
+    else:
+        assert prof["result"] is None and "py-spy is not installed" in prof["note"]
+    v3 = load(out / "05-v3-memory.json")["result"]
     assert v3["context_tokens"] == 1024 and v3["layers_run"] == 2 and v3["layers_full"] == 61
     assert v3["predicted_gb"]["full"]["cpu"] > v3["predicted_gb"]["run"]["cpu"] > 0
     assert v3["full_model_estimate_gb"]["allocated_gb"] is None  # no GPU: nothing measured
@@ -166,3 +172,18 @@ def test_junit_failures_are_listed(tmp_path) -> None:
     assert x["failures"] == [{"test": "tests.test_x::test_b", "kind": "failure", "message": "assert 1 == 2"}]
     assert y["status"] == "timeout" and "missing" in y["junit"]
     assert (r["tests"], r["failed"]) == (3, 1)
+
+
+def test_profile_counts_only_the_steps(tmp_path, capsys) -> None:
+    folded = tmp_path / "x.folded"
+    step = "_timed_step (hetero_moe/bench/decode.py:310)"
+    folded.write_text(
+        f"<module> (cli.py:1);load (hetero_moe/llm.py:5);read (io.py:2) 50\n"
+        f"<module> (cli.py:1);{step};forward (hetero_moe/engine/runner.py:9);down (kernels/numba/int8dot.py:7) 30\n"
+        f"<module> (cli.py:1);{step};forward (hetero_moe/engine/runner.py:9);sync (torch/cuda.py:3) 10\n"
+    )
+    assert _helper().main(["profile", "--folded", str(folded)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert (r["samples"], r["step_samples"]) == (90, 40)
+    assert r["leaf"] == [[0.75, "down (kernels/numba/int8dot.py:7)"], [0.25, "sync (torch/cuda.py:3)"]]
+    assert r["ours"] == [[0.75, "down (kernels/numba/int8dot.py:7)"], [0.25, "forward (hetero_moe/engine/runner.py:9)"]]
