@@ -222,8 +222,9 @@ def test_bench_serve_against_a_running_server(tiny, capsys) -> None:
     assert "roofline" in capsys.readouterr().out
     one, four = report["levels"]
     assert one["concurrency"] == 1 and four["concurrency"] == 4
-    # one prefill step and five decode steps alone; the four share their steps (a late arrival may add a few)
-    assert one["steps"] == 6 and 6 <= four["steps"] < 12
+    # one prefill step and five decode steps alone; the four share steps: fewer than four requests' one after
+    # another (how many depends on when each arrives: on a busy machine the server steps between arrivals)
+    assert one["steps"] == 6 and 6 <= four["steps"] < 4 * 6
     # decode-only steps: one token each alone; the four (mostly together) touch more distinct experts
     assert one["decode_steps"] == 5 and one["tokens_per_decode_step"] == 1
     assert 1 < four["tokens_per_decode_step"] <= 4

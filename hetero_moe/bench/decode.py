@@ -353,7 +353,8 @@ def _step_overhead(engine, steps: int, step_s: float, overlap: dict | None) -> d
 
 def _cpu_overhead(engine, steps: int) -> dict | None:
     """Per decode step of a CPU-only placement: the time in the integer kernels (`int8dot.timed`: the dot
-    products over weights, and the activations' quantization) and what is left of the step outside them
+    products over weights, with the quantizing of their activations where one call does both, and the
+    activations' quantization called apart) and what is left of the step outside them
     (norms, router, rope and latent attention in torch, Python, sampling; other kernels' formats count as
     outside too). None when no integer kernel ran (experts in fp8 or bf16)."""
     from hetero_moe.kernels.numba import int8dot
@@ -451,7 +452,8 @@ def format_report(r: dict) -> str:
         *(
             [
                 f"per step: integer kernels ({o['kernel_calls']:.0f} calls) {o['cpu_weight_kernels_ms']:.2f} ms "
-                f"over weights and {o['cpu_activations_ms']:.2f} ms quantizing activations, "
+                f"over weights and {o['cpu_activations_ms']:.2f} ms quantizing activations apart (most are "
+                f"quantized inside the weights' calls), "
                 f"outside them {o['outside_kernels_ms']:.2f} ms ({o['outside_share']:.0%} of the step)"
             ]
             if (o := r["step_overhead"]) and "cpu_weight_kernels_ms" in o
