@@ -74,18 +74,23 @@ def hf_greedy() -> Callable[[PreTrainedModel, list[int], int], list[int]]:
     """transformers' own greedy continuation (no EOS stop): the oracle for token-for-token checks."""
 
     def run(model: PreTrainedModel, prompt: list[int], n: int) -> list[int]:
-        ids = torch.tensor([prompt], device=model.device)
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=n,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=model.config.pad_token_id,
-        )
-        return out[0, len(prompt) :].tolist()
+        return _greedy(model, prompt, n)[0, len(prompt) :].tolist()
 
     return run
+
+
+def _greedy(model: PreTrainedModel, prompt: list[int], n: int, **kwargs):
+    """`model.generate`, greedy for `n` tokens past any EOS, on the model's device."""
+    ids = torch.tensor([prompt], device=model.device)
+    return model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=model.config.pad_token_id,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -105,19 +110,9 @@ def bf16_accuracy() -> Callable[..., None]:
         ref = copy.deepcopy(t.reference).to(device, torch.bfloat16)
         # transformers' default grouped_mm fails in bf16 on the CPU when a row is not a multiple of 16 bytes
         ref.set_experts_implementation("eager")
-        ids = torch.tensor([prompt], device=device)
         n = len(prompt)
         with torch.inference_mode():
-            gen = ref.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=positions,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=ref.config.pad_token_id,
-                return_dict_in_generate=True,
-                output_logits=True,
-            )
+            gen = _greedy(ref, prompt, positions, return_dict_in_generate=True, output_logits=True)
             seq = gen.sequences
             cached = torch.cat(gen.logits).float()
             full = ref(seq).logits[0, n - 1 : -1].float()
