@@ -11,9 +11,12 @@ layer; the roofline is the measured DRAM read bandwidth divided by those bytes.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import resource
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -354,24 +357,63 @@ def _step_overhead(engine, steps: int, step_s: float, overlap: dict | None) -> d
 def _cpu_overhead(engine, steps: int) -> dict | None:
     """Per decode step of a CPU-only placement: the time in the integer kernels (`int8dot.timed`: the dot
     products over weights, with the quantizing of their activations where one call does both, and the
-    activations' quantization called apart) and what is left of the step outside them
-    (norms, router, rope and latent attention in torch, Python, sampling; other kernels' formats count as
-    outside too). None when no integer kernel ran (experts in fp8 or bf16)."""
+    activations' quantization called apart), in the other Numba kernels a step calls (`OTHER_KERNELS`: the
+    router, the latent attention and its preparation, the norms), and what is left of the step outside all of
+    them (Python, numpy, sampling; torch where an op runs in torch). None when no integer kernel ran (experts
+    in fp8 or bf16)."""
     from hetero_moe.kernels.numba import int8dot
 
-    with int8dot.timed() as clock:
+    with int8dot.timed() as clock, _timed_calls(OTHER_KERNELS) as other:
         step_s = statistics.mean(_timed_step(engine) for _ in range(steps))
     if not clock.calls:
         return None
-    weights_s, activations_s = clock.weights_s / steps, clock.activations_s / steps
-    outside_s = max(step_s - weights_s - activations_s, 0.0)
+    weights_s, activations_s, other_s = clock.weights_s / steps, clock.activations_s / steps, other[0] / steps
+    outside_s = max(step_s - weights_s - activations_s - other_s, 0.0)
     return {
         "cpu_weight_kernels_ms": weights_s * 1e3,
         "cpu_activations_ms": activations_s * 1e3,
         "kernel_calls": clock.calls / steps,
+        "other_kernels_ms": other_s * 1e3,
+        "other_kernel_calls": other[1] / steps,
         "outside_kernels_ms": outside_s * 1e3,
         "outside_share": outside_s / step_s,
     }
+
+
+# module -> the Numba kernels of a CPU decode step besides int8dot's, as the ops call them (module attributes)
+OTHER_KERNELS = {
+    "hetero_moe.kernels.numba.router": ("select",),
+    "hetero_moe.kernels.numba.latent": ("prepare", "attend"),
+    "hetero_moe.kernels.numba.norm": ("rms_norm", "add_rms_norm"),
+}
+
+
+@contextlib.contextmanager
+def _timed_calls(kernels: dict[str, tuple[str, ...]]) -> Iterator[list]:
+    """While inside, each call of the named module attributes adds its wall time and a call to the yielded
+    `[seconds, calls]`; the attributes are put back on exit."""
+    total = [0.0, 0]
+    saved = [(importlib.import_module(m), name) for m, names in kernels.items() for name in names]
+    originals = [getattr(module, name) for module, name in saved]
+
+    def wrap(fn: Callable) -> Callable:
+        def timed_call(*args):
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                total[0] += time.perf_counter() - start
+                total[1] += 1
+
+        return timed_call
+
+    for (module, name), fn in zip(saved, originals, strict=True):
+        setattr(module, name, wrap(fn))
+    try:
+        yield total
+    finally:
+        for (module, name), fn in zip(saved, originals, strict=True):
+            setattr(module, name, fn)
 
 
 def pcie_h2d_gbps(gigabytes: float = 1.0, repeat: int = 5) -> float:
@@ -453,8 +495,9 @@ def format_report(r: dict) -> str:
             [
                 f"per step: integer kernels ({o['kernel_calls']:.0f} calls) {o['cpu_weight_kernels_ms']:.2f} ms "
                 f"over weights and {o['cpu_activations_ms']:.2f} ms quantizing activations apart (most are "
-                f"quantized inside the weights' calls), "
-                f"outside them {o['outside_kernels_ms']:.2f} ms ({o['outside_share']:.0%} of the step)"
+                f"quantized inside the weights' calls), other kernels ({o['other_kernel_calls']:.0f} calls: router, "
+                f"latent attention, norms) {o['other_kernels_ms']:.2f} ms, outside all of them "
+                f"{o['outside_kernels_ms']:.2f} ms ({o['outside_share']:.0%} of the step)"
             ]
             if (o := r["step_overhead"]) and "cpu_weight_kernels_ms" in o
             else []
