@@ -8,10 +8,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-# float32 activations get float32 products (a GPU's tl.dot would round them to TF32, ~1e-3 off); the
-# nibbles are exact in bf16/fp16, whose products TF32 holds exactly
-_DOT_PRECISION = {torch.float32: "ieee", torch.bfloat16: "tf32", torch.float16: "tf32"}
+from hetero_moe.kernels.triton.common import DOT_PRECISION
 
 
 @triton.jit
@@ -65,7 +62,7 @@ def int4_linear(
         raise ValueError(
             f"int4_linear takes uint8 packed weights and bf16/fp16 scales, got {packed.dtype}, {scales.dtype}"
         )
-    if x.dtype not in _DOT_PRECISION:
+    if x.dtype not in DOT_PRECISION:
         raise ValueError(f"int4_linear takes bf16, fp16 or fp32 activations, got {x.dtype}")
     n, n_groups = scales.shape
     k = x.shape[-1]
@@ -93,6 +90,6 @@ def int4_linear(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         GROUP=group,
-        DOT_PRECISION=_DOT_PRECISION[x.dtype],
+        DOT_PRECISION=DOT_PRECISION[x.dtype],
     )
     return out.reshape(*lead, n)

@@ -21,12 +21,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from hetero_moe.kernels.triton.common import DOT_PRECISION
 
 _SM_TARGET = 132  # programs to aim for when choosing splits: an H100's SM count
 _MIN_ROWS_PER_SPLIT = 64  # fewer rows per split spend more on partials than they gain in parallelism
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# fp32 inputs: exact float32 products, not TF32; the 16-bit dtypes take Triton's default (the flag is unused)
-_DOT_PRECISION = {torch.float32: "ieee", torch.bfloat16: "tf32", torch.float16: "tf32"}
 
 
 @triton.jit
@@ -287,7 +286,7 @@ def mla_decode(
         BLOCK_L=block_l,
         BLOCK_R=block_r,
         BLOCK_P=block_p,
-        DOT_PRECISION=_DOT_PRECISION[q_lat.dtype],
+        DOT_PRECISION=DOT_PRECISION[q_lat.dtype],
         num_warps=4 if block_r <= 256 else 8,
     )
     out = torch.empty(b, h, r, dtype=q_lat.dtype, device=dev)
