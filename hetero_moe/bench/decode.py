@@ -11,12 +11,10 @@ layer; the roofline is the measured DRAM read bandwidth divided by those bytes.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import resource
 import statistics
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -363,18 +361,19 @@ def _cpu_overhead(engine, steps: int) -> dict | None:
     in fp8 or bf16)."""
     from hetero_moe.kernels.numba import int8dot
 
-    with int8dot.timed() as clock, _timed_calls(OTHER_KERNELS) as other:
+    others = [(importlib.import_module(m), name) for m, names in OTHER_KERNELS.items() for name in names]
+    with int8dot.timed(others) as clock:
         step_s = statistics.mean(_timed_step(engine) for _ in range(steps))
     if not clock.calls:
         return None
-    weights_s, activations_s, other_s = clock.weights_s / steps, clock.activations_s / steps, other[0] / steps
+    weights_s, activations_s, other_s = clock.weights_s / steps, clock.activations_s / steps, clock.other_s / steps
     outside_s = max(step_s - weights_s - activations_s - other_s, 0.0)
     return {
         "cpu_weight_kernels_ms": weights_s * 1e3,
         "cpu_activations_ms": activations_s * 1e3,
         "kernel_calls": clock.calls / steps,
         "other_kernels_ms": other_s * 1e3,
-        "other_kernel_calls": other[1] / steps,
+        "other_kernel_calls": clock.other_calls / steps,
         "outside_kernels_ms": outside_s * 1e3,
         "outside_share": outside_s / step_s,
     }
@@ -386,34 +385,6 @@ OTHER_KERNELS = {
     "hetero_moe.kernels.numba.latent": ("prepare", "attend"),
     "hetero_moe.kernels.numba.norm": ("rms_norm", "add_rms_norm"),
 }
-
-
-@contextlib.contextmanager
-def _timed_calls(kernels: dict[str, tuple[str, ...]]) -> Iterator[list]:
-    """While inside, each call of the named module attributes adds its wall time and a call to the yielded
-    `[seconds, calls]`; the attributes are put back on exit."""
-    total = [0.0, 0]
-    saved = [(importlib.import_module(m), name) for m, names in kernels.items() for name in names]
-    originals = [getattr(module, name) for module, name in saved]
-
-    def wrap(fn: Callable) -> Callable:
-        def timed_call(*args):
-            start = time.perf_counter()
-            try:
-                return fn(*args)
-            finally:
-                total[0] += time.perf_counter() - start
-                total[1] += 1
-
-        return timed_call
-
-    for (module, name), fn in zip(saved, originals, strict=True):
-        setattr(module, name, wrap(fn))
-    try:
-        yield total
-    finally:
-        for (module, name), fn in zip(saved, originals, strict=True):
-            setattr(module, name, fn)
 
 
 def pcie_h2d_gbps(gigabytes: float = 1.0, repeat: int = 5) -> float:

@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -577,39 +579,48 @@ class KernelClock:
     """Seconds spent in this module's kernels while `timed` is on: `weights` (gate_up and down, which also
     runs the dense layers: the integer dot products over weights; `experts`, a whole routed experts block
     with its quantizing, grouping and combining, and `quantized_down`, `down` with its quantizing) and
-    `activations` (quantizing the inputs), and the calls of both."""
+    `activations` (quantizing the inputs), and the calls of both; `other` the other kernels `timed` was given."""
 
     weights_s: float = 0.0
     activations_s: float = 0.0
     calls: int = 0
+    other_s: float = 0.0
+    other_calls: int = 0
 
 
 @contextlib.contextmanager
-def timed() -> Iterator[KernelClock]:
+def timed(others: Iterable[tuple[ModuleType, str]] = ()) -> Iterator[KernelClock]:
     """For benchmarks: while inside, every call of this module's kernels (from any op, through `Kernels`, or
-    from `mxfp4.py`) adds its wall time to the yielded clock. It swaps the module's entry points for timing
-    wrappers and puts them back on exit, so the kernels themselves check nothing. One thread at a time."""
+    from `mxfp4.py`) adds its wall time to the yielded clock, and so does every call of `others` (module,
+    attribute name: kernels elsewhere, called as module attributes) to its `other` fields. It swaps the entry
+    points for timing wrappers and puts them back on exit, so the kernels themselves check nothing. One thread
+    at a time."""
     clock = KernelClock()
+    this = sys.modules[__name__]
     kinds = {"gate_up": "weights_s", "down": "weights_s", "experts": "weights_s", "quantized_down": "weights_s"}
     kinds["quantize"] = "activations_s"
-    saved = {name: globals()[name] for name in kinds}
+    targets = [(this, name, field, "calls") for name, field in kinds.items()]
+    targets += [(module, name, "other_s", "other_calls") for module, name in others]
+    saved = [getattr(module, name) for module, name, *_ in targets]
 
-    def wrap(fn: Callable, field: str) -> Callable:
+    def wrap(fn: Callable, field: str, count: str) -> Callable:
         def timed_call(*args):
             start = time.perf_counter()
             try:
                 return fn(*args)
             finally:
                 setattr(clock, field, getattr(clock, field) + time.perf_counter() - start)
-                clock.calls += 1
+                setattr(clock, count, getattr(clock, count) + 1)
 
         return timed_call
 
-    globals().update({name: wrap(fn, kinds[name]) for name, fn in saved.items()})
+    for (module, name, field, count), fn in zip(targets, saved, strict=True):
+        setattr(module, name, wrap(fn, field, count))
     try:
         yield clock
     finally:
-        globals().update(saved)
+        for (module, name, *_), fn in zip(targets, saved, strict=True):
+            setattr(module, name, fn)
 
 
 # Backends: the kernels of one instruction set, bound to a weight format, group size and scale dtype.
