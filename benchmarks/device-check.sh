@@ -96,12 +96,13 @@ if [[ $mode == real ]]; then
   per_test=45
   v2_rules=deepseek-v2-lite.yaml
   decode_steps=32
+  profile_steps=8 # under py-spy the load alone took 60 s (16 threads sampled)
   prefill=512,2048
   v3_rules=deepseek-v3-int4-gpu.yaml
   v3_context=8192
   v3_prefill=512 # the server's default prefill chunk
   v3_experts=64
-  declare -A limit=([setup]=60 [tests]=270 [decode]=110 [prefill]=70 [profile]=70 [v3-memory]=140)
+  declare -A limit=([setup]=60 [tests]=270 [decode]=110 [prefill]=70 [profile]=120 [v3-memory]=140)
 else
   export CUDA_VISIBLE_DEVICES="" # the CPU, even on a box with a GPU
   budget=${DC_BUDGET:-900} # generous: CI never fails on a slow machine, only on a broken step
@@ -109,6 +110,7 @@ else
   per_test=60
   v2_rules=cpu-only-int4.yaml
   decode_steps=2
+  profile_steps=2
   prefill=16,32
   v3_rules=cpu-only-int4.yaml
   v3_context=1024
@@ -199,15 +201,16 @@ step_setup() {
   mkdir -p "$work/src"
   cp -r pyproject.toml README.md hetero_moe kernels rules configs "$work/src/" || return
   find "$work/src" -name __pycache__ -prune -exec rm -rf {} +
-  timed "$py" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$site" "$work/src" \
-    || return
-  local wheels=(benchmarks/device-wheels/*.whl)
+  local wheels=(benchmarks/device-wheels/*.whl) carried=()
   if [[ ! -e ${wheels[0]} ]]; then
     step_note="no wheels in benchmarks/device-wheels (benchmarks/device-wheels.sh): the box lacks gguf, which every step imports"
   elif [[ $mode == real ]]; then
-    timed "$py" -m pip install -q --no-index --no-deps --no-compile --target "$site" "${wheels[@]}" \
-      || step_note="the carried wheels did not install (gguf is among them)"
-  else # they are for the box's Python: check that pip there would take them
+    carried=("${wheels[@]}")
+  fi
+  # One pip call: a second `--target` install into the same folder skips its bin/ (py-spy's) with a warning
+  timed "$py" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$site" "$work/src" \
+    "${carried[@]}" || return
+  if [[ -e ${wheels[0]} && $mode != real ]]; then # they are for the box's Python: check that pip there would take them
     timed "$py" -m pip install -q --dry-run --no-index --no-deps --only-binary=:all: --python-version 3.12 \
       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
       --target "$work/wheel-check" "${wheels[@]}" || step_note="the wheels would not install on Python 3.12"
@@ -268,9 +271,14 @@ step_profile() {
     return 0
   fi
   step_result=$work/profile.json
+  # py-spy writes what it has when `timed` interrupts it: a cut recording still says where steps went
+  local rc=0
   timed "$spy" record --idle -r 200 -f raw -o "$work/decode.folded" -- "${hm[@]}" bench decode "${v2[@]}" \
-    --rules "$v2_rules" --steps "$decode_steps" --checkpoint-dir "$ck" --json > /dev/null || return
-  timed "${helper[@]}" profile --folded "$work/decode.folded" > "$work/profile.json"
+    --rules "$v2_rules" --steps "$profile_steps" --checkpoint-dir "$ck" --json > /dev/null || rc=$?
+  [[ -s $work/decode.folded ]] || return "$rc"
+  ((rc == 0)) || step_note="the recording was cut at the step's limit (rc $rc): its profile covers fewer steps"
+  timed "${helper[@]}" profile --folded "$work/decode.folded" > "$work/profile.json" || return
+  return "$rc"
 }
 
 stop_smi() {

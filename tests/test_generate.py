@@ -41,7 +41,7 @@ def test_bfloat16_is_as_close_to_float32_as_transformers_bfloat16(tiny, bf16_acc
     to float32, not agreement with transformers' bf16)."""
     t = tiny(arch)
     llm = LLM(t.path, dtype="bfloat16")
-    bf16_accuracy(t, llm, PROMPT, "cpu")
+    bf16_accuracy([(t, llm)], PROMPT, "cpu")
     assert len(llm.generate(PROMPT, max_tokens=5, temperature=0, ignore_eos=True).token_ids) == 5
 
 
