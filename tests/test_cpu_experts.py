@@ -250,6 +250,19 @@ def test_bench_experts_op_runs_each_format(quant: str) -> None:
     assert y.shape == (3, 256) and torch.isfinite(y).all()
 
 
+def test_bench_experts_reports_its_share_of_the_int8_peak() -> None:
+    """`bench experts` at V2-Lite's shape (8 experts held): the multiply-adds a second of each call and their
+    share of the backend's peak, measured in the same run; the kernels cannot beat that peak."""
+    from hetero_moe.bench.experts import bench_experts
+
+    report = bench_experts("deepseek-v2-lite", "int4", [1, 8], threads=2, experts=8, iters=3, baselines=False)
+    assert report["int8_peak_gmacs"] > 0
+    for r in report["results"]:
+        assert r["tokens_per_expert"] == pytest.approx(r["tokens"] * 6 / r["distinct_experts"])
+        assert r["gmacs"] == pytest.approx(r["tokens"] * 6 * 3 * 2048 * 1408 / r["seconds_per_layer"] / 1e9)
+        assert 0 < r["of_int8_peak"] < 1
+
+
 @pytest.mark.parametrize("quant", ["int4", "int8"])
 @pytest.mark.parametrize("tokens", [1, 3, 17])
 def test_the_block_in_one_kernel_call_is_its_calls_one_after_another(quant: str, tokens: int) -> None:

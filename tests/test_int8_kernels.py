@@ -827,3 +827,15 @@ def test_compiles_for_other_cpus(tmp_path, isa: str, cpu: str, features: str, re
         assert mine and all(prefix in line and register in line for line in mine), lines
     if isa != "avx2":
         assert not any("vpmaddubsw" in line for line in lines)
+
+
+@pytest.mark.parametrize("isa", RUNNABLE + EMULATED)
+def test_the_peak_loop_runs_every_dot_product(isa: str) -> None:
+    """`dot_rounds` (`bench experts`' int8 peak): lane 0 of each chain starts at its number and adds, every
+    round, u . s over its 4 bytes, u = (r, 3, 3, 3) and s = (5, r, 5, 5) for r rounds (a byte)."""
+    from hetero_moe.kernels.numba.simd import PEAK_CHAINS, Simd, dot_rounds
+
+    run = njit(lambda simd, rounds: dot_rounds(simd, rounds))
+    for rounds in (0, 1, 10, 100):
+        per_round = rounds * 5 + 3 * rounds + 3 * 5 * 2
+        assert run(Simd(isa, INT8, 32), rounds) == sum(range(PEAK_CHAINS)) + PEAK_CHAINS * rounds * per_round

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from numba import njit, prange
 
+from hetero_moe.kernels.numba.simd import INT8, PEAK_CHAINS, Simd, choose_isa, dot_macs, dot_rounds
 from hetero_moe.ops.base import BuildContext
 from hetero_moe.ops.cpu_experts import CPUExperts, CPUExpertsKwargs
 
@@ -68,6 +69,30 @@ def dram_read_gbps(gigabytes: float = 2.0, repeat: int = 5) -> dict[str, float]:
     return out
 
 
+@njit(parallel=True, nogil=True, cache=True)
+def _dot_peak(simd, threads, rounds):
+    """Every thread runs `rounds` of `dot_rounds`."""
+    total = 0
+    for _ in prange(threads):
+        total += dot_rounds(simd, rounds)
+    return total
+
+
+def int8_peak_gmacs(isa: str, threads: int, rounds: int = 4_000_000, repeat: int = 5) -> float:
+    """The backend's int8 multiply-adds a second on `threads` threads, in billions: its dot product on
+    registers, `PEAK_CHAINS` chains a thread, no memory (the best of `repeat` runs)."""
+    simd = Simd(isa, INT8, 32)
+    _dot_peak(simd, threads, 1)
+    best = min(_seconds(lambda: _dot_peak(simd, threads, rounds)) for _ in range(repeat))
+    return threads * rounds * PEAK_CHAINS * dot_macs(isa) / best / 1e9
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def _median(fn: Callable[[], object], repeat: int) -> float:
     times = []
     for _ in range(repeat):
@@ -75,6 +100,9 @@ def _median(fn: Callable[[], object], repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+INTEGER = ("int4", "int8")  # the formats the integer dot products run
 
 
 def random_experts(shape: Shape, quant: str, threads: int, experts: int, group_size: int | None = None) -> CPUExperts:
@@ -132,6 +160,9 @@ class Result:
     ratio: float
     distinct_experts: float
     weight_bytes: float
+    tokens_per_expert: float  # of those run: tokens x top-k / distinct experts
+    gmacs: float  # multiply-adds a second, in billions: tokens x top-k x 3 x hidden x intermediate
+    of_int8_peak: float | None  # gmacs / `int8_peak_gmacs` (None without integer kernels)
 
 
 def bench_experts(
@@ -148,6 +179,8 @@ def bench_experts(
     n_experts = experts or shape.experts
     dram = dram_read_gbps()
     op = random_experts(shape, quant, threads, n_experts)
+    isa = choose_isa(op.isa)
+    peak = int8_peak_gmacs(isa, threads) if quant in INTEGER and isa != "float" else None
     per_expert = op.format.nbytes() / n_experts
     rng = np.random.default_rng(2)
     results = []
@@ -162,10 +195,23 @@ def bench_experts(
             times.append(time.perf_counter() - start)
             distinct.append(len(torch.unique(index)))
         sec = statistics.median(times)
-        nbytes = statistics.mean(distinct) * per_expert
-        gbps = nbytes / sec / 1e9
+        used = statistics.mean(distinct)
+        gbps = used * per_expert / sec / 1e9
+        gmacs = t * shape.top_k * 3 * shape.hidden * shape.inter / sec / 1e9
         results.append(
-            Result(t, quant, sec, gbps, dram["best"], gbps / dram["best"], statistics.mean(distinct), nbytes)
+            Result(
+                t,
+                quant,
+                sec,
+                gbps,
+                dram["best"],
+                gbps / dram["best"],
+                used,
+                used * per_expert,
+                t * shape.top_k / used,
+                gmacs,
+                gmacs / peak if peak else None,
+            )
         )
     out = {
         "arch": arch,
@@ -173,6 +219,8 @@ def bench_experts(
         "experts_in_memory": n_experts,
         "threads": threads,
         "dram_read_gbps": dram,
+        "isa": isa,
+        "int8_peak_gmacs": peak,
         "results": [asdict(r) for r in results],
     }
     if baselines:

@@ -928,3 +928,38 @@ def span_dots(typingctx, simd, n, w, scales, xq, ascale, bias, rows, out):
         return context.get_dummy_value()
 
     return types.none(simd, n, w, scales, xq, ascale, bias, rows, out), codegen
+
+
+PEAK_CHAINS = 16  # independent dot products in flight in `dot_rounds`: more than latency x throughput on any core
+
+
+def dot_macs(isa: str) -> int:
+    """Multiply-adds of one of the backend's int8 dot products (`uint8_lanes` on one register)."""
+    return CODEGEN[isa].vbytes
+
+
+@intrinsic
+def dot_rounds(typingctx, simd, rounds):
+    """`rounds` times `PEAK_CHAINS` independent int8 dot products of the backend (`vpdpbusd`, or AVX2's
+    `vpmaddubsw` + `vpmaddwd` + add), register to register, -> a sum of their lanes, so that none is left
+    out: the backend's peak multiply-adds a second, which `bench experts` measures."""
+    if not isinstance(simd, SimdType) or not isinstance(rounds, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        b = builder
+        isa = CODEGEN[simd.isa]
+        n, width = isa.vbytes, isa.width
+        count = b.trunc(args[1], I8)  # operands the compiler cannot know
+        u = b.insert_element(_splat(I8, n, 3), count, ir.Constant(I32, 0))
+        s = b.insert_element(_splat(I8, n, 5), count, ir.Constant(I32, 1))
+        accs = [cgutils.alloca_once_value(b, _splat(I32, width, i)) for i in range(PEAK_CHAINS)]
+        with cgutils.for_range(b, args[1]) as _:
+            for a in accs:
+                b.store(isa.uint8_lanes(b, [u], [s], b.load(a)), a)
+        total = ir.Constant(I64, 0)
+        for a in accs:
+            total = b.add(total, b.sext(b.extract_element(b.load(a), ir.Constant(I32, 0)), I64))
+        return total
+
+    return types.int64(simd, rounds), codegen
