@@ -75,11 +75,12 @@ def test_decode_cli_writes_its_checkpoint_once(tmp_path, capsys, monkeypatch) ->
     monkeypatch.setattr("hetero_moe.synth.large.write_large_checkpoint", tiny_checkpoint)
     argv = ["bench", "decode", "--arch", "qwen3-30b-a3b", "--rules", "cpu-only.yaml", "--layers", "2", "--steps", "2"]
     argv += ["--checkpoint-dir", str(tmp_path), "--threads", "1"]
-    assert main([*argv, "--json"]) == 0
+    assert main([*argv, "--json", "--prompt-tokens", "40"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["arch"] == "qwen3-30b-a3b" and report["layers_full"] == 48 and report["moe_layers_run"] == 1
+    assert report["prompt_tokens"] == 40 and report["context_tokens"] >= 40 + 2 * 2
     assert main(argv) == 0
-    assert "tok/s" in capsys.readouterr().out
+    assert "tok/s after a prompt of 16 tokens" in capsys.readouterr().out
     assert written == [tmp_path / "qwen3-30b-a3b-2-bf16"]  # the second run reuses it
     assert main(["bench", "decode", "--arch", "deepseek-v3", "--layers", "0"]) == 2
     assert "--layers must be at least 1" in capsys.readouterr().err

@@ -276,6 +276,7 @@ def run(bench: DecodeBench, model_dir: Path) -> dict:
         "prefill": prefill,
         "pcie_h2d_gbps": pcie_h2d_gbps() if gpu is not None else None,
         "context_tokens": context,
+        "prompt_tokens": bench.prompt_tokens,
         "gpu_memory_gb": torch.cuda.max_memory_allocated(gpu) / 1e9 if gpu is not None else None,
         "gpu_memory_reserved_gb": torch.cuda.max_memory_reserved(gpu) / 1e9 if gpu is not None else None,
         "cpu_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
@@ -435,7 +436,7 @@ def format_report(r: dict) -> str:
         f"timed: {r['timed']}",
         f"{r['arch']} on {r['rules']}: ran {r['layers_run']} layers ({r['moe_layers_run']} MoE), "
         f"{r['threads']} CPU threads; DRAM read {r['dram_read_gbps']['best']:.1f} GB/s",
-        f"decode {r['decode_tok_s']:.2f} tok/s"
+        f"decode {r['decode_tok_s']:.2f} tok/s after a prompt of {r['prompt_tokens']} tokens"
         + (f" (extrapolated to {r['layers_full']} layers)" if r["extrapolated"] else ""),
         f"roofline {r['roofline_tok_s']:.2f} tok/s ({r['routed_bytes_per_token'] / 1e9:.2f} GB routed per token): "
         f"{r['share_of_roofline']:.0%}",

@@ -33,6 +33,12 @@ def add_parsers(sub) -> None:
         g.add_argument("--layers", type=int, help="real-size layers to run (default: whole model; DeepSeek-V3: 4)")
         g.add_argument("--disk", choices=["fp8", "bf16"], help="checkpoint format (default: the release's)")
         g.add_argument("--steps", type=int, default=32, help="decode steps timed")
+        g.add_argument(
+            "--prompt-tokens",
+            type=int,
+            default=16,
+            help="the decode steps follow a prompt of this many tokens (llama-bench's --n-depth, plus 16)",
+        )
         g.add_argument("--prefill", default="", help="prompt lengths to time prefill for, e.g. 512,2048,8192")
         g.add_argument(
             "--max-context", type=int, help="size the KV pool for this many tokens (GPU memory at that context)"
@@ -126,6 +132,7 @@ def run_decode(args: argparse.Namespace) -> int:
         layers=args.layers if args.layers is not None else layers,
         fp8=fp8 if args.disk is None else args.disk == "fp8",
         steps=args.steps,
+        prompt_tokens=args.prompt_tokens,
         threads=args.threads or physical_cores(),
         prefill=int_list(args.prefill, "--prefill") if args.prefill else (),
         routing_skew=args.routing_skew,
