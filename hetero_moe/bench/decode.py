@@ -245,8 +245,7 @@ def run(bench: DecodeBench, model_dir: Path) -> dict:
     layers_full = shape.full_moe + shape.full_dense
     llm.close()
     return {
-        "arch": bench.arch,
-        "rules": bench.rules,
+        **{name: getattr(bench, name) for name in ("arch", "rules", "threads", "prompt_tokens")},
         "checkpoint": str(model_dir),
         "timed": TIMED,
         "dtype": str(llm.placed.dtype).removeprefix("torch."),
@@ -254,7 +253,6 @@ def run(bench: DecodeBench, model_dir: Path) -> dict:
         "moe_layers_run": len(shape.moe),
         "layers_full": layers_full,
         "extrapolated": len(runner.layers) != layers_full,
-        "threads": bench.threads,
         "load_s": load_s,
         "decode_step_ms_run": step_s * 1e3,
         "decode_tok_s": tok_s,
@@ -276,7 +274,6 @@ def run(bench: DecodeBench, model_dir: Path) -> dict:
         "prefill": prefill,
         "pcie_h2d_gbps": pcie_h2d_gbps() if gpu is not None else None,
         "context_tokens": context,
-        "prompt_tokens": bench.prompt_tokens,
         "gpu_memory_gb": torch.cuda.max_memory_allocated(gpu) / 1e9 if gpu is not None else None,
         "gpu_memory_reserved_gb": torch.cuda.max_memory_reserved(gpu) / 1e9 if gpu is not None else None,
         "cpu_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
