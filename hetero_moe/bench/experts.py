@@ -94,12 +94,7 @@ def _seconds(fn: Callable[[], object]) -> float:
 
 
 def _median(fn: Callable[[], object], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(_seconds(fn) for _ in range(repeat))
 
 
 INTEGER = ("int4", "int8")  # the formats the integer dot products run
