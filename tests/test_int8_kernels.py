@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from hetero_moe.kernels.numba import int8dot
-from hetero_moe.kernels.numba.common import group_by_expert, silu_mul
+from hetero_moe.kernels.numba.common import group_by_expert, silu_mul_rows
 from hetero_moe.kernels.numba.int4 import SCALE_BF16, SCALE_FP16
 from hetero_moe.kernels.numba.simd import (
     AFFINE,
@@ -219,18 +219,27 @@ def ref_layout(fmt: int, g: int, xq: np.ndarray, a: np.ndarray):
     return laid, ascale, bias
 
 
-def kernels(isa: str, fmt: int, g: int, kind: int, pairs: bool = False) -> int8dot.Kernels:
+def kernels(isa: str, fmt: int, g: int, kind: int, lanes: bool = False) -> int8dot.Kernels:
     backend = int8dot.Backend(isa) if isa in EMULATED else int8dot.select_backend(isa)
-    return backend.kernels(FORMATS[fmt], g, kind, pairs=pairs)
+    return backend.kernels(FORMATS[fmt] + "_lanes" * lanes, g, kind)
 
 
-@njit(cache=True)
-def silu_rows(gate, up):
-    out = np.empty(gate.shape, np.float32)
-    for i in range(gate.shape[0]):
-        for j in range(gate.shape[1]):
-            out[i, j] = silu_mul(gate[i, j], up[i, j])
+def silu_rows(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """The integer kernels' silu (`common.silu_mul_rows`, checked against float64 below)."""
+    out = np.ascontiguousarray(gate, np.float32).copy()
+    silu_mul_rows(out, np.ascontiguousarray(up, np.float32), out.shape[0])
     return out
+
+
+def test_silu_rows_is_close_to_float64() -> None:
+    rng = np.random.default_rng(0)
+    gate = np.concatenate([rng.standard_normal(5000) * 10, np.linspace(-120, 120, 4801), [0.0, -0.0, 1e-30, -1e-30]])
+    gate = gate.astype(np.float32).reshape(1, -1)
+    up = rng.standard_normal(gate.shape).astype(np.float32)
+    g64, u64 = gate.astype(np.float64), up.astype(np.float64)
+    with np.errstate(over="ignore"):
+        ref = g64 / (1 + np.exp(-g64)) * u64
+    assert np.all(np.abs(silu_rows(gate, up) - ref) <= 1e-6 * np.abs(ref) + 1e-30)
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -662,38 +671,95 @@ def test_token_alone_or_tiled_gives_the_same_bits(isa: str, fmt: int) -> None:
         assert_bits(linear_all[t : t + 1], k.linear(k.activations(x[t : t + 1]), w2[0], s2[0], 4))
 
 
-def in_pairs(w: np.ndarray, span: int) -> np.ndarray:
-    """`w [..., O, B]` with its rows in pairs (`simd.PAIRS`), built here from the layout's definition."""
-    *lead, rows, row_bytes = w.shape
-    paired = w.reshape(*lead, rows // 2, 2, row_bytes // span, span)
-    return np.ascontiguousarray(np.moveaxis(paired, -3, -2)).reshape(w.shape)
+def ref_lane_dots(fmt: int, g: int, weights: np.ndarray, bits: np.ndarray, kind: int, xq: np.ndarray, a: np.ndarray):
+    """`ref_dots` for rows across lanes (`simd.py`, "Rows across lanes"): per row and token, each group's exact
+    integer sum, then `acc = fma(float(sum), sw * a, acc)` group by group."""
+    t, ip = xq.shape
+    codes = (natural_codes(fmt, g, weights) - OFFSET[fmt]).reshape(-1, ip // g, g)
+    sums = np.einsum("okg,tkg->tok", codes, xq.reshape(t, ip // g, g))  # int64, exact
+    scale = scale_values(bits, kind)[None, :, :] * a[:, None, :]  # float32 products
+    acc = np.zeros(sums.shape[:2], np.float32)
+    for k in range(ip // g):
+        acc = fma32(sums[..., k].astype(np.float32), scale[..., k], acc)
+    return acc
 
 
-@pytest.mark.parametrize(
-    ("isa", "fmt", "g", "kind"),
-    [(isa, *spec) for isa in PRIMARY for spec in SPECS] + [(isa, *SPECS[0]) for isa in OTHERS],
-)
-def test_rows_in_pairs_give_each_rows_bits(isa: str, fmt: int, g: int, kind: int) -> None:
-    """Experts whose rows are stored in pairs give the bits of the same rows stored one after another: 1 to 17
-    tokens (tiles of 1, 2 and 4), tasks of 2 and 6 rows (and of 3: an error, they would split pairs)."""
-    rng = np.random.default_rng(g + fmt)
-    span = spans(fmt, g)[0]
-    per_byte = 2 if fmt == INT4 else 1
-    e, inter, hidden = 3, 3 * span * per_byte, 2 * span * per_byte  # rows of 2 and 3 whole spans
+def across_lanes(fmt: int, g: int, w: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Experts' `[E, O, B]` codes and `[E, O, G]` scales laid out as rows across lanes, matrix by matrix."""
+    laid = [int8dot.to_lanes(fmt, g, w[e], s[e]) for e in range(w.shape[0])]
+    return np.stack([c for c, _ in laid]), np.stack([b for _, b in laid])
+
+
+def lane_matrix(fmt: int, g: int, codes: np.ndarray) -> np.ndarray:
+    """`[O, B]` row codes laid out by the definition in `simd.py`, independently of `to_lanes`: block by block,
+    64-byte chunks of 4 bytes a row (INT4: inputs `8 c + j` low and `8 c + 4 + j` high nibbles)."""
+    natural = natural_codes(fmt, g, codes)
+    out = []
+    for b in range(codes.shape[0] // 16):
+        rows = natural[16 * b : 16 * b + 16]
+        for c in range(codes.shape[1] // 4):
+            for r in range(16):
+                if fmt == INT4:
+                    out += [rows[r, 8 * c + j] | rows[r, 8 * c + 4 + j] << 4 for j in range(4)]
+                else:
+                    out += [rows[r, 4 * c + j] for j in range(4)]
+    return np.array(out, np.uint8).reshape(codes.shape)
+
+
+@pytest.mark.parametrize(("fmt", "g"), [(INT4, 32), (INT4, 128), (INT8, 64)])
+def test_rows_across_lanes_layout(fmt: int, g: int) -> None:
+    rng = np.random.default_rng(g)
+    w, bits = random_weights(rng, fmt, g, 48, 200, SCALE_BF16)
+    laid, lane_bits = int8dot.to_lanes(fmt, g, w, bits)
+    assert np.array_equal(laid, lane_matrix(fmt, g, w))
+    assert np.array_equal(lane_bits.reshape(3, -1, 16), bits.reshape(3, 16, -1).transpose(0, 2, 1))
+    back = int8dot.from_lanes(fmt, g, laid, lane_bits)
+    assert np.array_equal(back[0], w) and np.array_equal(back[1], bits)
+    with pytest.raises(ValueError, match="whole blocks of 16 rows"):
+        int8dot.to_lanes(fmt, g, w[:40], bits[:40])
+
+
+LANE_CASES = [(isa, *spec) for isa in PRIMARY for spec in SPECS] + [(isa, *spec) for isa in OTHERS for spec in SHIPPED]
+
+
+@pytest.mark.parametrize(("isa", "fmt", "g", "kind"), LANE_CASES)
+def test_rows_across_lanes(isa: str, fmt: int, g: int, kind: int) -> None:
+    """Experts stored as rows across lanes give the bits of `ref_lane_dots` (and are close to float64): 1, 3, 17
+    and 300 tokens (tiles of 8, 4, 2 and 1), ragged last groups, experts without a token, tasks of 16 and 48 rows
+    (and of 8: an error, they would split a block); each token alone gives the bits it gives among others."""
+    rng = np.random.default_rng(g + fmt + kind)
+    e, inter, hidden = 4, 48, 208
     w13, s13, w2, s2 = random_experts(rng, fmt, g, e, inter, hidden, kind)
-    p13, p2 = in_pairs(w13, span), in_pairs(w2, span)
-    assert not np.array_equal(p13, w13) and not np.array_equal(p2, w2)
-    k, kp = kernels(isa, fmt, g, kind), kernels(isa, fmt, g, kind, pairs=True)
-    for tokens in (1, 2, 3, 17):
+    (l13, b13), (l2, b2) = across_lanes(fmt, g, w13, s13), across_lanes(fmt, g, w2, s2)
+    k = kernels(isa, fmt, g, kind, lanes=True)
+    for tokens in (1, 3, 17, 300):
         x = random_tokens(rng, tokens, hidden)
         index = route(rng, tokens, 2, e)
-        for rows in (2, 6):
-            *_, h, y = run_experts(k, x, index, e, w13, s13, w2, s2, inter, rows)
-            *_, hp, yp = run_experts(kp, x, index, e, p13, s13, p2, s2, inter, rows)
-            assert_bits(hp, h)
-            assert_bits(yp, y)
-    with pytest.raises(ValueError, match="even rows"):
-        run_experts(kp, x, index, e, p13, s13, p2, s2, inter, 3)
+        xq, a = ref_activations(x, g)
+        for rows in (16, 48):
+            token, _, seg, expert, h, y = run_experts(k, x, index, e, l13, b13, l2, b2, inter, rows)
+            hq, ha = ref_activations(h, g)
+            for u, ex in enumerate(expert):
+                pairs = np.arange(seg[u], seg[u + 1])
+                gate_up = ref_lane_dots(fmt, g, w13[ex], s13[ex], kind, xq[token[pairs]], a[token[pairs]])
+                assert_bits(h[pairs], silu_rows(gate_up[:, :inter], gate_up[:, inter:]))
+                assert_bits(y[pairs], ref_lane_dots(fmt, g, w2[ex], s2[ex], kind, hq[pairs], ha[pairs]))
+                if u == 0:
+                    w64 = dequantized(fmt, g, w2[ex], s2[ex], kind, inter)
+                    assert_close(y[pairs], w64, hq[pairs], ha[pairs], g)
+        if tokens == 17:
+            for t in range(tokens):
+                mine = np.flatnonzero(token == t)
+                *_, h1, y1 = run_experts(k, x[t : t + 1], index[t : t + 1], e, l13, b13, l2, b2, inter, 16)
+                assert_bits(h[mine], h1)
+                assert_bits(y[mine], y1)
+    with pytest.raises(ValueError, match="whole blocks of 16 rows"):
+        run_experts(k, x, index, e, l13, b13, l2, b2, inter, 8)
+
+
+def test_rows_across_lanes_need_the_integer_kernels() -> None:
+    with pytest.raises(ValueError, match="integer kernels"):
+        int8dot.select_backend("float").kernels("int4_lanes", 64, SCALE_BF16)
 
 
 @pytest.mark.parametrize(("fmt", "g", "kind"), SHIPPED)

@@ -32,9 +32,17 @@ from hetero_moe.kernels.numba import fp8 as fp8_kernels
 from hetero_moe.kernels.numba import mxfp4 as mxfp4_kernels
 from hetero_moe.kernels.numba.common import combine, group_by_expert
 from hetero_moe.kernels.numba.int4 import SCALE_BF16, SCALE_FP16
-from hetero_moe.kernels.numba.int8dot import Kernels, pair_rows, quantize_int8_fast, read_only, select_backend
+from hetero_moe.kernels.numba.int8dot import (
+    Kernels,
+    from_lanes,
+    quantize_int8_fast,
+    read_only,
+    scratch,
+    select_backend,
+    to_lanes,
+)
 from hetero_moe.kernels.numba.quantize import quantize_int4_fast
-from hetero_moe.kernels.numba.simd import INT4, INT8, choose_isa, spans
+from hetero_moe.kernels.numba.simd import INT4, INT8, LANE_ROWS, choose_isa
 from hetero_moe.kernels.quant import (
     INT4_SCALE_DTYPES,
     check_int4_settings,
@@ -101,27 +109,25 @@ class Pairs:
 class GroupFormat:
     """Group-wise symmetric INT4 or INT8 with bf16 or fp16 scales, in the layout of the int8-activation
     kernels (`kernels/numba/int8dot.py`): per matrix `codes [E, O, B] uint8` (B = Ip / 2 for INT4, Ip for
-    INT8) and `scales [E, O, Ip / g] uint16`; gate and up rows stacked in `w13`. With `pairs` (the integer
-    kernels' backends), each array whose rows are whole spans and whose matrices have an even number of
-    rows holds its codes with rows in pairs (`simd.PAIRS`, `int8dot.pair_rows`); `span13` and `span2` are
-    then their span bytes (None: rows as they are)."""
+    INT8) and `scales [E, O, Ip / g] uint16`; gate and up rows stacked in `w13`. With `lanes` (the integer
+    kernels' backends), each array whose matrices have whole blocks of `LANE_ROWS` rows holds its codes and
+    scales as rows across lanes (`simd.py`, `int8dot.to_lanes`); `lanes13` and `lanes2` say which do."""
 
-    def __init__(self, e: int, inter: int, hidden: int, kw: CPUExpertsKwargs, pairs: bool = False) -> None:
+    def __init__(self, e: int, inter: int, hidden: int, kw: CPUExpertsKwargs, lanes: bool = False) -> None:
         self.quant, self.g = kw.quant, kw.group_size
         self.sdtype = INT4_SCALE_DTYPES[kw.scale_dtype]
         self.kind = SCALE_BF16 if kw.scale_dtype == "bf16" else SCALE_FP16
         self.e, self.inter, self.hidden = e, inter, hidden
         self.hp, self.ip = padded(hidden, self.g), padded(inter, self.g)
         self.per_byte = 2 if kw.quant == "int4" else 1  # elements per code byte
-        span = spans(INT4 if kw.quant == "int4" else INT8, self.g)[0]
-        self.span13 = span if pairs and inter % 2 == 0 and self.hp // self.per_byte % span == 0 else None
-        self.span2 = span if pairs and hidden % 2 == 0 and self.ip // self.per_byte % span == 0 else None
+        self.fmt = INT4 if kw.quant == "int4" else INT8
+        self.lanes13, self.lanes2 = lanes and inter % LANE_ROWS == 0, lanes and hidden % LANE_ROWS == 0
         self.kernels: tuple[Kernels, Kernels] | None = None  # bound at finalize
 
     @property
-    def row_pairs(self) -> tuple[bool, bool]:
-        """Whether `w13` and `w2` hold their rows in pairs."""
-        return self.span13 is not None, self.span2 is not None
+    def row_lanes(self) -> tuple[bool, bool]:
+        """Whether `w13` and `w2` hold their rows across lanes."""
+        return self.lanes13, self.lanes2
 
     def nbytes(self) -> int:
         per_expert = 2 * self.inter * (self.hp // self.per_byte + 2 * self.hp // self.g)
@@ -144,26 +150,26 @@ class GroupFormat:
     def store(self, expert: int, proj: int, w: torch.Tensor) -> None:
         quantize = quantize_int4_fast if self.quant == "int4" else quantize_int8_fast
         codes, scales = quantize(w, self.g, self.sdtype)
-        bits = scales.view(torch.int16).numpy().view(np.uint16)
+        codes, bits = codes.numpy(), scales.view(torch.int16).numpy().view(np.uint16)
+        if self.row_lanes[proj // 2]:
+            codes, bits = to_lanes(self.fmt, self.g, codes, bits)
         if proj == 2:
-            _write_rows(self.w2[expert], slice(0, self.hidden), codes.numpy(), self.span2)
-            self.s2[expert] = bits
+            self.w2[expert], self.s2[expert] = codes, bits
         else:
             rows = slice(proj * self.inter, (proj + 1) * self.inter)
-            _write_rows(self.w13[expert], rows, codes.numpy(), self.span13)
-            self.s13[expert, rows] = bits
+            self.w13[expert, rows], self.s13[expert, rows] = codes, bits
 
     def store_fp8(self, expert: int, proj: int, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> None:
         self.store(expert, proj, dequantize_fp8_blocks(w, scale, block))
 
     def dequantize(self, expert: int, proj: int) -> torch.Tensor:
         if proj == 2:
-            rows, bits, in_dim = slice(0, self.hidden), self.s2[expert], self.inter
-            codes = _read_rows(self.w2[expert], rows, self.span2)
+            codes, bits, in_dim = self.w2[expert], self.s2[expert], self.inter
         else:
             rows = slice(proj * self.inter, (proj + 1) * self.inter)
-            bits, in_dim = self.s13[expert, rows], self.hidden
-            codes = _read_rows(self.w13[expert], rows, self.span13)
+            codes, bits, in_dim = self.w13[expert, rows], self.s13[expert, rows], self.hidden
+        if self.row_lanes[proj // 2]:
+            codes, bits = from_lanes(self.fmt, self.g, codes, bits)
         dequantize = dequantize_int4 if self.quant == "int4" else dequantize_int8
         # copies: the cached arrays are read-only memory maps
         scales = torch.from_numpy(bits.view(np.int16).copy()).view(self.sdtype)
@@ -181,14 +187,14 @@ class GroupFormat:
 
     def bind(self, isa: str | None) -> None:
         backend = select_backend(isa)
-        self.kernels = tuple(backend.kernels(self.quant, self.g, self.kind, pairs=p) for p in self.row_pairs)
+        self.kernels = tuple(backend.kernels(self.quant + "_lanes" * on, self.g, self.kind) for on in self.row_lanes)
         self.w13, self.s13, self.w2, self.s2 = (read_only(a) for a in (self.w13, self.s13, self.w2, self.s2))
 
     def run(self, x: np.ndarray, pairs: Pairs, rows: int) -> np.ndarray:
         k13, k2 = self.kernels
-        h = np.empty((len(pairs.token), self.inter), np.float32)
+        h = scratch("h", len(pairs.token), self.inter)
         k13.gate_up(k13.activations(x), pairs.token, pairs.seg, pairs.expert, self.w13, self.s13, rows, h)
-        y = np.empty((len(pairs.token), self.hidden), np.float32)
+        y = scratch("y", len(pairs.token), self.hidden)
         k2.down(k2.activations(h), pairs.seg, pairs.expert, self.w2, self.s2, rows, y)
         return y
 
@@ -199,23 +205,6 @@ class GroupFormat:
         if k13.experts is None:
             return None
         return k13.experts(k2, x, idx, weights, self.w13, self.s13, self.inter, self.w2, self.s2, rows, out)
-
-
-def _write_rows(a: np.ndarray, rows: slice, codes: np.ndarray, span: int | None) -> None:
-    """`codes [n, B]` into rows `rows` of `a [O, B]`: as they are, or (`span` bytes) in pairs (`rows.start` even)."""
-    if span is None:
-        a[rows] = codes
-        return
-    paired = codes.reshape(-1, 2, codes.shape[1] // span, span).transpose(0, 2, 1, 3)
-    pair_rows(a, span)[rows.start // 2 : rows.stop // 2] = paired
-
-
-def _read_rows(a: np.ndarray, rows: slice, span: int | None) -> np.ndarray:
-    """Rows `rows` of `a [O, B]` as written by `_write_rows`, `[n, B]` in row order."""
-    if span is None:
-        return a[rows]
-    paired = pair_rows(a, span)[rows.start // 2 : rows.stop // 2]
-    return paired.transpose(0, 2, 1, 3).reshape(rows.stop - rows.start, a.shape[1])
 
 
 class BlockFormat:
@@ -348,9 +337,9 @@ class BlockFormat:
     def run(self, x: np.ndarray, pairs: Pairs, rows: int) -> np.ndarray:
         k13, k2 = self.kernels
         w13, s13, w2, s2 = self._weights()
-        h = np.empty((len(pairs.token), self.inter), np.float32)
+        h = scratch("h", len(pairs.token), self.inter)
         k13.gate_up(k13.activations(x), pairs.token, pairs.seg, pairs.expert, w13, s13, rows, h)
-        y = np.empty((len(pairs.token), self.hidden), np.float32)
+        y = scratch("y", len(pairs.token), self.hidden)
         k2.down(k2.activations(h), pairs.seg, pairs.expert, w2, s2, rows, y)
         return y
 
@@ -411,9 +400,9 @@ class FP8Format:
 
     def run(self, x: np.ndarray, pairs: Pairs, rows: int) -> np.ndarray:
         b0, b1 = self.block
-        h = np.empty((len(pairs.token), self.inter), np.float32)
+        h = scratch("h", len(pairs.token), self.inter)
         fp8_kernels.gate_up(x, pairs.token, pairs.seg, pairs.expert, self.w13, self.s13, b0, b1, rows, h)
-        y = np.empty((len(pairs.token), self.hidden), np.float32)
+        y = scratch("y", len(pairs.token), self.hidden)
         fp8_kernels.down(h, pairs.seg, pairs.expert, self.w2, self.s2, b0, b1, rows, y)
         return y
 
@@ -449,9 +438,9 @@ class BF16Format:
         """Float kernels: one version for every CPU."""
 
     def run(self, x: np.ndarray, pairs: Pairs, rows: int) -> np.ndarray:
-        h = np.empty((len(pairs.token), self.inter), np.float32)
+        h = scratch("h", len(pairs.token), self.inter)
         bf16_kernels.gate_up(x, pairs.token, pairs.seg, pairs.expert, self.w13, rows, h)
-        y = np.empty((len(pairs.token), self.hidden), np.float32)
+        y = scratch("y", len(pairs.token), self.hidden)
         bf16_kernels.down(h, pairs.seg, pairs.expert, self.w2, rows, y)
         return y
 
@@ -514,12 +503,12 @@ class Mxfp4Format:
 
     def run(self, x: np.ndarray, pairs: Pairs, rows: int) -> np.ndarray:
         k = self.kernels
-        h = np.empty((len(pairs.token), self.inter), np.float32)
+        h = scratch("h", len(pairs.token), self.inter)
         k.gate_up(
             k.activations(x), pairs.token, pairs.seg, pairs.expert, self.w13, self.s13, self.b13, self.alpha,
             self.limit, rows, h,
         )  # fmt: skip
-        y = np.empty((len(pairs.token), self.hidden), np.float32)
+        y = scratch("y", len(pairs.token), self.hidden)
         k.down(k.activations(h), pairs.seg, pairs.expert, self.w2, self.s2, self.b2, rows, y)
         return y
 
@@ -559,8 +548,8 @@ class CPUExperts(Op):
                 f"quant mxfp4 runs gpt-oss's MXFP4 experts as its release stores them; {type(hf).__name__} "
                 f"experts take int4, int8, fp8 or bf16"
             )
-        elif FORMATS[kwargs.quant] is GroupFormat:  # rows in pairs for the integer kernels (not the float ones)
-            self.format = GroupFormat(e, self.inter, h, kwargs, pairs=choose_isa(ctx.services.cpu_isa) != "float")
+        elif FORMATS[kwargs.quant] is GroupFormat:  # rows across lanes for the integer kernels (not the float ones)
+            self.format = GroupFormat(e, self.inter, h, kwargs, lanes=choose_isa(ctx.services.cpu_isa) != "float")
         else:
             self.format = FORMATS[kwargs.quant](e, self.inter, h, kwargs)
         self.threads = ctx.cpu_threads
@@ -668,7 +657,7 @@ class CPUExperts(Op):
             return False
         settings = {**asdict(self.kwargs), "shape": [self.num_experts, self.inter, self.hidden]}
         if isinstance(self.format, GroupFormat):
-            settings["row_pairs"] = list(self.format.row_pairs)
+            settings["row_lanes"] = list(self.format.row_lanes)
         if self.block_type is not None:
             settings["block_type"] = self.block_type
         self.cache = self.converted.entry(name, sources, settings)
@@ -755,7 +744,7 @@ class CPUExperts(Op):
         if big is None or not big.any():
             y = self.format.run(xf, pairs, ROWS_PER_TASK)
         else:
-            y = np.empty((len(pairs.token), self.hidden), np.float32)
+            y = np.empty((len(pairs.token), self.hidden), np.float32)  # format.run returns its scratch "y"
             if not big.all():
                 y[_positions(pairs, ~big)] = self.format.run(xf, _subset(pairs, ~big), ROWS_PER_TASK)
             for u in np.flatnonzero(big):

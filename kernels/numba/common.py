@@ -22,6 +22,37 @@ def silu_mul(gate: float, up: float) -> float:
     return gate / (1.0 + math.exp(-gate)) * up
 
 
+@njit(inline="always", error_model="numpy", cache=True)
+def exp32(x):
+    """float32 `e^x` in plain float32 operations, so that a loop of it vectorizes (a call of libm's `exp` does
+    not): Cephes' `expf` (x = n ln 2 + r, |r| <= ln 2 / 2, a degree-6 polynomial for e^r, 2^n put into the
+    exponent bits), within 2.5e-7 of the true value relative; x is clamped to [-87, 88], where 2^n stays
+    normal and finite."""
+    x = min(max(x, np.float32(-87.0)), np.float32(88.0))
+    n = np.floor(x * np.float32(1.44269504) + np.float32(0.5))
+    r = x - n * np.float32(0.693359375)  # ln 2 in two parts (Cody and Waite)
+    r = r - n * np.float32(-2.12194440e-4)
+    y = np.float32(1.9875691500e-4)
+    y = y * r + np.float32(1.3981999507e-3)
+    y = y * r + np.float32(8.3334519073e-3)
+    y = y * r + np.float32(4.1665795894e-2)
+    y = y * r + np.float32(1.6666665459e-1)
+    y = y * r + np.float32(5.0000001201e-1)
+    y = y * (r * r) + r + np.float32(1.0)
+    return y * np.int32((np.int32(n) + np.int32(127)) << np.int32(23)).view(np.float32)
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def silu_mul_rows(gate, up, n: int) -> None:
+    """`gate[j] = silu(gate[j]) * up[j]` for the first `n` rows of `[>= n, r]` float32 arrays, in float32 with
+    `exp32`: the loop vectorizes (with the error model of numpy: no check of a division by zero stops it), a
+    quarter of the time of `silu_mul` (Zen 4). The integer kernels' gate and up rows take it."""
+    for j in range(n):
+        g, u = gate[j], up[j]
+        for r in range(g.shape[0]):
+            g[r] = g[r] / (np.float32(1.0) + exp32(-g[r])) * u[r]
+
+
 @njit(nogil=True, cache=True)
 def group_by_expert(index, num_experts: int):
     """`index [T, k]` -> pairs sorted by expert (a counting sort, stable in token order):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from types import ModuleType
 import numpy as np
 import torch
 from hetero_moe.kernels.numba import int4
-from hetero_moe.kernels.numba.common import combine, dot, group_by_expert, silu_mul
+from hetero_moe.kernels.numba.common import combine, dot, group_by_expert, silu_mul, silu_mul_rows
 from hetero_moe.kernels.numba.int4 import SCALE_BF16, SCALE_FP16, decode_scales, fp16_table
 from hetero_moe.kernels.numba.quantize import (
     SCALE_KINDS,
@@ -58,13 +59,18 @@ from hetero_moe.kernels.numba.simd import (
     AFFINE,
     BLOCK_ROWS,
     INT4,
+    INT4_LANES,
     INT8,
+    INT8_LANES,
     IQ4_XS,
     IQ4NL,
+    LANE_CHUNK,
+    LANE_ROWS,
+    LANE_TILE,
+    LANES,
     LOOKUP,
     MXFP4,
     NIBBLES,
-    PAIRS,
     Q4_0,
     Q4_K,
     Q6_K,
@@ -80,6 +86,7 @@ from hetero_moe.kernels.numba.simd import (
     spans,
 )
 from numba import njit, prange
+from numba.extending import overload
 
 PARALLEL_ELEMENTS = 1 << 16  # activations of at least this many values are quantized in parallel
 FORMATS = {
@@ -93,6 +100,8 @@ FORMATS = {
     "q6_k": Q6_K,
     "q4_k": Q4_K,
     "iq4_xs": IQ4_XS,
+    "int4_lanes": INT4_LANES,
+    "int8_lanes": INT8_LANES,
 }
 
 
@@ -100,6 +109,8 @@ def activation_shape(fmt: int, g: int, in_dim: int) -> tuple[int, int, int]:
     """Columns of (xq, ascale, bias) for inputs of `in_dim` and weights of format `fmt`, group `g`."""
     span_bytes, span_elems, gps = spans(fmt, g)
     ip = -(-in_dim // g) * g
+    if fmt in LANES:
+        return ip, ip // g, ip // g
     row_bytes = ip // 2 if fmt in NIBBLES else ip
     n = -(-row_bytes // span_bytes)
     return n * span_elems, n * gps * (2 if fmt in AFFINE else 1), n * 16
@@ -149,11 +160,17 @@ def _quantize_token(x, g, fmt, xq, ascale, bias) -> None:
     span_elems = 128 if _nibbles(fmt) else max(64, g)
     gps = span_elems // g
     affine = fmt in (UINT4, UINT8)
+    lanes = fmt in (INT4_LANES, INT8_LANES)
     bits, one_bits = x.view(np.uint32), np.zeros(1, np.uint32)
     one = one_bits.view(np.float32)
     for k in range((n_in + g - 1) // g):
         start, stop = k * g, min(k * g + g, n_in)
         a = _amax(bits, start, stop, one_bits, one) / np.float32(127.0)
+        if lanes:  # input order; the group's bias
+            ascale[k] = a
+            if a > 0:
+                bias[k] = -(8 if fmt == INT4_LANES else 128) * _round_into(x, start, stop, a, xq, start)
+            continue
         at = (k // gps) * 2 * gps + k % gps if affine else k
         ascale[at] = a
         if not a > 0:
@@ -174,6 +191,8 @@ def _quantize_token(x, g, fmt, xq, ascale, bias) -> None:
             total = _round_into(x, start, stop, a, xq, start)
         if affine:
             ascale[at + gps] = a * np.float32(total)
+    if lanes:
+        return
     offset = 0
     if fmt == INT4:
         offset = 8
@@ -196,6 +215,8 @@ def _quantize_token(x, g, fmt, xq, ascale, bias) -> None:
 def _activation_arrays(x, g, fmt):
     t, n_in = x.shape
     ip = (n_in + g - 1) // g * g
+    if fmt in (INT4_LANES, INT8_LANES):
+        return np.zeros((t, ip), np.int8), np.zeros((t, ip // g), np.float32), np.zeros((t, ip // g), np.int32)
     span_bytes = 64 if _nibbles(fmt) else max(64, g)
     span_elems = 128 if _nibbles(fmt) else max(64, g)
     n = ((ip // 2 if _nibbles(fmt) else ip) + span_bytes - 1) // span_bytes
@@ -230,20 +251,43 @@ def quantize(x: np.ndarray, g: int, fmt: int) -> tuple:
 
 
 @njit(inline="always", cache=True)
-def tile(n: int) -> int:
-    """Tokens the next `span_dots` call takes, of `n` left: 4, 2 or 1."""
-    return TILE if n >= TILE else (2 if n >= 2 else 1)
+def tile(simd, n: int) -> int:
+    """Tokens the next `span_dots` call takes, of `n` left: `simd.tile` (8 or 4), 4, 2 or 1."""
+    most = simd.tile
+    return most if n >= most else (4 if n >= 4 else (2 if n >= 2 else 1))
 
 
-@njit(inline="always", cache=True)
 def dots(simd, n, w, scales, xq, ascale, bias, rows, out) -> None:
-    """`simd.span_dots` of the `n` (4, 2 or 1, from `tile`) tokens in `rows` with every row of `w`."""
-    if n == TILE:
-        span_dots(simd, 4, w, scales, xq, ascale, bias, rows, out)
-    elif n == 2:
-        span_dots(simd, 2, w, scales, xq, ascale, bias, rows, out)
-    else:
-        span_dots(simd, 1, w, scales, xq, ascale, bias, rows, out)
+    """`simd.span_dots` of the `n` (from `tile`) tokens in `rows` with every row of `w`; jitted code only."""
+    raise TypeError("dots runs inside jitted code")
+
+
+@overload(dots, inline="always")
+def _dots(simd, n, w, scales, xq, ascale, bias, rows, out):
+    """`dots` for the token's format: tiles of 8 only where rows lie across lanes (`LANE_TILE`)."""
+    if simd.fmt in LANES:
+
+        def lane_dots(simd, n, w, scales, xq, ascale, bias, rows, out) -> None:
+            if n == LANE_TILE:
+                span_dots(simd, 8, w, scales, xq, ascale, bias, rows, out)
+            elif n == 4:
+                span_dots(simd, 4, w, scales, xq, ascale, bias, rows, out)
+            elif n == 2:
+                span_dots(simd, 2, w, scales, xq, ascale, bias, rows, out)
+            else:
+                span_dots(simd, 1, w, scales, xq, ascale, bias, rows, out)
+
+        return lane_dots
+
+    def row_dots(simd, n, w, scales, xq, ascale, bias, rows, out) -> None:
+        if n == TILE:
+            span_dots(simd, 4, w, scales, xq, ascale, bias, rows, out)
+        elif n == 2:
+            span_dots(simd, 2, w, scales, xq, ascale, bias, rows, out)
+        else:
+            span_dots(simd, 1, w, scales, xq, ascale, bias, rows, out)
+
+    return row_dots
 
 
 @njit(inline="always", cache=True)
@@ -252,7 +296,12 @@ def check(simd, w, scales, xq, ascale, bias) -> None:
     span_bytes, span_elems, gps = simd.span
     row_bytes = w.shape[-1]
     n = (row_bytes + span_bytes - 1) // span_bytes
-    if simd.block_bytes:  # rows of blocks of 32 inputs, their scales inside
+    lane_bias = 16  # int32 bias lanes a span
+    if simd.lanes:  # whole groups, whole blocks of rows, each block one run of memory
+        fits = row_bytes % span_bytes == 0 and scales.shape[-1] == n and w.shape[-2] % LANE_ROWS == 0
+        fits = fits and w.strides[-2] == row_bytes and scales.strides[-2] == 2 * n
+        lane_bias = 1  # one bias a group
+    elif simd.block_bytes:  # rows of blocks of 32 inputs, their scales inside
         n = (row_bytes // simd.block_bytes * 32 + span_elems - 1) // span_elems
         fits = row_bytes % simd.block_bytes == 0 and scales.shape == w.shape
     elif simd.affine:  # whole spans of (scales, mins)
@@ -260,11 +309,9 @@ def check(simd, w, scales, xq, ascale, bias) -> None:
         gps *= 2
     else:
         fits = row_bytes % 16 == 0 and scales.shape[-1] * span_bytes == gps * row_bytes
-    if simd.pairs:  # rows in pairs: whole spans, whole pairs
-        fits = fits and row_bytes % span_bytes == 0 and w.shape[-2] % 2 == 0
     if not fits or w.shape[:-1] != scales.shape[:-1]:
         raise ValueError("weights and scales do not fit the backend's format and group size")
-    if xq.shape[1] < n * span_elems or ascale.shape[1] < n * gps or bias.shape[1] < n * 16:
+    if xq.shape[1] < n * span_elems or ascale.shape[1] < n * gps or bias.shape[1] < n * lane_bias:
         raise ValueError("activations are too short for the weights (quantized for another format or size?)")
     if (
         w.strides[-1] != 1
@@ -295,27 +342,27 @@ def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3,
         raise ValueError("w1 and w3 must hold the I gate and up rows of every expert")
     if h.shape[0] < pair_token.shape[0]:
         raise ValueError("h must hold one row per pair")
-    if simd.pairs and (rows_per_task % 2 or up_row % 2):
-        raise ValueError("rows in pairs take tasks and up rows that start at even rows")
+    if simd.lanes and (rows_per_task % LANE_ROWS or up_row % LANE_ROWS or inter % LANE_ROWS):
+        raise ValueError("rows across lanes take tasks, up rows and row counts in whole blocks of 16 rows")
     chunks = (inter + rows_per_task - 1) // rows_per_task
     for task in prange(seg_expert.shape[0] * chunks):
         u, c = task // chunks, task % chunks
         e = seg_expert[u]
         r0, r1 = c * rows_per_task, min((c + 1) * rows_per_task, inter)
-        rows = np.empty(TILE, np.int64)
-        gate = np.empty((TILE, r1 - r0), np.float32)
-        up = np.empty((TILE, r1 - r0), np.float32)
+        rows = np.empty(simd.tile, np.int64)
+        gate = np.empty((simd.tile, r1 - r0), np.float32)
+        up = np.empty((simd.tile, r1 - r0), np.float32)
         p = seg[u]
         while p < seg[u + 1]:
-            n = tile(seg[u + 1] - p)
+            n = tile(simd, seg[u + 1] - p)
             for j in range(n):
                 rows[j] = pair_token[p + j]
             dots(simd, n, w1[e, r0:r1], s1[e, r0:r1], xq, ascale, bias, rows, gate)
             u0, u1 = up_row + r0, up_row + r1
             dots(simd, n, w3[e, u0:u1], s3[e, u0:u1], xq, ascale, bias, rows, up)
+            silu_mul_rows(gate, up, n)
             for j in range(n):
-                for r in range(r1 - r0):
-                    h[p + j, r0 + r] = silu_mul(gate[j, r], up[j, r])
+                h[p + j, r0:r1] = gate[j]
             p += n
 
 
@@ -328,18 +375,18 @@ def down(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, y):
     check(simd, w2, s2, xq, ascale, bias)
     if w2.shape[1] != hidden or xq.shape[0] < seg[-1] or y.shape[0] < seg[-1]:
         raise ValueError("w2 must hold H rows, and h and y one row per pair")
-    if simd.pairs and rows_per_task % 2:
-        raise ValueError("rows in pairs take tasks that start at even rows")
+    if simd.lanes and rows_per_task % LANE_ROWS:
+        raise ValueError("rows across lanes take tasks in whole blocks of 16 rows")
     chunks = (hidden + rows_per_task - 1) // rows_per_task
     for task in prange(seg_expert.shape[0] * chunks):
         u, c = task // chunks, task % chunks
         e = seg_expert[u]
         r0, r1 = c * rows_per_task, min((c + 1) * rows_per_task, hidden)
-        rows = np.empty(TILE, np.int64)
-        out = np.empty((TILE, r1 - r0), np.float32)
+        rows = np.empty(simd.tile, np.int64)
+        out = np.empty((simd.tile, r1 - r0), np.float32)
         p = seg[u]
         while p < seg[u + 1]:
-            n = tile(seg[u + 1] - p)
+            n = tile(simd, seg[u + 1] - p)
             for j in range(n):
                 rows[j] = p + j
             dots(simd, n, w2[e, r0:r1], s2[e, r0:r1], xq, ascale, bias, rows, out)
@@ -362,13 +409,34 @@ _gate_up, _down = gate_up, down
 
 @njit(nogil=True, cache=True)
 def experts(
-    simd13, simd2, g13, fmt13, g2, fmt2, x, index, weights, w1, s1, w3, s3, up_row, inter, w2, s2, rows_per_task, out
+    simd13,
+    simd2,
+    g13,
+    fmt13,
+    g2,
+    fmt2,
+    x,
+    index,
+    weights,
+    w1,
+    s1,
+    w3,
+    s3,
+    up_row,
+    inter,
+    w2,
+    s2,
+    rows_per_task,
+    out,
+    h_rows,
+    y_rows,
 ):
     """A routed experts block in one call, the same calls and bits as one after another: `index [T, k]`
     grouped by expert (`group_by_expert`; -1 is no pair), `x [T, H]` quantized for the gate and up rows
     (group `g13`, codes of format `fmt13`), `gate_up` into `h [P, inter]`, `h` quantized for the down rows
     (`g2`, `fmt2`), `down`, then `out [T, H] = sum_j weights[t, j] * y` (`combine`). Weights as `gate_up`
-    and `down` take them, for `w1.shape[0]` experts. Returns the number of experts used. Decode steps call
+    and `down` take them, for `w1.shape[0]` experts; `h_rows [>= P, inter]` and `y_rows [>= P, H]` float32 room
+    for `h` and `y` (`scratch`). Returns the number of experts used. Decode steps call
     it once a layer: a dozen Python calls between kernels, each slow once streamed weights have evicted
     the interpreter's code and data from the caches, become one."""
     token, slot, seg, expert = group_by_expert(index, w1.shape[0])
@@ -376,10 +444,12 @@ def experts(
         out[:] = 0.0
         return 0
     xq, ascale, bias = _quantize_any(x, g13, fmt13)
-    h = np.empty((token.shape[0], inter), np.float32)
+    if h_rows.shape[0] < token.shape[0] or h_rows.shape[1] != inter or y_rows.shape[1] != out.shape[1]:
+        raise ValueError("h_rows and y_rows must be [>= P, inter] and [>= P, H]")
+    h = h_rows[: token.shape[0]]
     _gate_up(simd13, xq, ascale, bias, token, seg, expert, w1, s1, w3, s3, up_row, rows_per_task, h)
     hq, hscale, hbias = _quantize_any(h, g2, fmt2)
-    y = np.empty((token.shape[0], out.shape[1]), np.float32)
+    y = y_rows[: token.shape[0]]
     _down(simd2, hq, hscale, hbias, seg, expert, w2, s2, rows_per_task, y)
     combine(y, token, slot, weights, out)
     return expert.shape[0]
@@ -659,30 +729,84 @@ class Backend:
 
     name: str
 
-    def kernels(self, fmt: str, g: int, kind: int, pairs: bool = False) -> Kernels:
+    def kernels(self, fmt: str, g: int, kind: int) -> Kernels:
         """`fmt` one of `FORMATS`, with a group size `g` and scale `kind` (int4.SCALE_BF16, SCALE_FP16, or
         simd.SCALE_F32) that `simd.VALID` allows for it. The formats beyond INT4 and INT8 (GGUF blocks
-        repacked, `kernels/ggml_blocks.py`) have integer kernels only: on the `float` backend they are a
-        ValueError. `pairs`: weights whose rows are stored in pairs (`simd.PAIRS`, `pair_rows`), which only
-        the integer kernels read."""
+        repacked, `kernels/ggml_blocks.py`; rows across lanes, `to_lanes`) have integer kernels only: on the
+        `float` backend they are a ValueError."""
         groups, kinds = VALID.get(FORMATS.get(fmt, -1), ((), ()))
         if g not in groups or kind not in kinds:
             raise ValueError(f"no kernels for format {fmt!r}, group {g!r}, scale kind {kind!r}")
-        if pairs and (self.name == "float" or FORMATS[fmt] not in PAIRS):
-            raise ValueError(f"no kernels for {fmt} rows in pairs on the {self.name} backend")
         if self.name == "float" and (fmt not in ("int4", "int8") or kind == SCALE_F32 or g not in (32, 64, 128)):
             raise ValueError(
                 f"{fmt} weights with group {g} run on the integer kernels, which need AVX2; this CPU has only "
                 f"the float backend"
             )
-        return _kernels(self.name, FORMATS[fmt], g, kind, pairs)
+        return _kernels(self.name, FORMATS[fmt], g, kind)
 
 
-def pair_rows(a: np.ndarray, span_bytes: int) -> np.ndarray:
-    """A view of weights `a [..., O, B]` (C-contiguous) stored with rows in pairs (`simd.PAIRS`; O even, B a
-    multiple of `span_bytes`): `view[..., p, s, i]` holds the `span_bytes` bytes of span s of row 2p + i."""
-    *lead, rows, row_bytes = a.shape
-    return a.reshape(*lead, rows // 2, row_bytes // span_bytes, 2, span_bytes)
+def _int4_inputs(codes: np.ndarray, g: int) -> np.ndarray:
+    """INT4 rows `[O, Ip / 2]` (`int4.py`'s layout: byte `k g / 2 + j` holds input `k g + j` of group k in its low
+    nibble and `k g + g / 2 + j` in its high one) -> their codes `[O, Ip]` in input order."""
+    o, b = codes.shape
+    pieces = codes.reshape(o, b * 2 // g, 1, g // 2)
+    return np.concatenate([pieces & 15, pieces >> 4], axis=2).reshape(o, 2 * b)
+
+
+def to_lanes(fmt: int, g: int, codes: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A matrix's INT4 (`int4.py`'s rows) or INT8 (`fmt`) `codes [O, B]` uint8 and `scales [O, G]` uint16 -> the
+    same shapes laid out as rows across lanes (`simd.py`, "Rows across lanes"; O a multiple of `LANE_ROWS`)."""
+    o, b = codes.shape
+    if o % LANE_ROWS:
+        raise ValueError(f"rows across lanes take whole blocks of {LANE_ROWS} rows, not {o}")
+    blocks = o // LANE_ROWS
+    if fmt == INT4:
+        inputs = _int4_inputs(codes, g).reshape(blocks, LANE_ROWS, -1, 2, 4)  # [block, row, chunk, half, j]
+        laid = inputs[..., 0, :] | (inputs[..., 1, :] << 4)
+    else:
+        laid = codes.reshape(blocks, LANE_ROWS, -1, 4)
+    laid = np.ascontiguousarray(laid.transpose(0, 2, 1, 3)).reshape(o, b)
+    across = np.ascontiguousarray(scales.reshape(blocks, LANE_ROWS, -1).transpose(0, 2, 1)).reshape(scales.shape)
+    return laid, across
+
+
+def from_lanes(fmt: int, g: int, codes: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`to_lanes` undone: rows across lanes -> `codes [O, B]` in `int4.py`'s (or INT8's) rows, `scales [O, G]`."""
+    o, b = codes.shape
+    blocks = o // LANE_ROWS
+    per_chunk = LANE_CHUNK[INT4_LANES if fmt == INT4 else INT8_LANES]
+    laid = codes.reshape(blocks, -1, LANE_ROWS, 4).transpose(0, 2, 1, 3)  # [block, row, chunk, j]
+    if fmt == INT4:
+        inputs = np.stack([laid & 15, laid >> 4], axis=3).reshape(o, b // 4 * per_chunk)
+        groups = inputs.reshape(o, -1, 2, g // 2)  # [row, group, half, j] -> byte j of the group
+        rows = (groups[:, :, 0] | (groups[:, :, 1] << 4)).reshape(o, b)
+    else:
+        rows = laid.reshape(o, b)
+    back = scales.reshape(blocks, -1, LANE_ROWS).transpose(0, 2, 1).reshape(scales.shape)
+    return np.ascontiguousarray(rows), np.ascontiguousarray(back)
+
+
+class _Scratch(threading.local):
+    def __init__(self) -> None:
+        self.arrays: dict[tuple[str, int], np.ndarray] = {}
+
+
+_SCRATCH = _Scratch()
+
+
+def scratch(name: str, rows: int, cols: int) -> np.ndarray:
+    """A float32 `[rows, cols]` array of this thread's, its contents left over: the same memory again at the next
+    call with this name and width, which makes the array handed out before invalid. Kernels write h and y of
+    many tokens in tasks scattered over them, and their first touch of fresh memory cost more than the kernels
+    (a prefill of 683 tokens at the V2-Lite shape, Zen 4 VM, 2 threads: down 52 ms into a fresh y, 19 ms into
+    one written before). So they are kept, each grown to the most rows asked and touched once when made."""
+    key = (name, cols)
+    have = _SCRATCH.arrays.get(key)
+    if have is None or have.shape[0] < rows:
+        have = np.zeros((max(rows, 1), cols), np.float32)
+        have.fill(0.0)  # np.zeros leaves the pages untouched
+        _SCRATCH.arrays[key] = have
+    return have[:rows]
 
 
 def select_backend(name: str | None = None) -> Backend:
@@ -711,11 +835,11 @@ def _fp16(kind: int) -> np.ndarray:
 
 
 @functools.cache
-def _kernels(isa: str, fmt: int, g: int, kind: int, pairs: bool = False) -> Kernels:
+def _kernels(isa: str, fmt: int, g: int, kind: int) -> Kernels:
     fp16 = _fp16(kind)
     if isa == "float":
         return _float_kernels(fmt, g, kind, fp16)
-    simd = Simd(isa, fmt, g, kind, pairs)
+    simd = Simd(isa, fmt, g, kind)
     act_fmt = BLOCK_ROWS.get(fmt, (fmt,))[0]  # rows of blocks take their codes' activations
 
     def activations(x: np.ndarray) -> tuple:
@@ -746,7 +870,9 @@ def _kernels(isa: str, fmt: int, g: int, kind: int, pairs: bool = False) -> Kern
     def experts_(k2, x, index, weights, w13, s13, inter, w2, s2, rows_per_task, out) -> int:
         s2_, rows = k2.simd, _gate_up_rows(w13, s13, inter)
         g2, fmt2 = s2_.g, BLOCK_ROWS.get(s2_.fmt, (s2_.fmt,))[0]
-        return experts(simd, s2_, g, act_fmt, g2, fmt2, x, index, weights, *rows, inter, w2, s2, rows_per_task, out)
+        h, y = scratch("h", index.size, inter), scratch("y", index.size, out.shape[1])
+        blocks = (*rows, inter, w2, s2, rows_per_task, out, h, y)
+        return experts(simd, s2_, g, act_fmt, g2, fmt2, x, index, weights, *blocks)
 
     return Kernels(activations, gate_up_, down_, linear_, down_x, linear_x, experts_, simd)
 

@@ -80,7 +80,7 @@ def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w13, s13, b13, 
         both = np.empty((TILE, 2 * (r1 - r0)), np.float32)  # gate and up, interleaved
         p = seg[u]
         while p < seg[u + 1]:
-            n = tile(seg[u + 1] - p)
+            n = tile(simd, seg[u + 1] - p)
             for j in range(n):
                 rows[j] = pair_token[p + j]
             dots(simd, n, w13[e, 2 * r0 : 2 * r1], s13[e, 2 * r0 : 2 * r1], xq, ascale, bias, rows, both)

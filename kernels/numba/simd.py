@@ -36,6 +36,24 @@ then `gps` products `a * X` (float32), X the sum of the group's `xq`. Besides th
 float32 vector `mins[q] = fma(m[q], (a X)[q], mins[q])` over the spans; its sum (`m2 = mins[0:2] + mins[2:4]`
 for 4 groups a span, then `m2[0] + m2[1]`) is subtracted from the row result.
 
+Rows across lanes (INT4_LANES, INT8_LANES: the CPU experts' INT4 and INT8, `int8dot.to_lanes`): the rows of a
+matrix go `LANE_ROWS` = 16 to a block, and integer lane `r` holds row `r` of the block, so a block's 16 results
+come out of the lanes with no sum across them and a span's scale arithmetic is shared by 16 rows. A block's codes
+are 64-byte chunks in input order, each 4 bytes for every row: INT4 `8 c + j` in the low nibble and `8 c + 4 + j`
+in the high nibble of row r's byte `4 r + j` of chunk c (8 inputs a chunk); INT8 input `4 c + j` in byte
+`4 r + j` (4 a chunk). The activations' bytes `xq` in input order are broadcast to every lane, 4 at a time. Its
+scales are group by group, the 16 rows' scales of a group side by side. Per row and token, with `bias[k] =
+-offset * (sum of group k's xq)` (INT8 on `avx2` has none: its lanes come out exact without it):
+
+- `isum[k] = bias[k] + sum over the group of code * xq` (int32, exact);
+- `acc = fma(float(isum[k]), sw[k] * a[k], acc)`, groups in order, `acc` starting at +0: the row's result.
+
+The same float32 operations in every lane on every isa, so the same bits; a token's result does not depend on
+the tokens tiled with it (up to `LANE_TILE`). Rows across lanes read one stream a block, carry a fifth of the
+other kernels' vector operations per weight byte for one token and let tiles of 8 tokens keep the multiply-adds
+busy (Zen 4, one thread: INT4 g64 69 % of the int8 peak at 8 tokens where rows one by one reached 21-28 %; one
+token 1.2-1.5x the bytes a second from DRAM).
+
 Rows of blocks (Q4_0, Q8_0, Q6_K, Q4_K, IQ4_XS: a GGUF file's weights read in place from its memory map): a row is
 llama.cpp's blocks as the file holds them, and `scales` is the weight array itself. Q4_0 and Q8_0: blocks of 32
 inputs, each its fp16 scale and then its codes (16 bytes of INT4's nibbles, or 32 signed bytes, read as INT8's
@@ -83,8 +101,12 @@ Q8_0 = 10  # INT8 read from Q8_0 rows
 Q6_K = 11  # INT8 (group 16, float32 scales) read from Q6_K rows
 Q4_K = 12  # UINT4 (group 32, float32 scales and mins) read from Q4_K rows
 IQ4_XS = 13  # IQ4NL (group 32, float32 scales) read from IQ4_XS rows
+INT4_LANES = 14  # INT4 with rows across lanes (see "Rows across lanes" above)
+INT8_LANES = 15  # INT8 with rows across lanes
+LANES = {INT4_LANES: INT4, INT8_LANES: INT8}  # format -> the format of its codes
 FORMATS = {INT4: "int4", INT8: "int8", MXFP4: "mxfp4", IQ4NL: "iq4nl", UINT4: "uint4", UINT8: "uint8"}
 FORMATS |= {Q4_0: "q4_0", Q8_0: "q8_0", Q6_K: "q6_k", Q4_K: "q4_k", IQ4_XS: "iq4_xs"}
+FORMATS |= {INT4_LANES: "int4_lanes", INT8_LANES: "int8_lanes"}
 # format -> (its codes' format, block bytes, code bytes: a block's codes in that format)
 BLOCK_ROWS = {
     Q4_0: (INT4, 18, 16),
@@ -123,12 +145,10 @@ ROW_BLOCK = {1: 1, 2: 2, 3: 2, 4: 2}
 # for one token too: their block is one contiguous stream, and each row's own setup and sum are most of its work.
 SHORT_ROW = 256
 SHORT_BLOCK = 4
-# Rows in pairs (INT4 and INT8 weights whose rows are whole spans): rows 2p and 2p + 1 of an array are stored
-# together, span by span (span s of row 2p, then span s of row 2p + 1, then span s + 1 of each), and one token's
-# loop takes both rows side by side: each span's activations are loaded once for two rows, from one stream of
-# weights (two rows in their own places were two streams, which slowed one token's read from DRAM). The CPU
-# experts store theirs so: one token, INT4 g64, 2 threads, 1.14x from L3 and 1.03x from DRAM (Zen 4).
-PAIRS = (INT4, INT8)
+LANE_ROWS = 16  # rows of a block of rows across lanes, one an int32 lane
+LANE_TILE = 8  # most tokens one `span_dots` call multiplies with rows across lanes
+# Inputs a 64-byte chunk of rows across lanes holds for each of its rows
+LANE_CHUNK = {INT4_LANES: 8, INT8_LANES: 4}
 
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 F32 = ir.FloatType()
@@ -161,6 +181,8 @@ def choose_isa(name: str | None = None, features: frozenset[str] | None = None) 
 
 def spans(fmt: int, g: int) -> tuple[int, int, int]:
     """(weight code bytes, input elements, groups) of one span of a row."""
+    if fmt in LANES:  # one group
+        return (g // 2 if LANES[fmt] == INT4 else g), g, 1
     fmt = BLOCK_ROWS.get(fmt, (fmt,))[0]
     if fmt in NIBBLES:
         return 64, 128, 128 // g
@@ -175,10 +197,9 @@ def codegen_version() -> str:
 
 
 class SimdType(types.Dummy):
-    def __init__(self, isa: str, fmt: int, g: int, kind: int, pairs: bool = False) -> None:
-        self.isa, self.fmt, self.g, self.kind, self.pairs = isa, fmt, g, kind, pairs
-        rows = ", pairs" if pairs else ""
-        super().__init__(name=f"Simd({isa}, {FORMATS[fmt]}, g={g}, {SCALES[kind]}{rows}, {codegen_version()})")
+    def __init__(self, isa: str, fmt: int, g: int, kind: int) -> None:
+        self.isa, self.fmt, self.g, self.kind = isa, fmt, g, kind
+        super().__init__(name=f"Simd({isa}, {FORMATS[fmt]}, g={g}, {SCALES[kind]}, {codegen_version()})")
 
 
 @dataclass(frozen=True)
@@ -191,18 +212,15 @@ class Simd:
     fmt: int
     g: int
     kind: int = SCALE_BF16
-    pairs: bool = False  # rows stored in pairs, span by span (`PAIRS`)
 
     def __post_init__(self) -> None:
         groups, kinds = VALID.get(self.fmt, ((), ()))
         if self.g not in groups or self.kind not in kinds or self.isa not in CODEGEN:
             raise ValueError(f"no integer kernels for {self}")
-        if self.pairs and self.fmt not in PAIRS:
-            raise ValueError(f"rows in pairs are for {', '.join(FORMATS[f] for f in PAIRS)} weights, not {self}")
 
     @functools.cached_property
     def _numba_type_(self) -> SimdType:  # once: every kernel call types its arguments
-        return SimdType(self.isa, self.fmt, self.g, self.kind, self.pairs)
+        return SimdType(self.isa, self.fmt, self.g, self.kind)
 
 
 VALID = {  # format -> (group sizes, scale kinds)
@@ -217,6 +235,8 @@ VALID = {  # format -> (group sizes, scale kinds)
     Q6_K: ((16,), (SCALE_F32,)),
     Q4_K: ((32,), (SCALE_F32,)),
     IQ4_XS: ((32,), (SCALE_F32,)),
+    INT4_LANES: (GROUPS, (SCALE_BF16, SCALE_FP16)),
+    INT8_LANES: (GROUPS, (SCALE_BF16, SCALE_FP16)),
 }
 
 register_model(SimdType)(models.OpaqueModel)
@@ -236,11 +256,18 @@ def _block_bytes(simd):
     return lambda simd: size
 
 
-@overload_attribute(SimdType, "pairs")
-def _pairs(simd):
-    """`simd.pairs` in jitted code: whether rows are stored in pairs (`PAIRS`)."""
-    pairs = simd.pairs
-    return lambda simd: pairs
+@overload_attribute(SimdType, "lanes")
+def _lanes(simd):
+    """`simd.lanes` in jitted code: whether rows lie across lanes (`LANES`)."""
+    lanes = simd.fmt in LANES
+    return lambda simd: lanes
+
+
+@overload_attribute(SimdType, "tile")
+def _tile(simd):
+    """`simd.tile` in jitted code: the most tokens one `span_dots` call takes (`TILE`, `LANE_TILE`)."""
+    most = LANE_TILE if simd.fmt in LANES else TILE
+    return lambda simd: most
 
 
 @overload_attribute(SimdType, "affine")
@@ -441,19 +468,6 @@ class _Loads:
         return b.shuffle_vector(pieces[0], pieces[1], ir.Constant(_vec(I32, 64), list(range(64))))
 
 
-class _PairLoads(_Loads):
-    """`_Loads` of a row stored in a pair (`PAIRS`): `w` points at the row's first span, and a row offset in
-    span `s` lies `s` spans of the other row further on."""
-
-    def __init__(self, builder: ir.IRBuilder, w: ir.Value, row_bytes: ir.Value, span_bytes: int) -> None:
-        super().__init__(builder, w, row_bytes)
-        self.span = ir.Constant(I64, span_bytes)
-
-    def weights(self, offset: ir.Value, nbytes: int, tail: bool) -> ir.Value:
-        b = self.b
-        return super().weights(b.add(offset, b.mul(b.udiv(offset, self.span), self.span)), nbytes, tail)
-
-
 class _BlockLoads(_Loads):
     """`_Loads` of a row of blocks: `weights` takes offsets into the row's codes, as if they were contiguous,
     and gathers them from the blocks (codes of blocks past the row are read from block 0: their scales are
@@ -619,8 +633,7 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
     byte pointers and byte strides. A function of its own, so its loops get the registers to themselves
     inside a big parallel kernel. Rows go `ROW_BLOCK[n]` at a time through one loop over spans; each keeps
     its own accumulators, so the bits are those of one row at a time."""
-    rows = "_pairs" if simd.pairs else ""
-    name = f"hetero_moe_span_dots_{simd.isa}_{FORMATS[simd.fmt]}_g{simd.g}_s{simd.kind}{rows}_n{n}"
+    name = f"hetero_moe_span_dots_{simd.isa}_{FORMATS[simd.fmt]}_g{simd.g}_s{simd.kind}_n{n}"
     if name in module.globals:
         return module.globals[name]
     p8 = I8.as_pointer()
@@ -642,8 +655,8 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
     lanes_per_group = 16 // gps
     fma = _declare(b, f"llvm.fma.v{width}f32", _vec(F32, width), [_vec(F32, width)] * 3)
     zero = ir.Constant(_vec(F32, width), [0.0] * width)
-    short_too = ROW_BLOCK[n] == 1 and not simd.pairs  # one row at a time, but short rows SHORT_BLOCK at a time
-    block = 2 if simd.pairs else SHORT_BLOCK if short_too else ROW_BLOCK[n]
+    short_too = ROW_BLOCK[n] == 1  # one row at a time, but short rows SHORT_BLOCK at a time
+    block = SHORT_BLOCK if short_too else ROW_BLOCK[n]
     # per row of a block, per token: the accumulators (and the affine formats' mins)
     accs = [[[cgutils.alloca_once_value(b, zero) for _ in range(parts)] for _ in range(n)] for _ in range(block)]
     affine = fmt in AFFINE
@@ -718,7 +731,6 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
         if PREFETCH and not tail:  # the bytes PREFETCH ahead (of the next rows, or the next call's: rows and
             # tasks run in memory order); a prefetch past the array is harmless
             at = b.udiv(b.mul(s, const(span_bytes * block_bytes)), const(code_bytes)) if block_bytes else wbase
-            at = b.mul(wbase, const(2)) if simd.pairs else at  # a pair's two rows: one stream
             for c in range(-(-int(file_span) // 64)):
                 ahead = b.gep(wrow, [b.add(at, const(64 * c + PREFETCH))])
                 b.call(prefetch, [ahead, ir.Constant(I32, 0), ir.Constant(I32, PREFETCH_LOCALITY), ir.Constant(I32, 1)])
@@ -799,11 +811,7 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
         for i in range(count):
             r = b.add(first, const(i))
             wrow, srow = b.gep(w, [b.mul(r, row_stride)]), b.gep(s_ptr, [b.mul(r, s_stride)])
-            if simd.pairs:  # the pair's place, then this row's first span in it
-                odd = b.and_(r, const(1))
-                wrow = b.gep(w, [b.add(b.mul(b.sub(r, odd), row_stride), b.mul(odd, const(span_bytes)))])
-                loads = _PairLoads(b, wrow, row_bytes, span_bytes)
-            elif simd.fmt in SUPER_BLOCKS:
+            if simd.fmt in SUPER_BLOCKS:
                 loads = {Q6_K: _Q6KLoads, Q4_K: _Q4KLoads, IQ4_XS: _IQ4XSLoads}[simd.fmt](b, wrow, row_bytes)
             else:
                 loads = _BlockLoads(b, wrow, row_bytes, simd.fmt) if block_bytes else _Loads(b, wrow, row_bytes)
@@ -867,6 +875,97 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
     return fn
 
 
+def _lane_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
+    """The LLVM function of `span_dots` for `n` tokens on rows across lanes (`LANES`), the arguments of
+    `_row_function`: blocks of `LANE_ROWS` rows one after another, each read as one stream. On 8-lane isas a
+    block is two halves of 8 rows, each 32 bytes of every chunk. Per token two chains of integer lanes (even
+    and odd chunks) hide the latency of the dot products."""
+    name = f"hetero_moe_lane_dots_{simd.isa}_{FORMATS[simd.fmt]}_g{simd.g}_s{simd.kind}_n{n}"
+    if name in module.globals:
+        return module.globals[name]
+    p8 = I8.as_pointer()
+    args = [p8, I64, I64, I64, p8, I64, I64, *[p8] * (3 * n), p8, I64]
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), args), name)
+    fn.linkage = "internal"
+    fn.attributes.add("noinline")
+    fn.attributes.add("nounwind")
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    w, n_rows, row_stride, _, s_ptr, s_stride, groups, *ptrs, out, out_stride = fn.args
+    tokens = [(ptrs[j], ptrs[n + j], ptrs[2 * n + j]) for j in range(n)]
+    isa = CODEGEN[simd.isa]
+    fmt, width, vbytes = LANES[simd.fmt], isa.width, isa.vbytes
+    per_chunk = LANE_CHUNK[simd.fmt]
+    chunks = simd.g // per_chunk  # of a group
+    vf, vi = _vec(F32, width), _vec(I32, width)
+    fma = _declare(b, f"llvm.fma.v{width}f32", vf, [vf] * 3)
+    prefetch = _declare(
+        b,
+        "llvm.prefetch.p0" if llvm.llvm_version_info >= (17,) else "llvm.prefetch.p0i8",
+        ir.VoidType(),
+        [p8, I32, I32, I32],
+    )
+    zero, izero = ir.Constant(vf, [0.0] * width), ir.Constant(vi, [0] * width)
+    accs = [cgutils.alloca_once_value(b, zero) for _ in range(n)]
+    biased = fmt == INT4 or isa.int8_bias  # lanes start at the group's bias
+
+    def const(v: int) -> ir.Constant:
+        return ir.Constant(I64, v)
+
+    def load(base: ir.Value, offset: ir.Value, vtype: ir.Type) -> ir.Value:
+        return b.load(b.bitcast(b.gep(base, [offset]), vtype.as_pointer()), align=1)
+
+    def scales(srow: ir.Value, k: ir.Value, part: int) -> ir.Value:
+        """float32 scales of group `k` of the block's rows `part * width ..`."""
+        bits = load(srow, b.add(b.mul(k, const(2 * LANE_ROWS)), const(2 * width * part)), _vec(I16, width))
+        if simd.kind == SCALE_BF16:
+            return b.bitcast(b.shl(b.zext(bits, vi), ir.Constant(vi, [16] * width)), vf)
+        return b.fpext(b.bitcast(bits, _vec(ir.HalfType(), width)), vf)
+
+    block_bytes = b.mul(row_stride, const(LANE_ROWS))
+    with cgutils.for_range(b, b.udiv(n_rows, const(LANE_ROWS))) as blocks:
+        wblock = b.gep(w, [b.mul(blocks.index, block_bytes)])
+        sblock = b.gep(s_ptr, [b.mul(blocks.index, b.mul(s_stride, const(LANE_ROWS)))])
+        for part in range(LANE_ROWS // width):
+            for acc in accs:
+                b.store(zero, acc)
+            with cgutils.for_range(b, groups) as loop:
+                k = loop.index
+                lanes = []
+                for _, _, brow in tokens:
+                    start = _broadcast(b, load(brow, b.mul(k, const(4)), I32), width) if biased else izero
+                    lanes.append([start, izero])
+                for c in range(chunks):
+                    at = b.add(b.mul(k, const(64 * chunks)), const(64 * c))
+                    if PREFETCH and part == 0:
+                        ahead = b.gep(wblock, [b.add(at, const(PREFETCH))])
+                        b.call(prefetch, [ahead, *(ir.Constant(I32, v) for v in (0, PREFETCH_LOCALITY, 1))])
+                    codes = load(wblock, b.add(at, const(vbytes * part)), _vec(I8, vbytes))
+                    weights = isa.nibbles(b, codes) if fmt == INT4 else isa.unpack_int8(b, codes)
+                    x_at = b.add(b.mul(k, const(simd.g)), const(per_chunk * c))
+                    for j, (xrow, _, _) in enumerate(tokens):
+                        words = [load(xrow, b.add(x_at, const(4 * h)), I32) for h in range(per_chunk // 4)]
+                        xs = [b.bitcast(_broadcast(b, word, width), _vec(I8, vbytes)) for word in words]
+                        acc = lanes[j][c % 2]
+                        if fmt == INT4:
+                            acc = isa.int4_lanes(b, *weights, *xs, acc)
+                        elif isa.int8_bias:
+                            acc = isa.int8_lanes(b, [weights], xs, acc)
+                        else:
+                            acc = b.add(acc, isa.int8_lanes(b, [weights], xs, None))
+                        lanes[j][c % 2] = acc
+                sw = scales(sblock, k, part)
+                for j, (_, arow, _) in enumerate(tokens):
+                    a = _broadcast(b, load(arow, b.mul(k, const(4)), F32), width)
+                    total = b.sitofp(b.add(*lanes[j]), vf)
+                    b.store(b.call(fma, [total, b.fmul(sw, a), b.load(accs[j])]), accs[j])
+            first = b.add(b.mul(blocks.index, const(LANE_ROWS)), const(part * width))
+            for j, acc in enumerate(accs):
+                at = b.add(b.mul(const(j), out_stride), b.mul(first, const(4)))
+                b.store(b.load(acc), b.bitcast(b.gep(out, [at]), vf.as_pointer()), align=4)
+    b.ret_void()
+    return fn
+
+
 def _emit(simd: SimdType, n: int, context, builder: ir.IRBuilder, sig, args) -> None:
     """Call the row function with the data pointers of `span_dots`' arrays."""
     b = builder
@@ -881,7 +980,7 @@ def _emit(simd: SimdType, n: int, context, builder: ir.IRBuilder, sig, args) -> 
         for j in range(n):
             t = b.load(b.gep(rows.data, [ir.Constant(I64, j)]))
             per_token.append(b.gep(base, [b.mul(t, stride)]))
-    fn = _row_function(b.module, simd, n)
+    fn = (_lane_function if simd.fmt in LANES else _row_function)(b.module, simd, n)
     n_rows, row_bytes = (b.extract_value(w.shape, i) for i in (0, 1))
     call = [b.bitcast(w.data, p8), n_rows, b.extract_value(w.strides, 0), row_bytes]
     call += [b.bitcast(scales.data, p8), b.extract_value(scales.strides, 0), b.extract_value(scales.shape, 1)]
@@ -894,8 +993,8 @@ def _is(t, dtype, ndim: int) -> bool:
 
 @intrinsic
 def span_dots(typingctx, simd, n, w, scales, xq, ascale, bias, rows, out):
-    """`out[j, r] = w[r] . xq[rows[j]]` for `j < n` (a constant from 1 to TILE) and every row r of w, in
-    the canonical order.
+    """`out[j, r] = w[r] . xq[rows[j]]` for `j < n` (a constant from 1 to TILE, to LANE_TILE for rows across
+    lanes) and every row r of w, in the canonical order.
 
     `w [R, B]` uint8, rows of packed weights (B a multiple of 16); `scales [R, G]` uint16, their bf16 or
     fp16 bits (`simd.kind`), uint8 e8m0 bytes (MXFP4) or float32 (`[R, spans * 2 * gps]` with the mins in
@@ -903,9 +1002,12 @@ def span_dots(typingctx, simd, n, w, scales, xq, ascale, bias, rows, out):
     in the affine formats) float32 and `bias [T, >= spans * 16]` int32, from `int8dot.quantize_activations`
     (MXFP4: `mxfp4.quantize_activations`); `rows [>= n]` int64;
     `out [>= n, >= R]` float32. Rows may be strided; within a row, elements must be contiguous (the
-    caller checks: the code here reads them so).
+    caller checks: the code here reads them so). Rows across lanes (`LANES`): R a multiple of `LANE_ROWS`,
+    `w` and `scales` C-contiguous blocks of rows laid out by `int8dot.to_lanes`, `bias [T, >= G]`.
     """
-    if not isinstance(simd, SimdType) or not isinstance(n, types.IntegerLiteral) or not 1 <= n.literal_value <= TILE:
+    if not isinstance(simd, SimdType) or not isinstance(n, types.IntegerLiteral):
+        return None
+    if not 1 <= n.literal_value <= (LANE_TILE if simd.fmt in LANES else TILE):
         return None
     scale_type = {SCALE_E8M0: types.uint8, SCALE_F32: types.float32}.get(simd.kind, types.uint16)
     if simd.fmt in BLOCK_ROWS:
