@@ -98,6 +98,9 @@ def _median(fn: Callable[[], object], repeat: int) -> float:
 
 
 INTEGER = ("int4", "int8")  # the formats the integer dot products run
+# calls of one token count go on until they add up to this: a one-token call takes under a millisecond, and the
+# median of 20 moved by a tenth between runs on a noisy VM
+MIN_SECONDS = 1.0
 
 
 def random_experts(shape: Shape, quant: str, threads: int, experts: int, group_size: int | None = None) -> CPUExperts:
@@ -168,6 +171,7 @@ def bench_experts(
     experts: int | None = None,
     iters: int = 20,
     baselines: bool = True,
+    min_seconds: float = MIN_SECONDS,
 ) -> dict:
     torch.set_num_threads(threads)
     shape = preset_shape(arch)
@@ -180,11 +184,11 @@ def bench_experts(
     rng = np.random.default_rng(2)
     results = []
     for t in tokens:
-        calls = [_routing(t, shape, n_experts, rng) for _ in range(iters)]
         x = torch.randn(t, shape.hidden) * 0.1
-        op.forward(x, *calls[0])
+        op.forward(x, *_routing(t, shape, n_experts, rng))
         times, distinct = [], []
-        for index, weights in calls[1:]:
+        while len(times) < iters or sum(times) < min_seconds:  # a fresh routing each call
+            index, weights = _routing(t, shape, n_experts, rng)
             start = time.perf_counter()
             op.forward(x, index, weights)
             times.append(time.perf_counter() - start)

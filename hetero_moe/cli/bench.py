@@ -17,7 +17,7 @@ def add_parsers(sub) -> None:
     ex.add_argument("--tokens", default="1,8,64,512", help="comma-separated token counts per call")
     ex.add_argument("--threads", type=int, help="threads (default: the physical cores)")
     ex.add_argument("--experts", type=int, help="experts held in memory (default: the model's)")
-    ex.add_argument("--iters", type=int, default=20)
+    ex.add_argument("--iters", type=int, default=20, help="calls per token count, at least (and at least 1 s of them)")
     ex.add_argument("--no-baselines", action="store_true", help="skip the torch baselines")
     ex.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ex.set_defaults(func=run_experts)
