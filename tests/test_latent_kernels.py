@@ -54,6 +54,37 @@ def test_prepare_normalises_rotates_and_splits_as_the_per_op_path(rope: int, t: 
     torch.testing.assert_close(torch.from_numpy(q_pe), want, rtol=1e-5, atol=1e-6)
 
 
+def prepared(y: np.ndarray, w: np.ndarray, cos: np.ndarray, sin: np.ndarray, heads: int, nope: int):
+    """`latent.prepare` of the tokens `y [T, heads * (nope + rope) + r + rope]` -> their cache rows (latent,
+    rotary part) and queries (nope part `[T, heads, nope]`, rotary part), token by token."""
+    t, rope_dim = y.shape[0], 2 * cos.shape[1]
+    width = heads * (nope + rope_dim)
+    r = y.shape[1] - width - rope_dim
+    cache_latent, cache_pe = np.zeros((t, r), np.float32), np.zeros((t, rope_dim), np.float32)
+    q_nope, q_pe = np.empty((heads * t, nope), np.float32), np.empty((t, heads, rope_dim), np.float32)
+    latent.prepare(y[:, :width], y[:, width:], heads, nope, w, 1e-6, cos, sin, 0,
+                   cache_latent, cache_pe, np.arange(t, dtype=np.int64), q_nope, q_pe)  # fmt: skip
+    return cache_latent, cache_pe, q_nope.reshape(heads, t, nope).transpose(1, 0, 2), q_pe
+
+
+def test_prepare_gives_a_token_the_bits_it_has_alone() -> None:
+    """Decode tokens prepared together get the cache rows and queries each gets alone (the latent's norm once
+    rounded the first of three tokens differently: a tiny DeepSeek-V2's batched decode left its answer alone's)."""
+    rng = np.random.default_rng(0)
+    heads, nope, rope_dim, r = 4, 8, 4, 20
+    for trial in range(100):
+        t = int(rng.integers(2, 6))
+        y = rng.standard_normal((t, heads * (nope + rope_dim) + r + rope_dim)) * rng.uniform(0.1, 10)
+        y = y.astype(np.float32)
+        w = rng.standard_normal(r).astype(np.float32)
+        cos, sin = (rng.standard_normal((t, rope_dim // 2)).astype(np.float32) for _ in range(2))
+        together = prepared(y, w, cos, sin, heads, nope)
+        for i in range(t):
+            alone = prepared(np.ascontiguousarray(y[i : i + 1]), w, cos[i : i + 1], sin[i : i + 1], heads, nope)
+            for a, b in zip(alone, together, strict=True):
+                assert np.array_equal(a[0], b[i]), trial
+
+
 @pytest.mark.parametrize("length", [1, 3, 17])
 def test_attend_weights_the_cache_rows_by_each_heads_softmax(length: int) -> None:
     g = torch.Generator().manual_seed(2)

@@ -40,7 +40,7 @@ def _rotate(x, cos, sin, layout: int, out) -> None:
             out[i], out[half + i] = first, second
 
 
-@njit(nogil=True, fastmath=True, cache=True)
+@njit(nogil=True, cache=True)  # no fast math: a row's norm and rotation the same bits however many rows (`norm.py`)
 def prepare(q, kv, heads, nope, norm_w, eps, cos, sin, layout, latent, pe, new_rows, q_nope, q_pe) -> None:
     """Decode tokens t < T: `q [T, heads * (nope + rope)]` and `kv [T, r + rope]` from the projections;
     `norm_w [r]` and `eps` the latent's RMSNorm; `cos`, `sin` `[T, rope / 2]` at each token's position.
