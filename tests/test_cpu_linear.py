@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hetero_moe.kernels.numba.simd import choose_isa
 from torch import nn
 
 from hetero_moe.engine.sampler import SamplingParams
@@ -34,10 +35,11 @@ def int8_activations(x: torch.Tensor, group: int) -> torch.Tensor:
     return (q * a).view(t, -1)[:, :n]
 
 
-@pytest.mark.parametrize(("out_dim", "in_dim"), [(40, 72), (130, 300), (1, 33), (257, 64)])
+@pytest.mark.parametrize(("out_dim", "in_dim"), [(40, 72), (130, 300), (1, 33), (257, 64), (48, 200)])
 @pytest.mark.parametrize("quant", ["int4", "int8"])
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_cpu_linear_is_its_stored_weights(out_dim: int, in_dim: int, quant: str, group: int) -> None:
+    """Whole blocks of 16 rows are stored as rows across lanes (on the integer kernels), the others row by row."""
     torch.manual_seed(out_dim + in_dim + group)
     with torch.device("meta"):
         hf = nn.Linear(in_dim, out_dim, bias=True)
@@ -46,6 +48,7 @@ def test_cpu_linear_is_its_stored_weights(out_dim: int, in_dim: int, quant: str,
     op.load_weight("weight", w)
     op.load_weight("bias", b)
     op.finalize()
+    assert op.matrix.lanes == (out_dim % 16 == 0 and choose_isa() != "float")
     assert rel(op.weight, w) < (0.15 if quant == "int4" else 0.01)  # what it stores is the format's rounding
     for tokens in (1, 3, 17):
         x = torch.randn(tokens, in_dim)
@@ -77,14 +80,20 @@ def cpu_linear(out_dim: int, in_dim: int, kw: CPUQuantKwargs, bias: bool = False
 
 
 @pytest.mark.parametrize("quant", ["int4", "int8"])
-def test_linears_of_one_input_run_stacked_as_each_alone(quant: str) -> None:
+@pytest.mark.parametrize("rows", [(130, 40), (48, 64), (48, 40)], ids=["by-row", "across-lanes", "mixed"])
+def test_linears_of_one_input_run_stacked_as_each_alone(quant: str, rows: tuple[int, int]) -> None:
     """Attention's projections of x in one call: the same bits as each linear alone, its weights a view of
-    the stack; linears that differ (a bias, another format) are not stacked."""
+    the stack; linears that differ (a bias, another format) are not stacked. Rows across lanes stay so when all
+    are; with others they are stored row by row first (the same weights)."""
     kw = CPUQuantKwargs(quant, 64)
-    a, b = cpu_linear(130, 300, kw, seed=1), cpu_linear(40, 300, kw, seed=2)
+    a, b = cpu_linear(rows[0], 300, kw, seed=1), cpu_linear(rows[1], 300, kw, seed=2)
+    lanes = a.matrix.lanes and b.matrix.lanes
+    weights = [a.weight, b.weight]
     x = torch.randn(3, 300)
-    alone = [a(x), b(x)]
     run = stacked([a, b])
+    assert a.matrix.lanes == b.matrix.lanes == lanes
+    assert torch.equal(a.weight, weights[0]) and torch.equal(b.weight, weights[1])
+    alone = [a(x), b(x)]
     assert all(torch.equal(ours, theirs) for ours, theirs in zip(run(x), alone, strict=True))
     assert all(torch.equal(m(x), y) for m, y in zip((a, b), alone, strict=True))  # each still runs alone
     assert np.shares_memory(a.matrix.codes, b.matrix.codes) is False and a.matrix.codes.base is b.matrix.codes.base

@@ -18,8 +18,16 @@ from torch import nn
 
 from hetero_moe.kernels.ggml_blocks import REPACK
 from hetero_moe.kernels.numba.int4 import SCALE_BF16, SCALE_FP16
-from hetero_moe.kernels.numba.int8dot import Kernels, quantize_int8_fast, read_only, select_backend
+from hetero_moe.kernels.numba.int8dot import (
+    Kernels,
+    from_lanes,
+    quantize_int8_fast,
+    read_only,
+    select_backend,
+    to_lanes,
+)
 from hetero_moe.kernels.numba.quantize import quantize_int4_fast
+from hetero_moe.kernels.numba.simd import INT4, INT8, LANE_ROWS, choose_isa
 from hetero_moe.kernels.quant import (
     INT4_SCALE_DTYPES,
     check_int4_settings,
@@ -51,12 +59,15 @@ class CPUQuantKwargs:
 
 class QuantMatrix:
     """One weight `[O, I]` in the kernels' layout: `codes [O, B] uint8` (B = Ip / 2 for INT4, Ip for INT8)
-    and `scales [O, Ip / g] uint16` (bf16 or fp16 bits), read-only once stored (`read_only`)."""
+    and `scales [O, Ip / g] uint16` (bf16 or fp16 bits), read-only once stored (`read_only`). For the integer
+    kernels (the backend `isa` names, or the best) a matrix of whole blocks of `LANE_ROWS` rows is stored as
+    rows across lanes (`int8dot.to_lanes`), as the routed experts are."""
 
     in_place = False  # codes and scales are separate arrays
 
-    def __init__(self, out_dim: int, in_dim: int, kw: CPUQuantKwargs) -> None:
+    def __init__(self, out_dim: int, in_dim: int, kw: CPUQuantKwargs, isa: str | None = None) -> None:
         self.out_dim, self.in_dim, self.kw = out_dim, in_dim, kw
+        self.lanes = out_dim % LANE_ROWS == 0 and choose_isa(isa) != "float"
         self.g, self.sdtype = kw.group_size, INT4_SCALE_DTYPES[kw.scale_dtype]
         self.kind = SCALE_BF16 if kw.scale_dtype == "bf16" else SCALE_FP16
         ip = padded(in_dim, self.g)
@@ -70,20 +81,31 @@ class QuantMatrix:
     def store(self, w: torch.Tensor) -> None:
         quantize = quantize_int4_fast if self.kw.quant == "int4" else quantize_int8_fast
         codes, scales = quantize(w, self.g, self.sdtype)
-        self.codes = read_only(codes.numpy())
-        self.scales = read_only(scales.view(torch.int16).numpy().view(np.uint16))
+        codes, bits = codes.numpy(), scales.view(torch.int16).numpy().view(np.uint16)
+        if self.lanes:
+            codes, bits = to_lanes(INT4 if self.kw.quant == "int4" else INT8, self.g, codes, bits)
+        self.codes, self.scales = read_only(codes), read_only(bits)
 
     def dequantize(self) -> torch.Tensor:
         """float32 `[O, I]`."""
         dequantize = dequantize_int4 if self.kw.quant == "int4" else dequantize_int8
+        codes, bits = self.codes, self.scales
+        if self.lanes:
+            codes, bits = from_lanes(INT4 if self.kw.quant == "int4" else INT8, self.g, codes, bits)
         # copies: the kernels' weights are read-only
-        scales = torch.from_numpy(self.scales.view(np.int16).copy()).view(self.sdtype)
-        return dequantize(torch.from_numpy(self.codes.copy()), scales, self.g, self.in_dim)
+        scales = torch.from_numpy(bits.view(np.int16).copy()).view(self.sdtype)
+        return dequantize(torch.from_numpy(codes.copy()), scales, self.g, self.in_dim)
 
     @property
     def format(self) -> tuple[str, int, int]:
         """(int8dot format, group, scale kind): matrices of one format run in one kernel call."""
-        return (self.kw.quant, self.g, self.kind)
+        return (self.kw.quant + "_lanes" * self.lanes, self.g, self.kind)
+
+    def as_rows(self) -> None:
+        """Rows across lanes back to rows one after another (to be stacked with a matrix of other rows)."""
+        if self.lanes:
+            codes, bits = from_lanes(INT4 if self.kw.quant == "int4" else INT8, self.g, self.codes, self.scales)
+            self.codes, self.scales, self.lanes = read_only(codes), read_only(bits), False
 
     def mapped_bytes(self) -> int:
         return 0
@@ -151,8 +173,8 @@ class CPULinear(Op):
             raise ValueError(f"cpu_linear runs on the CPU; the rule places it on {ctx.device} (use op linear)")
         self.out_features, self.in_features = hf.out_features, hf.in_features
         self.kwargs = kwargs
-        self.matrix = QuantMatrix(hf.out_features, hf.in_features, kwargs)
         self.isa = ctx.services.cpu_isa
+        self.matrix = QuantMatrix(hf.out_features, hf.in_features, kwargs, self.isa)
         self.dtype = ctx.dtype
         self.bias = (
             None if hf.bias is None else nn.Parameter(torch.empty_like(hf.bias, dtype=ctx.dtype), requires_grad=False)
@@ -225,9 +247,14 @@ class CPULinear(Op):
 class StackedLinear:
     """Linears of one input run as one: `x -> [m(x) for m in linears]` with their rows stacked, so the input
     is quantized once and the kernel called once; each linear's weights become a view of the stack (no second
-    copy). Made by `stacked`."""
+    copy). Made by `stacked`. Where some hold rows across lanes and some not (a matrix whose rows are not whole
+    blocks of 16), all take rows one after another."""
 
     def __init__(self, linears: Sequence[CPULinear]) -> None:
+        if len({m.matrix.format for m in linears}) > 1:
+            for m in linears:
+                m.matrix.as_rows()
+                m.finalize()
         first = linears[0]
         codes = read_only(np.concatenate([m.matrix.codes for m in linears]))  # GGUF rows read in place: copied
         scales = codes if first.matrix.in_place else read_only(np.concatenate([m.matrix.scales for m in linears]))
@@ -253,13 +280,12 @@ def stacked(linears: Sequence[nn.Module]) -> StackedLinear | None:
     """The linears as one `StackedLinear`; None unless all are `cpu_linear`s without bias of one format and
     input size."""
     first = linears[0]
-    same = all(
-        isinstance(m, CPULinear)
-        and m.bias is None
-        and (m.matrix.format, m.isa, m.in_features, m.dtype)
-        == (first.matrix.format, first.isa, first.in_features, first.dtype)
-        for m in linears
-    )
+
+    def kind(m: nn.Module) -> tuple:
+        fmt, g, scale = m.matrix.format
+        return (fmt.removesuffix("_lanes"), g, scale, m.isa, m.in_features, m.dtype)
+
+    same = all(isinstance(m, CPULinear) and m.bias is None and kind(m) == kind(first) for m in linears)
     return StackedLinear(linears) if same else None
 
 
@@ -270,7 +296,7 @@ class HeadLinear:
 
     def __init__(self, w: torch.Tensor, kw: CPUQuantKwargs, isa: str | None) -> None:
         self.heads, self.out_dim, self.in_dim = w.shape
-        matrices = [QuantMatrix(self.out_dim, self.in_dim, kw) for _ in range(self.heads)]
+        matrices = [QuantMatrix(self.out_dim, self.in_dim, kw, isa) for _ in range(self.heads)]
         for m, wj in zip(matrices, w, strict=True):
             m.store(wj.contiguous())
         self.codes = read_only(np.stack([m.codes for m in matrices]))  # [h, O, B]

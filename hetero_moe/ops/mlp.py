@@ -67,9 +67,9 @@ class QuantGatedMLP(Op):
         self.hidden, self.inter = hf.gate_proj.in_features, hf.gate_proj.out_features
         self.kwargs, self.dtype, self.isa = kwargs, ctx.dtype, ctx.services.cpu_isa
         self.parts = {
-            "gate_proj": QuantMatrix(self.inter, self.hidden, kwargs),
-            "up_proj": QuantMatrix(self.inter, self.hidden, kwargs),
-            "down_proj": QuantMatrix(self.hidden, self.inter, kwargs),
+            "gate_proj": QuantMatrix(self.inter, self.hidden, kwargs, self.isa),
+            "up_proj": QuantMatrix(self.inter, self.hidden, kwargs, self.isa),
+            "down_proj": QuantMatrix(self.hidden, self.inter, kwargs, self.isa),
         }
         self._kernels: Kernels | None = None
 
