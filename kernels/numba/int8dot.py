@@ -262,32 +262,30 @@ def dots(simd, n, w, scales, xq, ascale, bias, rows, out) -> None:
     raise TypeError("dots runs inside jitted code")
 
 
+@njit(inline="always", cache=True)
+def _few_dots(simd, n, w, scales, xq, ascale, bias, rows, out) -> None:
+    """`dots` of 4, 2 or 1 tokens: every format's tiles."""
+    if n == TILE:
+        span_dots(simd, 4, w, scales, xq, ascale, bias, rows, out)
+    elif n == 2:
+        span_dots(simd, 2, w, scales, xq, ascale, bias, rows, out)
+    else:
+        span_dots(simd, 1, w, scales, xq, ascale, bias, rows, out)
+
+
 @overload(dots, inline="always")
 def _dots(simd, n, w, scales, xq, ascale, bias, rows, out):
     """`dots` for the token's format: tiles of 8 only where rows lie across lanes (`LANE_TILE`)."""
-    if simd.fmt in LANES:
+    if simd.fmt not in LANES:
+        return _few_dots.py_func
 
-        def lane_dots(simd, n, w, scales, xq, ascale, bias, rows, out) -> None:
-            if n == LANE_TILE:
-                span_dots(simd, 8, w, scales, xq, ascale, bias, rows, out)
-            elif n == 4:
-                span_dots(simd, 4, w, scales, xq, ascale, bias, rows, out)
-            elif n == 2:
-                span_dots(simd, 2, w, scales, xq, ascale, bias, rows, out)
-            else:
-                span_dots(simd, 1, w, scales, xq, ascale, bias, rows, out)
-
-        return lane_dots
-
-    def row_dots(simd, n, w, scales, xq, ascale, bias, rows, out) -> None:
-        if n == TILE:
-            span_dots(simd, 4, w, scales, xq, ascale, bias, rows, out)
-        elif n == 2:
-            span_dots(simd, 2, w, scales, xq, ascale, bias, rows, out)
+    def lane_dots(simd, n, w, scales, xq, ascale, bias, rows, out) -> None:
+        if n == LANE_TILE:
+            span_dots(simd, 8, w, scales, xq, ascale, bias, rows, out)
         else:
-            span_dots(simd, 1, w, scales, xq, ascale, bias, rows, out)
+            _few_dots(simd, n, w, scales, xq, ascale, bias, rows, out)
 
-    return row_dots
+    return lane_dots
 
 
 @njit(inline="always", cache=True)

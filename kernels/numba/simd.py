@@ -627,13 +627,10 @@ def _e8m0_scales(b: ir.IRBuilder, e: ir.Value, n: int) -> ir.Value:
     return b.bitcast(bits, _vec(F32, n))
 
 
-def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
-    """The LLVM function of `span_dots` for `n` tokens, defined once per module:
-    `(w, rows, row_stride, row_bytes, s, s_stride, groups, xq_0.., ascale_0.., bias_0.., out, out_stride)`,
-    byte pointers and byte strides. A function of its own, so its loops get the registers to themselves
-    inside a big parallel kernel. Rows go `ROW_BLOCK[n]` at a time through one loop over spans; each keeps
-    its own accumulators, so the bits are those of one row at a time."""
-    name = f"hetero_moe_span_dots_{simd.isa}_{FORMATS[simd.fmt]}_g{simd.g}_s{simd.kind}_n{n}"
+def _dots_function(module: ir.Module, kind: str, simd: SimdType, n: int) -> ir.Function:
+    """The module's LLVM function `hetero_moe_{kind}_dots_...` of `span_dots` for `n` tokens: the one defined
+    already (it has blocks), or a new one without a body, of the arguments `_row_function` lists."""
+    name = f"hetero_moe_{kind}_dots_{simd.isa}_{FORMATS[simd.fmt]}_g{simd.g}_s{simd.kind}_n{n}"
     if name in module.globals:
         return module.globals[name]
     p8 = I8.as_pointer()
@@ -642,6 +639,18 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
     fn.linkage = "internal"
     fn.attributes.add("noinline")
     fn.attributes.add("nounwind")
+    return fn
+
+
+def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
+    """The LLVM function of `span_dots` for `n` tokens, defined once per module:
+    `(w, rows, row_stride, row_bytes, s, s_stride, groups, xq_0.., ascale_0.., bias_0.., out, out_stride)`,
+    byte pointers and byte strides. A function of its own, so its loops get the registers to themselves
+    inside a big parallel kernel. Rows go `ROW_BLOCK[n]` at a time through one loop over spans; each keeps
+    its own accumulators, so the bits are those of one row at a time."""
+    fn = _dots_function(module, "span", simd, n)
+    if fn.blocks:
+        return fn
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     w, n_rows, row_stride, row_bytes, s_ptr, s_stride, groups, *ptrs, out, out_stride = fn.args
     tokens = [(ptrs[j], ptrs[n + j], ptrs[2 * n + j]) for j in range(n)]
@@ -880,16 +889,11 @@ def _lane_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
     `_row_function`: blocks of `LANE_ROWS` rows one after another, each read as one stream. On 8-lane isas a
     block is two halves of 8 rows, each 32 bytes of every chunk. Per token two chains of integer lanes (even
     and odd chunks) hide the latency of the dot products."""
-    name = f"hetero_moe_lane_dots_{simd.isa}_{FORMATS[simd.fmt]}_g{simd.g}_s{simd.kind}_n{n}"
-    if name in module.globals:
-        return module.globals[name]
-    p8 = I8.as_pointer()
-    args = [p8, I64, I64, I64, p8, I64, I64, *[p8] * (3 * n), p8, I64]
-    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), args), name)
-    fn.linkage = "internal"
-    fn.attributes.add("noinline")
-    fn.attributes.add("nounwind")
+    fn = _dots_function(module, "lane", simd, n)
+    if fn.blocks:
+        return fn
     b = ir.IRBuilder(fn.append_basic_block("entry"))
+    p8 = I8.as_pointer()
     w, n_rows, row_stride, _, s_ptr, s_stride, groups, *ptrs, out, out_stride = fn.args
     tokens = [(ptrs[j], ptrs[n + j], ptrs[2 * n + j]) for j in range(n)]
     isa = CODEGEN[simd.isa]
