@@ -252,7 +252,8 @@ def test_bench_experts_op_runs_each_format(quant: str) -> None:
 
 def test_bench_experts_reports_its_share_of_the_int8_peak() -> None:
     """`bench experts` at V2-Lite's shape (8 experts held): the multiply-adds a second of each call and their
-    share of the backend's peak, measured in the same run; the kernels cannot beat that peak."""
+    share of the backend's peak, measured in the same run. (Not that the share is below 1: the kernels reach 60 %
+    of the peak at 8 tokens, and a test running beside this one can halve the peak's measurement.)"""
     from hetero_moe.bench.experts import bench_experts
 
     kw = {"threads": 2, "experts": 8, "iters": 3, "baselines": False, "min_seconds": 0}
@@ -261,7 +262,7 @@ def test_bench_experts_reports_its_share_of_the_int8_peak() -> None:
     for r in report["results"]:
         assert r["tokens_per_expert"] == pytest.approx(r["tokens"] * 6 / r["distinct_experts"])
         assert r["gmacs"] == pytest.approx(r["tokens"] * 6 * 3 * 2048 * 1408 / r["seconds_per_layer"] / 1e9)
-        assert 0 < r["of_int8_peak"] < 1
+        assert r["of_int8_peak"] == pytest.approx(r["gmacs"] / report["int8_peak_gmacs"]) and r["of_int8_peak"] > 0
 
 
 @pytest.mark.parametrize("quant", ["int4", "int8"])
