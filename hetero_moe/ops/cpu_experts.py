@@ -517,9 +517,9 @@ FORMATS = {"int4": GroupFormat, "int8": GroupFormat, "fp8": FP8Format, "bf16": B
 # Measured crossovers per (kwargs, shape, threads) in this process: a memo of measurements, filled at load.
 _CROSSOVERS: dict[tuple, int] = {}
 CROSSOVER_MARGIN = 1.5  # how much faster torch's matmul must be to take over from the kernels
-# rows of one expert per parallel task: with rows across lanes, 64 against 32 took 0.93x the time of a one-token
-# call at the V2-Lite shape and 0.88x at Qwen3-30B-A3B's, 0.96-0.98x at 64 tokens a expert, Q4_0 rows 0.98-1.0x
-# (Zen 4, 2 threads, alternating in one process); 16 and 128 were slower
+# rows of one expert per parallel task: with rows across lanes, 64 against 32 took 0.97-0.98x the time of a
+# one-token call (V2-Lite and Qwen3-30B-A3B shapes, other experts each call: from DRAM) and 0.96-0.98x at 64 tokens
+# a expert; Q4_0 rows 1.0x (Zen 4, 2 threads, alternating in one process)
 ROWS_PER_TASK = 64
 
 
