@@ -216,7 +216,7 @@ def bench_experts(
                 gmacs / peak if peak else None,
             )
         )
-    del pool
+    del pool  # 2 GB, before the baselines make theirs
     out = {
         "arch": arch,
         "shape": asdict(shape),

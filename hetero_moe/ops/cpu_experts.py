@@ -34,6 +34,7 @@ from hetero_moe.kernels.numba.common import combine, group_by_expert
 from hetero_moe.kernels.numba.int4 import SCALE_BF16, SCALE_FP16
 from hetero_moe.kernels.numba.int8dot import (
     Kernels,
+    across_lanes,
     from_lanes,
     quantize_int8_fast,
     read_only,
@@ -42,7 +43,7 @@ from hetero_moe.kernels.numba.int8dot import (
     to_lanes,
 )
 from hetero_moe.kernels.numba.quantize import quantize_int4_fast
-from hetero_moe.kernels.numba.simd import INT4, INT8, LANE_ROWS, choose_isa
+from hetero_moe.kernels.numba.simd import INT4, INT8, choose_isa
 from hetero_moe.kernels.quant import (
     INT4_SCALE_DTYPES,
     check_int4_settings,
@@ -109,11 +110,11 @@ class Pairs:
 class GroupFormat:
     """Group-wise symmetric INT4 or INT8 with bf16 or fp16 scales, in the layout of the int8-activation
     kernels (`kernels/numba/int8dot.py`): per matrix `codes [E, O, B] uint8` (B = Ip / 2 for INT4, Ip for
-    INT8) and `scales [E, O, Ip / g] uint16`; gate and up rows stacked in `w13`. With `lanes` (the integer
-    kernels' backends), each array whose matrices have whole blocks of `LANE_ROWS` rows holds its codes and
-    scales as rows across lanes (`simd.py`, `int8dot.to_lanes`); `lanes13` and `lanes2` say which do."""
+    INT8) and `scales [E, O, Ip / g] uint16`; gate and up rows stacked in `w13`. For the integer kernels of
+    backend `isa`, each array whose matrices have whole blocks of `LANE_ROWS` rows holds its codes and scales as
+    rows across lanes (`simd.py`, `int8dot.to_lanes`); `row_lanes` says which of `w13` and `w2` do."""
 
-    def __init__(self, e: int, inter: int, hidden: int, kw: CPUExpertsKwargs, lanes: bool = False) -> None:
+    def __init__(self, e: int, inter: int, hidden: int, kw: CPUExpertsKwargs, isa: str | None) -> None:
         self.quant, self.g = kw.quant, kw.group_size
         self.sdtype = INT4_SCALE_DTYPES[kw.scale_dtype]
         self.kind = SCALE_BF16 if kw.scale_dtype == "bf16" else SCALE_FP16
@@ -121,13 +122,8 @@ class GroupFormat:
         self.hp, self.ip = padded(hidden, self.g), padded(inter, self.g)
         self.per_byte = 2 if kw.quant == "int4" else 1  # elements per code byte
         self.fmt = INT4 if kw.quant == "int4" else INT8
-        self.lanes13, self.lanes2 = lanes and inter % LANE_ROWS == 0, lanes and hidden % LANE_ROWS == 0
+        self.row_lanes = (across_lanes(isa, inter), across_lanes(isa, hidden))  # of w13, of w2
         self.kernels: tuple[Kernels, Kernels] | None = None  # bound at finalize
-
-    @property
-    def row_lanes(self) -> tuple[bool, bool]:
-        """Whether `w13` and `w2` hold their rows across lanes."""
-        return self.lanes13, self.lanes2
 
     def nbytes(self) -> int:
         per_expert = 2 * self.inter * (self.hp // self.per_byte + 2 * self.hp // self.g)
@@ -551,8 +547,8 @@ class CPUExperts(Op):
                 f"quant mxfp4 runs gpt-oss's MXFP4 experts as its release stores them; {type(hf).__name__} "
                 f"experts take int4, int8, fp8 or bf16"
             )
-        elif FORMATS[kwargs.quant] is GroupFormat:  # rows across lanes for the integer kernels (not the float ones)
-            self.format = GroupFormat(e, self.inter, h, kwargs, lanes=choose_isa(ctx.services.cpu_isa) != "float")
+        elif FORMATS[kwargs.quant] is GroupFormat:
+            self.format = GroupFormat(e, self.inter, h, kwargs, ctx.services.cpu_isa)
         else:
             self.format = FORMATS[kwargs.quant](e, self.inter, h, kwargs)
         self.threads = ctx.cpu_threads

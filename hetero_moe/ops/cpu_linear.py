@@ -20,6 +20,7 @@ from hetero_moe.kernels.ggml_blocks import REPACK
 from hetero_moe.kernels.numba.int4 import SCALE_BF16, SCALE_FP16
 from hetero_moe.kernels.numba.int8dot import (
     Kernels,
+    across_lanes,
     from_lanes,
     quantize_int8_fast,
     read_only,
@@ -27,7 +28,7 @@ from hetero_moe.kernels.numba.int8dot import (
     to_lanes,
 )
 from hetero_moe.kernels.numba.quantize import quantize_int4_fast
-from hetero_moe.kernels.numba.simd import INT4, INT8, LANE_ROWS, choose_isa
+from hetero_moe.kernels.numba.simd import INT4, INT8
 from hetero_moe.kernels.quant import (
     INT4_SCALE_DTYPES,
     check_int4_settings,
@@ -67,7 +68,8 @@ class QuantMatrix:
 
     def __init__(self, out_dim: int, in_dim: int, kw: CPUQuantKwargs, isa: str | None = None) -> None:
         self.out_dim, self.in_dim, self.kw = out_dim, in_dim, kw
-        self.lanes = out_dim % LANE_ROWS == 0 and choose_isa(isa) != "float"
+        self.fmt = INT4 if kw.quant == "int4" else INT8
+        self.lanes = across_lanes(isa, out_dim)
         self.g, self.sdtype = kw.group_size, INT4_SCALE_DTYPES[kw.scale_dtype]
         self.kind = SCALE_BF16 if kw.scale_dtype == "bf16" else SCALE_FP16
         ip = padded(in_dim, self.g)
@@ -83,7 +85,7 @@ class QuantMatrix:
         codes, scales = quantize(w, self.g, self.sdtype)
         codes, bits = codes.numpy(), scales.view(torch.int16).numpy().view(np.uint16)
         if self.lanes:
-            codes, bits = to_lanes(INT4 if self.kw.quant == "int4" else INT8, self.g, codes, bits)
+            codes, bits = to_lanes(self.fmt, self.g, codes, bits)
         self.codes, self.scales = read_only(codes), read_only(bits)
 
     def dequantize(self) -> torch.Tensor:
@@ -91,7 +93,7 @@ class QuantMatrix:
         dequantize = dequantize_int4 if self.kw.quant == "int4" else dequantize_int8
         codes, bits = self.codes, self.scales
         if self.lanes:
-            codes, bits = from_lanes(INT4 if self.kw.quant == "int4" else INT8, self.g, codes, bits)
+            codes, bits = from_lanes(self.fmt, self.g, codes, bits)
         # copies: the kernels' weights are read-only
         scales = torch.from_numpy(bits.view(np.int16).copy()).view(self.sdtype)
         return dequantize(torch.from_numpy(codes.copy()), scales, self.g, self.in_dim)
@@ -104,7 +106,7 @@ class QuantMatrix:
     def as_rows(self) -> None:
         """Rows across lanes back to rows one after another (to be stacked with a matrix of other rows)."""
         if self.lanes:
-            codes, bits = from_lanes(INT4 if self.kw.quant == "int4" else INT8, self.g, self.codes, self.scales)
+            codes, bits = from_lanes(self.fmt, self.g, self.codes, self.scales)
             self.codes, self.scales, self.lanes = read_only(codes), read_only(bits), False
 
     def mapped_bytes(self) -> int:
@@ -233,6 +235,11 @@ class CPULinear(Op):
         self._kernels = self.matrix.kernels(self.isa)
         self.forward(torch.zeros(1, self.in_features, dtype=self.dtype))  # compile or load the cached kernels
 
+    def as_rows(self) -> None:
+        """The weight's rows one after another (`QuantMatrix.as_rows`), and the kernels for them."""
+        self.matrix.as_rows()
+        self._kernels = self.matrix.kernels(self.isa)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., I] -> [..., O]
         y = torch.from_numpy(self.run(x.reshape(-1, self.in_features).float().contiguous().numpy()))
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
@@ -253,8 +260,7 @@ class StackedLinear:
     def __init__(self, linears: Sequence[CPULinear]) -> None:
         if len({m.matrix.format for m in linears}) > 1:
             for m in linears:
-                m.matrix.as_rows()
-                m.finalize()
+                m.as_rows()
         first = linears[0]
         codes = read_only(np.concatenate([m.matrix.codes for m in linears]))  # GGUF rows read in place: copied
         scales = codes if first.matrix.in_place else read_only(np.concatenate([m.matrix.scales for m in linears]))

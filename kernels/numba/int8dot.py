@@ -64,7 +64,6 @@ from hetero_moe.kernels.numba.simd import (
     INT8_LANES,
     IQ4_XS,
     IQ4NL,
-    LANE_CHUNK,
     LANE_ROWS,
     LANE_TILE,
     LANES,
@@ -772,10 +771,9 @@ def from_lanes(fmt: int, g: int, codes: np.ndarray, scales: np.ndarray) -> tuple
     """`to_lanes` undone: rows across lanes -> `codes [O, B]` in `int4.py`'s (or INT8's) rows, `scales [O, G]`."""
     o, b = codes.shape
     blocks = o // LANE_ROWS
-    per_chunk = LANE_CHUNK[INT4_LANES if fmt == INT4 else INT8_LANES]
     laid = codes.reshape(blocks, -1, LANE_ROWS, 4).transpose(0, 2, 1, 3)  # [block, row, chunk, j]
     if fmt == INT4:
-        inputs = np.stack([laid & 15, laid >> 4], axis=3).reshape(o, b // 4 * per_chunk)
+        inputs = np.stack([laid & 15, laid >> 4], axis=3).reshape(o, 2 * b)  # [row, chunk, half, j]: input order
         groups = inputs.reshape(o, -1, 2, g // 2)  # [row, group, half, j] -> byte j of the group
         rows = (groups[:, :, 0] | (groups[:, :, 1] << 4)).reshape(o, b)
     else:
@@ -801,10 +799,16 @@ def scratch(name: str, rows: int, cols: int) -> np.ndarray:
     key = (name, cols)
     have = _SCRATCH.arrays.get(key)
     if have is None or have.shape[0] < rows:
-        have = np.zeros((max(rows, 1), cols), np.float32)
-        have.fill(0.0)  # np.zeros leaves the pages untouched
+        have = np.empty((max(rows, 1), cols), np.float32)
+        have.fill(0.0)  # every page touched here, in one pass
         _SCRATCH.arrays[key] = have
     return have[:rows]
+
+
+def across_lanes(isa: str | None, rows: int) -> bool:
+    """Whether a matrix of `rows` rows is stored as rows across lanes for backend `isa` (None: the best): on the
+    integer backends, whole blocks of `LANE_ROWS` rows."""
+    return rows % LANE_ROWS == 0 and choose_isa(isa) != "float"
 
 
 def select_backend(name: str | None = None) -> Backend:

@@ -49,10 +49,10 @@ scales are group by group, the 16 rows' scales of a group side by side. Per row 
 - `acc = fma(float(isum[k]), sw[k] * a[k], acc)`, groups in order, `acc` starting at +0: the row's result.
 
 The same float32 operations in every lane on every isa, so the same bits; a token's result does not depend on
-the tokens tiled with it (up to `LANE_TILE`). Rows across lanes read one stream a block, carry a fifth of the
-other kernels' vector operations per weight byte for one token and let tiles of 8 tokens keep the multiply-adds
-busy (Zen 4, one thread: INT4 g64 69 % of the int8 peak at 8 tokens where rows one by one reached 21-28 %; one
-token 1.2-1.5x the bytes a second from DRAM).
+the tokens tiled with it (up to `LANE_TILE`). Rows across lanes read one stream a block, need no float work per
+row and span for one token (a group's for 16 rows at once) and let tiles of 8 tokens keep the multiply-adds busy
+(Zen 4, one thread, a 2,816 x 2,048 INT4 g64 matrix in cache: 69 % of the int8 peak at 8 tokens, where rows one by
+one reached 21-28 % in `bench experts`).
 
 Rows of blocks (Q4_0, Q8_0, Q6_K, Q4_K, IQ4_XS: a GGUF file's weights read in place from its memory map): a row is
 llama.cpp's blocks as the file holds them, and `scales` is the weight array itself. Q4_0 and Q8_0: blocks of 32
@@ -627,6 +627,19 @@ def _e8m0_scales(b: ir.IRBuilder, e: ir.Value, n: int) -> ir.Value:
     return b.bitcast(bits, _vec(F32, n))
 
 
+def _prefetch(b: ir.IRBuilder) -> ir.Function:
+    """LLVM's prefetch intrinsic `(address, write, locality, cache)`, under its name in this LLVM."""
+    name = "llvm.prefetch.p0" if llvm.llvm_version_info >= (17,) else "llvm.prefetch.p0i8"
+    return _declare(b, name, ir.VoidType(), [I8.as_pointer(), I32, I32, I32])
+
+
+def _half_scales(b: ir.IRBuilder, bits: ir.Value, kind: int, n: int) -> ir.Value:
+    """`<n x i16>` bf16 or fp16 bits (`kind`) -> float32 `<n>`."""
+    if kind == SCALE_BF16:
+        return b.bitcast(b.shl(b.zext(bits, _vec(I32, n)), ir.Constant(_vec(I32, n), [16] * n)), _vec(F32, n))
+    return b.fpext(b.bitcast(bits, _vec(ir.HalfType(), n)), _vec(F32, n))
+
+
 def _dots_function(module: ir.Module, kind: str, simd: SimdType, n: int) -> ir.Function:
     """The module's LLVM function `hetero_moe_{kind}_dots_...` of `span_dots` for `n` tokens: the one defined
     already (it has blocks), or a new one without a body, of the arguments `_row_function` lists."""
@@ -721,17 +734,9 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
             return bits
         if simd.kind == SCALE_E8M0:
             return _e8m0_scales(b, bits, gps)
-        if simd.kind == SCALE_BF16:
-            wide = b.shl(b.zext(bits, _vec(I32, gps)), ir.Constant(_vec(I32, gps), [16] * gps))
-            return b.bitcast(wide, _vec(F32, gps))
-        return b.fpext(b.bitcast(bits, _vec(ir.HalfType(), gps)), _vec(F32, gps))
+        return _half_scales(b, bits, simd.kind, gps)
 
-    prefetch = _declare(
-        b,
-        "llvm.prefetch.p0" if llvm.llvm_version_info >= (17,) else "llvm.prefetch.p0i8",
-        ir.VoidType(),
-        [I8.as_pointer(), I32, I32, I32],
-    )
+    prefetch = _prefetch(b)
 
     def span(wrow: ir.Value, srow: ir.Value, loads: _Loads, s: ir.Value, tail: bool, acc, mins, i=0, block=None):
         """Span `s` of a row into its accumulators (Q6_K, Q4_K, IQ4_XS: the `i`-th span of its block, whose
@@ -893,7 +898,6 @@ def _lane_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
     if fn.blocks:
         return fn
     b = ir.IRBuilder(fn.append_basic_block("entry"))
-    p8 = I8.as_pointer()
     w, n_rows, row_stride, _, s_ptr, s_stride, groups, *ptrs, out, out_stride = fn.args
     tokens = [(ptrs[j], ptrs[n + j], ptrs[2 * n + j]) for j in range(n)]
     isa = CODEGEN[simd.isa]
@@ -902,12 +906,7 @@ def _lane_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
     chunks = simd.g // per_chunk  # of a group
     vf, vi = _vec(F32, width), _vec(I32, width)
     fma = _declare(b, f"llvm.fma.v{width}f32", vf, [vf] * 3)
-    prefetch = _declare(
-        b,
-        "llvm.prefetch.p0" if llvm.llvm_version_info >= (17,) else "llvm.prefetch.p0i8",
-        ir.VoidType(),
-        [p8, I32, I32, I32],
-    )
+    prefetch = _prefetch(b)
     zero, izero = ir.Constant(vf, [0.0] * width), ir.Constant(vi, [0] * width)
     accs = [cgutils.alloca_once_value(b, zero) for _ in range(n)]
     biased = fmt == INT4 or isa.int8_bias  # lanes start at the group's bias
@@ -921,9 +920,7 @@ def _lane_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
     def scales(srow: ir.Value, k: ir.Value, part: int) -> ir.Value:
         """float32 scales of group `k` of the block's rows `part * width ..`."""
         bits = load(srow, b.add(b.mul(k, const(2 * LANE_ROWS)), const(2 * width * part)), _vec(I16, width))
-        if simd.kind == SCALE_BF16:
-            return b.bitcast(b.shl(b.zext(bits, vi), ir.Constant(vi, [16] * width)), vf)
-        return b.fpext(b.bitcast(bits, _vec(ir.HalfType(), width)), vf)
+        return _half_scales(b, bits, simd.kind, width)
 
     block_bytes = b.mul(row_stride, const(LANE_ROWS))
     with cgutils.for_range(b, b.udiv(n_rows, const(LANE_ROWS))) as blocks:
