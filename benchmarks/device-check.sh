@@ -110,7 +110,7 @@ else
   per_test=60
   v2_rules=cpu-only-int4.yaml
   decode_steps=2
-  profile_steps=2
+  profile_steps=24 # steps of ~2 ms: enough that py-spy (200 a second) samples some on a busy CI machine
   prefill=16,32
   v3_rules=cpu-only-int4.yaml
   v3_context=1024

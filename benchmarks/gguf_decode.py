@@ -22,7 +22,7 @@ import torch
 
 from hetero_moe.bench.teacher import TeacherForced
 from hetero_moe.engine.runner import ModelRunner
-from hetero_moe.llm import place
+from hetero_moe.llm import place, serving_services
 from hetero_moe.loader.checkpoint import Checkpoint
 from hetero_moe.loader.gguf_file import GGUFFile, is_gguf
 from hetero_moe.loader.gguf_load import load_gguf_weights
@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    placed = place(args.model, args.rules, "auto", args.threads)
+    placed = place(args.model, args.rules, "auto", args.threads, serving_services())
     if is_gguf(args.model):
         load_gguf_weights(placed, GGUFFile.open(args.model))
     else:

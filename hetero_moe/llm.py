@@ -74,6 +74,12 @@ def place(
     return placed
 
 
+def serving_services() -> Services:
+    """What a model placed to run (not only checked) uses: the converted-weights cache under `cache_dir()`, the
+    CPU's kernels."""
+    return Services(ConvertedCache(cache_dir() / "converted"), triton_on_cpu(), cpu_isa())
+
+
 def _quantized_on_cpu(placed: PlacedModel) -> bool:
     """Everything on the CPU, every linear and the routed experts quantized (no plain `nn.Linear` and not
     the exact experts op left)."""
@@ -116,8 +122,7 @@ class LLM:
         self.model_dir = Path(model)
         if cpu_threads is not None and cpu_threads < 1:
             raise ValueError(f"cpu_threads must be at least 1, got {cpu_threads}")
-        services = Services(ConvertedCache(cache_dir() / "converted"), triton_on_cpu(), cpu_isa())
-        self.placed = place(self.model_dir, rules, dtype, cpu_threads, services)
+        self.placed = place(self.model_dir, rules, dtype, cpu_threads, serving_services())
         for warning in self.placed.warnings:
             log.warning("%s", warning)
         for device in self.placed.devices():

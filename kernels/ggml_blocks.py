@@ -17,12 +17,14 @@ kernel format (`kernels/numba/int8dot.py`, `simd.py`) without changing a value:
 | Q6_K | 256 | q6_k: int8 (`q + 96`), `s = d * sc`, in place | 16 | float32 |
 | IQ4_XS | 256 | iq4_xs: iq4nl, `s = d * (ls - 32)`, in place | 32 | float32 |
 
-Q4_0, Q8_0, Q4_K, Q6_K and IQ4_XS are not repacked at all: their kernels read the rows of the file's memory map
-as they are (`simd.py`, "Rows of blocks"). The bit layouts are llama.cpp's (`ggml-common.h`); `gguf.quants`
-dequantizes them the same way, and the tests check every type against it. Nibble formats keep a group's
-inputs `j` and `j + g/2` in the low and high nibble of its byte `j` (Q4_0's order, which Q4_K's 64-input
-chunks are rearranged into); the others hold one code a byte. Where a type takes more bytes here than in
-the file (float32 scales, 5- and 6-bit codes widened to bytes), `Repack.row_bytes` says so and the memory counts it.
+Q4_0, Q8_0, Q4_K, Q6_K and IQ4_XS need not be repacked at all: their kernels read the rows of the file's memory map
+as they are (`simd.py`, "Rows of blocks"). Q4_0 and Q8_0 have a second way, `LANE_REPACK`: repacked once (and
+cached) into rows across lanes, INT4 and INT8 g32 exactly, which run faster than the file's rows. The bit layouts
+are llama.cpp's (`ggml-common.h`); `gguf.quants` dequantizes them the same way, and the tests check every type
+against it. Nibble formats keep a group's inputs `j` and `j + g/2` in the low and high nibble of its byte `j`
+(Q4_0's order, which Q4_K's 64-input chunks are rearranged into); the others hold one code a byte. Where a type
+takes more bytes here than in the file (float32 scales, 5- and 6-bit codes widened to bytes), `Repack.row_bytes`
+says so and the memory counts it.
 """
 
 from __future__ import annotations
@@ -32,8 +34,20 @@ from dataclasses import dataclass
 
 import numpy as np
 from hetero_moe.kernels.numba.int4 import SCALE_FP16
-from hetero_moe.kernels.numba.int8dot import FORMATS
-from hetero_moe.kernels.numba.simd import AFFINE, BLOCK_ROWS, IQ4_LOOKUP, IQ4NL, NIBBLES, OFFSETS, SCALE_F32, spans
+from hetero_moe.kernels.numba.int8dot import FORMATS, from_lanes, to_lanes
+from hetero_moe.kernels.numba.repack import q4_0_lanes, q8_0_lanes
+from hetero_moe.kernels.numba.simd import (
+    AFFINE,
+    BLOCK_ROWS,
+    IQ4_LOOKUP,
+    IQ4NL,
+    LANE_ROWS,
+    LANES,
+    NIBBLES,
+    OFFSETS,
+    SCALE_F32,
+    spans,
+)
 
 BLOCK = 32  # inputs per block of the small types
 CHUNK = 1 << 18  # bytes of blocks repacked at a time
@@ -149,6 +163,9 @@ class Repack:
     elems: int  # inputs per block in the file
     nbytes: int  # bytes per block in the file
     unpack: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
+    # a kernel that writes the repacked rows straight from the file's, `(raw, codes flat, scales flat)` (the same
+    # result as `unpack` and the numpy below, which stays the reference), or None
+    fast: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None
 
     @property
     def code(self) -> int:
@@ -165,6 +182,11 @@ class Repack:
         return self.code in BLOCK_ROWS
 
     @property
+    def lanes(self) -> bool:
+        """Whether the repacked rows are rows across lanes (`LANE_REPACK`)."""
+        return self.code in LANES
+
+    @property
     def scale_dtype(self) -> type:
         return np.float32 if self.kind == SCALE_F32 else np.uint16
 
@@ -172,7 +194,7 @@ class Repack:
         """Bytes of a row's codes (in place: of the file's row)."""
         if self.in_place:
             return in_dim // self.elems * self.nbytes
-        return in_dim // 2 if self.code in NIBBLES else in_dim
+        return in_dim // 2 if LANES.get(self.code, self.code) in NIBBLES else in_dim
 
     def scale_cols(self, in_dim: int) -> int:
         if self.in_place:
@@ -201,13 +223,24 @@ class Repack:
         if self.in_place:
             raise ValueError(f"{self.fmt} rows are read in place, not repacked")
         self.check(raw, in_dim)
-        step = max(1, CHUNK // raw.shape[1])  # rows at a time: the temporaries stay in the caches
+        block = LANE_ROWS if self.lanes else 1
+        if raw.shape[0] % block:
+            raise ValueError(f"rows across lanes take whole blocks of {LANE_ROWS} rows, not {raw.shape[0]}")
+        if self.fast is not None:
+            if not (codes.flags.c_contiguous and scales.flags.c_contiguous):
+                raise ValueError("the repacked rows are written into contiguous arrays")
+            self.fast(raw, codes.reshape(-1), scales.reshape(-1))
+            return
+        step = max(1, CHUNK // raw.shape[1] // block) * block  # rows at a time: the temporaries stay in the caches
         for start in range(0, raw.shape[0], step):
             rows = slice(start, start + step)
             self._repack(raw[rows], codes[rows], scales[rows])
 
     def _repack(self, raw: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> None:
         c, s, m = self.unpack(raw.reshape(raw.shape[0], -1, self.nbytes))
+        if self.lanes:
+            codes[...], scales[...] = to_lanes(LANES[self.code], self.g, c, s.astype(np.float16).view(np.uint16))
+            return
         codes[...] = c
         if self.affine:
             gps = spans(self.code, self.g)[2]
@@ -236,6 +269,9 @@ class Repack:
         values the file's blocks hold."""
         rows, fmt = codes.shape[0], BLOCK_ROWS.get(self.code, (self.code,))[0]  # the format of the codes
         mins = None
+        if self.lanes:
+            fmt = LANES[self.code]
+            codes, scales = from_lanes(fmt, self.g, codes, scales)
         if self.in_place:
             self.check(codes, in_dim)
             codes, s, mins = self.unpack(codes.reshape(rows, -1, self.nbytes))
@@ -272,4 +308,10 @@ REPACK = {
     "Q5_K": Repack("uint8", 32, SCALE_F32, SUPER, 176, _q5_k),
     "Q6_K": Repack("q6_k", 16, SCALE_F32, SUPER, 210, _q6_k),
     "IQ4_XS": Repack("iq4_xs", 32, SCALE_F32, SUPER, 136, _iq4_xs),
+}
+# Q4_0 and Q8_0 repacked into rows across lanes (`simd.py`): INT4 and INT8 with group 32 and fp16 scales, the same
+# values and bytes as the file's blocks, at the speed of our own INT4 and INT8 (reading them in place is slower)
+LANE_REPACK = {
+    "Q4_0": Repack("int4_lanes", 32, SCALE_FP16, BLOCK, 18, _q4_0, q4_0_lanes),
+    "Q8_0": Repack("int8_lanes", 32, SCALE_FP16, BLOCK, 34, _q8_0, q8_0_lanes),
 }

@@ -5,6 +5,7 @@ corrupt."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -18,13 +19,15 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
-from hetero_moe.kernels.ggml_blocks import REPACK
+from hetero_moe.kernels.ggml_blocks import LANE_REPACK, REPACK
+from hetero_moe.kernels.numba.int8dot import from_lanes
+from hetero_moe.kernels.numba.simd import LANES
 
 from hetero_moe import settings
 from hetero_moe.arch import ModelError
 from hetero_moe.cli import main
 from hetero_moe.llm import LLM, place
-from hetero_moe.loader import gguf_load
+from hetero_moe.loader import converted, gguf_load
 from hetero_moe.loader.gguf_file import SUPPORTED, GGUFError, GGUFFile, dequantize
 from hetero_moe.loader.gguf_model import load_gguf_tokenizer
 from hetero_moe.ops.cpu_experts import CPUExperts
@@ -186,15 +189,34 @@ def assert_experts_run_the_files_values(experts: CPUExperts, g: GGUFFile, x: tor
     assert torch.allclose(got, ref, rtol=0.05, atol=atol * ref.abs().max().item())
 
 
-def test_q4_0_and_q8_0_experts_are_read_in_place(pair) -> None:
+def test_q4_0_and_q8_0_experts_run_in_lanes_or_in_place(pair, monkeypatch, tmp_path) -> None:
+    """Where they fit in memory, Q4_0 and Q8_0 experts are repacked into rows across lanes and cached (a second
+    load maps the cache and gives the same bits); where they do not, they are read in place from the file."""
+    x = torch.randn(3, 256) * 0.5
+    index, weights = torch.tensor([[0, 2], [1, 2], [3, 0]]), torch.full((3, 2), 0.5)
     for case in (CASES[0], CASES[1]):
         path, _, rules = pair(case)
+        monkeypatch.setenv("HETERO_MOE_CACHE", str(tmp_path / case[0]))  # a cache no other test filled
         g = GGUFFile.open(path)
+        outputs = []
+        for _ in range(2):
+            with LLM(path, rules=rules, dtype="float32") as llm:
+                experts = llm.placed.model.model.layers[1].mlp.experts
+                assert [r.fmt for r in experts.format.repacks] == [LANE_REPACK[case[2].name].fmt] * 2
+                assert not experts.format.rows and experts.cache is not None
+                assert_experts_run_the_files_values(experts, g, x, 0.02)
+                outputs.append((experts(x, index, weights), experts.restored, experts.mapped_bytes()))
+        (first, restored_first, mapped_first), (second, restored, mapped) = outputs
+        assert not restored_first and mapped_first == 0
+        assert restored and mapped == experts.nbytes() and torch.equal(first, second)
+        monkeypatch.setattr(gguf_load, "fits_in_memory", lambda nbytes: False)
         with LLM(path, rules=rules, dtype="float32") as llm:
             experts = llm.placed.model.model.layers[1].mlp.experts
             assert all(mapped_from(experts.format.rows[p], path) for p in (0, 1, 2))
             assert experts.cache is None and experts.mapped_bytes() == experts.nbytes()
-            assert_experts_run_the_files_values(experts, g, torch.randn(3, experts.hidden) * 0.5, 0.02)
+            assert_experts_run_the_files_values(experts, g, x, 0.02)
+            assert torch.allclose(experts(x, index, weights), first, rtol=1e-4, atol=1e-5 * first.abs().max().item())
+        monkeypatch.setattr(gguf_load, "fits_in_memory", converted.fits_in_memory)
 
 
 def test_rules_check_and_plan_count_the_files_block_bytes(pair, capsys) -> None:
@@ -357,6 +379,55 @@ def test_every_block_type_repacks_to_gguf_quants_values(name) -> None:
             r.repack(raw[:, :-1], in_dim, codes, scales)
 
 
+@pytest.mark.parametrize("name", list(LANE_REPACK))
+def test_q4_0_and_q8_0_repack_into_lanes_losslessly(name) -> None:
+    """Rows across lanes hold the file's values bit for bit and its bytes, the same from the Numba kernel as from
+    numpy; rows come in whole blocks of 16."""
+    r, rng = LANE_REPACK[name], np.random.default_rng(len(name))
+    for rows, in_dim in ((16, 256), (48, 1408)):
+        raw = random_blocks((rows, in_dim), QT[name], rng)
+        want = gguf.quants.dequantize(raw, QT[name]).astype(np.float32)
+        made = []
+        for way in (r, dataclasses.replace(r, fast=None)):
+            codes = np.empty((rows, r.code_bytes(in_dim)), np.uint8)
+            scales = np.empty((rows, r.scale_cols(in_dim)), r.scale_dtype)
+            way.repack(raw, in_dim, codes, scales)
+            made.append((codes, scales))
+            assert np.array_equal(r.dequantize(codes, scales, in_dim).view(np.uint32), want.view(np.uint32))
+        assert all(np.array_equal(a, b) for a, b in zip(*made, strict=True))
+        codes, scales = made[0]
+        assert codes.nbytes + scales.nbytes == raw.nbytes == rows * r.row_bytes(in_dim)
+        rows_codes, _ = from_lanes(LANES[r.code], r.g, codes, scales)  # the file's own codes, in rows
+        assert np.array_equal(rows_codes, REPACK[name].unpack(raw.reshape(rows, -1, r.nbytes))[0])
+        with pytest.raises(ValueError, match="whole blocks of 16 rows"):
+            r.repack(raw[:8], in_dim, codes[:8], scales[:8])
+        with pytest.raises(ValueError, match="contiguous"):
+            r.repack(raw[:16], in_dim, codes[:16, : codes.shape[1] // 2], scales[:16])
+
+
+@pytest.mark.parametrize("name", list(LANE_REPACK))
+def test_dense_q4_0_and_q8_0_run_in_lanes_where_the_rows_allow(name) -> None:
+    """A dense Q4_0 or Q8_0 weight of whole blocks of 16 rows runs as rows across lanes, and as rows one after
+    another once stacked with others (`as_rows`); 40 rows are read in place. Each gives the file's values and
+    their product."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    for rows, fmt in ((48, LANE_REPACK[name].fmt), (40, REPACK[name].fmt)):
+        raw = random_blocks((rows, 256), QT[name], rng)
+        want = gguf.quants.dequantize(raw, QT[name]).astype(np.float32)
+        m = BlockMatrix(rows, 256, name, None)
+        m.store_blocks(raw)
+        for step in ("as stored", "as rows"):
+            if step == "as rows":
+                m.as_rows()
+                fmt = fmt.removesuffix("_lanes")
+            assert m.format[0] == fmt and m.in_place == (rows == 40)
+            assert np.array_equal(m.dequantize().numpy().view(np.uint32), want.view(np.uint32))
+            y = m.kernels(None).linear_x(x, m.codes, m.scales, 16)
+            ref = x.astype(np.float64) @ want.T.astype(np.float64)
+            assert np.allclose(y, ref, rtol=0.05, atol=0.02 * np.abs(ref).max())
+
+
 def test_a_cpu_embedding_in_blocks_stays_in_the_file(pair) -> None:
     """V3's case writes token_embd in Q8_0: the embedding reads the file's rows, and gives the values
     `gguf.quants` does (generation equal to safetensors' is checked above)."""
@@ -432,6 +503,7 @@ def test_experts_that_do_not_fit_are_read_ahead_from_disk(pair, monkeypatch) -> 
     path, _, rules = pair(CASES[0])
     x = torch.randn(3, 256)
     index, weights = torch.tensor([[0, 2], [1, 2], [3, 0]]), torch.full((3, 2), 0.5)
+    monkeypatch.setattr(gguf_load, "_use_lanes", lambda blocks: None)  # in place, and read into memory
     with LLM(path, rules=rules, dtype="float32") as llm:
         want = llm.placed.model.model.layers[1].mlp.experts(x, index, weights)
     monkeypatch.setattr(gguf_load, "fits_in_memory", lambda nbytes: False)

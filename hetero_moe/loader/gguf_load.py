@@ -6,8 +6,10 @@ the same bytes): CPU experts whose stacked tensors are llama.cpp blocks are told
 silent requantization). Then every check
 the headers allow: names through the table, shapes, missing and unexpected tensors. Loading dequantizes
 the dense tensors (and experts an op takes as floats) one at a time, and hands block experts to their op
-(which reads Q4_0, Q8_0, Q4_K, Q6_K and IQ4_XS rows in place, and repacks the others or takes them from the
-converted-weights cache); the rows read in place are then read into memory when they fit.
+(which reads Q4_K, Q6_K and IQ4_XS rows in place, and repacks the others or takes them from the
+converted-weights cache); the rows read in place are then read into memory when they fit. Q4_0 and Q8_0 experts
+are repacked into rows across lanes (the same values, faster kernels) when they fit in memory, and else read in
+place, which pages them from disk as decoding needs them.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 
 from hetero_moe.inject.injector import PlacedModel
-from hetero_moe.kernels.ggml_blocks import REPACK
+from hetero_moe.kernels.ggml_blocks import LANE_REPACK, REPACK
 from hetero_moe.loader.checkpoint import prefault
 from hetero_moe.loader.converted import fits_in_memory
 from hetero_moe.loader.gguf_file import GGUFError, GGUFFile, GGUFTensor, dequantize
@@ -123,6 +125,7 @@ class _Item:
 
 def load_gguf_weights(placed: PlacedModel, g: GGUFFile, progress: Progress | None = None) -> None:
     mapped, stacks, blocks = _plan(placed, g)
+    _use_lanes(blocks)
     restored = _restore_cached(blocks, g)
     in_place = [b for b in blocks if b[1].format.in_place(b[0].proj)]  # handed over even when restored
     todo = [*mapped, *stacks, *[b for b in blocks if b[0].module not in restored or b[1].format.in_place(b[0].proj)]]
@@ -141,6 +144,16 @@ def load_gguf_weights(placed: PlacedModel, g: GGUFFile, progress: Progress | Non
     for module in reversed(list(placed.model.modules())):
         if isinstance(module, Op):
             module.finalize()
+
+
+def _use_lanes(blocks: list[tuple[ExpertStack, CPUExperts]]) -> None:
+    """Experts in Q4_0 and Q8_0 blocks run repacked into rows across lanes (`BlockFormat.use_lanes`) when all of
+    them fit in memory: the repack is made there once, then cached. Else they are read in place from the file."""
+    lanes = [(stack, op) for stack, op in blocks if stack.tensor.type.name in LANE_REPACK]
+    if not lanes or not fits_in_memory(sum(stack.tensor.nbytes for stack, _ in lanes)):
+        return
+    for op in {id(op): op for _, op in lanes}.values():
+        op.use_lanes()
 
 
 def _in_place(m: Mapped, target: _Item) -> bool:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hetero_moe.kernels.ggml_blocks import REPACK
+from hetero_moe.kernels.ggml_blocks import LANE_REPACK, REPACK
 from hetero_moe.kernels.mxfp4 import BLOCK, check_shapes, dequantize_mxfp4
 from hetero_moe.kernels.numba import bf16 as bf16_kernels
 from hetero_moe.kernels.numba import fp8 as fp8_kernels
@@ -206,7 +206,8 @@ class GroupFormat:
 class BlockFormat:
     """Experts from a GGUF file in llama.cpp's block types, run by the int8-activation kernels of the format
     each type maps onto (`kernels/ggml_blocks.py`): Q4_0, Q8_0, Q4_K, Q6_K and IQ4_XS read in place from the
-    file's memory map, the others repacked once at load, losslessly. Gate and up (one type) and down (possibly
+    file's memory map, the others repacked once at load, losslessly; Q4_0 and Q8_0 also repacked, into rows across
+    lanes, where the loader says so (`use_lanes`). Gate and up (one type) and down (possibly
     another: Q4_K_M files hold Q4_K and Q6_K) each have their own kernels. No value is requantized."""
 
     def __init__(self, e: int, inter: int, hidden: int, types: tuple[str, str]) -> None:
@@ -224,6 +225,15 @@ class BlockFormat:
 
     def in_place(self, proj: int) -> bool:
         return self.repacks[proj == 2].in_place
+
+    def use_lanes(self, isa: str | None) -> None:
+        """Before allocating: Q4_0 and Q8_0 matrices of whole blocks of `LANE_ROWS` rows are repacked into rows
+        across lanes (`LANE_REPACK`: the same values and bytes, the speed of our own INT4 and INT8) instead of
+        read in place."""
+        self.repacks = tuple(
+            LANE_REPACK[t] if t in LANE_REPACK and across_lanes(isa, rows) else r
+            for t, r, rows in zip(self.types, self.repacks, (self.inter, self.hidden), strict=True)
+        )
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """The repacked arrays (none for projections read in place)."""
@@ -637,6 +647,13 @@ class CPUExperts(Op):
             raise ValueError("use_blocks must come before any weight is loaded")
         self.format = BlockFormat(self.num_experts, self.inter, self.hidden, types)
 
+    def use_lanes(self) -> None:
+        """Before loading: experts in Q4_0 or Q8_0 blocks are repacked into rows across lanes (`BlockFormat.use_lanes`)
+        rather than read in place."""
+        if self.allocated:
+            raise ValueError("use_lanes must come before any weight is loaded")
+        self.format.use_lanes(self.isa)
+
     def load_blocks(self, proj: int, raw: np.ndarray) -> None:
         """Projection `proj` (0 gate, 1 up, 2 down) of every expert, as the GGUF's blocks `[E, O, row bytes]`."""
         if not self.allocated:
@@ -659,6 +676,7 @@ class CPUExperts(Op):
             settings["row_lanes"] = list(self.format.row_lanes)
         if self.block_type is not None:
             settings["block_type"] = self.block_type
+            settings["repacks"] = [r.fmt for r in self.format.repacks]
         self.cache = self.converted.entry(name, sources, settings)
         arrays = self.cache.load()
         if arrays is None or not self.format.set_arrays(arrays):

@@ -9,14 +9,14 @@ kernels as one expert every token goes to (gate and up in one pass over the weig
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Self
 
 import numpy as np
 import torch
 from torch import nn
 
-from hetero_moe.kernels.ggml_blocks import REPACK
+from hetero_moe.kernels.ggml_blocks import LANE_REPACK, REPACK
 from hetero_moe.kernels.numba.int4 import SCALE_BF16, SCALE_FP16
 from hetero_moe.kernels.numba.int8dot import (
     Kernels,
@@ -28,7 +28,7 @@ from hetero_moe.kernels.numba.int8dot import (
     to_lanes,
 )
 from hetero_moe.kernels.numba.quantize import quantize_int4_fast
-from hetero_moe.kernels.numba.simd import INT4, INT8
+from hetero_moe.kernels.numba.simd import INT4, INT8, LANES
 from hetero_moe.kernels.quant import (
     INT4_SCALE_DTYPES,
     check_int4_settings,
@@ -117,13 +117,16 @@ class QuantMatrix:
 
 
 class BlockMatrix:
-    """One weight `[O, I]` of a GGUF file in its own block type (`kernels/ggml_blocks.py`): Q4_0, Q8_0, Q4_K,
-    Q6_K and IQ4_XS rows read in place from the memory map (`codes` and `scales` are both the file's rows), the
-    other types repacked once, losslessly. Nothing is requantized."""
+    """One weight `[O, I]` of a GGUF file in its own block type (`kernels/ggml_blocks.py`): Q4_0 and Q8_0 of
+    whole blocks of `LANE_ROWS` rows repacked into rows across lanes for the integer kernels of `isa` (the same
+    values, faster kernels); Q4_K, Q6_K, IQ4_XS and the other Q4_0 and Q8_0 rows read in place from the memory
+    map (`codes` and `scales` are both the file's rows); the other types repacked once, losslessly. Nothing is
+    requantized."""
 
-    def __init__(self, out_dim: int, in_dim: int, block_type: str) -> None:
+    def __init__(self, out_dim: int, in_dim: int, block_type: str, isa: str | None) -> None:
         self.out_dim, self.in_dim, self.block_type = out_dim, in_dim, block_type
-        self.repack = REPACK[block_type]
+        lanes = block_type in LANE_REPACK and across_lanes(isa, out_dim)
+        self.repack = LANE_REPACK[block_type] if lanes else REPACK[block_type]
         self.codes = np.empty(0, np.uint8)
         self.scales = np.empty(0, self.repack.scale_dtype)
 
@@ -162,6 +165,13 @@ class BlockMatrix:
     def dequantize(self) -> torch.Tensor:
         return torch.from_numpy(self.repack.dequantize(self.codes, self.scales, self.in_dim))
 
+    def as_rows(self) -> None:
+        """Rows across lanes back to rows one after another (`QuantMatrix.as_rows`): INT4 or INT8 g32."""
+        if self.repack.lanes:
+            codes, bits = from_lanes(LANES[self.repack.code], self.repack.g, self.codes, self.scales)
+            self.codes, self.scales = read_only(codes), read_only(bits)
+            self.repack = replace(self.repack, fmt=self.repack.fmt.removesuffix("_lanes"), fast=None)
+
     def kernels(self, isa: str | None) -> Kernels:
         return select_backend(isa).kernels(*self.format)
 
@@ -196,7 +206,7 @@ class CPULinear(Op):
         rules' `quant` (requantizing would lose the file's precision)."""
         if rel != "weight":
             raise KeyError(rel)
-        self.matrix = BlockMatrix(self.out_features, self.in_features, block_type)
+        self.matrix = BlockMatrix(self.out_features, self.in_features, block_type, self.isa)
 
     def takes_blocks(self, rel: str) -> bool:
         return rel == "weight" and isinstance(self.matrix, BlockMatrix)

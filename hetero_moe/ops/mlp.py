@@ -88,7 +88,7 @@ class QuantGatedMLP(Op):
         """Before loading: projection `rel` comes as GGUF blocks and runs in them (gate and up must end up
         in one format: they run in one kernel call)."""
         m = self.parts[rel.removesuffix(".weight")]
-        self.parts[rel.removesuffix(".weight")] = BlockMatrix(m.out_dim, m.in_dim, block_type)
+        self.parts[rel.removesuffix(".weight")] = BlockMatrix(m.out_dim, m.in_dim, block_type, self.isa)
 
     def takes_blocks(self, rel: str) -> bool:
         return isinstance(self.parts[rel.removesuffix(".weight")], BlockMatrix)
