@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 
+import numba
 import numpy as np
 import torch
 from hetero_moe.kernels.numba import int4
@@ -88,6 +89,7 @@ from numba import njit, prange
 from numba.extending import overload
 
 PARALLEL_ELEMENTS = 1 << 16  # activations of at least this many values are quantized in parallel
+TASKS_PER_THREAD = 8  # parallel tasks a thread gets at decode (`_task_rows`)
 FORMATS = {
     "int4": INT4,
     "int8": INT8,
@@ -320,8 +322,31 @@ def check(simd, w, scales, xq, ascale, bias) -> None:
         raise ValueError("rows of weights, scales and activations must be contiguous")
 
 
+def task_count() -> int:
+    """Parallel tasks a decode-sized kernel call aims at: `TASKS_PER_THREAD` for each of Numba's threads now."""
+    return TASKS_PER_THREAD * numba.get_num_threads()
+
+
+@njit(inline="always", cache=True)
+def _task_rows(rows: int, seg, least: int, tasks: int, tile_tokens: int) -> int:
+    """Rows of one expert a parallel task takes: `least`, or, where no expert has more than `tile_tokens` tokens
+    (decode), more, as many as make about `tasks` tasks (`task_count`), in multiples of `least`. Each task
+    starts a stream of its own: one token of V2-Lite's INT4 experts took 1.08x the time in tasks of 64 rows that
+    it took in tasks of 352 rows or more (Zen 4, 2 threads, from DRAM). With more tokens a task's rows are read
+    once a tile, and stay in L2 only while tasks are small."""
+    units = seg.shape[0] - 1
+    most = 0
+    for u in range(units):
+        most = max(most, seg[u + 1] - seg[u])
+    if units == 0 or most > tile_tokens:
+        return least
+    chunks = max(1, (tasks + units - 1) // units)
+    per = (rows + chunks - 1) // chunks
+    return max(least, (per + least - 1) // least * least)
+
+
 @njit(parallel=True, nogil=True, cache=True)
-def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3, up_row, rows_per_task, h):
+def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3, up_row, rows_per_task, tasks, h):
     """`h[p] = silu(x[t] W_gate[e]^T) * (x[t] W_up[e]^T)` for every pair p = (token t, expert e).
 
     Pairs are grouped by expert as in `int4.gate_up` (`pair_token [P]`, `seg [U + 1]`, `seg_expert [U]`);
@@ -329,8 +354,8 @@ def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3,
     `quantize_activations`; gate rows `w1[e, :I]` uint8 (`[E, R, B]`, B = Hp / 2 for INT4, Hp for INT8) and
     up rows `w3[e, up_row : up_row + I]`, with their scales in `s1`, `s3` (`[E, R, Hp / g]` uint16 bf16 or
     fp16 bits as `simd.kind`); `h [P, I]` float32. One `[E, 2I, B]` array of gate rows then up rows is
-    passed twice with `up_row = I`; separate arrays with `up_row = 0`. Tasks are blocks of `rows_per_task`
-    rows of one expert.
+    passed twice with `up_row = I`; separate arrays with `up_row = 0`. Tasks are blocks of rows of one expert:
+    `rows_per_task` or more (`_task_rows`); a row's result does not depend on them.
     """
     inter = h.shape[1]
     check(simd, w1, s1, xq, ascale, bias)
@@ -341,6 +366,7 @@ def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3,
         raise ValueError("h must hold one row per pair")
     if simd.lanes and (rows_per_task % LANE_ROWS or up_row % LANE_ROWS or inter % LANE_ROWS):
         raise ValueError("rows across lanes take tasks, up rows and row counts in whole blocks of 16 rows")
+    rows_per_task = _task_rows(inter, seg, rows_per_task, tasks, simd.tile)
     chunks = (inter + rows_per_task - 1) // rows_per_task
     for task in prange(seg_expert.shape[0] * chunks):
         u, c = task // chunks, task % chunks
@@ -364,7 +390,7 @@ def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3,
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def down(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, y):
+def down(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, tasks, y):
     """`y[p] = h[p] W_down[e]^T` for every pair, grouped by expert as in `gate_up`; `xq, ascale, bias`
     quantize `h [P, I]` (one row per pair); `w2 [E, H, B]` uint8 (B = Ip / 2 or Ip), `s2 [E, H, Ip / g]`,
     `y [P, H]` float32. A dense layer is one expert every token goes to (`Kernels.linear`)."""
@@ -374,6 +400,7 @@ def down(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, y):
         raise ValueError("w2 must hold H rows, and h and y one row per pair")
     if simd.lanes and rows_per_task % LANE_ROWS:
         raise ValueError("rows across lanes take tasks in whole blocks of 16 rows")
+    rows_per_task = _task_rows(hidden, seg, rows_per_task, tasks, simd.tile)
     chunks = (hidden + rows_per_task - 1) // rows_per_task
     for task in prange(seg_expert.shape[0] * chunks):
         u, c = task // chunks, task % chunks
@@ -424,6 +451,7 @@ def experts(
     w2,
     s2,
     rows_per_task,
+    tasks,
     out,
     h_rows,
     y_rows,
@@ -444,20 +472,20 @@ def experts(
     if h_rows.shape[0] < token.shape[0] or h_rows.shape[1] != inter or y_rows.shape[1] != out.shape[1]:
         raise ValueError("h_rows and y_rows must be [>= P, inter] and [>= P, H]")
     h = h_rows[: token.shape[0]]
-    _gate_up(simd13, xq, ascale, bias, token, seg, expert, w1, s1, w3, s3, up_row, rows_per_task, h)
+    _gate_up(simd13, xq, ascale, bias, token, seg, expert, w1, s1, w3, s3, up_row, rows_per_task, tasks, h)
     hq, hscale, hbias = _quantize_any(h, g2, fmt2)
     y = y_rows[: token.shape[0]]
-    _down(simd2, hq, hscale, hbias, seg, expert, w2, s2, rows_per_task, y)
+    _down(simd2, hq, hscale, hbias, seg, expert, w2, s2, rows_per_task, tasks, y)
     combine(y, token, slot, weights, out)
     return expert.shape[0]
 
 
 @njit(nogil=True, cache=True)
-def quantized_down(simd, g, fmt, x, seg, seg_expert, w2, s2, rows_per_task, y):
+def quantized_down(simd, g, fmt, x, seg, seg_expert, w2, s2, rows_per_task, tasks, y):
     """`down` of `x [P, I]` float32, quantized first (group `g`, codes of format `fmt`): one call for both, as
     `experts` (dense layers, heads' and attention projections in a decode step)."""
     xq, ascale, bias = _quantize_any(x, g, fmt)
-    _down(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, y)
+    _down(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, tasks, y)
 
 
 # INT8 weights at load time: `kernels/quant.py:quantize_int8`, bit for bit (the rules of `quantize.py`).
@@ -848,32 +876,35 @@ def _kernels(isa: str, fmt: int, g: int, kind: int) -> Kernels:
         return quantize(x, g, act_fmt)
 
     def gate_up_(act, pair_token, seg, seg_expert, w13, s13, rows_per_task, h) -> None:
-        gate_up(simd, *act, pair_token, seg, seg_expert, *_gate_up_rows(w13, s13, h.shape[1]), rows_per_task, h)
+        rows = _gate_up_rows(w13, s13, h.shape[1])
+        gate_up(simd, *act, pair_token, seg, seg_expert, *rows, rows_per_task, task_count(), h)
 
     def down_(act, seg, seg_expert, w2, s2, rows_per_task, y) -> None:
-        down(simd, *act, seg, seg_expert, w2, s2, rows_per_task, y)
+        down(simd, *act, seg, seg_expert, w2, s2, rows_per_task, task_count(), y)
 
     def linear_(act, weights, scales, rows_per_task) -> np.ndarray:
         # one expert every token goes to: `down`'s code and compiled kernel, the same bits
         t = act[0].shape[0]
         y = np.empty((t, weights.shape[0]), np.float32)
-        down(simd, *act, np.array([0, t], np.int64), _ONE_EXPERT, weights[None], scales[None], rows_per_task, y)
+        seg = np.array([0, t], np.int64)
+        down(simd, *act, seg, _ONE_EXPERT, weights[None], scales[None], rows_per_task, task_count(), y)
         return y
 
     def down_x(x, seg, seg_expert, w2, s2, rows_per_task, y) -> None:
-        quantized_down(simd, g, act_fmt, x, seg, seg_expert, w2, s2, rows_per_task, y)
+        quantized_down(simd, g, act_fmt, x, seg, seg_expert, w2, s2, rows_per_task, task_count(), y)
 
     def linear_x(x, weights, scales, rows_per_task) -> np.ndarray:
         y = np.empty((x.shape[0], weights.shape[0]), np.float32)
         seg = np.array([0, x.shape[0]], np.int64)
-        quantized_down(simd, g, act_fmt, x, seg, _ONE_EXPERT, weights[None], scales[None], rows_per_task, y)
+        one = (_ONE_EXPERT, weights[None], scales[None])
+        quantized_down(simd, g, act_fmt, x, seg, *one, rows_per_task, task_count(), y)
         return y
 
     def experts_(k2, x, index, weights, w13, s13, inter, w2, s2, rows_per_task, out) -> int:
         s2_, rows = k2.simd, _gate_up_rows(w13, s13, inter)
         g2, fmt2 = s2_.g, BLOCK_ROWS.get(s2_.fmt, (s2_.fmt,))[0]
         h, y = scratch("h", index.size, inter), scratch("y", index.size, out.shape[1])
-        blocks = (*rows, inter, w2, s2, rows_per_task, out, h, y)
+        blocks = (*rows, inter, w2, s2, rows_per_task, task_count(), out, h, y)
         return experts(simd, s2_, g, act_fmt, g2, fmt2, x, index, weights, *blocks)
 
     return Kernels(activations, gate_up_, down_, linear_, down_x, linear_x, experts_, simd)

@@ -178,7 +178,7 @@ def kernels(isa: str) -> Kernels:
         gate_up(simd, *act, pair_token, seg, seg_expert, w13, s13, b13, alpha, limit, rows_per_task, h)
 
     def down_(act, seg, seg_expert, w2, s2, b2, rows_per_task, y):
-        int8dot.down(simd, *act, seg, seg_expert, w2, s2, rows_per_task, y)  # the INT4 kernel: same spans
+        int8dot.down(simd, *act, seg, seg_expert, w2, s2, rows_per_task, int8dot.task_count(), y)  # INT4 spans
         y[: seg[-1]] += b2[np.repeat(seg_expert, np.diff(seg))]  # each pair's expert's bias
 
     return Kernels(isa, activations, gate_up_, down_)
