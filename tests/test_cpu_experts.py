@@ -192,6 +192,7 @@ def test_int4_weights_are_cached_and_memory_mapped(tiny, monkeypatch, caplog) ->
     first = LLM(t.path, rules="cpu-only-int4.yaml", dtype="float32")
     experts = first.placed.model.model.layers[1].mlp.experts
     assert not experts.restored and experts.cache.path.is_file()
+    assert experts.mapped and experts.mapped_bytes() == experts.nbytes()  # runs from the cache it just wrote
     expected = first.generate(prompt, max_tokens=6, temperature=0, ignore_eos=True).token_ids
 
     def no_quantizing(*args, **kwargs):

@@ -256,9 +256,9 @@ class BlockFormat:
     def nbytes(self) -> int:
         return self._bytes(0) + self._bytes(2)
 
-    def mapped_bytes(self, restored: bool) -> int:
-        """Bytes mapped from files: the rows read in place, and the repacked ones when from the cache."""
-        return sum(self._bytes(p) for p in (0, 2) if self.in_place(p) or restored)
+    def mapped_bytes(self, cached: bool) -> int:
+        """Bytes mapped from files: the rows read in place, and the repacked ones when mapped from the cache."""
+        return sum(self._bytes(p) for p in (0, 2) if self.in_place(p) or cached)
 
     def allocate(self) -> None:
         for name, shape in self.shapes().items():
@@ -567,7 +567,8 @@ class CPUExperts(Op):
         self.allocated = False
         self.converted = ctx.services.converted  # where converted weights are cached, if anywhere
         self.cache: ConvertedEntry | None = None  # this op's entry there
-        self.restored = False
+        self.restored = False  # the converted weights came from the cache at this load
+        self.mapped = False  # the weights the kernels read are memory-mapped from the cache
         self.bytes_streamed = 0  # weight bytes of the distinct experts of every call so far
         self.pinned = kwargs.pinned
         if self.pinned and self.pinned[-1] >= e:
@@ -595,8 +596,8 @@ class CPUExperts(Op):
 
     def mapped_bytes(self) -> int:
         if isinstance(self.format, BlockFormat):
-            return self.format.mapped_bytes(self.restored)
-        return self.nbytes() if self.restored else 0
+            return self.format.mapped_bytes(self.mapped)
+        return self.nbytes() if self.mapped else 0
 
     def device_bytes(self) -> dict[str, int]:
         out = {str(self.device): self.nbytes()}
@@ -681,14 +682,17 @@ class CPUExperts(Op):
         arrays = self.cache.load()
         if arrays is None or not self.format.set_arrays(arrays):
             return False
-        self.allocated = self.restored = True
+        self.allocated = self.restored = self.mapped = True
         return True
 
     def finalize(self) -> None:
-        """Save converted weights to the cache; copy the pinned experts, dequantized, to their device;
-        compile (or load the cached compilation of) the kernels; measure the torch crossover."""
+        """Save converted weights to the cache and run from it, memory-mapped, as every later load does (the
+        converted copy in memory is let go); copy the pinned experts, dequantized, to their device; compile (or
+        load the cached compilation of) the kernels; measure the torch crossover."""
         if self.cache is not None and not self.restored:
             self.cache.save(self.format.arrays())
+            arrays = self.cache.load()
+            self.mapped = arrays is not None and self.format.set_arrays(arrays)
         if self.pinned:
             dev, dt = self.pinned_device, self.dtype
             w13 = [torch.cat([self.format.dequantize(e, 0), self.format.dequantize(e, 1)]) for e in self.pinned]
