@@ -7,6 +7,7 @@ prints one JSON line: per-position correlation (min, mean) and top-1 agreement.
 
     LLAMA_CPP_LIB_PATH=DIR python benchmarks/gguf_llamacpp.py --arch DeepseekV3ForCausalLM --experts Q4_0
     LLAMA_CPP_LIB_PATH=DIR python benchmarks/gguf_llamacpp.py --file ~/.cache/hetero-moe-peer/v2lite-q4_0.gguf
+    ... --file F --rules cpu-only-int4.yaml   # the file's blocks wherever our rules quantize on the CPU
 
 `--experts` takes one block type, or two (gate and up, down: `Q4_K,Q6_K`). `--file` compares on an existing
 GGUF instead (the peer's V2-Lite-shaped files: no tokenizer, so the ids are random), experts in its blocks
@@ -66,11 +67,14 @@ def main() -> None:
     p.add_argument("--positions", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--self", action="store_true", help="llama.cpp on this file against llama.cpp on F32 values")
+    p.add_argument("--rules", help="with --file: our rules (default: experts in the file's blocks, the rest float32)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rules = Path(tmp) / "rules.yaml"
         if args.file is not None:
             rules.write_text(cpu_rules("{op: cpu_experts, device: cpu}"))
+            if args.rules is not None:
+                rules = args.rules
             g = GGUFFile.open(args.file)
             vocab = g.tensors["token_embd.weight"].shape[0]
             ids = [int(x) for x in np.random.default_rng(1).integers(5, vocab - 1, args.positions)]
@@ -78,7 +82,7 @@ def main() -> None:
             ours = our_logits(args.file, ids, rules, args.threads)
             types = sorted({t.type.name for n, t in g.tensors.items() if "_exps" in n})
             report = {"file": str(args.file), "layers": g.metadata.get(f"{g.architecture()}.block_count")}
-            report |= {"experts": "/".join(types), "dense": "the file's"}
+            report |= {"experts": "/".join(types), "dense": "the file's", "rules": str(args.rules or "float")}
             print(json.dumps(report | compare(ours, theirs, "hetero-moe")))
             return
         extra = {"num_hidden_layers": args.layers} if args.layers else {}

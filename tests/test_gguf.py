@@ -31,7 +31,7 @@ from hetero_moe.loader import converted, gguf_load
 from hetero_moe.loader.gguf_file import SUPPORTED, GGUFError, GGUFFile, dequantize
 from hetero_moe.loader.gguf_model import load_gguf_tokenizer
 from hetero_moe.ops.cpu_experts import CPUExperts
-from hetero_moe.ops.cpu_linear import BlockMatrix, CPULinear
+from hetero_moe.ops.cpu_linear import BlockMatrix, CPULinear, QuantMatrix
 from hetero_moe.ops.embedding import BlockEmbedding
 from hetero_moe.settings import RESERVES
 from hetero_moe.synth import tiny as synth
@@ -218,6 +218,30 @@ def test_q4_0_and_q8_0_experts_run_in_lanes_or_in_place(pair, monkeypatch, tmp_p
             assert_experts_run_the_files_values(experts, g, x, 0.02)
             assert torch.allclose(experts(x, index, weights), first, rtol=1e-4, atol=1e-5 * first.abs().max().item())
         monkeypatch.setattr(gguf_load, "fits_in_memory", converted.fits_in_memory)
+
+
+def test_absorbed_latent_attention_runs_the_files_k_b_and_v_b(pair, tmp_path) -> None:
+    """`cpu-only-int4.yaml` absorbs W_UK and W_UV on the CPU: from a GGUF in blocks (everything dense Q4_0, as
+    `v2lite-q4_0.gguf`) they are `attn_k_b`'s and `attn_v_b`'s own (`gguf.quants`' values bit for bit), not
+    `kv_b_proj`'s weight quantized again, and decode runs on them; float ones are quantized as the rules say."""
+    arch = "DeepseekV3ForCausalLM"
+    sizes = {**GGUF_SIZES[arch], "qk_nope_head_dim": 32, "kv_lora_rank": 32}  # both fit 32-value blocks
+    path = tmp_path / "q4_0.gguf"
+    write_gguf(path, synth.random_model(synth.tiny_config(arch, **sizes), seed=5), [QT.Q4_0], QT.Q4_0)
+    g = GGUFFile.open(path)
+    with LLM(path, rules="cpu-only-int4.yaml", dtype="float32") as llm:
+        attention = llm.placed.model.model.layers[1].self_attn
+        assert set(attention.head_blocks) == {"uk", "uv"}
+        for heads, name in ((attention._uk_heads, "attn_k_b"), (attention._uv_heads, "attn_v_b")):
+            t = g.tensors[f"blk.1.{name}.weight"]
+            assert t.type == QT.Q4_0
+            want = gguf.quants.dequantize(t.data, t.type).astype(np.float32)
+            assert np.array_equal(heads.dequantize().numpy().view(np.uint32), want.view(np.uint32)), name
+        assert len(llm.generate([0, 5, 9], max_tokens=4, temperature=0, ignore_eos=True).token_ids) == 4
+    path, _, _ = pair(CASES[0])  # attn_k_b and attn_v_b in F16 there
+    with LLM(path, rules="cpu-only-int4.yaml", dtype="float32") as llm:
+        attention = llm.placed.model.model.layers[1].self_attn
+        assert attention.head_blocks == {} and isinstance(attention._uk_heads.matrices[0], QuantMatrix)
 
 
 def test_rules_check_and_plan_count_the_files_block_bytes(pair, capsys) -> None:

@@ -28,6 +28,7 @@ from hetero_moe.loader.converted import fits_in_memory
 from hetero_moe.loader.gguf_file import GGUFError, GGUFFile, GGUFTensor, dequantize
 from hetero_moe.loader.gguf_model import ExpertStack, Mapped, name_table
 from hetero_moe.loader.load import Progress
+from hetero_moe.ops.attention import MLAAttention
 from hetero_moe.ops.base import Op, assign_direct
 from hetero_moe.ops.cpu_experts import CPUExperts
 from hetero_moe.ops.cpu_linear import CPULinear
@@ -37,6 +38,7 @@ from hetero_moe.ops.mlp import QuantGatedMLP
 log = logging.getLogger(__name__)
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
+KV_B = ".kv_b_proj.weight"  # MLA's, joined from llama.cpp's attn_k_b and attn_v_b
 
 
 def use_gguf_blocks(placed: PlacedModel, g: GGUFFile) -> None:
@@ -137,6 +139,7 @@ def load_gguf_weights(placed: PlacedModel, g: GGUFFile, progress: Progress | Non
         if progress is not None:
             progress(done, total)
     _read_in(in_place, [m.sources[0] for m, target in mapped if _in_place(m, target)])
+    _mla_heads(placed, [m for m, _ in mapped])
     if "lm_head.weight" not in {m.key for m, _ in mapped} and placed.config.tie_word_embeddings:
         model = placed.model
         device = placed.placements["lm_head"].device
@@ -144,6 +147,21 @@ def load_gguf_weights(placed: PlacedModel, g: GGUFFile, progress: Progress | Non
     for module in reversed(list(placed.model.modules())):
         if isinstance(module, Op):
             module.finalize()
+
+
+def _mla_heads(placed: PlacedModel, mapped: list[Mapped]) -> None:
+    """Latent attention layers that absorb W_UK and W_UV on the CPU take them from the file's `attn_k_b` and
+    `attn_v_b` blocks (`MLAAttention.use_head_blocks`; float ones are quantized from `kv_b_proj` as before), which
+    `kv_b_proj` was joined from."""
+    modules = dict(placed.model.named_modules())
+    for m in mapped:
+        if len(m.sources) != 2 or not m.key.endswith(KV_B):
+            continue
+        attention = modules.get(m.key.removesuffix(KV_B))
+        if isinstance(attention, MLAAttention) and attention.absorb and isinstance(attention.kv_b_proj, CPULinear):
+            for name, t in zip(("uk", "uv"), m.sources, strict=True):
+                if t.type.name in REPACK:
+                    attention.use_head_blocks(name, t.type.name, t.data)
 
 
 def _use_lanes(blocks: list[tuple[ExpertStack, CPUExperts]]) -> None:

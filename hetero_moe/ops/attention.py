@@ -266,6 +266,7 @@ class MLAAttention(Op):
         self.kv_b_proj = hf.kv_b_proj
         self.o_proj = hf.o_proj
         self.indexer = LightningIndexer(hf.indexer) if hasattr(hf, "indexer") else None  # DeepSeek-V3.2
+        self.head_blocks: dict[str, tuple[str, np.ndarray]] = {}  # `use_head_blocks`
         # the Triton latent kernel on a GPU (or on the CPU under Triton's interpreter, in tests)
         self.kernel = (ctx.device.type == "cuda" or ctx.services.triton_on_cpu) and importlib.util.find_spec("triton")
         if self.kernel:
@@ -276,6 +277,15 @@ class MLAAttention(Op):
     @classmethod
     def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Self:
         return cls(hf, ctx, kwargs)
+
+    def use_head_blocks(self, name: str, block_type: str, raw: np.ndarray) -> None:
+        """Before finalize: W_UK (`name` "uk") or W_UV ("uv") as a GGUF file holds it apart from the other
+        (llama.cpp's `attn_k_b [h, r, nope]`, `attn_v_b [h, v, r]`): its block type and memory-mapped blocks
+        `[h, O, row bytes]`. Absorbed decode on the CPU runs those blocks as they are, where it would quantize
+        `kv_b_proj`'s weight again per head; the expanded path (prefill) keeps `kv_b_proj`."""
+        if name not in ("uk", "uv"):
+            raise KeyError(name)
+        self.head_blocks[name] = (block_type, raw)
 
     def finalize(self) -> None:
         # the projections of x (the query's, or its low-rank one, and the latent's) in one call where they can be
@@ -289,8 +299,15 @@ class MLAAttention(Op):
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         if isinstance(self.kv_b_proj, CPULinear):  # quantized on the CPU: W_UK, W_UV in its format, int8 dots
             kw, isa = self.kv_b_proj.kwargs, self.kv_b_proj.isa
-            self._uk_heads = HeadLinear(w[:, : self.nope_dim].transpose(1, 2), kw, isa)  # [h, r, nope]
-            self._uv_heads = HeadLinear(w[:, self.nope_dim :], kw, isa)  # [h, v, r]
+            # W_UK [h, r, nope] and W_UV [h, v, r]
+            weights = {"uk": w[:, : self.nope_dim].transpose(1, 2), "uv": w[:, self.nope_dim :]}
+            heads = {
+                name: HeadLinear.from_blocks(self.head_blocks[name][1], wh.shape[2], self.head_blocks[name][0], isa)
+                if name in self.head_blocks  # a GGUF file's own
+                else HeadLinear.quantized(wh, kw, isa)
+                for name, wh in weights.items()
+            }
+            self._uk_heads, self._uv_heads = heads["uk"], heads["uv"]
             self._uk = lambda q: self._uk_heads(q).to(q.dtype)
             self._uv = lambda o: self._uv_heads(o).to(o.dtype)
             self.fused = self._fusable()

@@ -306,19 +306,42 @@ def stacked(linears: Sequence[nn.Module]) -> StackedLinear | None:
 
 
 class HeadLinear:
-    """Per-head matrices `w [h, O, I]` stored as a `cpu_linear` of `kw` stores one, applied to one input
-    row per (token, head) in a single call of the routed experts' down kernel, each head standing for an
-    expert: `y[t, j] = x[t, j] w[j]^T`. Absorbed latent attention's W_UK and W_UV on the CPU."""
+    """Per-head matrices `[h, O, I]`, applied to one input row per (token, head) in a single call of the routed
+    experts' down kernel, each head standing for an expert: `y[t, j] = x[t, j] w[j]^T`. Absorbed latent
+    attention's W_UK and W_UV on the CPU: quantized as a `cpu_linear` of `kw` stores one (`quantized`), or a GGUF
+    file's own per-head blocks (`from_blocks`)."""
 
-    def __init__(self, w: torch.Tensor, kw: CPUQuantKwargs, isa: str | None) -> None:
-        self.heads, self.out_dim, self.in_dim = w.shape
-        matrices = [QuantMatrix(self.out_dim, self.in_dim, kw, isa) for _ in range(self.heads)]
+    def __init__(self, matrices: Sequence[QuantMatrix | BlockMatrix], isa: str | None) -> None:
+        first = matrices[0]
+        self.heads, self.out_dim, self.in_dim = len(matrices), first.out_dim, first.in_dim
+        self.codes = read_only(np.stack([m.codes for m in matrices]))  # [h, O, B]
+        self.scales = self.codes if first.in_place else read_only(np.stack([m.scales for m in matrices]))
+        for j, m in enumerate(matrices):  # views of the stacks: no second copy
+            m.codes, m.scales = self.codes[j], self.scales[j]
+        self.matrices = matrices
+        self.kernels = first.kernels(isa)
+        self.experts = np.arange(self.heads, dtype=np.int64)
+
+    @classmethod
+    def quantized(cls, w: torch.Tensor, kw: CPUQuantKwargs, isa: str | None) -> HeadLinear:
+        """`w [h, O, I]` quantized as `kw` says."""
+        matrices = [QuantMatrix(w.shape[1], w.shape[2], kw, isa) for _ in range(w.shape[0])]
         for m, wj in zip(matrices, w, strict=True):
             m.store(wj.contiguous())
-        self.codes = read_only(np.stack([m.codes for m in matrices]))  # [h, O, B]
-        self.scales = read_only(np.stack([m.scales for m in matrices]))  # [h, O, G]
-        self.kernels = matrices[0].kernels(isa)
-        self.experts = np.arange(self.heads, dtype=np.int64)
+        return cls(matrices, isa)
+
+    @classmethod
+    def from_blocks(cls, raw: np.ndarray, in_dim: int, block_type: str, isa: str | None) -> HeadLinear:
+        """A GGUF tensor's per-head blocks `raw [h, O, row bytes]` (llama.cpp's `attn_k_b`, `attn_v_b`), run as
+        `BlockMatrix` runs them: nothing requantized."""
+        matrices = [BlockMatrix(raw.shape[1], in_dim, block_type, isa) for _ in range(raw.shape[0])]
+        for m, rows in zip(matrices, raw, strict=True):
+            m.store_blocks(rows)
+        return cls(matrices, isa)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 `[h, O, I]`."""
+        return torch.stack([m.dequantize() for m in self.matrices])
 
     def nbytes(self) -> int:
         return self.codes.nbytes + self.scales.nbytes
