@@ -19,20 +19,25 @@ Q8_0_BYTES = 34
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def q4_0_lanes(raw, codes, scales) -> None:
-    o, nb = raw.shape[0], raw.shape[1] // Q4_0_BYTES
-    row_codes = nb * 16  # code bytes of a row
+def _to_lanes(raw, codes, scales, nibbles: bool) -> None:
+    """Q4_0 (`nibbles`) or Q8_0 rows -> rows across lanes."""
+    block_bytes, chunks = (Q4_0_BYTES, 4) if nibbles else (Q8_0_BYTES, 8)  # a block's chunks of 8 or 4 inputs
+    o, nb = raw.shape[0], raw.shape[1] // block_bytes
+    row_codes = nb * (block_bytes - 2)  # code bytes of a row
     for blk in prange(o // LANE_ROWS):
         base, sbase = blk * LANE_ROWS * row_codes, blk * LANE_ROWS * nb
         for r in range(LANE_ROWS):
             row = raw[blk * LANE_ROWS + r]
             for b in range(nb):
-                at = b * Q4_0_BYTES
+                at = b * block_bytes
                 scales[sbase + b * LANE_ROWS + r] = row[at] | (row[at + 1] << 8)
-                for cc in range(4):  # the block's 4 chunks of 8 inputs: 0..15 are low nibbles, 16..31 high
-                    chunk = base + (b * 4 + cc) * 4 * LANE_ROWS + 4 * r
+                for cc in range(chunks):
+                    chunk = base + (b * chunks + cc) * 4 * LANE_ROWS + 4 * r
                     for j in range(4):
-                        k = (cc % 2) * 8 + j
+                        if not nibbles:
+                            codes[chunk + j] = row[at + 2 + cc * 4 + j] ^ 0x80
+                            continue
+                        k = (cc % 2) * 8 + j  # inputs 0..15 are low nibbles, 16..31 high
                         lo, hi = row[at + 2 + k], row[at + 2 + k + 4]
                         if cc < 2:
                             codes[chunk + j] = (lo & 15) | ((hi & 15) << 4)
@@ -40,18 +45,9 @@ def q4_0_lanes(raw, codes, scales) -> None:
                             codes[chunk + j] = (lo >> 4) | (hi & 0xF0)
 
 
-@njit(parallel=True, nogil=True, cache=True)
+def q4_0_lanes(raw, codes, scales) -> None:
+    _to_lanes(raw, codes, scales, True)
+
+
 def q8_0_lanes(raw, codes, scales) -> None:
-    o, nb = raw.shape[0], raw.shape[1] // Q8_0_BYTES
-    row_codes = nb * 32
-    for blk in prange(o // LANE_ROWS):
-        base, sbase = blk * LANE_ROWS * row_codes, blk * LANE_ROWS * nb
-        for r in range(LANE_ROWS):
-            row = raw[blk * LANE_ROWS + r]
-            for b in range(nb):
-                at = b * Q8_0_BYTES
-                scales[sbase + b * LANE_ROWS + r] = row[at] | (row[at + 1] << 8)
-                for cc in range(8):  # chunks of 4 inputs
-                    chunk = base + (b * 8 + cc) * 4 * LANE_ROWS + 4 * r
-                    for j in range(4):
-                        codes[chunk + j] = row[at + 2 + cc * 4 + j] ^ 0x80
+    _to_lanes(raw, codes, scales, False)
