@@ -138,6 +138,9 @@ def inject(
 
     visit(model, "", torch.device("cpu"), None, "")
     _check(model, placements)
+    for module in model.modules():
+        if isinstance(module, Op):
+            module.injected()
     warnings = [f"{r.where}: matches no module of this {arch.name}" for r in rules.rules if r.index not in used]
     return PlacedModel(model, config, arch, dtype, placements, services, warnings)
 

@@ -278,6 +278,12 @@ class MLAAttention(Op):
     def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Self:
         return cls(hf, ctx, kwargs)
 
+    def injected(self) -> None:
+        """Absorbed decode on the CPU quantizes W_UK and W_UV from `kv_b_proj`'s float weight, not from its
+        quantized copy (W_UK runs along another axis: that would quantize it twice)."""
+        if self.absorb and isinstance(self.kv_b_proj, CPULinear):
+            self.kv_b_proj.keep_source = True
+
     def use_head_blocks(self, name: str, block_type: str, raw: np.ndarray) -> None:
         """Before finalize: W_UK (`name` "uk") or W_UV ("uv") as a GGUF file holds it apart from the other
         (llama.cpp's `attn_k_b [h, r, nope]`, `attn_v_b [h, v, r]`): its block type and memory-mapped blocks
@@ -295,9 +301,14 @@ class MLAAttention(Op):
         self.fused = False
         if not self.absorb:
             return
-        # views of kv_b_proj's own weight when it is unquantized; a dequantized copy otherwise
-        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        # views of kv_b_proj's own weight when it is unquantized (or quantized on the CPU: the float weight it was
+        # loaded from); a dequantized copy otherwise
+        source = self.kv_b_proj.source if isinstance(self.kv_b_proj, CPULinear) else None
+        w = (self.kv_b_proj.weight if source is None else source.float()).view(
+            self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank
+        )
         if isinstance(self.kv_b_proj, CPULinear):  # quantized on the CPU: W_UK, W_UV in its format, int8 dots
+            self.kv_b_proj.source = None  # let it go
             kw, isa = self.kv_b_proj.kwargs, self.kv_b_proj.isa
             # W_UK [h, r, nope] and W_UV [h, v, r]
             weights = {"uk": w[:, : self.nope_dim].transpose(1, 2), "uv": w[:, self.nope_dim :]}

@@ -134,6 +134,10 @@ class Op(nn.Module):
         """Of `nbytes`, those memory-mapped from a file (the system counts their page cache as available)."""
         return 0
 
+    def injected(self) -> None:
+        """Called once the rules have placed every module, before any weight is loaded: an op may ask its
+        children for something then (latent attention asks its quantized `kv_b_proj` to keep the float weight)."""
+
     def finalize(self) -> None:
         """Called once every weight is loaded, children first."""
 

@@ -192,6 +192,8 @@ class CPULinear(Op):
             None if hf.bias is None else nn.Parameter(torch.empty_like(hf.bias, dtype=ctx.dtype), requires_grad=False)
         )
         self._kernels: Kernels | None = None  # bound once the weights are in (finalize)
+        self.keep_source = False  # keep the float weight it is loaded from, as `source` (for a parent op)
+        self.source: torch.Tensor | None = None
 
     @classmethod
     def from_hf(cls, hf: nn.Module, ctx: BuildContext, kwargs: Any) -> Self:
@@ -235,11 +237,13 @@ class CPULinear(Op):
     def load_weight(self, key: str, tensor: torch.Tensor) -> None:
         if key == "weight":
             self.matrix.store(tensor)
+            if self.keep_source:
+                self.source = tensor
         else:
             super().load_weight(key, tensor)
 
     def load_fp8(self, key: str, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> None:
-        self.matrix.store(dequantize_fp8_blocks(weight, scale_inv, block))
+        self.load_weight(key, dequantize_fp8_blocks(weight, scale_inv, block))
 
     def finalize(self) -> None:
         self._kernels = self.matrix.kernels(self.isa)
