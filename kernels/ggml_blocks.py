@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from hetero_moe.kernels.numba.int4 import SCALE_FP16
-from hetero_moe.kernels.numba.int8dot import FORMATS, from_lanes, to_lanes
+from hetero_moe.kernels.numba.int8dot import FORMATS, across_lanes, from_lanes, to_lanes
 from hetero_moe.kernels.numba.repack import q4_0_lanes, q8_0_lanes
 from hetero_moe.kernels.numba.simd import (
     AFFINE,
@@ -315,3 +315,11 @@ LANE_REPACK = {
     "Q4_0": Repack("int4_lanes", 32, SCALE_FP16, BLOCK, 18, _q4_0, q4_0_lanes),
     "Q8_0": Repack("int8_lanes", 32, SCALE_FP16, BLOCK, 34, _q8_0, q8_0_lanes),
 }
+
+
+def lane_repack(block_type: str, rows: int, isa: str | None) -> Repack:
+    """How a matrix of `rows` rows in `block_type` runs on backend `isa` (None: the best) when it may be repacked:
+    Q4_0 and Q8_0 of whole blocks of `LANE_ROWS` rows as rows across lanes (`LANE_REPACK`), the rest as `REPACK`."""
+    if block_type in LANE_REPACK and across_lanes(isa, rows):
+        return LANE_REPACK[block_type]
+    return REPACK[block_type]

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hetero_moe.kernels.ggml_blocks import LANE_REPACK, REPACK
+from hetero_moe.kernels.ggml_blocks import REPACK, lane_repack
 from hetero_moe.kernels.mxfp4 import BLOCK, check_shapes, dequantize_mxfp4
 from hetero_moe.kernels.numba import bf16 as bf16_kernels
 from hetero_moe.kernels.numba import fp8 as fp8_kernels
@@ -228,12 +228,10 @@ class BlockFormat:
 
     def use_lanes(self, isa: str | None) -> None:
         """Before allocating: Q4_0 and Q8_0 matrices of whole blocks of `LANE_ROWS` rows are repacked into rows
-        across lanes (`LANE_REPACK`: the same values and bytes, the speed of our own INT4 and INT8) instead of
+        across lanes (`lane_repack`: the same values and bytes, the speed of our own INT4 and INT8) instead of
         read in place."""
-        self.repacks = tuple(
-            LANE_REPACK[t] if t in LANE_REPACK and across_lanes(isa, rows) else r
-            for t, r, rows in zip(self.types, self.repacks, (self.inter, self.hidden), strict=True)
-        )
+        rows = (self.inter, self.hidden)  # of gate and up, of down
+        self.repacks = tuple(lane_repack(t, r, isa) for t, r in zip(self.types, rows, strict=True))
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """The repacked arrays (none for projections read in place)."""

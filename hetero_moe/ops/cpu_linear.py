@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hetero_moe.kernels.ggml_blocks import LANE_REPACK, REPACK
+from hetero_moe.kernels.ggml_blocks import lane_repack
 from hetero_moe.kernels.numba.int4 import SCALE_BF16, SCALE_FP16
 from hetero_moe.kernels.numba.int8dot import (
     Kernels,
@@ -125,8 +125,7 @@ class BlockMatrix:
 
     def __init__(self, out_dim: int, in_dim: int, block_type: str, isa: str | None) -> None:
         self.out_dim, self.in_dim, self.block_type = out_dim, in_dim, block_type
-        lanes = block_type in LANE_REPACK and across_lanes(isa, out_dim)
-        self.repack = LANE_REPACK[block_type] if lanes else REPACK[block_type]
+        self.repack = lane_repack(block_type, out_dim, isa)
         self.codes = np.empty(0, np.uint8)
         self.scales = np.empty(0, self.repack.scale_dtype)
 
