@@ -725,8 +725,10 @@ LANE_CASES = [(isa, *spec) for isa in PRIMARY for spec in SPECS] + [(isa, *spec)
 @pytest.mark.parametrize(("isa", "fmt", "g", "kind"), LANE_CASES)
 def test_rows_across_lanes(isa: str, fmt: int, g: int, kind: int) -> None:
     """Experts stored as rows across lanes give the bits of `ref_lane_dots` (and are close to float64): 1, 3, 17
-    and 300 tokens (tiles of 8, 4, 2 and 1), ragged last groups, experts without a token, tasks of 16 and 48 rows
-    (and of 8: an error, they would split a block); each token alone gives the bits it gives among others."""
+    and 300 tokens (tiles of 8, 4, 2 and 1; the tiles after an expert's first read its rows from cache, which on
+    16-lane isas go two blocks a pass: a pair and a block alone in tasks of 48 rows), ragged last groups, experts
+    without a token, tasks of 16 and 48 rows (and of 8: an error, they would split a block); each token alone gives
+    the bits it gives among others."""
     rng = np.random.default_rng(g + fmt + kind)
     e, inter, hidden = 4, 48, 208
     w13, s13, w2, s2 = random_experts(rng, fmt, g, e, inter, hidden, kind)

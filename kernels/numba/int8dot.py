@@ -81,6 +81,7 @@ from hetero_moe.kernels.numba.simd import (
     UINT8,
     VALID,
     Simd,
+    cached_span_dots,
     choose_isa,
     span_dots,
     spans,
@@ -258,8 +259,9 @@ def tile(simd, n: int) -> int:
     return most if n >= most else (4 if n >= 4 else (2 if n >= 2 else 1))
 
 
-def dots(simd, n, w, scales, xq, ascale, bias, rows, out) -> None:
-    """`simd.span_dots` of the `n` (from `tile`) tokens in `rows` with every row of `w`; jitted code only."""
+def dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached) -> None:
+    """`simd.span_dots` of the `n` (from `tile`) tokens in `rows` with every row of `w`, `cached_span_dots` if
+    `cached` (the call before read the same rows); jitted code only."""
     raise TypeError("dots runs inside jitted code")
 
 
@@ -274,14 +276,32 @@ def _few_dots(simd, n, w, scales, xq, ascale, bias, rows, out) -> None:
         span_dots(simd, 1, w, scales, xq, ascale, bias, rows, out)
 
 
-@overload(dots, inline="always")
-def _dots(simd, n, w, scales, xq, ascale, bias, rows, out):
-    """`dots` for the token's format: tiles of 8 only where rows lie across lanes (`LANE_TILE`)."""
-    if simd.fmt not in LANES:
-        return _few_dots.py_func
+@njit(inline="always", cache=True)
+def _cached_dots(simd, n, w, scales, xq, ascale, bias, rows, out) -> None:
+    """`dots` of 8, 4 or 2 tokens with rows in cache."""
+    if n == LANE_TILE:
+        cached_span_dots(simd, 8, w, scales, xq, ascale, bias, rows, out)
+    elif n == TILE:
+        cached_span_dots(simd, 4, w, scales, xq, ascale, bias, rows, out)
+    else:
+        cached_span_dots(simd, 2, w, scales, xq, ascale, bias, rows, out)
 
-    def lane_dots(simd, n, w, scales, xq, ascale, bias, rows, out) -> None:
-        if n == LANE_TILE:
+
+@overload(dots, inline="always")
+def _dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached):
+    """`dots` for the token's format: tiles of 8, and rows in cache their own code, only where rows lie across
+    lanes (`LANE_TILE`, `cached_span_dots`)."""
+    if simd.fmt not in LANES:
+
+        def few_dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached) -> None:
+            _few_dots(simd, n, w, scales, xq, ascale, bias, rows, out)
+
+        return few_dots
+
+    def lane_dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached) -> None:
+        if cached and n > 1:
+            _cached_dots(simd, n, w, scales, xq, ascale, bias, rows, out)
+        elif n == LANE_TILE:
             span_dots(simd, 8, w, scales, xq, ascale, bias, rows, out)
         else:
             _few_dots(simd, n, w, scales, xq, ascale, bias, rows, out)
@@ -380,9 +400,10 @@ def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3,
             n = tile(simd, seg[u + 1] - p)
             for j in range(n):
                 rows[j] = pair_token[p + j]
-            dots(simd, n, w1[e, r0:r1], s1[e, r0:r1], xq, ascale, bias, rows, gate)
+            cached = p > seg[u]  # the tiles before read these rows
+            dots(simd, n, w1[e, r0:r1], s1[e, r0:r1], xq, ascale, bias, rows, gate, cached)
             u0, u1 = up_row + r0, up_row + r1
-            dots(simd, n, w3[e, u0:u1], s3[e, u0:u1], xq, ascale, bias, rows, up)
+            dots(simd, n, w3[e, u0:u1], s3[e, u0:u1], xq, ascale, bias, rows, up, cached)
             silu_mul_rows(gate, up, n)
             for j in range(n):
                 h[p + j, r0:r1] = gate[j]
@@ -413,7 +434,7 @@ def down(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, tasks, 
             n = tile(simd, seg[u + 1] - p)
             for j in range(n):
                 rows[j] = p + j
-            dots(simd, n, w2[e, r0:r1], s2[e, r0:r1], xq, ascale, bias, rows, out)
+            dots(simd, n, w2[e, r0:r1], s2[e, r0:r1], xq, ascale, bias, rows, out, p > seg[u])
             for j in range(n):
                 y[p + j, r0:r1] = out[j]
             p += n

@@ -147,6 +147,13 @@ SHORT_ROW = 256
 SHORT_BLOCK = 4
 LANE_ROWS = 16  # rows of a block of rows across lanes, one an int32 lane
 LANE_TILE = 8  # most tokens one `span_dots` call multiplies with rows across lanes
+# Tokens a pass of two blocks of rows across lanes takes (`cached_span_dots`). A tile of 8 tokens and one block is
+# bound by loads, not by multiply-adds: each dot product also loads its 4 bytes of a token, and Zen 5 (like Zen 4)
+# loads two a cycle for the two dot products it can start. With two blocks each load feeds two dot products: rows
+# in L1 or L2, 8 tokens, one thread, 0.57 -> 0.70 of the int8 peak (INT8 g32), 0.71 -> 0.87 (INT4 g64). Rows from
+# DRAM run slower so (INT4 g64, 2 threads, 4 tokens: 34 against 42 GB/s): the weights' first read in a call is
+# the first tile of tokens, which `span_dots` takes one block a pass.
+PAIR_TOKENS = 4
 # Inputs a 64-byte chunk of rows across lanes holds for each of its rows
 LANE_CHUNK = {INT4_LANES: 8, INT8_LANES: 4}
 
@@ -889,17 +896,18 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
     return fn
 
 
-def _lane_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
-    """The LLVM function of `span_dots` for `n` tokens on rows across lanes (`LANES`), the arguments of
-    `_row_function`: blocks of `LANE_ROWS` rows one after another, each read as one stream. On 8-lane isas a
-    block is two halves of 8 rows, each 32 bytes of every chunk. Per token two chains of integer lanes (even
-    and odd chunks) hide the latency of the dot products."""
-    fn = _dots_function(module, "lane", simd, n)
+def _lane_function(module: ir.Module, simd: SimdType, n: int, cached: bool) -> ir.Function:
+    """The LLVM function of `span_dots` (`cached_span_dots` if `cached`) for `n` tokens on rows across lanes
+    (`LANES`), the arguments of `_row_function`: blocks of `LANE_ROWS` rows one after another, each read as one
+    stream. On 8-lane isas a block is two halves of 8 rows, each 32 bytes of every chunk. Per token two chains of
+    integer lanes (even and odd chunks) hide the latency of the dot products. Cached rows of two or more tokens
+    on 16-lane isas go two blocks a pass, `PAIR_TOKENS` tokens at a time (see `PAIR_TOKENS`)."""
+    fn = _dots_function(module, "lane_cached" if cached else "lane", simd, n)
     if fn.blocks:
         return fn
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     w, n_rows, row_stride, _, s_ptr, s_stride, groups, *ptrs, out, out_stride = fn.args
-    tokens = [(ptrs[j], ptrs[n + j], ptrs[2 * n + j]) for j in range(n)]
+    tokens = [(ptrs[j], ptrs[n + j], ptrs[2 * n + j], j) for j in range(n)]
     isa = CODEGEN[simd.isa]
     fmt, width, vbytes = LANES[simd.fmt], isa.width, isa.vbytes
     per_chunk = LANE_CHUNK[simd.fmt]
@@ -908,7 +916,8 @@ def _lane_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
     fma = _declare(b, f"llvm.fma.v{width}f32", vf, [vf] * 3)
     prefetch = _prefetch(b)
     zero, izero = ir.Constant(vf, [0.0] * width), ir.Constant(vi, [0] * width)
-    accs = [cgutils.alloca_once_value(b, zero) for _ in range(n)]
+    paired = cached and width == LANE_ROWS and n > 1
+    accs = [[cgutils.alloca_once_value(b, zero) for _ in range(1 + paired)] for _ in range(n)]
     biased = fmt == INT4 or isa.int8_bias  # lanes start at the group's bias
 
     def const(v: int) -> ir.Constant:
@@ -923,51 +932,75 @@ def _lane_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
         return _half_scales(b, bits, simd.kind, width)
 
     block_bytes = b.mul(row_stride, const(LANE_ROWS))
-    with cgutils.for_range(b, b.udiv(n_rows, const(LANE_ROWS))) as blocks:
-        wblock = b.gep(w, [b.mul(blocks.index, block_bytes)])
-        sblock = b.gep(s_ptr, [b.mul(blocks.index, b.mul(s_stride, const(LANE_ROWS)))])
-        for part in range(LANE_ROWS // width):
-            for acc in accs:
+    block_scales = b.mul(s_stride, const(LANE_ROWS))
+
+    def units_of(block: ir.Value, part: int) -> tuple[ir.Value, ir.Value, int, ir.Value]:
+        """(weights, scales, part, first row) of `part` of block `block`."""
+        first = b.add(b.mul(block, const(LANE_ROWS)), const(part * width))
+        return b.gep(w, [b.mul(block, block_bytes)]), b.gep(s_ptr, [b.mul(block, block_scales)]), part, first
+
+    def run(units: list, tile: list) -> None:
+        """The `tile`'s tokens with the rows of `units`, each broadcast feeding a dot product of every unit."""
+        for _, _, _, j in tile:
+            for acc in accs[j][: len(units)]:
                 b.store(zero, acc)
-            with cgutils.for_range(b, groups) as loop:
-                k = loop.index
-                lanes = []
-                for _, _, brow in tokens:
-                    start = _broadcast(b, load(brow, b.mul(k, const(4)), I32), width) if biased else izero
-                    lanes.append([start, izero])
-                for c in range(chunks):
-                    at = b.add(b.mul(k, const(64 * chunks)), const(64 * c))
+        with cgutils.for_range(b, groups) as loop:
+            k = loop.index
+            lanes = []
+            for _, _, brow, _ in tile:
+                start = _broadcast(b, load(brow, b.mul(k, const(4)), I32), width) if biased else izero
+                lanes.append([[start, izero] for _ in units])
+            for c in range(chunks):
+                at = b.add(b.mul(k, const(64 * chunks)), const(64 * c))
+                weights = []
+                for wblock, _, part, _ in units:
                     if PREFETCH and part == 0:
                         ahead = b.gep(wblock, [b.add(at, const(PREFETCH))])
                         b.call(prefetch, [ahead, *(ir.Constant(I32, v) for v in (0, PREFETCH_LOCALITY, 1))])
                     codes = load(wblock, b.add(at, const(vbytes * part)), _vec(I8, vbytes))
-                    weights = isa.nibbles(b, codes) if fmt == INT4 else isa.unpack_int8(b, codes)
-                    x_at = b.add(b.mul(k, const(simd.g)), const(per_chunk * c))
-                    for j, (xrow, _, _) in enumerate(tokens):
-                        words = [load(xrow, b.add(x_at, const(4 * h)), I32) for h in range(per_chunk // 4)]
-                        xs = [b.bitcast(_broadcast(b, word, width), _vec(I8, vbytes)) for word in words]
-                        acc = lanes[j][c % 2]
+                    weights.append(isa.nibbles(b, codes) if fmt == INT4 else isa.unpack_int8(b, codes))
+                x_at = b.add(b.mul(k, const(simd.g)), const(per_chunk * c))
+                for (xrow, _, _, _), token_lanes in zip(tile, lanes, strict=True):
+                    words = [load(xrow, b.add(x_at, const(4 * h)), I32) for h in range(per_chunk // 4)]
+                    xs = [b.bitcast(_broadcast(b, word, width), _vec(I8, vbytes)) for word in words]
+                    for unit_weights, chains in zip(weights, token_lanes, strict=True):
+                        acc = chains[c % 2]
                         if fmt == INT4:
-                            acc = isa.int4_lanes(b, *weights, *xs, acc)
+                            acc = isa.int4_lanes(b, *unit_weights, *xs, acc)
                         elif isa.int8_bias:
-                            acc = isa.int8_lanes(b, [weights], xs, acc)
+                            acc = isa.int8_lanes(b, [unit_weights], xs, acc)
                         else:
-                            acc = b.add(acc, isa.int8_lanes(b, [weights], xs, None))
-                        lanes[j][c % 2] = acc
-                sw = scales(sblock, k, part)
-                for j, (_, arow, _) in enumerate(tokens):
-                    a = _broadcast(b, load(arow, b.mul(k, const(4)), F32), width)
-                    total = b.sitofp(b.add(*lanes[j]), vf)
-                    b.store(b.call(fma, [total, b.fmul(sw, a), b.load(accs[j])]), accs[j])
-            first = b.add(b.mul(blocks.index, const(LANE_ROWS)), const(part * width))
-            for j, acc in enumerate(accs):
+                            acc = b.add(acc, isa.int8_lanes(b, [unit_weights], xs, None))
+                        chains[c % 2] = acc
+            sws = [scales(sblock, k, part) for _, sblock, part, _ in units]
+            for (_, arow, _, j), token_lanes in zip(tile, lanes, strict=True):
+                a = _broadcast(b, load(arow, b.mul(k, const(4)), F32), width)
+                for sw, chains, acc in zip(sws, token_lanes, accs[j], strict=False):
+                    total = b.sitofp(b.add(*chains), vf)
+                    b.store(b.call(fma, [total, b.fmul(sw, a), b.load(acc)]), acc)
+        for _, _, _, j in tile:
+            for (_, _, _, first), acc in zip(units, accs[j], strict=False):
                 at = b.add(b.mul(const(j), out_stride), b.mul(first, const(4)))
                 b.store(b.load(acc), b.bitcast(b.gep(out, [at]), vf.as_pointer()), align=4)
+
+    n_blocks = b.udiv(n_rows, const(LANE_ROWS))
+    if paired:
+        tiles = [tokens[i : i + PAIR_TOKENS] for i in range(0, n, PAIR_TOKENS)]
+        with cgutils.for_range(b, b.udiv(n_blocks, const(2))) as pairs:
+            units = [units_of(b.add(b.mul(pairs.index, const(2)), const(u)), 0) for u in range(2)]
+            for tile in tiles:
+                run(units, tile)
+        with b.if_then(b.trunc(n_blocks, ir.IntType(1))):
+            run([units_of(b.sub(n_blocks, const(1)), 0)], tokens)
+    else:
+        with cgutils.for_range(b, n_blocks) as blocks:
+            for part in range(LANE_ROWS // width):
+                run([units_of(blocks.index, part)], tokens)
     b.ret_void()
     return fn
 
 
-def _emit(simd: SimdType, n: int, context, builder: ir.IRBuilder, sig, args) -> None:
+def _emit(simd: SimdType, n: int, cached: bool, context, builder: ir.IRBuilder, sig, args) -> None:
     """Call the row function with the data pointers of `span_dots`' arrays."""
     b = builder
     w, scales, xq, ascale, bias, rows, out = (
@@ -981,7 +1014,7 @@ def _emit(simd: SimdType, n: int, context, builder: ir.IRBuilder, sig, args) -> 
         for j in range(n):
             t = b.load(b.gep(rows.data, [ir.Constant(I64, j)]))
             per_token.append(b.gep(base, [b.mul(t, stride)]))
-    fn = (_lane_function if simd.fmt in LANES else _row_function)(b.module, simd, n)
+    fn = _lane_function(b.module, simd, n, cached) if simd.fmt in LANES else _row_function(b.module, simd, n)
     n_rows, row_bytes = (b.extract_value(w.shape, i) for i in (0, 1))
     call = [b.bitcast(w.data, p8), n_rows, b.extract_value(w.strides, 0), row_bytes]
     call += [b.bitcast(scales.data, p8), b.extract_value(scales.strides, 0), b.extract_value(scales.shape, 1)]
@@ -992,20 +1025,8 @@ def _is(t, dtype, ndim: int) -> bool:
     return isinstance(t, types.Array) and t.dtype == dtype and t.ndim == ndim
 
 
-@intrinsic
-def span_dots(typingctx, simd, n, w, scales, xq, ascale, bias, rows, out):
-    """`out[j, r] = w[r] . xq[rows[j]]` for `j < n` (a constant from 1 to TILE, to LANE_TILE for rows across
-    lanes) and every row r of w, in the canonical order.
-
-    `w [R, B]` uint8, rows of packed weights (B a multiple of 16); `scales [R, G]` uint16, their bf16 or
-    fp16 bits (`simd.kind`), uint8 e8m0 bytes (MXFP4) or float32 (`[R, spans * 2 * gps]` with the mins in
-    the affine formats); `xq [T, >= spans * span_elems]` int8, `ascale [T, >= spans * gps]` (twice that
-    in the affine formats) float32 and `bias [T, >= spans * 16]` int32, from `int8dot.quantize_activations`
-    (MXFP4: `mxfp4.quantize_activations`); `rows [>= n]` int64;
-    `out [>= n, >= R]` float32. Rows may be strided; within a row, elements must be contiguous (the
-    caller checks: the code here reads them so). Rows across lanes (`LANES`): R a multiple of `LANE_ROWS`,
-    `w` and `scales` C-contiguous blocks of rows laid out by `int8dot.to_lanes`, `bias [T, >= G]`.
-    """
+def _typed_dots(cached: bool, simd, n, w, scales, xq, ascale, bias, rows, out):
+    """The typing and code of `span_dots` (`cached` False) and `cached_span_dots`."""
     if not isinstance(simd, SimdType) or not isinstance(n, types.IntegerLiteral):
         return None
     if not 1 <= n.literal_value <= (LANE_TILE if simd.fmt in LANES else TILE):
@@ -1027,10 +1048,34 @@ def span_dots(typingctx, simd, n, w, scales, xq, ascale, bias, rows, out):
     count = n.literal_value
 
     def codegen(context, builder, sig, args):
-        _emit(simd, count, context, builder, sig, args)
+        _emit(simd, count, cached, context, builder, sig, args)
         return context.get_dummy_value()
 
     return types.none(simd, n, w, scales, xq, ascale, bias, rows, out), codegen
+
+
+@intrinsic
+def span_dots(typingctx, simd, n, w, scales, xq, ascale, bias, rows, out):
+    """`out[j, r] = w[r] . xq[rows[j]]` for `j < n` (a constant from 1 to TILE, to LANE_TILE for rows across
+    lanes) and every row r of w, in the canonical order. Rows across lanes are read one stream a block.
+
+    `w [R, B]` uint8, rows of packed weights (B a multiple of 16); `scales [R, G]` uint16, their bf16 or
+    fp16 bits (`simd.kind`), uint8 e8m0 bytes (MXFP4) or float32 (`[R, spans * 2 * gps]` with the mins in
+    the affine formats); `xq [T, >= spans * span_elems]` int8, `ascale [T, >= spans * gps]` (twice that
+    in the affine formats) float32 and `bias [T, >= spans * 16]` int32, from `int8dot.quantize_activations`
+    (MXFP4: `mxfp4.quantize_activations`); `rows [>= n]` int64;
+    `out [>= n, >= R]` float32. Rows may be strided; within a row, elements must be contiguous (the
+    caller checks: the code here reads them so). Rows across lanes (`LANES`): R a multiple of `LANE_ROWS`,
+    `w` and `scales` C-contiguous blocks of rows laid out by `int8dot.to_lanes`, `bias [T, >= G]`.
+    """
+    return _typed_dots(False, simd, n, w, scales, xq, ascale, bias, rows, out)
+
+
+@intrinsic
+def cached_span_dots(typingctx, simd, n, w, scales, xq, ascale, bias, rows, out):
+    """`span_dots`, the same bits, for rows that are in cache (read by the call before): on 16-lane isas,
+    rows across lanes go two blocks a pass (`PAIR_TOKENS`)."""
+    return _typed_dots(True, simd, n, w, scales, xq, ascale, bias, rows, out)
 
 
 PEAK_CHAINS = 16  # independent dot products in flight in `dot_rounds`: more than latency x throughput on any core
