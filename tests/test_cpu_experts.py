@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hetero_moe.kernels.numba.common import combine
+from hetero_moe.kernels.numba.common import PARALLEL_COMBINE, combine
 from hetero_moe.kernels.quant import (
     dequantize_fp8_blocks,
     dequantize_int4,
@@ -287,3 +287,22 @@ def test_the_block_in_one_kernel_call_is_its_calls_one_after_another(quant: str,
     one = np.full((tokens, 1), 4), np.ones((tokens, 1), np.float32)
     alone = op.format.run(xf, group_pairs(one[0], 9), ROWS_PER_TASK)
     assert np.array_equal(op.run(xf, *one), alone)
+
+
+def test_combine_in_parallel_sums_each_token_as_alone() -> None:
+    """`combine` over an output of `PARALLEL_COMBINE` values or more (in parallel over tokens) gives each token
+    the bits it gets summed alone (serially), pairs in any order and one computed elsewhere."""
+    rng = np.random.default_rng(0)
+    tokens, k, hidden = 40, 3, 2048
+    assert tokens * hidden >= PARALLEL_COMBINE
+    order = rng.permutation(tokens * k)[1:]  # one pair left out
+    token, slot = order // k, order % k
+    y = rng.standard_normal((len(order), hidden)).astype(np.float32)
+    weights = rng.random((tokens, k)).astype(np.float32)
+    out = np.empty((tokens, hidden), np.float32)
+    combine(y, token, slot, weights, out)
+    for t in range(tokens):
+        mine = np.flatnonzero(token == t)
+        alone = np.empty((1, hidden), np.float32)
+        combine(y[mine], np.zeros(len(mine), np.int64), slot[mine], weights[t : t + 1], alone)
+        assert np.array_equal(out[t : t + 1].view(np.uint32), alone.view(np.uint32))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 
 @njit(inline="always", fastmath=True, cache=True)
@@ -93,19 +93,39 @@ def group_by_expert(index, num_experts: int):
     return token, slot, seg, expert
 
 
+PARALLEL_COMBINE = 1 << 16  # outputs of at least this many values are summed in parallel over tokens
+
+
+@njit(inline="always", fastmath=True, cache=True)
+def _combine_token(i: int, y, order, weights, out) -> None:
+    """`out[i]` from its pairs `order[i * k : (i + 1) * k]` (-1: no pair), in slot order."""
+    k = weights.shape[1]
+    out[i] = 0.0
+    for j in range(k):
+        p = order[i * k + j]
+        if p < 0:  # no pair: that expert is computed elsewhere
+            continue
+        w = weights[i, j]
+        for h in range(out.shape[1]):
+            out[i, h] += w * y[p, h]
+
+
+@njit(parallel=True, nogil=True, fastmath=True, cache=True)
+def _combine_parallel(y, order, weights, out) -> None:
+    for i in prange(out.shape[0]):
+        _combine_token(i, y, order, weights, out)
+
+
 @njit(nogil=True, fastmath=True, cache=True)
 def combine(y, token, slot, weights, out) -> None:
-    """`out[t] = sum over pairs p of token t: weights[t, slot[p]] * y[p]`, summed in top-k order."""
-    out[:] = 0.0
+    """`out[t] = sum over pairs p of token t: weights[t, slot[p]] * y[p]`, summed in top-k order; in parallel
+    over tokens from `PARALLEL_COMBINE` values of `out` up (the same bits: each token is summed alone)."""
     k = weights.shape[1]
     order = np.full(out.shape[0] * k, -1, np.int64)  # pair of (token, slot), to sum each token in slot order
     for p in range(token.shape[0]):
         order[token[p] * k + slot[p]] = p
+    if out.size >= PARALLEL_COMBINE:
+        _combine_parallel(y, order, weights, out)
+        return
     for i in range(out.shape[0]):
-        for j in range(k):
-            p = order[i * k + j]
-            if p < 0:  # no pair: that expert is computed elsewhere
-                continue
-            w = weights[i, j]
-            for h in range(out.shape[1]):
-                out[i, h] += w * y[p, h]
+        _combine_token(i, y, order, weights, out)

@@ -51,8 +51,8 @@ scales are group by group, the 16 rows' scales of a group side by side. Per row 
 The same float32 operations in every lane on every isa, so the same bits; a token's result does not depend on
 the tokens tiled with it (up to `LANE_TILE`). Rows across lanes read one stream a block, need no float work per
 row and span for one token (a group's for 16 rows at once) and let tiles of 8 tokens keep the multiply-adds busy
-(Zen 4, one thread, a 2,816 x 2,048 INT4 g64 matrix in cache: 69 % of the int8 peak at 8 tokens, where rows one by
-one reached 21-28 % in `bench experts`).
+(one thread, a 2,816 x 2,048 INT4 g64 matrix in cache: 69 % of the int8 peak at 8 tokens, where rows one by one
+reached 21-28 % in `bench experts`; 84 % with two blocks a pass, `PAIR_TOKENS`).
 
 Rows of blocks (Q4_0, Q8_0, Q6_K, Q4_K, IQ4_XS: a GGUF file's weights read in place from its memory map): a row is
 llama.cpp's blocks as the file holds them, and `scales` is the weight array itself. Q4_0 and Q8_0: blocks of 32
@@ -148,11 +148,11 @@ SHORT_BLOCK = 4
 LANE_ROWS = 16  # rows of a block of rows across lanes, one an int32 lane
 LANE_TILE = 8  # most tokens one `span_dots` call multiplies with rows across lanes
 # Tokens a pass of two blocks of rows across lanes takes (`cached_span_dots`). A tile of 8 tokens and one block is
-# bound by loads, not by multiply-adds: each dot product also loads its 4 bytes of a token, and Zen 5 (like Zen 4)
-# loads two a cycle for the two dot products it can start. With two blocks each load feeds two dot products: rows
-# in L1 or L2, 8 tokens, one thread, 0.57 -> 0.70 of the int8 peak (INT8 g32), 0.71 -> 0.87 (INT4 g64). Rows from
-# DRAM run slower so (INT4 g64, 2 threads, 4 tokens: 34 against 42 GB/s): the weights' first read in a call is
-# the first tile of tokens, which `span_dots` takes one block a pass.
+# bound by loads, not by multiply-adds: each dot product also loads its 4 bytes of a token, and Zen 5 loads about
+# two a cycle for the two dot products it can start. With two blocks each load feeds two dot products, and rows in
+# cache need no prefetches (one thread, 8 tokens, rows in L1 or L2: INT8 g32 0.57 -> 0.77 of the int8 peak, INT4 g64
+# 0.71 -> 0.84). Rows from DRAM run slower so (INT4 g64, 2 threads, 4 tokens: 34 against 42 GB/s): the first tile
+# of tokens, which reads the rows from memory, goes through `span_dots`, one block a pass.
 PAIR_TOKENS = 4
 # Inputs a 64-byte chunk of rows across lanes holds for each of its rows
 LANE_CHUNK = {INT4_LANES: 8, INT8_LANES: 4}
@@ -954,7 +954,7 @@ def _lane_function(module: ir.Module, simd: SimdType, n: int, cached: bool) -> i
                 at = b.add(b.mul(k, const(64 * chunks)), const(64 * c))
                 weights = []
                 for wblock, _, part, _ in units:
-                    if PREFETCH and part == 0:
+                    if PREFETCH and part == 0 and not cached:  # rows in cache need none
                         ahead = b.gep(wblock, [b.add(at, const(PREFETCH))])
                         b.call(prefetch, [ahead, *(ir.Constant(I32, v) for v in (0, PREFETCH_LOCALITY, 1))])
                     codes = load(wblock, b.add(at, const(vbytes * part)), _vec(I8, vbytes))
@@ -1111,3 +1111,23 @@ def dot_rounds(typingctx, simd, rounds):
         return total
 
     return types.int64(simd, rounds), codegen
+
+
+@intrinsic
+def prefetch_bytes(typingctx, a, start, stop):
+    """Prefetch into L2 (as the kernels' own prefetches) the 64-byte lines of bytes `start` to `stop` of the
+    C-contiguous array `a`."""
+    if not isinstance(a, types.Array) or not all(isinstance(t, types.Integer) for t in (start, stop)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        b = builder
+        arr = context.make_array(sig.args[0])(context, builder, args[0])
+        data = b.bitcast(arr.data, I8.as_pointer())
+        prefetch = _prefetch(b)
+        first, last = (context.cast(b, v, t, types.int64) for v, t in zip(args[1:], sig.args[1:], strict=True))
+        with cgutils.for_range_slice(b, first, last, ir.Constant(I64, 64), intp=I64) as (offset, _):
+            b.call(prefetch, [b.gep(data, [offset]), *(ir.Constant(I32, v) for v in (0, PREFETCH_LOCALITY, 1))])
+        return context.get_dummy_value()
+
+    return types.none(a, start, stop), codegen
