@@ -24,9 +24,11 @@ GROUP_MAX = 0  # a group's score: its best expert's (DeepSeek-V2's group_limited
 GROUP_TOP2 = 1  # a group's score: the sum of its best two (DeepSeek-V3)
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(parallel=True, nogil=True, fastmath=True, cache=True)
 def logits(x, w, out) -> None:
-    """`out[t, e] = x[t] . w[e]` for `x [T, H]`, `w [E, H]` float32, every pair summed the same way."""
+    """`out[t, e] = x[t] . w[e]` for `x [T, H]`, `w [E, H]` float32, every pair summed the same way (`dot`'s
+    vector lanes: `fastmath` here too, as an inlined function takes its caller's flags; without it the sum was
+    one chain of additions: a V2-Lite layer's router took 34 us from cache and 37 us from DRAM, now 6 and 13)."""
     for e in prange(w.shape[0]):
         for t in range(x.shape[0]):
             out[t, e] = dot(w[e], x[t])
