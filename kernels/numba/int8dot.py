@@ -279,13 +279,15 @@ def _few_dots(simd, n, w, scales, xq, ascale, bias, rows, out) -> None:
 
 @njit(inline="always", cache=True)
 def _cached_dots(simd, n, w, scales, xq, ascale, bias, rows, out) -> None:
-    """`dots` of 8, 4 or 2 tokens with rows in cache."""
+    """`dots` of 8, 4, 2 or 1 tokens with rows in cache."""
     if n == LANE_TILE:
         cached_span_dots(simd, 8, w, scales, xq, ascale, bias, rows, out)
     elif n == TILE:
         cached_span_dots(simd, 4, w, scales, xq, ascale, bias, rows, out)
-    else:
+    elif n == 2:
         cached_span_dots(simd, 2, w, scales, xq, ascale, bias, rows, out)
+    else:
+        cached_span_dots(simd, 1, w, scales, xq, ascale, bias, rows, out)
 
 
 @overload(dots, inline="always")
@@ -300,7 +302,7 @@ def _dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached):
         return few_dots
 
     def lane_dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached) -> None:
-        if cached and n > 1:
+        if cached:
             _cached_dots(simd, n, w, scales, xq, ascale, bias, rows, out)
         elif n == LANE_TILE:
             span_dots(simd, 8, w, scales, xq, ascale, bias, rows, out)

@@ -900,8 +900,8 @@ def _lane_function(module: ir.Module, simd: SimdType, n: int, cached: bool) -> i
     """The LLVM function of `span_dots` (`cached_span_dots` if `cached`) for `n` tokens on rows across lanes
     (`LANES`), the arguments of `_row_function`: blocks of `LANE_ROWS` rows one after another, each read as one
     stream. On 8-lane isas a block is two halves of 8 rows, each 32 bytes of every chunk. Per token two chains of
-    integer lanes (even and odd chunks) hide the latency of the dot products. Cached rows of two or more tokens
-    on 16-lane isas go two blocks a pass, `PAIR_TOKENS` tokens at a time (see `PAIR_TOKENS`)."""
+    integer lanes (even and odd chunks) hide the latency of the dot products. Cached rows on 16-lane isas go two
+    blocks a pass, `PAIR_TOKENS` tokens at a time (see `PAIR_TOKENS`)."""
     fn = _dots_function(module, "lane_cached" if cached else "lane", simd, n)
     if fn.blocks:
         return fn
@@ -916,7 +916,7 @@ def _lane_function(module: ir.Module, simd: SimdType, n: int, cached: bool) -> i
     fma = _declare(b, f"llvm.fma.v{width}f32", vf, [vf] * 3)
     prefetch = _prefetch(b)
     zero, izero = ir.Constant(vf, [0.0] * width), ir.Constant(vi, [0] * width)
-    paired = cached and width == LANE_ROWS and n > 1
+    paired = cached and width == LANE_ROWS
     accs = [[cgutils.alloca_once_value(b, zero) for _ in range(1 + paired)] for _ in range(n)]
     biased = fmt == INT4 or isa.int8_bias  # lanes start at the group's bias
 
