@@ -941,8 +941,9 @@ def _lane_function(module: ir.Module, simd: SimdType, n: int, cached: bool) -> i
 
     def run(units: list, tile: list) -> None:
         """The `tile`'s tokens with the rows of `units`, each broadcast feeding a dot product of every unit."""
-        for _, _, _, j in tile:
-            for acc in accs[j][: len(units)]:
+        mine = {j: accs[j][: len(units)] for _, _, _, j in tile}  # a token's accumulators, one a unit
+        for token_accs in mine.values():
+            for acc in token_accs:
                 b.store(zero, acc)
         with cgutils.for_range(b, groups) as loop:
             k = loop.index
@@ -975,11 +976,11 @@ def _lane_function(module: ir.Module, simd: SimdType, n: int, cached: bool) -> i
             sws = [scales(sblock, k, part) for _, sblock, part, _ in units]
             for (_, arow, _, j), token_lanes in zip(tile, lanes, strict=True):
                 a = _broadcast(b, load(arow, b.mul(k, const(4)), F32), width)
-                for sw, chains, acc in zip(sws, token_lanes, accs[j], strict=False):
+                for sw, chains, acc in zip(sws, token_lanes, mine[j], strict=True):
                     total = b.sitofp(b.add(*chains), vf)
                     b.store(b.call(fma, [total, b.fmul(sw, a), b.load(acc)]), acc)
         for _, _, _, j in tile:
-            for (_, _, _, first), acc in zip(units, accs[j], strict=False):
+            for (_, _, _, first), acc in zip(units, mine[j], strict=True):
                 at = b.add(b.mul(const(j), out_stride), b.mul(first, const(4)))
                 b.store(b.load(acc), b.bitcast(b.gep(out, [at]), vf.as_pointer()), align=4)
 
