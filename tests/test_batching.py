@@ -85,15 +85,15 @@ def test_int4_experts_batched_equal_alone_and_see_every_token_of_the_step(tiny) 
     llm = LLM(tiny("DeepseekV2ForCausalLM").path, rules="cpu-only-int4.yaml", dtype="float32")
     alone = [llm.generate(p, GREEDY).token_ids for p in PROMPTS]
     block = next(m for m in llm.placed.model.modules() if isinstance(m, MoEBlock))
-    assert block.numpy_lane  # the experts' `run`, on numpy arrays
+    assert block.numpy_lane  # the block's `run`, on numpy arrays
     calls: list[int] = []
-    run = block.experts.run
-    block.experts.run = lambda x, *args: calls.append(x.shape[0]) or run(x, *args)
+    run = block.run
+    block.run = lambda x: calls.append(x.shape[0]) or run(x)
     try:
         engine = llm.new_engine(SchedulerConfig(max_batch=8, prefill_chunk=512, kv_cache_tokens=1024))
         assert run_all(engine, PROMPTS) == alone
     finally:
-        del block.experts.run
+        del block.run
     # step 1 prefills all six prompts together, then every step decodes all six in one call
     assert calls[0] == sum(len(p) for p in PROMPTS) and calls[1:] == [len(PROMPTS)] * (GREEDY.max_tokens - 1)
     stats = engine.stats()

@@ -1,13 +1,16 @@
 """The absorbed latent attention's CPU decode preparation (`kernels/numba/latent.py`) against plain float64
-references, and its rotary layouts against the torch `Rope`s the per-op path applies."""
+references, and its rotary layouts against the torch `Rope`s the per-op path applies; `decode`, a layer's attention
+in one call, against the same kernels called one by one."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from hetero_moe.kernels.numba import latent
+from hetero_moe.kernels.numba import latent, norm
+from hetero_moe.kernels.numba.simd import choose_isa
 
+from hetero_moe.ops.cpu_linear import ROWS_PER_TASK, CPUQuantKwargs, HeadLinear, QuantMatrix
 from hetero_moe.ops.rope import ComplexRope, HalfRope, InterleavedRope
 
 
@@ -102,3 +105,76 @@ def test_attend_weights_the_cache_rows_by_each_heads_softmax(length: int) -> Non
         outs.append(out)
         torch.testing.assert_close(torch.from_numpy(out).double(), want, rtol=1e-5, atol=1e-6)
     assert all(np.array_equal(outs[0], o) for o in outs[1:]), "a head's result depends on the thread groups"
+
+
+def quantized(out_dim: int, in_dim: int, seed: int) -> QuantMatrix:
+    m = QuantMatrix(out_dim, in_dim, CPUQuantKwargs())
+    m.store(torch.randn(out_dim, in_dim, generator=torch.Generator().manual_seed(seed)) * 0.3)
+    return m
+
+
+def one_by_one(
+    x, cos, sin, latent_rows, pe_rows, new_rows, seq_rows, stack, q_b, q_norm, kv_norm, uk, uv, o_proj, sizes
+):
+    """The absorbed decode of `x [T, H]` as `MLAAttention.decode` ran it before `latent.decode`: each kernel called
+    from Python."""
+    heads, nope, rope_dim, scaling = sizes
+    t, r = x.shape[0], latent_rows.shape[1]
+
+    def linear(m, a):
+        return m.kernels(None).linear_x(a, m.codes, m.scales, ROWS_PER_TASK)
+
+    y = linear(stack, x)
+    split = heads * (nope + rope_dim) if q_b is None else q_norm.shape[0]
+    q = y[:, :split] if q_b is None else linear(q_b, norm.rms_norm(y[:, :split], q_norm, 1e-6))
+    q_nope, q_pe = np.empty((heads * t, nope), np.float32), np.empty((t, heads, rope_dim), np.float32)
+    latent.prepare(q, y[:, split:], heads, nope, kv_norm, 1e-6, cos, sin, latent.ROPE_PAIRS, latent_rows, pe_rows,
+                   new_rows, q_nope, q_pe)  # fmt: skip
+    # attend's fast-math sums are vectorized for the layouts it is compiled for: strided views of its query and
+    # output, as `decode` passes them whatever T (one token's `[:, 0]` would be contiguous, and may round otherwise)
+    q_latent = np.zeros((heads, t + 1, r), np.float32)
+    q_latent[:, :t] = uk.rows(q_nope).reshape(heads, t, r)
+    out = np.zeros((heads, t + 1, r), np.float32)
+    for i, rows in enumerate(seq_rows):
+        latent.attend(q_latent[:, i], q_pe[i], latent_rows, pe_rows, rows, scaling, 2, out[:, i])
+    v = uv.rows(np.ascontiguousarray(out[:, :t]).reshape(heads * t, -1)).reshape(heads, t, -1).transpose(1, 0, 2)
+    return linear(o_proj, np.ascontiguousarray(v).reshape(t, -1))
+
+
+@pytest.mark.skipif(choose_isa() == "float", reason="the integer kernels' bound arguments")
+@pytest.mark.parametrize("low_rank", [False, True], ids=["query", "low-rank-query"])
+@pytest.mark.parametrize("t", [1, 3])
+def test_decode_is_its_kernels_called_one_by_one(low_rank: bool, t: int) -> None:
+    """`decode` runs a layer's absorbed attention in one call: the bits, cache rows included, of the same kernels
+    called one after another from Python, for one sequence's token or several sequences' at once."""
+    g = torch.Generator().manual_seed(3)
+    heads, nope, rope_dim, r, v_dim, hidden, rank, scaling = 4, 32, 16, 256, 32, 80, 48, 0.1
+    q_width = rank if low_rank else heads * (nope + rope_dim)
+    stack, o_proj = quantized(q_width + r + rope_dim, hidden, 1), quantized(hidden, heads * v_dim, 2)
+    q_b = quantized(heads * (nope + rope_dim), rank, 3) if low_rank else None
+    kw = CPUQuantKwargs()
+    uk = HeadLinear.quantized(torch.randn(heads, r, nope, generator=g), kw, None)  # [h, r, nope]
+    uv = HeadLinear.quantized(torch.randn(heads, v_dim, r, generator=g), kw, None)
+    q_norm, kv_norm = (torch.rand(n, generator=g).numpy() + 0.5 for n in (rank, r))
+    x = torch.randn(t, hidden, generator=g).numpy()
+    cos, sin = (torch.randn(t, rope_dim // 2, generator=g).numpy() for _ in range(2))
+    lengths = [5, 9, 3][:t]
+    cap = sum(lengths)
+    seq_rows = np.split(torch.randperm(cap, generator=g).numpy(), np.cumsum(lengths)[:-1])  # paged: in no order
+    new_rows = np.array([rows[-1] for rows in seq_rows])
+    caches = [(torch.randn(cap, r, generator=g).numpy(), torch.randn(cap, rope_dim, generator=g).numpy())]
+    caches.append(tuple(c.copy() for c in caches[0]))
+    want = one_by_one(x, cos, sin, *caches[0], new_rows, seq_rows, stack, q_b, q_norm, kv_norm, uk, uv, o_proj,
+                      (heads, nope, rope_dim, scaling))  # fmt: skip
+
+    def bound(m):
+        return m.kernels(None).linear_args(m.codes, m.scales, ROWS_PER_TASK)
+
+    q_simd, q_args = bound(q_b) if low_rank else (None, None)
+    low = (rank, q_norm, 1e-6, q_args) if low_rank else None
+    weights = (*bound(stack), q_simd, low, kv_norm, 1e-6, *uk.kernel_args(), *uv.kernel_args(), *bound(o_proj))
+    rows, ends = np.concatenate(seq_rows), np.cumsum(lengths)
+    got = latent.decode(x, cos, sin, latent.ROPE_PAIRS, *caches[1], new_rows, rows, ends, 2, *weights, heads, nope,
+                        scaling)  # fmt: skip
+    assert np.array_equal(got, want)
+    assert all(np.array_equal(a, b) for a, b in zip(*caches, strict=True))

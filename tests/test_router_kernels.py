@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hetero_moe.kernels.numba import router
+from hetero_moe.kernels.numba.simd import choose_isa
 
 from hetero_moe.llm import LLM
 from hetero_moe.ops.moe import MoEBlock
@@ -125,4 +126,28 @@ def test_bfloat16_blocks_keep_torch_routing(tiny) -> None:
     llm = LLM(tiny("DeepseekV2ForCausalLM").path, rules="cpu-only-int4.yaml", dtype="bfloat16")
     blocks = [m for m in llm.placed.model.modules() if isinstance(m, MoEBlock)]
     assert blocks and not any(b.numpy_lane for b in blocks)
+    llm.close()
+
+
+@pytest.mark.skipif(choose_isa() == "float", reason="the integer kernels' bound arguments")
+@pytest.mark.parametrize("arch", ["DeepseekV2ForCausalLM", "Qwen3MoeForCausalLM"], ids=["shared", "no-shared"])
+def test_moe_block_in_one_call_is_its_kernels_called_one_by_one(tiny, arch: str) -> None:
+    """A MoE block on numpy arrays runs in one kernel call (`kernels/numba/moe.py`): router, routed experts and
+    shared experts with the bits of the same kernels called one after another from Python, and the same count of
+    streamed bytes."""
+    llm = LLM(tiny(arch).path, rules="cpu-only-int4.yaml", dtype="float32")
+    blocks = [m for m in llm.placed.model.modules() if isinstance(m, MoEBlock)]
+    assert blocks and all(b._block_args is not None for b in blocks)
+    rng = np.random.default_rng(4)
+    for b in blocks:
+        for t in (1, 3):
+            x = rng.standard_normal((t, b.experts.hidden), np.float32)
+            before = b.experts.bytes_streamed
+            one_call = b.run(x)
+            streamed = b.experts.bytes_streamed - before
+            bound = b._block_args
+            b._block_args = None  # the kernels one by one
+            assert np.array_equal(b.run(x), one_call)
+            assert b.experts.bytes_streamed - before == 2 * streamed > 0
+            b._block_args = bound
     llm.close()

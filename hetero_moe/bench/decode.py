@@ -90,10 +90,11 @@ class LayerTimer:
     GPU first; used in a separate profiled pass only. Our runner's layers start at their attention: its
     residual adds and norms need not be modules (`AddNorm`). Where the runner calls no module (its numpy decode
     lane: the attention's `decode`, the MLP's `run`), the timer wraps those methods, and it times the CPU
-    experts by their `run`, which both their module and a block's numpy lane call; a layer's clock starts at
-    whichever comes first and stops at whichever ends first."""
+    experts by their `run`, which both their module and a block's numpy lane call, or, where a block runs in one
+    kernel call, by that call (`MoEBlock.run_in_one_call`: its router and shared experts too); a layer's clock
+    starts at whichever comes first and stops at whichever ends first."""
 
-    def __init__(self, layers: list[nn.Module], experts: list[nn.Module], sync, starts=None) -> None:
+    def __init__(self, layers: list[nn.Module], blocks: list[nn.Module], sync, starts=None) -> None:
         self.sync = sync
         self.layer_s = [0.0] * len(layers)
         self.experts_s = 0.0
@@ -105,8 +106,10 @@ class LayerTimer:
             self.handles.append(layer.mlp.register_forward_hook(self._stop(("layer", i))))
             self._wrap(start, "decode", ("layer", i), stops=False)
             self._wrap(layer.mlp, "run", ("layer", i), stops=True)
-        for e in experts:
-            if not self._wrap(e, "run", ("experts", 0), starts=True, stops=True):
+        for b in blocks:
+            self._wrap(b, "run_in_one_call", ("experts", 0))
+            e = b.experts
+            if not self._wrap(e, "run", ("experts", 0)):
                 self.handles.append(e.register_forward_pre_hook(self._start(("experts", 0))))
                 self.handles.append(e.register_forward_hook(self._stop(("experts", 0))))
         self.started: dict[tuple, float] = {}
@@ -227,7 +230,7 @@ def run(bench: DecodeBench, model_dir: Path) -> dict:
     top_k = blocks[0].gate.top_k
     per_expert = _bytes_per_expert(experts[0])
 
-    step_s, overlap, overhead, timer = _decode(engine, runner, experts, sync, bench, decode_tokens, gpu is not None)
+    step_s, overlap, overhead, timer = _decode(engine, runner, blocks, sync, bench, decode_tokens, gpu is not None)
     # per-layer times, scaled by what the hooks' synchronisations added to the whole step; the experts' time,
     # inside a layer's, by the same factor (so that it stays inside)
     scale = step_s / timer.step_s
@@ -236,7 +239,7 @@ def run(bench: DecodeBench, model_dir: Path) -> dict:
     # outside: embedding, final norm, lm_head, sampling, detokenizing, Python
     moe_s, dense_s, outside_s = shape.split(step_s, layer_s)
     full_step_s = shape.full(step_s, layer_s)
-    prefill = [_prefill(engine, runner, experts, sync, n, shape) for n in bench.prefill]
+    prefill = [_prefill(engine, runner, blocks, sync, n, shape) for n in bench.prefill]
     routed_bytes = shape.full_moe * top_k * per_expert
     roofline = dram["best"] * 1e9 / routed_bytes
     other_bytes = shape.full(cpu_weight_bytes(llm.placed.model), [cpu_weight_bytes(x) for x in runner.layers])
@@ -283,7 +286,7 @@ def run(bench: DecodeBench, model_dir: Path) -> dict:
 TIMED = "Engine.step: schedule, forward, sample, detokenize, one request (as the server steps it)"
 
 
-def _decode(engine, runner, experts, sync, bench: DecodeBench, decode_tokens: int, gpu: bool):
+def _decode(engine, runner, blocks, sync, bench: DecodeBench, decode_tokens: int, gpu: bool):
     """One greedy request stepped by the engine as the server steps it (the host waits for each token):
     a timed pass, a pass for the overhead outside kernels (on a GPU torch's profiler, on the CPU alone the
     integer kernels' clock), then a pass with per-layer hooks. Returns (mean step seconds, the CPU-experts
@@ -299,7 +302,7 @@ def _decode(engine, runner, experts, sync, bench: DecodeBench, decode_tokens: in
     step_s = statistics.mean(_timed_step(engine) for _ in range(steps))
     overlap = None if stats is None else {"experts_s": stats.experts_s / steps, "wait_s": stats.wait_s / steps}
     overhead = _step_overhead(engine, steps, step_s, overlap) if gpu else _cpu_overhead(engine, steps)
-    timer = LayerTimer(runner.layers, experts, sync, runner.mixers)
+    timer = LayerTimer(runner.layers, blocks, sync, runner.mixers)
     try:
         timer.step_s = statistics.mean(_timed_step(engine) for _ in range(steps))
     finally:
@@ -316,11 +319,11 @@ def _timed_step(engine) -> float:
     return time.perf_counter() - start
 
 
-def _prefill(engine, runner, experts, sync, n: int, shape: Extrapolation) -> dict:
+def _prefill(engine, runner, blocks, sync, n: int, shape: Extrapolation) -> dict:
     """One prompt of `n` tokens in one engine step (its first token sampled), per-layer times from hooks,
     extrapolated like decode."""
     engine.add_request([i % 200 + 3 for i in range(n)], SamplingParams(max_tokens=1, temperature=0))
-    timer = LayerTimer(runner.layers, experts, sync, runner.mixers)
+    timer = LayerTimer(runner.layers, blocks, sync, runner.mixers)
     try:
         sync()
         seconds = _timed_step(engine)
@@ -353,10 +356,10 @@ def _step_overhead(engine, steps: int, step_s: float, overlap: dict | None) -> d
 def _cpu_overhead(engine, steps: int) -> dict | None:
     """Per decode step of a CPU-only placement: the time in the integer kernels (`int8dot.timed`: the dot
     products over weights, with the quantizing of their activations where one call does both, and the
-    activations' quantization called apart), in the other Numba kernels a step calls (`OTHER_KERNELS`: the
-    router, the latent attention and its preparation, the norms), and what is left of the step outside all of
-    them (Python, numpy, sampling; torch where an op runs in torch). None when no integer kernel ran (experts
-    in fp8 or bf16)."""
+    activations' quantization called apart), in the other Numba kernels a step calls (`OTHER_KERNELS`: a
+    layer's latent attention and MoE block with their weights, routers, norms), and what is left of the step
+    outside all of them (Python, numpy, sampling; torch where an op runs in torch). None when no integer kernel
+    ran (experts in fp8 or bf16)."""
     from hetero_moe.kernels.numba import int8dot
 
     others = [(importlib.import_module(m), name) for m, names in OTHER_KERNELS.items() for name in names]
@@ -377,10 +380,13 @@ def _cpu_overhead(engine, steps: int) -> dict | None:
     }
 
 
-# module -> the Numba kernels of a CPU decode step besides int8dot's, as the ops call them (module attributes)
+# module -> the Numba kernels of a CPU decode step besides int8dot's, as the ops call them (module attributes). A
+# layer's latent attention (`decode`) and MoE block (`block`) run int8dot's kernels inside one call each: their time
+# counts here whole.
 OTHER_KERNELS = {
+    "hetero_moe.kernels.numba.latent": ("decode",),
+    "hetero_moe.kernels.numba.moe": ("block",),
     "hetero_moe.kernels.numba.router": ("select",),
-    "hetero_moe.kernels.numba.latent": ("prepare", "attend"),
     "hetero_moe.kernels.numba.norm": ("rms_norm", "add_rms_norm"),
 }
 
@@ -445,7 +451,8 @@ def format_report(r: dict) -> str:
             if r["other_cpu_bytes_per_token"]
             else []
         ),
-        f"per MoE layer {m['total']:.3f} ms: CPU experts {m['cpu_experts']:.3f}, waiting {m['waiting']:.3f}, "
+        f"per MoE layer {m['total']:.3f} ms: CPU experts {m['cpu_experts']:.3f} (with the router and shared "
+        f"experts where the block is one kernel call), waiting {m['waiting']:.3f}, "
         f"GPU and host {m['gpu_and_host']:.3f}; dense layer {r['per_dense_layer_ms']:.3f} ms; "
         f"outside layers {r['outside_layers_ms']:.3f} ms",
         *(
@@ -464,8 +471,9 @@ def format_report(r: dict) -> str:
             [
                 f"per step: integer kernels ({o['kernel_calls']:.0f} calls) {o['cpu_weight_kernels_ms']:.2f} ms "
                 f"over weights and {o['cpu_activations_ms']:.2f} ms quantizing activations apart (most are "
-                f"quantized inside the weights' calls), other kernels ({o['other_kernel_calls']:.0f} calls: router, "
-                f"latent attention, norms) {o['other_kernels_ms']:.2f} ms, outside all of them "
+                f"quantized inside the weights' calls), other kernels ({o['other_kernel_calls']:.0f} calls: latent "
+                f"attention and MoE blocks, a call each with their weights, routers, norms) "
+                f"{o['other_kernels_ms']:.2f} ms, outside all of them "
                 f"{o['outside_kernels_ms']:.2f} ms ({o['outside_share']:.0%} of the step)"
             ]
             if (o := r["step_overhead"]) and "cpu_weight_kernels_ms" in o

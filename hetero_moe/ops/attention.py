@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetero_moe.kernels.numba import latent as latent_kernels
-from hetero_moe.kernels.numba import norm as norm_kernels
 from hetero_moe.ops.base import BuildContext, Op
 from hetero_moe.ops.cpu_linear import CPULinear, HeadLinear, stacked
 from hetero_moe.ops.rope import HalfRope, Rope
@@ -322,9 +321,6 @@ class MLAAttention(Op):
             self._uk = lambda q: self._uk_heads(q).to(q.dtype)
             self._uv = lambda o: self._uv_heads(o).to(o.dtype)
             self.fused = self._fusable()
-            if self.fused:  # the norms' weights as the latent kernels read them, once
-                self._kv_norm = _weight(self.kv_a_layernorm)
-                self._q_norm = None if self.q_lora_rank is None else _weight(self.q_a_layernorm)
             return
         w = w.to(self.dtype)
         self.w_uk, self.w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # [h, nope, r], [h, v, r]
@@ -345,8 +341,8 @@ class MLAAttention(Op):
 
     def _fusable(self) -> bool:
         """Whether decode tokens can take `_decode_fused`: float32 on the CPU, every projection quantized on
-        it (stacked, W_UK, W_UV, o_proj, and q_b_proj with the low-rank query), norms with a weight and an
-        epsilon, no indexer and no Triton kernel."""
+        it (stacked, W_UK, W_UV, o_proj, and q_b_proj with the low-rank query) and run by the integer kernels
+        (not the float backend), norms with a weight and an epsilon, no indexer and no Triton kernel."""
         norms = [self.kv_a_layernorm] + ([] if self.q_lora_rank is None else [self.q_a_layernorm])
         linears = [self.o_proj] + ([] if self.q_lora_rank is None else [self.q_b_proj])
         return (
@@ -355,6 +351,7 @@ class MLAAttention(Op):
             and not self.kernel
             and self.indexer is None
             and self._stack is not None
+            and self._stack.kernel_args() is not None
             and all(isinstance(m, CPULinear) and m.bias is None for m in linears)
             and all(hasattr(m, "weight") and hasattr(m, "variance_epsilon") for m in norms)
         )
@@ -386,37 +383,36 @@ class MLAAttention(Op):
 
     def decode(self, xs: np.ndarray, pairs: tuple, cache: MLACache, seqs: list[SeqSlice]) -> np.ndarray:
         """One token of each of `seqs` (rows `s.begin` of `xs [N, H]` float32), absorbed, on numpy arrays from
-        the projections to o_proj: the quantized kernels, and `kernels/numba/latent.py` for the norm, rotary,
-        cache rows and query split, and for the attention over the cache -> `[len(seqs), H]` float32.
-        `pairs`: the rotary layout and per-pair tables of all N tokens (`decode_pairs`)."""
+        the projections to o_proj in one call of `latent_kernels.decode` -> `[len(seqs), H]` float32. `pairs`:
+        the rotary layout and per-pair tables of all N tokens (`decode_pairs`)."""
         layout, cos, sin = pairs
         tokens = [s.begin for s in seqs]
         if tokens != list(range(xs.shape[0])):
             xs, cos, sin = xs[tokens], cos[tokens], sin[tokens]
-        y = self._stack.run(np.ascontiguousarray(xs))
-        q_width = self.num_heads * (self.nope_dim + self.rope_dim)
-        if self.q_lora_rank is None:
-            q, kv = y[:, :q_width], y[:, q_width:]
+        if len(seqs) == 1:
+            new_rows, rows = seqs[0].new_index, seqs[0].all_index
+            ends = np.array([len(rows)])
         else:
-            eps = self.q_a_layernorm.variance_epsilon
-            q_resid = norm_kernels.rms_norm(y[:, : self.q_lora_rank], self._q_norm, eps)
-            q, kv = self.q_b_proj.run(q_resid), y[:, self.q_lora_rank :]
-        t, h = len(seqs), self.num_heads
-        new_rows = seqs[0].new_index if t == 1 else np.concatenate([s.new_index for s in seqs])
-        q_nope = np.empty((h * t, self.nope_dim), np.float32)
-        q_pe = np.empty((t, h, self.rope_dim), np.float32)
+            new_rows, rows = (np.concatenate([getattr(s, name) for s in seqs]) for name in ("new_index", "all_index"))
+            ends = np.cumsum([len(s.all_index) for s in seqs])
         latent, k_pe = cache.arrays
-        latent_kernels.prepare(
-            q, kv, h, self.nope_dim, self._kv_norm, self.kv_a_layernorm.variance_epsilon,
-            cos, sin, layout, latent, k_pe, new_rows, q_nope, q_pe,
-        )  # fmt: skip
-        q_latent = self._uk_heads.rows(q_nope).reshape(h, t, self.kv_lora_rank)
-        out = np.empty((h, t, self.kv_lora_rank), np.float32)  # head-major, as W_UV takes it
-        groups = numba.get_num_threads()
-        for i, s in enumerate(seqs):
-            latent_kernels.attend(q_latent[:, i], q_pe[i], latent, k_pe, s.all_index, self.scaling, groups, out[:, i])
-        v = self._uv_heads.rows(out.reshape(h * t, -1)).reshape(h, t, self.v_dim).transpose(1, 0, 2)  # [T, h, v]
-        return self.o_proj.run(np.ascontiguousarray(v).reshape(t, -1))
+        threads = numba.get_num_threads()
+        return latent_kernels.decode(
+            xs, cos, sin, layout, latent, k_pe, new_rows, rows, ends, threads, *self._decode_args
+        )
+
+    @cached_property
+    def _decode_args(self) -> tuple:
+        """`latent_kernels.decode`'s weights, bound at the first decode (the linears' arrays are final by then)."""
+        q_simd, low_rank = None, None
+        if self.q_lora_rank is not None:
+            norm = self.q_a_layernorm
+            q_simd, q_b = self.q_b_proj.kernel_args()
+            low_rank = (self.q_lora_rank, _weight(norm), norm.variance_epsilon, q_b)
+        kv = self.kv_a_layernorm
+        stack, uk, uv, o_proj = (m.kernel_args() for m in (self._stack, self._uk_heads, self._uv_heads, self.o_proj))
+        latent = (_weight(kv), kv.variance_epsilon)
+        return *stack, q_simd, low_rank, *latent, *uk, *uv, *o_proj, self.num_heads, self.nope_dim, self.scaling
 
     def _per_op(self, x: torch.Tensor, rope: Rope, cache: MLACache, seqs: list[SeqSlice]) -> torch.Tensor:
         n = x.shape[0]

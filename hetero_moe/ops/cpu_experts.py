@@ -202,6 +202,14 @@ class GroupFormat:
             return None
         return k13.experts(k2, x, idx, weights, self.w13, self.s13, self.inter, self.w2, self.s2, rows, out)
 
+    def block_args(self, rows: int) -> tuple | None:
+        """`run_block`'s weights and kernels bound for jitted callers (`int8dot.apply_experts`); None where
+        `run_block` is."""
+        k13, k2 = self.kernels
+        if k13.experts_args is None:
+            return None
+        return k13.experts_args(k2, self.w13, self.s13, self.inter, self.w2, self.s2, rows)
+
 
 class BlockFormat:
     """Experts from a GGUF file in llama.cpp's block types, run by the int8-activation kernels of the format
@@ -354,6 +362,14 @@ class BlockFormat:
             return None
         w13, s13, w2, s2 = self._weights()
         return k13.experts(k2, x, idx, weights, w13, s13, self.inter, w2, s2, rows, out)
+
+    def block_args(self, rows: int) -> tuple | None:
+        """`GroupFormat.block_args`."""
+        k13, k2 = self.kernels
+        if k13.experts_args is None or self.paging:
+            return None
+        w13, s13, w2, s2 = self._weights()
+        return k13.experts_args(k2, w13, s13, self.inter, w2, s2, rows)
 
 
 class FP8Format:
@@ -750,7 +766,7 @@ class CPUExperts(Op):
             out = np.empty_like(xf)  # no expert can reach torch's matmul: the block in one kernel call
             used = self.format.run_block(xf, idx, weights, ROWS_PER_TASK, out)
             if used is not None:
-                self.bytes_streamed += used * self.format.nbytes() // self.num_experts
+                self.count_streamed(used)
                 return out
         pairs = group_pairs(idx, self.num_experts)
         self.bytes_streamed += len(pairs.expert) * self.format.nbytes() // self.num_experts
@@ -773,6 +789,17 @@ class CPUExperts(Op):
         out = np.empty_like(xf)
         combine(y, pairs.token, pairs.slot, weights, out)
         return out
+
+    def block_args(self) -> tuple | None:
+        """The weights and kernels `run` takes for fewer than `torch_min_tokens` pairs, bound for jitted callers
+        (`int8dot.apply_experts`): the same bits as `run`. None where `run` has no such kernel call."""
+        if self.pinned or not isinstance(self.format, GroupFormat | BlockFormat):
+            return None
+        return self.format.block_args(ROWS_PER_TASK)
+
+    def count_streamed(self, used: int) -> None:
+        """Add `used` experts' bytes to `bytes_streamed`, for a call made with `block_args`."""
+        self.bytes_streamed += used * self.format.nbytes() // self.num_experts
 
     def pinned_forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The pinned experts' share of `forward`, on `pinned_device` (all three tensors there)."""

@@ -263,6 +263,11 @@ class CPULinear(Op):
         k = self._kernels
         return k.linear_x(flat, self.matrix.codes, self.matrix.scales, ROWS_PER_TASK)
 
+    def kernel_args(self) -> tuple | None:
+        """`run`'s weights and kernels bound for jitted callers (`int8dot.apply_linear`); None on the float backend."""
+        k = self._kernels
+        return None if k.linear_args is None else k.linear_args(self.matrix.codes, self.matrix.scales, ROWS_PER_TASK)
+
 
 class StackedLinear:
     """Linears of one input run as one: `x -> [m(x) for m in linears]` with their rows stacked, so the input
@@ -289,6 +294,11 @@ class StackedLinear:
         """`flat [T, I]` float32 -> the outputs side by side, `[T, sum O]` float32."""
         k = self.kernels
         return k.linear_x(flat, self.codes, self.scales, ROWS_PER_TASK)
+
+    def kernel_args(self) -> tuple | None:
+        """As `CPULinear.kernel_args`."""
+        k = self.kernels
+        return None if k.linear_args is None else k.linear_args(self.codes, self.scales, ROWS_PER_TASK)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         y = torch.from_numpy(self.run(x.reshape(-1, self.in_features).float().contiguous().numpy())).to(x.dtype)
@@ -361,3 +371,10 @@ class HeadLinear:
         k = self.kernels
         k.down_x(rows, seg, self.experts, self.codes, self.scales, HEAD_ROWS_PER_TASK, y)
         return y
+
+    def kernel_args(self) -> tuple | None:
+        """`rows`' weights and kernels bound for jitted callers (`int8dot.apply_linear`); None on the float backend."""
+        k = self.kernels
+        if k.linear_args is None:
+            return None
+        return k.linear_args(self.codes, self.scales, HEAD_ROWS_PER_TASK, self.experts)

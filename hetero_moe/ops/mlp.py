@@ -130,6 +130,14 @@ class QuantGatedMLP(Op):
         y = self.run(x.reshape(-1, self.hidden).float().contiguous().numpy())
         return torch.from_numpy(y).to(x.dtype).view(x.shape)
 
+    def kernel_args(self) -> tuple | None:
+        """`run`'s weights and kernels bound for jitted callers (`int8dot.apply_experts`, one expert every token
+        goes to with weight 1): the same bits as `run`. None on the float backend."""
+        k13, k2 = self._kernels
+        if k13.experts_args is None:
+            return None
+        return k13.experts_args(k2, self.w13, self.s13, self.inter, self.w2, self.s2, ROWS_PER_TASK)
+
     def run(self, flat: np.ndarray) -> np.ndarray:
         """`flat [T, H]` float32, contiguous -> `[T, H]` float32."""
         t = flat.shape[0]

@@ -9,14 +9,18 @@ their inputs while the GPU computes the shared experts (`HostStaging`).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numba import get_num_threads
 from torch import nn
 
+from hetero_moe.kernels.numba import moe as moe_kernels
 from hetero_moe.kernels.numba import router as router_kernels
+from hetero_moe.kernels.numba.int8dot import scratch
 from hetero_moe.ops.base import BuildContext, Op, module_device
 from hetero_moe.ops.cpu_experts import BlockFormat, CPUExperts, GroupFormat
 from hetero_moe.ops.mlp import QuantGatedMLP
@@ -104,11 +108,38 @@ class MoEBlock(Op):
 
     def run(self, xf: np.ndarray) -> np.ndarray:
         """The block on numpy arrays (`numpy_lane` only): `xf [T, H]` float32, contiguous -> `[T, H]` float32."""
+        out = self.run_in_one_call(xf)
+        if out is not None:
+            return out
         weights, index = self.gate.route(xf)
         out = self.experts.run(xf, index, weights)
         if self.shared is not None:
             out += self.shared.run(xf)
         return out
+
+    def run_in_one_call(self, xf: np.ndarray) -> np.ndarray | None:
+        """`run` in one kernel call (`moe_kernels.block`: the router, the routed and the shared experts), the same
+        bits, where the parts have one and the routed experts would take theirs (fewer than `torch_min_tokens`
+        pairs); else None."""
+        bound = self._block_args
+        if bound is None or xf.shape[0] * self.gate.top_k >= self.experts.torch_min_tokens:
+            return None
+        t, k, out = xf.shape[0], self.gate.top_k, np.empty_like(xf)
+        h_rows, y_rows = scratch("h", t * k, self.experts.inter), scratch("y", t * k, xf.shape[1])
+        shared_h_rows = None if self.shared is None else scratch("h", t, self.shared.inter)
+        used = moe_kernels.block(xf, h_rows, shared_h_rows, y_rows, out, get_num_threads(), *bound)
+        self.experts.count_streamed(used)
+        return out
+
+    @cached_property
+    def _block_args(self) -> tuple | None:
+        """`moe_kernels.block`'s weights, bound at the first call (`numpy_lane` only): the router's, the routed
+        experts' and the shared experts'; None where a part has no such kernel call."""
+        routed = self.experts.block_args()
+        shared = (None, None, None) if self.shared is None else self.shared.kernel_args()
+        if routed is None or shared is None:
+            return None
+        return *self.gate.kernel_args(), *routed, *shared
 
     def _shared(self, x: torch.Tensor) -> torch.Tensor:
         """The shared experts' output on their device, gated where the model gates it."""
@@ -211,6 +242,12 @@ class Router(Op):
         bias = np.zeros(self.num_experts, np.float32) if bias is None else bias.detach().float().numpy()
         self.numba = (routing, self.weight.detach().numpy(), bias)
         return True
+
+    def kernel_args(self) -> tuple:
+        """`route`'s weight, bias and math bound for jitted callers (`use_numba` first): `(weight, bias, routing,
+        top_k)`, `routing` the `Routing` fields in `router_kernels.select`'s order."""
+        r, w, bias = self.numba
+        return w, bias, astuple(r), self.top_k
 
     def route(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`x [T, H]` float32, contiguous -> (weights `[T, k]` float32, expert index `[T, k]` int64), in Numba

@@ -544,6 +544,39 @@ def quantized_down(simd, g, fmt, x, seg, seg_expert, w2, s2, rows_per_task, task
     _down(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, tasks, y)
 
 
+# The kernels the jitted callers below call, bound here for the reason `_gate_up` is.
+_experts, _quantized_down = experts, quantized_down
+
+# Jitted code that runs several steps of a layer in one call (`latent.decode`, `moe.block`) takes each quantized
+# linear and routed experts block as its `Simd` tokens and one tuple of kernel arguments, bound once at load
+# (`Kernels.linear_args`, `Kernels.experts_args`), and runs it with `apply_linear` and `apply_experts`: the same
+# kernels and bits as the calls from Python. The tokens go apart from the tuples: Numba types a tuple holding one
+# in Python on every call (27-46 us), a tuple of arrays and numbers from a cache (0.3 us).
+
+
+@njit(inline="always", cache=True)
+def apply_linear(simd, args, x, threads: int):
+    """`x [E * T, I]` float32 through the linear of `simd`, `args` (`Kernels.linear_args`) -> `[E * T, O]`
+    float32: rows `j * T .. (j + 1) * T` through matrix j of its E (one matrix, or one per head, head-major), on
+    `threads` threads (`numba.get_num_threads()`, which jitted code cannot cache)."""
+    g, fmt, w, s, matrices, rows_per_task = args
+    e = matrices.shape[0]
+    seg = np.arange(e + 1) * (x.shape[0] // e)
+    y = np.empty((x.shape[0], w.shape[1]), np.float32)
+    _quantized_down(simd, g, fmt, x, seg, matrices, w, s, rows_per_task, TASKS_PER_THREAD * threads, y)
+    return y
+
+
+@njit(inline="always", cache=True)
+def apply_experts(simd13, simd2, args, x, index, weights, out, h_rows, y_rows, threads: int) -> int:
+    """`experts` of `x [T, H]`, `index` and `weights` `[T, k]` into `out [T, H]` with the weights of `simd13`,
+    `simd2`, `args` (`Kernels.experts_args`) and the room `h_rows`, `y_rows` (`scratch`), on `threads` threads ->
+    the number of experts used."""
+    g13, fmt13, g2, fmt2, w1, s1, w3, s3, up_row, inter, w2, s2, rows_per_task = args
+    blocks = (w1, s1, w3, s3, up_row, inter, w2, s2, rows_per_task, TASKS_PER_THREAD * threads, out, h_rows, y_rows)
+    return _experts(simd13, simd2, g13, fmt13, g2, fmt2, x, index, weights, *blocks)
+
+
 # INT8 weights at load time: `kernels/quant.py:quantize_int8`, bit for bit (the rules of `quantize.py`).
 
 
@@ -792,6 +825,10 @@ class Kernels:
     - `experts(k2, x, index, weights, w13, s13, inter, w2, s2, rows_per_task, out [T, H]) -> experts used`:
       a whole routed experts block in one call (see `experts`), `w13`/`s13` as `gate_up` takes them and the
       down rows in `k2`'s format; None on the float backend
+    - `linear_args(weights, scales, rows_per_task, matrices=None) -> (simd, args)` for `apply_linear`: one matrix
+      `[O, B]`, or with `matrices` (int64 `[E]`, `arange(E)`) E of them, `[E, O, B]`; and
+      `experts_args(k2, w13, s13, inter, w2, s2, rows_per_task) -> (simd13, simd2, args)` for `apply_experts`
+      (jitted callers); None on the float backend
     """
 
     activations: Callable[[np.ndarray], tuple]
@@ -802,6 +839,8 @@ class Kernels:
     linear_x: Callable[..., np.ndarray]
     experts: Callable[..., int] | None = None
     simd: Simd | None = None
+    linear_args: Callable[..., tuple] | None = None
+    experts_args: Callable[..., tuple] | None = None
 
 
 @dataclass(frozen=True)
@@ -963,7 +1002,18 @@ def _kernels(isa: str, fmt: int, g: int, kind: int) -> Kernels:
         blocks = (*rows, inter, w2, s2, rows_per_task, task_count(), out, h, y)
         return experts(simd, s2_, g, act_fmt, g2, fmt2, x, index, weights, *blocks)
 
-    return Kernels(activations, gate_up_, down_, linear_, down_x, linear_x, experts_, simd)
+    def linear_args(weights, scales, rows_per_task, matrices=None) -> tuple:
+        if matrices is None:  # one matrix, `[O, B]`
+            weights, scales, matrices = weights[None], scales[None], _ONE_EXPERT
+        return simd, (g, act_fmt, weights, scales, matrices, rows_per_task)
+
+    def experts_args(k2, w13, s13, inter, w2, s2, rows_per_task) -> tuple:
+        s2_ = k2.simd
+        fmt2 = BLOCK_ROWS.get(s2_.fmt, (s2_.fmt,))[0]
+        args = (g, act_fmt, s2_.g, fmt2, *_gate_up_rows(w13, s13, inter), inter, w2, s2, rows_per_task)
+        return simd, s2_, args
+
+    return Kernels(activations, gate_up_, down_, linear_, down_x, linear_x, experts_, simd, linear_args, experts_args)
 
 
 def _gate_up_rows(w13, s13, inter: int) -> tuple:

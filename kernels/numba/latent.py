@@ -3,7 +3,8 @@ between the quantized projections (`int8dot.py`) in one call instead of dozens o
 `prepare`, per token: the latent's RMSNorm and the rotary key into the cache rows, and the query split per
 head, its nope part in the row order the per-head W_UK kernel takes, its rope part rotated. `attend`, per
 token: the scores of every head against its sequence's cache rows, the softmax, and the latent rows weighted
-by it; each thread takes a group of heads and reads each cache row once for all of them.
+by it; each thread takes a group of heads and reads each cache row once for all of them. `decode`: a layer's
+attention for its decode tokens in one call, from the projections of its input to o_proj.
 
 Rotary layouts (`ROPE_*`), `cos` and `sin` holding one value per pair: `ROPE_PAIRS` (DeepSeek-V2: adjacent
 pairs rotated in place), `ROPE_PAIRS_TO_HALVES` (DeepSeek-V3 interleaved: adjacent pairs in, the rotated
@@ -15,7 +16,8 @@ the same as, the per-op torch path's.
 from __future__ import annotations
 
 import numpy as np
-from hetero_moe.kernels.numba.norm import rms_norm_row
+from hetero_moe.kernels.numba.int8dot import apply_linear
+from hetero_moe.kernels.numba.norm import rms_norm, rms_norm_row
 from numba import njit, prange
 
 ROPE_PAIRS = 0
@@ -124,3 +126,40 @@ def attend(q_latent, q_pe, latent, pe, rows, scaling, groups, out) -> None:
     for g in prange(groups):
         first, last = g * heads // groups, (g + 1) * heads // groups
         _attend_heads(q_latent, q_pe, latent, pe, padded, length, np.float32(scaling), first, last, scores, out)
+
+
+@njit(nogil=True, cache=True)
+def decode(
+    x, cos, sin, layout, latent, pe, new_rows, rows, ends, threads,
+    stack_simd, stack, q_simd, low_rank, kv_norm, kv_eps, uk_simd, uk, uv_simd, uv, o_simd, o_proj,
+    heads, nope, scaling,
+):  # fmt: skip
+    """Decode tokens `x [T, H]` float32 (token t of sequence t) through absorbed latent attention -> `[T, H]`, on
+    `threads` threads (`numba.get_num_threads()`, which jitted code cannot cache). The linears are
+    `int8dot.apply_linear`'s (a `Simd` and a tuple each): the projections `stack` (the query's, or its low-rank
+    one, then the latent's and the rotary key's, stacked), with a low-rank query `low_rank = (rank, norm weight,
+    eps, q_b_proj)` (else None, and `q_simd` too); `prepare` with the latent's norm `kv_norm`, `kv_eps` and the
+    rotary tables `cos`, `sin` `[T, rope / 2]`, into cache rows `new_rows [T]` of `latent` and `pe`; W_UK (`uk`,
+    one matrix a head); `attend` over token t's rows `rows[ends[t - 1] : ends[t]]`; W_UV (`uv`); `o_proj`. One
+    call a layer where there were a dozen from Python, each slow once the streamed weights have evicted the
+    interpreter's code and data from the caches: the same kernels in the same order, the same bits."""
+    t, rope, r = x.shape[0], pe.shape[1], latent.shape[1]
+    y = apply_linear(stack_simd, stack, np.ascontiguousarray(x), threads)
+    if low_rank is None:
+        split = heads * (nope + rope)
+        q = y[:, :split]
+    else:
+        split, q_norm, q_eps, q_b = low_rank
+        q = apply_linear(q_simd, q_b, rms_norm(y[:, :split], q_norm, q_eps), threads)
+    q_nope = np.empty((heads * t, nope), np.float32)
+    q_pe = np.empty((t, heads, rope), np.float32)
+    prepare(q, y[:, split:], heads, nope, kv_norm, kv_eps, cos, sin, layout, latent, pe, new_rows, q_nope, q_pe)
+    q_latent = apply_linear(uk_simd, uk, q_nope, threads).reshape(heads, t, r)
+    out = np.empty((heads, t, r), np.float32)  # head-major, as W_UV takes it
+    start = 0
+    for i in range(t):
+        attend(q_latent[:, i], q_pe[i], latent, pe, rows[start : ends[i]], scaling, threads, out[:, i])
+        start = ends[i]
+    v = apply_linear(uv_simd, uv, out.reshape(heads * t, r), threads)
+    v = np.ascontiguousarray(v.reshape(heads, t, -1).transpose((1, 0, 2)))  # [T, h, v]
+    return apply_linear(o_simd, o_proj, v.reshape(t, -1), threads)

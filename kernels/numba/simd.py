@@ -198,9 +198,14 @@ def spans(fmt: int, g: int) -> tuple[int, int, int]:
 
 @functools.cache
 def codegen_version() -> str:
-    """Hash of this file, part of every token's Numba type: cached kernels compiled from an older
-    code generator no longer match."""
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+    """Hash of this folder's sources, part of every token's Numba type: cached kernels compiled from an older code
+    generator, or calling older kernels, no longer match. Numba checks only the timestamp of the file a cached
+    function is defined in, and a kernel that calls another (`latent.decode` calls `int8dot`'s) holds the
+    callee's code too."""
+    digest = hashlib.sha256()
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 class SimdType(types.Dummy):
