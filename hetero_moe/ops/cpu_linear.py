@@ -236,8 +236,8 @@ class CPULinear(Op):
     def load_weight(self, key: str, tensor: torch.Tensor) -> None:
         if key == "weight":
             self.matrix.store(tensor)
-            if self.keep_source:
-                self.source = tensor
+            if self.keep_source:  # a copy: a view would hold the checkpoint file's whole mapping, every page
+                self.source = tensor.clone()  # read from it resident, until the parent op lets it go
         else:
             super().load_weight(key, tensor)
 
