@@ -130,14 +130,14 @@ def one_by_one(
     q_nope, q_pe = np.empty((heads * t, nope), np.float32), np.empty((t, heads, rope_dim), np.float32)
     latent.prepare(q, y[:, split:], heads, nope, kv_norm, 1e-6, cos, sin, latent.ROPE_PAIRS, latent_rows, pe_rows,
                    new_rows, q_nope, q_pe)  # fmt: skip
-    # attend's fast-math sums are vectorized for the layouts it is compiled for: strided views of its query and
-    # output, as `decode` passes them whatever T (one token's `[:, 0]` would be contiguous, and may round otherwise)
-    q_latent = np.zeros((heads, t + 1, r), np.float32)
-    q_latent[:, :t] = uk.rows(q_nope).reshape(heads, t, r)
-    out = np.zeros((heads, t + 1, r), np.float32)
+    # attend's fast-math sums are vectorized for the layouts it is compiled for: each token's query and output
+    # contiguous, as `decode` passes them whatever T
+    q_latent = np.ascontiguousarray(uk.rows(q_nope).reshape(heads, t, r).transpose(1, 0, 2))
+    out = np.zeros((t, heads, r), np.float32)
     for i, rows in enumerate(seq_rows):
-        latent.attend(q_latent[:, i], q_pe[i], latent_rows, pe_rows, rows, scaling, 2, out[:, i])
-    v = uv.rows(np.ascontiguousarray(out[:, :t]).reshape(heads * t, -1)).reshape(heads, t, -1).transpose(1, 0, 2)
+        latent.attend(q_latent[i], q_pe[i], latent_rows, pe_rows, rows, scaling, 2, out[i])
+    heads_major = np.ascontiguousarray(out.transpose(1, 0, 2)).reshape(heads * t, -1)
+    v = uv.rows(heads_major).reshape(heads, t, -1).transpose(1, 0, 2)
     return linear(o_proj, np.ascontiguousarray(v).reshape(t, -1))
 
 

@@ -154,12 +154,16 @@ def decode(
     q_nope = np.empty((heads * t, nope), np.float32)
     q_pe = np.empty((t, heads, rope), np.float32)
     prepare(q, y[:, split:], heads, nope, kv_norm, kv_eps, cos, sin, layout, latent, pe, new_rows, q_nope, q_pe)
+    # token-major, so that each token's query and output are contiguous: `attend` compiled for strided ones ran
+    # its dot products in scalars (3x the time at V2-Lite's shape)
     q_latent = apply_linear(uk_simd, uk, q_nope, threads).reshape(heads, t, r)
-    out = np.empty((heads, t, r), np.float32)  # head-major, as W_UV takes it
+    q_latent = np.ascontiguousarray(q_latent.transpose((1, 0, 2)))
+    out = np.empty((t, heads, r), np.float32)
     start = 0
     for i in range(t):
-        attend(q_latent[:, i], q_pe[i], latent, pe, rows[start : ends[i]], scaling, threads, out[:, i])
+        attend(q_latent[i], q_pe[i], latent, pe, rows[start : ends[i]], scaling, threads, out[i])
         start = ends[i]
-    v = apply_linear(uv_simd, uv, out.reshape(heads * t, r), threads)
+    heads_major = np.ascontiguousarray(out.transpose((1, 0, 2))).reshape(heads * t, r)  # as W_UV takes it
+    v = apply_linear(uv_simd, uv, heads_major, threads)
     v = np.ascontiguousarray(v.reshape(heads, t, -1).transpose((1, 0, 2)))  # [T, h, v]
     return apply_linear(o_simd, o_proj, v.reshape(t, -1), threads)
