@@ -204,7 +204,7 @@ class GroupFormat:
 
     def block_args(self, rows: int) -> tuple | None:
         """`run_block`'s weights and kernels bound for jitted callers (`int8dot.apply_experts`); None where
-        `run_block` is."""
+        `run_block` returns None."""
         k13, k2 = self.kernels
         if k13.experts_args is None:
             return None
