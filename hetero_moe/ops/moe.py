@@ -34,7 +34,8 @@ class MoEBlock(Op):
 
     A float32 block whose parts all run on the CPU, its routed experts (none pinned) and its shared experts on
     the quantized kernels, runs on numpy arrays from end to end (`_numpy`), its router in Numba: every token,
-    prefill or decode, so a token's result does not depend on its batch."""
+    prefill or decode, so a token's result does not depend on its batch. On the integer kernels the whole block is
+    one kernel call (`run_in_one_call`)."""
 
     container = True
 
