@@ -995,23 +995,21 @@ def _kernels(isa: str, fmt: int, g: int, kind: int) -> Kernels:
         quantized_down(simd, g, act_fmt, x, seg, *one, rows_per_task, task_count(), y)
         return y
 
-    def experts_(k2, x, index, weights, w13, s13, inter, w2, s2, rows_per_task, out) -> int:
-        s2_, rows = k2.simd, _gate_up_rows(w13, s13, inter)
-        g2, fmt2 = s2_.g, BLOCK_ROWS.get(s2_.fmt, (s2_.fmt,))[0]
-        h, y = scratch("h", index.size, inter), scratch("y", index.size, out.shape[1])
-        blocks = (*rows, inter, w2, s2, rows_per_task, task_count(), out, h, y)
-        return experts(simd, s2_, g, act_fmt, g2, fmt2, x, index, weights, *blocks)
-
-    def linear_args(weights, scales, rows_per_task, matrices=None) -> tuple:
-        if matrices is None:  # one matrix, `[O, B]`
-            weights, scales, matrices = weights[None], scales[None], _ONE_EXPERT
-        return simd, (g, act_fmt, weights, scales, matrices, rows_per_task)
-
     def experts_args(k2, w13, s13, inter, w2, s2, rows_per_task) -> tuple:
         s2_ = k2.simd
         fmt2 = BLOCK_ROWS.get(s2_.fmt, (s2_.fmt,))[0]
         args = (g, act_fmt, s2_.g, fmt2, *_gate_up_rows(w13, s13, inter), inter, w2, s2, rows_per_task)
         return simd, s2_, args
+
+    def experts_(k2, x, index, weights, w13, s13, inter, w2, s2, rows_per_task, out) -> int:
+        simd13, simd2, args = experts_args(k2, w13, s13, inter, w2, s2, rows_per_task)
+        h, y = scratch("h", index.size, inter), scratch("y", index.size, out.shape[1])
+        return experts(simd13, simd2, *args[:4], x, index, weights, *args[4:], task_count(), out, h, y)
+
+    def linear_args(weights, scales, rows_per_task, matrices=None) -> tuple:
+        if matrices is None:  # one matrix, `[O, B]`
+            weights, scales, matrices = weights[None], scales[None], _ONE_EXPERT
+        return simd, (g, act_fmt, weights, scales, matrices, rows_per_task)
 
     return Kernels(activations, gate_up_, down_, linear_, down_x, linear_x, experts_, simd, linear_args, experts_args)
 
