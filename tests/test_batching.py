@@ -86,6 +86,7 @@ def test_int4_experts_batched_equal_alone_and_see_every_token_of_the_step(tiny) 
     alone = [llm.generate(p, GREEDY).token_ids for p in PROMPTS]
     block = next(m for m in llm.placed.model.modules() if isinstance(m, MoEBlock))
     assert block.numpy_lane  # the block's `run`, on numpy arrays
+    llm.runner.one_call = False  # the calls of each layer, to count (the step in one call gives their bits)
     calls: list[int] = []
     run = block.run
     block.run = lambda x: calls.append(x.shape[0]) or run(x)
@@ -107,6 +108,47 @@ def test_int4_experts_batched_equal_alone_and_see_every_token_of_the_step(tiny) 
     assert decode_bytes % per_expert == 0
     assert block.gate.top_k * layers * stats.decode_steps_total <= loads
     assert loads <= block.experts.num_experts * layers * stats.decode_steps_total
+
+
+@pytest.mark.parametrize(
+    ("arch", "overrides"),
+    [
+        ("DeepseekV2ForCausalLM", {}),
+        ("DeepseekV3ForCausalLM", {}),
+        ("DeepseekV2ForCausalLM", {"first_k_dense_replace": 0}),
+    ],
+)
+def test_decode_step_in_one_call_equals_its_layers_called_one_by_one(
+    tiny, monkeypatch: pytest.MonkeyPatch, arch: str, overrides: dict
+) -> None:
+    """A numpy decode step in one kernel call (`decoder.step`) gives the logits of its layers' calls one by one,
+    bit for bit, alone and in a batch, with a dense first layer or none, a low-rank query (V3) or not; it counts
+    the same routed expert bytes."""
+    from hetero_moe.kernels.numba import decoder
+
+    llm = LLM(tiny(arch, **overrides).path, rules="cpu-only-int4.yaml", dtype="float32")
+    runner = llm.runner
+    calls: dict[str, list] = {"step": [], "layers": [], "logits": []}
+
+    def spy(name: str, fn):
+        return lambda *args: calls[name].append(args[0].shape[0]) or fn(*args)
+
+    monkeypatch.setattr(decoder, "step", spy("step", decoder.step))
+    monkeypatch.setattr(runner, "_numpy_layers", spy("layers", runner._numpy_layers))
+    forward = runner.forward
+    monkeypatch.setattr(runner, "forward", lambda *args: calls["logits"].append(forward(*args)) or calls["logits"][-1])
+    runs = {}
+    for one_call in (True, False):
+        runner.one_call = one_call
+        engine = llm.new_engine(SchedulerConfig(max_batch=3, kv_cache_tokens=1024, prefill_chunk=512))
+        tokens = run_all(engine, PROMPTS[:4])
+        runs[one_call] = tokens, engine.stats().decode_routed_expert_bytes_total, dict(calls)
+        calls = {name: [] for name in calls}
+    (tokens, streamed, one), (tokens_apart, streamed_apart, apart) = runs[True], runs[False]
+    assert tokens == tokens_apart and streamed == streamed_apart > 0
+    assert len(one["logits"]) == len(apart["logits"]) and all(map(torch.equal, one["logits"], apart["logits"]))
+    # every decode step in one call, three tokens at once and one alone
+    assert one["step"] == apart["layers"] and not one["layers"] and not apart["step"] and {1, 3} <= set(one["step"])
 
 
 def test_pool_pages_and_rows() -> None:

@@ -175,6 +175,7 @@ def test_latent_decode_fused_on_the_cpu_is_its_per_op_path(tiny, arch: str, over
     for m in attns:
         m.fused = False
     per_op.runner.add_norms = [tuple(AddNorm(n.norm, fast=False) for n in pair) for pair in per_op.runner.add_norms]
+    fused.runner.one_call = False  # each layer's calls (the step in one call gives their bits: test_batching)
     calls = []
     for m in fused.placed.model.modules():
         if isinstance(m, MLAAttention):

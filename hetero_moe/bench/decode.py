@@ -289,8 +289,9 @@ TIMED = "Engine.step: schedule, forward, sample, detokenize, one request (as the
 def _decode(engine, runner, blocks, sync, bench: DecodeBench, decode_tokens: int, gpu: bool):
     """One greedy request stepped by the engine as the server steps it (the host waits for each token):
     a timed pass, a pass for the overhead outside kernels (on a GPU torch's profiler, on the CPU alone the
-    integer kernels' clock), then a pass with per-layer hooks. Returns (mean step seconds, the CPU-experts
-    overlap per step or None, the overhead or None, the layer timer)."""
+    integer kernels' clock), then a pass with per-layer hooks (on the per-layer calls where a step runs in one:
+    `ModelRunner.one_call`). Returns (mean step seconds, the CPU-experts overlap per step or None, the overhead or
+    None, the layer timer)."""
     steps = bench.steps
     prompt = [i % 200 + 3 for i in range(bench.prompt_tokens)]
     request = engine.add_request(prompt, SamplingParams(max_tokens=decode_tokens, temperature=0, ignore_eos=True))
@@ -303,10 +304,12 @@ def _decode(engine, runner, blocks, sync, bench: DecodeBench, decode_tokens: int
     overlap = None if stats is None else {"experts_s": stats.experts_s / steps, "wait_s": stats.wait_s / steps}
     overhead = _step_overhead(engine, steps, step_s, overlap) if gpu else _cpu_overhead(engine, steps)
     timer = LayerTimer(runner.layers, blocks, sync, runner.mixers)
+    runner.one_call = False  # the hooks need the per-layer calls: they split the one-call step's time
     try:
         timer.step_s = statistics.mean(_timed_step(engine) for _ in range(steps))
     finally:
         timer.remove()
+        runner.one_call = True
     engine.abort(request)
     return step_s, overlap, overhead, timer
 
@@ -358,14 +361,14 @@ def _cpu_overhead(engine, steps: int) -> dict | None:
     products over weights, with the quantizing of their activations where one call does both, and the
     activations' quantization called apart), in the other Numba kernels a step calls (`OTHER_KERNELS`: a
     layer's latent attention and MoE block with their weights, routers, norms), and what is left of the step
-    outside all of them (Python, numpy, sampling; torch where an op runs in torch). None when no integer kernel
-    ran (experts in fp8 or bf16)."""
+    outside all of them (Python, numpy, sampling; torch where an op runs in torch). None when none of them ran
+    (experts in fp8 or bf16)."""
     from hetero_moe.kernels.numba import int8dot
 
     others = [(importlib.import_module(m), name) for m, names in OTHER_KERNELS.items() for name in names]
     with int8dot.timed(others) as clock:
         step_s = statistics.mean(_timed_step(engine) for _ in range(steps))
-    if not clock.calls:
+    if not clock.calls and not clock.other_calls:
         return None
     weights_s, activations_s, other_s = clock.weights_s / steps, clock.activations_s / steps, clock.other_s / steps
     outside_s = max(step_s - weights_s - activations_s - other_s, 0.0)
@@ -381,9 +384,10 @@ def _cpu_overhead(engine, steps: int) -> dict | None:
 
 
 # module -> the Numba kernels of a CPU decode step besides int8dot's, as the ops call them (module attributes). A
-# layer's latent attention (`decode`) and MoE block (`block`) run int8dot's kernels inside one call each: their time
-# counts here whole.
+# step in one call (`decoder.step`), or a layer's latent attention (`decode`) and MoE block (`block`), run int8dot's
+# kernels inside: their time counts here whole.
 OTHER_KERNELS = {
+    "hetero_moe.kernels.numba.decoder": ("step",),
     "hetero_moe.kernels.numba.latent": ("decode",),
     "hetero_moe.kernels.numba.moe": ("block",),
     "hetero_moe.kernels.numba.router": ("select",),
@@ -471,8 +475,8 @@ def format_report(r: dict) -> str:
             [
                 f"per step: integer kernels ({o['kernel_calls']:.0f} calls) {o['cpu_weight_kernels_ms']:.2f} ms "
                 f"over weights and {o['cpu_activations_ms']:.2f} ms quantizing activations apart (most are "
-                f"quantized inside the weights' calls), other kernels ({o['other_kernel_calls']:.0f} calls: latent "
-                f"attention and MoE blocks, a call each with their weights, routers, norms) "
+                f"quantized inside the weights' calls), other kernels ({o['other_kernel_calls']:.0f} calls: the "
+                f"whole step, or latent attention and MoE blocks a call each, with their weights, routers, norms) "
                 f"{o['other_kernels_ms']:.2f} ms, outside all of them "
                 f"{o['outside_kernels_ms']:.2f} ms ({o['outside_share']:.0%} of the step)"
             ]

@@ -15,15 +15,20 @@ them.
 
 from __future__ import annotations
 
+from functools import cached_property
+
+import numba
 import numpy as np
 import torch
 from torch import nn
 
 from hetero_moe.engine.kv_cache import Batch
 from hetero_moe.inject.injector import PlacedModel
+from hetero_moe.kernels.numba import decoder as decoder_kernels
 from hetero_moe.kernels.numba import norm as norm_kernels
-from hetero_moe.ops.attention import MLAAttention
+from hetero_moe.ops.attention import MLAAttention, decode_rows
 from hetero_moe.ops.base import module_device
+from hetero_moe.ops.cpu_linear import CPULinear
 from hetero_moe.ops.linear_attention import is_recurrent, token_mixer
 from hetero_moe.ops.mlp import QuantGatedMLP
 from hetero_moe.ops.moe import MoEBlock
@@ -62,6 +67,16 @@ class ModelRunner:
         self.routed_experts = [m.experts for m in placed.model.modules() if isinstance(m, MoEBlock)]
         layers = zip(self.layers, self.mixers, self.add_norms, strict=True)
         self.numpy_decode = self.embed_device.type == "cpu" and all(_numpy_layer(*x) for x in layers)
+        # the final norm and a CPU lm_head in Numba in the numpy decode lane (as AddNorm, CPULinear.run), or None
+        plain_head = isinstance(self.lm_head, CPULinear) and self.lm_head.bias is None and _plain(self.norm)
+        self.numpy_head = (AddNorm(self.norm, True), self.lm_head) if plain_head else None
+        self.one_call = True  # the numpy decode lane's layers in one kernel call where it can (`OneCallLayers`)
+
+    @cached_property
+    def _one_call(self) -> OneCallLayers | None:
+        """The layers' weights bound for one kernel call a step, at the first numpy decode step; None where the
+        layers cannot take it."""
+        return OneCallLayers.bind(self.layers, self.mixers, self.add_norms, self.numpy_head)
 
     def routed_bytes(self) -> int:
         """Weight bytes the routed experts have streamed so far: per call, those of the distinct experts."""
@@ -98,7 +113,7 @@ class ModelRunner:
             rope = self.placed.arch.rope(self.config, _to(rope_out, torch.device("cpu")))
             pairs = [m.decode_pairs(rope) for m in self.mixers]
             if all(p is not None for p in pairs):
-                return self._head(torch.from_numpy(self._numpy_layers(h.numpy(), pairs, buffers, batch)), batch)
+                return self._numpy_decode(h.numpy(), pairs, buffers, batch)
         ropes: dict[torch.device, Rope] = {}
         delta = None  # the last layer's MLP output, added to the residual stream with the next norm
         for i, layer in enumerate(self.layers):
@@ -112,9 +127,22 @@ class ModelRunner:
             delta = layer.mlp(x.to(mlp_dev))
         return self._head(h + delta.to(h.device), batch)
 
+    def _numpy_decode(self, h: np.ndarray, pairs: list[tuple], buffers: list, batch: Batch) -> torch.Tensor:
+        """`forward` of decode tokens `h [N, H]` (float32) on numpy arrays (`numpy_decode`), from the first layer
+        to the logits: in one kernel call where `OneCallLayers` takes the step (unless `one_call` is off), else a
+        few calls a layer, then the final norm and lm_head (in Numba where `numpy_head`: the same bits)."""
+        one = self._one_call if self.one_call else None
+        if one is not None and one.takes(h, pairs, batch):
+            return torch.from_numpy(one.run(h, pairs[0], buffers, batch))
+        h = self._numpy_layers(h, pairs, buffers, batch)
+        if self.numpy_head is None:
+            return self._head(torch.from_numpy(h), batch)
+        norm, lm_head = self.numpy_head
+        return torch.from_numpy(lm_head.run(norm.numpy(h[batch.sample_rows], None)[1]))
+
     def _numpy_layers(self, h: np.ndarray, pairs: list[tuple], buffers: list, batch: Batch) -> np.ndarray:
-        """The decoder layers over decode tokens `h [N, H]` (float32) on numpy arrays (`numpy_decode`) -> the
-        residual stream after the last layer."""
+        """The decoder layers over decode tokens `h [N, H]` (float32), a few kernel calls a layer -> the residual
+        stream after the last layer."""
         delta = None
         for i, layer in enumerate(self.layers):
             pre, post = self.add_norms[i]
@@ -158,6 +186,110 @@ class AddNorm:
         if delta is None:
             return h, norm_kernels.rms_norm(h, self.weight, self.eps)
         return norm_kernels.add_rms_norm(h, delta, self.weight, self.eps)
+
+
+class OneCallLayers:
+    """A numpy decode step's decoder layers in one kernel call (`decoder_kernels.layers`): the same kernels in the
+    same order as the per-layer calls, the same bits, without the Python between them (a millisecond a V2-Lite
+    step, each line slow once the streamed weights have evicted the interpreter from the caches). Each kind of
+    part's weights are bound once into a typed list; each linear's `Simd` tokens are passed once for all layers, so
+    every layer must run the same formats (a GGUF file that mixes block types per layer takes the per-layer
+    calls)."""
+
+    def __init__(self, kinds: np.ndarray, blocks: list[MoEBlock], args: tuple) -> None:
+        self.kinds, self.args = kinds, args
+        self.experts = [b.experts for b in blocks]
+        self.expert_bytes = np.array([e.format.nbytes() // e.num_experts for e in self.experts])
+        self.top_k = blocks[0].gate.top_k
+        self.min_tokens = min(b.experts.torch_min_tokens for b in blocks)  # where a block's own path would leave
+        self._caches: tuple[list, object] | None = None  # (the buffers, their typed list of cache arrays)
+
+    @classmethod
+    def bind(
+        cls, layers: list[nn.Module], mixers: list[nn.Module], add_norms: list, head: tuple | None
+    ) -> OneCallLayers | None:
+        is_moe = [isinstance(x.mlp, MoEBlock) for x in layers]
+        kinds = np.where(is_moe, decoder_kernels.MOE, decoder_kernels.DENSE)
+        attention = [m._decode_args for m in mixers]
+        dense = [x.mlp.kernel_args() for x, moe in zip(layers, is_moe, strict=True) if not moe]
+        blocks = [x.mlp for x, moe in zip(layers, is_moe, strict=True) if moe]
+        block_args = [b._block_args for b in blocks]
+        head_args = None if head is None else head[1].kernel_args()
+        if head_args is None or not blocks or any(a is None for a in dense + block_args):
+            return None
+        # the Simd tokens apart: (stack, q, W_UK, W_UV, o_proj), (gate/up, down), (routed, shared gate/up, down)
+        attention_simds, attention = _split(attention, (0, 2, 6, 8, 10))
+        dense_simds, dense = _split(dense, (0, 1))
+        routed_simds, moe = _split(block_args, (4, 5, 7, 8))
+        if None in (attention_simds, dense_simds, routed_simds):
+            return None
+        # no dense layer: the routed experts' weights and tokens give the (never called) dense part its types
+        dense_simds, dense = dense_simds or routed_simds[:2], [a for (a,) in dense] or [block_args[0][6]]
+        moe = [(*a, 0 if a[5] is None else a[5][9]) for a in moe]  # and the shared experts' inter
+        norms = [(pre.weight, pre.eps, post.weight, post.eps) for pre, post in add_norms]
+        lists = [_typed_list(x) for x in (norms, attention, dense, moe)]
+        if None in lists:
+            return None
+        norms, attention, dense_list, moe = lists
+        if not any(kinds == decoder_kernels.DENSE):
+            dense_list.clear()
+        final = (head[0].weight, head[0].eps, *head_args)
+        args = (kinds, norms, attention, dense_list, moe, attention_simds, dense_simds, routed_simds, final)
+        return cls(kinds, blocks, args)
+
+    def takes(self, h: np.ndarray, pairs: list[tuple], batch: Batch) -> bool:
+        """Whether the step goes in one call: one rotary table for all layers, the tokens in sequence order, and
+        few enough for the routed experts' integer kernels."""
+        t = h.shape[0]
+        return (
+            all(p is pairs[0] for p in pairs)
+            and t * self.top_k < self.min_tokens
+            and [s.begin for s in batch.seqs] == list(range(t))
+        )
+
+    def run(self, h: np.ndarray, pairs: tuple, buffers: list, batch: Batch) -> np.ndarray:
+        """The step's decode tokens `h [N, H]` float32 -> the float32 logits of `batch.sample_rows`."""
+        kinds, norms, attention, dense, moe, attention_simds, dense_simds, routed_simds, final = self.args
+        layout, cos, sin = pairs
+        new_rows, rows, ends = decode_rows(batch.seqs)
+        used = np.zeros(len(kinds), np.int64)
+        logits = decoder_kernels.step(
+            np.ascontiguousarray(h), cos, sin, layout, new_rows, rows, ends, numba.get_num_threads(), kinds, norms,
+            self._cache_list(buffers), *attention_simds, attention, *dense_simds, dense, *routed_simds, moe, used,
+            np.asarray(batch.sample_rows, np.int64), *final,
+        )  # fmt: skip
+        streamed = used[kinds == decoder_kernels.MOE] * self.expert_bytes  # as `CPUExperts.count_streamed` counts
+        for experts, n in zip(self.experts, streamed.tolist(), strict=True):
+            experts.bytes_streamed += n
+        return logits
+
+    def _cache_list(self, buffers: list):
+        """The layers' cache arrays as a typed list, made again only when the engine's buffers change."""
+        if self._caches is None or self._caches[0] is not buffers:
+            self._caches = (buffers, _typed_list([b.arrays for b in buffers]))
+        return self._caches[1]
+
+
+def _split(args: list[tuple], at: tuple[int, ...]) -> tuple[tuple | None, list[tuple]]:
+    """Each layer's `args` less the `Simd` tokens at positions `at` -> (those tokens, the same in every layer, else
+    None; the rest of each layer's); `()` and `[]` for no layers."""
+    if not args:
+        return (), []
+    simds = tuple(args[0][i] for i in at)
+    if any(tuple(a[i] for i in at) != simds for a in args):
+        return None, []
+    return simds, [tuple(x for i, x in enumerate(a) if i not in at) for a in args]
+
+
+def _typed_list(items: list[tuple]):
+    """`items` as a `numba.typed.List`, or None where their types differ."""
+    kind = numba.typeof(items[0])
+    if any(numba.typeof(x) != kind for x in items):
+        return None
+    out = numba.typed.List.empty_list(kind)
+    for x in items:
+        out.append(x)
+    return out
 
 
 def _add_norms(layer: nn.Module, attn: nn.Module) -> tuple[AddNorm, AddNorm]:

@@ -89,6 +89,16 @@ class MLACache(PagedRows):
         return self.latent.numpy(), self.k_pe.numpy()
 
 
+def decode_rows(seqs: list[SeqSlice]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`latent_kernels.decode`'s cache rows for one decode token of each of `seqs`: (the row each token writes,
+    every sequence's rows one after another, where each sequence's rows end)."""
+    if len(seqs) == 1:
+        rows = seqs[0].all_index
+        return seqs[0].new_index, rows, np.array([len(rows)])
+    new_rows, rows = (np.concatenate([getattr(s, name) for s in seqs]) for name in ("new_index", "all_index"))
+    return new_rows, rows, np.cumsum([len(s.all_index) for s in seqs])
+
+
 @dataclass
 class DSACache(MLACache):
     index_k: torch.Tensor  # [capacity, index_head_dim], the indexer's rotated key
@@ -389,12 +399,7 @@ class MLAAttention(Op):
         tokens = [s.begin for s in seqs]
         if tokens != list(range(xs.shape[0])):
             xs, cos, sin = xs[tokens], cos[tokens], sin[tokens]
-        if len(seqs) == 1:
-            new_rows, rows = seqs[0].new_index, seqs[0].all_index
-            ends = np.array([len(rows)])
-        else:
-            new_rows, rows = (np.concatenate([getattr(s, name) for s in seqs]) for name in ("new_index", "all_index"))
-            ends = np.cumsum([len(s.all_index) for s in seqs])
+        new_rows, rows, ends = decode_rows(seqs)
         latent, k_pe = cache.arrays
         threads = numba.get_num_threads()
         return latent_kernels.decode(
