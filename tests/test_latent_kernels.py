@@ -97,14 +97,17 @@ def test_attend_weights_the_cache_rows_by_each_heads_softmax(length: int) -> Non
     rows = torch.randperm(cap, generator=g)[:length]  # a paged sequence's rows, in no order
     scores = (cache_latent[rows].double() @ q_latent.double().T + cache_pe[rows].double() @ q_pe.double().T).T
     want = torch.softmax(scores * scaling, dim=-1) @ cache_latent[rows].double()  # [h, r]
+    padded = latent.padded(rows.numpy())
     outs = []
-    for groups in (1, 2, 3):
+    for groups in (1, 2, 3):  # the heads in groups, as threads take them
         out = np.empty((heads, r), np.float32)
-        latent.attend(q_latent.numpy(), q_pe.numpy(), cache_latent.numpy(), cache_pe.numpy(), rows.numpy(),
-                      scaling, groups, out)  # fmt: skip
+        scores = np.empty((heads, len(padded)), np.float32)
+        for k in range(groups):
+            latent.attend(q_latent.numpy(), q_pe.numpy(), cache_latent.numpy(), cache_pe.numpy(), padded, length,
+                          np.float32(scaling), k * heads // groups, (k + 1) * heads // groups, scores, out)  # fmt: skip
         outs.append(out)
         torch.testing.assert_close(torch.from_numpy(out).double(), want, rtol=1e-5, atol=1e-6)
-    assert all(np.array_equal(outs[0], o) for o in outs[1:]), "a head's result depends on the thread groups"
+    assert all(np.array_equal(outs[0], o) for o in outs[1:]), "a head's result depends on its group"
 
 
 def quantized(out_dim: int, in_dim: int, seed: int) -> QuantMatrix:
@@ -117,7 +120,7 @@ def one_by_one(
     x, cos, sin, latent_rows, pe_rows, new_rows, seq_rows, stack, q_b, q_norm, kv_norm, uk, uv, o_proj, sizes
 ):
     """The absorbed decode of `x [T, H]` as `MLAAttention.decode` ran it before `latent.decode`: each kernel called
-    from Python."""
+    from Python, all heads of a token at once."""
     heads, nope, rope_dim, scaling = sizes
     t, r = x.shape[0], latent_rows.shape[1]
 
@@ -135,7 +138,9 @@ def one_by_one(
     q_latent = np.ascontiguousarray(uk.rows(q_nope).reshape(heads, t, r).transpose(1, 0, 2))
     out = np.zeros((t, heads, r), np.float32)
     for i, rows in enumerate(seq_rows):
-        latent.attend(q_latent[i], q_pe[i], latent_rows, pe_rows, rows, scaling, 2, out[i])
+        scores = np.empty((heads, -(-len(rows) // latent.BLOCK) * latent.BLOCK), np.float32)
+        latent.attend(q_latent[i], q_pe[i], latent_rows, pe_rows, latent.padded(rows), len(rows), np.float32(scaling),
+                      0, heads, scores, out[i])  # fmt: skip
     heads_major = np.ascontiguousarray(out.transpose(1, 0, 2)).reshape(heads * t, -1)
     v = uv.rows(heads_major).reshape(heads, t, -1).transpose(1, 0, 2)
     return linear(o_proj, np.ascontiguousarray(v).reshape(t, -1))

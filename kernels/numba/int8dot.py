@@ -568,6 +568,37 @@ def apply_linear(simd, args, x, threads: int):
 
 
 @njit(inline="always", cache=True)
+def check_matrices(simd, args, x) -> None:
+    """`check` of the matrices of `args` (`Kernels.linear_args`) against rows `x [T, I]` as `matrix_rows`
+    quantizes them."""
+    g, fmt, w, s, _, _ = args
+    xq, ascale, bias = quantize_activations(x[:1], g, fmt)
+    check(simd, w, s, xq, ascale, bias)
+
+
+@njit(inline="always", cache=True)
+def matrix_rows(simd, args, j: int, x, out) -> None:
+    """`out [T, O] = x [T, I]` float32 through matrix j of the linear of `simd`, `args` (`Kernels.linear_args`), on
+    the calling thread: the bits of `apply_linear`'s rows of that matrix, for jitted code that runs each head's
+    matrix inside a parallel region of its own. Unchecked: `check_matrices` first, outside the region (a check
+    that may raise would keep a `prange` serial)."""
+    g, fmt, w, s, matrices, _ = args
+    xq, ascale, bias = quantize_activations(x, g, fmt)
+    e = matrices[j]
+    rows = np.empty(simd.tile, np.int64)
+    y = np.empty((simd.tile, w.shape[1]), np.float32)
+    p = 0
+    while p < x.shape[0]:
+        n = tile(simd, x.shape[0] - p)
+        for j in range(n):
+            rows[j] = p + j
+        dots(simd, n, w[e], s[e], xq, ascale, bias, rows, y, p > 0)
+        for j in range(n):
+            out[p + j] = y[j]
+        p += n
+
+
+@njit(inline="always", cache=True)
 def apply_experts(simd13, simd2, args, x, index, weights, out, h_rows, y_rows, threads: int) -> int:
     """`experts` of `x [T, H]`, `index` and `weights` `[T, k]` into `out [T, H]` with the weights of `simd13`,
     `simd2`, `args` (`Kernels.experts_args`) and the room `h_rows`, `y_rows` (`scratch`), on `threads` threads ->

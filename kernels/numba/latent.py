@@ -2,9 +2,10 @@
 between the quantized projections (`int8dot.py`) in one call instead of dozens of small torch operations.
 `prepare`, per token: the latent's RMSNorm and the rotary key into the cache rows, and the query split per
 head, its nope part in the row order the per-head W_UK kernel takes, its rope part rotated. `attend`, per
-token: the scores of every head against its sequence's cache rows, the softmax, and the latent rows weighted
-by it; each thread takes a group of heads and reads each cache row once for all of them. `decode`: a layer's
-attention for its decode tokens in one call, from the projections of its input to o_proj.
+token and group of heads: their scores against its sequence's cache rows, the softmax, and the latent rows
+weighted by it, each cache row read once for all of them. `absorbed_heads`: each token's W_UK, `attend` and W_UV,
+a group of heads a parallel task. `decode`: a layer's attention for its decode tokens in one call, from the
+projections of its input to o_proj.
 
 Rotary layouts (`ROPE_*`), `cos` and `sin` holding one value per pair: `ROPE_PAIRS` (DeepSeek-V2: adjacent
 pairs rotated in place), `ROPE_PAIRS_TO_HALVES` (DeepSeek-V3 interleaved: adjacent pairs in, the rotated
@@ -16,7 +17,7 @@ the same as, the per-op torch path's.
 from __future__ import annotations
 
 import numpy as np
-from hetero_moe.kernels.numba.int8dot import apply_linear
+from hetero_moe.kernels.numba.int8dot import apply_linear, check_matrices, matrix_rows
 from hetero_moe.kernels.numba.norm import rms_norm, rms_norm_row
 from numba import njit, prange
 
@@ -84,10 +85,24 @@ def _scores(q_latent, q_pe, latent, pe, rows, i, j, scores) -> None:
     scores[j, i], scores[j, i + 1], scores[j, i + 2], scores[j, i + 3] = a0 + b0, a1 + b1, a2 + b2, a3 + b3
 
 
+@njit(nogil=True, cache=True)
+def padded(rows):
+    """A sequence's cache rows `rows [L]` padded to whole blocks of BLOCK, its last row repeated, as `attend`
+    takes them."""
+    length = rows.shape[0]
+    out = np.empty(-(-length // BLOCK) * BLOCK, np.int64)
+    out[:length] = rows
+    out[length:] = rows[length - 1]
+    return out
+
+
 @njit(nogil=True, fastmath=True, cache=True)
-def _attend_heads(q_latent, q_pe, latent, pe, rows, length, scaling, first, last, scores, out) -> None:
-    """Heads `first .. last - 1` of `attend` over `rows[:length]`; `rows` padded to whole blocks (repeating
-    its last row), `scores [h, len(rows)]` their scratch."""
+def attend(q_latent, q_pe, latent, pe, rows, length, scaling, first, last, scores, out) -> None:
+    """A decode token's absorbed attention for heads `first .. last - 1`, float32, on one thread: `q_latent [h, r]`
+    and `q_pe [h, rope]` (rotated) over its sequence's cache rows `rows[:length]` of `latent [R, r]` and `pe [R,
+    rope]` (`rows` `padded`) -> `out [h, r]`, the latent rows weighted by `softmax(scaling * (latent q_latent + pe
+    q_pe))` per head; `scores [h, len(rows)]` their scratch. Each cache row is read once for all the heads, and a
+    head's result does not depend on which others go with it."""
     n = rows.shape[0]
     for i in range(0, n, BLOCK):
         for j in range(first, last):
@@ -112,20 +127,31 @@ def _attend_heads(q_latent, q_pe, latent, pe, rows, length, scaling, first, last
                 out[j, c] += p0 * latent[r0, c] + p1 * latent[r1, c] + p2 * latent[r2, c] + p3 * latent[r3, c]
 
 
-@njit(nogil=True, fastmath=True, parallel=True, cache=True)
-def attend(q_latent, q_pe, latent, pe, rows, scaling, groups, out) -> None:
-    """One decode token's absorbed attention, float32: `q_latent [h, r]` and `q_pe [h, rope]` (rotated) over
-    its sequence's cache rows `rows [L]` of `latent [R, r]` and `pe [R, rope]` -> `out [h, r]`, the latent rows
-    weighted by `softmax(scaling * (latent q_latent + pe q_pe))` per head. The heads in `groups` parallel
-    groups; a head's result does not depend on how many."""
-    heads, length = q_latent.shape[0], rows.shape[0]
-    padded = np.empty(-(-length // BLOCK) * BLOCK, np.int64)
-    padded[:length] = rows
-    padded[length:] = rows[length - 1]
-    scores = np.empty((heads, padded.shape[0]), np.float32)
-    for g in prange(groups):
-        first, last = g * heads // groups, (g + 1) * heads // groups
-        _attend_heads(q_latent, q_pe, latent, pe, padded, length, np.float32(scaling), first, last, scores, out)
+@njit(nogil=True, parallel=True, cache=True)  # no fast math: W_UK's and W_UV's rows the bits of `apply_linear`'s
+def absorbed_heads(uk_simd, uk, uv_simd, uv, q_nope, q_pe, latent, pe, rows, ends, scaling, groups, v) -> None:
+    """Decode tokens t < T from their queries to their values, in one parallel region over each token's heads in
+    `groups` groups: W_UK (`uk_simd`, `uk`: `int8dot.matrix_rows`' matrices, one a head) of `q_nope [heads * T,
+    nope]` (head-major), `attend` of the result and `q_pe [T, heads, rope]` over the token's cache rows
+    `rows[ends[t - 1] : ends[t]]`, then W_UV (`uv`) into `v [T, heads, v]`: the bits of the three called one after
+    another, in a third of the regions (each a V2-Lite layer's 16-20 us beyond its bytes)."""
+    t_count, head_count = q_pe.shape[0], q_pe.shape[1]
+    r = latent.shape[1]
+    check_matrices(uk_simd, uk, q_nope)
+    check_matrices(uv_simd, uv, np.zeros((1, r), np.float32))
+    for task in prange(t_count * groups):
+        t, group = task // groups, task % groups
+        first, last = group * head_count // groups, (group + 1) * head_count // groups
+        start = 0 if t == 0 else ends[t - 1]
+        seq_rows = padded(rows[start : ends[t]])
+        q_latent = np.empty((head_count, r), np.float32)
+        out = np.empty((head_count, r), np.float32)
+        scores = np.empty((head_count, seq_rows.shape[0]), np.float32)
+        for j in range(first, last):
+            matrix_rows(uk_simd, uk, j, q_nope[j * t_count + t : j * t_count + t + 1], q_latent[j : j + 1])
+        length = ends[t] - start
+        attend(q_latent, q_pe[t], latent, pe, seq_rows, length, np.float32(scaling), first, last, scores, out)
+        for j in range(first, last):
+            matrix_rows(uv_simd, uv, j, out[j : j + 1], v[t, j : j + 1])
 
 
 @njit(nogil=True, cache=True)
@@ -139,11 +165,12 @@ def decode(
     `int8dot.apply_linear`'s (a `Simd` and a tuple each): the projections `stack` (the query's, or its low-rank
     one, then the latent's and the rotary key's, stacked), with a low-rank query `low_rank = (rank, norm weight,
     eps, q_b_proj)` (else None, and `q_simd` too); `prepare` with the latent's norm `kv_norm`, `kv_eps` and the
-    rotary tables `cos`, `sin` `[T, rope / 2]`, into cache rows `new_rows [T]` of `latent` and `pe`; W_UK (`uk`,
-    one matrix a head); `attend` over token t's rows `rows[ends[t - 1] : ends[t]]`; W_UV (`uv`); `o_proj`. One
-    call a layer where there were a dozen from Python, each slow once the streamed weights have evicted the
-    interpreter's code and data from the caches: the same kernels in the same order, the same bits."""
-    t, rope, r = x.shape[0], pe.shape[1], latent.shape[1]
+    rotary tables `cos`, `sin` `[T, rope / 2]`, into cache rows `new_rows [T]` of `latent` and `pe`;
+    `absorbed_heads` (W_UK `uk`, one matrix a head; `attend` over token t's rows `rows[ends[t - 1] : ends[t]]`;
+    W_UV `uv`) in a group of heads a thread; `o_proj`. One call a layer where there were a dozen from Python,
+    each slow once the streamed weights have evicted the interpreter's code and data from the caches: the same
+    kernels in the same order, the same bits."""
+    t, rope = x.shape[0], pe.shape[1]
     y = apply_linear(stack_simd, stack, np.ascontiguousarray(x), threads)
     if low_rank is None:
         split = heads * (nope + rope)
@@ -154,16 +181,6 @@ def decode(
     q_nope = np.empty((heads * t, nope), np.float32)
     q_pe = np.empty((t, heads, rope), np.float32)
     prepare(q, y[:, split:], heads, nope, kv_norm, kv_eps, cos, sin, layout, latent, pe, new_rows, q_nope, q_pe)
-    # token-major, so that each token's query and output are contiguous: `attend` compiled for strided ones ran
-    # its dot products in scalars (3x the time at V2-Lite's shape)
-    q_latent = apply_linear(uk_simd, uk, q_nope, threads).reshape(heads, t, r)
-    q_latent = np.ascontiguousarray(q_latent.transpose((1, 0, 2)))
-    out = np.empty((t, heads, r), np.float32)
-    start = 0
-    for i in range(t):
-        attend(q_latent[i], q_pe[i], latent, pe, rows[start : ends[i]], scaling, threads, out[i])
-        start = ends[i]
-    heads_major = np.ascontiguousarray(out.transpose((1, 0, 2))).reshape(heads * t, r)  # as W_UV takes it
-    v = apply_linear(uv_simd, uv, heads_major, threads)
-    v = np.ascontiguousarray(v.reshape(heads, t, -1).transpose((1, 0, 2)))  # [T, h, v]
+    v = np.empty((t, heads, uv[2].shape[1]), np.float32)
+    absorbed_heads(uk_simd, uk, uv_simd, uv, q_nope, q_pe, latent, pe, rows, ends, scaling, threads, v)
     return apply_linear(o_simd, o_proj, v.reshape(t, -1), threads)
