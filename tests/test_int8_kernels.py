@@ -650,6 +650,48 @@ def check_experts(isa: str, fmt: int, g: int, e: int, inter: int, hidden: int, t
             assert_close(y[pairs], dequantized(fmt, g, w2[ex], s2[ex], kind, inter), hq[pairs], ha[pairs], g)
 
 
+@pytest.mark.parametrize(
+    ("isa", "fmt", "g", "kind", "lanes"),
+    # the task code is each backend's `gate_up` and `down` (tested on every backend above): the split of the tasks
+    [(isa, *SPECS[0], lanes) for isa in PRIMARY for lanes in (False, True)]
+    + [(isa, *SPECS[1], False) for isa in PRIMARY],
+)
+def test_routed_and_shared_experts_in_the_same_regions_give_their_bits(
+    isa: str, fmt: int, g: int, kind: int, lanes: bool
+) -> None:
+    """`experts_shared` (a MoE block's routed and shared experts, gate and up rows in one parallel region, down rows
+    in another, tasks of about equal bytes across both) gives the bits of `experts` called for each, the shared
+    experts' sum added: 1, 3, 17 and 300 tokens (tiles of several tokens take tasks of the least rows), experts
+    without a token, pairs computed elsewhere, shared experts wider than the routed ones."""
+    rng = np.random.default_rng(g + fmt + kind + lanes)
+    e, inter, shared_inter, hidden = 6, 48, 96, 208
+    routed, shared = (
+        random_experts(rng, fmt, g, e, inter, hidden, kind),
+        random_experts(rng, fmt, g, 1, shared_inter, hidden, kind),
+    )
+    if lanes:
+        routed, shared = (
+            tuple(a for i in (0, 2) for a in across_lanes(fmt, g, *w[i : i + 2])) for w in (routed, shared)
+        )
+    k = kernels(isa, fmt, g, kind, lanes)
+    for tokens in (1, 3, 17, 300):
+        x = random_tokens(rng, tokens, hidden)
+        index = route(rng, tokens, 2, e)
+        weights = rng.random(index.shape).astype(np.float32)
+        apart = np.empty((2, tokens, hidden), np.float32)
+        k.experts(k, x, index, weights, routed[0], routed[1], inter, *routed[2:], 16, apart[0])
+        ones = (np.zeros((tokens, 1), np.int64), np.ones((tokens, 1), np.float32))
+        k.experts(k, x, *ones, shared[0], shared[1], shared_inter, *shared[2:], 16, apart[1])
+        simd13, simd2, routed_args = k.experts_args(k, routed[0], routed[1], inter, *routed[2:], 16)
+        shared_args = k.experts_args(k, shared[0], shared[1], shared_inter, *shared[2:], 16)[2]
+        out = np.empty((tokens, hidden), np.float32)
+        h_rows, y_rows = np.empty((index.size, inter), np.float32), np.empty((index.size, hidden), np.float32)
+        used = int8dot.experts_shared(simd13, simd2, routed_args, simd13, simd2, shared_args, x, index, weights,
+                                      int8dot.task_count(), out, h_rows, y_rows)  # fmt: skip
+        assert used == len(np.unique(index[index >= 0]))
+        assert_bits(out, apart[0] + apart[1])
+
+
 @pytest.mark.parametrize("isa", RUNNABLE)
 @pytest.mark.parametrize("fmt", [INT4, INT8])
 def test_token_alone_or_tiled_gives_the_same_bits(isa: str, fmt: int) -> None:

@@ -225,7 +225,6 @@ class OneCallLayers:
             return None
         # no dense layer: the routed experts' weights and tokens give the (never called) dense part its types
         dense_simds, dense = dense_simds or routed_simds[:2], [a for (a,) in dense] or [block_args[0][6]]
-        moe = [(*a, 0 if a[5] is None else a[5][9]) for a in moe]  # and the shared experts' inter
         norms = [(pre.weight, pre.eps, post.weight, post.eps) for pre, post in add_norms]
         lists = [_typed_list(x) for x in (norms, attention, dense, moe)]
         if None in lists:

@@ -127,8 +127,7 @@ class MoEBlock(Op):
             return None
         t, k, out = xf.shape[0], self.gate.top_k, np.empty_like(xf)
         h_rows, y_rows = scratch("h", t * k, self.experts.inter), scratch("y", t * k, xf.shape[1])
-        shared_h_rows = None if self.shared is None else scratch("h", t, self.shared.inter)
-        used = moe_kernels.block(xf, h_rows, shared_h_rows, y_rows, out, get_num_threads(), *bound)
+        used = moe_kernels.block(xf, h_rows, y_rows, out, get_num_threads(), *bound)
         self.experts.count_streamed(used)
         return out
 

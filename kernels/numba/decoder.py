@@ -35,10 +35,10 @@ def step(
     tokens (`*_simd`, shared by all layers); the cache rows `new_rows`, `rows`, `ends` and rotary tables `cos`,
     `sin` as `decode` takes them. The j-th DENSE layer's MLP: `dense[j]` (`int8dot.apply_experts`' weights, with
     `dense_simd13`, `dense_simd2`); the j-th MOE layer's block: `blocks[j] = (router_w, bias, routing, top_k,
-    routed, shared, shared inter)` as `moe.block` takes them, with the `Simd` tokens `routed_simd*` and
-    `shared_simd*` (shared None: none, inter 0). `used[i]`: the number of routed experts a MOE layer used. Then
-    the final norm (`final_norm`, `final_eps`) and lm_head (`head_simd`, `head`: `int8dot.apply_linear`'s) of the
-    rows `sample_rows` -> their float32 logits."""
+    routed, shared)` as `moe.block` takes them, with the `Simd` tokens `routed_simd*` and `shared_simd*` (shared
+    None: none). `used[i]`: the number of routed experts a MOE layer used. Then the final norm (`final_norm`,
+    `final_eps`) and lm_head (`head_simd`, `head`: `int8dot.apply_linear`'s) of the rows `sample_rows` -> their
+    float32 logits."""
     t = h.shape[0]
     delta = np.empty_like(h)
     d = m = 0
@@ -63,13 +63,12 @@ def step(
             zero, one = np.zeros((t, 1), np.int64), np.ones((t, 1), np.float32)  # expert 0, weight 1
             apply_experts(dense_simd13, dense_simd2, mlp, x, zero, one, delta, h_rows, y_rows, threads)
         else:
-            router_w, bias, routing, top_k, routed, shared, shared_inter = blocks[m]
+            router_w, bias, routing, top_k, routed, shared = blocks[m]
             m += 1
             h_rows = np.empty((t * top_k, routed[9]), np.float32)
             y_rows = np.empty((t * top_k, h.shape[1]), np.float32)
-            shared_h_rows = np.empty((t, shared_inter), np.float32)
             used[i] = block(
-                x, h_rows, shared_h_rows, y_rows, delta, threads, router_w, bias, routing, top_k,
+                x, h_rows, y_rows, delta, threads, router_w, bias, routing, top_k,
                 routed_simd13, routed_simd2, routed, shared_simd13, shared_simd2, shared,
             )  # fmt: skip
     h = h + delta

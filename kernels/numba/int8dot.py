@@ -397,6 +397,16 @@ def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3,
     passed twice with `up_row = I`; separate arrays with `up_row = 0`. Tasks are blocks of rows of one expert:
     `rows_per_task` or more (`_task_rows`); a row's result does not depend on them.
     """
+    _check_gate_up(simd, xq, ascale, bias, pair_token, w1, s1, w3, s3, up_row, rows_per_task, h)
+    rows_per_task = _task_rows(h.shape[1], seg, rows_per_task, tasks, simd.tile)
+    chunks = (h.shape[1] + rows_per_task - 1) // rows_per_task
+    for task in prange(seg_expert.shape[0] * chunks):
+        _gate_up_task(simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3, up_row, rows_per_task,
+                      chunks, task, h)  # fmt: skip
+
+
+@njit(inline="always", cache=True)
+def _check_gate_up(simd, xq, ascale, bias, pair_token, w1, s1, w3, s3, up_row, rows_per_task, h) -> None:
     inter = h.shape[1]
     check(simd, w1, s1, xq, ascale, bias)
     check(simd, w3, s3, xq, ascale, bias)
@@ -406,36 +416,41 @@ def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3,
         raise ValueError("h must hold one row per pair")
     if simd.lanes and (rows_per_task % LANE_ROWS or up_row % LANE_ROWS or inter % LANE_ROWS):
         raise ValueError("rows across lanes take tasks, up rows and row counts in whole blocks of 16 rows")
-    rows_per_task = _task_rows(inter, seg, rows_per_task, tasks, simd.tile)
-    chunks = (inter + rows_per_task - 1) // rows_per_task
-    for task in prange(seg_expert.shape[0] * chunks):
-        u, c = task // chunks, task % chunks
-        e = seg_expert[u]
-        r0, r1 = c * rows_per_task, min((c + 1) * rows_per_task, inter)
-        rows = np.empty(simd.tile, np.int64)
-        gate = np.empty((simd.tile, r1 - r0), np.float32)
-        up = np.empty((simd.tile, r1 - r0), np.float32)
-        p = seg[u]
-        tiles = (seg[u + 1] - p + simd.tile - 1) // simd.tile
-        e2, q0, q1 = _next_task(task, chunks, seg_expert, rows_per_task, inter)
-        gate_next, up_next = w1[e2, q0:q1], w3[e2, up_row + q0 : up_row + q1]
-        i = 0
-        while p < seg[u + 1]:
-            if tiles > 1 and i < tiles:  # the next task's rows, a part a tile
-                _prefetch_part(gate_next, i, tiles)
-                _prefetch_part(up_next, i, tiles)
-                i += 1
-            n = tile(simd, seg[u + 1] - p)
-            for j in range(n):
-                rows[j] = pair_token[p + j]
-            cached = p > seg[u]  # the tiles before read these rows
-            dots(simd, n, w1[e, r0:r1], s1[e, r0:r1], xq, ascale, bias, rows, gate, cached)
-            u0, u1 = up_row + r0, up_row + r1
-            dots(simd, n, w3[e, u0:u1], s3[e, u0:u1], xq, ascale, bias, rows, up, cached)
-            silu_mul_rows(gate, up, n)
-            for j in range(n):
-                h[p + j, r0:r1] = gate[j]
-            p += n
+
+
+@njit(inline="always", cache=True)
+def _gate_up_task(
+    simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3, up_row, rows_per_task, chunks, task, h
+) -> None:
+    """Task `task` of `gate_up`: rows `c * rows_per_task` on (chunk c of `chunks`) of the task's expert."""
+    inter = h.shape[1]
+    u, c = task // chunks, task % chunks
+    e = seg_expert[u]
+    r0, r1 = c * rows_per_task, min((c + 1) * rows_per_task, inter)
+    rows = np.empty(simd.tile, np.int64)
+    gate = np.empty((simd.tile, r1 - r0), np.float32)
+    up = np.empty((simd.tile, r1 - r0), np.float32)
+    p = seg[u]
+    tiles = (seg[u + 1] - p + simd.tile - 1) // simd.tile
+    e2, q0, q1 = _next_task(task, chunks, seg_expert, rows_per_task, inter)
+    gate_next, up_next = w1[e2, q0:q1], w3[e2, up_row + q0 : up_row + q1]
+    i = 0
+    while p < seg[u + 1]:
+        if tiles > 1 and i < tiles:  # the next task's rows, a part a tile
+            _prefetch_part(gate_next, i, tiles)
+            _prefetch_part(up_next, i, tiles)
+            i += 1
+        n = tile(simd, seg[u + 1] - p)
+        for j in range(n):
+            rows[j] = pair_token[p + j]
+        cached = p > seg[u]  # the tiles before read these rows
+        dots(simd, n, w1[e, r0:r1], s1[e, r0:r1], xq, ascale, bias, rows, gate, cached)
+        u0, u1 = up_row + r0, up_row + r1
+        dots(simd, n, w3[e, u0:u1], s3[e, u0:u1], xq, ascale, bias, rows, up, cached)
+        silu_mul_rows(gate, up, n)
+        for j in range(n):
+            h[p + j, r0:r1] = gate[j]
+        p += n
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -443,36 +458,105 @@ def down(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, tasks, 
     """`y[p] = h[p] W_down[e]^T` for every pair, grouped by expert as in `gate_up`; `xq, ascale, bias`
     quantize `h [P, I]` (one row per pair); `w2 [E, H, B]` uint8 (B = Ip / 2 or Ip), `s2 [E, H, Ip / g]`,
     `y [P, H]` float32. A dense layer is one expert every token goes to (`Kernels.linear`)."""
-    hidden = y.shape[1]
+    _check_down(simd, xq, ascale, bias, seg, w2, s2, rows_per_task, y)
+    rows_per_task = _task_rows(y.shape[1], seg, rows_per_task, tasks, simd.tile)
+    chunks = (y.shape[1] + rows_per_task - 1) // rows_per_task
+    for task in prange(seg_expert.shape[0] * chunks):
+        _down_task(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, chunks, task, y)
+
+
+@njit(inline="always", cache=True)
+def _check_down(simd, xq, ascale, bias, seg, w2, s2, rows_per_task, y) -> None:
     check(simd, w2, s2, xq, ascale, bias)
-    if w2.shape[1] != hidden or xq.shape[0] < seg[-1] or y.shape[0] < seg[-1]:
+    if w2.shape[1] != y.shape[1] or xq.shape[0] < seg[-1] or y.shape[0] < seg[-1]:
         raise ValueError("w2 must hold H rows, and h and y one row per pair")
     if simd.lanes and rows_per_task % LANE_ROWS:
         raise ValueError("rows across lanes take tasks in whole blocks of 16 rows")
-    rows_per_task = _task_rows(hidden, seg, rows_per_task, tasks, simd.tile)
-    chunks = (hidden + rows_per_task - 1) // rows_per_task
-    for task in prange(seg_expert.shape[0] * chunks):
-        u, c = task // chunks, task % chunks
-        e = seg_expert[u]
-        r0, r1 = c * rows_per_task, min((c + 1) * rows_per_task, hidden)
-        rows = np.empty(simd.tile, np.int64)
-        out = np.empty((simd.tile, r1 - r0), np.float32)
-        p = seg[u]
-        tiles = (seg[u + 1] - p + simd.tile - 1) // simd.tile
-        e2, q0, q1 = _next_task(task, chunks, seg_expert, rows_per_task, hidden)
-        down_next = w2[e2, q0:q1]
-        i = 0
-        while p < seg[u + 1]:
-            if tiles > 1 and i < tiles:  # the next task's rows, a part a tile
-                _prefetch_part(down_next, i, tiles)
-                i += 1
-            n = tile(simd, seg[u + 1] - p)
-            for j in range(n):
-                rows[j] = p + j
-            dots(simd, n, w2[e, r0:r1], s2[e, r0:r1], xq, ascale, bias, rows, out, p > seg[u])
-            for j in range(n):
-                y[p + j, r0:r1] = out[j]
-            p += n
+
+
+@njit(inline="always", cache=True)
+def _down_task(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, chunks, task, y) -> None:
+    """Task `task` of `down`, as `_gate_up_task`."""
+    hidden = y.shape[1]
+    u, c = task // chunks, task % chunks
+    e = seg_expert[u]
+    r0, r1 = c * rows_per_task, min((c + 1) * rows_per_task, hidden)
+    rows = np.empty(simd.tile, np.int64)
+    out = np.empty((simd.tile, r1 - r0), np.float32)
+    p = seg[u]
+    tiles = (seg[u + 1] - p + simd.tile - 1) // simd.tile
+    e2, q0, q1 = _next_task(task, chunks, seg_expert, rows_per_task, hidden)
+    down_next = w2[e2, q0:q1]
+    i = 0
+    while p < seg[u + 1]:
+        if tiles > 1 and i < tiles:  # the next task's rows, a part a tile
+            _prefetch_part(down_next, i, tiles)
+            i += 1
+        n = tile(simd, seg[u + 1] - p)
+        for j in range(n):
+            rows[j] = p + j
+        dots(simd, n, w2[e, r0:r1], s2[e, r0:r1], xq, ascale, bias, rows, out, p > seg[u])
+        for j in range(n):
+            y[p + j, r0:r1] = out[j]
+        p += n
+
+
+@njit(inline="always", cache=True)
+def _task_rows_both(rows_a, seg_a, bytes_a, tile_a, rows_b, seg_b, bytes_b, tile_b, least, tasks) -> tuple[int, int]:
+    """`_task_rows` of two sets of tasks in one region (`gate_up_both`, `down_both`): (rows a task of set a takes,
+    of set b), `least` each, or where no expert of either has more than its `tile` tokens (decode) tasks of about
+    equal bytes in both sets (rows of `bytes_a` and `bytes_b`), about `tasks` in all, in multiples of `least`."""
+    most_a = most_b = 0
+    for u in range(seg_a.shape[0] - 1):
+        most_a = max(most_a, seg_a[u + 1] - seg_a[u])
+    for u in range(seg_b.shape[0] - 1):
+        most_b = max(most_b, seg_b[u + 1] - seg_b[u])
+    if most_a > tile_a or most_b > tile_b:
+        return least, least
+    total = (seg_a.shape[0] - 1) * rows_a * bytes_a + (seg_b.shape[0] - 1) * rows_b * bytes_b
+    per = max(1, (total + tasks - 1) // tasks)
+    a, b = (per + bytes_a - 1) // bytes_a, (per + bytes_b - 1) // bytes_b
+    return max(least, (a + least - 1) // least * least), max(least, (b + least - 1) // least * least)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def gate_up_both(simd, routed, shared_simd, shared, rows_per_task, tasks) -> None:
+    """`gate_up` of two sets of pairs in one parallel region, each with its `Simd` token: `routed` and `shared` each
+    `gate_up`'s arguments from `xq` to `up_row`, then `h`. Their tasks take about equal bytes (`_task_rows_both`);
+    a row's result is `gate_up`'s. A MoE block's shared experts run so beside its routed ones."""
+    xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3, up_row, h = routed
+    sxq, sascale, sbias, spair_token, sseg, sseg_expert, sw1, ss1, sw3, ss3, sup_row, sh = shared
+    _check_gate_up(simd, xq, ascale, bias, pair_token, w1, s1, w3, s3, up_row, rows_per_task, h)
+    _check_gate_up(shared_simd, sxq, sascale, sbias, spair_token, sw1, ss1, sw3, ss3, sup_row, rows_per_task, sh)
+    ra, rb = _task_rows_both(h.shape[1], seg, w1.shape[2], simd.tile, sh.shape[1], sseg, sw1.shape[2],
+                             shared_simd.tile, rows_per_task, tasks)  # fmt: skip
+    ca, cb = (h.shape[1] + ra - 1) // ra, (sh.shape[1] + rb - 1) // rb
+    n = seg_expert.shape[0] * ca
+    for task in prange(n + sseg_expert.shape[0] * cb):
+        if task < n:
+            _gate_up_task(simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3, up_row, ra, ca, task, h)
+        else:
+            _gate_up_task(shared_simd, sxq, sascale, sbias, spair_token, sseg, sseg_expert, sw1, ss1, sw3, ss3,
+                          sup_row, rb, cb, task - n, sh)  # fmt: skip
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def down_both(simd, routed, shared_simd, shared, rows_per_task, tasks) -> None:
+    """`down` of two sets of pairs in one parallel region, as `gate_up_both`: `routed` and `shared` each `down`'s
+    arguments from `xq` to `s2`, then `y`."""
+    xq, ascale, bias, seg, seg_expert, w2, s2, y = routed
+    sxq, sascale, sbias, sseg, sseg_expert, sw2, ss2, sy = shared
+    _check_down(simd, xq, ascale, bias, seg, w2, s2, rows_per_task, y)
+    _check_down(shared_simd, sxq, sascale, sbias, sseg, sw2, ss2, rows_per_task, sy)
+    ra, rb = _task_rows_both(y.shape[1], seg, w2.shape[2], simd.tile, sy.shape[1], sseg, sw2.shape[2],
+                             shared_simd.tile, rows_per_task, tasks)  # fmt: skip
+    ca, cb = (y.shape[1] + ra - 1) // ra, (sy.shape[1] + rb - 1) // rb
+    n = seg_expert.shape[0] * ca
+    for task in prange(n + sseg_expert.shape[0] * cb):
+        if task < n:
+            _down_task(simd, xq, ascale, bias, seg, seg_expert, w2, s2, ra, ca, task, y)
+        else:
+            _down_task(shared_simd, sxq, sascale, sbias, sseg, sseg_expert, sw2, ss2, rb, cb, task - n, sy)
 
 
 @njit(nogil=True, cache=True)
@@ -484,7 +568,7 @@ def _quantize_any(x, g, fmt):
 
 
 # The kernels `experts` calls: bound here, as `timed` swaps the module's public names for Python wrappers.
-_gate_up, _down = gate_up, down
+_gate_up, _down, _gate_up_both, _down_both = gate_up, down, gate_up_both, down_both
 
 
 @njit(nogil=True, cache=True)
@@ -542,6 +626,39 @@ def quantized_down(simd, g, fmt, x, seg, seg_expert, w2, s2, rows_per_task, task
     `experts` (dense layers, heads' and attention projections in a decode step)."""
     xq, ascale, bias = _quantize_any(x, g, fmt)
     _down(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, tasks, y)
+
+
+@njit(nogil=True, cache=True)
+def experts_shared(simd13, simd2, routed, shared_simd13, shared_simd2, shared, x, index, weights, tasks, out, h_rows,
+                   y_rows):  # fmt: skip
+    """`experts` of the routed pairs of `index`, `weights` and of a MoE block's shared experts (one expert every token
+    goes to with weight 1), their gate and up rows in one parallel region and their down rows in another
+    (`gate_up_both`, `down_both`): `out` = the routed experts' sum + the shared experts', the bits of `experts`
+    called for each. `routed`, `shared`: `Kernels.experts_args`' weights (with their `Simd` tokens); `h_rows`,
+    `y_rows` room for the routed pairs, as `experts` takes it. Returns the number of routed experts used."""
+    g13, fmt13, g2, fmt2, w1, s1, w3, s3, up_row, inter, w2, s2, rows_per_task = routed
+    sg13, sfmt13, sg2, sfmt2, sw1, ss1, sw3, ss3, sup_row, sinter, sw2, ss2, _ = shared
+    t = x.shape[0]
+    token, slot, seg, expert = group_by_expert(index, w1.shape[0])
+    stoken, sslot, sseg, sexpert = group_by_expert(np.zeros((t, 1), np.int64), sw1.shape[0])
+    if h_rows.shape[0] < token.shape[0] or h_rows.shape[1] != inter or y_rows.shape[1] != out.shape[1]:
+        raise ValueError("h_rows and y_rows must be [>= P, inter] and [>= P, H]")
+    h, sh = h_rows[: token.shape[0]], np.empty((t, sinter), np.float32)
+    xq, ascale, bias = _quantize_any(x, g13, fmt13)
+    sxq, sascale, sbias = _quantize_any(x, sg13, sfmt13)
+    routed13 = (xq, ascale, bias, token, seg, expert, w1, s1, w3, s3, up_row, h)
+    shared13 = (sxq, sascale, sbias, stoken, sseg, sexpert, sw1, ss1, sw3, ss3, sup_row, sh)
+    _gate_up_both(simd13, routed13, shared_simd13, shared13, rows_per_task, tasks)
+    hq, hscale, hbias = _quantize_any(h, g2, fmt2)
+    shq, shscale, shbias = _quantize_any(sh, sg2, sfmt2)
+    y, sy = y_rows[: token.shape[0]], np.empty_like(out)
+    routed2, shared2 = (hq, hscale, hbias, seg, expert, w2, s2, y), (shq, shscale, shbias, sseg, sexpert, sw2, ss2, sy)
+    _down_both(simd2, routed2, shared_simd2, shared2, rows_per_task, tasks)
+    combine(y, token, slot, weights, out)
+    shared_out = np.empty_like(out)
+    combine(sy, stoken, sslot, np.ones((t, 1), np.float32), shared_out)
+    out += shared_out
+    return expert.shape[0]
 
 
 # The kernels the jitted callers below call, bound here for the reason `_gate_up` is.
