@@ -80,7 +80,8 @@ class ModelRunner:
 
     def routed_bytes(self) -> int:
         """Weight bytes the routed experts have streamed so far: per call, those of the distinct experts."""
-        return sum(m.bytes_streamed for m in self.routed_experts)
+        one_call = self.__dict__.get("_one_call")  # bound at the first numpy decode step, if ever
+        return sum(m.bytes_streamed for m in self.routed_experts) + (0 if one_call is None else one_call.streamed)
 
     def overlap_stats(self) -> OverlapStats | None:
         """Time in the CPU experts and waiting for them, where MoE blocks overlap them with a GPU."""
@@ -198,8 +199,8 @@ class OneCallLayers:
 
     def __init__(self, kinds: np.ndarray, blocks: list[MoEBlock], args: tuple) -> None:
         self.kinds, self.args = kinds, args
-        self.experts = [b.experts for b in blocks]
-        self.expert_bytes = np.array([e.format.nbytes() // e.num_experts for e in self.experts])
+        self.expert_bytes = np.array([b.experts.format.nbytes() // b.experts.num_experts for b in blocks])
+        self.streamed = 0  # routed expert bytes of the steps run here (as `CPUExperts.count_streamed` counts them)
         self.top_k = blocks[0].gate.top_k
         self.min_tokens = min(b.experts.torch_min_tokens for b in blocks)  # where a block's own path would leave
         self._caches: tuple[list, object] | None = None  # (the buffers, their typed list of cache arrays)
@@ -257,9 +258,7 @@ class OneCallLayers:
             self._cache_list(buffers), *attention_simds, attention, *dense_simds, dense, *routed_simds, moe, used,
             np.asarray(batch.sample_rows, np.int64), *final,
         )  # fmt: skip
-        streamed = used[kinds == decoder_kernels.MOE] * self.expert_bytes  # as `CPUExperts.count_streamed` counts
-        for experts, n in zip(self.experts, streamed.tolist(), strict=True):
-            experts.bytes_streamed += n
+        self.streamed += int(used[kinds == decoder_kernels.MOE] @ self.expert_bytes)
         return logits
 
     def _cache_list(self, buffers: list):

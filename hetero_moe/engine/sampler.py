@@ -104,10 +104,12 @@ class Sampler:
 
     def _choose(self, logits: torch.Tensor) -> int:
         p = self.params
+        if p.greedy:  # the first of the largest, in one pass
+            top, token = logits.max(dim=-1)
+            _check_finite(float(top))
+            return int(token)
         best = float(logits.max())  # NaN anywhere makes the maximum NaN
         _check_finite(best)
-        if p.greedy:
-            return int(torch.argmax(logits))
         # shifted so the largest is 0: dividing by a small temperature can only push values towards -inf
         logits = (logits.detach().to("cpu", torch.float32) - best) / p.temperature
         if 0 < p.top_k < logits.shape[0]:
