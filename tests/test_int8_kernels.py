@@ -652,8 +652,9 @@ def check_experts(isa: str, fmt: int, g: int, e: int, inter: int, hidden: int, t
 
 @pytest.mark.parametrize(
     ("isa", "fmt", "g", "kind", "lanes"),
-    # the task code is each backend's `gate_up` and `down` (tested on every backend above): the split of the tasks
-    [(isa, *SPECS[0], True) for isa in PRIMARY] + [(isa, *SPECS[1], False) for isa in PRIMARY],
+    # the task code is each format's `gate_up` and `down` (tested on every backend above): here the split of the
+    # tasks, in the layout with the most constraints on it (whole blocks of 16 rows)
+    [(isa, *SPECS[0], True) for isa in PRIMARY],
 )
 def test_routed_and_shared_experts_in_the_same_regions_give_their_bits(
     isa: str, fmt: int, g: int, kind: int, lanes: bool
