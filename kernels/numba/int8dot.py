@@ -369,6 +369,16 @@ def _task_rows(rows: int, seg, least: int, tasks: int, tile_tokens: int) -> int:
 
 
 @njit(inline="always", cache=True)
+def _task_span(simd, task: int, chunks: int, seg, seg_expert, rows_per_task: int, rows: int):
+    """(expert, first row, end row, first pair, end pair, tiles of pairs) of task `task`: chunk `task % chunks` of
+    `rows_per_task` rows of unit `task // chunks`, for its pairs `seg[u] .. seg[u + 1]`."""
+    u, c = task // chunks, task % chunks
+    first, end = seg[u], seg[u + 1]
+    r0, r1 = c * rows_per_task, min((c + 1) * rows_per_task, rows)
+    return seg_expert[u], r0, r1, first, end, (end - first + simd.tile - 1) // simd.tile
+
+
+@njit(inline="always", cache=True)
 def _next_task(task: int, chunks: int, seg_expert, rows_per_task: int, rows: int) -> tuple[int, int, int]:
     """(expert, first row, end row) of the task after `task` (the last task's own): the task the thread running
     `task` runs next, as Numba splits a `prange` into one run of tasks a thread."""
@@ -422,28 +432,23 @@ def _check_gate_up(simd, xq, ascale, bias, pair_token, w1, s1, w3, s3, up_row, r
 def _gate_up_task(
     simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3, up_row, rows_per_task, chunks, task, h
 ) -> None:
-    """Task `task` of `gate_up`: rows `c * rows_per_task` on (chunk c of `chunks`) of the task's expert."""
-    inter = h.shape[1]
-    u, c = task // chunks, task % chunks
-    e = seg_expert[u]
-    r0, r1 = c * rows_per_task, min((c + 1) * rows_per_task, inter)
+    """Task `task` of `gate_up` (`_task_span`)."""
+    e, r0, r1, first, end, tiles = _task_span(simd, task, chunks, seg, seg_expert, rows_per_task, h.shape[1])
     rows = np.empty(simd.tile, np.int64)
     gate = np.empty((simd.tile, r1 - r0), np.float32)
     up = np.empty((simd.tile, r1 - r0), np.float32)
-    p = seg[u]
-    tiles = (seg[u + 1] - p + simd.tile - 1) // simd.tile
-    e2, q0, q1 = _next_task(task, chunks, seg_expert, rows_per_task, inter)
+    e2, q0, q1 = _next_task(task, chunks, seg_expert, rows_per_task, h.shape[1])
     gate_next, up_next = w1[e2, q0:q1], w3[e2, up_row + q0 : up_row + q1]
-    i = 0
-    while p < seg[u + 1]:
+    i, p = 0, first
+    while p < end:
         if tiles > 1 and i < tiles:  # the next task's rows, a part a tile
             _prefetch_part(gate_next, i, tiles)
             _prefetch_part(up_next, i, tiles)
             i += 1
-        n = tile(simd, seg[u + 1] - p)
+        n = tile(simd, end - p)
         for j in range(n):
             rows[j] = pair_token[p + j]
-        cached = p > seg[u]  # the tiles before read these rows
+        cached = p > first  # the tiles before read these rows
         dots(simd, n, w1[e, r0:r1], s1[e, r0:r1], xq, ascale, bias, rows, gate, cached)
         u0, u1 = up_row + r0, up_row + r1
         dots(simd, n, w3[e, u0:u1], s3[e, u0:u1], xq, ascale, bias, rows, up, cached)
@@ -476,61 +481,57 @@ def _check_down(simd, xq, ascale, bias, seg, w2, s2, rows_per_task, y) -> None:
 
 @njit(inline="always", cache=True)
 def _down_task(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, chunks, task, y) -> None:
-    """Task `task` of `down`, as `_gate_up_task`."""
-    hidden = y.shape[1]
-    u, c = task // chunks, task % chunks
-    e = seg_expert[u]
-    r0, r1 = c * rows_per_task, min((c + 1) * rows_per_task, hidden)
+    """Task `task` of `down` (`_task_span`)."""
+    e, r0, r1, first, end, tiles = _task_span(simd, task, chunks, seg, seg_expert, rows_per_task, y.shape[1])
     rows = np.empty(simd.tile, np.int64)
     out = np.empty((simd.tile, r1 - r0), np.float32)
-    p = seg[u]
-    tiles = (seg[u + 1] - p + simd.tile - 1) // simd.tile
-    e2, q0, q1 = _next_task(task, chunks, seg_expert, rows_per_task, hidden)
+    e2, q0, q1 = _next_task(task, chunks, seg_expert, rows_per_task, y.shape[1])
     down_next = w2[e2, q0:q1]
-    i = 0
-    while p < seg[u + 1]:
+    i, p = 0, first
+    while p < end:
         if tiles > 1 and i < tiles:  # the next task's rows, a part a tile
             _prefetch_part(down_next, i, tiles)
             i += 1
-        n = tile(simd, seg[u + 1] - p)
+        n = tile(simd, end - p)
         for j in range(n):
             rows[j] = p + j
-        dots(simd, n, w2[e, r0:r1], s2[e, r0:r1], xq, ascale, bias, rows, out, p > seg[u])
+        dots(simd, n, w2[e, r0:r1], s2[e, r0:r1], xq, ascale, bias, rows, out, p > first)
         for j in range(n):
             y[p + j, r0:r1] = out[j]
         p += n
 
 
 @njit(inline="always", cache=True)
-def _task_rows_both(rows_a, seg_a, bytes_a, tile_a, rows_b, seg_b, bytes_b, tile_b, least, tasks) -> tuple[int, int]:
-    """`_task_rows` of two sets of tasks in one region (`gate_up_both`, `down_both`): (rows a task of set a takes,
-    of set b), `least` each, or where no expert of either has more than its `tile` tokens (decode) tasks of about
-    equal bytes in both sets (rows of `bytes_a` and `bytes_b`), about `tasks` in all, in multiples of `least`."""
+def _tasks_both(rows_a, seg_a, bytes_a, tile_a, rows_b, seg_b, bytes_b, tile_b, least, tasks) -> tuple:
+    """`_task_rows` of two sets of tasks in one region (`gate_up_both`, `down_both`) -> (rows a task of set a
+    takes, its chunks of an expert's `rows_a`, the same of set b): `least` rows each, or where no expert of either
+    has more than its `tile` tokens (decode) tasks of about equal bytes in both sets (rows of `bytes_a` and
+    `bytes_b`), about `tasks` in all, in multiples of `least`."""
     most_a = most_b = 0
     for u in range(seg_a.shape[0] - 1):
         most_a = max(most_a, seg_a[u + 1] - seg_a[u])
     for u in range(seg_b.shape[0] - 1):
         most_b = max(most_b, seg_b[u + 1] - seg_b[u])
-    if most_a > tile_a or most_b > tile_b:
-        return least, least
-    total = (seg_a.shape[0] - 1) * rows_a * bytes_a + (seg_b.shape[0] - 1) * rows_b * bytes_b
-    per = max(1, (total + tasks - 1) // tasks)
-    a, b = (per + bytes_a - 1) // bytes_a, (per + bytes_b - 1) // bytes_b
-    return max(least, (a + least - 1) // least * least), max(least, (b + least - 1) // least * least)
+    a = b = least
+    if most_a <= tile_a and most_b <= tile_b:
+        total = (seg_a.shape[0] - 1) * rows_a * bytes_a + (seg_b.shape[0] - 1) * rows_b * bytes_b
+        per = max(1, (total + tasks - 1) // tasks)
+        a = max(least, ((per + bytes_a - 1) // bytes_a + least - 1) // least * least)
+        b = max(least, ((per + bytes_b - 1) // bytes_b + least - 1) // least * least)
+    return a, (rows_a + a - 1) // a, b, (rows_b + b - 1) // b
 
 
 @njit(parallel=True, nogil=True, cache=True)
 def gate_up_both(simd, routed, shared_simd, shared, rows_per_task, tasks) -> None:
     """`gate_up` of two sets of pairs in one parallel region, each with its `Simd` token: `routed` and `shared` each
-    `gate_up`'s arguments from `xq` to `up_row`, then `h`. Their tasks take about equal bytes (`_task_rows_both`);
+    `gate_up`'s arguments from `xq` to `up_row`, then `h`. Their tasks take about equal bytes (`_tasks_both`);
     a row's result is `gate_up`'s. A MoE block's shared experts run so beside its routed ones."""
     xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3, up_row, h = routed
     sxq, sascale, sbias, spair_token, sseg, sseg_expert, sw1, ss1, sw3, ss3, sup_row, sh = shared
     _check_gate_up(simd, xq, ascale, bias, pair_token, w1, s1, w3, s3, up_row, rows_per_task, h)
     _check_gate_up(shared_simd, sxq, sascale, sbias, spair_token, sw1, ss1, sw3, ss3, sup_row, rows_per_task, sh)
-    ra, rb = _task_rows_both(h.shape[1], seg, w1.shape[2], simd.tile, sh.shape[1], sseg, sw1.shape[2],
-                             shared_simd.tile, rows_per_task, tasks)  # fmt: skip
-    ca, cb = (h.shape[1] + ra - 1) // ra, (sh.shape[1] + rb - 1) // rb
+    ra, ca, rb, cb = _tasks_both(h.shape[1], seg, w1.shape[2], simd.tile, sh.shape[1], sseg, sw1.shape[2],
+                                 shared_simd.tile, rows_per_task, tasks)  # fmt: skip
     n = seg_expert.shape[0] * ca
     for task in prange(n + sseg_expert.shape[0] * cb):
         if task < n:
@@ -548,9 +549,8 @@ def down_both(simd, routed, shared_simd, shared, rows_per_task, tasks) -> None:
     sxq, sascale, sbias, sseg, sseg_expert, sw2, ss2, sy = shared
     _check_down(simd, xq, ascale, bias, seg, w2, s2, rows_per_task, y)
     _check_down(shared_simd, sxq, sascale, sbias, sseg, sw2, ss2, rows_per_task, sy)
-    ra, rb = _task_rows_both(y.shape[1], seg, w2.shape[2], simd.tile, sy.shape[1], sseg, sw2.shape[2],
-                             shared_simd.tile, rows_per_task, tasks)  # fmt: skip
-    ca, cb = (y.shape[1] + ra - 1) // ra, (sy.shape[1] + rb - 1) // rb
+    ra, ca, rb, cb = _tasks_both(y.shape[1], seg, w2.shape[2], simd.tile, sy.shape[1], sseg, sw2.shape[2],
+                                 shared_simd.tile, rows_per_task, tasks)  # fmt: skip
     n = seg_expert.shape[0] * ca
     for task in prange(n + sseg_expert.shape[0] * cb):
         if task < n:
