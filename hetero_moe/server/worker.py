@@ -151,9 +151,9 @@ class EngineWorker:
             except Exception:  # a bug in the engine itself: fail everything in flight, keep serving
                 log.exception("engine step failed")
                 events = engine.fail_all(RuntimeError("the engine failed; see the server log"))
+            self.stats = engine.stats()  # before the tokens go out: a client that has them sees their step counted
             for event in events:
                 self._deliver(event)
-            self.stats = engine.stats()
 
     def _admit(self, job: Job) -> None:
         if job.cancelled.is_set():
