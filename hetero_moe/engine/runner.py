@@ -190,15 +190,14 @@ class AddNorm:
 
 
 class OneCallLayers:
-    """A numpy decode step's decoder layers in one kernel call (`decoder_kernels.layers`): the same kernels in the
-    same order as the per-layer calls, the same bits, without the Python between them (a millisecond a V2-Lite
-    step, each line slow once the streamed weights have evicted the interpreter from the caches). Each kind of
+    """A numpy decode step's decoder layers, final norm and lm_head in one kernel call (`decoder_kernels.step`): the
+    same kernels in the same order as the per-layer calls, the same bits, without the Python between them (a millisecond
+    a V2-Lite step, each line slow once the streamed weights have evicted the interpreter from the caches). Each kind of
     part's weights are bound once into a typed list; each linear's `Simd` tokens are passed once for all layers, so
-    every layer must run the same formats (a GGUF file that mixes block types per layer takes the per-layer
-    calls)."""
+    every layer must run the same formats (a GGUF file that mixes block types per layer takes the per-layer calls)."""
 
-    def __init__(self, kinds: np.ndarray, blocks: list[MoEBlock], args: tuple) -> None:
-        self.kinds, self.args = kinds, args
+    def __init__(self, blocks: list[MoEBlock], args: tuple) -> None:
+        self.args = args  # `run`'s arguments of `decoder_kernels.step`, bound once
         self.expert_bytes = np.array([b.experts.format.nbytes() // b.experts.num_experts for b in blocks])
         self.streamed = 0  # routed expert bytes of the steps run here (as `CPUExperts.count_streamed` counts them)
         self.top_k = blocks[0].gate.top_k
@@ -235,7 +234,7 @@ class OneCallLayers:
             dense_list.clear()
         final = (head[0].weight, head[0].eps, *head_args)
         args = (kinds, norms, attention, dense_list, moe, attention_simds, dense_simds, routed_simds, final)
-        return cls(kinds, blocks, args)
+        return cls(blocks, args)
 
     def takes(self, h: np.ndarray, pairs: list[tuple], batch: Batch) -> bool:
         """Whether the step goes in one call: one rotary table for all layers, the tokens in sequence order, and

@@ -28,17 +28,16 @@ def step(
     dense_simd13, dense_simd2, dense, routed_simd13, routed_simd2, shared_simd13, shared_simd2, blocks, used,
     sample_rows, final_norm, final_eps, head_simd, head,
 ):  # fmt: skip
-    """The residual stream `h [T, H]` float32 of T decode tokens (token t of sequence t) through the decoder layers,
-    on `threads` threads (`numba.get_num_threads()`). Layer i: `kinds[i]`
-    (DENSE or MOE), `norms[i] = (input norm weight, eps, post-attention norm weight, eps)`, `caches[i] = (latent,
-    pe)` its cache rows, `attention[i]` `latent.decode`'s arguments from `stack` to `scaling` less the `Simd`
-    tokens (`*_simd`, shared by all layers); the cache rows `new_rows`, `rows`, `ends` and rotary tables `cos`,
-    `sin` as `decode` takes them. The j-th DENSE layer's MLP: `dense[j]` (`int8dot.apply_experts`' weights, with
-    `dense_simd13`, `dense_simd2`); the j-th MOE layer's block: `blocks[j] = (router_w, bias, routing, top_k,
-    routed, shared)` as `moe.block` takes them, with the `Simd` tokens `routed_simd*` and `shared_simd*` (shared
-    None: none). `used[i]`: the number of routed experts a MOE layer used. Then the final norm (`final_norm`,
-    `final_eps`) and lm_head (`head_simd`, `head`: `int8dot.apply_linear`'s) of the rows `sample_rows` -> their
-    float32 logits."""
+    """The residual stream `h [T, H]` float32 of T decode tokens (token t of sequence t) through the decoder layers, on
+    `threads` threads (`numba.get_num_threads()`). Layer i: `kinds[i]` (DENSE or MOE), `norms[i] = (input norm weight,
+    eps, post-attention norm weight, eps)`, `caches[i] = (latent, pe)` its cache rows, `attention[i]` `latent.decode`'s
+    arguments from `stack` to `scaling` less the `Simd` tokens (`*_simd`, shared by all layers); the cache rows
+    `new_rows`, `rows`, `ends` and rotary tables `cos`, `sin` as `decode` takes them. The j-th DENSE layer's MLP:
+    `dense[j]` (`int8dot.apply_experts`' weights, with `dense_simd13`, `dense_simd2`); the j-th MOE layer's block:
+    `blocks[j] = (router_w, bias, routing, top_k, routed, shared)` as `moe.block` takes them, with the `Simd` tokens
+    `routed_simd*` and `shared_simd*` (shared None: none). `used[i]`: the number of routed experts a MOE layer used.
+    Then the final norm (`final_norm`, `final_eps`) and lm_head (`head_simd`, `head`: `int8dot.apply_linear`'s) of the
+    rows `sample_rows` -> their float32 logits."""
     t = h.shape[0]
     delta = np.empty_like(h)
     d = m = 0

@@ -645,7 +645,7 @@ def experts_shared(simd13, simd2, routed, shared_simd13, shared_simd2, shared, x
         raise ValueError("h_rows and y_rows must be [>= P, inter] and [>= P, H]")
     h, sh = h_rows[: token.shape[0]], np.empty((t, sinter), np.float32)
     xq, ascale, bias = _quantize_any(x, g13, fmt13)
-    sxq, sascale, sbias = _quantize_any(x, sg13, sfmt13)
+    sxq, sascale, sbias = (xq, ascale, bias) if (sg13, sfmt13) == (g13, fmt13) else _quantize_any(x, sg13, sfmt13)
     routed13 = (xq, ascale, bias, token, seg, expert, w1, s1, w3, s3, up_row, h)
     shared13 = (sxq, sascale, sbias, stoken, sseg, sexpert, sw1, ss1, sw3, ss3, sup_row, sh)
     _gate_up_both(simd13, routed13, shared_simd13, shared13, rows_per_task, tasks)
@@ -707,11 +707,11 @@ def matrix_rows(simd, args, j: int, x, out) -> None:
     p = 0
     while p < x.shape[0]:
         n = tile(simd, x.shape[0] - p)
-        for j in range(n):
-            rows[j] = p + j
+        for k in range(n):
+            rows[k] = p + k
         dots(simd, n, w[e], s[e], xq, ascale, bias, rows, y, p > 0)
-        for j in range(n):
-            out[p + j] = y[j]
+        for k in range(n):
+            out[p + k] = y[k]
         p += n
 
 
