@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import threading
+from importlib import resources
 from pathlib import Path
 
 import httpx
@@ -110,23 +111,37 @@ def test_int4_experts_batched_equal_alone_and_see_every_token_of_the_step(tiny) 
     assert loads <= block.experts.num_experts * layers * stats.decode_steps_total
 
 
+# Layer 3's MoE block in INT8 where the others are INT4: runs of layers with the same formats, a call each
+INT8_LAYER_3 = r"""- match: {name: '^model\.layers\.3\.mlp\.experts$'}
+  replace: {op: cpu_experts, device: cpu, kwargs: {quant: int8, group_size: 32}}
+  recursive: false
+- match: {name: '^model\.layers\.3\.mlp\.shared_experts$'}
+  replace: {op: mlp, kwargs: {quant: int8, group_size: 32}}
+  recursive: false
+"""
+
+
 @pytest.mark.parametrize(
-    ("arch", "overrides"),
+    ("arch", "overrides", "rules", "calls_a_step"),
     [
-        ("DeepseekV2ForCausalLM", {}),
-        ("DeepseekV3ForCausalLM", {}),
-        ("DeepseekV2ForCausalLM", {"first_k_dense_replace": 0}),
+        ("DeepseekV2ForCausalLM", {}, "", 1),
+        ("DeepseekV3ForCausalLM", {}, "", 1),
+        ("DeepseekV2ForCausalLM", {"first_k_dense_replace": 0}, "", 1),
+        ("DeepseekV2ForCausalLM", {"num_hidden_layers": 5}, INT8_LAYER_3, 3),  # layers 0-2, 3, 4
     ],
+    ids=["v2", "v3", "v2-no-dense", "v2-int8-layer-3"],
 )
 def test_decode_step_in_one_call_equals_its_layers_called_one_by_one(
-    tiny, monkeypatch: pytest.MonkeyPatch, arch: str, overrides: dict
+    tiny, tmp_path, monkeypatch: pytest.MonkeyPatch, arch: str, overrides: dict, rules: str, calls_a_step: int
 ) -> None:
     """A numpy decode step in one kernel call (`decoder.step`) gives the logits of its layers' calls one by one,
     bit for bit, alone and in a batch, with a dense first layer or none, a low-rank query (V3) or not; it counts
-    the same routed expert bytes."""
+    the same routed expert bytes. Layers whose formats differ go in one call per run of layers with the same."""
     from hetero_moe.kernels.numba import decoder
 
-    llm = LLM(tiny(arch, **overrides).path, rules="cpu-only-int4.yaml", dtype="float32")
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(rules + (resources.files("hetero_moe.rules") / "cpu-only-int4.yaml").read_text())
+    llm = LLM(tiny(arch, **overrides).path, rules=rules_file, dtype="float32")
     runner = llm.runner
     calls: dict[str, list] = {"step": [], "layers": [], "logits": []}
 
@@ -147,8 +162,10 @@ def test_decode_step_in_one_call_equals_its_layers_called_one_by_one(
     (tokens, streamed, one), (tokens_apart, streamed_apart, apart) = runs[True], runs[False]
     assert tokens == tokens_apart and streamed == streamed_apart > 0
     assert len(one["logits"]) == len(apart["logits"]) and all(map(torch.equal, one["logits"], apart["logits"]))
-    # every decode step in one call, three tokens at once and one alone
-    assert one["step"] == apart["layers"] and not one["layers"] and not apart["step"] and {1, 3} <= set(one["step"])
+    # every decode step in one call a run, three tokens at once and one alone
+    assert one["step"] == [t for t in apart["layers"] for _ in range(calls_a_step)]
+    assert not one["layers"] and not apart["step"] and {1, 3} <= set(one["step"])
+    assert len(runner._one_call.runs) == calls_a_step
 
 
 def test_pool_pages_and_rows() -> None:
@@ -300,8 +317,6 @@ def test_absorbed_latent_decode_batched_in_one_kernel_launch_equals_alone(
     """With `absorb`, the decode tokens of a step go through one launch of the latent kernel (Triton; its
     interpreter here) over their gathered cache rows, with a fixed number of rows per split, so each
     request's tokens are those it gets alone."""
-    from importlib import resources
-
     from hetero_moe.ops.attention import MLAAttention
 
     text = (resources.files("hetero_moe.rules") / "cpu-only.yaml").read_text()

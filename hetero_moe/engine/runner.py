@@ -193,16 +193,20 @@ class OneCallLayers:
     """A numpy decode step's decoder layers, final norm and lm_head in one kernel call (`decoder_kernels.step`): the
     same kernels in the same order as the per-layer calls, the same bits, without the Python between them (a millisecond
     a V2-Lite step, each line slow once the streamed weights have evicted the interpreter from the caches). Each kind of
-    part's weights are bound once into a typed list; each linear's `Simd` tokens are passed once for all layers, so
-    every layer must run the same formats (a GGUF file that mixes block types per layer takes the per-layer calls)."""
+    part's weights are bound once into a typed list; each linear's `Simd` tokens are passed once for a run of layers,
+    so the layers of a call must run the same formats. Where they differ (a GGUF file that mixes block types per layer,
+    as Q4_K_M does; rules that quantize some layers otherwise) the step makes one call per run of consecutive layers
+    with the same formats, the residual stream passed from one to the next, and the last call takes the final norm
+    and lm_head."""
 
-    def __init__(self, blocks: list[MoEBlock], args: tuple) -> None:
-        self.args = args  # `run`'s arguments of `decoder_kernels.step`, bound once
+    def __init__(self, blocks: list[MoEBlock], kinds: np.ndarray, runs: list[tuple[slice, tuple]]) -> None:
+        self.kinds = kinds  # per layer, decoder_kernels.DENSE or MOE
+        self.runs = runs  # (the run's layers, `run`'s arguments of `decoder_kernels.step` for them, bound once)
         self.expert_bytes = np.array([b.experts.format.nbytes() // b.experts.num_experts for b in blocks])
         self.streamed = 0  # routed expert bytes of the steps run here (as `CPUExperts.count_streamed` counts them)
         self.top_k = blocks[0].gate.top_k
         self.min_tokens = min(b.experts.torch_min_tokens for b in blocks)  # where a block's own path would leave
-        self._caches: tuple[list, object] | None = None  # (the buffers, their typed list of cache arrays)
+        self._caches: tuple[list, list] | None = None  # (the buffers, a typed list of their cache arrays a run)
 
     @classmethod
     def bind(
@@ -211,34 +215,30 @@ class OneCallLayers:
         is_moe = [isinstance(x.mlp, MoEBlock) for x in layers]
         kinds = np.where(is_moe, decoder_kernels.MOE, decoder_kernels.DENSE)
         attention = [m._decode_args for m in mixers]
-        dense = [x.mlp.kernel_args() for x, moe in zip(layers, is_moe, strict=True) if not moe]
+        mlps = [x.mlp._block_args if moe else x.mlp.kernel_args() for x, moe in zip(layers, is_moe, strict=True)]
         blocks = [x.mlp for x, moe in zip(layers, is_moe, strict=True) if moe]
-        block_args = [b._block_args for b in blocks]
         head_args = None if head is None else head[1].kernel_args()
-        if head_args is None or not blocks or any(a is None for a in dense + block_args):
+        if head_args is None or not blocks or any(a is None for a in mlps):
             return None
-        # the Simd tokens apart: (stack, q, W_UK, W_UV, o_proj), (gate/up, down), (routed, shared gate/up, down)
-        attention_simds, attention = _split(attention, (0, 2, 6, 8, 10))
-        dense_simds, dense = _split(dense, (0, 1))
-        routed_simds, moe = _split(block_args, (4, 5, 7, 8))
-        if None in (attention_simds, dense_simds, routed_simds):
-            return None
-        # no dense layer: the routed experts' weights and tokens give the (never called) dense part its types
-        dense_simds, dense = dense_simds or routed_simds[:2], [a for (a,) in dense] or [block_args[0][6]]
         norms = [(pre.weight, pre.eps, post.weight, post.eps) for pre, post in add_norms]
-        lists = [_typed_list(x) for x in (norms, attention, dense, moe)]
-        if None in lists:
-            return None
-        norms, attention, dense_list, moe = lists
-        if not any(kinds == decoder_kernels.DENSE):
-            dense_list.clear()
+        # a run without a layer of a kind takes the first such layer's types for it (never called)
+        block = mlps[is_moe.index(True)]  # a dense MLP's stand-in: the routed experts' weights and tokens
+        dense = mlps[is_moe.index(False)] if False in is_moe else (block[4], block[5], block[6])
+        stand_in = {decoder_kernels.MOE: block, decoder_kernels.DENSE: dense}
         final = (head[0].weight, head[0].eps, *head_args)
-        args = (kinds, norms, attention, dense_list, moe, attention_simds, dense_simds, routed_simds, final)
-        return cls(blocks, args)
+        runs = []
+        for layer_run in _runs(kinds, norms, attention, mlps):
+            last = layer_run.stop == len(layers)
+            args = _bind_run(kinds[layer_run], norms[layer_run], attention[layer_run], mlps[layer_run], stand_in,
+                             final if last else (None,) * len(final))  # fmt: skip
+            if args is None:
+                return None
+            runs.append((layer_run, args))
+        return cls(blocks, kinds, runs)
 
     def takes(self, h: np.ndarray, pairs: list[tuple], batch: Batch) -> bool:
-        """Whether the step goes in one call: one rotary table for all layers, the tokens in sequence order, and
-        few enough for the routed experts' integer kernels."""
+        """Whether the step goes in one call a run: one rotary table for all layers, the tokens in sequence order,
+        and few enough for the routed experts' integer kernels."""
         t = h.shape[0]
         return (
             all(p is pairs[0] for p in pairs)
@@ -248,23 +248,66 @@ class OneCallLayers:
 
     def run(self, h: np.ndarray, pairs: tuple, buffers: list, batch: Batch) -> np.ndarray:
         """The step's decode tokens `h [N, H]` float32 -> the float32 logits of `batch.sample_rows`."""
-        kinds, norms, attention, dense, moe, attention_simds, dense_simds, routed_simds, final = self.args
         layout, cos, sin = pairs
         new_rows, rows, ends = decode_rows(batch.seqs)
-        used = np.zeros(len(kinds), np.int64)
-        logits = decoder_kernels.step(
-            np.ascontiguousarray(h), cos, sin, layout, new_rows, rows, ends, numba.get_num_threads(), kinds, norms,
-            self._cache_list(buffers), *attention_simds, attention, *dense_simds, dense, *routed_simds, moe, used,
-            np.asarray(batch.sample_rows, np.int64), *final,
-        )  # fmt: skip
-        self.streamed += int(used[kinds == decoder_kernels.MOE] @ self.expert_bytes)
-        return logits
+        sample_rows = np.asarray(batch.sample_rows, np.int64)
+        threads = numba.get_num_threads()
+        used = np.zeros(len(self.kinds), np.int64)
+        h = np.ascontiguousarray(h)
+        for (layer_run, args), caches in zip(self.runs, self._cache_lists(buffers), strict=True):
+            kinds, norms, attention, dense, moe, attention_simds, dense_simds, routed_simds, final = args
+            h = decoder_kernels.step(
+                h, cos, sin, layout, new_rows, rows, ends, threads, kinds, norms, caches, *attention_simds,
+                attention, *dense_simds, dense, *routed_simds, moe, used[layer_run], sample_rows, *final,
+            )  # fmt: skip
+        self.streamed += int(used[self.kinds == decoder_kernels.MOE] @ self.expert_bytes)
+        return h
 
-    def _cache_list(self, buffers: list):
-        """The layers' cache arrays as a typed list, made again only when the engine's buffers change."""
+    def _cache_lists(self, buffers: list) -> list:
+        """Each run's cache arrays as a typed list, made again only when the engine's buffers change."""
         if self._caches is None or self._caches[0] is not buffers:
-            self._caches = (buffers, _typed_list([b.arrays for b in buffers]))
+            lists = [_typed_list([b.arrays for b in buffers[layer_run]]) for layer_run, _ in self.runs]
+            self._caches = (buffers, lists)
         return self._caches[1]
+
+
+def _runs(kinds: np.ndarray, norms: list, attention: list, mlps: list) -> list[slice]:
+    """The layers as runs of consecutive layers whose parts of each kind take the same Numba types (`Simd` tokens
+    included): the most layers a `decoder_kernels.step` call can take."""
+    runs, first, types = [], 0, {}
+    for i, kind in enumerate(kinds):
+        attn = (numba.typeof(norms[i]), numba.typeof(attention[i]))
+        mlp = numba.typeof(mlps[i])
+        if types and (types["attention"] != attn or types.get(kind, mlp) != mlp):
+            runs.append(slice(first, i))
+            first, types = i, {}
+        types.setdefault("attention", attn)
+        types.setdefault(kind, mlp)
+    return [*runs, slice(first, len(kinds))]
+
+
+def _bind_run(
+    kinds: np.ndarray, norms: list, attention: list, mlps: list, stand_in: dict, final: tuple
+) -> tuple | None:
+    """`OneCallLayers.run`'s arguments of `decoder_kernels.step` for a run of layers (`_runs`); `final` the final
+    norm and lm_head's, or Nones where the run is not the last. None where the run's parts cannot be bound."""
+    dense = [a for a, kind in zip(mlps, kinds, strict=True) if kind == decoder_kernels.DENSE]
+    block_args = [a for a, kind in zip(mlps, kinds, strict=True) if kind == decoder_kernels.MOE]
+    # the Simd tokens apart: (stack, q, W_UK, W_UV, o_proj), (gate/up, down), (routed, shared gate/up, down)
+    attention_simds, attention = _split(attention, (0, 2, 6, 8, 10))
+    dense_simds, dense = _split(dense or [stand_in[decoder_kernels.DENSE]], (0, 1))
+    routed_simds, moe = _split(block_args or [stand_in[decoder_kernels.MOE]], (4, 5, 7, 8))
+    if None in (attention_simds, dense_simds, routed_simds):
+        return None
+    lists = [_typed_list(x) for x in (norms, attention, [a for (a,) in dense], moe)]
+    if None in lists:
+        return None
+    norms, attention, dense_list, moe = lists
+    if not any(kinds == decoder_kernels.DENSE):  # the stand-ins give the lists their types only
+        dense_list.clear()
+    if not any(kinds == decoder_kernels.MOE):
+        moe.clear()
+    return kinds, norms, attention, dense_list, moe, attention_simds, dense_simds, routed_simds, final
 
 
 def _split(args: list[tuple], at: tuple[int, ...]) -> tuple[tuple | None, list[tuple]]:

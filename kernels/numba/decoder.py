@@ -6,7 +6,8 @@ caches: the same kernels in the same order, the same bits.
 
 The weights of a kind of part come in one typed list a layer (`numba.typed.List`, bound once: Numba takes it in
 a call without typing its items again, where a tuple of tuples costs 60 us a call), the `Simd` tokens of each
-linear once for all layers (so every layer must use the same formats)."""
+linear once for all layers of a call (so they must use the same formats; `OneCallLayers` in `engine/runner.py` makes a
+call per run of layers that do)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def step(
     `blocks[j] = (router_w, bias, routing, top_k, routed, shared)` as `moe.block` takes them, with the `Simd` tokens
     `routed_simd*` and `shared_simd*` (shared None: none). `used[i]`: the number of routed experts a MOE layer used.
     Then the final norm (`final_norm`, `final_eps`) and lm_head (`head_simd`, `head`: `int8dot.apply_linear`'s) of the
-    rows `sample_rows` -> their float32 logits."""
+    rows `sample_rows` -> their float32 logits; with `head` None (and the other three), the layers only -> the residual
+    stream after the last (the layers of a model whose formats change from layer to layer go in several calls)."""
     t = h.shape[0]
     delta = np.empty_like(h)
     d = m = 0
@@ -71,4 +73,6 @@ def step(
                 routed_simd13, routed_simd2, routed, shared_simd13, shared_simd2, shared,
             )  # fmt: skip
     h = h + delta
+    if head is None:  # layers before the last run's (`OneCallLayers`): the residual stream goes on to the next call
+        return h
     return apply_linear(head_simd, head, rms_norm(h[sample_rows], final_norm, final_eps), threads)
