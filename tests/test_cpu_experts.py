@@ -224,10 +224,12 @@ def test_int4_weights_are_cached_and_memory_mapped(tiny, monkeypatch, caplog) ->
     assert not third.placed.model.model.layers[1].mlp.experts.restored
     assert third.generate(prompt, max_tokens=6, temperature=0, ignore_eos=True).token_ids == expected
 
-    # stale: other quant settings (a different key) rebuild
-    rules = t.path.parent / "g32.yaml"
+    # stale: other settings (a different key) rebuild; one the kernels do not see, so nothing compiles again
+    rules = t.path.parent / "other-settings.yaml"
     text = (resources.files("hetero_moe.rules") / "cpu-only-int4.yaml").read_text()
-    rules.write_text(text.replace("group_size: 64", "group_size: 32"))
+    experts = "op: cpu_experts, device: cpu, kwargs: {quant: int4, group_size: 64"
+    assert experts in text
+    rules.write_text(text.replace(experts, experts + ", torch_min_tokens: 64"))
     fourth = LLM(t.path, rules=str(rules), dtype="float32")
     assert not fourth.placed.model.model.layers[1].mlp.experts.restored
     fifth = LLM(t.path, rules=str(rules), dtype="float32")

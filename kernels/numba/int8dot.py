@@ -1123,29 +1123,32 @@ def _kernels(isa: str, fmt: int, g: int, kind: int) -> Kernels:
         gate_up(simd, *act, pair_token, seg, seg_expert, *rows, rows_per_task, task_count(), h)
 
     def down_(act, seg, seg_expert, w2, s2, rows_per_task, y) -> None:
-        down(simd, *act, seg, seg_expert, w2, s2, rows_per_task, task_count(), y)
+        down(simd, *act, seg, seg_expert, read_only(w2), read_only(s2), rows_per_task, task_count(), y)
 
     def linear_(act, weights, scales, rows_per_task) -> np.ndarray:
         # one expert every token goes to: `down`'s code and compiled kernel, the same bits
         t = act[0].shape[0]
         y = np.empty((t, weights.shape[0]), np.float32)
         seg = np.array([0, t], np.int64)
-        down(simd, *act, seg, _ONE_EXPERT, weights[None], scales[None], rows_per_task, task_count(), y)
+        one = (_ONE_EXPERT, read_only(weights[None]), read_only(scales[None]))
+        down(simd, *act, seg, *one, rows_per_task, task_count(), y)
         return y
 
     def down_x(x, seg, seg_expert, w2, s2, rows_per_task, y) -> None:
+        w2, s2 = read_only(w2), read_only(s2)
         quantized_down(simd, g, act_fmt, x, seg, seg_expert, w2, s2, rows_per_task, task_count(), y)
 
     def linear_x(x, weights, scales, rows_per_task) -> np.ndarray:
         y = np.empty((x.shape[0], weights.shape[0]), np.float32)
         seg = np.array([0, x.shape[0]], np.int64)
-        one = (_ONE_EXPERT, weights[None], scales[None])
+        one = (_ONE_EXPERT, read_only(weights[None]), read_only(scales[None]))
         quantized_down(simd, g, act_fmt, x, seg, *one, rows_per_task, task_count(), y)
         return y
 
     def experts_args(k2, w13, s13, inter, w2, s2, rows_per_task) -> tuple:
         s2_ = k2.simd
         fmt2 = BLOCK_ROWS.get(s2_.fmt, (s2_.fmt,))[0]
+        w2, s2 = read_only(w2), read_only(s2)
         args = (g, act_fmt, s2_.g, fmt2, *_gate_up_rows(w13, s13, inter), inter, w2, s2, rows_per_task)
         return simd, s2_, args
 
@@ -1157,17 +1160,19 @@ def _kernels(isa: str, fmt: int, g: int, kind: int) -> Kernels:
     def linear_args(weights, scales, rows_per_task, matrices=None) -> tuple:
         if matrices is None:  # one matrix, `[O, B]`
             weights, scales, matrices = weights[None], scales[None], _ONE_EXPERT
-        return simd, (g, act_fmt, weights, scales, matrices, rows_per_task)
+        return simd, (g, act_fmt, read_only(weights), read_only(scales), matrices, rows_per_task)
 
     return Kernels(activations, gate_up_, down_, linear_, down_x, linear_x, experts_, simd, linear_args, experts_args)
 
 
 def _gate_up_rows(w13, s13, inter: int) -> tuple:
     """`(w1, s1, w3, s3, up_row)` for `gate_up` from `w13`, `s13`: (gate, up) pairs, or gate rows then up
-    rows in whole arrays (so that Numba types them alike for any E)."""
+    rows in whole arrays (so that Numba types them alike for any E), read-only (`read_only`: a format's kernels
+    then compile once for the ops' weights and any caller's)."""
     if isinstance(w13, tuple):
         (w1, w3), (s1, s3) = w13, s13
-        return w1, s1, w3, s3, 0
+        return read_only(w1), read_only(s1), read_only(w3), read_only(s3), 0
+    w13, s13 = read_only(w13), read_only(s13)
     return w13, s13, w13, s13, inter
 
 
