@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 from importlib import resources
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -234,6 +235,33 @@ def test_int4_weights_are_cached_and_memory_mapped(tiny, monkeypatch, caplog) ->
     assert not fourth.placed.model.model.layers[1].mlp.experts.restored
     fifth = LLM(t.path, rules=str(rules), dtype="float32")
     assert fifth.placed.model.model.layers[1].mlp.experts.restored
+
+
+def test_a_cache_that_cannot_be_written_costs_the_cache_not_the_load(tiny, tmp_path, monkeypatch, caplog) -> None:
+    """A full disk (or a read-only cache folder) while the converted weights are saved: a warning, the experts
+    run from memory, nothing half-written is left, and the tokens are those of a load that cached them."""
+    from safetensors import SafetensorError
+
+    from hetero_moe.loader import converted
+
+    t = tiny("Qwen3MoeForCausalLM", shards=2)
+    prompt = [0, 9, 8, 7]
+    monkeypatch.setenv("HETERO_MOE_CACHE", str(tmp_path / "cached"))
+    expected = LLM(t.path, rules="cpu-only-int4.yaml", dtype="float32").generate(prompt, max_tokens=6, temperature=0)
+
+    def full_disk(tensors, filename, metadata=None) -> None:
+        Path(filename).write_bytes(b"half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setenv("HETERO_MOE_CACHE", str(tmp_path / "full"))
+    monkeypatch.setattr(converted, "save_file", full_disk)
+    with caplog.at_level(logging.WARNING, logger="hetero_moe.loader.converted"):
+        llm = LLM(t.path, rules="cpu-only-int4.yaml", dtype="float32")
+    experts = llm.placed.model.model.layers[1].mlp.experts
+    assert "could not write the converted-weights cache" in caplog.text and "No space left on device" in caplog.text
+    assert not experts.mapped and experts.format.w13.nbytes > 0
+    assert not [p for p in (tmp_path / "full").rglob("*") if p.is_file()]  # no file, whole or half
+    assert llm.generate(prompt, max_tokens=6, temperature=0).token_ids == expected.token_ids
 
 
 def test_out_of_range_expert_index_is_an_error() -> None:

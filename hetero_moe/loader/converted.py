@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
 from hetero_moe.loader.checkpoint import CheckpointError, TensorInfo, memory_map, prefault, read_header
@@ -74,14 +75,20 @@ def fits_in_memory(nbytes: int) -> bool:
     return available is None or total is None or nbytes <= RESERVES["cpu"].usable(available, total)
 
 
-def save(path: Path, key: str, arrays: Mapping[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save(path: Path, key: str, arrays: Mapping[str, np.ndarray]) -> bool:
+    """Write the cache file; False, with a warning, where it cannot be written (a full disk, a read-only
+    cache folder): the op then runs from the arrays in memory, and the next load converts them again."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata={"key": key})
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        log.warning("could not write the converted-weights cache %s (%s): running from memory", path, e)
+        return False
     finally:
         tmp.unlink(missing_ok=True)
+    return True
 
 
 @dataclass(frozen=True)
@@ -94,8 +101,8 @@ class Entry:
     def load(self) -> dict[str, np.ndarray] | None:
         return load(self.path, self.key)
 
-    def save(self, arrays: Mapping[str, np.ndarray]) -> None:
-        save(self.path, self.key, arrays)
+    def save(self, arrays: Mapping[str, np.ndarray]) -> bool:
+        return save(self.path, self.key, arrays)
 
 
 @dataclass(frozen=True)

@@ -701,10 +701,10 @@ class CPUExperts(Op):
 
     def finalize(self) -> None:
         """Save converted weights to the cache and run from it, memory-mapped, as every later load does (the
-        converted copy in memory is let go); copy the pinned experts, dequantized, to their device; compile (or
-        load the cached compilation of) the kernels; measure the torch crossover."""
-        if self.cache is not None and not self.restored:
-            self.cache.save(self.format.arrays())
+        converted copy in memory is let go; where the cache cannot be written, from that copy); copy the pinned
+        experts, dequantized, to their device; compile (or load the cached compilation of) the kernels; measure the
+        torch crossover."""
+        if self.cache is not None and not self.restored and self.cache.save(self.format.arrays()):
             arrays = self.cache.load()
             self.mapped = arrays is not None and self.format.set_arrays(arrays)
         if self.pinned:
