@@ -650,30 +650,23 @@ def check_experts(isa: str, fmt: int, g: int, e: int, inter: int, hidden: int, t
             assert_close(y[pairs], dequantized(fmt, g, w2[ex], s2[ex], kind, inter), hq[pairs], ha[pairs], g)
 
 
-@pytest.mark.parametrize(
-    ("isa", "fmt", "g", "kind", "lanes"),
-    # the task code is each format's `gate_up` and `down` (tested on every backend above): here the split of the
-    # tasks, in the layout with the most constraints on it (whole blocks of 16 rows)
-    [(isa, *SPECS[0], True) for isa in PRIMARY],
-)
-def test_routed_and_shared_experts_in_the_same_regions_give_their_bits(
-    isa: str, fmt: int, g: int, kind: int, lanes: bool
-) -> None:
+# the task code is each format's `gate_up` and `down` (tested on every backend above): here the split of the tasks, in
+# the layout with the most constraints on it (INT4 in rows across lanes: whole blocks of 16 rows)
+@pytest.mark.parametrize("isa", PRIMARY)
+def test_routed_and_shared_experts_in_the_same_regions_give_their_bits(isa: str) -> None:
     """`experts_shared` (a MoE block's routed and shared experts, gate and up rows in one parallel region, down rows
     in another, tasks of about equal bytes across both) gives the bits of `experts` called for each, the shared
     experts' sum added: 1, 3, 17 and 300 tokens (tiles of several tokens take tasks of the least rows), experts
     without a token, pairs computed elsewhere, shared experts wider than the routed ones."""
-    rng = np.random.default_rng(g + fmt + kind + lanes)
+    fmt, g, kind = SPECS[0]
+    rng = np.random.default_rng(g + fmt + kind + 1)
     e, inter, shared_inter, hidden = 6, 48, 96, 208
     routed, shared = (
         random_experts(rng, fmt, g, e, inter, hidden, kind),
         random_experts(rng, fmt, g, 1, shared_inter, hidden, kind),
     )
-    if lanes:
-        routed, shared = (
-            tuple(a for i in (0, 2) for a in across_lanes(fmt, g, *w[i : i + 2])) for w in (routed, shared)
-        )
-    k = kernels(isa, fmt, g, kind, lanes)
+    routed, shared = (tuple(a for i in (0, 2) for a in across_lanes(fmt, g, *w[i : i + 2])) for w in (routed, shared))
+    k = kernels(isa, fmt, g, kind, lanes=True)
     for tokens in (1, 3, 17, 300):
         x = random_tokens(rng, tokens, hidden)
         index = route(rng, tokens, 2, e)
