@@ -177,6 +177,12 @@ class Repack:
         return self.code in AFFINE
 
     @property
+    def activation_block(self) -> int:
+        """Inputs a scale of the activations spans, as `Backend.kernels` takes it: llama.cpp quantizes tokens for
+        the K-quants and IQ4_XS in Q8_K blocks of 256 (`int8dot.SUPER_BLOCKS`), for the others a scale a group."""
+        return SUPER if self.elems == SUPER else 0
+
+    @property
     def in_place(self) -> bool:
         """Whether the kernels read the file's rows themselves (no repacked copy)."""
         return self.code in BLOCK_ROWS

@@ -20,6 +20,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 from hetero_moe.kernels.ggml_blocks import LANE_REPACK, REPACK
+from hetero_moe.kernels.numba import int8dot
+from hetero_moe.kernels.numba.int4 import SCALE_FP16
 from hetero_moe.kernels.numba.int8dot import from_lanes
 from hetero_moe.kernels.numba.simd import LANES
 
@@ -193,7 +195,7 @@ def test_q4_0_and_q8_0_experts_run_in_lanes_or_in_place(pair, monkeypatch, tmp_p
     """Where they fit in memory, Q4_0 and Q8_0 experts are repacked into rows across lanes and cached (the first
     load runs from the cache it wrote, a second maps it without repacking: the same bits); where they do not fit,
     they are read in place from the file."""
-    x = torch.randn(3, 256) * 0.5
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0)) * 0.5
     index, weights = torch.tensor([[0, 2], [1, 2], [3, 0]]), torch.full((3, 2), 0.5)
     for case in (CASES[0], CASES[1]):
         path, _, rules = pair(case)
@@ -345,7 +347,11 @@ def test_block_experts_run_the_files_own_values(types, tmp_path, caplog) -> None
         # the rules ask for INT4 experts; the file's own blocks run, and the log says so
         layers = sum(isinstance(m, CPUExperts) for m in llm.placed.model.modules())
         assert f"{layers} x routed experts in {experts.block_type}" in caplog.text
-        assert_experts_run_the_files_values(experts, g, torch.randn(3, experts.hidden), 0.03)
+        x = torch.randn(3, experts.hidden, generator=torch.Generator().manual_seed(0))  # tolerances hold for these
+        assert_experts_run_the_files_values(experts, g, x, 0.03)
+        # the tokens quantized as llama.cpp does for each block type (Q8_K's blocks of 256 for the K-quants)
+        blocks = [bool(k.act_fmt & int8dot.SUPER_BLOCKS) for k in experts.format.kernels]
+        assert blocks == [REPACK[t.name].activation_block == 256 for t in types]
         assert len(llm.generate([[0, 17, 42]], max_tokens=4, temperature=0.0)[0].token_ids) == 4
 
 
@@ -402,6 +408,16 @@ def test_every_block_type_repacks_to_gguf_quants_values(name) -> None:
         assert codes.nbytes + scales.nbytes == 5 * r.row_bytes(in_dim)
         with pytest.raises(ValueError, match="blocks of"):
             r.repack(raw[:, :-1], in_dim, codes, scales)
+
+
+@pytest.mark.parametrize("name", list(REPACK))
+def test_every_block_type_quantizes_tokens_as_llamacpp_does(name) -> None:
+    """The activations a block type's weights take are llama.cpp's for it: Q8_K blocks of 256 inputs for the
+    K-quants and IQ4_XS, and scales rounded to fp16 (Q8_0's) for weights with fp16 scales."""
+    r = REPACK[name]
+    act = BlockMatrix(16, 256, name, None).kernels(None).act_fmt
+    assert bool(act & int8dot.SUPER_BLOCKS) == (name in ("Q4_K", "Q5_K", "Q6_K", "IQ4_XS"))
+    assert bool(act & int8dot.HALF_SCALES) == (name in ("Q4_0", "Q8_0", "Q5_0", "IQ4_NL")) == (r.kind == SCALE_FP16)
 
 
 @pytest.mark.parametrize("name", list(LANE_REPACK))

@@ -16,6 +16,7 @@ import sys
 import textwrap
 from fractions import Fraction
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -29,6 +30,7 @@ from hetero_moe.kernels.numba.simd import (
     IQ4_VALUES,
     IQ4NL,
     ISAS,
+    Q4_0,
     SCALE_F32,
     UINT4,
     UINT8,
@@ -77,17 +79,24 @@ def fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
     return s.astype(np.float32)
 
 
-def ref_activations(x: np.ndarray, g: int) -> tuple[np.ndarray, np.ndarray]:
-    """`x [T, I]` -> natural-order `xq [T, Ip]` int64 and `a [T, Ip / g]` float32."""
+def ref_activations(x: np.ndarray, g: int, kind: int = SCALE_BF16, block: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`x [T, I]` -> natural-order `xq [T, Ip]` int64 and `a [T, Ip / g]` float32 (rounded to fp16 values for
+    weights with fp16 scales up to fp16's largest, the codes rounded with the float32 scale); with `block`, each
+    group takes the scale of its block of `block` inputs."""
     t, n = x.shape
     ip = -(-n // g) * g
     blocks = np.zeros((t, ip), np.float32)
     blocks[:, :n] = x
     blocks = blocks.reshape(t, ip // g, g)
     a = np.abs(blocks).max(axis=-1) / np.float32(127.0)
+    if block:
+        a = np.repeat(a.reshape(t, -1, block // g).max(axis=-1), block // g, axis=1)
     safe = np.where(a > 0, a, np.float32(1.0))
     q = np.clip(np.rint(blocks / safe[..., None]), -127, 127)
     q = np.where(a[..., None] > 0, q, 0).astype(np.int64)
+    if kind == SCALE_FP16:  # where fp16 holds them
+        with np.errstate(over="ignore"):
+            a = np.where(a <= 65504, a.astype(np.float16).astype(np.float32), a)
     return q.reshape(t, ip), a
 
 
@@ -219,9 +228,9 @@ def ref_layout(fmt: int, g: int, xq: np.ndarray, a: np.ndarray):
     return laid, ascale, bias
 
 
-def kernels(isa: str, fmt: int, g: int, kind: int, lanes: bool = False) -> int8dot.Kernels:
+def kernels(isa: str, fmt: int, g: int, kind: int, lanes: bool = False, block: int = 0) -> int8dot.Kernels:
     backend = int8dot.Backend(isa) if isa in EMULATED else int8dot.select_backend(isa)
-    return backend.kernels(FORMATS[fmt] + "_lanes" * lanes, g, kind)
+    return backend.kernels(FORMATS[fmt] + "_lanes" * lanes, g, kind, block)
 
 
 def silu_rows(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
@@ -347,6 +356,48 @@ def test_backend_choice() -> None:
                 int8dot.select_backend(isa)
 
 
+def test_fp16_value_rounds_as_numpy() -> None:
+    rng = np.random.default_rng(5)
+    values = (rng.standard_normal(20000) * np.exp(rng.uniform(-25, 12, 20000))).astype(np.float32)
+    halfway = (np.arange(1, 2000, dtype=np.float32) + np.float32(0.5)) * np.float32(2.0**-24)  # subnormal ties
+    steps = np.float32(1.0) + (np.arange(400, dtype=np.float32) + np.float32(0.5)) * np.float32(2.0**-10)  # normal ties
+    edges = [0.0, -0.0, 6.1035156e-05, 6.1e-05, 2.0**-25, 2.0**-26, 65504.0, 65519.0, 65520.0, 1e6]
+    values = np.concatenate([values, halfway, -halfway, steps, steps * np.float32(1000), np.array(edges, np.float32)])
+    got = np.array([int8dot.fp16_value(v) for v in values], np.float32)
+    with np.errstate(over="ignore"):  # past 65504: infinity, as in fp16_value
+        want = values.astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_activations_for_fp16_scales_are_llamacpp_q8_0_blocks() -> None:
+    """For weights with fp16 scales, a token's codes and scales are those of llama.cpp's Q8_0 blocks of it (as the
+    `gguf` package writes them), which its dot products with Q4_0, Q8_0 and IQ4_NL weights take."""
+    rng = np.random.default_rng(8)
+    x = random_tokens(rng, 24, 1024) * np.float32(1e-3) ** rng.integers(0, 2, (24, 1)).astype(np.float32)
+    blocks = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0).reshape(24, 32, 34)
+    d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = blocks[..., 2:].view(np.int8).reshape(24, 1024)
+    xq, ascale, _ = int8dot.quantize_activations(x, 32, int8dot.activation_format(INT8, SCALE_FP16))
+    np.testing.assert_array_equal(ascale[:, :32], d)
+    np.testing.assert_array_equal(xq[:, :1024], qs)
+    assert int8dot.activation_format(INT4, SCALE_BF16) == INT4
+    assert int8dot.activation_format(Q4_0, SCALE_FP16) == INT4 | int8dot.HALF_SCALES
+
+
+@pytest.mark.parametrize(("fmt", "g"), [(UINT4, 32), (UINT8, 32), (INT8, 16), (IQ4NL, 32)])
+def test_activations_in_super_blocks(fmt: int, g: int) -> None:
+    """One scale a block of 256 inputs (llama.cpp's Q8_K), in each format's layout, and the layout of the per-group
+    activations otherwise."""
+    rng = np.random.default_rng(g + fmt)
+    x = random_tokens(rng, 7, 768)
+    xq, a = ref_activations(x, g, block=256)
+    act = int8dot.activation_format(fmt, SCALE_F32, int8dot.SUPER_BLOCK_INPUTS)
+    for got, want in zip(int8dot.quantize_activations(x, g, act), ref_layout(fmt, g, xq, a), strict=True):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="activation block"):
+        int8dot.select_backend().kernels("uint4", 32, SCALE_F32, 128)
+
+
 @pytest.mark.parametrize(
     ("fmt", "g"), [(f, g) for f in (INT4, INT8) for g in GROUPS] + [(IQ4NL, 32), (UINT4, 32), (UINT8, 32), (INT8, 16)]
 )
@@ -374,7 +425,7 @@ def test_linear(isa: str, fmt: int, g: int, out_dim: int, in_dim: int, kind: int
     w64 = dequantized(fmt, g, weights, bits, kind, in_dim)
     for tokens in (1, 3, 17, 300):
         x = random_tokens(rng, tokens, in_dim)
-        xq, a = ref_activations(x, g)
+        xq, a = ref_activations(x, g, kind)
         for rows in (1, 8):
             y = k.linear(k.activations(x), weights, bits, rows)
             assert_bits(y, ref_dots(fmt, g, weights, bits, kind, xq, a))
@@ -400,7 +451,7 @@ def test_block_formats_linear(isa: str, fmt: int, g: int, kind: int) -> None:
         w64 = dequantized(fmt, g, weights, bits, kind, in_dim)
         for tokens in (1, 3, 17):
             x = random_tokens(rng, tokens, in_dim)
-            xq, a = ref_activations(x, g)
+            xq, a = ref_activations(x, g, kind)
             y = k.linear(k.activations(x), weights, bits, 8)
             assert_bits(y, ref_dots(fmt, g, weights, bits, kind, xq, a))
             if fmt not in AFFINE:  # the mins' products are rounded once more
@@ -434,7 +485,7 @@ def test_rows_of_blocks_read_in_place(isa: str, fmt: int) -> None:
         raw = block_rows(fmt, weights, bits)
         for tokens in (1, 3, 17):
             x = random_tokens(rng, tokens, in_dim)
-            xq, a = ref_activations(x, 32)
+            xq, a = ref_activations(x, 32, SCALE_FP16)
             y = kb.linear(kb.activations(x), raw, raw, 8)
             assert_bits(y, ref_dots(fmt, 32, weights, bits, SCALE_FP16, xq, a))
     if isa not in PRIMARY:
@@ -557,18 +608,21 @@ def test_super_block_rows_read_in_place(isa: str, block_type: str) -> None:
     """Q6_K, Q4_K and IQ4_XS rows as a GGUF file holds them give the bits of the formats they are repacked into
     (INT8 with group 16 and float32 scales `d * sc`; UINT4 with group 32, scales `d * sc` and mins `dmin * m`;
     IQ4NL with group 32 and scales `d * (ls - 32)`), the codes and scales put together from the blocks in the
-    kernel; through the expert kernels too."""
+    kernel; through the expert kernels too. With activations of a scale a group, and of one a super-block of 256
+    (llama.cpp's Q8_K, as a GGUF file's weights take them)."""
     rng = np.random.default_rng(6)
     fmt, g, rows_of = SUPER_BLOCK_TYPES[block_type]
     backend = int8dot.Backend(isa) if isa in EMULATED else int8dot.select_backend(isa)
-    kb = backend.kernels(block_type, g, SCALE_F32)
-    for out_dim, in_dim in ((5, 256), (13, 768)):
-        raw, codes, scales = rows_of(rng, out_dim, in_dim)
-        for tokens in (1, 3, 17):
-            x = random_tokens(rng, tokens, in_dim)
-            xq, a = ref_activations(x, g)
-            y = kb.linear(kb.activations(x), raw, raw, 8)
-            assert_bits(y, ref_dots(fmt, g, codes, scales, SCALE_F32, xq, a))
+    for block in (0, int8dot.SUPER_BLOCK_INPUTS):
+        kb = backend.kernels(block_type, g, SCALE_F32, block)
+        for out_dim, in_dim in ((5, 256), (13, 768)):
+            raw, codes, scales = rows_of(rng, out_dim, in_dim)
+            for tokens in (1, 3, 17):
+                x = random_tokens(rng, tokens, in_dim)
+                xq, a = ref_activations(x, g, block=block)
+                y = kb.linear(kb.activations(x), raw, raw, 8)
+                assert_bits(y, ref_dots(fmt, g, codes, scales, SCALE_F32, xq, a))
+                assert_bits(kb.linear_x(x, raw, raw, 8), y)
     if isa not in PRIMARY:
         return
     e, inter, hidden = 4, 256, 512
@@ -579,7 +633,8 @@ def test_super_block_rows_read_in_place(isa: str, block_type: str) -> None:
     s13 = np.stack([np.concatenate([gate[i][2], up[i][2]]) for i in range(e)])
     w2, s2 = (np.stack([m[j] for m in down]) for j in (1, 2))
     x, index = random_tokens(rng, 9, hidden), route(rng, 9, 3, e)
-    _, _, _, _, h, y = run_experts(kernels(isa, fmt, g, SCALE_F32), x, index, e, w13, s13, w2, s2, inter)
+    k = kernels(isa, fmt, g, SCALE_F32, block=int8dot.SUPER_BLOCK_INPUTS)
+    _, _, _, _, h, y = run_experts(k, x, index, e, w13, s13, w2, s2, inter)
     assert_block_experts(kb, x, index, e, tuple(np.stack([m[0] for m in mats]) for mats in (gate, up, down)), h, y)
 
 
@@ -635,8 +690,8 @@ def check_experts(isa: str, fmt: int, g: int, e: int, inter: int, hidden: int, t
     k = kernels(isa, fmt, g, kind)
     token, _, seg, expert, h, y = run_experts(k, x, index, e, w13, s13, w2, s2, inter)
 
-    xq, a = ref_activations(x, g)
-    hq, ha = ref_activations(h, g)
+    xq, a = ref_activations(x, g, kind)
+    hq, ha = ref_activations(h, g, kind)
     for u, ex in enumerate(expert):
         pairs = np.arange(seg[u], seg[u + 1])
         t = token[pairs]
@@ -772,10 +827,10 @@ def test_rows_across_lanes(isa: str, fmt: int, g: int, kind: int) -> None:
     for tokens in (1, 3, 17, 300):
         x = random_tokens(rng, tokens, hidden)
         index = route(rng, tokens, 2, e)
-        xq, a = ref_activations(x, g)
+        xq, a = ref_activations(x, g, kind)
         for rows in (16, 48):
             token, _, seg, expert, h, y = run_experts(k, x, index, e, l13, b13, l2, b2, inter, rows)
-            hq, ha = ref_activations(h, g)
+            hq, ha = ref_activations(h, g, kind)
             for u, ex in enumerate(expert):
                 pairs = np.arange(seg[u], seg[u + 1])
                 gate_up = ref_lane_dots(fmt, g, w13[ex], s13[ex], kind, xq[token[pairs]], a[token[pairs]])

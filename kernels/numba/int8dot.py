@@ -12,8 +12,13 @@ float32 scales (Q6_K), and the affine UINT4 and UINT8 (`w = s * code - m`, INT4'
 float32 scales and mins; see `simd.py`).
 
 Activations (`quantize_activations`), per token and block of g inputs: `a = amax / 127` (float32),
-`xq = rint(x / a)` clamped to [-127, 127], all zero where `a == 0`. They are laid out for the weights'
-spans (`simd.spans`: 128 inputs for INT4, `max(64, g)` for INT8) and padded with zeros to whole spans:
+`xq = rint(x / a)` clamped to [-127, 127], all zero where `a == 0`. For weights with fp16 scales (llama.cpp's
+Q4_0, Q5_0, Q8_0 and IQ4_NL blocks) the scale kept is `a` rounded to the nearest fp16 value, as llama.cpp's Q8_0
+blocks of activations hold it (`activation_format`, `HALF_SCALES`): the integer sums and both scales are then
+llama.cpp's own (a scale past fp16's largest, from activations past 8.3 million, stays float32). For its
+K-quants and IQ4_XS, llama.cpp quantizes tokens in Q8_K blocks of 256 inputs; `SUPER_BLOCKS` takes `amax` over
+each 256 inputs for all their groups alike. They are laid out for the weights' spans (`simd.spans`: 128 inputs for
+INT4, `max(64, g)` for INT8) and padded with zeros to whole spans:
 
 - `xq [T, spans * span_elems] int8`. INT8: input order. INT4: the order of the nibbles, so a load of
   weight bytes and one of `xq` line up: within span `s`, `xq[128 s + b]` is the input in the low nibble of
@@ -91,6 +96,19 @@ from numba import njit, prange
 from numba.extending import overload
 
 PARALLEL_ELEMENTS = 1 << 16  # activations of at least this many values are quantized in parallel
+# A flag of an activation format (`activation_format`): its scales rounded to fp16 values. llama.cpp quantizes the
+# tokens for weights with fp16 scales into Q8_0 blocks, an fp16 scale each; ours kept the float32 `amax / 127`, a
+# relative difference of up to 2^-11 in every product. Rounded alike, a tiny DeepSeek-V3 GGUF with Q4_0 experts
+# correlates with llama.cpp at 0.99986 at worst over 64 positions, where it was 0.974.
+HALF_SCALES = 1 << 8
+FP16_MAX = np.float32(65504.0)
+# The other flag: one scale for the groups of each super-block of `SUPER_BLOCK_INPUTS` inputs (from their largest
+# magnitude), as llama.cpp's Q8_K blocks of activations, which its K-quants' and IQ4_XS's dot products take: its
+# integer sums and scales, where a scale a group gave others (and a 0.995 correlation at worst with llama.cpp's
+# logits on a V2-Lite-shaped Q4_K_M file in our integer kernels, where two positions were decorrelated).
+SUPER_BLOCKS = 1 << 9
+SUPER_BLOCK_INPUTS = 256
+FORMAT_BITS = HALF_SCALES - 1  # an activation format without its flags
 TASKS_PER_THREAD = 8  # parallel tasks a thread gets at decode (`_task_rows`)
 FORMATS = {
     "int4": INT4,
@@ -153,11 +171,38 @@ def _round_into(x, start: int, stop: int, a, xq, at: int) -> int:
     return total
 
 
+def activation_format(fmt: int, kind: int, activation_block: int = 0) -> int:
+    """The format `quantize_activations` takes for weights of format `fmt` with scales of `kind`: rows of blocks
+    their codes' format; `HALF_SCALES` for fp16 scales, `SUPER_BLOCKS` where `activation_block` is
+    `SUPER_BLOCK_INPUTS` (0: a scale a group)."""
+    codes = BLOCK_ROWS.get(fmt, (fmt,))[0]
+    flags = (HALF_SCALES if kind == SCALE_FP16 else 0) | (SUPER_BLOCKS if activation_block else 0)
+    return codes | flags
+
+
 @njit(inline="always", cache=True)
-def _quantize_token(x, g, fmt, xq, ascale, bias) -> None:
-    """One token `x [I]` -> `xq`, `ascale`, `bias` (rows, zeroed by the caller). Each group's inputs go to
-    `xq` in runs that are contiguous there too (half a group per nibble for the formats of nibbles): a branch
-    per run, not per input."""
+def fp16_value(a):
+    """The float32 `a` (finite) rounded to the nearest fp16 value, ties to even (numpy's `astype(float16)`, x86's
+    `vcvtps2ph`), as a float32: the 10 mantissa bits of normal values kept; subnormal ones in steps of 2^-24;
+    beyond 65504, infinity."""
+    m = abs(a)
+    if m < np.float32(6.103515625e-05):  # 2^-14, the least normal fp16
+        return np.float32(np.rint(a * np.float32(16777216.0)) / np.float32(16777216.0))
+    bits = np.array([a], np.float32).view(np.uint32)
+    v = bits[0]
+    bits[0] = (v + np.uint32(0xFFF) + ((v >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+    r = bits.view(np.float32)[0]
+    if abs(r) > np.float32(65504.0):
+        return np.float32(np.inf) if a > 0 else np.float32(-np.inf)
+    return r
+
+
+@njit(inline="always", cache=True)
+def _quantize_token(x, g, fmt, half_scales, super_blocks, xq, ascale, bias) -> None:
+    """One token `x [I]` -> `xq`, `ascale`, `bias` (rows, zeroed by the caller); `half_scales`: scales kept as fp16
+    values (`HALF_SCALES`), `super_blocks`: a scale a super-block (`SUPER_BLOCKS`). Each group's inputs go to `xq`
+    in runs that are contiguous there too (half a group per nibble for the formats of nibbles): a branch per run,
+    not per input."""
     n_in = x.shape[0]
     half = g // 2
     span_elems = 128 if _nibbles(fmt) else max(64, g)
@@ -166,16 +211,22 @@ def _quantize_token(x, g, fmt, xq, ascale, bias) -> None:
     lanes = fmt in (INT4_LANES, INT8_LANES)
     bits, one_bits = x.view(np.uint32), np.zeros(1, np.uint32)
     one = one_bits.view(np.float32)
+    a = np.float32(0.0)
     for k in range((n_in + g - 1) // g):
         start, stop = k * g, min(k * g + g, n_in)
-        a = _amax(bits, start, stop, one_bits, one) / np.float32(127.0)
+        if not super_blocks:
+            a = _amax(bits, start, stop, one_bits, one) / np.float32(127.0)
+        elif start % SUPER_BLOCK_INPUTS == 0:  # the first group of a super-block: the scale of all its groups
+            a = _amax(bits, start, min(start + SUPER_BLOCK_INPUTS, n_in), one_bits, one) / np.float32(127.0)
+        # the scale kept for the codes rounded with `a`: as fp16 where fp16 holds it (beyond, llama.cpp's overflows)
+        kept = fp16_value(a) if half_scales and a <= FP16_MAX else a
         if lanes:  # input order; the group's bias
-            ascale[k] = a
+            ascale[k] = kept
             if a > 0:
                 bias[k] = -(8 if fmt == INT4_LANES else 128) * _round_into(x, start, stop, a, xq, start)
             continue
         at = (k // gps) * 2 * gps + k % gps if affine else k
-        ascale[at] = a
+        ascale[at] = kept
         if not a > 0:
             continue
         total = 0
@@ -193,7 +244,7 @@ def _quantize_token(x, g, fmt, xq, ascale, bias) -> None:
         else:
             total = _round_into(x, start, stop, a, xq, start)
         if affine:
-            ascale[at + gps] = a * np.float32(total)
+            ascale[at + gps] = kept * np.float32(total)
     if lanes:
         return
     offset = 0
@@ -231,20 +282,23 @@ def _activation_arrays(x, g, fmt):
 
 @njit(nogil=True, cache=True)
 def quantize_activations(x, g, fmt):
-    """`x [T, I]` float32 -> `(xq, ascale, bias)` for weights of format `fmt` (INT4 or INT8) and group
-    `g`; shapes in `activation_shape`, layout in the module docstring. One thread."""
+    """`x [T, I]` float32 -> `(xq, ascale, bias)` for weights of format `fmt` (a codes' format, with
+    `HALF_SCALES` or not: `activation_format`) and group `g`; shapes in `activation_shape`, layout in the module
+    docstring. One thread."""
+    half_scales, super_blocks, fmt = (fmt & HALF_SCALES) != 0, (fmt & SUPER_BLOCKS) != 0, fmt & FORMAT_BITS
     xq, ascale, bias = _activation_arrays(x, g, fmt)
     for t in range(x.shape[0]):
-        _quantize_token(x[t], g, fmt, xq[t], ascale[t], bias[t])
+        _quantize_token(x[t], g, fmt, half_scales, super_blocks, xq[t], ascale[t], bias[t])
     return xq, ascale, bias
 
 
 @njit(parallel=True, nogil=True, cache=True)
 def quantize_activations_parallel(x, g, fmt):
     """`quantize_activations`, parallel over tokens."""
+    half_scales, super_blocks, fmt = (fmt & HALF_SCALES) != 0, (fmt & SUPER_BLOCKS) != 0, fmt & FORMAT_BITS
     xq, ascale, bias = _activation_arrays(x, g, fmt)
     for t in prange(x.shape[0]):
-        _quantize_token(x[t], g, fmt, xq[t], ascale[t], bias[t])
+        _quantize_token(x[t], g, fmt, half_scales, super_blocks, xq[t], ascale[t], bias[t])
     return xq, ascale, bias
 
 
@@ -989,6 +1043,7 @@ class Kernels:
     simd: Simd | None = None
     linear_args: Callable[..., tuple] | None = None
     experts_args: Callable[..., tuple] | None = None
+    act_fmt: int | None = None  # the format `activations` quantizes for (`activation_format`); None: float
 
 
 @dataclass(frozen=True)
@@ -997,20 +1052,23 @@ class Backend:
 
     name: str
 
-    def kernels(self, fmt: str, g: int, kind: int) -> Kernels:
+    def kernels(self, fmt: str, g: int, kind: int, activation_block: int = 0) -> Kernels:
         """`fmt` one of `FORMATS`, with a group size `g` and scale `kind` (int4.SCALE_BF16, SCALE_FP16, or
-        simd.SCALE_F32) that `simd.VALID` allows for it. The formats beyond INT4 and INT8 (GGUF blocks
-        repacked, `kernels/ggml_blocks.py`; rows across lanes, `to_lanes`) have integer kernels only: on the
-        `float` backend they are a ValueError."""
+        simd.SCALE_F32) that `simd.VALID` allows for it; `activation_block`: 0 for a scale of the activations a
+        group, or `SUPER_BLOCK_INPUTS` for one a super-block (llama.cpp's K-quants). The formats beyond INT4 and
+        INT8 (GGUF blocks repacked, `kernels/ggml_blocks.py`; rows across lanes, `to_lanes`) have integer kernels
+        only: on the `float` backend they are a ValueError."""
         groups, kinds = VALID.get(FORMATS.get(fmt, -1), ((), ()))
         if g not in groups or kind not in kinds:
             raise ValueError(f"no kernels for format {fmt!r}, group {g!r}, scale kind {kind!r}")
+        if activation_block not in (0, SUPER_BLOCK_INPUTS) or (activation_block and SUPER_BLOCK_INPUTS % g):
+            raise ValueError(f"an activation block is 0 (a group) or {SUPER_BLOCK_INPUTS}, not {activation_block}")
         if self.name == "float" and (fmt not in ("int4", "int8") or kind == SCALE_F32 or g not in (32, 64, 128)):
             raise ValueError(
                 f"{fmt} weights with group {g} run on the integer kernels, which need AVX2; this CPU has only "
                 f"the float backend"
             )
-        return _kernels(self.name, FORMATS[fmt], g, kind)
+        return _kernels(self.name, FORMATS[fmt], g, kind, activation_block)
 
 
 def _int4_inputs(codes: np.ndarray, g: int) -> np.ndarray:
@@ -1108,12 +1166,12 @@ def _fp16(kind: int) -> np.ndarray:
 
 
 @functools.cache
-def _kernels(isa: str, fmt: int, g: int, kind: int) -> Kernels:
+def _kernels(isa: str, fmt: int, g: int, kind: int, activation_block: int) -> Kernels:
     fp16 = _fp16(kind)
     if isa == "float":
         return _float_kernels(fmt, g, kind, fp16)
     simd = Simd(isa, fmt, g, kind)
-    act_fmt = BLOCK_ROWS.get(fmt, (fmt,))[0]  # rows of blocks take their codes' activations
+    act_fmt = activation_format(fmt, kind, activation_block)
 
     def activations(x: np.ndarray) -> tuple:
         return quantize(x, g, act_fmt)
@@ -1147,9 +1205,8 @@ def _kernels(isa: str, fmt: int, g: int, kind: int) -> Kernels:
 
     def experts_args(k2, w13, s13, inter, w2, s2, rows_per_task) -> tuple:
         s2_ = k2.simd
-        fmt2 = BLOCK_ROWS.get(s2_.fmt, (s2_.fmt,))[0]
         w2, s2 = read_only(w2), read_only(s2)
-        args = (g, act_fmt, s2_.g, fmt2, *_gate_up_rows(w13, s13, inter), inter, w2, s2, rows_per_task)
+        args = (g, act_fmt, s2_.g, k2.act_fmt, *_gate_up_rows(w13, s13, inter), inter, w2, s2, rows_per_task)
         return simd, s2_, args
 
     def experts_(k2, x, index, weights, w13, s13, inter, w2, s2, rows_per_task, out) -> int:
@@ -1162,7 +1219,8 @@ def _kernels(isa: str, fmt: int, g: int, kind: int) -> Kernels:
             weights, scales, matrices = weights[None], scales[None], _ONE_EXPERT
         return simd, (g, act_fmt, read_only(weights), read_only(scales), matrices, rows_per_task)
 
-    return Kernels(activations, gate_up_, down_, linear_, down_x, linear_x, experts_, simd, linear_args, experts_args)
+    kernels = (activations, gate_up_, down_, linear_, down_x, linear_x, experts_, simd, linear_args, experts_args)
+    return Kernels(*kernels, act_fmt)
 
 
 def _gate_up_rows(w13, s13, inter: int) -> tuple:
