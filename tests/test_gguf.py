@@ -596,3 +596,5 @@ def test_quantized_cpu_linears_run_the_files_blocks(pair) -> None:
             checked.add(t.type.name)
         assert len(checked) >= 2
         assert len(llm.generate([[0, 17, 42]], max_tokens=4, temperature=0.0)[0].token_ids) == 4
+        # q_a_proj and kv_a_proj in different types do not stack, so the attention is not fused: no one-call step
+        assert not llm.runner.mixers[1].fused and llm.runner._one_call is None

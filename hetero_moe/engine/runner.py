@@ -212,6 +212,8 @@ class OneCallLayers:
     def bind(
         cls, layers: list[nn.Module], mixers: list[nn.Module], add_norms: list, head: tuple | None
     ) -> OneCallLayers | None:
+        if not all(getattr(m, "fused", False) for m in mixers):  # an attention's decode tokens take its own ops
+            return None
         is_moe = [isinstance(x.mlp, MoEBlock) for x in layers]
         kinds = np.where(is_moe, decoder_kernels.MOE, decoder_kernels.DENSE)
         attention = [m._decode_args for m in mixers]
