@@ -177,10 +177,13 @@ class Repack:
         return self.code in AFFINE
 
     @property
-    def activation_block(self) -> int:
-        """Inputs a scale of the activations spans, as `Backend.kernels` takes it: llama.cpp quantizes tokens for
-        the K-quants and IQ4_XS in Q8_K blocks of 256 (`int8dot.SUPER_BLOCKS`), for the others a scale a group."""
-        return SUPER if self.elems == SUPER else 0
+    def activations(self) -> str:
+        """How llama.cpp quantizes the tokens for this block type, as `Backend.kernels` takes it: Q8_K blocks for
+        the K-quants and IQ4_XS, Q8_0 blocks for the types with fp16 scales. Q4_1's and Q5_1's Q8_1 blocks are not
+        matched: they take ours (a float32 scale a group)."""
+        if self.elems == SUPER:
+            return "q8_k"
+        return "q8_0" if self.kind == SCALE_FP16 else "group"
 
     @property
     def in_place(self) -> bool:

@@ -21,7 +21,6 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from hetero_moe.kernels.ggml_blocks import LANE_REPACK, REPACK
 from hetero_moe.kernels.numba import int8dot
-from hetero_moe.kernels.numba.int4 import SCALE_FP16
 from hetero_moe.kernels.numba.int8dot import from_lanes
 from hetero_moe.kernels.numba.simd import LANES
 
@@ -33,7 +32,7 @@ from hetero_moe.loader import converted, gguf_load
 from hetero_moe.loader.gguf_file import SUPPORTED, GGUFError, GGUFFile, dequantize
 from hetero_moe.loader.gguf_model import load_gguf_tokenizer
 from hetero_moe.ops.cpu_experts import CPUExperts
-from hetero_moe.ops.cpu_linear import BlockMatrix, CPULinear, QuantMatrix
+from hetero_moe.ops.cpu_linear import BlockMatrix, CPULinear, CPUQuantKwargs, QuantMatrix
 from hetero_moe.ops.embedding import BlockEmbedding
 from hetero_moe.settings import RESERVES
 from hetero_moe.synth import tiny as synth
@@ -350,8 +349,8 @@ def test_block_experts_run_the_files_own_values(types, tmp_path, caplog) -> None
         x = torch.randn(3, experts.hidden, generator=torch.Generator().manual_seed(0))  # tolerances hold for these
         assert_experts_run_the_files_values(experts, g, x, 0.03)
         # the tokens quantized as llama.cpp does for each block type (Q8_K's blocks of 256 for the K-quants)
-        blocks = [bool(k.act_fmt & int8dot.SUPER_BLOCKS) for k in experts.format.kernels]
-        assert blocks == [REPACK[t.name].activation_block == 256 for t in types]
+        blocks = [bool(k.act_fmt & int8dot.BLOCKS_256) for k in experts.format.kernels]
+        assert blocks == [REPACK[t.name].activations == "q8_k" for t in types]
         assert len(llm.generate([[0, 17, 42]], max_tokens=4, temperature=0.0)[0].token_ids) == 4
 
 
@@ -413,11 +412,13 @@ def test_every_block_type_repacks_to_gguf_quants_values(name) -> None:
 @pytest.mark.parametrize("name", list(REPACK))
 def test_every_block_type_quantizes_tokens_as_llamacpp_does(name) -> None:
     """The activations a block type's weights take are llama.cpp's for it: Q8_K blocks of 256 inputs for the
-    K-quants and IQ4_XS, and scales rounded to fp16 (Q8_0's) for weights with fp16 scales."""
-    r = REPACK[name]
+    K-quants and IQ4_XS, and scales rounded to fp16 (Q8_0's) for Q4_0, Q5_0, Q8_0 and IQ4_NL. Our own INT4 with fp16
+    scales keeps a float32 scale a group."""
     act = BlockMatrix(16, 256, name, None).kernels(None).act_fmt
-    assert bool(act & int8dot.SUPER_BLOCKS) == (name in ("Q4_K", "Q5_K", "Q6_K", "IQ4_XS"))
-    assert bool(act & int8dot.HALF_SCALES) == (name in ("Q4_0", "Q8_0", "Q5_0", "IQ4_NL")) == (r.kind == SCALE_FP16)
+    assert bool(act & int8dot.BLOCKS_256) == (name in ("Q4_K", "Q5_K", "Q6_K", "IQ4_XS"))
+    assert bool(act & int8dot.ROUND_FP16) == (name in ("Q4_0", "Q8_0", "Q5_0", "IQ4_NL"))
+    ours = QuantMatrix(16, 256, CPUQuantKwargs(quant="int4", group_size=32, scale_dtype="fp16"), None)
+    assert ours.kernels(None).act_fmt == int8dot.activation_format(int8dot.FORMATS[ours.format[0]])
 
 
 @pytest.mark.parametrize("name", list(LANE_REPACK))

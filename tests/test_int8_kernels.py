@@ -79,22 +79,22 @@ def fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
     return s.astype(np.float32)
 
 
-def ref_activations(x: np.ndarray, g: int, kind: int = SCALE_BF16, block: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """`x [T, I]` -> natural-order `xq [T, Ip]` int64 and `a [T, Ip / g]` float32 (rounded to fp16 values for
-    weights with fp16 scales up to fp16's largest, the codes rounded with the float32 scale); with `block`, each
-    group takes the scale of its block of `block` inputs."""
+def ref_activations(x: np.ndarray, g: int, activations: str = "group") -> tuple[np.ndarray, np.ndarray]:
+    """`x [T, I]` -> natural-order `xq [T, Ip]` int64 and `a [T, Ip / g]` float32; as llama.cpp's Q8_0 blocks the
+    scales rounded to fp16 values (up to fp16's largest; the codes rounded with the float32 scale), as its Q8_K
+    blocks each group with the scale of its 256 inputs."""
     t, n = x.shape
     ip = -(-n // g) * g
     blocks = np.zeros((t, ip), np.float32)
     blocks[:, :n] = x
     blocks = blocks.reshape(t, ip // g, g)
     a = np.abs(blocks).max(axis=-1) / np.float32(127.0)
-    if block:
-        a = np.repeat(a.reshape(t, -1, block // g).max(axis=-1), block // g, axis=1)
+    if activations == "q8_k":
+        a = np.repeat(a.reshape(t, -1, 256 // g).max(axis=-1), 256 // g, axis=1)
     safe = np.where(a > 0, a, np.float32(1.0))
     q = np.clip(np.rint(blocks / safe[..., None]), -127, 127)
     q = np.where(a[..., None] > 0, q, 0).astype(np.int64)
-    if kind == SCALE_FP16:  # where fp16 holds them
+    if activations == "q8_0":  # where fp16 holds them
         with np.errstate(over="ignore"):
             a = np.where(a <= 65504, a.astype(np.float16).astype(np.float32), a)
     return q.reshape(t, ip), a
@@ -228,9 +228,9 @@ def ref_layout(fmt: int, g: int, xq: np.ndarray, a: np.ndarray):
     return laid, ascale, bias
 
 
-def kernels(isa: str, fmt: int, g: int, kind: int, lanes: bool = False, block: int = 0) -> int8dot.Kernels:
+def kernels(isa: str, fmt: int, g: int, kind: int, lanes: bool = False, activations: str = "group") -> int8dot.Kernels:
     backend = int8dot.Backend(isa) if isa in EMULATED else int8dot.select_backend(isa)
-    return backend.kernels(FORMATS[fmt] + "_lanes" * lanes, g, kind, block)
+    return backend.kernels(FORMATS[fmt] + "_lanes" * lanes, g, kind, activations)
 
 
 def silu_rows(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
@@ -377,11 +377,11 @@ def test_activations_for_fp16_scales_are_llamacpp_q8_0_blocks() -> None:
     blocks = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0).reshape(24, 32, 34)
     d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
     qs = blocks[..., 2:].view(np.int8).reshape(24, 1024)
-    xq, ascale, _ = int8dot.quantize_activations(x, 32, int8dot.activation_format(INT8, SCALE_FP16))
+    xq, ascale, _ = int8dot.quantize_activations(x, 32, int8dot.activation_format(INT8, "q8_0"))
     np.testing.assert_array_equal(ascale[:, :32], d)
     np.testing.assert_array_equal(xq[:, :1024], qs)
-    assert int8dot.activation_format(INT4, SCALE_BF16) == INT4
-    assert int8dot.activation_format(Q4_0, SCALE_FP16) == INT4 | int8dot.HALF_SCALES
+    assert int8dot.activation_format(INT4) == INT4
+    assert int8dot.activation_format(Q4_0, "q8_0") == INT4 | int8dot.ROUND_FP16
 
 
 @pytest.mark.parametrize(("fmt", "g"), [(UINT4, 32), (UINT8, 32), (INT8, 16), (IQ4NL, 32)])
@@ -390,12 +390,12 @@ def test_activations_in_super_blocks(fmt: int, g: int) -> None:
     activations otherwise."""
     rng = np.random.default_rng(g + fmt)
     x = random_tokens(rng, 7, 768)
-    xq, a = ref_activations(x, g, block=256)
-    act = int8dot.activation_format(fmt, SCALE_F32, int8dot.SUPER_BLOCK_INPUTS)
+    xq, a = ref_activations(x, g, "q8_k")
+    act = int8dot.activation_format(fmt, "q8_k")
     for got, want in zip(int8dot.quantize_activations(x, g, act), ref_layout(fmt, g, xq, a), strict=True):
         np.testing.assert_array_equal(got, want)
-    with pytest.raises(ValueError, match="activation block"):
-        int8dot.select_backend().kernels("uint4", 32, SCALE_F32, 128)
+    with pytest.raises(ValueError, match="no activations 'q8_1'"):
+        int8dot.select_backend().kernels("uint4", 32, SCALE_F32, "q8_1")
 
 
 @pytest.mark.parametrize(
@@ -425,7 +425,7 @@ def test_linear(isa: str, fmt: int, g: int, out_dim: int, in_dim: int, kind: int
     w64 = dequantized(fmt, g, weights, bits, kind, in_dim)
     for tokens in (1, 3, 17, 300):
         x = random_tokens(rng, tokens, in_dim)
-        xq, a = ref_activations(x, g, kind)
+        xq, a = ref_activations(x, g)
         for rows in (1, 8):
             y = k.linear(k.activations(x), weights, bits, rows)
             assert_bits(y, ref_dots(fmt, g, weights, bits, kind, xq, a))
@@ -451,7 +451,7 @@ def test_block_formats_linear(isa: str, fmt: int, g: int, kind: int) -> None:
         w64 = dequantized(fmt, g, weights, bits, kind, in_dim)
         for tokens in (1, 3, 17):
             x = random_tokens(rng, tokens, in_dim)
-            xq, a = ref_activations(x, g, kind)
+            xq, a = ref_activations(x, g)
             y = k.linear(k.activations(x), weights, bits, 8)
             assert_bits(y, ref_dots(fmt, g, weights, bits, kind, xq, a))
             if fmt not in AFFINE:  # the mins' products are rounded once more
@@ -474,18 +474,19 @@ def block_rows(fmt: int, weights: np.ndarray, bits: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("isa", RUNNABLE + EMULATED)
 @pytest.mark.parametrize("fmt", [INT4, INT8])
 def test_rows_of_blocks_read_in_place(isa: str, fmt: int) -> None:
-    """Q4_0 / Q8_0 rows as a GGUF file holds them give INT4's / INT8's bits, ragged last spans included;
-    through the expert kernels too (on the first backend: the loads are the same code)."""
+    """Q4_0 / Q8_0 rows as a GGUF file holds them give INT4's / INT8's bits, ragged last spans included, with the
+    tokens in llama.cpp's Q8_0 blocks; through the expert kernels too (on the first backend: the loads are the same
+    code)."""
     rng = np.random.default_rng(fmt)
-    k = kernels(isa, fmt, 32, SCALE_FP16)
+    k = kernels(isa, fmt, 32, SCALE_FP16, activations="q8_0")
     blocks = int8dot.select_backend(isa) if isa not in EMULATED else int8dot.Backend(isa)
-    kb = blocks.kernels("q4_0" if fmt == INT4 else "q8_0", 32, SCALE_FP16)
+    kb = blocks.kernels("q4_0" if fmt == INT4 else "q8_0", 32, SCALE_FP16, "q8_0")
     for out_dim, in_dim in ((13, 96), (40, 1440)):  # 3 and 45 blocks
         weights, bits = random_weights(rng, fmt, 32, out_dim, in_dim, SCALE_FP16)
         raw = block_rows(fmt, weights, bits)
         for tokens in (1, 3, 17):
             x = random_tokens(rng, tokens, in_dim)
-            xq, a = ref_activations(x, 32, SCALE_FP16)
+            xq, a = ref_activations(x, 32, "q8_0")
             y = kb.linear(kb.activations(x), raw, raw, 8)
             assert_bits(y, ref_dots(fmt, 32, weights, bits, SCALE_FP16, xq, a))
     if isa not in PRIMARY:
@@ -613,13 +614,13 @@ def test_super_block_rows_read_in_place(isa: str, block_type: str) -> None:
     rng = np.random.default_rng(6)
     fmt, g, rows_of = SUPER_BLOCK_TYPES[block_type]
     backend = int8dot.Backend(isa) if isa in EMULATED else int8dot.select_backend(isa)
-    for block in (0, int8dot.SUPER_BLOCK_INPUTS):
-        kb = backend.kernels(block_type, g, SCALE_F32, block)
+    for activations in ("group", "q8_k"):
+        kb = backend.kernels(block_type, g, SCALE_F32, activations)
         for out_dim, in_dim in ((5, 256), (13, 768)):
             raw, codes, scales = rows_of(rng, out_dim, in_dim)
             for tokens in (1, 3, 17):
                 x = random_tokens(rng, tokens, in_dim)
-                xq, a = ref_activations(x, g, block=block)
+                xq, a = ref_activations(x, g, activations)
                 y = kb.linear(kb.activations(x), raw, raw, 8)
                 assert_bits(y, ref_dots(fmt, g, codes, scales, SCALE_F32, xq, a))
                 assert_bits(kb.linear_x(x, raw, raw, 8), y)
@@ -633,7 +634,7 @@ def test_super_block_rows_read_in_place(isa: str, block_type: str) -> None:
     s13 = np.stack([np.concatenate([gate[i][2], up[i][2]]) for i in range(e)])
     w2, s2 = (np.stack([m[j] for m in down]) for j in (1, 2))
     x, index = random_tokens(rng, 9, hidden), route(rng, 9, 3, e)
-    k = kernels(isa, fmt, g, SCALE_F32, block=int8dot.SUPER_BLOCK_INPUTS)
+    k = kernels(isa, fmt, g, SCALE_F32, activations="q8_k")
     _, _, _, _, h, y = run_experts(k, x, index, e, w13, s13, w2, s2, inter)
     assert_block_experts(kb, x, index, e, tuple(np.stack([m[0] for m in mats]) for mats in (gate, up, down)), h, y)
 
@@ -690,8 +691,8 @@ def check_experts(isa: str, fmt: int, g: int, e: int, inter: int, hidden: int, t
     k = kernels(isa, fmt, g, kind)
     token, _, seg, expert, h, y = run_experts(k, x, index, e, w13, s13, w2, s2, inter)
 
-    xq, a = ref_activations(x, g, kind)
-    hq, ha = ref_activations(h, g, kind)
+    xq, a = ref_activations(x, g)
+    hq, ha = ref_activations(h, g)
     for u, ex in enumerate(expert):
         pairs = np.arange(seg[u], seg[u + 1])
         t = token[pairs]
@@ -827,10 +828,10 @@ def test_rows_across_lanes(isa: str, fmt: int, g: int, kind: int) -> None:
     for tokens in (1, 3, 17, 300):
         x = random_tokens(rng, tokens, hidden)
         index = route(rng, tokens, 2, e)
-        xq, a = ref_activations(x, g, kind)
+        xq, a = ref_activations(x, g)
         for rows in (16, 48):
             token, _, seg, expert, h, y = run_experts(k, x, index, e, l13, b13, l2, b2, inter, rows)
-            hq, ha = ref_activations(h, g, kind)
+            hq, ha = ref_activations(h, g)
             for u, ex in enumerate(expert):
                 pairs = np.arange(seg[u], seg[u + 1])
                 gate_up = ref_lane_dots(fmt, g, w13[ex], s13[ex], kind, xq[token[pairs]], a[token[pairs]])

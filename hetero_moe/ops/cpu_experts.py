@@ -333,7 +333,7 @@ class BlockFormat:
 
     def bind(self, isa: str | None) -> None:
         backend = select_backend(isa)
-        self.kernels = tuple(backend.kernels(r.fmt, r.g, r.kind, r.activation_block) for r in self.repacks)
+        self.kernels = tuple(backend.kernels(r.fmt, r.g, r.kind, r.activations) for r in self.repacks)
         for name in self.shapes():  # the repacked arrays; rows read in place are read-only already
             setattr(self, name, read_only(getattr(self, name)))
 

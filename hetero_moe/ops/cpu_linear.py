@@ -99,9 +99,9 @@ class QuantMatrix:
         return dequantize(torch.from_numpy(codes.copy()), scales, self.g, self.in_dim)
 
     @property
-    def format(self) -> tuple[str, int, int, int]:
-        """(int8dot format, group, scale kind, activation block): matrices of one format run in one kernel call."""
-        return (self.kw.quant + "_lanes" * self.lanes, self.g, self.kind, 0)
+    def format(self) -> tuple[str, int, int, str]:
+        """(int8dot format, group, scale kind, activations): matrices of one format run in one kernel call."""
+        return (self.kw.quant + "_lanes" * self.lanes, self.g, self.kind, "group")
 
     def as_rows(self) -> None:
         """Rows across lanes back to rows one after another (to be stacked with a matrix of other rows)."""
@@ -130,9 +130,9 @@ class BlockMatrix:
         self.scales = np.empty(0, self.repack.scale_dtype)
 
     @property
-    def format(self) -> tuple[str, int, int, int]:
+    def format(self) -> tuple[str, int, int, str]:
         r = self.repack
-        return (r.fmt, r.g, r.kind, r.activation_block)
+        return (r.fmt, r.g, r.kind, r.activations)
 
     @property
     def in_place(self) -> bool:
@@ -312,8 +312,8 @@ def stacked(linears: Sequence[nn.Module]) -> StackedLinear | None:
     first = linears[0]
 
     def kind(m: nn.Module) -> tuple:
-        fmt, g, scale, block = m.matrix.format
-        return (fmt.removesuffix("_lanes"), g, scale, block, m.isa, m.in_features, m.dtype)
+        fmt, g, scale, activations = m.matrix.format
+        return (fmt.removesuffix("_lanes"), g, scale, activations, m.isa, m.in_features, m.dtype)
 
     same = all(isinstance(m, CPULinear) and m.bias is None and kind(m) == kind(first) for m in linears)
     return StackedLinear(linears) if same else None

@@ -12,13 +12,13 @@ float32 scales (Q6_K), and the affine UINT4 and UINT8 (`w = s * code - m`, INT4'
 float32 scales and mins; see `simd.py`).
 
 Activations (`quantize_activations`), per token and block of g inputs: `a = amax / 127` (float32),
-`xq = rint(x / a)` clamped to [-127, 127], all zero where `a == 0`. For weights with fp16 scales (llama.cpp's
-Q4_0, Q5_0, Q8_0 and IQ4_NL blocks) the scale kept is `a` rounded to the nearest fp16 value, as llama.cpp's Q8_0
-blocks of activations hold it (`activation_format`, `HALF_SCALES`): the integer sums and both scales are then
-llama.cpp's own (a scale past fp16's largest, from activations past 8.3 million, stays float32). For its
-K-quants and IQ4_XS, llama.cpp quantizes tokens in Q8_K blocks of 256 inputs; `SUPER_BLOCKS` takes `amax` over
-each 256 inputs for all their groups alike. They are laid out for the weights' spans (`simd.spans`: 128 inputs for
-INT4, `max(64, g)` for INT8) and padded with zeros to whole spans:
+`xq = rint(x / a)` clamped to [-127, 127], all zero where `a == 0`. A GGUF file's weights take the tokens as
+llama.cpp quantizes them for their block type (`ACTIVATIONS`, `activation_format`), so that the integer sums and
+the scales are llama.cpp's own: for Q4_0, Q5_0, Q8_0 and IQ4_NL its Q8_0 blocks, `a` kept rounded to the nearest
+fp16 value (`ROUND_FP16`; a scale past fp16's largest, from activations past 8.3 million, stays float32); for the
+K-quants and IQ4_XS its Q8_K blocks, `amax` over each 256 inputs for all their groups (`BLOCKS_256`). They are laid
+out for the weights' spans (`simd.spans`: 128 inputs for INT4, `max(64, g)` for INT8) and padded with zeros to
+whole spans:
 
 - `xq [T, spans * span_elems] int8`. INT8: input order. INT4: the order of the nibbles, so a load of
   weight bytes and one of `xq` line up: within span `s`, `xq[128 s + b]` is the input in the low nibble of
@@ -96,19 +96,17 @@ from numba import njit, prange
 from numba.extending import overload
 
 PARALLEL_ELEMENTS = 1 << 16  # activations of at least this many values are quantized in parallel
-# A flag of an activation format (`activation_format`): its scales rounded to fp16 values. llama.cpp quantizes the
-# tokens for weights with fp16 scales into Q8_0 blocks, an fp16 scale each; ours kept the float32 `amax / 127`, a
-# relative difference of up to 2^-11 in every product. Rounded alike, a tiny DeepSeek-V3 GGUF with Q4_0 experts
-# correlates with llama.cpp at 0.99986 at worst over 64 positions, where it was 0.974.
-HALF_SCALES = 1 << 8
+# How tokens are quantized for a format's weights (`Backend.kernels`): "group", ours, a float32 scale a group of
+# the weights; "q8_0" and "q8_k", llama.cpp's for a GGUF file's weights (its Q8_0 blocks for Q4_0, Q5_0, Q8_0 and
+# IQ4_NL, its Q8_K blocks for the K-quants and IQ4_XS). Ours differed from llama.cpp's by up to 2^-11 in each
+# Q8_0 scale and by a scale a group against one a 256 inputs; as llama.cpp's, a tiny DeepSeek-V3 GGUF with Q4_0
+# experts correlates with llama.cpp at 0.99986 at worst over 64 positions (0.974 before), and a V2-Lite-shaped
+# Q4_K_M file in our integer kernels at 0.995 (one position was at -0.07).
+ACTIVATIONS = ("group", "q8_0", "q8_k")
+ROUND_FP16 = 1 << 8  # an activation format's flag: the scales kept rounded to fp16 values (Q8_0's)
+BLOCKS_256 = 1 << 9  # the other flag: one scale for the groups of each 256 inputs (Q8_K's)
 FP16_MAX = np.float32(65504.0)
-# The other flag: one scale for the groups of each super-block of `SUPER_BLOCK_INPUTS` inputs (from their largest
-# magnitude), as llama.cpp's Q8_K blocks of activations, which its K-quants' and IQ4_XS's dot products take: its
-# integer sums and scales, where a scale a group gave others. A V2-Lite-shaped Q4_K_M file in our integer kernels
-# then correlates with llama.cpp at 0.995 at worst over 64 positions, where one position was at -0.07.
-SUPER_BLOCKS = 1 << 9
-SUPER_BLOCK_INPUTS = 256
-FORMAT_BITS = HALF_SCALES - 1  # an activation format without its flags
+FORMAT_BITS = ROUND_FP16 - 1  # an activation format without its flags
 TASKS_PER_THREAD = 8  # parallel tasks a thread gets at decode (`_task_rows`)
 FORMATS = {
     "int4": INT4,
@@ -171,13 +169,11 @@ def _round_into(x, start: int, stop: int, a, xq, at: int) -> int:
     return total
 
 
-def activation_format(fmt: int, kind: int, activation_block: int = 0) -> int:
-    """The format `quantize_activations` takes for weights of format `fmt` with scales of `kind`: rows of blocks
-    their codes' format; `HALF_SCALES` for fp16 scales, `SUPER_BLOCKS` where `activation_block` is
-    `SUPER_BLOCK_INPUTS` (0: a scale a group)."""
+def activation_format(fmt: int, activations: str = "group") -> int:
+    """The format `quantize_activations` takes for weights of format `fmt` and tokens quantized as `activations`
+    says (`ACTIVATIONS`): rows of blocks their codes' format, with the flag of llama.cpp's blocks."""
     codes = BLOCK_ROWS.get(fmt, (fmt,))[0]
-    flags = (HALF_SCALES if kind == SCALE_FP16 else 0) | (SUPER_BLOCKS if activation_block else 0)
-    return codes | flags
+    return codes | {"group": 0, "q8_0": ROUND_FP16, "q8_k": BLOCKS_256}[activations]
 
 
 @njit(inline="always", cache=True)
@@ -200,9 +196,9 @@ def fp16_value(a):
 @njit(inline="always", cache=True)
 def _quantize_token(x, g, fmt, half_scales, super_blocks, xq, ascale, bias) -> None:
     """One token `x [I]` -> `xq`, `ascale`, `bias` (rows, zeroed by the caller); `half_scales`: scales kept as fp16
-    values (`HALF_SCALES`), `super_blocks`: a scale a super-block (`SUPER_BLOCKS`). Each group's inputs go to `xq`
-    in runs that are contiguous there too (half a group per nibble for the formats of nibbles): a branch per run,
-    not per input."""
+    values (`ROUND_FP16`), `super_blocks`: a scale a 256 inputs (`BLOCKS_256`). Each group's inputs go to `xq` in
+    runs that are contiguous there too (half a group per nibble for the formats of nibbles): a branch per run, not
+    per input."""
     n_in = x.shape[0]
     half = g // 2
     span_elems = 128 if _nibbles(fmt) else max(64, g)
@@ -216,8 +212,8 @@ def _quantize_token(x, g, fmt, half_scales, super_blocks, xq, ascale, bias) -> N
         start, stop = k * g, min(k * g + g, n_in)
         if not super_blocks:
             a = _amax(bits, start, stop, one_bits, one) / np.float32(127.0)
-        elif start % SUPER_BLOCK_INPUTS == 0:  # the first group of a super-block: the scale of all its groups
-            a = _amax(bits, start, min(start + SUPER_BLOCK_INPUTS, n_in), one_bits, one) / np.float32(127.0)
+        elif start % 256 == 0:  # the first group of 256 inputs: the scale of all their groups
+            a = _amax(bits, start, min(start + 256, n_in), one_bits, one) / np.float32(127.0)
         # the scale kept for the codes rounded with `a`: as fp16 where fp16 holds it (beyond, llama.cpp's overflows)
         kept = fp16_value(a) if half_scales and a <= FP16_MAX else a
         if lanes:  # input order; the group's bias
@@ -282,10 +278,10 @@ def _activation_arrays(x, g, fmt):
 
 @njit(nogil=True, cache=True)
 def quantize_activations(x, g, fmt):
-    """`x [T, I]` float32 -> `(xq, ascale, bias)` for weights of format `fmt` (a codes' format, with the flags
-    `HALF_SCALES` and `SUPER_BLOCKS` or not: `activation_format`) and group `g`; shapes in `activation_shape`, layout
-    in the module docstring. One thread."""
-    half_scales, super_blocks, fmt = (fmt & HALF_SCALES) != 0, (fmt & SUPER_BLOCKS) != 0, fmt & FORMAT_BITS
+    """`x [T, I]` float32 -> `(xq, ascale, bias)` for weights of format `fmt` (a codes' format, with a flag of
+    llama.cpp's blocks or not: `activation_format`) and group `g`; shapes in `activation_shape`, layout in the module
+    docstring. One thread."""
+    half_scales, super_blocks, fmt = (fmt & ROUND_FP16) != 0, (fmt & BLOCKS_256) != 0, fmt & FORMAT_BITS
     xq, ascale, bias = _activation_arrays(x, g, fmt)
     for t in range(x.shape[0]):
         _quantize_token(x[t], g, fmt, half_scales, super_blocks, xq[t], ascale[t], bias[t])
@@ -295,7 +291,7 @@ def quantize_activations(x, g, fmt):
 @njit(parallel=True, nogil=True, cache=True)
 def quantize_activations_parallel(x, g, fmt):
     """`quantize_activations`, parallel over tokens."""
-    half_scales, super_blocks, fmt = (fmt & HALF_SCALES) != 0, (fmt & SUPER_BLOCKS) != 0, fmt & FORMAT_BITS
+    half_scales, super_blocks, fmt = (fmt & ROUND_FP16) != 0, (fmt & BLOCKS_256) != 0, fmt & FORMAT_BITS
     xq, ascale, bias = _activation_arrays(x, g, fmt)
     for t in prange(x.shape[0]):
         _quantize_token(x[t], g, fmt, half_scales, super_blocks, xq[t], ascale[t], bias[t])
@@ -1052,23 +1048,23 @@ class Backend:
 
     name: str
 
-    def kernels(self, fmt: str, g: int, kind: int, activation_block: int = 0) -> Kernels:
+    def kernels(self, fmt: str, g: int, kind: int, activations: str = "group") -> Kernels:
         """`fmt` one of `FORMATS`, with a group size `g` and scale `kind` (int4.SCALE_BF16, SCALE_FP16, or
-        simd.SCALE_F32) that `simd.VALID` allows for it; `activation_block`: 0 for a scale of the activations a
-        group, or `SUPER_BLOCK_INPUTS` for one a super-block (llama.cpp's K-quants). The formats beyond INT4 and
-        INT8 (GGUF blocks repacked, `kernels/ggml_blocks.py`; rows across lanes, `to_lanes`) have integer kernels
-        only: on the `float` backend they are a ValueError."""
+        simd.SCALE_F32) that `simd.VALID` allows for it, the tokens quantized as `activations` says (`ACTIVATIONS`:
+        llama.cpp's way for a GGUF file's weights). The formats beyond INT4 and INT8 (GGUF blocks repacked,
+        `kernels/ggml_blocks.py`; rows across lanes, `to_lanes`) have integer kernels only: on the `float` backend
+        they are a ValueError."""
         groups, kinds = VALID.get(FORMATS.get(fmt, -1), ((), ()))
         if g not in groups or kind not in kinds:
             raise ValueError(f"no kernels for format {fmt!r}, group {g!r}, scale kind {kind!r}")
-        if activation_block not in (0, SUPER_BLOCK_INPUTS) or (activation_block and SUPER_BLOCK_INPUTS % g):
-            raise ValueError(f"an activation block is 0 (a group) or {SUPER_BLOCK_INPUTS}, not {activation_block}")
+        if activations not in ACTIVATIONS or (activations == "q8_k" and 256 % g):
+            raise ValueError(f"no activations {activations!r} for group {g}: one of {', '.join(ACTIVATIONS)}")
         if self.name == "float" and (fmt not in ("int4", "int8") or kind == SCALE_F32 or g not in (32, 64, 128)):
             raise ValueError(
                 f"{fmt} weights with group {g} run on the integer kernels, which need AVX2; this CPU has only "
                 f"the float backend"
             )
-        return _kernels(self.name, FORMATS[fmt], g, kind, activation_block)
+        return _kernels(self.name, FORMATS[fmt], g, kind, activations)
 
 
 def _int4_inputs(codes: np.ndarray, g: int) -> np.ndarray:
@@ -1166,12 +1162,12 @@ def _fp16(kind: int) -> np.ndarray:
 
 
 @functools.cache
-def _kernels(isa: str, fmt: int, g: int, kind: int, activation_block: int) -> Kernels:
+def _kernels(isa: str, fmt: int, g: int, kind: int, activations: str) -> Kernels:
     fp16 = _fp16(kind)
     if isa == "float":
         return _float_kernels(fmt, g, kind, fp16)
     simd = Simd(isa, fmt, g, kind)
-    act_fmt = activation_format(fmt, kind, activation_block)
+    act_fmt = activation_format(fmt, activations)
 
     def activations(x: np.ndarray) -> tuple:
         return quantize(x, g, act_fmt)
