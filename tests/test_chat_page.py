@@ -42,8 +42,11 @@ def browser():
     driver.quit()
 
 
-def test_chat_page_in_headless_chromium(tiny, browser, capsys) -> None:
+def test_chat_page_in_headless_chromium(tiny, browser, capsys, monkeypatch) -> None:
     llm = LLM(tiny("DeepseekV3ForCausalLM").path, dtype="float32", max_context=96)  # short answers
+    # no EOS: every answer runs to the context's end, many deltas (a random model may end after one)
+    monkeypatch.setattr(llm.engine, "eos_ids", frozenset())
+    monkeypatch.setattr(llm, "eos_ids", frozenset())
     with serving(llm, api_key=KEY) as url:
         browser.get(f"{url}/")
         wait = WebDriverWait(browser, 60)
