@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,15 +14,20 @@ from hetero_moe.cli import main
 from hetero_moe.llm import LLM
 from hetero_moe.synth.demo import DEMO_VERSION
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m hetero_moe.cli ARGS` from the checkout's root, where `-m` puts the root, with its kernels/ folder,
+    first on sys.path (the command takes it off: transformers imports Hugging Face's `kernels`)."""
     return subprocess.run(
         [sys.executable, "-m", "hetero_moe.cli", *args],
         input=stdin,
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "PYTHONSAFEPATH": "1"},  # `-m` would import the checkout's kernels/ as `kernels` (conftest)
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"},
     )
 
 
