@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from test_server import MODEL, serving
+from test_server import MODEL, never_ending, serving
 
 from hetero_moe.llm import LLM
 
@@ -43,10 +43,8 @@ def browser():
 
 
 def test_chat_page_in_headless_chromium(tiny, browser, capsys, monkeypatch) -> None:
-    llm = LLM(tiny("DeepseekV3ForCausalLM").path, dtype="float32", max_context=96)  # short answers
-    # no EOS: every answer runs to the context's end, many deltas (a random model may end after one)
-    monkeypatch.setattr(llm.engine, "eos_ids", frozenset())
-    monkeypatch.setattr(llm, "eos_ids", frozenset())
+    # short answers, never ending at EOS: each streams deltas to the context's end (a random model may stop at once)
+    llm = never_ending(LLM(tiny("DeepseekV3ForCausalLM").path, dtype="float32", max_context=96), monkeypatch)
     with serving(llm, api_key=KEY) as url:
         browser.get(f"{url}/")
         wait = WebDriverWait(browser, 60)

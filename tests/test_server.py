@@ -423,12 +423,17 @@ def wait_for_metrics(url: str, *lines: str, within: float = 10.0) -> None:
         time.sleep(0.1)
 
 
-@pytest.fixture
-def endless(llm, monkeypatch):
-    """The model never emits EOS, so a request runs until max_tokens: a long, busy engine."""
+def never_ending(llm: LLM, monkeypatch) -> LLM:
+    """`llm` whose model never emits EOS, so a request runs until max_tokens or the context's end."""
     monkeypatch.setattr(llm.engine, "eos_ids", frozenset())
     monkeypatch.setattr(llm, "eos_ids", frozenset())  # engines made for other batching settings
     return llm
+
+
+@pytest.fixture
+def endless(llm, monkeypatch):
+    """The model never emits EOS, so a request runs until max_tokens: a long, busy engine."""
+    return never_ending(llm, monkeypatch)
 
 
 def test_queue_full_and_disconnect_cancels(endless) -> None:
