@@ -37,8 +37,8 @@ def triton_on_cpu() -> bool:
 
 
 def cpu_isa() -> str | None:
-    """The instruction set forced on the CPU kernels (`HETERO_MOE_CPU_ISA`: avx512vnni, avxvnni, avx2,
-    float), or None for the best this CPU has."""
+    """The instruction set forced on the CPU kernels (`HETERO_MOE_CPU_ISA`: avx512amx, avx512vnni, avxvnni,
+    avx2, float), or None for the best this CPU has."""
     return os.environ.get("HETERO_MOE_CPU_ISA") or None
 
 

@@ -34,6 +34,7 @@ from hetero_moe.kernels.numba.simd import (
     SCALE_F32,
     UINT4,
     UINT8,
+    amx_permitted,
     choose_isa,
     spans,
     target_features,
@@ -42,7 +43,17 @@ from hetero_moe.kernels.quant import dequantize_int4, dequantize_int8, quantize_
 from numba import njit
 
 INTEGER = [isa for isa in ISAS if isa != "float"]
-RUNNABLE = [isa for isa in INTEGER if set(ISAS[isa]) <= target_features()]
+
+
+def runs(isa: str) -> bool:
+    """Whether this machine runs `isa`'s code: the CPU's features, and for AMX the OS's grant."""
+    try:
+        return choose_isa(isa) == isa
+    except ValueError:
+        return False
+
+
+RUNNABLE = [isa for isa in INTEGER if runs(isa)]
 # the VNNI code paths with vpdpbusd spelled in plain IR: bit-exactness of their lanes on any AVX2 CPU
 EMULATED = [f"{isa}-emulated" for isa in ("avx512vnni", "avxvnni") if isa not in RUNNABLE and "avx2" in RUNNABLE]
 GROUPS = [32, 64, 128]
@@ -345,6 +356,13 @@ def test_backend_choice() -> None:
     assert choose_isa(None, frozenset({"avx", "sse4.2"})) == "float"
     assert choose_isa(None, frozenset({"avx512f", "avx512vnni"})) == "float"  # no AVX2/FMA bits: not trusted
     assert choose_isa("avx2", vnni512) == "avx2"
+    assert choose_isa(None, vnni512 | {"amx-tile", "amx-int8"}) == "avx512amx"
+    assert choose_isa(None, vnni512 | {"amx-tile", "amx-bf16"}) == "avx512vnni"  # no int8 tiles
+    with pytest.raises(ValueError, match="amx-tile, amx-int8"):
+        choose_isa("avx512amx", vnni512)
+    host = target_features()
+    if {"amx-tile", "amx-int8"} <= host and not amx_permitted():  # the CPU has AMX, the OS keeps it
+        assert choose_isa() == "avx512vnni"
     with pytest.raises(ValueError, match="avx512bw, avx512vl, avx512vnni"):
         choose_isa("avx512vnni", frozenset({"avx2", "fma", "f16c", "avx512f"}))
     with pytest.raises(ValueError, match="unknown backend 'sse'"):
@@ -986,6 +1004,74 @@ def test_compiles_for_other_cpus(tmp_path, isa: str, cpu: str, features: str, re
         assert mine and all(prefix in line and register in line for line in mine), lines
     if isa != "avx2":
         assert not any("vpmaddubsw" in line for line in lines)
+
+
+AMX_COMPILE_ONLY = textwrap.dedent(
+    """
+    import numpy as np
+    from numba import njit
+    from hetero_moe.kernels.numba.amx import amx_room, tile_rounds
+    from hetero_moe.kernels.numba.int8dot import dots
+    from hetero_moe.kernels.numba.simd import INT4_LANES, INT8_LANES, Simd
+
+    @njit
+    def many(simd, w, scales, xq, ascale, bias, rows, out):
+        room = amx_room(simd, w, 16)
+        dots(simd, 16, w, scales, xq, ascale, bias, rows, out, False, room)
+        dots(simd, 9, w, scales, xq, ascale, bias, rows, out, True, room)
+        return tile_rounds(3)
+
+    for fmt, g, row_bytes in ((INT4_LANES, 64, 64), (INT8_LANES, 32, 128)):
+        arrays = (np.zeros((16, row_bytes), np.uint8), np.zeros((16, 128 // g), np.uint16),
+                  np.zeros((16, 128), np.int8), np.zeros((16, 128 // g), np.float32),
+                  np.zeros((16, 128 // g), np.int32), np.zeros(16, np.int64), np.zeros((16, 16), np.float32))
+        arrays[0].flags.writeable = arrays[1].flags.writeable = False
+        from numba import typeof
+        sig = tuple(typeof(a) for a in (Simd("avx512amx", fmt, g), *arrays))
+        many.compile(sig)
+        for line in many.inspect_asm(sig).splitlines():
+            if any(op in line for op in ("tdpbssd", "tileloadd", "tilestored", "ldtilecfg", "tilerelease")):
+                print(fmt, line.split()[0])
+    """
+)
+
+
+def test_amx_compiles_for_sapphire_rapids(tmp_path) -> None:
+    """The AMX backend's code, compiled for a CPU with AMX in a subprocess on any machine: tile products of signed
+    bytes, tile loads and stores, each call loading its configuration and releasing the tiles."""
+    features = "+avx2,+fma,+f16c,+avx512f,+avx512bw,+avx512vl,+avx512vnni,+amx-tile,+amx-int8"
+    env = {**os.environ, "NUMBA_CPU_NAME": "sapphirerapids", "NUMBA_CPU_FEATURES": features}
+    env["NUMBA_CACHE_DIR"] = str(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", AMX_COMPILE_ONLY], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    for fmt in (14, 15):  # INT4_LANES, INT8_LANES
+        ops = {line.split()[1] for line in out.stdout.splitlines() if line.startswith(f"{fmt} ")}
+        assert ops == {"tdpbssd", "tileloadd", "tilestored", "ldtilecfg", "tilerelease"}, out.stdout
+
+
+@pytest.mark.parametrize("g", GROUPS)
+def test_amx_tile_configuration(g: int) -> None:
+    """Palette 1; C tiles 16 rows of 64 bytes, A tiles 16 tokens of a tile product's inputs, B tiles a row of 64
+    bytes for each 4 of them."""
+    from hetero_moe.kernels.numba.amx import TILES_A, TILES_B, TILES_C, tile_config
+
+    config = np.array(tile_config(g), np.uint8)
+    colsb, rows = config[16:32].view(np.uint16), config[48:56]
+    k = min(g, 64)
+    assert config[0] == 1 and not config[1:16].any() and not config[32:48].any() and not config[56:].any()
+    for tiles, want_rows, want_colsb in ((TILES_C, 16, 64), (TILES_A, 16, k), (TILES_B, k // 4, 64)):
+        assert all(rows[t] == want_rows and colsb[t] == want_colsb for t in tiles)
+
+
+@pytest.mark.skipif("avx512amx" not in RUNNABLE, reason="no AMX on this CPU, or the OS does not grant it")
+def test_amx_peak_loop_runs() -> None:
+    """`tile_rounds` (`bench experts`' AMX peak) runs its products on zeroed tiles: C stays 0."""
+    from hetero_moe.kernels.numba.amx import tile_rounds
+
+    run = njit(lambda rounds: tile_rounds(rounds))
+    assert run(0) == 0 and run(100) == 0
 
 
 @pytest.mark.parametrize("isa", RUNNABLE + EMULATED)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from numba import njit, prange
 
+from hetero_moe.kernels.numba.amx import PEAK_TILES, tile_rounds
 from hetero_moe.kernels.numba.simd import INT8, PEAK_CHAINS, Simd, choose_isa, dot_macs, dot_rounds
 from hetero_moe.ops.base import BuildContext
 from hetero_moe.ops.cpu_experts import CPUExperts, CPUExpertsKwargs
@@ -92,6 +93,23 @@ def int8_peak_gmacs(isa: str, threads: int, rounds: int = 4_000_000, repeat: int
     _dot_peak(simd, threads, 1)
     best = min(_seconds(lambda: _dot_peak(simd, threads, rounds)) for _ in range(repeat))
     return threads * rounds * PEAK_CHAINS * dot_macs(isa) / best / 1e9
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _tile_peak(threads, rounds):
+    """Every thread runs `rounds` of `tile_rounds`."""
+    total = 0
+    for _ in prange(threads):
+        total += tile_rounds(rounds)
+    return total
+
+
+def amx_peak_gmacs(threads: int, rounds: int = 1_000_000, repeat: int = 5) -> float:
+    """AMX's int8 multiply-adds a second on `threads` threads, in billions: `PEAK_TILES` tile products a round on
+    tile registers, no memory (the best of `repeat` runs). Only on the `avx512amx` backend."""
+    _tile_peak(threads, 1)
+    best = min(_seconds(lambda: _tile_peak(threads, rounds)) for _ in range(repeat))
+    return threads * rounds * PEAK_TILES * 16 * 16 * 64 / best / 1e9
 
 
 def _seconds(fn: Callable[[], object]) -> float:
@@ -168,6 +186,7 @@ class Result:
     tokens_per_expert: float  # of those run: tokens x top-k / distinct experts
     gmacs: float  # multiply-adds a second, in billions: tokens x top-k x 3 x hidden x intermediate
     of_int8_peak: float | None  # gmacs / `int8_peak_gmacs` (None without integer kernels)
+    of_amx_peak: float | None  # gmacs / `amx_peak_gmacs` (None but on AMX)
 
 
 def bench_experts(
@@ -188,6 +207,7 @@ def bench_experts(
     op = random_experts(shape, quant, threads, n_experts)
     isa = choose_isa(op.isa)
     peak = int8_peak_gmacs(isa, threads) if quant in INTEGER and isa != "float" else None
+    amx_peak = amx_peak_gmacs(threads) if quant in INTEGER and isa == "avx512amx" else None
     per_expert = op.format.nbytes() / n_experts
     rng = np.random.default_rng(2)
     results = []
@@ -220,6 +240,7 @@ def bench_experts(
                 t * shape.top_k / used,
                 gmacs,
                 gmacs / peak if peak else None,
+                gmacs / amx_peak if amx_peak else None,
             )
         )
     del pool  # 2 GB, before the baselines make theirs
@@ -231,6 +252,7 @@ def bench_experts(
         "dram_read_gbps": dram,
         "isa": isa,
         "int8_peak_gmacs": peak,
+        "amx_peak_gmacs": amx_peak,
         "results": [asdict(r) for r in results],
     }
     if baselines:

@@ -97,15 +97,19 @@ def run_experts(args: argparse.Namespace) -> int:
         f"{args.arch} {args.quant}, {report['threads']} threads, {report['experts_in_memory']} experts in memory; "
         f"DRAM read {dram['best']:.1f} GB/s (numba {dram['numba']:.1f}, torch {dram['torch']:.1f})"
     )
-    peak = report["int8_peak_gmacs"]
+    peak, amx_peak = report["int8_peak_gmacs"], report["amx_peak_gmacs"]
     if peak:
         print(f"int8 peak of the {report['isa']} dot products: {peak:.0f} G multiply-adds/s on these threads")
+    if amx_peak:
+        print(f"int8 peak of the AMX tile products: {amx_peak:.0f} G multiply-adds/s on these threads")
     print(
         f"{'kernel':<20} {'tokens':>6} {'ms/layer':>9} {'GB/s':>7} {'of DRAM':>8} {'per expert':>10} "
-        f"{'G MAC/s':>8} {'of peak':>8}   (of DRAM: of the read measured around each row's calls)"
+        f"{'G MAC/s':>8} {'of peak':>8}{' of AMX' if amx_peak else ''}   (of DRAM: of the read around each row's calls)"
     )
     for r in report["results"]:
         share = f"{r['of_int8_peak']:>8.0%}" if r["of_int8_peak"] is not None else f"{'-':>8}"
+        if r["of_amx_peak"] is not None:
+            share += f"{r['of_amx_peak']:>7.0%}"
         print(
             f"{'hetero-moe ' + r['quant']:<20} {r['tokens']:>6} {r['seconds_per_layer'] * 1e3:>9.3f} "
             f"{r['weight_gbps']:>7.1f} {r['ratio']:>8.0%} {r['tokens_per_expert']:>10.1f} {r['gmacs']:>8.0f} {share}"

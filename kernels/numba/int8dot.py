@@ -49,6 +49,7 @@ import numba
 import numpy as np
 import torch
 from hetero_moe.kernels.numba import int4
+from hetero_moe.kernels.numba.amx import AMX_LEAST, amx_dots, amx_fill, amx_room
 from hetero_moe.kernels.numba.common import combine, dot, group_by_expert, silu_mul, silu_mul_rows
 from hetero_moe.kernels.numba.int4 import SCALE_BF16, SCALE_FP16, decode_scales, fp16_table
 from hetero_moe.kernels.numba.quantize import (
@@ -305,14 +306,20 @@ def quantize(x: np.ndarray, g: int, fmt: int) -> tuple:
 
 @njit(inline="always", cache=True)
 def tile(simd, n: int) -> int:
-    """Tokens the next `span_dots` call takes, of `n` left: `simd.tile` (8 or 4), 4, 2 or 1."""
+    """Tokens the next `span_dots` call takes, of `n` left: `simd.tile` (16, 8 or 4), all `n` from `AMX_LEAST` on
+    AMX (`simd.amx`), else 4, 2 or 1."""
     most = simd.tile
-    return most if n >= most else (4 if n >= 4 else (2 if n >= 2 else 1))
+    if n >= most:
+        return most
+    if simd.amx and n >= AMX_LEAST:
+        return n
+    return 4 if n >= 4 else (2 if n >= 2 else 1)
 
 
-def dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached) -> None:
+def dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached, room) -> None:
     """`simd.span_dots` of the `n` (from `tile`) tokens in `rows` with every row of `w`, `cached_span_dots` if
-    `cached` (the call before read the same rows); jitted code only."""
+    `cached` (the call before read the same rows); on AMX (`simd.amx`) `amx.amx_dots`, the rows' B tiles put in
+    `room` (`amx.amx_room` of `w`, made once for the calls of the same rows) by the first call. Jitted code only."""
     raise TypeError("dots runs inside jitted code")
 
 
@@ -341,17 +348,18 @@ def _cached_dots(simd, n, w, scales, xq, ascale, bias, rows, out) -> None:
 
 
 @overload(dots, inline="always")
-def _dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached):
+def _dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached, room):
     """`dots` for the token's format: tiles of 8, and rows in cache their own code, only where rows lie across
-    lanes (`LANE_TILE`, `cached_span_dots`)."""
+    lanes (`LANE_TILE`, `cached_span_dots`); there, on AMX, tiles from `AMX_LEAST` tokens go to `amx.amx_dots`.
+    The first tile of a run of calls is the largest (`tile`): on AMX, if any tile is, the first is."""
     if simd.fmt not in LANES:
 
-        def few_dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached) -> None:
+        def few_dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached, room) -> None:
             _few_dots(simd, n, w, scales, xq, ascale, bias, rows, out)
 
         return few_dots
 
-    def lane_dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached) -> None:
+    def lane_dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached, room) -> None:
         if cached:
             _cached_dots(simd, n, w, scales, xq, ascale, bias, rows, out)
         elif n == LANE_TILE:
@@ -359,7 +367,20 @@ def _dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached):
         else:
             _few_dots(simd, n, w, scales, xq, ascale, bias, rows, out)
 
-    return lane_dots
+    if simd.isa != "avx512amx":
+        return lane_dots
+
+    def amx_lane_dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached, room) -> None:
+        if n >= AMX_LEAST:
+            if not cached:
+                amx_fill(simd, w, room)
+            amx_dots(simd, n, room, w, scales, xq, ascale, bias, rows, out)
+        elif cached:
+            _cached_dots(simd, n, w, scales, xq, ascale, bias, rows, out)
+        else:
+            _few_dots(simd, n, w, scales, xq, ascale, bias, rows, out)
+
+    return amx_lane_dots
 
 
 @njit(inline="always", cache=True)
@@ -401,18 +422,18 @@ def task_count() -> int:
 
 
 @njit(inline="always", cache=True)
-def _task_rows(rows: int, seg, least: int, tasks: int, tile_tokens: int) -> int:
+def _task_rows(rows: int, seg, least: int, tasks: int, tile_tokens: int, many: int) -> int:
     """Rows of one expert a parallel task takes: `least`, or, where no expert has more than `tile_tokens` tokens
     (decode), more, as many as make about `tasks` tasks (`task_count`), in multiples of `least`. Each task
     starts a stream of its own: one token of V2-Lite's INT4 experts took 1.08x the time in tasks of 64 rows that
     it took in tasks of 352 rows or more (Zen 4, 2 threads, from DRAM). With more tokens a task's rows are read
-    once a tile, and stay in L2 only while tasks are small."""
+    once a tile, and stay in L2 only while tasks are small: `least` rows, or `many` (`simd.many_rows`) if more."""
     units = seg.shape[0] - 1
     most = 0
     for u in range(units):
         most = max(most, seg[u + 1] - seg[u])
     if units == 0 or most > tile_tokens:
-        return least
+        return max(least, many)
     chunks = max(1, (tasks + units - 1) // units)
     per = (rows + chunks - 1) // chunks
     return max(least, (per + least - 1) // least * least)
@@ -458,7 +479,7 @@ def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3,
     `rows_per_task` or more (`_task_rows`); a row's result does not depend on them.
     """
     _check_gate_up(simd, xq, ascale, bias, pair_token, w1, s1, w3, s3, up_row, rows_per_task, h)
-    rows_per_task = _task_rows(h.shape[1], seg, rows_per_task, tasks, simd.tile)
+    rows_per_task = _task_rows(h.shape[1], seg, rows_per_task, tasks, simd.tile, simd.many_rows)
     chunks = (h.shape[1] + rows_per_task - 1) // rows_per_task
     for task in prange(seg_expert.shape[0] * chunks):
         _gate_up_task(simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3, up_row, rows_per_task,
@@ -489,6 +510,8 @@ def _gate_up_task(
     up = np.empty((simd.tile, r1 - r0), np.float32)
     e2, q0, q1 = _next_task(task, chunks, seg_expert, rows_per_task, h.shape[1])
     gate_next, up_next = w1[e2, q0:q1], w3[e2, up_row + q0 : up_row + q1]
+    gate_rows, up_rows = w1[e, r0:r1], w3[e, up_row + r0 : up_row + r1]
+    gate_room, up_room = amx_room(simd, gate_rows, end - first), amx_room(simd, up_rows, end - first)
     i, p = 0, first
     while p < end:
         if tiles > 1 and i < tiles:  # the next task's rows, a part a tile
@@ -499,9 +522,8 @@ def _gate_up_task(
         for j in range(n):
             rows[j] = pair_token[p + j]
         cached = p > first  # the tiles before read these rows
-        dots(simd, n, w1[e, r0:r1], s1[e, r0:r1], xq, ascale, bias, rows, gate, cached)
-        u0, u1 = up_row + r0, up_row + r1
-        dots(simd, n, w3[e, u0:u1], s3[e, u0:u1], xq, ascale, bias, rows, up, cached)
+        dots(simd, n, gate_rows, s1[e, r0:r1], xq, ascale, bias, rows, gate, cached, gate_room)
+        dots(simd, n, up_rows, s3[e, up_row + r0 : up_row + r1], xq, ascale, bias, rows, up, cached, up_room)
         silu_mul_rows(gate, up, n)
         for j in range(n):
             h[p + j, r0:r1] = gate[j]
@@ -514,7 +536,7 @@ def down(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, tasks, 
     quantize `h [P, I]` (one row per pair); `w2 [E, H, B]` uint8 (B = Ip / 2 or Ip), `s2 [E, H, Ip / g]`,
     `y [P, H]` float32. A dense layer is one expert every token goes to (`Kernels.linear`)."""
     _check_down(simd, xq, ascale, bias, seg, w2, s2, rows_per_task, y)
-    rows_per_task = _task_rows(y.shape[1], seg, rows_per_task, tasks, simd.tile)
+    rows_per_task = _task_rows(y.shape[1], seg, rows_per_task, tasks, simd.tile, simd.many_rows)
     chunks = (y.shape[1] + rows_per_task - 1) // rows_per_task
     for task in prange(seg_expert.shape[0] * chunks):
         _down_task(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, chunks, task, y)
@@ -536,7 +558,8 @@ def _down_task(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, c
     rows = np.empty(simd.tile, np.int64)
     out = np.empty((simd.tile, r1 - r0), np.float32)
     e2, q0, q1 = _next_task(task, chunks, seg_expert, rows_per_task, y.shape[1])
-    down_next = w2[e2, q0:q1]
+    down_next, down_rows = w2[e2, q0:q1], w2[e, r0:r1]
+    room = amx_room(simd, down_rows, end - first)
     i, p = 0, first
     while p < end:
         if tiles > 1 and i < tiles:  # the next task's rows, a part a tile
@@ -545,24 +568,25 @@ def _down_task(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, c
         n = tile(simd, end - p)
         for j in range(n):
             rows[j] = p + j
-        dots(simd, n, w2[e, r0:r1], s2[e, r0:r1], xq, ascale, bias, rows, out, p > first)
+        dots(simd, n, down_rows, s2[e, r0:r1], xq, ascale, bias, rows, out, p > first, room)
         for j in range(n):
             y[p + j, r0:r1] = out[j]
         p += n
 
 
 @njit(inline="always", cache=True)
-def _tasks_both(rows_a, seg_a, bytes_a, tile_a, rows_b, seg_b, bytes_b, tile_b, least, tasks) -> tuple:
+def _tasks_both(rows_a, seg_a, bytes_a, simd_a, rows_b, seg_b, bytes_b, simd_b, least, tasks) -> tuple:
     """`_task_rows` of two sets of tasks in one region (`gate_up_both`, `down_both`) -> (rows a task of set a
-    takes, its chunks of an expert's `rows_a`, the same of set b): `least` rows each, or where no expert of either
-    has more than its `tile` tokens (decode) tasks of about equal bytes in both sets (rows of `bytes_a` and
-    `bytes_b`), about `tasks` in all, in multiples of `least`."""
+    takes, its chunks of an expert's `rows_a`, the same of set b): `least` rows each (or `simd.many_rows`), or
+    where no expert of either has more than its `simd.tile` tokens (decode) tasks of about equal bytes in both sets
+    (rows of `bytes_a` and `bytes_b`), about `tasks` in all, in multiples of `least`."""
+    tile_a, tile_b = simd_a.tile, simd_b.tile
     most_a = most_b = 0
     for u in range(seg_a.shape[0] - 1):
         most_a = max(most_a, seg_a[u + 1] - seg_a[u])
     for u in range(seg_b.shape[0] - 1):
         most_b = max(most_b, seg_b[u + 1] - seg_b[u])
-    a = b = least
+    a, b = max(least, simd_a.many_rows), max(least, simd_b.many_rows)
     if most_a <= tile_a and most_b <= tile_b:
         total = (seg_a.shape[0] - 1) * rows_a * bytes_a + (seg_b.shape[0] - 1) * rows_b * bytes_b
         per = max(1, (total + tasks - 1) // tasks)
@@ -580,8 +604,8 @@ def gate_up_both(simd, routed, shared_simd, shared, rows_per_task, tasks) -> Non
     sxq, sascale, sbias, spair_token, sseg, sseg_expert, sw1, ss1, sw3, ss3, sup_row, sh = shared
     _check_gate_up(simd, xq, ascale, bias, pair_token, w1, s1, w3, s3, up_row, rows_per_task, h)
     _check_gate_up(shared_simd, sxq, sascale, sbias, spair_token, sw1, ss1, sw3, ss3, sup_row, rows_per_task, sh)
-    ra, ca, rb, cb = _tasks_both(h.shape[1], seg, w1.shape[2], simd.tile, sh.shape[1], sseg, sw1.shape[2],
-                                 shared_simd.tile, rows_per_task, tasks)  # fmt: skip
+    ra, ca, rb, cb = _tasks_both(h.shape[1], seg, w1.shape[2], simd, sh.shape[1], sseg, sw1.shape[2], shared_simd,
+                                 rows_per_task, tasks)  # fmt: skip
     n = seg_expert.shape[0] * ca
     for task in prange(n + sseg_expert.shape[0] * cb):
         if task < n:
@@ -599,8 +623,8 @@ def down_both(simd, routed, shared_simd, shared, rows_per_task, tasks) -> None:
     sxq, sascale, sbias, sseg, sseg_expert, sw2, ss2, sy = shared
     _check_down(simd, xq, ascale, bias, seg, w2, s2, rows_per_task, y)
     _check_down(shared_simd, sxq, sascale, sbias, sseg, sw2, ss2, rows_per_task, sy)
-    ra, ca, rb, cb = _tasks_both(y.shape[1], seg, w2.shape[2], simd.tile, sy.shape[1], sseg, sw2.shape[2],
-                                 shared_simd.tile, rows_per_task, tasks)  # fmt: skip
+    ra, ca, rb, cb = _tasks_both(y.shape[1], seg, w2.shape[2], simd, sy.shape[1], sseg, sw2.shape[2], shared_simd,
+                                 rows_per_task, tasks)  # fmt: skip
     n = seg_expert.shape[0] * ca
     for task in prange(n + sseg_expert.shape[0] * cb):
         if task < n:
@@ -754,12 +778,13 @@ def matrix_rows(simd, args, j: int, x, out) -> None:
     e = matrices[j]
     rows = np.empty(simd.tile, np.int64)
     y = np.empty((simd.tile, w.shape[1]), np.float32)
+    room = amx_room(simd, w[e], x.shape[0])
     p = 0
     while p < x.shape[0]:
         n = tile(simd, x.shape[0] - p)
         for k in range(n):
             rows[k] = p + k
-        dots(simd, n, w[e], s[e], xq, ascale, bias, rows, y, p > 0)
+        dots(simd, n, w[e], s[e], xq, ascale, bias, rows, y, p > 0, room)
         for k in range(n):
             out[p + k] = y[k]
         p += n
@@ -1137,7 +1162,7 @@ def across_lanes(isa: str | None, rows: int) -> bool:
 
 
 def select_backend(name: str | None = None) -> Backend:
-    """The best backend for the CPU Numba compiles for, or `name` (avx512vnni, avxvnni, avx2, float);
+    """The best backend for the CPU Numba compiles for, or `name` (avx512amx, avx512vnni, avxvnni, avx2, float);
     a ValueError names the features a forced backend lacks. Nothing is compiled here."""
     return Backend(choose_isa(name))
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from hetero_moe.kernels.numba import int8dot
+from hetero_moe.kernels.numba.amx import amx_room
 from hetero_moe.kernels.numba.int8dot import check, dots, tile
 from hetero_moe.kernels.numba.simd import MXFP4, SCALE_E8M0, TILE, Simd
 from numba import njit, prange
@@ -78,12 +79,14 @@ def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w13, s13, b13, 
         r0, r1 = c * rows_per_task, min((c + 1) * rows_per_task, inter)
         rows = np.empty(TILE, np.int64)
         both = np.empty((TILE, 2 * (r1 - r0)), np.float32)  # gate and up, interleaved
+        w, s = w13[e, 2 * r0 : 2 * r1], s13[e, 2 * r0 : 2 * r1]
+        room = amx_room(simd, w, seg[u + 1] - seg[u])
         p = seg[u]
         while p < seg[u + 1]:
             n = tile(simd, seg[u + 1] - p)
             for j in range(n):
                 rows[j] = pair_token[p + j]
-            dots(simd, n, w13[e, 2 * r0 : 2 * r1], s13[e, 2 * r0 : 2 * r1], xq, ascale, bias, rows, both, p > seg[u])
+            dots(simd, n, w, s, xq, ascale, bias, rows, both, p > seg[u], room)
             for j in range(n):
                 for r in range(r1 - r0):
                     g = both[j, 2 * r] + b13[e, 2 * (r0 + r)]

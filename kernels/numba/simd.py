@@ -2,6 +2,8 @@
 
 Instruction sets ("isa"), best first, with the CPU features each needs:
 
+- `avx512amx`: `avx512vnni`'s code, and AMX tiles (`amx-tile`, `amx-int8`) for tiles of 4 to 16 tokens with rows
+  across lanes (`amx.py`), where Linux grants them (`amx_permitted`).
 - `avx512vnni`: `vpdpbusd` on 512-bit registers (64 u8 x s8 products into 16 int32 lanes).
 - `avxvnni`: the VEX `vpdpbusd` on 256-bit registers (Alder Lake and later, Zen 5).
 - `avx2`: `vpmaddubsw` (pairs into int16) then `vpmaddwd` by ones (int32 lanes of 4 bytes).
@@ -72,8 +74,11 @@ and low 4 bits, 128 bytes of nibbles in INT4's order); a span's scales are `d * 
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
+import platform
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +90,7 @@ from numba.core import cgutils, config
 from numba.extending import NativeValue, intrinsic, models, overload_attribute, register_model, unbox
 
 ISAS: dict[str, tuple[str, ...]] = {  # best first; the LLVM feature names each one needs
+    "avx512amx": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "amx-tile", "amx-int8"),
     "avx512vnni": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni"),
     "avxvnni": ("avx2", "fma", "f16c", "avxvnni"),
     "avx2": ("avx2", "fma", "f16c"),
@@ -147,6 +153,10 @@ SHORT_ROW = 256
 SHORT_BLOCK = 4
 LANE_ROWS = 16  # rows of a block of rows across lanes, one an int32 lane
 LANE_TILE = 8  # most tokens one `span_dots` call multiplies with rows across lanes
+AMX_TILE = 16  # most tokens one `amx.amx_dots` call multiplies with rows across lanes: a tile's 16 rows
+AMX_ROWS = 256  # least rows a parallel task takes on AMX where experts have many tokens (`many_rows`)
+# Linux's arch_prctl (x86-64 syscall 158), its request for an extended state component, and AMX's tile data
+SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
 # Tokens a pass of two blocks of rows across lanes takes (`cached_span_dots`). A tile of 8 tokens and one block is
 # bound by loads, not by multiply-adds: each dot product also loads its 4 bytes of a token, and Zen 5 loads about
 # two a cycle for the two dot products it can start. With two blocks each load feeds two dot products, and rows in
@@ -172,17 +182,32 @@ def target_features() -> frozenset[str]:
     return frozenset(features)
 
 
+@functools.cache
+def amx_permitted() -> bool:
+    """Whether Linux lets this process use AMX's tile registers: asked once, `arch_prctl(ARCH_REQ_XCOMP_PERM,
+    XFEATURE_XTILEDATA)` (Linux 5.16 on, x86-64). An AMX instruction without the grant kills the process."""
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
+
+
 def choose_isa(name: str | None = None, features: frozenset[str] | None = None) -> str:
-    """The best instruction set `features` (default: `target_features()`) allow, or `name` if given and
-    allowed; a ValueError names an unknown set or the features a forced one lacks."""
+    """The best instruction set `features` (default: `target_features()`, with AMX only where `amx_permitted`)
+    allow, or `name` if given and allowed; a ValueError names an unknown set or the features a forced one lacks."""
     have = target_features() if features is None else features
+    if features is None and not ({"amx-tile", "amx-int8"} <= have and amx_permitted()):
+        have = have - {"amx-tile", "amx-int8"}
     if name is None:
         return next(isa for isa, needs in ISAS.items() if set(needs) <= have)
     if name not in ISAS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(ISAS)}")
     missing = [f for f in ISAS[name] if f not in have]
     if missing:
-        raise ValueError(f"backend {name!r} needs CPU features this CPU lacks: {', '.join(missing)}")
+        raise ValueError(
+            f"backend {name!r} needs CPU features this CPU lacks (or, for AMX, the OS does not grant): "
+            f"{', '.join(missing)}"
+        )
     return name
 
 
@@ -277,9 +302,25 @@ def _lanes(simd):
 
 @overload_attribute(SimdType, "tile")
 def _tile(simd):
-    """`simd.tile` in jitted code: the most tokens one `span_dots` call takes (`TILE`, `LANE_TILE`)."""
-    most = LANE_TILE if simd.fmt in LANES else TILE
+    """`simd.tile` in jitted code: the most tokens one `span_dots` (or `amx.amx_dots`) call takes (`TILE`,
+    `LANE_TILE`, `AMX_TILE`)."""
+    most = (AMX_TILE if simd.isa == "avx512amx" else LANE_TILE) if simd.fmt in LANES else TILE
     return lambda simd: most
+
+
+@overload_attribute(SimdType, "many_rows")
+def _many_rows(simd):
+    """`simd.many_rows` in jitted code: the least rows a parallel task takes where experts have many tokens (0: the
+    caller's): `AMX_ROWS` on AMX, whose calls set up each tile of tokens (`amx.py`)."""
+    rows = AMX_ROWS if simd.isa == "avx512amx" and simd.fmt in LANES else 0
+    return lambda simd: rows
+
+
+@overload_attribute(SimdType, "amx")
+def _amx(simd):
+    """`simd.amx` in jitted code: whether tiles of tokens go to AMX (`amx.py`): rows across lanes on `avx512amx`."""
+    amx = simd.isa == "avx512amx" and simd.fmt in LANES
+    return lambda simd: amx
 
 
 @overload_attribute(SimdType, "affine")
@@ -417,6 +458,7 @@ class VnniEmulated(Vnni):
 
 
 CODEGEN = {  # plus the emulated VNNI sets, for tests on CPUs without VNNI
+    "avx512amx": Vnni(16),  # `avx512vnni`'s code, and AMX tiles for many tokens of rows across lanes (`amx.py`)
     "avx512vnni": Vnni(16),
     "avxvnni": Vnni(8),
     "avx2": Avx2(),
@@ -615,7 +657,7 @@ def _lookup(b: ir.IRBuilder, isa: str, nibbles: ir.Value, nbytes: int, values: t
     """`values[n]` for each nibble n of `nibbles <nbytes x i8>` (values 0..15): `vpshufb` on the table
     repeated in every 16-byte lane (512-bit on AVX-512, else 256-bit pieces)."""
     values = [v - 256 if v > 127 else v for v in values]  # as signed bytes
-    if isa == "avx512vnni":
+    if isa in ("avx512amx", "avx512vnni"):
         fn = _declare(b, "llvm.x86.avx512.pshuf.b.512", _vec(I8, 64), [_vec(I8, 64)] * 2)
         return b.call(fn, [ir.Constant(_vec(I8, 64), values * 4), nibbles])
     fn = _declare(b, "llvm.x86.avx2.pshuf.b", _vec(I8, 32), [_vec(I8, 32)] * 2)

@@ -1,0 +1,388 @@
+"""AMX tiles for many tokens of rows across lanes (`simd.py`, "Rows across lanes"): `amx_dots`, `span_dots`' bits.
+
+Intel's AMX (Sapphire Rapids and later) has eight tile registers of up to 16 rows of 64 bytes. One `tdpbssd`
+multiplies a tile A of signed bytes (16 tokens' `xq`, 64 inputs each, in input order) by a tile B of signed bytes
+(row q holds, for each of 16 weight rows r, their weights of inputs `4 q .. 4 q + 3` at bytes `4 r ..`) into a tile
+C of 16 x 16 int32 sums: 16,384 multiply-adds in one instruction, where `vpdpbusd` does 64. A 64-byte chunk of INT8
+rows across lanes is one row of B as it lies in memory; an INT4 chunk's low nibbles are row `2 c` and its high
+nibbles row `2 c + 1` (`int8dot.to_lanes`). `amx_fill` writes a task's rows once as B tiles, `code - offset` in
+signed bytes (so C needs no bias), 64-byte aligned (a tile load of lines split in two runs ~7x slower), into room
+the task keeps (`amx_room`); each tile of up to 16 tokens then reads them from cache (`amx_dots`).
+
+The arithmetic is the canonical one of rows across lanes: `C[t, r]` for group k is the exact int32 `isum` the lane
+of `vpdpbusd` holds, and `acc[t] = fma(float(isum), sw[k] * a[t, k], acc[t])` runs in the same order, so every
+token's result has the bits of `span_dots` on any isa. C goes through memory (a tile's only way out), and the scale
+arithmetic runs on 16-lane vectors: 3 vector operations a token and group of 16 rows, against `g / 4` dot products
+on the vector path. Tile products and scale arithmetic are software-pipelined (`UNROLL`, `LAG`).
+
+What it gains, on the AMX Xeon (2 cores, session 20): one thread, 16 tokens, rows in cache, 2.1x `span_dots`' tiles
+of 8 for INT4 g64 and 1.6x for INT8 g32; a whole V2-Lite prefill of 512 tokens 1.2x (126-132 against 106-109
+tok/s, INT4). The tile products would allow far more: the scale arithmetic, the fill and C's round trip through
+memory bound it.
+
+Linux hands out AMX's register state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, kernel 5.16 on):
+`simd.amx_permitted` asks once, and `simd.choose_isa` picks `avx512amx` only where it was granted. A call loads
+its tile configuration (`ldtilecfg`) and releases the tiles at its end.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hetero_moe.kernels.numba.simd import (
+    AMX_TILE,
+    CODEGEN,
+    F32,
+    FORMATS,
+    I8,
+    I16,
+    I32,
+    I64,
+    INT4,
+    LANE_ROWS,
+    LANES,
+    OFFSETS,
+    PREFETCH,
+    PREFETCH_LOCALITY,
+    SimdType,
+    _broadcast,
+    _declare,
+    _dots_function,
+    _half_scales,
+    _is,
+    _prefetch,
+    _splat,
+    _vec,
+)
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+AMX_LEAST = 8  # fewest tokens `int8dot.dots` gives AMX (fewer go through `span_dots`)
+LAG = 2  # passes between a pass's tile products and its scale arithmetic, which reads C through memory
+UNROLL = 4  # groups a pass: their tile products are in flight together, each in a C tile of its own
+TILES_C, TILES_A, TILES_B = (0, 1, 2, 3), (4, 5), (6, 7)  # tile registers; A and B alternate
+
+
+def tile_config(g: int) -> list[int]:
+    """The 64 bytes `ldtilecfg` loads (palette 1): C tiles of 16 rows of 16 int32; A tiles of 16 tokens of
+    `min(g, 64)` bytes; B tiles of `min(g, 64) / 4` rows of 64 bytes."""
+    k = min(g, 64)
+    config = [0] * 64
+    config[0] = 1
+    shapes = [(c, 16, 64) for c in TILES_C] + [(a, AMX_TILE, k) for a in TILES_A] + [(t, k // 4, 64) for t in TILES_B]
+    for tile, rows, colsb in shapes:
+        config[16 + 2 * tile], config[17 + 2 * tile] = colsb & 255, colsb >> 8
+        config[48 + tile] = rows
+    return config
+
+
+def _builder_helpers(b: ir.IRBuilder):
+    def const(v: int) -> ir.Constant:
+        return ir.Constant(I64, v)
+
+    def at(base: ir.Value, offset: ir.Value) -> ir.Value:
+        return b.gep(base, [offset])
+
+    def load(base: ir.Value, offset: ir.Value, vtype: ir.Type) -> ir.Value:
+        return b.load(b.bitcast(at(base, offset), vtype.as_pointer()), align=1)
+
+    return const, at, load
+
+
+def _aligned64(b: ir.IRBuilder, p: ir.Value) -> ir.Value:
+    """`p` rounded up to a multiple of 64: tile loads of lines split in two run several times slower."""
+    address = b.ptrtoint(p, I64)
+    return b.inttoptr(b.and_(b.add(address, ir.Constant(I64, 63)), ir.Constant(I64, -64)), p.type)
+
+
+def _fill_function(module: ir.Module, simd: SimdType) -> ir.Function:
+    """`void (w, bytes, tiles)`: the rows `w` (`bytes` of them, whole blocks of rows across lanes) as B tiles at
+    `tiles` rounded up to 64, `code - offset` in signed bytes: INT8's chunks in their order, INT4's each as its low
+    nibbles, then its high nibbles."""
+    name = f"hetero_moe_amx_fill_{FORMATS[simd.fmt]}"
+    if name in module.globals:
+        return module.globals[name]
+    p8 = I8.as_pointer()
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [p8, I64, p8]), name)
+    fn.linkage = "internal"
+    fn.attributes.add("noinline")
+    fn.attributes.add("nounwind")
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    const, at, load = _builder_helpers(b)
+    w, nbytes, tiles = fn.args
+    tiles = _aligned64(b, tiles)
+    int4 = LANES[simd.fmt] == INT4
+    prefetch = _prefetch(b)
+    with cgutils.for_range(b, b.udiv(nbytes, const(64))) as loop:
+        offset = b.mul(loop.index, const(64))
+        if PREFETCH:
+            locality = (ir.Constant(I32, v) for v in (0, PREFETCH_LOCALITY, 1))
+            b.call(prefetch, [at(w, b.add(offset, const(PREFETCH))), *locality])
+        codes = load(w, offset, _vec(I8, 64))
+        halves = CODEGEN[simd.isa].nibbles(b, codes) if int4 else (codes,)
+        halves = [b.sub(half, _splat(I8, 64, OFFSETS[LANES[simd.fmt]])) for half in halves]  # signed: code - offset
+        for q, half in enumerate(halves):
+            dest = at(tiles, b.add(b.mul(offset, const(len(halves))), const(64 * q)))
+            b.store(half, b.bitcast(dest, _vec(I8, 64).as_pointer()), align=64)
+    b.ret_void()
+    return fn
+
+
+def _amx_function(module: ir.Module, simd: SimdType) -> ir.Function:
+    """The LLVM function of `amx_dots` (`_dots_function`'s arguments for 16 tokens, the room of `amx_fill` in place
+    of the weights): the tokens' `xq` laid out as A tiles and their scales group by group, after the B tiles in the
+    room, then for each block of 16 rows and each group, C from one tile product a 64 inputs, stored and scaled into
+    16 float32 vectors of accumulators, one a token."""
+    fn = _dots_function(module, "amx", simd, AMX_TILE)
+    if fn.blocks:
+        return fn
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    const, at, load = _builder_helpers(b)
+    tiles, n_rows, row_stride, _, s_ptr, s_stride, groups, *ptrs, out, out_stride = fn.args
+    tiles = _aligned64(b, tiles)
+    n = AMX_TILE
+    xrows, arows = ptrs[:n], ptrs[n : 2 * n]
+    int4 = LANES[simd.fmt] == INT4
+    g, part = simd.g, min(simd.g, 64)  # inputs of a group, and of one tile product
+    parts = g // part
+    vf, vi = _vec(F32, 16), _vec(I32, 16)
+    p8 = I8.as_pointer()
+
+    def tile(name: str, *args) -> None:
+        types_ = [I8 if isinstance(a, int) else a.type for a in args]
+        values = [ir.Constant(I8, a) if isinstance(a, int) else a for a in args]
+        b.call(_declare(b, f"llvm.x86.{name}", ir.VoidType(), types_), values)
+
+    def aligned(vtype: ir.Type) -> ir.Value:
+        slot = cgutils.alloca_once(b, vtype)
+        slot.align = 64
+        return b.bitcast(slot, p8)
+
+    fma = _declare(b, "llvm.fma.v16f32", vf, [vf] * 3)
+    config_type = ir.ArrayType(I8, 64)
+    config = aligned(config_type)
+    b.store(ir.Constant(config_type, bytearray(tile_config(g))), b.bitcast(config, config_type.as_pointer()))
+    b.call(_declare(b, "llvm.x86.ldtilecfg", ir.VoidType(), [p8]), [config])
+
+    # A's tiles one after another (group k, part h: 16 tokens' `part` bytes side by side), and the tokens' activation
+    # scales group by group, 16 side by side: one stream, and one base pointer for them all
+    widen = 2 if int4 else 1  # bytes of B tiles a byte of weights
+    abuf = at(tiles, b.mul(n_rows, b.mul(row_stride, const(widen))))  # after the B tiles in `room`
+    scales_a = b.bitcast(at(abuf, b.mul(groups, const(g * n))), I32.as_pointer())
+    with cgutils.for_range(b, groups) as loop:
+        k = loop.index
+        for t in range(n):
+            for h in range(parts):
+                piece = load(xrows[t], b.add(b.mul(k, const(g)), const(part * h)), _vec(I8, part))
+                dest = at(abuf, b.add(b.mul(k, const(g * n)), const(part * (n * h + t))))
+                b.store(piece, b.bitcast(dest, _vec(I8, part).as_pointer()), align=part)
+            to = b.add(b.mul(k, const(n)), const(t))
+            b.store(load(arows[t], b.mul(k, const(4)), I32), b.gep(scales_a, [to]))
+    scales_a = b.bitcast(scales_a, p8)
+    # C tiles stored for the scale arithmetic: LAG + 1 sets of UNROLL, one set a pass, reused LAG + 1 passes on
+    cbufs = aligned(ir.ArrayType(I32, (LAG + 1) * UNROLL * 16 * 16))
+    zero = ir.Constant(vf, [0.0] * 16)
+    accs = [cgutils.alloca_once_value(b, zero) for _ in range(n)]
+    block_tiles, block_scales = b.mul(row_stride, const(LANE_ROWS * widen)), b.mul(s_stride, const(LANE_ROWS))
+    tile_bytes = part * 16  # of one B tile: `part / 4` rows of 64 bytes
+
+    def products(tblock: ir.Value, k: ir.Value, u: int) -> None:
+        """Group `k`'s sums into tile C `u` (stored a pass later: a tile store waits for its product, ~50 cycles,
+        and holds up the tile instructions after it)."""
+        tile("tilezero", TILES_C[u])
+        for h in range(parts):
+            slot = (u * parts + h) % 2
+            b_tile = at(tblock, b.add(b.mul(k, const(g * 16)), const(tile_bytes * h)))
+            tile("tileloadd64", TILES_B[slot], b_tile, const(64))
+            a_tile = at(abuf, b.add(b.mul(k, const(g * n)), const(part * n * h)))
+            tile("tileloadd64", TILES_A[slot], a_tile, const(part))
+            tile("tdpbssd", TILES_C[u], TILES_A[slot], TILES_B[slot])
+
+    def cbuf(i: ir.Value, u: int) -> ir.Value:
+        """Where tile C `u` of pass `i` is stored."""
+        return at(cbufs, b.add(b.mul(b.urem(i, const(LAG + 1)), const(UNROLL * 1024)), const(u * 1024)))
+
+    def scale(sblock: ir.Value, k: ir.Value, sums: ir.Value) -> None:
+        """Group `k`'s sums, stored at `sums`, scaled into the accumulators."""
+        sw = _half_scales(b, load(sblock, b.mul(k, const(2 * LANE_ROWS)), _vec(I16, 16)), simd.kind, 16)
+        k64 = b.mul(k, const(4 * n))
+        for t in range(n):
+            word = b.add(k64, const(4 * t))
+            isum = load(sums, const(64 * t), vi)
+            a = _broadcast(b, load(scales_a, word, F32), 16)
+            b.store(b.call(fma, [b.sitofp(isum, vf), b.fmul(sw, a), b.load(accs[t])]), accs[t])
+
+    def group(i: ir.Value, u: int) -> ir.Value:
+        return b.add(b.mul(i, const(UNROLL)), const(u))
+
+    with cgutils.for_range(b, b.udiv(n_rows, const(LANE_ROWS))) as blocks:
+        tblock = at(tiles, b.mul(blocks.index, block_tiles))
+        sblock = at(s_ptr, b.mul(blocks.index, block_scales))
+        for acc in accs:
+            b.store(zero, acc)
+        # Passes of UNROLL groups, software-pipelined: iteration i stores each C tile of pass i - 1 just before pass
+        # i's product into it, and scales pass i - LAG's sums while the products run.
+        passes = b.udiv(groups, const(UNROLL))
+        with cgutils.for_range(b, b.add(passes, const(LAG))) as loop:
+            i = loop.index
+            for u in range(UNROLL):
+                with b.if_then(b.and_(b.icmp_unsigned(">=", i, const(1)), b.icmp_unsigned("<=", i, passes))):
+                    tile("tilestored64", TILES_C[u], cbuf(b.sub(i, const(1)), u), const(64))
+                with b.if_then(b.icmp_unsigned("<", i, passes)):
+                    products(tblock, group(i, u), u)
+                with b.if_then(b.icmp_unsigned(">=", i, const(LAG))):
+                    done = b.sub(i, const(LAG))
+                    scale(sblock, group(done, u), cbuf(done, u))
+        with cgutils.for_range_slice(b, b.mul(passes, const(UNROLL)), groups, const(1), intp=I64) as (k, _):
+            products(tblock, k, 0)  # the groups past the last whole pass, one at a time
+            tile("tilestored64", TILES_C[0], cbufs, const(64))
+            scale(sblock, k, cbufs)
+        first = b.mul(blocks.index, const(4 * LANE_ROWS))
+        for t in range(n):
+            dest = at(out, b.add(b.mul(const(t), out_stride), first))
+            b.store(b.load(accs[t]), b.bitcast(dest, vf.as_pointer()), align=4)
+    tile("tilerelease")
+    b.ret_void()
+    return fn
+
+
+def amx_room(simd, w, tokens):
+    """A uint8 array for `amx_fill`'s B tiles of the rows `w [R, B]` (twice their bytes for INT4) and the room
+    `amx_dots` lays out the tokens in (their A tiles and scales, `16 (I + I / g * 4)` bytes for I inputs), with 64
+    to round its start up, where `simd.amx` and the calls take `tokens >= AMX_LEAST` tokens; else an empty one
+    (decode allocates nothing). Jitted code only."""
+    raise TypeError("amx_room runs inside jitted code")
+
+
+_NO_ROOM = np.empty(0, np.uint8)
+
+
+@overload(amx_room, inline="always")
+def _amx_room(simd, w, tokens):
+    if not isinstance(simd, SimdType):
+        return None
+    if simd.isa != "avx512amx" or simd.fmt not in LANES:
+        return lambda simd, w, tokens: _NO_ROOM
+    widen = 2 if LANES[simd.fmt] == INT4 else 1
+    g = simd.g
+
+    def room(simd, w, tokens):
+        if tokens < AMX_LEAST:
+            return np.empty(0, np.uint8)
+        inputs = w.shape[1] * widen
+        return np.empty(w.shape[0] * inputs + AMX_TILE * (inputs + inputs // g * 4) + 64, np.uint8)
+
+    return room
+
+
+def _typed(simd, arrays) -> bool:
+    return (
+        isinstance(simd, SimdType)
+        and simd.isa == "avx512amx"
+        and simd.fmt in LANES
+        and all(_is(t, dtype, ndim) for t, dtype, ndim in arrays)
+    )
+
+
+@intrinsic
+def amx_fill(typingctx, simd, w, tiles):
+    """The rows `w [R, B]` (whole blocks of rows across lanes, C-contiguous) as B tiles into `tiles` (`amx_room`),
+    which `amx_dots` reads for every tile of tokens after."""
+    if not _typed(simd, [(w, types.uint8, 2), (tiles, types.uint8, 1)]):
+        return None
+
+    def codegen(context, builder, sig, args):
+        b = builder
+        w_, tiles_ = (context.make_array(t)(context, b, v) for t, v in zip(sig.args[1:], args[1:], strict=True))
+        p8 = I8.as_pointer()
+        nbytes = b.mul(*(b.extract_value(w_.shape, i) for i in (0, 1)))
+        b.call(_fill_function(b.module, simd), [b.bitcast(w_.data, p8), nbytes, b.bitcast(tiles_.data, p8)])
+        return context.get_dummy_value()
+
+    return types.none(simd, w, tiles), codegen
+
+
+@intrinsic
+def amx_dots(typingctx, simd, n, tiles, w, scales, xq, ascale, bias, rows, out):
+    """`span_dots` (the same bits) of `n` tokens, up to 16 at run time, with rows across lanes `w [R, B]`, on AMX
+    tiles, their B tiles from `tiles` (`amx_fill` of `w`): `out[j, r] = w[r] . xq[rows[j]]` for `j < 16`, tokens
+    past `n` repeating token `n - 1` (`out` has 16 rows). Runs only on the `avx512amx` isa (`simd.choose_isa`),
+    where Linux granted the tiles."""
+    arrays = [
+        (tiles, types.uint8, 1),
+        (w, types.uint8, 2),
+        (scales, types.uint16, 2),
+        (xq, types.int8, 2),
+        (ascale, types.float32, 2),
+        (bias, types.int32, 2),
+        (rows, types.int64, 1),
+        (out, types.float32, 2),
+    ]
+    if not _typed(simd, arrays) or not isinstance(n, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        b = builder
+        tiles_, w_, scales_, xq_, ascale_, bias_, rows_, out_ = (
+            context.make_array(t)(context, b, v) for t, v in zip(sig.args[2:], args[2:], strict=True)
+        )
+        p8 = I8.as_pointer()
+        last = b.sub(context.cast(b, args[1], sig.args[1], types.int64), ir.Constant(I64, 1))
+        per_token = []
+        for a in (xq_, ascale_, bias_):
+            stride = b.extract_value(a.strides, 0)
+            base = b.bitcast(a.data, p8)
+            for j in range(AMX_TILE):
+                index = b.select(b.icmp_signed("<", ir.Constant(I64, j), last), ir.Constant(I64, j), last)
+                t = b.load(b.gep(rows_.data, [index]))
+                per_token.append(b.gep(base, [b.mul(t, stride)]))
+        n_rows, row_bytes = (b.extract_value(w_.shape, i) for i in (0, 1))
+        call = [b.bitcast(tiles_.data, p8), n_rows, b.extract_value(w_.strides, 0), row_bytes]
+        call += [b.bitcast(scales_.data, p8), b.extract_value(scales_.strides, 0), b.extract_value(scales_.shape, 1)]
+        call += [*per_token, b.bitcast(out_.data, p8), b.extract_value(out_.strides, 0)]
+        b.call(_amx_function(b.module, simd), call)
+        return context.get_dummy_value()
+
+    return types.none(simd, n, tiles, w, scales, xq, ascale, bias, rows, out), codegen
+
+
+PEAK_TILES = 4  # independent tile products a round of `tile_rounds`: more than their latency over throughput
+
+
+@intrinsic
+def tile_rounds(typingctx, rounds):
+    """`rounds` times `PEAK_TILES` independent tile products of 16 x 16 x 64 int8 multiply-adds each, register to
+    register on zeroed tiles, -> C's first int32 (0): AMX's peak multiply-adds a second, which `bench experts`
+    measures. Only where `simd.amx_permitted` (and the CPU has AMX)."""
+    if not isinstance(rounds, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        b = builder
+        p8 = I8.as_pointer()
+        config_type = ir.ArrayType(I8, 64)
+        config = [0] * 64
+        config[0] = 1
+        for t in range(8):
+            config[16 + 2 * t], config[48 + t] = 64, 16
+        slot = cgutils.alloca_once(b, config_type)
+        b.store(ir.Constant(config_type, bytearray(config)), slot)
+        out = cgutils.alloca_once(b, ir.ArrayType(I32, 256))
+
+        def tile(name: str, *values) -> None:
+            kinds = [v.type if isinstance(v, ir.Value) else I8 for v in values]
+            values = [v if isinstance(v, ir.Value) else ir.Constant(I8, v) for v in values]
+            b.call(_declare(b, f"llvm.x86.{name}", ir.VoidType(), kinds), values)
+
+        tile("ldtilecfg", b.bitcast(slot, p8))
+        for t in range(8):
+            tile("tilezero", t)
+        with cgutils.for_range(b, context.cast(b, args[0], sig.args[0], types.int64)):
+            for c in range(PEAK_TILES):
+                tile("tdpbssd", c, 4 + c // 2, 6 + c % 2)
+        tile("tilestored64", 0, b.bitcast(out, p8), ir.Constant(I64, 64))
+        tile("tilerelease")
+        return b.sext(b.load(b.gep(out, [ir.Constant(I32, 0), ir.Constant(I32, 0)])), I64)
+
+    return types.int64(rounds), codegen
