@@ -23,8 +23,9 @@ from numba import njit, prange
 
 from hetero_moe.kernels.numba.amx import PEAK_TILES, tile_rounds
 from hetero_moe.kernels.numba.simd import INT8, PEAK_CHAINS, Simd, choose_isa, dot_macs, dot_rounds
-from hetero_moe.ops.base import BuildContext
+from hetero_moe.ops.base import BuildContext, Services
 from hetero_moe.ops.cpu_experts import CPUExperts, CPUExpertsKwargs
+from hetero_moe.settings import cpu_isa
 
 PRESETS = {"deepseek-v3": "deepseek-v3", "deepseek-v2-lite": "deepseek-v2-lite", "qwen3-30b-a3b": "qwen3-30b-a3b"}
 
@@ -130,10 +131,14 @@ MIN_SECONDS = 1.0
 
 def random_experts(shape: Shape, quant: str, threads: int, experts: int, group_size: int | None = None) -> CPUExperts:
     """A CPUExperts op at `shape` filled with random bytes in its format's layout (INT4 group 64 and INT8
-    group 32 unless `group_size` says otherwise: the shipped rules' settings)."""
+    group 32 unless `group_size` says otherwise: the shipped rules' settings), on the backend `HETERO_MOE_CPU_ISA`
+    forces, else the best."""
     group_size = group_size or (32 if quant == "int8" else 64)
     hf = SimpleNamespace(gate_up_proj=torch.empty(experts, 2 * shape.inter, shape.hidden, device="meta"))
-    ctx = BuildContext(config=None, dtype=torch.bfloat16, device=torch.device("cpu"), cpu_threads=threads)
+    services = Services(cpu_isa=cpu_isa())  # HETERO_MOE_CPU_ISA, as a loaded model's ops take it
+    ctx = BuildContext(
+        config=None, dtype=torch.bfloat16, device=torch.device("cpu"), cpu_threads=threads, services=services
+    )
     op = CPUExperts(hf, ctx, CPUExpertsKwargs(quant=quant, group_size=group_size, torch_min_tokens=1 << 30))
     fmt = op.format
     fmt.allocate()
