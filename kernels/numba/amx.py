@@ -15,10 +15,11 @@ token's result has the bits of `span_dots` on any isa. C goes through memory (a 
 arithmetic runs on 16-lane vectors: 3 vector operations a token and group of 16 rows, against `g / 4` dot products
 on the vector path. Tile products and scale arithmetic are software-pipelined (`UNROLL`, `LAG`).
 
-What it gains, on the AMX Xeon (2 cores, session 20): one thread, 16 tokens, rows in cache, 2.1x `span_dots`' tiles
-of 8 for INT4 g64 and 1.6x for INT8 g32; a whole V2-Lite prefill of 512 tokens 1.2x (126-132 against 106-109
-tok/s, INT4). The tile products would allow far more: the scale arithmetic, the fill and C's round trip through
-memory bound it.
+What it gains, on the AMX Xeon (2 cores, session 20, `docs/benchmarks.md`): one thread, 16 tokens, rows in cache,
+2.0-2.1x `span_dots`' tiles of 8 for INT4 g64; a V2-Lite experts layer at 683 tokens 1.27x for INT4 and 1.06x for
+INT8 g32 (half the multiply-adds a group for the same scale work); a whole V2-Lite prefill of 512 tokens 1.18-1.30x
+(INT4). The tile products would allow far more: the scale arithmetic, the fill and C's round trip through memory
+bound it, at 4-7 % of AMX's own peak.
 
 Linux hands out AMX's register state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, kernel 5.16 on):
 `simd.amx_permitted` asks once, and `simd.choose_isa` picks `avx512amx` only where it was granted. A call loads
@@ -59,6 +60,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 AMX_LEAST = 8  # fewest tokens `int8dot.dots` gives AMX (fewer go through `span_dots`)
+# Rows a parallel task takes on AMX where experts have many tokens (`many_rows`): as many as keep the B tiles of a
+# matrix's task within AMX_ROOM bytes (in L2 beside the other matrix of `gate_up`), at most AMX_ROWS: each call sets
+# up its tile of tokens for all of them
+AMX_ROWS, AMX_ROOM = 256, 512 << 10
 LAG = 2  # passes between a pass's tile products and its scale arithmetic, which reads C through memory
 UNROLL = 4  # groups a pass: their tile products are in flight together, each in a C tile of its own
 TILES_C, TILES_A, TILES_B = (0, 1, 2, 3), (4, 5), (6, 7)  # tile registers; A and B alternate
@@ -276,6 +281,27 @@ def _amx_room(simd, w, tokens):
     return room
 
 
+def many_rows(simd, row_bytes):
+    """The least rows a parallel task takes where experts have many tokens, for rows of `row_bytes` (0: the caller's
+    least): on AMX, as many as keep a task's B tiles within `AMX_ROOM`, `LANE_ROWS` to `AMX_ROWS`. Jitted code
+    only."""
+    raise TypeError("many_rows runs inside jitted code")
+
+
+@overload(many_rows, inline="always")
+def _many_rows(simd, row_bytes):
+    if not isinstance(simd, SimdType):
+        return None
+    if simd.isa != "avx512amx" or simd.fmt not in LANES:
+        return lambda simd, row_bytes: 0
+    widen = 2 if LANES[simd.fmt] == INT4 else 1
+
+    def rows(simd, row_bytes):
+        return min(AMX_ROWS, max(LANE_ROWS, AMX_ROOM // (row_bytes * widen) // LANE_ROWS * LANE_ROWS))
+
+    return rows
+
+
 def _typed(simd, arrays) -> bool:
     return (
         isinstance(simd, SimdType)
@@ -307,8 +333,8 @@ def amx_fill(typingctx, simd, w, tiles):
 def amx_dots(typingctx, simd, n, tiles, w, scales, xq, ascale, bias, rows, out):
     """`span_dots` (the same bits) of `n` tokens, up to 16 at run time, with rows across lanes `w [R, B]`, on AMX
     tiles, their B tiles from `tiles` (`amx_fill` of `w`): `out[j, r] = w[r] . xq[rows[j]]` for `j < 16`, tokens
-    past `n` repeating token `n - 1` (`out` has 16 rows). Runs only on the `avx512amx` isa (`simd.choose_isa`),
-    where Linux granted the tiles."""
+    past `n` repeating token `n - 1` (`out` has 16 rows). `bias` is not read: the B tiles are signed. Runs only on
+    the `avx512amx` isa (`simd.choose_isa`), where Linux granted the tiles."""
     arrays = [
         (tiles, types.uint8, 1),
         (w, types.uint8, 2),

@@ -49,7 +49,7 @@ import numba
 import numpy as np
 import torch
 from hetero_moe.kernels.numba import int4
-from hetero_moe.kernels.numba.amx import AMX_LEAST, amx_dots, amx_fill, amx_room
+from hetero_moe.kernels.numba.amx import AMX_LEAST, amx_dots, amx_fill, amx_room, many_rows
 from hetero_moe.kernels.numba.common import combine, dot, group_by_expert, silu_mul, silu_mul_rows
 from hetero_moe.kernels.numba.int4 import SCALE_BF16, SCALE_FP16, decode_scales, fp16_table
 from hetero_moe.kernels.numba.quantize import (
@@ -427,7 +427,7 @@ def _task_rows(rows: int, seg, least: int, tasks: int, tile_tokens: int, many: i
     (decode), more, as many as make about `tasks` tasks (`task_count`), in multiples of `least`. Each task
     starts a stream of its own: one token of V2-Lite's INT4 experts took 1.08x the time in tasks of 64 rows that
     it took in tasks of 352 rows or more (Zen 4, 2 threads, from DRAM). With more tokens a task's rows are read
-    once a tile, and stay in L2 only while tasks are small: `least` rows, or `many` (`simd.many_rows`) if more."""
+    once a tile, and stay in L2 only while tasks are small: `least` rows, or `many` (`many_rows`) if more."""
     units = seg.shape[0] - 1
     most = 0
     for u in range(units):
@@ -479,7 +479,7 @@ def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3,
     `rows_per_task` or more (`_task_rows`); a row's result does not depend on them.
     """
     _check_gate_up(simd, xq, ascale, bias, pair_token, w1, s1, w3, s3, up_row, rows_per_task, h)
-    rows_per_task = _task_rows(h.shape[1], seg, rows_per_task, tasks, simd.tile, simd.many_rows)
+    rows_per_task = _task_rows(h.shape[1], seg, rows_per_task, tasks, simd.tile, many_rows(simd, w1.shape[2]))
     chunks = (h.shape[1] + rows_per_task - 1) // rows_per_task
     for task in prange(seg_expert.shape[0] * chunks):
         _gate_up_task(simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3, up_row, rows_per_task,
@@ -536,7 +536,7 @@ def down(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, tasks, 
     quantize `h [P, I]` (one row per pair); `w2 [E, H, B]` uint8 (B = Ip / 2 or Ip), `s2 [E, H, Ip / g]`,
     `y [P, H]` float32. A dense layer is one expert every token goes to (`Kernels.linear`)."""
     _check_down(simd, xq, ascale, bias, seg, w2, s2, rows_per_task, y)
-    rows_per_task = _task_rows(y.shape[1], seg, rows_per_task, tasks, simd.tile, simd.many_rows)
+    rows_per_task = _task_rows(y.shape[1], seg, rows_per_task, tasks, simd.tile, many_rows(simd, w2.shape[2]))
     chunks = (y.shape[1] + rows_per_task - 1) // rows_per_task
     for task in prange(seg_expert.shape[0] * chunks):
         _down_task(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, chunks, task, y)
@@ -577,7 +577,7 @@ def _down_task(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, c
 @njit(inline="always", cache=True)
 def _tasks_both(rows_a, seg_a, bytes_a, simd_a, rows_b, seg_b, bytes_b, simd_b, least, tasks) -> tuple:
     """`_task_rows` of two sets of tasks in one region (`gate_up_both`, `down_both`) -> (rows a task of set a
-    takes, its chunks of an expert's `rows_a`, the same of set b): `least` rows each (or `simd.many_rows`), or
+    takes, its chunks of an expert's `rows_a`, the same of set b): `least` rows each (or `many_rows`), or
     where no expert of either has more than its `simd.tile` tokens (decode) tasks of about equal bytes in both sets
     (rows of `bytes_a` and `bytes_b`), about `tasks` in all, in multiples of `least`."""
     tile_a, tile_b = simd_a.tile, simd_b.tile
@@ -586,7 +586,7 @@ def _tasks_both(rows_a, seg_a, bytes_a, simd_a, rows_b, seg_b, bytes_b, simd_b, 
         most_a = max(most_a, seg_a[u + 1] - seg_a[u])
     for u in range(seg_b.shape[0] - 1):
         most_b = max(most_b, seg_b[u + 1] - seg_b[u])
-    a, b = max(least, simd_a.many_rows), max(least, simd_b.many_rows)
+    a, b = max(least, many_rows(simd_a, bytes_a)), max(least, many_rows(simd_b, bytes_b))
     if most_a <= tile_a and most_b <= tile_b:
         total = (seg_a.shape[0] - 1) * rows_a * bytes_a + (seg_b.shape[0] - 1) * rows_b * bytes_b
         per = max(1, (total + tasks - 1) // tasks)

@@ -154,7 +154,6 @@ SHORT_BLOCK = 4
 LANE_ROWS = 16  # rows of a block of rows across lanes, one an int32 lane
 LANE_TILE = 8  # most tokens one `span_dots` call multiplies with rows across lanes
 AMX_TILE = 16  # most tokens one `amx.amx_dots` call multiplies with rows across lanes: a tile's 16 rows
-AMX_ROWS = 256  # least rows a parallel task takes on AMX where experts have many tokens (`many_rows`)
 # Linux's arch_prctl (x86-64 syscall 158), its request for an extended state component, and AMX's tile data
 SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
 # Tokens a pass of two blocks of rows across lanes takes (`cached_span_dots`). A tile of 8 tokens and one block is
@@ -306,14 +305,6 @@ def _tile(simd):
     `LANE_TILE`, `AMX_TILE`)."""
     most = (AMX_TILE if simd.isa == "avx512amx" else LANE_TILE) if simd.fmt in LANES else TILE
     return lambda simd: most
-
-
-@overload_attribute(SimdType, "many_rows")
-def _many_rows(simd):
-    """`simd.many_rows` in jitted code: the least rows a parallel task takes where experts have many tokens (0: the
-    caller's): `AMX_ROWS` on AMX, whose calls set up each tile of tokens (`amx.py`)."""
-    rows = AMX_ROWS if simd.isa == "avx512amx" and simd.fmt in LANES else 0
-    return lambda simd: rows
 
 
 @overload_attribute(SimdType, "amx")
