@@ -5,8 +5,8 @@ the way `Engine.step` runs them (`TeacherForced`: the same runner, pool and batc
     python benchmarks/gguf_decode.py ~/.cache/hetero-moe-peer/v2lite-q4_0.gguf --threads 2
     llama-bench -m ~/.cache/hetero-moe-peer/v2lite-q4_0.gguf -t 2 -p 64 -n 32 -r 3 -fa 1   # right after
 
-Prints one JSON line per repeat: load seconds, prefill tok/s of a 64-token prompt, decode tok/s (median of
-the steps after 8 warm-up steps) and the peak resident memory (which counts the file's mapped pages).
+Prints one JSON line per repeat: load seconds, prefill tok/s of a 64-token prompt (`--prompt`), decode tok/s
+(median of the steps after 8 warm-up steps) and the peak resident memory (which counts the file's mapped pages).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from hetero_moe.loader.gguf_file import GGUFFile, is_gguf
 from hetero_moe.loader.gguf_load import load_gguf_weights
 from hetero_moe.loader.load import load_weights
 
-PROMPT, STEPS, WARMUP = 64, 40, 8
+STEPS, WARMUP = 40, 8
 
 
 def main() -> None:
@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--rules", default="cpu-only-int4.yaml")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--prompt", type=int, default=64, help="prompt tokens the prefill is timed on")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -47,14 +48,15 @@ def main() -> None:
         load_weights(placed, Checkpoint.open(args.model))
     load_s = time.perf_counter() - start
     runner = ModelRunner(placed)
-    ids = [i % 200 + 3 for i in range(PROMPT + STEPS)]
+    prompt = args.prompt
+    ids = [i % 200 + 3 for i in range(prompt + STEPS)]
     for _ in range(args.repeat):
-        tf = TeacherForced(runner, PROMPT + STEPS)
+        tf = TeacherForced(runner, prompt + STEPS)
         start = time.perf_counter()
-        tf.feed(ids[:PROMPT])
-        prefill = PROMPT / (time.perf_counter() - start)
+        tf.feed(ids[:prompt])
+        prefill = prompt / (time.perf_counter() - start)
         steps = []
-        for token in ids[PROMPT:]:
+        for token in ids[prompt:]:
             start = time.perf_counter()
             tf.feed([token])
             steps.append(time.perf_counter() - start)
@@ -64,7 +66,7 @@ def main() -> None:
             "threads": args.threads,
             "dtype": str(placed.dtype).removeprefix("torch."),
             "load_s": round(load_s, 1),
-            "prefill_64_tok_s": round(prefill, 2),
+            f"prefill_{prompt}_tok_s": round(prefill, 2),
             "decode_tok_s": round(1 / statistics.median(steps[WARMUP:]), 2),
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
         }
