@@ -91,9 +91,8 @@ def int8_peak_gmacs(isa: str, threads: int, rounds: int = 4_000_000, repeat: int
     """The backend's int8 multiply-adds a second on `threads` threads, in billions: its dot product on
     registers, `PEAK_CHAINS` chains a thread, no memory (the best of `repeat` runs)."""
     simd = Simd(isa, INT8, 32)
-    _dot_peak(simd, threads, 1)
-    best = min(_seconds(lambda: _dot_peak(simd, threads, rounds)) for _ in range(repeat))
-    return threads * rounds * PEAK_CHAINS * dot_macs(isa) / best / 1e9
+    macs = threads * rounds * PEAK_CHAINS * dot_macs(isa)
+    return _peak_gmacs(lambda r: _dot_peak(simd, threads, r), macs, rounds, repeat)
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -108,9 +107,13 @@ def _tile_peak(threads, rounds):
 def amx_peak_gmacs(threads: int, rounds: int = 1_000_000, repeat: int = 5) -> float:
     """AMX's int8 multiply-adds a second on `threads` threads, in billions: `PEAK_TILES` tile products a round on
     tile registers, no memory (the best of `repeat` runs). Only on the `avx512amx` backend."""
-    _tile_peak(threads, 1)
-    best = min(_seconds(lambda: _tile_peak(threads, rounds)) for _ in range(repeat))
-    return threads * rounds * PEAK_TILES * 16 * 16 * 64 / best / 1e9
+    return _peak_gmacs(lambda r: _tile_peak(threads, r), threads * rounds * PEAK_TILES * 16 * 16 * 64, rounds, repeat)
+
+
+def _peak_gmacs(run: Callable[[int], object], macs: int, rounds: int, repeat: int) -> float:
+    """`macs` over the best of `repeat` runs of `run(rounds)` (compiled first by `run(1)`), in billions a second."""
+    run(1)
+    return macs / min(_seconds(lambda: run(rounds)) for _ in range(repeat)) / 1e9
 
 
 def _seconds(fn: Callable[[], object]) -> float:

@@ -53,6 +53,7 @@ from hetero_moe.kernels.numba.simd import (
     _prefetch,
     _splat,
     _vec,
+    uses_amx,
 )
 from llvmlite import ir
 from numba import types
@@ -69,17 +70,39 @@ UNROLL = 4  # groups a pass: their tile products are in flight together, each in
 TILES_C, TILES_A, TILES_B = (0, 1, 2, 3), (4, 5), (6, 7)  # tile registers; A and B alternate
 
 
-def tile_config(g: int) -> list[int]:
-    """The 64 bytes `ldtilecfg` loads (palette 1): C tiles of 16 rows of 16 int32; A tiles of 16 tokens of
-    `min(g, 64)` bytes; B tiles of `min(g, 64) / 4` rows of 64 bytes."""
-    k = min(g, 64)
+def _config(shapes: list[tuple[int, int, int]]) -> list[int]:
+    """The 64 bytes `ldtilecfg` loads (palette 1) for tiles `(register, rows, bytes a row)`."""
     config = [0] * 64
     config[0] = 1
-    shapes = [(c, 16, 64) for c in TILES_C] + [(a, AMX_TILE, k) for a in TILES_A] + [(t, k // 4, 64) for t in TILES_B]
     for tile, rows, colsb in shapes:
         config[16 + 2 * tile], config[17 + 2 * tile] = colsb & 255, colsb >> 8
         config[48 + tile] = rows
     return config
+
+
+def tile_config(g: int) -> list[int]:
+    """`amx_dots`' configuration: C tiles of 16 rows of 16 int32; A tiles of 16 tokens of `min(g, 64)` bytes; B tiles
+    of `min(g, 64) / 4` rows of 64 bytes."""
+    k = min(g, 64)
+    return _config(
+        [(c, 16, 64) for c in TILES_C] + [(a, AMX_TILE, k) for a in TILES_A] + [(t, k // 4, 64) for t in TILES_B]
+    )
+
+
+def _tile_op(b: ir.IRBuilder, name: str, *args) -> None:
+    """Call `llvm.x86.{name}` (ints are tile registers, an `i8` immediate)."""
+    kinds = [I8 if isinstance(a, int) else a.type for a in args]
+    values = [ir.Constant(I8, a) if isinstance(a, int) else a for a in args]
+    b.call(_declare(b, f"llvm.x86.{name}", ir.VoidType(), kinds), values)
+
+
+def _load_config(b: ir.IRBuilder, config: list[int]) -> None:
+    """`ldtilecfg` of `config` (`_config`), from a 64-byte-aligned stack slot."""
+    config_type = ir.ArrayType(I8, 64)
+    slot = cgutils.alloca_once(b, config_type)
+    slot.align = 64
+    b.store(ir.Constant(config_type, bytearray(config)), slot)
+    _tile_op(b, "ldtilecfg", b.bitcast(slot, I8.as_pointer()))
 
 
 def _builder_helpers(b: ir.IRBuilder):
@@ -139,7 +162,7 @@ def _amx_function(module: ir.Module, simd: SimdType) -> ir.Function:
     of the weights): the tokens' `xq` laid out as A tiles and their scales group by group, after the B tiles in the
     room, then for each block of 16 rows and each group, C from one tile product a 64 inputs, stored and scaled into
     16 float32 vectors of accumulators, one a token."""
-    fn = _dots_function(module, "amx", simd, AMX_TILE)
+    fn = _dots_function(module, "amx", simd, AMX_TILE, per_token=2)
     if fn.blocks:
         return fn
     b = ir.IRBuilder(fn.append_basic_block("entry"))
@@ -155,9 +178,7 @@ def _amx_function(module: ir.Module, simd: SimdType) -> ir.Function:
     p8 = I8.as_pointer()
 
     def tile(name: str, *args) -> None:
-        types_ = [I8 if isinstance(a, int) else a.type for a in args]
-        values = [ir.Constant(I8, a) if isinstance(a, int) else a for a in args]
-        b.call(_declare(b, f"llvm.x86.{name}", ir.VoidType(), types_), values)
+        _tile_op(b, name, *args)
 
     def aligned(vtype: ir.Type) -> ir.Value:
         slot = cgutils.alloca_once(b, vtype)
@@ -165,10 +186,7 @@ def _amx_function(module: ir.Module, simd: SimdType) -> ir.Function:
         return b.bitcast(slot, p8)
 
     fma = _declare(b, "llvm.fma.v16f32", vf, [vf] * 3)
-    config_type = ir.ArrayType(I8, 64)
-    config = aligned(config_type)
-    b.store(ir.Constant(config_type, bytearray(tile_config(g))), b.bitcast(config, config_type.as_pointer()))
-    b.call(_declare(b, "llvm.x86.ldtilecfg", ir.VoidType(), [p8]), [config])
+    _load_config(b, tile_config(g))
 
     # A's tiles one after another (group k, part h: 16 tokens' `part` bytes side by side), and the tokens' activation
     # scales group by group, 16 side by side: one stream, and one base pointer for them all
@@ -267,7 +285,7 @@ _NO_ROOM = np.empty(0, np.uint8)
 def _amx_room(simd, w, tokens):
     if not isinstance(simd, SimdType):
         return None
-    if simd.isa != "avx512amx" or simd.fmt not in LANES:
+    if not uses_amx(simd):
         return lambda simd, w, tokens: _NO_ROOM
     widen = 2 if LANES[simd.fmt] == INT4 else 1
     g = simd.g
@@ -292,7 +310,7 @@ def many_rows(simd, row_bytes):
 def _many_rows(simd, row_bytes):
     if not isinstance(simd, SimdType):
         return None
-    if simd.isa != "avx512amx" or simd.fmt not in LANES:
+    if not uses_amx(simd):
         return lambda simd, row_bytes: 0
     widen = 2 if LANES[simd.fmt] == INT4 else 1
 
@@ -303,12 +321,7 @@ def _many_rows(simd, row_bytes):
 
 
 def _typed(simd, arrays) -> bool:
-    return (
-        isinstance(simd, SimdType)
-        and simd.isa == "avx512amx"
-        and simd.fmt in LANES
-        and all(_is(t, dtype, ndim) for t, dtype, ndim in arrays)
-    )
+    return isinstance(simd, SimdType) and uses_amx(simd) and all(_is(t, dtype, ndim) for t, dtype, ndim in arrays)
 
 
 @intrinsic
@@ -330,18 +343,17 @@ def amx_fill(typingctx, simd, w, tiles):
 
 
 @intrinsic
-def amx_dots(typingctx, simd, n, tiles, w, scales, xq, ascale, bias, rows, out):
+def amx_dots(typingctx, simd, n, tiles, w, scales, xq, ascale, rows, out):
     """`span_dots` (the same bits) of `n` tokens, up to 16 at run time, with rows across lanes `w [R, B]`, on AMX
     tiles, their B tiles from `tiles` (`amx_fill` of `w`): `out[j, r] = w[r] . xq[rows[j]]` for `j < 16`, tokens
-    past `n` repeating token `n - 1` (`out` has 16 rows). `bias` is not read: the B tiles are signed. Runs only on
-    the `avx512amx` isa (`simd.choose_isa`), where Linux granted the tiles."""
+    past `n` repeating token `n - 1` (`out` has 16 rows). No `bias`: the B tiles are signed. Runs only on the
+    `avx512amx` isa (`simd.choose_isa`), where Linux granted the tiles."""
     arrays = [
         (tiles, types.uint8, 1),
         (w, types.uint8, 2),
         (scales, types.uint16, 2),
         (xq, types.int8, 2),
         (ascale, types.float32, 2),
-        (bias, types.int32, 2),
         (rows, types.int64, 1),
         (out, types.float32, 2),
     ]
@@ -350,13 +362,13 @@ def amx_dots(typingctx, simd, n, tiles, w, scales, xq, ascale, bias, rows, out):
 
     def codegen(context, builder, sig, args):
         b = builder
-        tiles_, w_, scales_, xq_, ascale_, bias_, rows_, out_ = (
+        tiles_, w_, scales_, xq_, ascale_, rows_, out_ = (
             context.make_array(t)(context, b, v) for t, v in zip(sig.args[2:], args[2:], strict=True)
         )
         p8 = I8.as_pointer()
         last = b.sub(context.cast(b, args[1], sig.args[1], types.int64), ir.Constant(I64, 1))
         per_token = []
-        for a in (xq_, ascale_, bias_):
+        for a in (xq_, ascale_):
             stride = b.extract_value(a.strides, 0)
             base = b.bitcast(a.data, p8)
             for j in range(AMX_TILE):
@@ -370,7 +382,7 @@ def amx_dots(typingctx, simd, n, tiles, w, scales, xq, ascale, bias, rows, out):
         b.call(_amx_function(b.module, simd), call)
         return context.get_dummy_value()
 
-    return types.none(simd, n, tiles, w, scales, xq, ascale, bias, rows, out), codegen
+    return types.none(simd, n, tiles, w, scales, xq, ascale, rows, out), codegen
 
 
 PEAK_TILES = 4  # independent tile products a round of `tile_rounds`: more than their latency over throughput
@@ -386,28 +398,18 @@ def tile_rounds(typingctx, rounds):
 
     def codegen(context, builder, sig, args):
         b = builder
-        p8 = I8.as_pointer()
-        config_type = ir.ArrayType(I8, 64)
-        config = [0] * 64
-        config[0] = 1
-        for t in range(8):
-            config[16 + 2 * t], config[48 + t] = 64, 16
-        slot = cgutils.alloca_once(b, config_type)
-        b.store(ir.Constant(config_type, bytearray(config)), slot)
+        _load_config(b, _config([(t, 16, 64) for t in range(8)]))
         out = cgutils.alloca_once(b, ir.ArrayType(I32, 256))
 
         def tile(name: str, *values) -> None:
-            kinds = [v.type if isinstance(v, ir.Value) else I8 for v in values]
-            values = [v if isinstance(v, ir.Value) else ir.Constant(I8, v) for v in values]
-            b.call(_declare(b, f"llvm.x86.{name}", ir.VoidType(), kinds), values)
+            _tile_op(b, name, *values)
 
-        tile("ldtilecfg", b.bitcast(slot, p8))
         for t in range(8):
             tile("tilezero", t)
         with cgutils.for_range(b, context.cast(b, args[0], sig.args[0], types.int64)):
             for c in range(PEAK_TILES):
                 tile("tdpbssd", c, 4 + c // 2, 6 + c % 2)
-        tile("tilestored64", 0, b.bitcast(out, p8), ir.Constant(I64, 64))
+        tile("tilestored64", 0, b.bitcast(out, I8.as_pointer()), ir.Constant(I64, 64))
         tile("tilerelease")
         return b.sext(b.load(b.gep(out, [ir.Constant(I32, 0), ir.Constant(I32, 0)])), I64)
 

@@ -92,6 +92,7 @@ from hetero_moe.kernels.numba.simd import (
     prefetch_bytes,
     span_dots,
     spans,
+    uses_amx,
 )
 from numba import njit, prange
 from numba.extending import overload
@@ -367,14 +368,14 @@ def _dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached, room):
         else:
             _few_dots(simd, n, w, scales, xq, ascale, bias, rows, out)
 
-    if simd.isa != "avx512amx":
+    if not uses_amx(simd):
         return lane_dots
 
     def amx_lane_dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached, room) -> None:
         if n >= AMX_LEAST:
             if not cached:
                 amx_fill(simd, w, room)
-            amx_dots(simd, n, room, w, scales, xq, ascale, bias, rows, out)
+            amx_dots(simd, n, room, w, scales, xq, ascale, rows, out)
         elif cached:
             _cached_dots(simd, n, w, scales, xq, ascale, bias, rows, out)
         else:

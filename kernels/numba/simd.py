@@ -2,7 +2,7 @@
 
 Instruction sets ("isa"), best first, with the CPU features each needs:
 
-- `avx512amx`: `avx512vnni`'s code, and AMX tiles (`amx-tile`, `amx-int8`) for tiles of 4 to 16 tokens with rows
+- `avx512amx`: `avx512vnni`'s code, and AMX tiles (`amx-tile`, `amx-int8`) for tiles of 8 to 16 tokens with rows
   across lanes (`amx.py`), where Linux grants them (`amx_permitted`).
 - `avx512vnni`: `vpdpbusd` on 512-bit registers (64 u8 x s8 products into 16 int32 lanes).
 - `avxvnni`: the VEX `vpdpbusd` on 256-bit registers (Alder Lake and later, Zen 5).
@@ -89,8 +89,9 @@ from numba import types
 from numba.core import cgutils, config
 from numba.extending import NativeValue, intrinsic, models, overload_attribute, register_model, unbox
 
+AMX_FEATURES = ("amx-tile", "amx-int8")  # besides AVX-512 VNNI's; and Linux's grant (`amx_permitted`)
 ISAS: dict[str, tuple[str, ...]] = {  # best first; the LLVM feature names each one needs
-    "avx512amx": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "amx-tile", "amx-int8"),
+    "avx512amx": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", *AMX_FEATURES),
     "avx512vnni": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni"),
     "avxvnni": ("avx2", "fma", "f16c", "avxvnni"),
     "avx2": ("avx2", "fma", "f16c"),
@@ -195,8 +196,8 @@ def choose_isa(name: str | None = None, features: frozenset[str] | None = None) 
     """The best instruction set `features` (default: `target_features()`, with AMX only where `amx_permitted`)
     allow, or `name` if given and allowed; a ValueError names an unknown set or the features a forced one lacks."""
     have = target_features() if features is None else features
-    if features is None and not ({"amx-tile", "amx-int8"} <= have and amx_permitted()):
-        have = have - {"amx-tile", "amx-int8"}
+    if features is None and not (set(AMX_FEATURES) <= have and amx_permitted()):
+        have = have - set(AMX_FEATURES)
     if name is None:
         return next(isa for isa, needs in ISAS.items() if set(needs) <= have)
     if name not in ISAS:
@@ -299,18 +300,23 @@ def _lanes(simd):
     return lambda simd: lanes
 
 
+def uses_amx(simd: SimdType) -> bool:
+    """Whether tiles of tokens of `simd` go to AMX (`amx.py`): rows across lanes on `avx512amx`."""
+    return simd.isa == "avx512amx" and simd.fmt in LANES
+
+
 @overload_attribute(SimdType, "tile")
 def _tile(simd):
     """`simd.tile` in jitted code: the most tokens one `span_dots` (or `amx.amx_dots`) call takes (`TILE`,
     `LANE_TILE`, `AMX_TILE`)."""
-    most = (AMX_TILE if simd.isa == "avx512amx" else LANE_TILE) if simd.fmt in LANES else TILE
+    most = (AMX_TILE if uses_amx(simd) else LANE_TILE) if simd.fmt in LANES else TILE
     return lambda simd: most
 
 
 @overload_attribute(SimdType, "amx")
 def _amx(simd):
-    """`simd.amx` in jitted code: whether tiles of tokens go to AMX (`amx.py`): rows across lanes on `avx512amx`."""
-    amx = simd.isa == "avx512amx" and simd.fmt in LANES
+    """`simd.amx` in jitted code: `uses_amx`."""
+    amx = uses_amx(simd)
     return lambda simd: amx
 
 
@@ -685,14 +691,15 @@ def _half_scales(b: ir.IRBuilder, bits: ir.Value, kind: int, n: int) -> ir.Value
     return b.fpext(b.bitcast(bits, _vec(ir.HalfType(), n)), _vec(F32, n))
 
 
-def _dots_function(module: ir.Module, kind: str, simd: SimdType, n: int) -> ir.Function:
+def _dots_function(module: ir.Module, kind: str, simd: SimdType, n: int, per_token: int = 3) -> ir.Function:
     """The module's LLVM function `hetero_moe_{kind}_dots_...` of `span_dots` for `n` tokens: the one defined
-    already (it has blocks), or a new one without a body, of the arguments `_row_function` lists."""
+    already (it has blocks), or a new one without a body, of the arguments `_row_function` lists (`per_token`
+    pointers a token: `xq`, `ascale` and `bias` rows, or the first of them)."""
     name = f"hetero_moe_{kind}_dots_{simd.isa}_{FORMATS[simd.fmt]}_g{simd.g}_s{simd.kind}_n{n}"
     if name in module.globals:
         return module.globals[name]
     p8 = I8.as_pointer()
-    args = [p8, I64, I64, I64, p8, I64, I64, *[p8] * (3 * n), p8, I64]
+    args = [p8, I64, I64, I64, p8, I64, I64, *[p8] * (per_token * n), p8, I64]
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), args), name)
     fn.linkage = "internal"
     fn.attributes.add("noinline")
