@@ -19,7 +19,9 @@ What it gains, on the AMX Xeon (2 cores, session 20, `docs/benchmarks.md`): one 
 2.0-2.1x `span_dots`' tiles of 8 for INT4 g64; a V2-Lite experts layer at 683 tokens 1.27x for INT4 and 1.06x for
 INT8 g32 (half the multiply-adds a group for the same scale work); a whole V2-Lite prefill of 512 tokens 1.18-1.30x
 (INT4). The tile products would allow far more: the scale arithmetic, the fill and C's round trip through memory
-bound it, at 4-7 % of AMX's own peak.
+bound it, at 4-7 % of AMX's own peak. On that Xeon, while a core runs AMX (and for microseconds after) its 512-bit
+`fma`s and `vpdpbusd`s go at half rate and `vmulps` and `vcvtdq2ps` at about 0.6 (`vaddps`, `vpaddd` keep theirs;
+session 21): a product's 48 scale operations take ~42 cycles against its 16.
 
 Linux hands out AMX's register state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, kernel 5.16 on):
 `simd.amx_permitted` asks once, and `simd.choose_isa` picks `avx512amx` only where it was granted. A call loads
@@ -66,7 +68,9 @@ AMX_LEAST = 8  # fewest tokens `int8dot.dots` gives AMX (fewer go through `span_
 # up its tile of tokens for all of them
 AMX_ROWS, AMX_ROOM = 256, 512 << 10
 LAG = 2  # passes between a pass's tile products and its scale arithmetic, which reads C through memory
-UNROLL = 4  # groups a pass: their tile products are in flight together, each in a C tile of its own
+# groups a pass: their tile products are in flight together, each in a C tile of its own. One: a V2-Lite layer at 683
+# tokens took 0.89-0.95x the time of four (2 threads, alternating, session 21), INT8's `gate_up` and `down` 0.91-0.95x
+UNROLL = 1
 TILES_C, TILES_A, TILES_B = (0, 1, 2, 3), (4, 5), (6, 7)  # tile registers; A and B alternate
 
 
