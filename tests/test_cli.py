@@ -66,6 +66,16 @@ def test_rules_check_text(capsys, tiny) -> None:
     out = capsys.readouterr().out
     assert "model.layers.{0..2}.mlp.experts" in out and "experts" in out
     assert "weights per device:" in out
+    assert "warning: " not in out  # the rules Mixtral lacks a part for are optional in the shipped file
+
+
+def test_rules_check_warns_of_a_rule_that_matches_nothing(capsys, tiny, tmp_path) -> None:
+    """The same rules as the shipped `cpu-only.yaml` without `optional`: those Mixtral has no part for warn."""
+    text = (Path(__file__).parents[1] / "rules" / "cpu-only.yaml").read_text().replace("  optional: true\n", "")
+    (tmp_path / "mine.yaml").write_text(text)
+    path = str(tiny("MixtralForCausalLM").path)
+    assert main(["rules", "check", "--model", path, "--rules", str(tmp_path / "mine.yaml")]) == 0
+    out = capsys.readouterr().out
     assert "warning: " in out and "matches no module of this MixtralForCausalLM" in out
 
 

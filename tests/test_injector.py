@@ -68,6 +68,11 @@ def test_unused_rule_is_a_warning() -> None:
     assert placed.warnings == ["t.yaml: rule 4 (line 11): matches no module of this DeepseekV2ForCausalLM"]
 
 
+def test_unused_optional_rule_is_no_warning() -> None:
+    placed = placed_with(BASE + "- match: {class: Qwen3MoeMLP}\n  replace: {op: mlp}\n  optional: true\n")
+    assert placed.warnings == []
+
+
 def test_module_that_must_be_replaced() -> None:
     text = BASE.replace("- match: {class: DeepseekV2TopkRouter}\n  replace: {op: router}\n", "")
     with pytest.raises(

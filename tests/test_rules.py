@@ -87,6 +87,7 @@ def test_class_is_a_full_match() -> None:
         ("- replace: {device: cpu}\n", ["missing 'match'"]),
         ("- match: {}\n  replace: {device: cpu}\n", ["at least one of"]),
         ("- match: {name: x}\n  replace: {device: cpu}\n  recursive: maybe\n", ["'recursive' must be true or false"]),
+        ("- match: {name: x}\n  replace: {device: cpu}\n  optional: 1\n", ["'optional' must be true or false"]),
         ("- match: {name: 3}\n  replace: {device: cpu}\n", ["match.name must be a string"]),
         ("- just a string\n", ["a rule is a mapping"]),
         ("match: {name: x}\n", ["expected a YAML list"]),

@@ -141,7 +141,8 @@ def inject(
     for module in model.modules():
         if isinstance(module, Op):
             module.injected()
-    warnings = [f"{r.where}: matches no module of this {arch.name}" for r in rules.rules if r.index not in used]
+    unused = [r for r in rules.rules if r.index not in used and not r.optional]
+    warnings = [f"{r.where}: matches no module of this {arch.name}" for r in unused]
     return PlacedModel(model, config, arch, dtype, placements, services, warnings)
 
 

@@ -22,7 +22,7 @@ from hetero_moe.ops.registry import OPS, OpSpec
 
 DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 REGEX_TIMEOUT_S = 0.5  # one match of a rule's regex against one name; real names take microseconds
-RULE_KEYS = frozenset({"match", "replace", "recursive"})
+RULE_KEYS = frozenset({"match", "replace", "recursive", "optional"})
 MATCH_KEYS = frozenset({"name", "class"})
 REPLACE_KEYS = frozenset({"op", "device", "kwargs"})
 
@@ -58,6 +58,7 @@ class Rule:
     index: int
     line: int
     source: str
+    optional: bool = False  # matching no module is expected (a part some architectures lack): no warning
 
     @property
     def where(self) -> str:
@@ -168,9 +169,10 @@ def _parse_rule(item: object, *, index: int, line: int, source: str, ops: Mappin
         except (TypeError, ValueError) as e:
             raise fail(f"bad kwargs for op {spec.name!r}: {e}") from e
 
-    recursive = item.get("recursive", True)
-    if not isinstance(recursive, bool):
-        raise fail(f"'recursive' must be true or false, got {recursive!r}")
+    recursive, optional = item.get("recursive", True), item.get("optional", False)
+    for key, value in (("recursive", recursive), ("optional", optional)):
+        if not isinstance(value, bool):
+            raise fail(f"{key!r} must be true or false, got {value!r}")
     if spec is None and device is None:
         raise fail("'replace' needs an 'op', a 'device' or both")
     return Rule(
@@ -180,6 +182,7 @@ def _parse_rule(item: object, *, index: int, line: int, source: str, ops: Mappin
         index=index,
         line=line,
         source=source,
+        optional=optional,
     )
 
 
