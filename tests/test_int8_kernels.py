@@ -1053,16 +1053,18 @@ def test_amx_compiles_for_sapphire_rapids(tmp_path) -> None:
 
 @pytest.mark.parametrize("g", GROUPS)
 def test_amx_tile_configuration(g: int) -> None:
-    """Palette 1; C tiles 16 rows of 64 bytes, A tiles 16 tokens of a tile product's inputs, B tiles a row of 64
-    bytes for each 4 of them."""
-    from hetero_moe.kernels.numba.amx import TILES_A, TILES_B, TILES_C, tile_config
+    """Palette 1; a C tile of 16 rows of 64 bytes, A tiles 16 tokens of a tile product's inputs, B tiles a row of 64
+    bytes for each 4 of them; the other tiles unconfigured."""
+    from hetero_moe.kernels.numba.amx import TILE_C, TILES_A, TILES_B, tile_config
 
     config = np.array(tile_config(g), np.uint8)
     colsb, rows = config[16:32].view(np.uint16), config[48:56]
     k = min(g, 64)
     assert config[0] == 1 and not config[1:16].any() and not config[32:48].any() and not config[56:].any()
-    for tiles, want_rows, want_colsb in ((TILES_C, 16, 64), (TILES_A, 16, k), (TILES_B, k // 4, 64)):
+    for tiles, want_rows, want_colsb in (((TILE_C,), 16, 64), (TILES_A, 16, k), (TILES_B, k // 4, 64)):
         assert all(rows[t] == want_rows and colsb[t] == want_colsb for t in tiles)
+    unused = set(range(8)) - {TILE_C, *TILES_A, *TILES_B}
+    assert unused and not any(rows[t] or colsb[t] for t in unused)
 
 
 @pytest.mark.skipif("avx512amx" not in RUNNABLE, reason="no AMX on this CPU, or the OS does not grant it")

@@ -49,7 +49,7 @@ import numba
 import numpy as np
 import torch
 from hetero_moe.kernels.numba import int4
-from hetero_moe.kernels.numba.amx import AMX_LEAST, amx_dots, amx_fill, amx_room, many_rows
+from hetero_moe.kernels.numba.amx import AMX_LEAST, amx_dots, amx_room, many_rows
 from hetero_moe.kernels.numba.common import combine, dot, group_by_expert, silu_mul, silu_mul_rows
 from hetero_moe.kernels.numba.int4 import SCALE_BF16, SCALE_FP16, decode_scales, fp16_table
 from hetero_moe.kernels.numba.quantize import (
@@ -373,9 +373,7 @@ def _dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached, room):
 
     def amx_lane_dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached, room) -> None:
         if n >= AMX_LEAST:
-            if not cached:
-                amx_fill(simd, w, room)
-            amx_dots(simd, n, room, w, scales, xq, ascale, rows, out)
+            amx_dots(simd, n, room, w, scales, xq, ascale, rows, out, not cached)
         elif cached:
             _cached_dots(simd, n, w, scales, xq, ascale, bias, rows, out)
         else:
@@ -463,7 +461,9 @@ def _next_task(task: int, chunks: int, seg_expert, rows_per_task: int, rows: int
 def _prefetch_part(w, i: int, parts: int) -> None:
     """Part `i` of `parts` of the rows `w` (C-contiguous) prefetched into L2. A task of several tiles streams its
     rows from DRAM during its first tile and computes from cache during the others: prefetching the next task's
-    rows a part a tile overlaps the two (V2-Lite INT8 g32 experts at 683 tokens, 2 threads: 0.95x the time)."""
+    rows a part a tile overlaps the two (V2-Lite INT8 g32 experts at 683 tokens, 2 threads: 0.95x the time). Not on
+    AMX, where the first tile reads its rows as it writes their B tiles: there these bursts at each tile's start
+    cost more than they hide (the same layer's `gate_up` 0.86-0.92x the time without them, session 22)."""
     prefetch_bytes(w, i * w.nbytes // parts, (i + 1) * w.nbytes // parts)
 
 
@@ -515,7 +515,7 @@ def _gate_up_task(
     gate_room, up_room = amx_room(simd, gate_rows, end - first), amx_room(simd, up_rows, end - first)
     i, p = 0, first
     while p < end:
-        if tiles > 1 and i < tiles:  # the next task's rows, a part a tile
+        if tiles > 1 and i < tiles and not simd.amx:  # the next task's rows, a part a tile
             _prefetch_part(gate_next, i, tiles)
             _prefetch_part(up_next, i, tiles)
             i += 1
@@ -563,7 +563,7 @@ def _down_task(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, c
     room = amx_room(simd, down_rows, end - first)
     i, p = 0, first
     while p < end:
-        if tiles > 1 and i < tiles:  # the next task's rows, a part a tile
+        if tiles > 1 and i < tiles and not simd.amx:  # the next task's rows, a part a tile
             _prefetch_part(down_next, i, tiles)
             i += 1
         n = tile(simd, end - p)
