@@ -70,7 +70,7 @@ AMX_LEAST = 8  # fewest tokens `int8dot.dots` gives AMX (fewer go through `span_
 AMX_ROWS, AMX_ROOM = 256, 512 << 10
 LAG = 2  # groups between a group's tile products and its scale arithmetic, which reads C through memory
 # groups whose B tiles the first call of a run of calls (the one that fills them) writes ahead of its products: a tile
-# load waits for vector stores to its lines still in flight
+# load waits for vector stores to its lines still in flight (1 to 16 ran alike, session 22)
 LEAD = 4
 TILE_C, TILES_A, TILES_B = 0, (1, 2), (3, 4)  # tile registers; A and B alternate within a group of 128 inputs
 
@@ -146,11 +146,11 @@ def _fill(b: ir.IRBuilder, simd: SimdType, w: ir.Value, tiles: ir.Value, chunks:
 
 
 def _amx_function(module: ir.Module, simd: SimdType) -> ir.Function:
-    """The LLVM function of `amx_dots`: `(room, w, fill, rows, row_stride, s, s_stride, groups, xq_0.., ascale_0..,
-    out, out_stride)`, byte pointers and byte strides. The 16 tokens' `xq` laid out as A tiles and their scales
-    group by group, after the B tiles in the room; then for each block of 16 rows and each group, C from one tile
-    product a 64 inputs, stored and scaled into 16 float32 vectors of accumulators, one a token. With `fill`, the
-    rows `w` are first written as B tiles, `LEAD` groups ahead of their products."""
+    """The LLVM function of `amx_dots`: `(room, w, fill, n_rows, row_stride, s, s_stride, groups, xq_0..,
+    ascale_0.., out, out_stride)`, byte pointers and byte strides. The 16 tokens' `xq` laid out as A tiles and their
+    scales group by group, after the B tiles in the room; then for each block of 16 rows and each group, C from one
+    tile product a 64 inputs, stored and scaled into 16 float32 vectors of accumulators, one a token. With `fill`,
+    the rows `w` are written as B tiles on the way, `LEAD` groups ahead of their products."""
     name = f"hetero_moe_amx_dots_{simd.isa}_{FORMATS[simd.fmt]}_g{simd.g}_s{simd.kind}"
     if name in module.globals:
         return module.globals[name]
