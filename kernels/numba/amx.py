@@ -53,6 +53,7 @@ from hetero_moe.kernels.numba.simd import (
     _declare,
     _half_scales,
     _is,
+    _kernel_function,
     _prefetch,
     _splat,
     _vec,
@@ -152,15 +153,11 @@ def _amx_function(module: ir.Module, simd: SimdType) -> ir.Function:
     tile product a 64 inputs, stored and scaled into 16 float32 vectors of accumulators, one a token. With `fill`,
     the rows `w` are written as B tiles on the way, `LEAD` groups ahead of their products."""
     name = f"hetero_moe_amx_dots_{simd.isa}_{FORMATS[simd.fmt]}_g{simd.g}_s{simd.kind}"
-    if name in module.globals:
-        return module.globals[name]
     p8 = I8.as_pointer()
     n = AMX_TILE
-    args = [p8, p8, I64, I64, I64, p8, I64, I64, *[p8] * (2 * n), p8, I64]
-    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), args), name)
-    fn.linkage = "internal"
-    fn.attributes.add("noinline")
-    fn.attributes.add("nounwind")
+    fn = _kernel_function(module, name, [p8, p8, I64, I64, I64, p8, I64, I64, *[p8] * (2 * n), p8, I64])
+    if fn.blocks:
+        return fn
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     const, at, load = _builder_helpers(b)
     tiles, w, fill, n_rows, row_stride, s_ptr, s_stride, groups, *ptrs, out, out_stride = fn.args
@@ -209,8 +206,8 @@ def _amx_function(module: ir.Module, simd: SimdType) -> ir.Function:
             source = at(w, b.mul(j, const(step_bytes)))
             _fill(b, simd, source, at(tiles, b.mul(j, const(step_bytes * widen))), step_bytes // 64)
 
-    for j in range(LEAD):
-        fill_step(const(j))
+    with cgutils.for_range(b, const(LEAD)) as lead:
+        fill_step(lead.index)
     # C tiles stored for the scale arithmetic: LAG + 1 of them, one a group, reused LAG + 1 groups on
     cbufs = aligned(ir.ArrayType(I32, (LAG + 1) * 16 * 16))
     zero = ir.Constant(vf, [0.0] * 16)

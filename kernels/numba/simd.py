@@ -691,20 +691,24 @@ def _half_scales(b: ir.IRBuilder, bits: ir.Value, kind: int, n: int) -> ir.Value
     return b.fpext(b.bitcast(bits, _vec(ir.HalfType(), n)), _vec(F32, n))
 
 
-def _dots_function(module: ir.Module, kind: str, simd: SimdType, n: int, per_token: int = 3) -> ir.Function:
-    """The module's LLVM function `hetero_moe_{kind}_dots_...` of `span_dots` for `n` tokens: the one defined
-    already (it has blocks), or a new one without a body, of the arguments `_row_function` lists (`per_token`
-    pointers a token: `xq`, `ascale` and `bias` rows, or the first of them)."""
-    name = f"hetero_moe_{kind}_dots_{simd.isa}_{FORMATS[simd.fmt]}_g{simd.g}_s{simd.kind}_n{n}"
+def _kernel_function(module: ir.Module, name: str, args: list[ir.Type]) -> ir.Function:
+    """The module's internal LLVM function `name`, `void (args)`, kept out of line: the one defined already (it has
+    blocks), or a new one without a body."""
     if name in module.globals:
         return module.globals[name]
-    p8 = I8.as_pointer()
-    args = [p8, I64, I64, I64, p8, I64, I64, *[p8] * (per_token * n), p8, I64]
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), args), name)
     fn.linkage = "internal"
     fn.attributes.add("noinline")
     fn.attributes.add("nounwind")
     return fn
+
+
+def _dots_function(module: ir.Module, kind: str, simd: SimdType, n: int) -> ir.Function:
+    """The module's LLVM function `hetero_moe_{kind}_dots_...` of `span_dots` for `n` tokens (`_kernel_function`),
+    of the arguments `_row_function` lists."""
+    name = f"hetero_moe_{kind}_dots_{simd.isa}_{FORMATS[simd.fmt]}_g{simd.g}_s{simd.kind}_n{n}"
+    p8 = I8.as_pointer()
+    return _kernel_function(module, name, [p8, I64, I64, I64, p8, I64, I64, *[p8] * (3 * n), p8, I64])
 
 
 def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
