@@ -402,6 +402,23 @@ def test_activations_for_fp16_scales_are_llamacpp_q8_0_blocks() -> None:
     assert int8dot.activation_format(Q4_0, "q8_0") == INT4 | int8dot.ROUND_FP16
 
 
+@pytest.mark.parametrize("fmt", [INT4, INT8])
+@pytest.mark.parametrize("g", GROUPS)
+def test_activations_for_rows_across_lanes(fmt: int, g: int) -> None:
+    """Tokens quantized for rows across lanes (whole groups on vectors, `simd.quantize_group`; a ragged last one in
+    scalar code): the codes and scales of `ref_activations` in input order, each group's bias the weights' offset
+    times minus its codes' sum; groups of zeros (no codes, no bias) and outliers among them."""
+    rng = np.random.default_rng(g + fmt + 3)
+    x = random_tokens(rng, 9, 3 * g + 40)
+    x[2, g : 2 * g] = 0
+    want, a = ref_activations(x, g)
+    lanes = int8dot.activation_format(int8dot.FORMATS[FORMATS[fmt] + "_lanes"])
+    xq, ascale, bias = int8dot.quantize_activations(x, g, lanes)
+    np.testing.assert_array_equal(xq, want)
+    np.testing.assert_array_equal(ascale, a)
+    np.testing.assert_array_equal(bias, -OFFSET[fmt] * want.reshape(9, -1, g).sum(axis=2))
+
+
 @pytest.mark.parametrize(("fmt", "g"), [(UINT4, 32), (UINT8, 32), (INT8, 16), (IQ4NL, 32)])
 def test_activations_in_super_blocks(fmt: int, g: int) -> None:
     """One scale a block of 256 inputs (llama.cpp's Q8_K), in each format's layout, and the layout of the per-group
@@ -724,6 +741,39 @@ def check_experts(isa: str, fmt: int, g: int, e: int, inter: int, hidden: int, t
             assert_close(y[pairs], dequantized(fmt, g, w2[ex], s2[ex], kind, inter), hq[pairs], ha[pairs], g)
 
 
+@pytest.mark.parametrize("isa", RUNNABLE)
+@pytest.mark.parametrize(("fmt", "g", "kind"), [*SHIPPED, SPECS[3]])
+def test_gate_up_quantizes_h_for_down_as_quantizing_it_after(isa: str, fmt: int, g: int, kind: int) -> None:
+    """`gate_up` given room for `down`'s quantized activations (`_fusing_room`, rows across lanes) quantizes each
+    task's columns of h itself, where tasks hold whole groups: the bits `quantize` gives the float h it writes
+    otherwise. 272 rows (a task of 256 and one of 16 on AMX; the last group ragged), tasks of 16 rows (which split
+    groups: not fused) and 128, 1, 17 and 300 tokens."""
+    rng = np.random.default_rng(g + fmt + kind + 2)
+    e, inter, hidden = 4, 272, 208
+    w13, s13, w2, s2 = random_experts(rng, fmt, g, e, inter, hidden, kind)
+    k = kernels(isa, fmt, g, kind, lanes=True)
+    simd13, _, args = k.experts_args(k, *across_lanes(fmt, g, w13, s13), inter, *across_lanes(fmt, g, w2, s2), 64)
+    g13, fmt13, g2, fmt2, w1, s1, w3, s3, up_row = args[:9]
+    empty = (1, 0, np.zeros((0, 0), np.int8), np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int32))
+    fused_any = False
+    for tokens in (1, 17, 300):
+        x = random_tokens(rng, tokens, hidden)
+        token, _, seg, expert = group_by_expert(route(rng, tokens, 2, e), e)
+        act = int8dot.quantize(x, g13, fmt13)
+        for rows in (16, 128):
+            common = (simd13, *act, token, seg, expert, w1, s1, w3, s3, up_row, rows, int8dot.task_count())
+            h = np.empty((len(token), inter), np.float32)
+            assert not int8dot.gate_up(*common, h, empty)
+            quantized = int8dot._fusing_room(h, g2, fmt2)
+            if int8dot.gate_up(*common, np.full_like(h, np.nan), quantized):
+                fused_any = True
+                for ours, want in zip(quantized[2:], int8dot.quantize(h, g2, fmt2), strict=True):
+                    assert np.array_equal(ours, want)
+            else:
+                assert rows == 16 or len(token) == 0
+    assert fused_any
+
+
 # the task code is each format's `gate_up` and `down` (tested on every backend above): here the split of the tasks, in
 # the layout with the most constraints on it (INT4 in rows across lanes: whole blocks of 16 rows)
 @pytest.mark.parametrize("isa", PRIMARY)
@@ -1017,8 +1067,8 @@ AMX_COMPILE_ONLY = textwrap.dedent(
     @njit
     def many(simd, w, scales, xq, ascale, bias, rows, out):
         room = amx_room(simd, w, 16)
-        dots(simd, 16, w, scales, xq, ascale, bias, rows, out, False, room)
-        dots(simd, 9, w, scales, xq, ascale, bias, rows, out, True, room)
+        dots(simd, 16, w, scales, xq, ascale, bias, rows, out, False, room, False)
+        dots(simd, 9, w, scales, xq, ascale, bias, rows, out, True, room, False)
         return tile_rounds(3)
 
     for fmt, g, row_bytes in ((INT4_LANES, 64, 64), (INT8_LANES, 32, 128)):
@@ -1053,17 +1103,17 @@ def test_amx_compiles_for_sapphire_rapids(tmp_path) -> None:
 
 @pytest.mark.parametrize("g", GROUPS)
 def test_amx_tile_configuration(g: int) -> None:
-    """Palette 1; a C tile of 16 rows of 64 bytes, A tiles 16 tokens of a tile product's inputs, B tiles a row of 64
+    """Palette 1; C tiles of 16 rows of 64 bytes, A tiles 16 tokens of a tile product's inputs, B tiles a row of 64
     bytes for each 4 of them; the other tiles unconfigured."""
-    from hetero_moe.kernels.numba.amx import TILE_C, TILES_A, TILES_B, tile_config
+    from hetero_moe.kernels.numba.amx import TILES_A, TILES_B, TILES_C, tile_config
 
     config = np.array(tile_config(g), np.uint8)
     colsb, rows = config[16:32].view(np.uint16), config[48:56]
     k = min(g, 64)
     assert config[0] == 1 and not config[1:16].any() and not config[32:48].any() and not config[56:].any()
-    for tiles, want_rows, want_colsb in (((TILE_C,), 16, 64), (TILES_A, 16, k), (TILES_B, k // 4, 64)):
+    for tiles, want_rows, want_colsb in ((TILES_C, 16, 64), (TILES_A, 16, k), (TILES_B, k // 4, 64)):
         assert all(rows[t] == want_rows and colsb[t] == want_colsb for t in tiles)
-    unused = set(range(8)) - {TILE_C, *TILES_A, *TILES_B}
+    unused = set(range(8)) - {*TILES_C, *TILES_A, *TILES_B}
     assert unused and not any(rows[t] or colsb[t] for t in unused)
 
 
@@ -1074,6 +1124,26 @@ def test_amx_peak_loop_runs() -> None:
 
     run = njit(lambda rounds: tile_rounds(rounds))
     assert run(0) == 0 and run(100) == 0
+
+
+@pytest.mark.skipif("avx512amx" not in RUNNABLE, reason="no AMX on this CPU, or the OS does not grant it")
+@pytest.mark.parametrize(("fmt", "g", "kind"), SPECS)
+def test_amx_long_rows_and_many_tokens(fmt: int, g: int, kind: int) -> None:
+    """Rows of 1,408 inputs (three chunks of `amx.CHUNK`, the last one short: each tile of tokens keeps its
+    accumulators from chunk to chunk) times 8, 17, 40 and 300 tokens (one tile, a ragged one, several, and calls of
+    at most `AMX_TOKENS`) on AMX give the bits of `ref_lane_dots`."""
+    from hetero_moe.kernels.numba.amx import AMX_TOKENS, CHUNK
+
+    inputs = 1408
+    assert 2 * CHUNK < inputs < 3 * CHUNK and 2 * AMX_TOKENS < 300
+    rng = np.random.default_rng(g + fmt)
+    w, bits = random_weights(rng, fmt, g, 48, inputs, kind)
+    laid, lane_bits = int8dot.to_lanes(fmt, g, w, bits)
+    k = kernels("avx512amx", fmt, g, kind, lanes=True)
+    for tokens in (8, 17, 40, 300):
+        x = random_tokens(rng, tokens, inputs)
+        xq, a = ref_activations(x, g)
+        assert_bits(k.linear(k.activations(x), laid, lane_bits, 16), ref_lane_dots(fmt, g, w, bits, kind, xq, a))
 
 
 @pytest.mark.parametrize("isa", RUNNABLE + EMULATED)

@@ -49,7 +49,7 @@ import numba
 import numpy as np
 import torch
 from hetero_moe.kernels.numba import int4
-from hetero_moe.kernels.numba.amx import AMX_LEAST, amx_dots, amx_room, many_rows
+from hetero_moe.kernels.numba.amx import AMX_LEAST, AMX_TOKENS, amx_dots, amx_room, many_rows
 from hetero_moe.kernels.numba.common import combine, dot, group_by_expert, silu_mul, silu_mul_rows
 from hetero_moe.kernels.numba.int4 import SCALE_BF16, SCALE_FP16, decode_scales, fp16_table
 from hetero_moe.kernels.numba.quantize import (
@@ -90,6 +90,7 @@ from hetero_moe.kernels.numba.simd import (
     cached_span_dots,
     choose_isa,
     prefetch_bytes,
+    quantize_group,
     span_dots,
     spans,
     uses_amx,
@@ -195,6 +196,60 @@ def fp16_value(a):
     return r
 
 
+def _vector_group(x, start, g, xq, ascale, bias, k, offset) -> bool:
+    """`simd.quantize_group` where the arrays are contiguous (-> True), else nothing (-> False). Jitted code only."""
+    raise TypeError("_vector_group runs inside jitted code")
+
+
+@overload(_vector_group, inline="always")
+def _vector_group_for(x, start, g, xq, ascale, bias, k, offset):
+    if all(getattr(a, "layout", None) == "C" for a in (x, xq, ascale, bias)):
+
+        def vector(x, start, g, xq, ascale, bias, k, offset) -> bool:
+            quantize_group(x, start, g, xq, ascale, bias, k, offset)
+            return True
+
+        return vector
+    return lambda x, start, g, xq, ascale, bias, k, offset: False
+
+
+@njit(inline="always", cache=True)
+def _group_scale(bits, start: int, stop: int, n_in: int, super_blocks: bool, a, one_bits, one):
+    """The activation scale of the group `start:stop` of a token's bits: its max / 127, or with `super_blocks` that of
+    the 256 inputs the group starts (`a`, the group before's, inside them)."""
+    if not super_blocks:
+        return _amax(bits, start, stop, one_bits, one) / np.float32(127.0)
+    if start % 256 == 0:  # the first group of 256 inputs: the scale of all their groups
+        return _amax(bits, start, min(start + 256, n_in), one_bits, one) / np.float32(127.0)
+    return a
+
+
+@njit(nogil=True, cache=True)
+def _quantize_lanes(x, g: int, offset: int, half_scales: bool, super_blocks: bool, xq, ascale, bias) -> None:
+    """One token `x [I]` quantized for rows across lanes group by group (`_quantize_token`'s bits): `xq` in input
+    order, `ascale` a group, `bias[k] = -offset * sum(xq of group k)`; whole groups on vectors (`_vector_group`), a
+    ragged last one and the scales of `half_scales` or `super_blocks` (`_quantize_token`) in scalar code; every value
+    written. Its own function, not inlined: `gate_up`'s tasks call it too
+    (`_fuses`), and a copy in each parallel region doubled their compile time."""
+    n_in = x.shape[0]
+    bits, one_bits = x.view(np.uint32), np.zeros(1, np.uint32)
+    one = one_bits.view(np.float32)
+    vectors = not half_scales and not super_blocks and g % 16 == 0
+    a = np.float32(0.0)
+    for k in range((n_in + g - 1) // g):
+        start, stop = k * g, min(k * g + g, n_in)
+        if vectors and stop - start == g and _vector_group(x, start, g, xq, ascale, bias, k, offset):
+            continue
+        a = _group_scale(bits, start, stop, n_in, super_blocks, a, one_bits, one)
+        ascale[k] = fp16_value(a) if half_scales and a <= FP16_MAX else a
+        if a > 0:
+            bias[k] = -offset * _round_into(x, start, stop, a, xq, start)
+        else:
+            bias[k] = 0
+            xq[start:stop] = 0
+        xq[stop : start + g] = 0  # a ragged group's padding
+
+
 @njit(inline="always", cache=True)
 def _quantize_token(x, g, fmt, half_scales, super_blocks, xq, ascale, bias) -> None:
     """One token `x [I]` -> `xq`, `ascale`, `bias` (rows, zeroed by the caller); `half_scales`: scales kept as fp16
@@ -210,19 +265,14 @@ def _quantize_token(x, g, fmt, half_scales, super_blocks, xq, ascale, bias) -> N
     bits, one_bits = x.view(np.uint32), np.zeros(1, np.uint32)
     one = one_bits.view(np.float32)
     a = np.float32(0.0)
+    if lanes:  # input order; the group's bias; every byte written (the arrays are not zeroed)
+        _quantize_lanes(x, g, 8 if fmt == INT4_LANES else 128, half_scales, super_blocks, xq, ascale, bias)
+        return
     for k in range((n_in + g - 1) // g):
         start, stop = k * g, min(k * g + g, n_in)
-        if not super_blocks:
-            a = _amax(bits, start, stop, one_bits, one) / np.float32(127.0)
-        elif start % 256 == 0:  # the first group of 256 inputs: the scale of all their groups
-            a = _amax(bits, start, min(start + 256, n_in), one_bits, one) / np.float32(127.0)
+        a = _group_scale(bits, start, stop, n_in, super_blocks, a, one_bits, one)
         # the scale kept for the codes rounded with `a`: as fp16 where fp16 holds it (beyond, llama.cpp's overflows)
         kept = fp16_value(a) if half_scales and a <= FP16_MAX else a
-        if lanes:  # input order; the group's bias
-            ascale[k] = kept
-            if a > 0:
-                bias[k] = -(8 if fmt == INT4_LANES else 128) * _round_into(x, start, stop, a, xq, start)
-            continue
         at = (k // gps) * 2 * gps + k % gps if affine else k
         ascale[at] = kept
         if not a > 0:
@@ -267,8 +317,8 @@ def _quantize_token(x, g, fmt, half_scales, super_blocks, xq, ascale, bias) -> N
 def _activation_arrays(x, g, fmt):
     t, n_in = x.shape
     ip = (n_in + g - 1) // g * g
-    if fmt in (INT4_LANES, INT8_LANES):
-        return np.zeros((t, ip), np.int8), np.zeros((t, ip // g), np.float32), np.zeros((t, ip // g), np.int32)
+    if fmt in (INT4_LANES, INT8_LANES):  # every value written by `_quantize_token`
+        return np.empty((t, ip), np.int8), np.empty((t, ip // g), np.float32), np.empty((t, ip // g), np.int32)
     span_bytes = 64 if _nibbles(fmt) else max(64, g)
     span_elems = 128 if _nibbles(fmt) else max(64, g)
     n = ((ip // 2 if _nibbles(fmt) else ip) + span_bytes - 1) // span_bytes
@@ -307,20 +357,22 @@ def quantize(x: np.ndarray, g: int, fmt: int) -> tuple:
 
 @njit(inline="always", cache=True)
 def tile(simd, n: int) -> int:
-    """Tokens the next `span_dots` call takes, of `n` left: `simd.tile` (16, 8 or 4), all `n` from `AMX_LEAST` on
-    AMX (`simd.amx`), else 4, 2 or 1."""
+    """Tokens the next `dots` call takes, of `n` left: on AMX (`simd.amx`) from `AMX_LEAST` on all of them, in equal
+    calls of at most `AMX_TOKENS`; else `simd.tile` (8 or 4), or 4, 2 or 1. No later call of a run takes more."""
+    if simd.amx and n >= AMX_LEAST:
+        calls = (n + AMX_TOKENS - 1) // AMX_TOKENS
+        return (n + calls - 1) // calls
     most = simd.tile
     if n >= most:
         return most
-    if simd.amx and n >= AMX_LEAST:
-        return n
     return 4 if n >= 4 else (2 if n >= 2 else 1)
 
 
-def dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached, room) -> None:
+def dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached, room, laid) -> None:
     """`simd.span_dots` of the `n` (from `tile`) tokens in `rows` with every row of `w`, `cached_span_dots` if
-    `cached` (the call before read the same rows); on AMX (`simd.amx`) `amx.amx_dots`, the rows' B tiles put in
-    `room` (`amx.amx_room` of `w`, made once for the calls of the same rows) by the first call. Jitted code only."""
+    `cached` (the call before read the same rows); on AMX (`simd.amx`) from `AMX_LEAST` tokens `amx.amx_dots` in
+    `room` (`amx.amx_room` of `w`, made once for the calls of the same rows), which holds the tokens laid out as A
+    tiles already if `laid` (the call before took the same tokens and room). Jitted code only."""
     raise TypeError("dots runs inside jitted code")
 
 
@@ -349,18 +401,18 @@ def _cached_dots(simd, n, w, scales, xq, ascale, bias, rows, out) -> None:
 
 
 @overload(dots, inline="always")
-def _dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached, room):
+def _dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached, room, laid):
     """`dots` for the token's format: tiles of 8, and rows in cache their own code, only where rows lie across
     lanes (`LANE_TILE`, `cached_span_dots`); there, on AMX, tiles from `AMX_LEAST` tokens go to `amx.amx_dots`.
     The first tile of a run of calls is the largest (`tile`): on AMX, if any tile is, the first is."""
     if simd.fmt not in LANES:
 
-        def few_dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached, room) -> None:
+        def few_dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached, room, laid) -> None:
             _few_dots(simd, n, w, scales, xq, ascale, bias, rows, out)
 
         return few_dots
 
-    def lane_dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached, room) -> None:
+    def lane_dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached, room, laid) -> None:
         if cached:
             _cached_dots(simd, n, w, scales, xq, ascale, bias, rows, out)
         elif n == LANE_TILE:
@@ -371,9 +423,9 @@ def _dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached, room):
     if not uses_amx(simd):
         return lane_dots
 
-    def amx_lane_dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached, room) -> None:
+    def amx_lane_dots(simd, n, w, scales, xq, ascale, bias, rows, out, cached, room, laid) -> None:
         if n >= AMX_LEAST:
-            amx_dots(simd, n, room, w, scales, xq, ascale, rows, out, not cached)
+            amx_dots(simd, n, room, w, scales, xq, ascale, rows, out, laid)
         elif cached:
             _cached_dots(simd, n, w, scales, xq, ascale, bias, rows, out)
         else:
@@ -462,14 +514,16 @@ def _prefetch_part(w, i: int, parts: int) -> None:
     """Part `i` of `parts` of the rows `w` (C-contiguous) prefetched into L2. A task of several tiles streams its
     rows from DRAM during its first tile and computes from cache during the others: prefetching the next task's
     rows a part a tile overlaps the two (V2-Lite INT8 g32 experts at 683 tokens, 2 threads: 0.95x the time). Not on
-    AMX, where the first tile reads its rows as it writes their B tiles: there these bursts at each tile's start
-    cost more than they hide (the same layer's `gate_up` 0.86-0.92x the time without them, session 22)."""
+    AMX, where one call reads a task's rows for all of its tokens, spread across its products (session 23)."""
     prefetch_bytes(w, i * w.nbytes // parts, (i + 1) * w.nbytes // parts)
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3, up_row, rows_per_task, tasks, h):
-    """`h[p] = silu(x[t] W_gate[e]^T) * (x[t] W_up[e]^T)` for every pair p = (token t, expert e).
+def gate_up(
+    simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3, up_row, rows_per_task, tasks, h, quantized
+) -> bool:
+    """`h[p] = silu(x[t] W_gate[e]^T) * (x[t] W_up[e]^T)` for every pair p = (token t, expert e), or `h` quantized
+    for `down` straight from the tasks (`quantized`, `_fuses`) -> whether it was.
 
     Pairs are grouped by expert as in `int4.gate_up` (`pair_token [P]`, `seg [U + 1]`, `seg_expert [U]`);
     tiles of up to 4 pairs of an expert share each weight load. `xq, ascale, bias` of the tokens from
@@ -477,14 +531,46 @@ def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3,
     up rows `w3[e, up_row : up_row + I]`, with their scales in `s1`, `s3` (`[E, R, Hp / g]` uint16 bf16 or
     fp16 bits as `simd.kind`); `h [P, I]` float32. One `[E, 2I, B]` array of gate rows then up rows is
     passed twice with `up_row = I`; separate arrays with `up_row = 0`. Tasks are blocks of rows of one expert:
-    `rows_per_task` or more (`_task_rows`); a row's result does not depend on them.
+    `rows_per_task` or more (`_task_rows`); a row's result does not depend on them. `quantized`: `(g, fmt, xq,
+    ascale, bias)` of `quantize_activations` for `down` (`_fusing_room`; empty arrays: `h` in float32).
     """
     _check_gate_up(simd, xq, ascale, bias, pair_token, w1, s1, w3, s3, up_row, rows_per_task, h)
-    rows_per_task = _task_rows(h.shape[1], seg, rows_per_task, tasks, simd.tile, many_rows(simd, w1.shape[2]))
+    rows_per_task = _task_rows(h.shape[1], seg, rows_per_task, tasks, simd.tile, many_rows(simd))
+    _check_quantized(quantized, h)
     chunks = (h.shape[1] + rows_per_task - 1) // rows_per_task
     for task in prange(seg_expert.shape[0] * chunks):
         _gate_up_task(simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3, up_row, rows_per_task,
-                      chunks, task, h)  # fmt: skip
+                      chunks, task, h, quantized)  # fmt: skip
+    return _fuses(quantized, rows_per_task)
+
+
+@njit(inline="always", cache=True)
+def _fuses(quantized, rows_per_task: int) -> bool:
+    """Whether `gate_up`'s tasks of `rows_per_task` rows quantize their own columns of `h` into `quantized` (`g, fmt,
+    xq, ascale, bias`), the bits `quantize_activations` gives `h`: where the arrays are not empty, `down` takes rows
+    across lanes (activations quantized group by group) and tasks hold whole groups. It saves writing `h` in float32
+    and reading it back (a V2-Lite INT8 layer at 683 tokens: 0.97-0.98x the time, session 23)."""
+    g, fmt, xq, _, _ = quantized
+    return xq.shape[0] > 0 and fmt in (INT4_LANES, INT8_LANES) and rows_per_task % g == 0
+
+
+@njit(inline="always", cache=True)
+def _check_quantized(quantized, h) -> None:
+    g, _, xq, ascale, bias = quantized
+    groups = (h.shape[1] + g - 1) // g
+    if xq.shape[0] and (
+        xq.shape[0] < h.shape[0] or xq.shape[1] < groups * g or min(ascale.shape[1], bias.shape[1]) < groups
+    ):
+        raise ValueError("the quantized h must hold every pair's groups")
+
+
+@njit(inline="always", cache=True)
+def _fusing_room(h, g: int, fmt: int):
+    """`gate_up`'s `quantized` for `h` and `down`'s group `g`, format `fmt` (`activation_format`): zeroed arrays
+    where `_fuses` may fuse, else empty ones (of the same types)."""
+    if fmt in (INT4_LANES, INT8_LANES):
+        return (g, fmt, *_activation_arrays(h, g, fmt))
+    return g, fmt, np.zeros((0, 0), np.int8), np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int32)
 
 
 @njit(inline="always", cache=True)
@@ -501,18 +587,21 @@ def _check_gate_up(simd, xq, ascale, bias, pair_token, w1, s1, w3, s3, up_row, r
 
 
 @njit(inline="always", cache=True)
-def _gate_up_task(
-    simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3, up_row, rows_per_task, chunks, task, h
-) -> None:
-    """Task `task` of `gate_up` (`_task_span`)."""
+def _gate_up_task(simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3, up_row, rows_per_task, chunks,
+                  task, h, quantized) -> None:  # fmt: skip
+    """Task `task` of `gate_up` (`_task_span`): its columns of `h`, or their groups quantized (`_fuses`)."""
+    g, fmt, hq, hscale, hbias = quantized
+    fused = _fuses(quantized, rows_per_task)
     e, r0, r1, first, end, tiles = _task_span(simd, task, chunks, seg, seg_expert, rows_per_task, h.shape[1])
-    rows = np.empty(simd.tile, np.int64)
-    gate = np.empty((simd.tile, r1 - r0), np.float32)
-    up = np.empty((simd.tile, r1 - r0), np.float32)
+    most = tile(simd, end - first)
+    rows = np.empty(most, np.int64)
+    gate = np.empty((most, r1 - r0), np.float32)
+    up = np.empty((most, r1 - r0), np.float32)
     e2, q0, q1 = _next_task(task, chunks, seg_expert, rows_per_task, h.shape[1])
     gate_next, up_next = w1[e2, q0:q1], w3[e2, up_row + q0 : up_row + q1]
     gate_rows, up_rows = w1[e, r0:r1], w3[e, up_row + r0 : up_row + r1]
-    gate_room, up_room = amx_room(simd, gate_rows, end - first), amx_room(simd, up_rows, end - first)
+    room = amx_room(simd, gate_rows, end - first)  # the up rows' calls find the tokens laid out by the gate rows'
+
     i, p = 0, first
     while p < end:
         if tiles > 1 and i < tiles and not simd.amx:  # the next task's rows, a part a tile
@@ -523,11 +612,15 @@ def _gate_up_task(
         for j in range(n):
             rows[j] = pair_token[p + j]
         cached = p > first  # the tiles before read these rows
-        dots(simd, n, gate_rows, s1[e, r0:r1], xq, ascale, bias, rows, gate, cached, gate_room)
-        dots(simd, n, up_rows, s3[e, up_row + r0 : up_row + r1], xq, ascale, bias, rows, up, cached, up_room)
+        dots(simd, n, gate_rows, s1[e, r0:r1], xq, ascale, bias, rows, gate, cached, room, False)
+        dots(simd, n, up_rows, s3[e, up_row + r0 : up_row + r1], xq, ascale, bias, rows, up, cached, room, True)
         silu_mul_rows(gate, up, n)
         for j in range(n):
-            h[p + j, r0:r1] = gate[j]
+            if fused:
+                k, offset = r0 // g, 8 if fmt == INT4_LANES else 128
+                _quantize_lanes(gate[j], g, offset, False, False, hq[p + j, r0:], hscale[p + j, k:], hbias[p + j, k:])
+            else:
+                h[p + j, r0:r1] = gate[j]
         p += n
 
 
@@ -537,7 +630,7 @@ def down(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, tasks, 
     quantize `h [P, I]` (one row per pair); `w2 [E, H, B]` uint8 (B = Ip / 2 or Ip), `s2 [E, H, Ip / g]`,
     `y [P, H]` float32. A dense layer is one expert every token goes to (`Kernels.linear`)."""
     _check_down(simd, xq, ascale, bias, seg, w2, s2, rows_per_task, y)
-    rows_per_task = _task_rows(y.shape[1], seg, rows_per_task, tasks, simd.tile, many_rows(simd, w2.shape[2]))
+    rows_per_task = _task_rows(y.shape[1], seg, rows_per_task, tasks, simd.tile, many_rows(simd))
     chunks = (y.shape[1] + rows_per_task - 1) // rows_per_task
     for task in prange(seg_expert.shape[0] * chunks):
         _down_task(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, chunks, task, y)
@@ -556,8 +649,9 @@ def _check_down(simd, xq, ascale, bias, seg, w2, s2, rows_per_task, y) -> None:
 def _down_task(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, chunks, task, y) -> None:
     """Task `task` of `down` (`_task_span`)."""
     e, r0, r1, first, end, tiles = _task_span(simd, task, chunks, seg, seg_expert, rows_per_task, y.shape[1])
-    rows = np.empty(simd.tile, np.int64)
-    out = np.empty((simd.tile, r1 - r0), np.float32)
+    most = tile(simd, end - first)
+    rows = np.empty(most, np.int64)
+    out = np.empty((most, r1 - r0), np.float32)
     e2, q0, q1 = _next_task(task, chunks, seg_expert, rows_per_task, y.shape[1])
     down_next, down_rows = w2[e2, q0:q1], w2[e, r0:r1]
     room = amx_room(simd, down_rows, end - first)
@@ -569,7 +663,7 @@ def _down_task(simd, xq, ascale, bias, seg, seg_expert, w2, s2, rows_per_task, c
         n = tile(simd, end - p)
         for j in range(n):
             rows[j] = p + j
-        dots(simd, n, down_rows, s2[e, r0:r1], xq, ascale, bias, rows, out, p > first, room)
+        dots(simd, n, down_rows, s2[e, r0:r1], xq, ascale, bias, rows, out, p > first, room, False)
         for j in range(n):
             y[p + j, r0:r1] = out[j]
         p += n
@@ -587,7 +681,7 @@ def _tasks_both(rows_a, seg_a, bytes_a, simd_a, rows_b, seg_b, bytes_b, simd_b, 
         most_a = max(most_a, seg_a[u + 1] - seg_a[u])
     for u in range(seg_b.shape[0] - 1):
         most_b = max(most_b, seg_b[u + 1] - seg_b[u])
-    a, b = max(least, many_rows(simd_a, bytes_a)), max(least, many_rows(simd_b, bytes_b))
+    a, b = max(least, many_rows(simd_a)), max(least, many_rows(simd_b))
     if most_a <= tile_a and most_b <= tile_b:
         total = (seg_a.shape[0] - 1) * rows_a * bytes_a + (seg_b.shape[0] - 1) * rows_b * bytes_b
         per = max(1, (total + tasks - 1) // tasks)
@@ -597,23 +691,28 @@ def _tasks_both(rows_a, seg_a, bytes_a, simd_a, rows_b, seg_b, bytes_b, simd_b, 
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def gate_up_both(simd, routed, shared_simd, shared, rows_per_task, tasks) -> None:
+def gate_up_both(simd, routed, shared_simd, shared, rows_per_task, tasks) -> tuple[bool, bool]:
     """`gate_up` of two sets of pairs in one parallel region, each with its `Simd` token: `routed` and `shared` each
-    `gate_up`'s arguments from `xq` to `up_row`, then `h`. Their tasks take about equal bytes (`_tasks_both`);
-    a row's result is `gate_up`'s. A MoE block's shared experts run so beside its routed ones."""
-    xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3, up_row, h = routed
-    sxq, sascale, sbias, spair_token, sseg, sseg_expert, sw1, ss1, sw3, ss3, sup_row, sh = shared
+    `gate_up`'s arguments from `xq` to `up_row`, then `h` and `quantized`. Their tasks take about equal bytes
+    (`_tasks_both`); a row's result is `gate_up`'s. A MoE block's shared experts run so beside its routed ones. ->
+    whether each set's `h` was quantized (`_fuses`)."""
+    xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3, up_row, h, quantized = routed
+    sxq, sascale, sbias, spair_token, sseg, sseg_expert, sw1, ss1, sw3, ss3, sup_row, sh, squantized = shared
     _check_gate_up(simd, xq, ascale, bias, pair_token, w1, s1, w3, s3, up_row, rows_per_task, h)
     _check_gate_up(shared_simd, sxq, sascale, sbias, spair_token, sw1, ss1, sw3, ss3, sup_row, rows_per_task, sh)
     ra, ca, rb, cb = _tasks_both(h.shape[1], seg, w1.shape[2], simd, sh.shape[1], sseg, sw1.shape[2], shared_simd,
                                  rows_per_task, tasks)  # fmt: skip
+    _check_quantized(quantized, h)
+    _check_quantized(squantized, sh)
     n = seg_expert.shape[0] * ca
     for task in prange(n + sseg_expert.shape[0] * cb):
         if task < n:
-            _gate_up_task(simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3, up_row, ra, ca, task, h)
+            _gate_up_task(simd, xq, ascale, bias, pair_token, seg, seg_expert, w1, s1, w3, s3, up_row, ra, ca, task, h,
+                          quantized)  # fmt: skip
         else:
             _gate_up_task(shared_simd, sxq, sascale, sbias, spair_token, sseg, sseg_expert, sw1, ss1, sw3, ss3,
-                          sup_row, rb, cb, task - n, sh)  # fmt: skip
+                          sup_row, rb, cb, task - n, sh, squantized)  # fmt: skip
+    return _fuses(quantized, ra), _fuses(squantized, rb)
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -687,8 +786,11 @@ def experts(
     if h_rows.shape[0] < token.shape[0] or h_rows.shape[1] != inter or y_rows.shape[1] != out.shape[1]:
         raise ValueError("h_rows and y_rows must be [>= P, inter] and [>= P, H]")
     h = h_rows[: token.shape[0]]
-    _gate_up(simd13, xq, ascale, bias, token, seg, expert, w1, s1, w3, s3, up_row, rows_per_task, tasks, h)
-    hq, hscale, hbias = _quantize_any(h, g2, fmt2)
+    quantized = _fusing_room(h, g2, fmt2)
+    _, _, hq, hscale, hbias = quantized
+    if not _gate_up(simd13, xq, ascale, bias, token, seg, expert, w1, s1, w3, s3, up_row, rows_per_task, tasks, h,
+                    quantized):  # fmt: skip
+        hq, hscale, hbias = _quantize_any(h, g2, fmt2)
     y = y_rows[: token.shape[0]]
     _down(simd2, hq, hscale, hbias, seg, expert, w2, s2, rows_per_task, tasks, y)
     combine(y, token, slot, weights, out)
@@ -721,11 +823,16 @@ def experts_shared(simd13, simd2, routed, shared_simd13, shared_simd2, shared, x
     h, sh = h_rows[: token.shape[0]], np.empty((t, sinter), np.float32)
     xq, ascale, bias = _quantize_any(x, g13, fmt13)
     sxq, sascale, sbias = (xq, ascale, bias) if (sg13, sfmt13) == (g13, fmt13) else _quantize_any(x, sg13, sfmt13)
-    routed13 = (xq, ascale, bias, token, seg, expert, w1, s1, w3, s3, up_row, h)
-    shared13 = (sxq, sascale, sbias, stoken, sseg, sexpert, sw1, ss1, sw3, ss3, sup_row, sh)
-    _gate_up_both(simd13, routed13, shared_simd13, shared13, rows_per_task, tasks)
-    hq, hscale, hbias = _quantize_any(h, g2, fmt2)
-    shq, shscale, shbias = _quantize_any(sh, sg2, sfmt2)
+    quantized, squantized = _fusing_room(h, g2, fmt2), _fusing_room(sh, sg2, sfmt2)
+    routed13 = (xq, ascale, bias, token, seg, expert, w1, s1, w3, s3, up_row, h, quantized)
+    shared13 = (sxq, sascale, sbias, stoken, sseg, sexpert, sw1, ss1, sw3, ss3, sup_row, sh, squantized)
+    fused, sfused = _gate_up_both(simd13, routed13, shared_simd13, shared13, rows_per_task, tasks)
+    _, _, hq, hscale, hbias = quantized
+    if not fused:
+        hq, hscale, hbias = _quantize_any(h, g2, fmt2)
+    _, _, shq, shscale, shbias = squantized
+    if not sfused:
+        shq, shscale, shbias = _quantize_any(sh, sg2, sfmt2)
     y, sy = y_rows[: token.shape[0]], np.empty_like(out)
     routed2, shared2 = (hq, hscale, hbias, seg, expert, w2, s2, y), (shq, shscale, shbias, sseg, sexpert, sw2, ss2, sy)
     _down_both(simd2, routed2, shared_simd2, shared2, rows_per_task, tasks)
@@ -777,15 +884,16 @@ def matrix_rows(simd, args, j: int, x, out) -> None:
     g, fmt, w, s, matrices, _ = args
     xq, ascale, bias = quantize_activations(x, g, fmt)
     e = matrices[j]
-    rows = np.empty(simd.tile, np.int64)
-    y = np.empty((simd.tile, w.shape[1]), np.float32)
+    most = tile(simd, x.shape[0])
+    rows = np.empty(most, np.int64)
+    y = np.empty((most, w.shape[1]), np.float32)
     room = amx_room(simd, w[e], x.shape[0])
     p = 0
     while p < x.shape[0]:
         n = tile(simd, x.shape[0] - p)
         for k in range(n):
             rows[k] = p + k
-        dots(simd, n, w[e], s[e], xq, ascale, bias, rows, y, p > 0, room)
+        dots(simd, n, w[e], s[e], xq, ascale, bias, rows, y, p > 0, room, False)
         for k in range(n):
             out[p + k] = y[k]
         p += n
@@ -1180,6 +1288,8 @@ def read_only(a: np.ndarray) -> np.ndarray:
 
 
 _ONE_EXPERT = np.zeros(1, np.int64)  # `linear` runs as `down` with one expert, expert 0
+# `gate_up`'s `quantized` where it writes `h` in float32 (`_fuses`)
+_FLOAT_H = (1, 0, np.zeros((0, 0), np.int8), np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int32))
 
 
 @functools.cache
@@ -1200,7 +1310,7 @@ def _kernels(isa: str, fmt: int, g: int, kind: int, activations: str) -> Kernels
 
     def gate_up_(act, pair_token, seg, seg_expert, w13, s13, rows_per_task, h) -> None:
         rows = _gate_up_rows(w13, s13, h.shape[1])
-        gate_up(simd, *act, pair_token, seg, seg_expert, *rows, rows_per_task, task_count(), h)
+        gate_up(simd, *act, pair_token, seg, seg_expert, *rows, rows_per_task, task_count(), h, _FLOAT_H)
 
     def down_(act, seg, seg_expert, w2, s2, rows_per_task, y) -> None:
         down(simd, *act, seg, seg_expert, read_only(w2), read_only(s2), rows_per_task, task_count(), y)

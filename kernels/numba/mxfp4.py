@@ -86,7 +86,7 @@ def gate_up(simd, xq, ascale, bias, pair_token, seg, seg_expert, w13, s13, b13, 
             n = tile(simd, seg[u + 1] - p)
             for j in range(n):
                 rows[j] = pair_token[p + j]
-            dots(simd, n, w, s, xq, ascale, bias, rows, both, p > seg[u], room)
+            dots(simd, n, w, s, xq, ascale, bias, rows, both, p > seg[u], room, False)
             for j in range(n):
                 for r in range(r1 - r0):
                     g = both[j, 2 * r] + b13[e, 2 * (r0 + r)]

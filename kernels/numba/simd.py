@@ -2,8 +2,8 @@
 
 Instruction sets ("isa"), best first, with the CPU features each needs:
 
-- `avx512amx`: `avx512vnni`'s code, and AMX tiles (`amx-tile`, `amx-int8`) for tiles of 8 to 16 tokens with rows
-  across lanes (`amx.py`), where Linux grants them (`amx_permitted`).
+- `avx512amx`: `avx512vnni`'s code, and AMX tiles (`amx-tile`, `amx-int8`) for experts of 8 tokens or more with
+  rows across lanes (`amx.py`), where Linux grants them (`amx_permitted`).
 - `avx512vnni`: `vpdpbusd` on 512-bit registers (64 u8 x s8 products into 16 int32 lanes).
 - `avxvnni`: the VEX `vpdpbusd` on 256-bit registers (Alder Lake and later, Zen 5).
 - `avx2`: `vpmaddubsw` (pairs into int16) then `vpmaddwd` by ones (int32 lanes of 4 bytes).
@@ -154,7 +154,7 @@ SHORT_ROW = 256
 SHORT_BLOCK = 4
 LANE_ROWS = 16  # rows of a block of rows across lanes, one an int32 lane
 LANE_TILE = 8  # most tokens one `span_dots` call multiplies with rows across lanes
-AMX_TILE = 16  # most tokens one `amx.amx_dots` call multiplies with rows across lanes: a tile's 16 rows
+AMX_TILE = 16  # tokens of one A tile of `amx.amx_dots` (a call takes up to `amx.AMX_TOKENS`): a C tile's 16 rows
 # Linux's arch_prctl (x86-64 syscall 158), its request for an extended state component, and AMX's tile data
 SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
 # Tokens a pass of two blocks of rows across lanes takes (`cached_span_dots`). A tile of 8 tokens and one block is
@@ -307,8 +307,8 @@ def uses_amx(simd: SimdType) -> bool:
 
 @overload_attribute(SimdType, "tile")
 def _tile(simd):
-    """`simd.tile` in jitted code: the most tokens one `span_dots` (or `amx.amx_dots`) call takes (`TILE`,
-    `LANE_TILE`, `AMX_TILE`)."""
+    """`simd.tile` in jitted code: the most tokens one `span_dots` call takes (`TILE`, `LANE_TILE`), or on AMX one A
+    tile of `amx.amx_dots` (`AMX_TILE`)."""
     most = (AMX_TILE if uses_amx(simd) else LANE_TILE) if simd.fmt in LANES else TILE
     return lambda simd: most
 
@@ -1181,3 +1181,59 @@ def prefetch_bytes(typingctx, a, start, stop):
         return context.get_dummy_value()
 
     return types.none(a, start, stop), codegen
+
+
+@intrinsic
+def quantize_group(typingctx, x, start, g, xq, ascale, bias, k, offset):
+    """Group `k` of a token for rows across lanes, inputs `x[start : start + g]` (whole, g a multiple of 16), on
+    vectors: `a = max |x| / 127`, `xq[start + i] = clamp(rint(x[start + i] / a), -127, 127)` and `bias[k] = -offset
+    * sum(xq)` where `a > 0` (else zeros), `ascale[k] = a`. The bits of `int8dot._quantize_token`'s loops (IEEE
+    division and `rint`, no fastmath), 16 inputs an operation."""
+    arrays = ((x, types.float32), (xq, types.int8), (ascale, types.float32), (bias, types.int32))
+    if not all(_is(t, dtype, 1) and t.layout == "C" for t, dtype in arrays):
+        return None
+    if not all(isinstance(t, types.Integer) for t in (start, g, k, offset)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        b = builder
+        x_, xq_, ascale_, bias_ = (context.make_array(sig.args[i])(context, b, args[i]) for i in (0, 3, 4, 5))
+        start_, g_, k_, offset_ = (context.cast(b, args[i], sig.args[i], types.int64) for i in (1, 2, 6, 7))
+        vf, vi = _vec(F32, 16), _vec(I32, 16)
+        xs, qs = b.gep(x_.data, [start_]), b.gep(xq_.data, [start_])
+        vectors = b.udiv(g_, ir.Constant(I64, 16))
+
+        def inputs(v: ir.Value, vtype: ir.Type) -> ir.Value:
+            return b.load(b.bitcast(b.gep(xs, [b.mul(v, ir.Constant(I64, 16))]), vtype.as_pointer()), align=4)
+
+        def codes(v: ir.Value) -> ir.Value:
+            return b.bitcast(b.gep(qs, [b.mul(v, ir.Constant(I64, 16))]), _vec(I8, 16).as_pointer())
+
+        most = cgutils.alloca_once_value(b, _splat(I32, 16, 0))
+        with cgutils.for_range(b, vectors) as loop:  # max |x| as the largest bits, the sign cleared
+            bits = b.and_(inputs(loop.index, vi), _splat(I32, 16, 0x7FFFFFFF))
+            b.store(b.call(_declare(b, "llvm.umax.v16i32", vi, [vi, vi]), [b.load(most), bits]), most)
+        amax = b.call(_declare(b, "llvm.vector.reduce.umax.v16i32", I32, [vi]), [b.load(most)])
+        a = b.fdiv(b.bitcast(amax, F32), ir.Constant(F32, 127.0))
+        b.store(a, b.gep(ascale_.data, [k_]))
+        positive = b.fcmp_ordered(">", a, ir.Constant(F32, 0.0))
+        with b.if_else(positive) as (quantized, zeros):
+            with quantized:
+                total = cgutils.alloca_once_value(b, _splat(I32, 16, 0))
+                rint = _declare(b, "llvm.rint.v16f32", vf, [vf])
+                low, high = _splat(F32, 16, -127.0), _splat(F32, 16, 127.0)
+                with cgutils.for_range(b, vectors) as loop:
+                    q = b.call(rint, [b.fdiv(inputs(loop.index, vf), _broadcast(b, a, 16))])
+                    q = b.select(b.fcmp_ordered("<", q, low), low, q)
+                    q = b.fptosi(b.select(b.fcmp_ordered(">", q, high), high, q), vi)
+                    b.store(b.trunc(q, _vec(I8, 16)), codes(loop.index), align=1)
+                    b.store(b.add(b.load(total), q), total)
+                added = b.call(_declare(b, "llvm.vector.reduce.add.v16i32", I32, [vi]), [b.load(total)])
+                b.store(b.mul(b.trunc(b.neg(offset_), I32), added), b.gep(bias_.data, [k_]))
+            with zeros:  # every input 0
+                with cgutils.for_range(b, vectors) as loop:
+                    b.store(_splat(I8, 16, 0), codes(loop.index), align=1)
+                b.store(ir.Constant(I32, 0), b.gep(bias_.data, [k_]))
+        return context.get_dummy_value()
+
+    return types.none(x, start, g, xq, ascale, bias, k, offset), codegen
