@@ -1149,10 +1149,16 @@ def test_amx_long_rows_and_many_tokens(fmt: int, g: int, kind: int) -> None:
 @pytest.mark.parametrize("isa", RUNNABLE + EMULATED)
 def test_the_peak_loop_runs_every_dot_product(isa: str) -> None:
     """`dot_rounds` (`bench experts`' int8 peak): lane 0 of each chain starts at its number and adds, every
-    round, u . s over its 4 bytes, u = (r, 3, 3, 3) and s = (5, r, 5, 5) for r rounds (a byte)."""
-    from hetero_moe.kernels.numba.simd import PEAK_CHAINS, Simd, dot_rounds
+    round, u . s over its 4 bytes, u = (r, 3, 3, 3) and s = (5, r, 5, 5) for r rounds (a byte); and the compiled
+    loop holds one dot product a chain (none hoisted out of it, none shared)."""
+    from hetero_moe.kernels.numba.simd import Simd, dot_rounds, peak_chains
 
     run = njit(lambda simd, rounds: dot_rounds(simd, rounds))
+    chains = peak_chains(isa)
     for rounds in (0, 1, 10, 100):
         per_round = rounds * 5 + 3 * rounds + 3 * 5 * 2
-        assert run(Simd(isa, INT8, 32), rounds) == sum(range(PEAK_CHAINS)) + PEAK_CHAINS * rounds * per_round
+        assert run(Simd(isa, INT8, 32), rounds) == sum(range(chains)) + chains * rounds * per_round
+    if isa in RUNNABLE:
+        (asm,) = run.inspect_asm().values()
+        products = asm.count("vpmaddubsw") if isa == "avx2" else asm.count("vpdpbusd")
+        assert products >= chains

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from numba import njit, prange
 
 from hetero_moe.kernels.numba.amx import PEAK_TILES, tile_rounds
-from hetero_moe.kernels.numba.simd import INT8, PEAK_CHAINS, Simd, choose_isa, dot_macs, dot_rounds
+from hetero_moe.kernels.numba.simd import INT8, Simd, choose_isa, dot_macs, dot_rounds, peak_chains
 from hetero_moe.ops.base import BuildContext, Services
 from hetero_moe.ops.cpu_experts import CPUExperts, CPUExpertsKwargs
 from hetero_moe.settings import cpu_isa
@@ -89,9 +89,9 @@ def _dot_peak(simd, threads, rounds):
 
 def int8_peak_gmacs(isa: str, threads: int, rounds: int = 4_000_000, repeat: int = 5) -> float:
     """The backend's int8 multiply-adds a second on `threads` threads, in billions: its dot product on
-    registers, `PEAK_CHAINS` chains a thread, no memory (the best of `repeat` runs)."""
+    registers, `peak_chains` chains a thread, no memory (the best of `repeat` runs)."""
     simd = Simd(isa, INT8, 32)
-    macs = threads * rounds * PEAK_CHAINS * dot_macs(isa)
+    macs = threads * rounds * peak_chains(isa) * dot_macs(isa)
     return _peak_gmacs(lambda r: _dot_peak(simd, threads, r), macs, rounds, repeat)
 
 
