@@ -164,6 +164,9 @@ SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
 # 0.71 -> 0.84). Rows from DRAM run slower so (INT4 g64, 2 threads, 4 tokens: 34 against 42 GB/s): the first tile
 # of tokens, which reads the rows from memory, goes through `span_dots`, one block a pass.
 PAIR_TOKENS = 4
+# Most tokens for which 8-lane isas run both halves of a block of rows across lanes in one pass, every 64-byte line
+# read whole, where more tokens run one half after the other (their registers hold one half's accumulators).
+BOTH_HALVES = {8: 2}
 # Inputs a 64-byte chunk of rows across lanes holds for each of its rows
 LANE_CHUNK = {INT4_LANES: 8, INT8_LANES: 4}
 
@@ -958,8 +961,9 @@ def _row_function(module: ir.Module, simd: SimdType, n: int) -> ir.Function:
 def _lane_function(module: ir.Module, simd: SimdType, n: int, cached: bool) -> ir.Function:
     """The LLVM function of `span_dots` (`cached_span_dots` if `cached`) for `n` tokens on rows across lanes
     (`LANES`), the arguments of `_row_function`: blocks of `LANE_ROWS` rows one after another, each read as one
-    stream. On 8-lane isas a block is two halves of 8 rows, each 32 bytes of every chunk. Per token two chains of
-    integer lanes (even and odd chunks) hide the latency of the dot products. Cached rows on 16-lane isas go two
+    stream. On 8-lane isas a block is two halves of 8 rows, each 32 bytes of every chunk, run in one pass for up to
+    `BOTH_HALVES` tokens (a decode step on Zen 3: 0.8x the time of one half after the other). Per token two chains
+    of integer lanes (even and odd chunks) hide the latency of the dot products. Cached rows on 16-lane isas go two
     blocks a pass, `PAIR_TOKENS` tokens at a time (see `PAIR_TOKENS`)."""
     fn = _dots_function(module, "lane_cached" if cached else "lane", simd, n)
     if fn.blocks:
@@ -976,7 +980,7 @@ def _lane_function(module: ir.Module, simd: SimdType, n: int, cached: bool) -> i
     prefetch = _prefetch(b)
     zero, izero = ir.Constant(vf, [0.0] * width), ir.Constant(vi, [0] * width)
     paired = cached and width == LANE_ROWS
-    accs = [[cgutils.alloca_once_value(b, zero) for _ in range(1 + paired)] for _ in range(n)]
+    accs = [[cgutils.alloca_once_value(b, zero) for _ in range(2)] for _ in range(n)]  # a run takes up to two units
     biased = fmt == INT4 or isa.int8_bias  # lanes start at the group's bias
 
     def const(v: int) -> ir.Constant:
@@ -1052,6 +1056,9 @@ def _lane_function(module: ir.Module, simd: SimdType, n: int, cached: bool) -> i
                 run(units, tile)
         with b.if_then(b.trunc(n_blocks, ir.IntType(1))):
             run([units_of(b.sub(n_blocks, const(1)), 0)], tokens)
+    elif n <= BOTH_HALVES.get(width, 0):
+        with cgutils.for_range(b, n_blocks) as blocks:
+            run([units_of(blocks.index, part) for part in range(LANE_ROWS // width)], tokens)
     else:
         with cgutils.for_range(b, n_blocks) as blocks:
             for part in range(LANE_ROWS // width):
