@@ -166,7 +166,7 @@ SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
 PAIR_TOKENS = 4
 # Most tokens for which 8-lane isas run both halves of a block of rows across lanes in one pass, every 64-byte line
 # read whole, where more tokens run one half after the other (their registers hold one half's accumulators).
-BOTH_HALVES = {8: 2}
+BOTH_HALVES = 2
 # Inputs a 64-byte chunk of rows across lanes holds for each of its rows
 LANE_CHUNK = {INT4_LANES: 8, INT8_LANES: 4}
 
@@ -984,7 +984,7 @@ def _lane_function(module: ir.Module, simd: SimdType, n: int, cached: bool) -> i
     # registers, LLVM ran a group token by token, spilling the chunks' weights and reloading them for each token
     # (AVX2 INT8 g32, 64 tokens an expert: 0.78x the time in `out`)
     in_out = width < LANE_ROWS
-    accs = [[cgutils.alloca_once_value(b, zero) for _ in range(2)] for _ in range(n)]  # a run takes up to two units
+    accs = [] if in_out else [[cgutils.alloca_once_value(b, zero) for _ in range(1 + paired)] for _ in range(n)]
     biased = fmt == INT4 or isa.int8_bias  # lanes start at the group's bias
 
     def const(v: int) -> ir.Constant:
@@ -1068,7 +1068,7 @@ def _lane_function(module: ir.Module, simd: SimdType, n: int, cached: bool) -> i
                 run(units, tile)
         with b.if_then(b.trunc(n_blocks, ir.IntType(1))):
             run([units_of(b.sub(n_blocks, const(1)), 0)], tokens)
-    elif n <= BOTH_HALVES.get(width, 0):
+    elif in_out and n <= BOTH_HALVES:
         with cgutils.for_range(b, n_blocks) as blocks:
             run([units_of(blocks.index, part) for part in range(LANE_ROWS // width)], tokens)
     else:
