@@ -99,21 +99,25 @@ def run_experts(args: argparse.Namespace) -> int:
     )
     peak, amx_peak = report["int8_peak_gmacs"], report["amx_peak_gmacs"]
     if peak:
-        print(f"int8 peak of the {report['isa']} dot products: {peak:.0f} G multiply-adds/s on these threads")
+        print(f"int8 peak of the {report['isa']} dot products: {peak:.0f} G multiply-adds/s on these threads (the best")
+        print("of 5 at the start; each row's share is of the median of the peaks probed among its calls)")
     if amx_peak:
         print(f"int8 peak of the AMX tile products: {amx_peak:.0f} G multiply-adds/s on these threads")
     print(
         f"{'kernel':<20} {'tokens':>6} {'ms/layer':>9} {'GB/s':>7} {'of DRAM':>8} {'per expert':>10} "
-        f"{'G MAC/s':>8} {'of peak':>8}{' of AMX' if amx_peak else ''}   (of DRAM: of the read around each row's calls)"
+        f"{'G MAC/s':>8} {'of peak':>8}{' of AMX' if amx_peak else ''}   (the DRAM read and the peak around each row's "
+        "calls)"
     )
     for r in report["results"]:
         share = f"{r['of_int8_peak']:>8.0%}" if r["of_int8_peak"] is not None else f"{'-':>8}"
+        near = f", {r['int8_peak_gmacs']:.0f} G MAC/s" if r["int8_peak_gmacs"] is not None else ""
         if r["of_amx_peak"] is not None:
             share += f"{r['of_amx_peak']:>7.0%}"
+            near += f", AMX {r['amx_peak_gmacs']:.0f}"
         print(
             f"{'hetero-moe ' + r['quant']:<20} {r['tokens']:>6} {r['seconds_per_layer'] * 1e3:>9.3f} "
             f"{r['weight_gbps']:>7.1f} {r['ratio']:>8.0%} {r['tokens_per_expert']:>10.1f} {r['gmacs']:>8.0f} {share}"
-            f"   ({r['dram_read_gbps']:.1f} GB/s)"
+            f"   ({r['dram_read_gbps']:.1f} GB/s{near})"
         )
     for b in report.get("baselines", []):
         if "unavailable" in b:
