@@ -300,25 +300,46 @@ def test_bench_experts_reports_its_share_of_the_int8_peak() -> None:
             assert report["amx_peak_gmacs"] is None and r["amx_peak_gmacs"] is None and r["of_amx_peak"] is None
 
 
-def test_bench_experts_probes_the_peak_among_the_calls(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each token count's peak is the median of probes run among its calls, after the first call and whenever the
-    probes have taken at most `PROBE_SHARE` of the calls' time: here probes that read 1, 2, 3 ... in turn (AMX's
-    101, 102 ...), and take no time, so that one runs after every call."""
+def test_bench_experts_probes_the_read_and_the_peak_among_the_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each token count's DRAM read and peak are the medians of probes run before its calls and among them, after
+    a call whenever the probes have taken at most `PROBE_SHARE` of the calls' time: here probes that take no time
+    (so that they run after every call) and read 1, 2, 3 ... in turn (the DRAM read 1001, 1002 ..., AMX's 101 ...)."""
     from hetero_moe.bench import experts
 
-    int8, amx = iter(range(1, 1000)), iter(range(101, 1000))
+    int8, amx, dram = iter(range(1, 1000)), iter(range(101, 1000)), iter(range(1001, 2000))
     monkeypatch.setattr(experts, "int8_peak_probe", lambda isa, threads: lambda: float(next(int8)))
     monkeypatch.setattr(experts, "amx_peak_probe", lambda threads: lambda: float(next(amx)))
+    monkeypatch.setattr(experts, "dram_read_probe", lambda pool: lambda: float(next(dram)))
     monkeypatch.setattr(experts, "read_pool", lambda: np.zeros(1 << 20, np.float32))
     kw = {"threads": 2, "experts": 8, "iters": 5, "baselines": False, "min_seconds": 0}
     report = experts.bench_experts("deepseek-v2-lite", "int8", [3], **kw)
     (r,) = report["results"]
-    assert report["int8_peak_gmacs"] == 5.0  # the best of 5 at the start, then 6 to 10 after the calls
-    assert r["int8_peak_gmacs"] == 8.0 and r["of_int8_peak"] == pytest.approx(r["gmacs"] / 8.0)
+    assert report["int8_peak_gmacs"] == 5.0  # the best of 5 at the start, then 6 before the calls, 7 to 11 after
+    assert r["int8_peak_gmacs"] == 8.5 and r["of_int8_peak"] == pytest.approx(r["gmacs"] / 8.5)
+    assert r["dram_read_gbps"] == 1003.5 and r["ratio"] == pytest.approx(r["weight_gbps"] / 1003.5)
+    assert r["dram_read_around_gbps"] > 0  # the sums' best of 3 right before and after, the mean
     if report["isa"] == "avx512amx":
-        assert report["amx_peak_gmacs"] == 105.0 and r["amx_peak_gmacs"] == 108.0
+        assert report["amx_peak_gmacs"] == 105.0 and r["amx_peak_gmacs"] == 108.5
     else:
         assert report["amx_peak_gmacs"] is None and r["amx_peak_gmacs"] is None
+
+
+def test_bench_experts_routes_a_token_away_from_the_last_calls_experts() -> None:
+    """At few tokens a call's experts are none of the last call's, whose weights may be in L3; where the others
+    are fewer than the call's pairs, any expert."""
+    from hetero_moe.bench.experts import Shape, _routing
+
+    shape, rng = Shape(hidden=8, inter=8, experts=16, top_k=4, moe_layers=1), np.random.default_rng(0)
+    last = np.arange(8)
+    for _ in range(50):
+        index, _ = _routing(2, shape, 16, rng, last)
+        assert set(index.flatten().tolist()) <= set(range(8, 16))
+    seen = set()
+    for _ in range(50):
+        index, _ = _routing(3, shape, 16, rng, last)  # 12 pairs, 8 experts left: any
+        seen |= set(index.flatten().tolist())
+        assert all(len(set(row.tolist())) == 4 for row in index)
+    assert seen == set(range(16))
 
 
 @pytest.mark.parametrize("quant", ["int4", "int8"])

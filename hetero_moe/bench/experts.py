@@ -2,7 +2,8 @@
 DRAM read bandwidth, measured in the same run, and against torch's CPU kernels on the same routing.
 
 Weights are random bytes in each format's real layout (no quantization pass), and every timed call
-routes to freshly drawn experts, so weights come from DRAM rather than cache.
+routes to freshly drawn experts (at few tokens none of the last call's), so weights come from DRAM rather than
+cache.
 """
 
 from __future__ import annotations
@@ -78,6 +79,14 @@ def dram_read_gbps(gigabytes: float = 2.0, repeat: int = 5, pool: np.ndarray | N
     return out
 
 
+def dram_read_probe(pool: np.ndarray) -> Callable[[], float]:
+    """A probe of the read bandwidth: one read of `pool` (`read_pool`) by each of `dram_read_gbps`' sums, the
+    faster, in GB/s."""
+    t = torch.from_numpy(pool)
+    _read_sum(pool[:1024])
+    return lambda: pool.nbytes / min(_seconds(lambda: _read_sum(pool)), _seconds(lambda: t.sum())) / 1e9
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def _dot_peak(simd, threads, rounds):
     """Every thread runs `rounds` of `dot_rounds`."""
@@ -142,10 +151,10 @@ INTEGER = ("int4", "int8")  # the formats the integer dot products run
 # calls of one token count go on until they add up to this: a one-token call takes under a millisecond, and the
 # median of 20 moved by a tenth between runs on a noisy VM
 MIN_SECONDS = 1.0
-# The peaks are probed among the calls, after a call while the probes have taken less than this share of the calls'
-# time, and each token count's share of the peak is against the median of its probes: on a 2-vCPU VM the peak
-# measured once (the best of 5) read 157 to 196 G a second in three runs minutes apart (Zen 3, AVX2), and the
-# calls move with it
+# The DRAM read and the peaks are probed among the calls, before the first and after a call while the probes have
+# taken less than this share of the calls' time, and each token count's shares are of the medians of its probes:
+# on a 2-vCPU VM the peak measured once (the best of 5) read 157 to 196 G a second in three runs minutes apart, the
+# DRAM read 18 to 37 GB/s (Zen 3), and the calls move with them
 PROBE_SHARE = 0.25
 
 
@@ -193,8 +202,16 @@ def random_experts(shape: Shape, quant: str, threads: int, experts: int, group_s
     return op
 
 
-def _routing(tokens: int, shape: Shape, experts: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    index = np.stack([rng.choice(experts, size=shape.top_k, replace=False) for _ in range(tokens)])
+def _routing(
+    tokens: int, shape: Shape, experts: int, rng: np.random.Generator, avoid: np.ndarray | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random `index [tokens, top_k]` and weights, each token's experts distinct. The experts `avoid` (the last
+    call's) are left out where the others are at least tokens x top_k: their weights may still be in L3 (32 MB holds
+    a V2-Lite token's 26 MB), where in a decode step the other layers' weights have evicted them."""
+    choose = np.arange(experts)
+    if avoid is not None and experts - len(avoid) >= tokens * shape.top_k:
+        choose = np.setdiff1d(choose, avoid)
+    index = np.stack([rng.choice(choose, size=shape.top_k, replace=False) for _ in range(tokens)])
     return torch.from_numpy(index).long(), torch.rand(tokens, shape.top_k)
 
 
@@ -204,8 +221,9 @@ class Result:
     quant: str
     seconds_per_layer: float
     weight_gbps: float
-    dram_read_gbps: float  # measured right before and right after this token count's calls, the mean
-    ratio: float
+    dram_read_gbps: float  # the median of `dram_read_probe` among the calls
+    ratio: float  # weight_gbps / dram_read_gbps
+    dram_read_around_gbps: float  # `dram_read_gbps` (the best of 3) right before and right after the calls, the mean
     distinct_experts: float
     weight_bytes: float
     tokens_per_expert: float  # of those run: tokens x top-k / distinct experts
@@ -233,33 +251,36 @@ def bench_experts(
     dram = dram_read_gbps(pool=pool)
     op = random_experts(shape, quant, threads, n_experts)
     isa = choose_isa(op.isa)
-    probes = {}
+    probes = {"dram": dram_read_probe(pool)}
     if quant in INTEGER and isa != "float":
         probes["int8"] = int8_peak_probe(isa, threads)
     if quant in INTEGER and isa == "avx512amx":
         probes["amx"] = amx_peak_probe(threads)
-    peaks = {name: max(probe() for _ in range(5)) for name, probe in probes.items()}  # the best, at the start
+    peaks = {name: max(probes[name]() for _ in range(5)) for name in ("int8", "amx") if name in probes}  # at the start
     per_expert = op.format.nbytes() / n_experts
     rng = np.random.default_rng(2)
     results = []
     for t in tokens:
         x = torch.randn(t, shape.hidden) * 0.1
         op.forward(x, *_routing(t, shape, n_experts, rng))
-        times, distinct, probed, probing = [], [], {name: [] for name in probes}, 0.0
+        times, distinct, last = [], [], None
         before = dram_read_gbps(repeat=3, pool=pool)["best"]
+        probed = {name: [probe()] for name, probe in probes.items()}
+        probing = 0.0
         while len(times) < iters or sum(times) < min_seconds:  # a fresh routing each call
-            index, weights = _routing(t, shape, n_experts, rng)
+            index, weights = _routing(t, shape, n_experts, rng, last)
             start = time.perf_counter()
             op.forward(x, index, weights)
             times.append(time.perf_counter() - start)
-            distinct.append(len(torch.unique(index)))
-            if probes and (probing <= PROBE_SHARE * sum(times) or len(times) == 1):
+            last = torch.unique(index).numpy()
+            distinct.append(len(last))
+            if probing <= PROBE_SHARE * sum(times):
                 start = time.perf_counter()
                 for name, probe in probes.items():
                     probed[name].append(probe())
                 probing += time.perf_counter() - start
-        near = (before + dram_read_gbps(repeat=3, pool=pool)["best"]) / 2  # this VM's DRAM read moves by minutes
-        peak, amx_peak = (statistics.median(probed[name]) if name in probed else None for name in ("int8", "amx"))
+        around = (before + dram_read_gbps(repeat=3, pool=pool)["best"]) / 2
+        near, peak, amx_peak = (statistics.median(probed[k]) if k in probed else None for k in ("dram", "int8", "amx"))
         sec = statistics.median(times)
         used = statistics.mean(distinct)
         gbps = used * per_expert / sec / 1e9
@@ -272,6 +293,7 @@ def bench_experts(
                 gbps,
                 near,
                 gbps / near,
+                around,
                 used,
                 used * per_expert,
                 t * shape.top_k / used,

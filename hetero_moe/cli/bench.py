@@ -105,12 +105,13 @@ def run_experts(args: argparse.Namespace) -> int:
         print(f"int8 peak of the AMX tile products: {amx_peak:.0f} G multiply-adds/s on these threads")
     print(
         f"{'kernel':<20} {'tokens':>6} {'ms/layer':>9} {'GB/s':>7} {'of DRAM':>8} {'per expert':>10} "
-        f"{'G MAC/s':>8} {'of peak':>8}{' of AMX' if amx_peak else ''}   (the DRAM read and the peak around each row's "
-        "calls)"
+        f"{'G MAC/s':>8} {'of peak':>8}{' of AMX' if amx_peak else ''}   (the DRAM read and the peak probed among each "
+        "row's calls)"
     )
     for r in report["results"]:
         share = f"{r['of_int8_peak']:>8.0%}" if r["of_int8_peak"] is not None else f"{'-':>8}"
         near = f", {r['int8_peak_gmacs']:.0f} G MAC/s" if r["int8_peak_gmacs"] is not None else ""
+        near += f"; read {r['dram_read_around_gbps']:.1f} GB/s before and after"
         if r["of_amx_peak"] is not None:
             share += f"{r['of_amx_peak']:>7.0%}"
             near += f", AMX {r['amx_peak_gmacs']:.0f}"
