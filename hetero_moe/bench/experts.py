@@ -236,6 +236,37 @@ class Result:
     of_amx_peak: float | None  # gmacs / amx_peak_gmacs
 
 
+def _timed_calls(
+    op: CPUExperts,
+    x: torch.Tensor,
+    shape: Shape,
+    n_experts: int,
+    rng: np.random.Generator,
+    probes: dict[str, Callable[[], float]],
+    iters: int,
+    min_seconds: float,
+) -> tuple[list[float], list[int], dict[str, list[float]]]:
+    """`op.forward(x)` at least `iters` times and `min_seconds`, a fresh routing each call, with `probes` run before
+    the first and among the calls (`PROBE_SHARE`) -> (each call's seconds, each call's experts, each probe's
+    readings)."""
+    times, distinct, last = [], [], None
+    probed = {name: [probe()] for name, probe in probes.items()}
+    probing = 0.0
+    while len(times) < iters or sum(times) < min_seconds:
+        index, weights = _routing(x.shape[0], shape, n_experts, rng, last)
+        start = time.perf_counter()
+        op.forward(x, index, weights)
+        times.append(time.perf_counter() - start)
+        last = torch.unique(index).numpy()
+        distinct.append(len(last))
+        if probing <= PROBE_SHARE * sum(times):
+            start = time.perf_counter()
+            for name, probe in probes.items():
+                probed[name].append(probe())
+            probing += time.perf_counter() - start
+    return times, distinct, probed
+
+
 def bench_experts(
     arch: str,
     quant: str,
@@ -265,22 +296,8 @@ def bench_experts(
     for t in tokens:
         x = torch.randn(t, shape.hidden) * 0.1
         op.forward(x, *_routing(t, shape, n_experts, rng))
-        times, distinct, last = [], [], None
         before = dram_read_gbps(repeat=3, pool=pool)["best"]
-        probed = {name: [probe()] for name, probe in probes.items()}
-        probing = 0.0
-        while len(times) < iters or sum(times) < min_seconds:  # a fresh routing each call
-            index, weights = _routing(t, shape, n_experts, rng, last)
-            start = time.perf_counter()
-            op.forward(x, index, weights)
-            times.append(time.perf_counter() - start)
-            last = torch.unique(index).numpy()
-            distinct.append(len(last))
-            if probing <= PROBE_SHARE * sum(times):
-                start = time.perf_counter()
-                for name, probe in probes.items():
-                    probed[name].append(probe())
-                probing += time.perf_counter() - start
+        times, distinct, probed = _timed_calls(op, x, shape, n_experts, rng, probes, iters, min_seconds)
         around = (before + dram_read_gbps(repeat=3, pool=pool)["best"]) / 2
         near, peak, amx_peak = (statistics.median(probed[k]) if k in probed else None for k in ("dram", "int8", "amx"))
         sec = statistics.median(times)
