@@ -266,8 +266,22 @@ def test_a_cache_that_cannot_be_written_costs_the_cache_not_the_load(tiny, tmp_p
 
 def test_out_of_range_expert_index_is_an_error() -> None:
     op, _ = make_experts(4, 40, 72, seed=3, quant="int4", torch_min_tokens=1 << 30)
-    with pytest.raises(ValueError, match="expert index out of range"):
-        op(torch.randn(2, 72), torch.tensor([[0, 4], [1, 2]]), torch.rand(2, 2))
+    for bad in ([[0, 4], [1, 2]], [[0, 1], [-1, 2]]):
+        with pytest.raises(ValueError, match="expert index out of range"):
+            op(torch.randn(2, 72), torch.tensor(bad), torch.rand(2, 2))
+
+
+def test_map_experts_maps_and_checks_in_one_call() -> None:
+    """`map_experts`: `table[index]` for any integer index array (strided too), or False if one is out of range."""
+    from hetero_moe.kernels.numba.common import map_experts
+
+    table = np.array([3, -1, 0, 2], np.int64)
+    index = np.array([[0, 1, 2, 3, 9], [3, 2, 1, 0, 9]], np.int32)[:, :4]  # a strided view
+    mapped, ok = map_experts(index, table)
+    assert ok and np.array_equal(mapped, table[index]) and mapped.dtype == np.int64
+    for e in (-1, 4):
+        assert not map_experts(np.array([[0, e]], np.int64), table)[1]
+    assert map_experts(np.zeros((0, 2), np.int64), table)[0].shape == (0, 2)
 
 
 @pytest.mark.parametrize("quant", ["int4", "int8", "fp8", "bf16"])

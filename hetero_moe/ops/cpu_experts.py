@@ -30,7 +30,7 @@ from hetero_moe.kernels.mxfp4 import BLOCK, check_shapes, dequantize_mxfp4
 from hetero_moe.kernels.numba import bf16 as bf16_kernels
 from hetero_moe.kernels.numba import fp8 as fp8_kernels
 from hetero_moe.kernels.numba import mxfp4 as mxfp4_kernels
-from hetero_moe.kernels.numba.common import combine, group_by_expert
+from hetero_moe.kernels.numba.common import combine, group_by_expert, map_experts
 from hetero_moe.kernels.numba.int4 import SCALE_BF16, SCALE_FP16
 from hetero_moe.kernels.numba.int8dot import (
     Kernels,
@@ -753,11 +753,11 @@ class CPUExperts(Op):
         """`x [T, H]`, `index [T, k]`, `weights [T, k]` -> `sum_j weights[t, j] * expert_{index[t, j]}(x[t])`
         over the experts that are not pinned (`pinned_forward` adds those)."""
         xf = x.detach().float().contiguous().numpy()
-        idx = np.ascontiguousarray(index.numpy(), np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= self.num_experts):
+        idx, ok = map_experts(index.numpy(), self.unpinned)
+        if not ok:
             raise ValueError(f"expert index out of range: the layer has {self.num_experts} experts")
-        out = self.run(xf, self.unpinned[idx], np.ascontiguousarray(weights.float().numpy()))
-        return torch.from_numpy(out).to(x.dtype)
+        out = torch.from_numpy(self.run(xf, idx, np.ascontiguousarray(weights.float().numpy())))
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
 
     def run(self, xf: np.ndarray, idx: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """`forward` on numpy arrays: `xf [T, H]` float32 contiguous, `idx [T, k]` int64 experts in range (-1: none,
