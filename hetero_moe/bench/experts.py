@@ -106,12 +106,6 @@ def int8_peak_probe(isa: str, threads: int, rounds: int = 4_000_000) -> Callable
     return _probe(lambda r: _dot_peak(simd, threads, r), macs, rounds)
 
 
-def int8_peak_gmacs(isa: str, threads: int, rounds: int = 4_000_000, repeat: int = 5) -> float:
-    """The best of `repeat` runs of `int8_peak_probe`."""
-    probe = int8_peak_probe(isa, threads, rounds)
-    return max(probe() for _ in range(repeat))
-
-
 @njit(parallel=True, nogil=True, cache=True)
 def _tile_peak(threads, rounds):
     """Every thread runs `rounds` of `tile_rounds`."""
@@ -125,12 +119,6 @@ def amx_peak_probe(threads: int, rounds: int = 1_000_000) -> Callable[[], float]
     """A probe of AMX's int8 multiply-adds a second on `threads` threads, in billions: one run of `PEAK_TILES` tile
     products a round on tile registers, no memory. Only on the `avx512amx` backend."""
     return _probe(lambda r: _tile_peak(threads, r), threads * rounds * PEAK_TILES * 16 * 16 * 64, rounds)
-
-
-def amx_peak_gmacs(threads: int, rounds: int = 1_000_000, repeat: int = 5) -> float:
-    """The best of `repeat` runs of `amx_peak_probe`."""
-    probe = amx_peak_probe(threads, rounds)
-    return max(probe() for _ in range(repeat))
 
 
 def _probe(run: Callable[[int], object], macs: int, rounds: int) -> Callable[[], float]:
@@ -289,7 +277,7 @@ def bench_experts(
         probes["int8"] = int8_peak_probe(isa, threads)
     if quant in INTEGER and isa == "avx512amx":
         probes["amx"] = amx_peak_probe(threads)
-    peaks = {name: max(probes[name]() for _ in range(5)) for name in ("int8", "amx") if name in probes}  # at the start
+    peaks = {name: max(probes[name]() for _ in range(5)) for name in ("int8", "amx") if name in probes}  # best of 5
     per_expert = op.format.nbytes() / n_experts
     rng = np.random.default_rng(2)
     results = []
